@@ -1,0 +1,120 @@
+//! The WebAssembly side: wit-bindgen bindings and their conversion to the
+//! SDK's plain Rust types. Only compiled for WebAssembly targets.
+
+/// Generated from `wit/`; hidden behind the SDK's own types.
+#[allow(missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_switchyard_plugin",
+        default_bindings_module: "switchyard_sdk::__guest::bindings",
+    });
+}
+
+use bindings::switchyard::plugin::{host, types as wit};
+
+use crate::context::Outbox;
+use crate::{Context, ErrorKind, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, Response};
+
+fn kind_to_wit(kind: Kind) -> wit::Kind {
+    match kind {
+        Kind::Command => wit::Kind::Command,
+        Kind::Event => wit::Kind::Event,
+    }
+}
+
+/// Calls the host imports directly: the host does the buffering.
+struct HostImports;
+
+impl Outbox for HostImports {
+    fn publish(&mut self, event: Outgoing) {
+        host::publish(&outgoing_to_wit(event));
+    }
+
+    fn send(&mut self, command: Outgoing) {
+        host::send(&outgoing_to_wit(command));
+    }
+
+    fn reply(&mut self, answer: Response) {
+        host::reply(&wit::Response {
+            payload: answer.payload,
+            content_type: answer.content_type,
+            headers: answer.headers,
+        });
+    }
+
+    fn log(&mut self, level: LogLevel, text: &str) {
+        let level = match level {
+            LogLevel::Trace => wit::LogLevel::Trace,
+            LogLevel::Debug => wit::LogLevel::Debug,
+            LogLevel::Info => wit::LogLevel::Info,
+            LogLevel::Warn => wit::LogLevel::Warn,
+            LogLevel::Error => wit::LogLevel::Error,
+        };
+        host::log(level, text);
+    }
+}
+
+fn outgoing_to_wit(o: Outgoing) -> wit::Outgoing {
+    wit::Outgoing {
+        message_type: o.message_type,
+        payload: o.payload,
+        content_type: o.content_type,
+        headers: o.headers,
+        partition_key: o.partition_key,
+    }
+}
+
+/// `describe` export, converting the plugin's declaration to the WIT record.
+pub fn describe<P: Plugin>() -> wit::PluginInfo {
+    let info = P::describe();
+    wit::PluginInfo {
+        name: info.name,
+        version: info.version,
+        handles: info
+            .handles
+            .into_iter()
+            .map(|s| wit::Subscription {
+                message_type: s.message_type,
+                kind: kind_to_wit(s.kind),
+            })
+            .collect(),
+        publishes: info.publishes,
+        sends: info.sends,
+    }
+}
+
+/// `handle` export: converts the message, runs the handler, converts the error.
+pub fn handle<P: Plugin>(m: wit::Message) -> Result<(), wit::HandlerError> {
+    let message = Message {
+        id: m.id,
+        message_type: m.message_type,
+        kind: match m.kind {
+            wit::Kind::Command => Kind::Command,
+            wit::Kind::Event => Kind::Event,
+        },
+        payload: m.payload,
+        content_type: m.content_type,
+        headers: m.headers,
+        correlation_id: m.correlation_id,
+        causation_id: m.causation_id,
+        reply_to: m.reply_to,
+        created_at_ms: m.created_at_ms,
+        attempt: m.attempt,
+    };
+    let mut imports = HostImports;
+    let mut ctx = Context::new(&mut imports);
+    P::handle(&mut ctx, message).map_err(|e: HandlerError| {
+        let details = wit::ErrorDetails {
+            message: e.message,
+            code: e.code,
+            details: e.details,
+        };
+        match e.kind {
+            ErrorKind::Transient => wit::HandlerError::Transient(details),
+            ErrorKind::Permanent => wit::HandlerError::Permanent(details),
+        }
+    })
+}

@@ -1,0 +1,264 @@
+//! Run a handler natively, without a host or a broker, and look at what it did.
+//!
+//! [`TestHost`] calls [`Plugin::handle`] directly and applies the same
+//! contract the Switchyard host enforces: a plugin may only publish the event
+//! types and send the command types it declares, only replies while handling
+//! a command (at most once), and a failed attempt publishes nothing.
+//!
+//! ```
+//! # use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
+//! # struct Echo;
+//! # impl Plugin for Echo {
+//! #     fn describe() -> PluginInfo { PluginInfo::new("echo", "1.0.0").handles_command("Ping") }
+//! #     fn handle(ctx: &mut Context<'_>, m: Message) -> Result<(), HandlerError> {
+//! #         ctx.reply(&m.json::<serde_json::Value>()?)
+//! #     }
+//! # }
+//! use switchyard_sdk::testing::TestHost;
+//!
+//! let outcome = TestHost::<Echo>::new().handle(Message::command("Ping").with_json(&1));
+//! outcome.assert_ok();
+//! assert_eq!(outcome.replies[0].json_payload::<i32>().unwrap(), 1);
+//!
+//! let outcome = TestHost::<Echo>::new().handle(Message::command("Ping").with_payload("{", "application/json"));
+//! assert!(outcome.handler_error().is_some_and(|e| !e.is_transient()));
+//! ```
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::DeserializeOwned;
+
+use crate::context::Outbox;
+use crate::{Context, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, PluginInfo, Response};
+
+/// Runs one plugin's handler natively.
+pub struct TestHost<P> {
+    info: PluginInfo,
+    plugin: PhantomData<P>,
+}
+
+impl<P: Plugin> Default for TestHost<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: Plugin> TestHost<P> {
+    /// Calls the plugin's `describe` once, as the host does when it loads it.
+    pub fn new() -> Self {
+        TestHost {
+            info: P::describe(),
+            plugin: PhantomData,
+        }
+    }
+
+    /// What the plugin declared.
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+
+    /// Feeds one message to the handler.
+    pub fn handle(&self, message: Message) -> Outcome {
+        let mut recorder = Recorder {
+            info: &self.info,
+            kind: message.kind,
+            message_type: message.message_type.clone(),
+            outcome: Outcome::default(),
+            violation: None,
+        };
+        let declared = self.info.handled_kind(&message.message_type);
+        let result = if declared != Some(message.kind) {
+            Err(Failure::ContractViolation(format!(
+                "plugin {} does not declare that it handles {} {}",
+                self.info.name, message.kind, message.message_type
+            )))
+        } else {
+            let mut ctx = Context::new(&mut recorder);
+            match P::handle(&mut ctx, message) {
+                Ok(()) => match recorder.violation.take() {
+                    Some(v) => Err(Failure::ContractViolation(v)),
+                    None => Ok(()),
+                },
+                Err(e) => Err(Failure::Handler(e)),
+            }
+        };
+        let mut outcome = recorder.outcome;
+        if result.is_err() {
+            // Outbox semantics: a failed attempt publishes nothing.
+            outcome.published.clear();
+            outcome.sent.clear();
+            outcome.replies.clear();
+        }
+        outcome.result = result;
+        outcome
+    }
+}
+
+/// Why a handled message failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The handler returned an error.
+    Handler(HandlerError),
+    /// The handler broke the contract (an undeclared output, a reply to an
+    /// event, ...). The host fails such a message as permanent.
+    ContractViolation(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Handler(e) => write!(f, "handler error: {e}"),
+            Failure::ContractViolation(v) => write!(f, "contract violation: {v}"),
+        }
+    }
+}
+
+/// What happened when a message was handled.
+#[derive(Debug)]
+pub struct Outcome {
+    /// `Ok` if the host would acknowledge the message.
+    pub result: Result<(), Failure>,
+    /// Events that would be dispatched (empty on failure).
+    pub published: Vec<Outgoing>,
+    /// Commands that would be dispatched (empty on failure).
+    pub sent: Vec<Outgoing>,
+    /// Replies that would be delivered (empty on failure).
+    pub replies: Vec<Response>,
+    /// Log lines, kept even on failure.
+    pub logs: Vec<(LogLevel, String)>,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            result: Ok(()),
+            published: Vec::new(),
+            sent: Vec::new(),
+            replies: Vec::new(),
+            logs: Vec::new(),
+        }
+    }
+}
+
+impl Outcome {
+    /// Panics with the failure if the message was not handled successfully.
+    #[track_caller]
+    pub fn assert_ok(&self) {
+        if let Err(f) = &self.result {
+            panic!("expected the message to be handled, but it failed with {f}");
+        }
+    }
+
+    /// The handler's own error, if it returned one.
+    pub fn handler_error(&self) -> Option<&HandlerError> {
+        match &self.result {
+            Err(Failure::Handler(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The contract violation, if the handler committed one.
+    pub fn contract_violation(&self) -> Option<&str> {
+        match &self.result {
+            Err(Failure::ContractViolation(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Payloads of the published events of one type, parsed as JSON.
+    ///
+    /// Panics if one does not parse: in a test that is the failure to report.
+    #[track_caller]
+    pub fn published_json<T: DeserializeOwned>(&self, event_type: &str) -> Vec<T> {
+        parse_all(&self.published, event_type)
+    }
+
+    /// Payloads of the sent commands of one type, parsed as JSON.
+    #[track_caller]
+    pub fn sent_json<T: DeserializeOwned>(&self, command_type: &str) -> Vec<T> {
+        parse_all(&self.sent, command_type)
+    }
+}
+
+#[track_caller]
+fn parse_all<T: DeserializeOwned>(messages: &[Outgoing], message_type: &str) -> Vec<T> {
+    messages
+        .iter()
+        .filter(|m| m.message_type == message_type)
+        .map(|m| match m.json_payload() {
+            Ok(v) => v,
+            Err(e) => panic!("{message_type} payload is not the expected JSON: {e}"),
+        })
+        .collect()
+}
+
+struct Recorder<'a> {
+    info: &'a PluginInfo,
+    kind: Kind,
+    message_type: String,
+    outcome: Outcome,
+    /// The first contract violation; later ones are usually consequences.
+    violation: Option<String>,
+}
+
+impl Recorder<'_> {
+    fn violate(&mut self, text: String) {
+        if self.violation.is_none() {
+            self.violation = Some(text);
+        }
+    }
+}
+
+impl Outbox for Recorder<'_> {
+    fn publish(&mut self, event: Outgoing) {
+        let t = &event.message_type;
+        if self.info.sends.contains(t) {
+            self.violate(format!(
+                "plugin {} published {t}, which it declares as a command; use send",
+                self.info.name
+            ));
+        } else if !self.info.publishes.contains(t) {
+            self.violate(format!(
+                "plugin {} published {t}, which its describe() does not list in publishes",
+                self.info.name
+            ));
+        }
+        self.outcome.published.push(event);
+    }
+
+    fn send(&mut self, command: Outgoing) {
+        let t = &command.message_type;
+        if self.info.publishes.contains(t) {
+            self.violate(format!(
+                "plugin {} sent {t}, which it declares as an event; use publish",
+                self.info.name
+            ));
+        } else if !self.info.sends.contains(t) {
+            self.violate(format!(
+                "plugin {} sent {t}, which its describe() does not list in sends",
+                self.info.name
+            ));
+        }
+        self.outcome.sent.push(command);
+    }
+
+    fn reply(&mut self, answer: Response) {
+        if self.kind == Kind::Event {
+            self.violate(format!(
+                "plugin {} replied while handling event {}; only commands get replies",
+                self.info.name, self.message_type
+            ));
+        } else if !self.outcome.replies.is_empty() {
+            self.violate(format!(
+                "plugin {} replied twice to command {}",
+                self.info.name, self.message_type
+            ));
+        }
+        self.outcome.replies.push(answer);
+    }
+
+    fn log(&mut self, level: LogLevel, text: &str) {
+        self.outcome.logs.push((level, text.to_owned()));
+    }
+}

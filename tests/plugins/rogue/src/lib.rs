@@ -1,0 +1,76 @@
+//! A plugin that misbehaves on request, to prove the host's contract checks
+//! and sandbox. The `Misbehave` command's JSON payload names the `action`.
+
+use serde::Deserialize;
+use serde_json::json;
+use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
+
+#[derive(Deserialize)]
+struct Misbehave {
+    action: String,
+}
+
+pub struct Rogue;
+
+impl Plugin for Rogue {
+    fn describe() -> PluginInfo {
+        PluginInfo::new("rogue", env!("CARGO_PKG_VERSION"))
+            .handles_command("Misbehave")
+            .consumes_event("Poke")
+            .publishes("Published")
+            .sends("Sent")
+    }
+
+    fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
+        if msg.message_type == "Poke" {
+            // Replying to an event breaks the contract.
+            return ctx.reply(&"poked");
+        }
+        let Misbehave { action } = msg.json()?;
+        match action.as_str() {
+            "ok" => ctx.reply(&"ok"),
+            "publish" => ctx.publish("Published", &json!({"from": msg.id})),
+            "publish-undeclared" => ctx.publish("Undeclared", &1),
+            "publish-command" => ctx.publish("Sent", &1),
+            "send-event" => ctx.send("Published", &1),
+            "fail-after-publish" => {
+                ctx.publish("Published", &1)?;
+                ctx.send("Sent", &1)?;
+                ctx.reply(&"never delivered")?;
+                Err(HandlerError::transient("failing after emitting outputs"))
+            }
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "panic" => panic!("rogue plugin panicked on purpose"),
+            "sandbox" => {
+                let file = std::fs::read_to_string("/etc/hostname").map_err(|e| e.to_string());
+                let dir = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
+                let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                ctx.reply(&json!({
+                    "file": format!("{file:?}"),
+                    "dir": format!("{dir:?}"),
+                    "env": env,
+                    "wall_clock_secs": now,
+                }))
+            }
+            other => Err(HandlerError::permanent(format!("unknown action {other}"))),
+        }
+    }
+}
+
+switchyard_sdk::export_plugin!(Rogue);
