@@ -1,0 +1,25 @@
+//! Switchyard: a host runtime that routes messages from brokers through
+//! sandboxed WebAssembly component plugins.
+//!
+//! Data flows one way — transport → dispatch → plugin → outbox → transport —
+//! and each module owns one concern:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | pipeline TOML → validated, I/O-free [`config::Pipeline`]; every error at once |
+//! | [`envelope`] | the transport-neutral message |
+//! | [`transport`] | the [`transport::Transport`] contract and the embedded SQLite transport |
+//! | [`plugin`] | wasmtime engine, compile cache, sandbox, host imports, contract checks |
+//! | [`dispatch`] | the per-route loop: receive → invoke → outbox → settle |
+//! | [`runtime`] | loading a pipeline's plugins and running its routes |
+//! | [`telemetry`] | logging |
+//! | [`cli`] | the `switchyard` command line |
+
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod envelope;
+pub mod plugin;
+pub mod runtime;
+pub mod telemetry;
+pub mod transport;

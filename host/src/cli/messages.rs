@@ -1,0 +1,183 @@
+//! `switchyard send` and `switchyard publish`: put messages into a
+//! pipeline's store, running host or not.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::MessageArgs;
+use crate::config::MessageType;
+use crate::envelope::{Envelope, Kind, new_id};
+use crate::runtime;
+use crate::transport::Transport;
+
+/// Messages written per transaction when sending many.
+const CHUNK: usize = 1_000;
+
+fn read_source(path: &Path) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).context("cannot read stdin")?;
+        Ok(buf)
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+/// The payloads to send, each checked as JSON when the content type says so.
+fn payloads(args: &MessageArgs) -> Result<Vec<Vec<u8>>> {
+    let json = args.content_type.split(';').next().is_some_and(|m| {
+        let m = m.trim();
+        m == "application/json" || m.ends_with("+json")
+    });
+    let check = |bytes: &[u8], what: &str| -> Result<()> {
+        if json && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            bail!("{what} is not valid JSON: {e} (pass --content-type to send something else)");
+        }
+        Ok(())
+    };
+    if let Some(data) = &args.data {
+        check(data.as_bytes(), "--data")?;
+        return Ok(vec![data.clone().into_bytes()]);
+    }
+    if let Some(path) = &args.data_file {
+        let bytes = read_source(path)?;
+        check(&bytes, &path.display().to_string())?;
+        return Ok(vec![bytes]);
+    }
+    if let Some(path) = &args.lines {
+        let reader: Box<dyn BufRead> = if path == Path::new("-") {
+            Box::new(std::io::stdin().lock())
+        } else {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?,
+            ))
+        };
+        let mut out = Vec::new();
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read line {} of {}", i + 1, path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            check(line.as_bytes(), &format!("line {} of {}", i + 1, path.display()))?;
+            out.push(line.into_bytes());
+        }
+        if out.is_empty() {
+            bail!("{} has no non-empty lines", path.display());
+        }
+        return Ok(out);
+    }
+    bail!("give the payload with --data, --data-file or --lines")
+}
+
+fn headers(args: &MessageArgs) -> Result<Vec<(String, String)>> {
+    args.headers
+        .iter()
+        .map(|h| match h.split_once('=') {
+            Some((n, v)) if !n.trim().is_empty() => Ok((n.trim().to_owned(), v.to_owned())),
+            _ => bail!("header `{h}` must look like NAME=VALUE"),
+        })
+        .collect()
+}
+
+pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
+    let pipeline = super::load_pipeline(&args.pipeline)?;
+    let t = MessageType::try_from(args.message_type.as_str()).map_err(anyhow::Error::msg)?;
+    let (verb, other_verb) = match kind {
+        Kind::Command => ("send", "publish"),
+        Kind::Event => ("publish", "send"),
+    };
+    match pipeline.kind_of(t.as_str()) {
+        Some(k) if k == kind => {}
+        Some(k) => bail!(
+            "`{t}` is {} {k} in pipeline `{}`; use `switchyard {other_verb}`",
+            if k == Kind::Event { "an" } else { "a" },
+            pipeline.name
+        ),
+        None => bail!(
+            "no plugin in pipeline `{}` {} {kind} `{t}`; its {kind}s are {}",
+            pipeline.name,
+            if kind == Kind::Command { "handles" } else { "consumes" },
+            pipeline.hint_types(kind)
+        ),
+    }
+    if kind == Kind::Event && args.wait_reply.is_some() {
+        bail!("--wait-reply is for commands: events get no replies");
+    }
+    let payloads = payloads(&args)?;
+    let headers = headers(&args)?;
+    let reply_to = args.wait_reply.map(|_| format!("cli:{}", new_id()));
+    if reply_to.is_some() && payloads.len() > 1 {
+        bail!("--wait-reply waits for one reply; send one command at a time");
+    }
+
+    let transport = runtime::open_transport(&pipeline)?;
+    let total = payloads.len();
+    let progress = total > CHUNK && std::io::stderr().is_terminal();
+    let mut first_id = None;
+    let mut stored = 0;
+    let mut sent = 0;
+    let mut chunk = Vec::with_capacity(CHUNK.min(total));
+    for payload in payloads {
+        let mut e = Envelope::new(t.as_str(), kind, payload, args.content_type.clone());
+        e.headers = headers.clone();
+        e.correlation_id = args.correlation_id.clone();
+        e.reply_to = reply_to.clone();
+        first_id.get_or_insert_with(|| e.id.clone());
+        chunk.push(e);
+        if chunk.len() == CHUNK {
+            sent += chunk.len();
+            stored += transport.enqueue(std::mem::take(&mut chunk)).await?;
+            if progress {
+                eprint!("\r{verb}: {sent}/{total}");
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        stored += transport.enqueue(chunk).await?;
+    }
+    if progress {
+        eprintln!();
+    }
+    let to = pipeline
+        .subscribers(t.as_str())
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let past = if kind == Kind::Command { "sent" } else { "published" };
+    if total == 1 {
+        eprintln!("{past} {kind} {t} {} → {to}", first_id.unwrap_or_default());
+    } else {
+        eprintln!("{past} {total} {kind}s {t} → {to} ({stored} deliveries)");
+    }
+
+    let (Some(address), Some(wait)) = (reply_to, args.wait_reply) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(reply) = transport.take_reply(&address).await? {
+            let mut out = std::io::stdout().lock();
+            match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
+                Ok(v) => writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default())?,
+                Err(_) => {
+                    out.write_all(&reply.payload)?;
+                    writeln!(out)?;
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no reply within {}; is a host running this pipeline? (switchyard run {})",
+                humantime::format_duration(wait),
+                args.pipeline.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,231 @@
+//! The `switchyard` command line.
+
+mod inspect;
+mod messages;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, parse_duration};
+use crate::runtime::{self, RunMode};
+
+/// Switchyard routes messages through sandboxed WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about,
+    long_about = "Switchyard routes messages from a broker through sandboxed WebAssembly \
+component plugins, and adds what event-driven systems keep rebuilding by hand: commands kept \
+apart from events, outbox semantics, resource limits, and failures you can find again.",
+    after_help = "Examples:
+  switchyard validate pipelines/orders.toml
+  switchyard send PlaceOrder -p pipelines/orders.toml --data '{\"order_id\":\"A-1\",\"customer\":\"ada\",\"items\":[]}'
+  switchyard run pipelines/orders.toml
+  switchyard topology pipelines/orders.toml
+
+Logging: set RUST_LOG (e.g. RUST_LOG=debug, RUST_LOG=plugin=warn,info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline: consume its queues and call its plugins.
+    #[command(after_help = "Examples:
+  switchyard run pipelines/orders.toml
+  switchyard run pipelines/orders.toml --drain     # stop once every queue is empty
+
+Stop with Ctrl-C (SIGINT) or SIGTERM: messages in flight are finished and settled first.")]
+    Run {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+        /// Exit once every queue is empty instead of waiting for more messages.
+        #[arg(long)]
+        drain: bool,
+    },
+
+    /// Check pipeline files and their plugins; print every problem at once.
+    #[command(after_help = "Examples:
+  switchyard validate pipelines/orders.toml
+  switchyard validate --offline pipelines/*.toml   # the TOML only, without loading plugins
+
+Exits with status 1 if any file has an error.")]
+    Validate {
+        /// Pipeline TOML files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+        /// Check the TOML only; do not load the plugins' .wasm files.
+        #[arg(long)]
+        offline: bool,
+    },
+
+    /// Send a command to its one handler.
+    #[command(after_help = "Examples:
+  switchyard send PlaceOrder -p pipelines/orders.toml --data '{\"order_id\":\"A-1\",\"customer\":\"ada\",\"items\":[{\"sku\":\"book\",\"quantity\":1,\"unit_price_cents\":1200}]}'
+  switchyard send PlaceOrder -p pipelines/orders.toml --data-file order.json --wait-reply 10s
+  switchyard send PlaceOrder -p pipelines/orders.toml --lines orders.jsonl   # one command per line
+
+The command is stored in the pipeline's embedded store, whether or not a host is running;
+a running host picks it up within its poll interval.")]
+    Send(MessageArgs),
+
+    /// Publish an event to every plugin that consumes it.
+    #[command(after_help = "Examples:
+  switchyard publish OrderPlaced -p pipelines/orders.toml --data '{\"order_id\":\"A-1\",\"customer\":\"ada\",\"items\":[],\"total_cents\":0}'
+  seq 1 1000 | sed 's/.*/{\"n\":&}/' | switchyard publish Tick -p tests/tick.toml --lines -")]
+    Publish(MessageArgs),
+
+    /// Look at plugin components.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+
+    /// Print who sends, handles, publishes and consumes each message type, as
+    /// a Mermaid flowchart.
+    #[command(after_help = "Examples:
+  switchyard topology pipelines/orders.toml > orders.mmd
+  switchyard topology --offline pipelines/orders.toml   # from the TOML only
+
+Without --offline the plugins are loaded, so their declared outputs appear too.")]
+    Topology {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+        /// Use the TOML only; outputs declared by the plugins are left out.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginsCommand {
+    /// Print what a component declares in describe(), and what it imports.
+    #[command(after_help = "Examples:
+  switchyard plugins inspect dist/plugins/orders.wasm
+  switchyard plugins inspect --json dist/plugins/orders.wasm")]
+    Inspect {
+        /// The component (.wasm) file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options shared by `send` and `publish`.
+#[derive(Debug, Args)]
+pub struct MessageArgs {
+    /// The message type, e.g. PlaceOrder.
+    pub message_type: String,
+    /// The pipeline TOML file whose store receives the message.
+    #[arg(short, long, env = "SWITCHYARD_PIPELINE")]
+    pub pipeline: PathBuf,
+    /// The payload, inline.
+    #[arg(long, group = "body")]
+    pub data: Option<String>,
+    /// Read the payload from a file (`-` for stdin).
+    #[arg(long, group = "body", value_name = "PATH")]
+    pub data_file: Option<PathBuf>,
+    /// Read one payload per line from a file (`-` for stdin); each line becomes a message.
+    #[arg(long, group = "body", value_name = "PATH")]
+    pub lines: Option<PathBuf>,
+    /// Media type of the payload. JSON payloads are checked before sending.
+    #[arg(long, default_value = "application/json")]
+    pub content_type: String,
+    /// A header to attach, as NAME=VALUE. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Correlation id of the flow this message belongs to.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// Wait this long for the handler's reply and print it (send only).
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait, num_args = 0..=1, default_missing_value = "30s")]
+    pub wait_reply: Option<Duration>,
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+/// Runs a parsed command line and maps the outcome to an exit status.
+pub fn main(cli: Cli) -> ExitCode {
+    let default_log = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
+    crate::telemetry::init(default_log);
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Run { pipeline, drain } => run(pipeline, drain).await.map(|()| ExitCode::SUCCESS),
+            Command::Validate { pipelines, offline } => Ok(validate::validate(&pipelines, offline).await),
+            Command::Send(args) => messages::send(args, crate::envelope::Kind::Command).await,
+            Command::Publish(args) => messages::send(args, crate::envelope::Kind::Event).await,
+            Command::Plugins(PluginsCommand::Inspect { file, json }) => {
+                inspect::inspect(&file, json).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Topology { pipeline, offline } => {
+                inspect::topology(&pipeline, offline).await.map(|()| ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+/// Loads a pipeline file, printing its warnings; errors carry every diagnostic.
+pub(crate) fn load_pipeline(path: &std::path::Path) -> Result<config::Pipeline> {
+    let loaded = config::load(path)?;
+    let shown = path.display().to_string();
+    for w in &loaded.warnings {
+        eprint!("{}", w.render(&shown, &loaded.text));
+    }
+    Ok(loaded.pipeline)
+}
+
+async fn run(path: PathBuf, drain: bool) -> Result<()> {
+    let pipeline = load_pipeline(&path)?;
+    let plugins = runtime::load_plugins(&pipeline).await?;
+    let mode = if drain { RunMode::Drain } else { RunMode::Serve };
+    runtime::run(&pipeline, plugins, mode, shutdown_signal()).await
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

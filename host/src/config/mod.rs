@@ -1,0 +1,737 @@
+//! Pipeline files: TOML in, a validated, I/O-free [`Pipeline`] out.
+//!
+//! Loading happens in two stages. [`parse`] reads the TOML key by key
+//! ([`reader`]), checks every value and the rules that span plugins (one
+//! handler per command, one kind per type) and reports every problem at once
+//! as [`Diagnostic`]s with their place in the file. Checking the plugins'
+//! own declarations needs their `.wasm` files and happens later, in
+//! [`crate::plugin`].
+
+mod diagnostic;
+mod names;
+mod reader;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diagnostic::{Diagnostic, Diagnostics, Severity, locate};
+pub use names::{MessageType, PluginName, format_size, parse_duration, parse_size};
+use reader::{Section, Spanned, quote_list};
+
+use crate::envelope::Kind;
+
+/// Per-plugin memory cap when the pipeline sets none. Enough for typical
+/// handlers written in Rust, Go or JavaScript; small enough that a runaway
+/// plugin cannot starve the host.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Per-message CPU deadline when the pipeline sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A warm instance is replaced after this many messages, so state or memory
+/// a plugin leaks between messages cannot grow without bound.
+pub const DEFAULT_RECYCLE_AFTER: u64 = 10_000;
+/// Most messages one handler call may emit; a plugin stuck in an emit loop
+/// must not exhaust the host's memory.
+pub const DEFAULT_MAX_OUTPUTS: u64 = 1_000;
+/// Messages the embedded transport reads and settles per transaction.
+pub const DEFAULT_BATCH_SIZE: u64 = 256;
+/// How often an idle embedded consumer looks for messages written by another
+/// process (such as `switchyard send`).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Wasm linear memory is 32-bit: 4 GiB is the most any plugin can use.
+const MAX_MEMORY: u64 = 4 << 30;
+const MIN_MEMORY: u64 = 1 << 20;
+const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A validated pipeline: what to run and how. Paths are absolute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pipeline {
+    pub name: String,
+    /// The file it was read from.
+    pub source: PathBuf,
+    pub transport: TransportConfig,
+    /// Where compiled components are cached; `None` means the user's cache
+    /// directory.
+    pub cache_dir: Option<PathBuf>,
+    pub plugins: Vec<PluginSpec>,
+}
+
+/// Which broker carries the messages.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TransportConfig {
+    Embedded(EmbeddedConfig),
+}
+
+/// Settings of the embedded, on-disk transport.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddedConfig {
+    /// The SQLite database file.
+    pub path: PathBuf,
+    /// `true`: every commit reaches the disk before it counts (survives power
+    /// loss). `false`: commits survive a crash of the host process but not of
+    /// the machine.
+    pub fsync: bool,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+}
+
+/// One plugin of a pipeline and the route that feeds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginSpec {
+    pub name: PluginName,
+    pub wasm: PathBuf,
+    /// Command types routed to this plugin; it is their only handler.
+    pub commands: Vec<MessageType>,
+    /// Event types this plugin consumes.
+    pub events: Vec<MessageType>,
+    pub limits: Limits,
+    pub grants: Grants,
+}
+
+impl PluginSpec {
+    /// Every type routed to this plugin, with its kind.
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&MessageType, Kind)> {
+        self.commands
+            .iter()
+            .map(|t| (t, Kind::Command))
+            .chain(self.events.iter().map(|t| (t, Kind::Event)))
+    }
+}
+
+/// Resource limits of one plugin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Linear memory cap in bytes; growing past it traps.
+    pub memory: u64,
+    /// CPU deadline for one `handle` call.
+    pub timeout: Duration,
+    /// Messages a warm instance handles before it is replaced.
+    pub recycle_after: u64,
+    /// Messages one `handle` call may emit.
+    pub max_outputs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: DEFAULT_MEMORY,
+            timeout: DEFAULT_TIMEOUT,
+            recycle_after: DEFAULT_RECYCLE_AFTER,
+            max_outputs: DEFAULT_MAX_OUTPUTS,
+        }
+    }
+}
+
+/// What a plugin may reach beyond its own memory. Nothing by default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Grants {
+    /// Environment variables with fixed values.
+    pub env: Vec<(String, String)>,
+    /// Host environment variables passed through by name (when set).
+    pub inherit_env: Vec<String>,
+    pub dirs: Vec<DirGrant>,
+    /// Real wall and monotonic clocks; without it both read zero.
+    pub clock: bool,
+    /// The host's stdout and stderr; without it plugin output is discarded.
+    pub stdio: bool,
+    /// Addresses the plugin may connect to over TCP.
+    pub network: Vec<SocketAddr>,
+}
+
+/// A host directory made visible to a plugin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DirGrant {
+    pub host: PathBuf,
+    /// Absolute path inside the plugin, e.g. `/data`.
+    pub guest: String,
+    pub writable: bool,
+}
+
+/// Why a pipeline file could not be used.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read { path: PathBuf, error: std::io::Error },
+    Invalid { path: PathBuf, source: String, diagnostics: Diagnostics },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => {
+                write!(f, "cannot read pipeline {}: {error}", path.display())
+            }
+            ConfigError::Invalid { path, source, diagnostics } => {
+                let shown = path.display().to_string();
+                for d in diagnostics.iter() {
+                    writeln!(f, "{}", d.render(&shown, source))?;
+                }
+                let n = diagnostics.error_count();
+                write!(
+                    f,
+                    "pipeline {shown} has {n} error{}",
+                    if n == 1 { "" } else { "s" }
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A parsed pipeline with its warnings.
+#[derive(Debug)]
+pub struct Loaded {
+    pub pipeline: Pipeline,
+    pub warnings: Vec<Diagnostic>,
+    /// The file's text, to render warnings against.
+    pub text: String,
+}
+
+/// Reads and validates a pipeline file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let (pipeline, diagnostics) = parse(&text, &absolute);
+    match pipeline {
+        Some(pipeline) if !diagnostics.has_errors() => Ok(Loaded {
+            pipeline,
+            warnings: diagnostics.into_vec(),
+            text,
+        }),
+        _ => Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            source: text,
+            diagnostics,
+        }),
+    }
+}
+
+/// Parses pipeline text. `path` is the file's absolute location; relative
+/// paths inside the file are resolved against its directory. Performs no I/O.
+///
+/// Returns the pipeline when there are no errors, and every diagnostic found.
+pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
+    let mut diags = Diagnostics::default();
+    let doc = match toml_edit::Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    format!("invalid TOML: {}", e.message().trim_end()),
+                    e.span(),
+                )
+                .with_label("here"),
+            );
+            return (None, diags);
+        }
+    };
+    let base = path.parent().map(Path::to_owned).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pipeline".into());
+
+    let mut root = Section::new("", doc.as_table(), None);
+    let mut p = Parser {
+        diags: &mut diags,
+        base: &base,
+    };
+
+    let name = p.pipeline_section(&mut root, &stem);
+    let transport = p.transport_section(&mut root, &name);
+    let cache_dir = root
+        .table("host", p.diags)
+        .and_then(|mut host| {
+            let dir = host.string("cache_dir", p.diags).map(|s| base.join(s.value));
+            host.finish(p.diags);
+            dir
+        });
+    let defaults = p.limits_section(&mut root, "defaults", Limits::default());
+    let plugins = p.plugins_section(&mut root, &defaults);
+    root.finish(p.diags);
+
+    check_routing(&plugins, &mut diags);
+
+    if diags.has_errors() {
+        diags.sort();
+        return (None, diags);
+    }
+    let pipeline = Pipeline {
+        name,
+        source: path.to_owned(),
+        transport,
+        cache_dir,
+        plugins: plugins.into_iter().map(|p| p.spec).collect(),
+    };
+    diags.sort();
+    (Some(pipeline), diags)
+}
+
+/// A plugin plus the places its types were written, for cross-plugin errors.
+struct ParsedPlugin {
+    spec: PluginSpec,
+    type_spans: BTreeMap<MessageType, Option<Range<usize>>>,
+}
+
+struct Parser<'a> {
+    diags: &'a mut Diagnostics,
+    base: &'a Path,
+}
+
+impl Parser<'_> {
+    fn pipeline_section(&mut self, root: &mut Section<'_>, stem: &str) -> String {
+        let Some(mut section) = root.table("pipeline", self.diags) else {
+            return default_pipeline_name(stem);
+        };
+        let name = section.string("name", self.diags).and_then(|n| {
+            match PluginName::try_from(n.value.as_str()) {
+                Ok(_) => Some(n.value),
+                Err(e) => {
+                    self.diags.push(
+                        Diagnostic::error(e.replace("plugin name", "pipeline name"), n.span)
+                            .with_label("invalid name"),
+                    );
+                    None
+                }
+            }
+        });
+        let _ = section.string("description", self.diags);
+        section.finish(self.diags);
+        name.unwrap_or_else(|| default_pipeline_name(stem))
+    }
+
+    fn transport_section(&mut self, root: &mut Section<'_>, pipeline: &str) -> TransportConfig {
+        let default_path = self.base.join(".switchyard").join(format!("{pipeline}.db"));
+        let mut config = EmbeddedConfig {
+            path: default_path,
+            fsync: true,
+            batch_size: DEFAULT_BATCH_SIZE as usize,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        };
+        let Some(mut t) = root.table("transport", self.diags) else {
+            return TransportConfig::Embedded(config);
+        };
+        if let Some(kind) = t.string("kind", self.diags)
+            && kind.value != "embedded"
+        {
+            let mut d = Diagnostic::error(
+                format!("unknown transport kind `{}`", kind.value),
+                kind.span,
+            )
+            .with_label("not a transport");
+            d = match kind.value.as_str() {
+                "kafka" | "amqp" | "rabbitmq" => d.with_note(
+                    "note: this version of switchyard runs on the embedded transport only",
+                ),
+                _ => d.with_note("help: the known transport kind is `embedded`"),
+            };
+            self.diags.push(d);
+        }
+        if let Some(path) = t.string("path", self.diags) {
+            if path.value.trim().is_empty() {
+                self.diags
+                    .error("`transport.path` must not be empty", path.span);
+            } else {
+                config.path = self.base.join(path.value);
+            }
+        }
+        if let Some(sync) = t.string("sync", self.diags) {
+            match sync.value.as_str() {
+                "full" => config.fsync = true,
+                "normal" => config.fsync = false,
+                other => self.diags.push(
+                    Diagnostic::error(format!("unknown sync mode `{other}`"), sync.span)
+                        .with_label("expected \"full\" or \"normal\"")
+                        .with_note("note: \"full\" survives power loss; \"normal\" survives a crash of the host process only"),
+                ),
+            }
+        }
+        if let Some(n) = t.count("batch_size", self.diags) {
+            if (1..=10_000).contains(&n.value) {
+                config.batch_size = n.value as usize;
+            } else {
+                self.diags.push(
+                    Diagnostic::error("`transport.batch_size` must be between 1 and 10000", n.span)
+                        .with_label("out of range"),
+                );
+            }
+        }
+        if let Some(d) = self.duration(&mut t, "poll_interval") {
+            config.poll_interval = d.value;
+        }
+        t.finish(self.diags);
+        TransportConfig::Embedded(config)
+    }
+
+    fn duration(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<Spanned<Duration>> {
+        let s = section.string(key, self.diags)?;
+        match parse_duration(&s.value) {
+            Ok(d) if d.is_zero() => {
+                self.diags.push(
+                    Diagnostic::error(format!("`{}.{key}` must be more than zero", section.path()), s.span)
+                        .with_label("zero"),
+                );
+                None
+            }
+            Ok(d) => Some(Spanned::new(d, s.span)),
+            Err(e) => {
+                self.diags.push(Diagnostic::error(e, s.span).with_label("not a duration"));
+                None
+            }
+        }
+    }
+
+    /// Reads the limit keys of `[defaults]` or a plugin table over `base`.
+    fn limits(&mut self, section: &mut Section<'_>, base: &Limits) -> Limits {
+        let mut limits = base.clone();
+        if let Some(m) = section.string_or_int("memory", "a size like \"64 MiB\"", self.diags) {
+            match parse_size(&m.value) {
+                Ok(bytes) if (MIN_MEMORY..=MAX_MEMORY).contains(&bytes) => limits.memory = bytes,
+                Ok(bytes) => self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "memory limit {} is out of range: it must be between 1 MiB and 4 GiB",
+                            format_size(bytes)
+                        ),
+                        m.span,
+                    )
+                    .with_label("out of range"),
+                ),
+                Err(e) => self.diags.push(Diagnostic::error(e, m.span).with_label("not a size")),
+            }
+        }
+        if let Some(t) = self.duration(section, "timeout") {
+            if t.value > MAX_TIMEOUT {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "timeout {} is longer than the 15 minute maximum",
+                            humantime::format_duration(t.value)
+                        ),
+                        t.span,
+                    )
+                    .with_label("too long"),
+                );
+            } else {
+                limits.timeout = t.value;
+            }
+        }
+        if let Some(n) = section.count("recycle_after", self.diags) {
+            if n.value == 0 {
+                self.diags.push(
+                    Diagnostic::error("`recycle_after` must be at least 1", n.span)
+                        .with_label("zero"),
+                );
+            } else {
+                limits.recycle_after = n.value;
+            }
+        }
+        if let Some(n) = section.count("max_outputs", self.diags) {
+            limits.max_outputs = n.value;
+        }
+        limits
+    }
+
+    fn limits_section(&mut self, root: &mut Section<'_>, key: &'static str, base: Limits) -> Limits {
+        let Some(mut section) = root.table(key, self.diags) else {
+            return base;
+        };
+        let limits = self.limits(&mut section, &base);
+        section.finish(self.diags);
+        limits
+    }
+
+    fn plugins_section(&mut self, root: &mut Section<'_>, defaults: &Limits) -> Vec<ParsedPlugin> {
+        let Some(mut plugins) = root.table("plugins", self.diags) else {
+            self.diags.push(
+                Diagnostic::error("the pipeline has no plugins", Some(0..0))
+                    .with_label("add at least one [plugins.NAME] table")
+                    .with_note("help: [plugins.orders]\n    wasm = \"orders.wasm\"\n    commands = [\"PlaceOrder\"]"),
+            );
+            return Vec::new();
+        };
+        let entries = plugins.entries(self.diags);
+        if entries.is_empty() {
+            self.diags.push(
+                Diagnostic::error("the pipeline has no plugins", plugins.span())
+                    .with_label("add at least one [plugins.NAME] table"),
+            );
+        }
+        let mut out = Vec::new();
+        for (name, section) in entries {
+            if let Some(p) = self.plugin(name, section, defaults) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn plugin(
+        &mut self,
+        name: Spanned<String>,
+        mut section: Section<'_>,
+        defaults: &Limits,
+    ) -> Option<ParsedPlugin> {
+        let plugin_name = match PluginName::try_from(name.value.as_str()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.diags
+                    .push(Diagnostic::error(e, name.span.clone()).with_label("invalid name"));
+                None
+            }
+        };
+        let wasm = section
+            .required_string("wasm", "\"path/to/plugin.wasm\"", self.diags)
+            .and_then(|w| {
+                if w.value.trim().is_empty() {
+                    self.diags.push(
+                        Diagnostic::error(format!("`plugins.{}.wasm` must not be empty", name.value), w.span)
+                            .with_label("empty path"),
+                    );
+                    None
+                } else {
+                    Some(self.base.join(w.value))
+                }
+            });
+        let mut type_spans = BTreeMap::new();
+        let errors_before = self.diags.error_count();
+        let commands = self.types(&mut section, "commands", &mut type_spans);
+        let events = self.types(&mut section, "events", &mut type_spans);
+        // Only complain about an empty plugin if its lists were not just
+        // reported as malformed.
+        if commands.is_empty() && events.is_empty() && self.diags.error_count() == errors_before {
+            self.diags.push(
+                Diagnostic::error(
+                    format!("plugin `{}` handles nothing", name.value),
+                    section.span().or(name.span.clone()),
+                )
+                .with_label("no `commands` or `events`")
+                .with_note("help: list the types routed to it, e.g. `commands = [\"PlaceOrder\"]` or `events = [\"OrderPlaced\"]`"),
+            );
+        }
+        let limits = self.limits(&mut section, defaults);
+        let grants = match section.table("grants", self.diags) {
+            Some(g) => self.grants(g),
+            None => Grants::default(),
+        };
+        section.finish(self.diags);
+        Some(ParsedPlugin {
+            spec: PluginSpec {
+                name: plugin_name?,
+                wasm: wasm?,
+                commands,
+                events,
+                limits,
+                grants,
+            },
+            type_spans,
+        })
+    }
+
+    fn types(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        spans: &mut BTreeMap<MessageType, Option<Range<usize>>>,
+    ) -> Vec<MessageType> {
+        let mut out = Vec::new();
+        for t in section.strings(key, self.diags).unwrap_or_default() {
+            match MessageType::try_from(t.value.as_str()) {
+                Ok(mt) => {
+                    if spans.contains_key(&mt) {
+                        self.diags.push(
+                            Diagnostic::error(
+                                format!("`{mt}` is listed twice in [{}]", section.path()),
+                                t.span,
+                            )
+                            .with_label("duplicate")
+                            .with_note("note: a plugin lists each type once, under `commands` or `events`"),
+                        );
+                        continue;
+                    }
+                    spans.insert(mt.clone(), t.span);
+                    out.push(mt);
+                }
+                Err(e) => self
+                    .diags
+                    .push(Diagnostic::error(e, t.span).with_label("invalid message type")),
+            }
+        }
+        out
+    }
+
+    fn grants(&mut self, mut g: Section<'_>) -> Grants {
+        let mut grants = Grants::default();
+        if let Some(mut env) = g.table("env", self.diags) {
+            for (k, v) in env.string_map(self.diags) {
+                if k.value.is_empty() || k.value.contains('=') || k.value.contains('\0') {
+                    self.diags.push(
+                        Diagnostic::error(format!("`{}` is not a valid environment variable name", k.value), k.span)
+                            .with_label("invalid name"),
+                    );
+                } else {
+                    grants.env.push((k.value, v.value));
+                }
+            }
+        }
+        grants.inherit_env = g
+            .strings("inherit_env", self.diags)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.value)
+            .collect();
+        for mut d in g.tables("dirs", self.diags).unwrap_or_default() {
+            let host = d.required_string("host", "\"path/on/host\"", self.diags);
+            let guest = d.required_string("guest", "\"/data\"", self.diags);
+            let writable = d.bool("writable", self.diags).is_some_and(|b| b.value);
+            if let Some(guest) = &guest
+                && !guest.value.starts_with('/')
+            {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!("guest path `{}` must be absolute, like `/data`", guest.value),
+                        guest.span.clone(),
+                    )
+                    .with_label("relative path"),
+                );
+            }
+            d.finish(self.diags);
+            if let (Some(host), Some(guest)) = (host, guest)
+                && guest.value.starts_with('/')
+            {
+                grants.dirs.push(DirGrant {
+                    host: self.base.join(host.value),
+                    guest: guest.value,
+                    writable,
+                });
+            }
+        }
+        grants.clock = g.bool("clock", self.diags).is_some_and(|b| b.value);
+        grants.stdio = g.bool("stdio", self.diags).is_some_and(|b| b.value);
+        for addr in g.strings("network", self.diags).unwrap_or_default() {
+            match addr.value.parse::<SocketAddr>() {
+                Ok(a) => grants.network.push(a),
+                Err(_) => self.diags.push(
+                    Diagnostic::error(
+                        format!("`{}` is not an IP address with a port, like \"127.0.0.1:6379\"", addr.value),
+                        addr.span,
+                    )
+                    .with_label("invalid address"),
+                ),
+            }
+        }
+        g.finish(self.diags);
+        grants
+    }
+}
+
+fn default_pipeline_name(stem: &str) -> String {
+    let cleaned: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    if cleaned.starts_with(|c: char| c.is_ascii_lowercase()) {
+        cleaned
+    } else {
+        format!("p-{cleaned}")
+    }
+}
+
+/// Rules across plugins: a type has one kind, a command has one handler.
+fn check_routing(plugins: &[ParsedPlugin], diags: &mut Diagnostics) {
+    let mut seen: BTreeMap<&MessageType, (Kind, &ParsedPlugin)> = BTreeMap::new();
+    for p in plugins {
+        for (t, kind) in p.spec.subscriptions() {
+            let span = p.type_spans.get(t).cloned().flatten();
+            let Some((prev_kind, prev)) = seen.get(t) else {
+                seen.insert(t, (kind, p));
+                continue;
+            };
+            if *prev_kind != kind {
+                diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "`{t}` is a {prev_kind} for plugin `{}` but an {kind} for plugin `{}`",
+                            prev.spec.name, p.spec.name
+                        ),
+                        span,
+                    )
+                    .with_label(format!("listed under `{kind}s` here"))
+                    .with_note(format!(
+                        "note: a message type is either a command or an event in the whole pipeline; plugin `{}` lists it under `{prev_kind}s`",
+                        prev.spec.name
+                    )),
+                );
+            } else if kind == Kind::Command {
+                diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "command `{t}` has two handlers: plugins `{}` and `{}`",
+                            prev.spec.name, p.spec.name
+                        ),
+                        span,
+                    )
+                    .with_label("second handler")
+                    .with_note("note: a command has exactly one handler; if several plugins must react, publish an event instead"),
+                );
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    pub fn plugin(&self, name: &str) -> Option<&PluginSpec> {
+        self.plugins.iter().find(|p| p.name.as_str() == name)
+    }
+
+    /// The kind of a message type routed somewhere in this pipeline.
+    pub fn kind_of(&self, message_type: &str) -> Option<Kind> {
+        self.plugins
+            .iter()
+            .flat_map(PluginSpec::subscriptions)
+            .find(|(t, _)| t.as_str() == message_type)
+            .map(|(_, k)| k)
+    }
+
+    /// The plugins a message of this type is delivered to.
+    pub fn subscribers(&self, message_type: &str) -> Vec<&PluginName> {
+        self.plugins
+            .iter()
+            .filter(|p| p.subscriptions().any(|(t, _)| t.as_str() == message_type))
+            .map(|p| &p.name)
+            .collect()
+    }
+
+    /// Every routed type of one kind, sorted, for hints in error messages.
+    pub fn types_of_kind(&self, kind: Kind) -> Vec<&str> {
+        let mut types: Vec<&str> = self
+            .plugins
+            .iter()
+            .flat_map(PluginSpec::subscriptions)
+            .filter(|(_, k)| *k == kind)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    }
+
+    /// The embedded transport settings (the only transport in this version).
+    pub fn embedded(&self) -> &EmbeddedConfig {
+        match &self.transport {
+            TransportConfig::Embedded(e) => e,
+        }
+    }
+
+    /// A one-line hint listing the types of a kind.
+    pub fn hint_types(&self, kind: Kind) -> String {
+        quote_list(&self.types_of_kind(kind))
+    }
+}

@@ -1,0 +1,107 @@
+//! The transport-neutral message the host moves around.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Command or event: decides routing (one handler vs. every consumer) and
+/// whether a reply is allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Command,
+    Event,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Command => "command",
+            Kind::Event => "event",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "command" => Some(Kind::Command),
+            "event" => Some(Kind::Event),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message in flight, independent of any broker's wire format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique id (a UUIDv7 for messages the host creates).
+    pub id: String,
+    pub message_type: String,
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    /// Address a reply to this command goes to.
+    pub reply_to: Option<String>,
+    /// Ordering key on partitioned brokers.
+    pub partition_key: Option<String>,
+    pub created_at_ms: u64,
+    /// Delivery attempt this envelope is on, starting at 1.
+    pub attempt: u32,
+}
+
+impl Envelope {
+    /// A new message with a fresh id, created now.
+    pub fn new(message_type: impl Into<String>, kind: Kind, payload: Vec<u8>, content_type: impl Into<String>) -> Self {
+        Envelope {
+            id: new_id(),
+            message_type: message_type.into(),
+            kind,
+            payload,
+            content_type: content_type.into(),
+            headers: Vec::new(),
+            correlation_id: None,
+            causation_id: None,
+            reply_to: None,
+            partition_key: None,
+            created_at_ms: now_ms(),
+            attempt: 1,
+        }
+    }
+
+    /// The correlation id children of this message inherit: its own
+    /// correlation id, or its id when it starts a flow.
+    pub fn flow_id(&self) -> &str {
+        self.correlation_id.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// A command handler's answer, addressed to the requester.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The `reply_to` of the command.
+    pub address: String,
+    /// Id of the command being answered.
+    pub in_reply_to: String,
+    pub correlation_id: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub created_at_ms: u64,
+}
+
+/// A time-ordered unique id (UUIDv7), so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,698 @@
+//! Loading and running plugin components with wasmtime.
+//!
+//! [`PluginEngine`] owns the wasmtime engine, the linker (WASI plus the
+//! Switchyard host imports), the compiled-component cache and the epoch
+//! ticker that enforces CPU deadlines. [`PluginEngine::load`] turns a `.wasm`
+//! file into a [`LoadedPlugin`]: compiled, linked, and described. An
+//! [`Instance`] is one warm store of a loaded plugin; it handles messages
+//! until it traps or has handled `recycle_after` of them.
+
+mod cache;
+pub mod contract;
+mod sandbox;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use wasmtime::component::{HasSelf, Linker, ResourceTable, types::ComponentItem};
+use wasmtime::{Config, Engine, Store, Trap, WasmBacktrace};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use cache::{CacheOutcome, ComponentCache};
+pub use contract::{Contract, PluginInfo};
+
+use crate::config::{Grants, Limits, PluginName};
+use crate::envelope::{Envelope, Kind};
+use sandbox::MemoryLimiter;
+
+/// Bindings generated from `wit/`, the only source of truth for the contract.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        anyhow: true,
+    });
+}
+
+use bindings::switchyard::plugin::types as wit;
+
+/// The interface every plugin must export.
+pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.1.0";
+
+/// How often the engine's epoch advances; CPU deadlines are rounded up to it.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Log lines longer than this are cut: a plugin must not flood the host log.
+const MAX_LOG_LINE: usize = 8 * 1024;
+/// Log lines per `handle` call beyond which lines are dropped (and counted).
+const MAX_LOG_LINES_PER_CALL: u32 = 256;
+/// Total payload bytes one call may emit; the host holds them in memory until
+/// the call returns.
+const MAX_OUTPUT_BYTES: usize = 64 << 20;
+
+/// The wasmtime engine shared by every plugin of a host.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<State>,
+    cache: ComponentCache,
+    ticker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+impl Drop for PluginEngine {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.ticker.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Why a plugin could not be loaded. The message names the file.
+#[derive(Debug)]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub error: anyhow::Error,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {:#}", self.path.display(), self.error)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+impl PluginEngine {
+    /// Creates the engine. `cache_dir` holds compiled components; `None`
+    /// compiles every time.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        // Handlers are synchronous; the concurrency machinery costs ~0.6 µs
+        // per call when enabled.
+        config.concurrency_support(false);
+        let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("switchyard-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .context("cannot start the epoch ticker thread")?
+        };
+        Ok(PluginEngine {
+            engine,
+            linker,
+            cache: ComponentCache::new(cache_dir),
+            ticker: Some((stop, ticker)),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Reads, compiles (or fetches from cache), links and describes a plugin.
+    pub fn load(&self, path: &Path, sandbox: Sandbox) -> Result<LoadedPlugin, LoadError> {
+        self.load_inner(path, sandbox).map_err(|error| LoadError {
+            path: path.to_owned(),
+            error,
+        })
+    }
+
+    fn load_inner(&self, path: &Path, sandbox: Sandbox) -> Result<LoadedPlugin> {
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!("no such file (build the plugin first?)"),
+            _ => anyhow!("cannot read: {e}"),
+        })?;
+        check_header(&bytes)?;
+        let digest = cache::digest(&bytes);
+        let started = Instant::now();
+        let (component, cached) = self
+            .cache
+            .load_or_compile(&self.engine, &bytes, &digest)
+            .context("not a valid WebAssembly component")?;
+        tracing::debug!(
+            path = %path.display(),
+            cached = matches!(cached, CacheOutcome::Hit),
+            took = ?started.elapsed(),
+            "Compiled component"
+        );
+
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_owned()).collect();
+        let exports_handler = ty
+            .exports(&self.engine)
+            .any(|(n, item)| n == HANDLER_INTERFACE && matches!(item.ty, ComponentItem::ComponentInstance(_)));
+        if !exports_handler {
+            bail!(
+                "not a Switchyard plugin: it does not export `{HANDLER_INTERFACE}` (it exports {}); build it against the WIT in wit/",
+                if exports.is_empty() { "nothing".to_owned() } else { exports.join(", ") }
+            );
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .context("it imports something the Switchyard host does not provide")?;
+        let pre = bindings::PluginPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("its `{HANDLER_INTERFACE}` export does not match the contract"))?;
+
+        let mut plugin = LoadedPlugin {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                digest: format!("sha256:{}", hex::encode(digest)),
+                size: bytes.len(),
+                pre,
+                engine: self.engine.clone(),
+                sandbox,
+                contract: Contract::default(),
+            }),
+        };
+        let info = plugin.describe()?;
+        let inner = Arc::get_mut(&mut plugin.inner).context("plugin shared during load")?;
+        inner.contract = Contract::new(info, inner.sandbox.name.clone());
+        Ok(plugin)
+    }
+}
+
+/// Refuses files that are not components with a message that says what they are.
+fn check_header(bytes: &[u8]) -> Result<()> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        bail!("not a WebAssembly file (it does not start with the `\\0asm` magic)");
+    }
+    match bytes[4..8] {
+        [1, 0, 0, 0] => bail!(
+            "this is a core WebAssembly module, not a component; build it for the wasm32-wasip2 target or wrap it with `wasm-tools component new`"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// What a plugin instance may use; from the plugin's pipeline entry.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    /// The plugin's name in the pipeline (for logs and errors).
+    pub name: PluginName,
+    pub limits: Limits,
+    pub grants: Grants,
+}
+
+/// A compiled, linked plugin whose `describe()` has been read. Cheap to clone.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    digest: String,
+    size: usize,
+    pre: bindings::PluginPre<State>,
+    engine: Engine,
+    sandbox: Sandbox,
+    contract: Contract,
+}
+
+impl fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.inner.sandbox.name)
+            .field("path", &self.inner.path)
+            .field("digest", &self.inner.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedPlugin {
+    pub fn name(&self) -> &PluginName {
+        &self.inner.sandbox.name
+    }
+
+    pub fn info(&self) -> &PluginInfo {
+        &self.inner.contract.info
+    }
+
+    /// `sha256:<hex>` of the `.wasm` file.
+    pub fn digest(&self) -> &str {
+        &self.inner.digest
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn size(&self) -> usize {
+        self.inner.size
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.sandbox.limits
+    }
+
+    /// The interfaces the component imports: the capabilities it asks for.
+    pub fn imports(&self, engine: &Engine) -> Vec<String> {
+        self.inner
+            .pre
+            .instance_pre()
+            .component()
+            .component_type()
+            .imports(engine)
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    /// A fresh, warm instance.
+    pub fn instantiate(&self) -> Result<Instance> {
+        let inner = &self.inner;
+        let state = State {
+            wasi: sandbox::wasi_ctx(&inner.sandbox.grants)
+                .with_context(|| format!("plugin {}", inner.sandbox.name))?,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(inner.sandbox.limits.memory),
+            call: Call::default(),
+            plugin: self.inner.clone(),
+        };
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(inner.sandbox.limits.timeout));
+        let bindings = inner
+            .pre
+            .instantiate(&mut store)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("cannot instantiate plugin {}", inner.sandbox.name))?;
+        Ok(Instance {
+            store,
+            bindings,
+            handled: 0,
+            broken: false,
+        })
+    }
+
+    fn describe(&self) -> Result<PluginInfo> {
+        let mut instance = self.instantiate()?;
+        instance.store.set_epoch_deadline(deadline_ticks(self.inner.sandbox.limits.timeout));
+        let raw = instance
+            .bindings
+            .switchyard_plugin_handler()
+            .call_describe(&mut instance.store);
+        match raw {
+            Ok(info) => Ok(PluginInfo::from_wit(info)),
+            Err(e) => {
+                let failure = classify_trap(&instance.store, e, self.inner.sandbox.limits.timeout);
+                bail!("describe() failed: {}", failure.message)
+            }
+        }
+    }
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_micros().max(1);
+    u64::try_from(timeout.as_micros().div_ceil(tick)).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// One warm store and instance of a plugin.
+pub struct Instance {
+    store: Store<State>,
+    bindings: bindings::Plugin,
+    handled: u64,
+    /// Set after a trap: the instance's state can no longer be trusted.
+    broken: bool,
+}
+
+/// Store data of an instance.
+pub struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    /// What the current `handle` call has emitted so far.
+    call: Call,
+    plugin: Arc<Inner>,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Per-call state: the outbox, the first contract violation, log accounting.
+#[derive(Default)]
+struct Call {
+    message_id: String,
+    message_type: String,
+    kind: Option<Kind>,
+    outputs: Vec<Output>,
+    output_bytes: usize,
+    violation: Option<String>,
+    log_lines: u32,
+}
+
+/// Something a handler emitted, held until the call returns `ok`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Event(Outgoing),
+    Command(Outgoing),
+    Reply(Response),
+}
+
+/// A published event or sent command as the plugin gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub message_type: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub partition_key: Option<String>,
+}
+
+/// A command handler's reply as the plugin gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// How a message failed, as the host classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The handler said: retry later.
+    Transient,
+    /// The handler said: this message is poison.
+    Permanent,
+    /// The plugin trapped (a panic, an unreachable, a bad memory access...).
+    Trap,
+    /// The plugin ran past its CPU deadline.
+    Timeout,
+    /// The plugin tried to grow memory past its cap.
+    OutOfMemory,
+    /// The plugin emitted something its declaration does not allow.
+    ContractViolation,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Transient => "transient",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::OutOfMemory => "out-of-memory",
+            FailureKind::ContractViolation => "contract-violation",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a message was not handled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    pub code: Option<String>,
+    pub details: Vec<(String, String)>,
+    /// The wasm backtrace of a trap, one frame per line.
+    pub backtrace: Option<String>,
+}
+
+impl Failure {
+    fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            message: message.into(),
+            code: None,
+            details: Vec::new(),
+            backtrace: None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)?;
+        if let Some(code) = &self.code {
+            write!(f, " [{code}]")?;
+        }
+        Ok(())
+    }
+}
+
+impl Instance {
+    /// Messages this instance has handled.
+    pub fn handled(&self) -> u64 {
+        self.handled
+    }
+
+    /// Whether the instance must be replaced before the next message: it
+    /// trapped, or it reached its recycle count.
+    pub fn is_spent(&self) -> bool {
+        self.broken || self.handled >= self.store.data().plugin.sandbox.limits.recycle_after
+    }
+
+    /// Handles one message. On `Ok`, returns what the handler emitted; on
+    /// `Err`, nothing it emitted survives.
+    pub fn handle(&mut self, envelope: &Envelope) -> Result<Vec<Output>, Failure> {
+        let plugin = self.store.data().plugin.clone();
+        let timeout = plugin.sandbox.limits.timeout;
+        self.store.data_mut().call = Call {
+            message_id: envelope.id.clone(),
+            message_type: envelope.message_type.clone(),
+            kind: Some(envelope.kind),
+            ..Call::default()
+        };
+        self.store.set_epoch_deadline(deadline_ticks(timeout));
+        self.handled += 1;
+        let message = to_wit(envelope);
+        let result = self
+            .bindings
+            .switchyard_plugin_handler()
+            .call_handle(&mut self.store, &message);
+        let call = std::mem::take(&mut self.store.data_mut().call);
+        if call.log_lines > MAX_LOG_LINES_PER_CALL {
+            tracing::warn!(
+                plugin = %plugin.sandbox.name,
+                message.id = %envelope.id,
+                dropped = call.log_lines - MAX_LOG_LINES_PER_CALL,
+                "Plugin log lines dropped"
+            );
+        }
+        match result {
+            Ok(Ok(())) => match call.violation {
+                Some(v) => Err(Failure::new(FailureKind::ContractViolation, v)),
+                None => Ok(call.outputs),
+            },
+            Ok(Err(e)) => {
+                let (kind, d) = match e {
+                    wit::HandlerError::Transient(d) => (FailureKind::Transient, d),
+                    wit::HandlerError::Permanent(d) => (FailureKind::Permanent, d),
+                };
+                Err(Failure {
+                    kind,
+                    message: d.message,
+                    code: d.code,
+                    details: d.details,
+                    backtrace: None,
+                })
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(classify_trap(&self.store, e, timeout))
+            }
+        }
+    }
+}
+
+/// Turns a wasmtime error from a call into a classified failure.
+fn classify_trap(store: &Store<State>, error: wasmtime::Error, timeout: Duration) -> Failure {
+    let backtrace = error.downcast_ref::<WasmBacktrace>().map(|bt| {
+        bt.frames()
+            .iter()
+            .map(|f| {
+                let name = f.func_name().unwrap_or("<unnamed>");
+                format!("{:>4}: {name}", f.func_index())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut failure = if let Some(wanted) = store.data().limiter.exceeded {
+        Failure::new(
+            FailureKind::OutOfMemory,
+            format!(
+                "memory limit of {} exceeded: the plugin asked for {}",
+                crate::config::format_size(store.data().plugin.sandbox.limits.memory),
+                crate::config::format_size(wanted)
+            ),
+        )
+    } else if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        Failure::new(
+            FailureKind::Timeout,
+            format!(
+                "the handler ran past its {} deadline and was stopped",
+                humantime::format_duration(timeout)
+            ),
+        )
+    } else {
+        let what = match error.downcast_ref::<Trap>() {
+            Some(trap) => format!("wasm trap: {trap}"),
+            None => format!("{error:#}"),
+        };
+        Failure::new(FailureKind::Trap, what)
+    };
+    failure.backtrace = backtrace;
+    failure
+}
+
+fn to_wit(e: &Envelope) -> wit::Message {
+    wit::Message {
+        id: e.id.clone(),
+        message_type: e.message_type.clone(),
+        kind: match e.kind {
+            Kind::Command => wit::Kind::Command,
+            Kind::Event => wit::Kind::Event,
+        },
+        payload: e.payload.clone(),
+        content_type: e.content_type.clone(),
+        headers: e.headers.clone(),
+        correlation_id: e.correlation_id.clone(),
+        causation_id: e.causation_id.clone(),
+        reply_to: e.reply_to.clone(),
+        created_at_ms: e.created_at_ms,
+        attempt: e.attempt,
+    }
+}
+
+impl State {
+    fn violate(&mut self, text: String) {
+        if self.call.violation.is_none() {
+            self.call.violation = Some(text);
+        }
+    }
+
+    /// Buffers an output unless it would exceed the per-call limits.
+    fn push_output(&mut self, output: Output, bytes: usize) {
+        let max = self.plugin.sandbox.limits.max_outputs;
+        if self.call.outputs.len() as u64 >= max {
+            let name = self.plugin.sandbox.name.clone();
+            self.violate(format!("plugin {name} emitted more than {max} messages for one message (max_outputs)"));
+            return;
+        }
+        if self.call.output_bytes.saturating_add(bytes) > MAX_OUTPUT_BYTES {
+            let name = self.plugin.sandbox.name.clone();
+            self.violate(format!(
+                "plugin {name} emitted more than {} of payload for one message",
+                crate::config::format_size(MAX_OUTPUT_BYTES as u64)
+            ));
+            return;
+        }
+        self.call.output_bytes += bytes;
+        self.call.outputs.push(output);
+    }
+}
+
+fn outgoing(o: wit::Outgoing) -> Outgoing {
+    Outgoing {
+        message_type: o.message_type,
+        payload: o.payload,
+        content_type: o.content_type,
+        headers: o.headers,
+        partition_key: o.partition_key,
+    }
+}
+
+impl bindings::switchyard::plugin::types::Host for State {}
+
+impl bindings::switchyard::plugin::host::Host for State {
+    fn publish(&mut self, event: wit::Outgoing) {
+        if let Err(v) = self.plugin.contract.check_publish(&event.message_type) {
+            self.violate(v);
+            return;
+        }
+        let bytes = event.payload.len();
+        self.push_output(Output::Event(outgoing(event)), bytes);
+    }
+
+    fn send(&mut self, command: wit::Outgoing) {
+        if let Err(v) = self.plugin.contract.check_send(&command.message_type) {
+            self.violate(v);
+            return;
+        }
+        let bytes = command.payload.len();
+        self.push_output(Output::Command(outgoing(command)), bytes);
+    }
+
+    fn reply(&mut self, answer: wit::Response) {
+        let already = self.call.outputs.iter().any(|o| matches!(o, Output::Reply(_)));
+        if let Err(v) = self
+            .plugin
+            .contract
+            .check_reply(self.call.kind, &self.call.message_type, already)
+        {
+            self.violate(v);
+            return;
+        }
+        let bytes = answer.payload.len();
+        self.push_output(
+            Output::Reply(Response {
+                payload: answer.payload,
+                content_type: answer.content_type,
+                headers: answer.headers,
+            }),
+            bytes,
+        );
+    }
+
+    fn log(&mut self, level: wit::LogLevel, text: String) {
+        self.call.log_lines += 1;
+        if self.call.log_lines > MAX_LOG_LINES_PER_CALL {
+            return;
+        }
+        let mut text = text;
+        if text.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str(" …[truncated]");
+        }
+        let plugin = self.plugin.sandbox.name.as_str();
+        let id = self.call.message_id.as_str();
+        match level {
+            wit::LogLevel::Trace => tracing::trace!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
+            wit::LogLevel::Debug => tracing::debug!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
+            wit::LogLevel::Info => tracing::info!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
+            wit::LogLevel::Warn => tracing::warn!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
+            wit::LogLevel::Error => tracing::error!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
+        }
+    }
+}

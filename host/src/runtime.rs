@@ -1,0 +1,199 @@
+//! A running host: a pipeline's plugins loaded and checked, its transport
+//! open, one route per plugin.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Pipeline;
+use crate::dispatch;
+use crate::plugin::contract::{self, Problem};
+use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine, Sandbox};
+use crate::transport::embedded::EmbeddedTransport;
+use crate::transport::{Topology, Transport};
+
+/// The plugins of a pipeline, loaded and checked against it.
+pub struct Plugins {
+    pub engine: Arc<PluginEngine>,
+    pub loaded: Vec<LoadedPlugin>,
+    /// Warnings found while checking (errors make loading fail).
+    pub warnings: Vec<Problem>,
+}
+
+/// Why the plugins of a pipeline cannot run, every reason at once.
+#[derive(Debug)]
+pub struct PluginErrors(pub Vec<String>);
+
+impl std::fmt::Display for PluginErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "{e}")?;
+        }
+        let n = self.0.len();
+        write!(f, "{n} plugin error{}", if n == 1 { "" } else { "s" })
+    }
+}
+
+impl std::error::Error for PluginErrors {}
+
+/// The cache directory for a pipeline.
+pub fn cache_dir(pipeline: &Pipeline) -> Option<std::path::PathBuf> {
+    pipeline.cache_dir.clone().or_else(ComponentCache::default_dir)
+}
+
+/// Loads every plugin of the pipeline (compiling them in parallel), calls
+/// their `describe()` and checks it against the pipeline. Reports every
+/// problem of every plugin at once.
+pub async fn load_plugins(pipeline: &Pipeline) -> Result<Plugins> {
+    let engine = Arc::new(PluginEngine::new(cache_dir(pipeline))?);
+    let mut tasks = JoinSet::new();
+    for (i, spec) in pipeline.plugins.iter().enumerate() {
+        let engine = engine.clone();
+        let spec = spec.clone();
+        tasks.spawn_blocking(move || {
+            let sandbox = Sandbox {
+                name: spec.name.clone(),
+                limits: spec.limits.clone(),
+                grants: spec.grants.clone(),
+            };
+            (i, engine.load(&spec.wasm, sandbox))
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.context("plugin loading task failed")?);
+    }
+    results.sort_by_key(|(i, _)| *i);
+
+    let mut errors = Vec::new();
+    let mut loaded = Vec::new();
+    for ((_, result), spec) in results.into_iter().zip(&pipeline.plugins) {
+        match result {
+            Ok(p) => loaded.push(p),
+            Err(e) => errors.push(format!("error: plugin `{}`: {e}", spec.name)),
+        }
+    }
+    let mut problems: Vec<Problem> = Vec::new();
+    let pairs: Vec<_> = loaded
+        .iter()
+        .filter_map(|p| pipeline.plugin(p.name().as_str()).map(|s| (s, p.info())))
+        .collect();
+    for (spec, info) in &pairs {
+        problems.extend(contract::check_plugin(spec, info));
+    }
+    if errors.is_empty() {
+        problems.extend(contract::check_pipeline(pipeline, &pairs));
+    }
+    let (errs, warnings): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.error);
+    errors.extend(errs.iter().map(ToString::to_string));
+    if !errors.is_empty() {
+        return Err(PluginErrors(errors).into());
+    }
+    Ok(Plugins {
+        engine,
+        loaded,
+        warnings,
+    })
+}
+
+/// Opens the pipeline's transport for enqueueing (no consumer lock).
+pub fn open_transport(pipeline: &Pipeline) -> Result<EmbeddedTransport> {
+    EmbeddedTransport::open(pipeline.embedded(), Topology::of(pipeline))
+}
+
+/// How [`run`] ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RunMode {
+    /// Until the shutdown future completes.
+    #[default]
+    Serve,
+    /// Until every queue is empty (or shutdown).
+    Drain,
+}
+
+/// Runs a pipeline until `shutdown` completes (or, in drain mode, until no
+/// message is left). Routes finish and settle the batch in hand first.
+pub async fn run(
+    pipeline: &Pipeline,
+    plugins: Plugins,
+    mode: RunMode,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    for w in &plugins.warnings {
+        tracing::warn!("{w}");
+    }
+    let transport = open_transport(pipeline)?;
+    let _lock = transport.lock_consumer()?;
+    let batch_size = pipeline.embedded().batch_size;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut routes = JoinSet::new();
+    for plugin in &plugins.loaded {
+        let sub = transport.subscribe(plugin.name().as_str()).await?;
+        tracing::info!(
+            plugin = %plugin.name(),
+            version = %plugin.info().version,
+            digest = %short_digest(plugin.digest()),
+            "Route started"
+        );
+        routes.spawn(dispatch::run_route(plugin.clone(), sub, batch_size, stop_rx.clone()));
+    }
+    tracing::info!(
+        pipeline = %pipeline.name,
+        store = %transport.path().display(),
+        routes = plugins.loaded.len(),
+        "Host running"
+    );
+
+    let drained = async {
+        if mode == RunMode::Serve {
+            return std::future::pending::<Result<()>>().await;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            if transport.is_idle().await? {
+                return Ok(());
+            }
+        }
+    };
+    let route_died = async {
+        match routes.join_next().await {
+            Some(Ok(Ok(()))) | None => std::future::pending().await,
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(anyhow::anyhow!("a route task failed: {e}")),
+        }
+    };
+    let outcome: Result<()> = tokio::select! {
+        () = shutdown => {
+            tracing::info!("Shutting down: finishing messages in flight");
+            Ok(())
+        }
+        r = drained => {
+            r?;
+            tracing::info!("Drained: every queue is empty");
+            Ok(())
+        }
+        r = route_died => r,
+    };
+    let _ = stop_tx.send(true);
+    while let Some(r) = routes.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "Route stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "Route task failed"),
+        }
+    }
+    outcome?;
+    if mode == RunMode::Drain && !transport.is_idle().await? {
+        bail!("stopped before every queue was empty");
+    }
+    Ok(())
+}
+
+/// `sha256:0123456789ab` — enough to tell versions apart in logs.
+pub fn short_digest(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
+}

@@ -1,0 +1,128 @@
+//! Brokers behind one contract: consume a route's messages, settle each one
+//! with its final outcome, and enqueue new messages.
+//!
+//! A transport knows routes and message types, never plugins. Settling is
+//! the at-least-once boundary: a delivery is removed (acked) only together
+//! with, or after, the durable record of its outcome.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use async_trait::async_trait;
+
+use crate::config::Pipeline;
+use crate::envelope::{Envelope, Kind, Reply};
+
+/// Who receives each message type: every route of an event, the one route of
+/// a command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    routes: BTreeMap<String, (Kind, Vec<String>)>,
+}
+
+impl Topology {
+    /// The routing of a pipeline: one route per plugin, named after it.
+    pub fn of(pipeline: &Pipeline) -> Self {
+        let mut routes: BTreeMap<String, (Kind, Vec<String>)> = BTreeMap::new();
+        for p in &pipeline.plugins {
+            for (t, kind) in p.subscriptions() {
+                routes
+                    .entry(t.to_string())
+                    .or_insert_with(|| (kind, Vec::new()))
+                    .1
+                    .push(p.name.to_string());
+            }
+        }
+        Topology { routes }
+    }
+
+    /// The routes a message of this type goes to.
+    pub fn destinations(&self, message_type: &str) -> &[String] {
+        self.routes
+            .get(message_type)
+            .map_or(&[], |(_, r)| r.as_slice())
+    }
+
+    /// Every route name.
+    pub fn route_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .routes
+            .values()
+            .flat_map(|(_, r)| r.iter().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+}
+
+/// A message handed to a route, with the transport's handle to settle it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub envelope: Envelope,
+    /// Transport-specific position (the embedded queue's sequence number).
+    pub receipt: u64,
+}
+
+/// What happened to a delivery, to be made durable by [`Subscription::settle`].
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Handled: the outputs go out and the delivery is removed, atomically
+    /// where the broker allows.
+    Handled {
+        outputs: Vec<Envelope>,
+        reply: Option<Reply>,
+    },
+    /// Not handled: the delivery is kept with the failure.
+    Failed(FailureRecord),
+}
+
+/// A failure as the transport stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureRecord {
+    /// `transient`, `permanent`, `trap`, `timeout`, `out-of-memory`,
+    /// `contract-violation` or `unroutable`.
+    pub kind: String,
+    pub message: String,
+    pub code: Option<String>,
+    pub details: Vec<(String, String)>,
+    pub backtrace: Option<String>,
+    /// Name and version of the plugin that failed, e.g. `orders@1.0.0`.
+    pub plugin: String,
+    pub plugin_digest: String,
+    pub failed_at_ms: u64,
+}
+
+/// One settled delivery.
+#[derive(Clone, Debug)]
+pub struct Settlement {
+    pub delivery: Delivery,
+    pub outcome: Outcome,
+}
+
+/// A broker as the host sees it.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Starts consuming one route.
+    async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>>;
+
+    /// Enqueues messages created outside any handler, routed by type.
+    /// Returns how many deliveries were stored (one per destination route).
+    async fn enqueue(&self, messages: Vec<Envelope>) -> Result<usize>;
+
+    /// True when no message is waiting or in flight on any route.
+    async fn is_idle(&self) -> Result<bool>;
+}
+
+/// The consuming side of one route.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Waits for at least one message and returns up to `max`, in order.
+    async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>>;
+
+    /// Makes the outcomes of received deliveries durable. On error nothing of
+    /// the batch was applied and its deliveries will be received again.
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()>;
+}

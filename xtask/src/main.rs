@@ -1,0 +1,227 @@
+//! Project tasks, run with `cargo xtask <task>`:
+//!
+//! - `build-plugins`: build every plugin component for `wasm32-wasip2` into
+//!   `dist/plugins/`.
+//! - `demo`: build the plugins and the host, then run the example order
+//!   pipeline and send it a few commands.
+//! - `test [ARGS]`: build the plugins, then `cargo test --workspace [ARGS]`.
+//! - `ci`: formatting, clippy (host and wasm targets), then `test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Duration;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build-plugins") => build_plugins().map(|_| ()),
+        Some("demo") => demo(),
+        Some("test") => test(&args[1..]),
+        Some("ci") => ci(),
+        _ => {
+            eprintln!("usage: cargo xtask <build-plugins | demo | test [CARGO TEST ARGS] | ci>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
+}
+
+struct Metadata {
+    target_dir: PathBuf,
+    /// (package, library name) of every plugin crate.
+    plugins: Vec<(String, String)>,
+}
+
+fn metadata() -> Result<Metadata> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
+    let target_dir = v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or("cargo metadata has no target_directory")?;
+    let root = root();
+    let mut plugins = Vec::new();
+    for p in v["packages"].as_array().into_iter().flatten() {
+        let manifest = PathBuf::from(p["manifest_path"].as_str().unwrap_or_default());
+        let rel = manifest.strip_prefix(&root).unwrap_or(&manifest);
+        if !(rel.starts_with("plugins") || rel.starts_with("tests/plugins")) {
+            continue;
+        }
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let is_cdylib = t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "cdylib"));
+            if is_cdylib {
+                plugins.push((
+                    p["name"].as_str().unwrap_or_default().to_owned(),
+                    t["name"].as_str().unwrap_or_default().replace('-', "_"),
+                ));
+            }
+        }
+    }
+    plugins.sort();
+    Ok(Metadata { target_dir, plugins })
+}
+
+/// Builds every plugin and copies it to `dist/plugins/NAME.wasm`.
+fn build_plugins() -> Result<Vec<PathBuf>> {
+    let meta = metadata()?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--target", "wasm32-wasip2", "--profile", "plugin"]);
+    for (package, _) in &meta.plugins {
+        cmd.args(["--package", package]);
+    }
+    eprintln!("xtask: building {} plugin components for wasm32-wasip2", meta.plugins.len());
+    run(&mut cmd)?;
+    let dist = root().join("dist").join("plugins");
+    std::fs::create_dir_all(&dist).map_err(|e| format!("cannot create {}: {e}", dist.display()))?;
+    let mut out = Vec::new();
+    for (_, lib) in &meta.plugins {
+        let built = meta
+            .target_dir
+            .join("wasm32-wasip2")
+            .join("plugin")
+            .join(format!("{lib}.wasm"));
+        let dest = dist.join(format!("{lib}.wasm"));
+        std::fs::copy(&built, &dest)
+            .map_err(|e| format!("cannot copy {} to {}: {e}", built.display(), dest.display()))?;
+        out.push(dest);
+    }
+    eprintln!("xtask: plugins are in {}", dist.display());
+    Ok(out)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    build_plugins()?;
+    run(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+fn ci() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    let meta = metadata()?;
+    let mut wasm_clippy = cargo();
+    wasm_clippy.args(["clippy", "--target", "wasm32-wasip2", "--package", "switchyard-sdk"]);
+    for (package, _) in &meta.plugins {
+        wasm_clippy.args(["--package", package]);
+    }
+    run(wasm_clippy.args(["--", "-D", "warnings"]))?;
+    test(&[])
+}
+
+fn switchyard(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
+    c.current_dir(root());
+    c
+}
+
+fn demo() -> Result<()> {
+    build_plugins()?;
+    run(cargo().args(["build", "--package", "switchyard"]))?;
+    let bin = metadata()?.target_dir.join("debug").join("switchyard");
+    let pipeline = "pipelines/orders.toml";
+
+    // The demo owns this store: start from empty so the output is the same
+    // every time.
+    let store = root().join("pipelines").join(".switchyard");
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let _ = std::fs::remove_file(store.join(format!("orders.db{suffix}")));
+    }
+
+    say("validate the pipeline and its plugins");
+    run(switchyard(&bin).args(["validate", pipeline]))?;
+
+    say("start the host (embedded transport, durable on disk)");
+    let mut host = switchyard(&bin)
+        .args(["run", pipeline])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the host: {e}"))?;
+    let result = demo_traffic(&bin, pipeline);
+    stop(&mut host);
+    result?;
+    say("done: the host finished its messages in flight and stopped");
+    Ok(())
+}
+
+fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
+    std::thread::sleep(Duration::from_millis(500));
+    say("send PlaceOrder and wait for the orders plugin's reply");
+    run(switchyard(bin).args([
+        "send",
+        "PlaceOrder",
+        "-p",
+        pipeline,
+        "--wait-reply",
+        "10s",
+        "--data",
+        r#"{"order_id":"A-1001","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1250},{"sku":"pen","quantity":1,"unit_price_cents":300}]}"#,
+    ]))?;
+    say("send an order whose payment gateway times out (a transient failure)");
+    run(switchyard(bin).args([
+        "send",
+        "PlaceOrder",
+        "-p",
+        pipeline,
+        "--data",
+        r#"{"order_id":"A-1002","customer":"grace","items":[{"sku":"lamp","quantity":1,"unit_price_cents":4513}]}"#,
+    ]))?;
+    say("send a malformed order (poison: a permanent failure)");
+    run(switchyard(bin).args(["send", "PlaceOrder", "-p", pipeline, "--data", r#"{"order_id":42}"#]))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok(())
+}
+
+/// Stops the host the way an operator would: SIGINT, then wait.
+fn stop(host: &mut Child) {
+    #[cfg(unix)]
+    {
+        let _ = Command::new("kill").args(["-INT", &host.id().to_string()]).status();
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = host.kill();
+    }
+    let _ = host.wait();
+}
+
+fn say(what: &str) {
+    eprintln!("\n\x1b[1m== {what}\x1b[0m");
+}
