@@ -18,6 +18,14 @@ impl Kind {
         }
     }
 
+    /// "a command" or "an event".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Kind::Command => "a command",
+            Kind::Event => "an event",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Kind> {
         match s {
             "command" => Some(Kind::Command),
@@ -56,7 +64,12 @@ pub struct Envelope {
 
 impl Envelope {
     /// A new message with a fresh id, created now.
-    pub fn new(message_type: impl Into<String>, kind: Kind, payload: Vec<u8>, content_type: impl Into<String>) -> Self {
+    pub fn new(
+        message_type: impl Into<String>,
+        kind: Kind,
+        payload: Vec<u8>,
+        content_type: impl Into<String>,
+    ) -> Self {
         Envelope {
             id: new_id(),
             message_type: message_type.into(),

@@ -42,7 +42,10 @@ impl std::error::Error for PluginErrors {}
 
 /// The cache directory for a pipeline.
 pub fn cache_dir(pipeline: &Pipeline) -> Option<std::path::PathBuf> {
-    pipeline.cache_dir.clone().or_else(ComponentCache::default_dir)
+    pipeline
+        .cache_dir
+        .clone()
+        .or_else(ComponentCache::default_dir)
 }
 
 /// Loads every plugin of the pipeline (compiling them in parallel), calls
@@ -139,7 +142,12 @@ pub async fn run(
             digest = %short_digest(plugin.digest()),
             "Route started"
         );
-        routes.spawn(dispatch::run_route(plugin.clone(), sub, batch_size, stop_rx.clone()));
+        routes.spawn(dispatch::run_route(
+            plugin.clone(),
+            sub,
+            batch_size,
+            stop_rx.clone(),
+        ));
     }
     tracing::info!(
         pipeline = %pipeline.name,

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::{HandlerError, Outgoing, Response, JSON};
+use crate::{HandlerError, JSON, Outgoing, Response};
 
 /// Severity of a log line written with [`Context::log`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -16,7 +16,9 @@ pub mod bindings {
 use bindings::switchyard::plugin::{host, types as wit};
 
 use crate::context::Outbox;
-use crate::{Context, ErrorKind, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, Response};
+use crate::{
+    Context, ErrorKind, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, Response,
+};
 
 fn kind_to_wit(kind: Kind) -> wit::Kind {
     match kind {

@@ -54,7 +54,7 @@ mod guest;
 
 pub use context::{Context, LogLevel};
 pub use error::{ErrorKind, HandlerError};
-pub use message::{Kind, Message, Outgoing, PluginInfo, Response, Subscription, JSON};
+pub use message::{JSON, Kind, Message, Outgoing, PluginInfo, Response, Subscription};
 
 /// A message handler. Implement it on a unit struct and pass the struct to
 /// [`export_plugin!`].
@@ -90,7 +90,7 @@ macro_rules! export_plugin {
                     $crate::__guest::handle::<$plugin>(message)
                 }
             }
-            $crate::__guest::export!(SwitchyardExport with_types_in $crate::__guest::bindings);
+    $crate::__guest::export!(SwitchyardExport with_types_in $crate::__guest::bindings);
         };
     };
 }
@@ -99,10 +99,10 @@ macro_rules! export_plugin {
 #[cfg(target_family = "wasm")]
 pub mod __guest {
     pub use crate::guest::bindings;
+    pub use crate::guest::bindings::__export_switchyard_plugin as export;
     pub use crate::guest::bindings::exports::switchyard::plugin::handler::Guest;
     pub use crate::guest::bindings::switchyard::plugin::types::{
         HandlerError, Message, PluginInfo,
     };
     pub use crate::guest::{describe, handle};
-    pub use crate::guest::bindings::__export_switchyard_plugin as export;
 }

@@ -183,7 +183,10 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// An outgoing message with `value` serialized as its JSON payload.
-    pub fn json<T: Serialize + ?Sized>(message_type: &str, value: &T) -> Result<Self, HandlerError> {
+    pub fn json<T: Serialize + ?Sized>(
+        message_type: &str,
+        value: &T,
+    ) -> Result<Self, HandlerError> {
         let payload = serde_json::to_vec(value).map_err(|e| {
             HandlerError::permanent(format!("cannot serialize {message_type} as JSON: {e}"))
         })?;

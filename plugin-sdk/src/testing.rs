@@ -30,7 +30,9 @@ use std::marker::PhantomData;
 use serde::de::DeserializeOwned;
 
 use crate::context::Outbox;
-use crate::{Context, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, PluginInfo, Response};
+use crate::{
+    Context, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, PluginInfo, Response,
+};
 
 /// Runs one plugin's handler natively.
 pub struct TestHost<P> {

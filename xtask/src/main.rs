@@ -48,7 +48,9 @@ fn cargo() -> Command {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -68,10 +70,13 @@ fn metadata() -> Result<Metadata> {
         .output()
         .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
     if !out.status.success() {
-        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
     let target_dir = v["target_directory"]
         .as_str()
         .map(PathBuf::from)
@@ -97,7 +102,10 @@ fn metadata() -> Result<Metadata> {
         }
     }
     plugins.sort();
-    Ok(Metadata { target_dir, plugins })
+    Ok(Metadata {
+        target_dir,
+        plugins,
+    })
 }
 
 /// Builds every plugin and copies it to `dist/plugins/NAME.wasm`.
@@ -108,7 +116,10 @@ fn build_plugins() -> Result<Vec<PathBuf>> {
     for (package, _) in &meta.plugins {
         cmd.args(["--package", package]);
     }
-    eprintln!("xtask: building {} plugin components for wasm32-wasip2", meta.plugins.len());
+    eprintln!(
+        "xtask: building {} plugin components for wasm32-wasip2",
+        meta.plugins.len()
+    );
     run(&mut cmd)?;
     let dist = root().join("dist").join("plugins");
     std::fs::create_dir_all(&dist).map_err(|e| format!("cannot create {}: {e}", dist.display()))?;
@@ -135,10 +146,23 @@ fn test(extra: &[String]) -> Result<()> {
 
 fn ci() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     let meta = metadata()?;
     let mut wasm_clippy = cargo();
-    wasm_clippy.args(["clippy", "--target", "wasm32-wasip2", "--package", "switchyard-sdk"]);
+    wasm_clippy.args([
+        "clippy",
+        "--target",
+        "wasm32-wasip2",
+        "--package",
+        "switchyard-sdk",
+    ]);
     for (package, _) in &meta.plugins {
         wasm_clippy.args(["--package", package]);
     }
@@ -204,7 +228,14 @@ fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
         r#"{"order_id":"A-1002","customer":"grace","items":[{"sku":"lamp","quantity":1,"unit_price_cents":4513}]}"#,
     ]))?;
     say("send a malformed order (poison: a permanent failure)");
-    run(switchyard(bin).args(["send", "PlaceOrder", "-p", pipeline, "--data", r#"{"order_id":42}"#]))?;
+    run(switchyard(bin).args([
+        "send",
+        "PlaceOrder",
+        "-p",
+        pipeline,
+        "--data",
+        r#"{"order_id":42}"#,
+    ]))?;
     std::thread::sleep(Duration::from_millis(1500));
     Ok(())
 }
@@ -213,7 +244,9 @@ fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
 fn stop(host: &mut Child) {
     #[cfg(unix)]
     {
-        let _ = Command::new("kill").args(["-INT", &host.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &host.id().to_string()])
+            .status();
     }
     #[cfg(not(unix))]
     {

@@ -45,7 +45,12 @@ pub async fn inspect(file: &Path, as_json: bool) -> Result<()> {
     }
     let mut out = String::new();
     let _ = writeln!(out, "plugin     {} {}", info.name, info.version);
-    let _ = writeln!(out, "file       {} ({})", plugin.path().display(), format_size(plugin.size() as u64));
+    let _ = writeln!(
+        out,
+        "file       {} ({})",
+        plugin.path().display(),
+        format_size(plugin.size() as u64)
+    );
     let _ = writeln!(out, "digest     {}", plugin.digest());
     for (t, k) in &info.handles {
         let _ = writeln!(out, "handles    {k} {t}");
@@ -82,17 +87,33 @@ pub async fn topology(path: &Path, offline: bool) -> Result<()> {
     let mut out = String::new();
     let _ = writeln!(out, "%% Pipeline `{}` ({})", pipeline.name, path.display());
     if offline {
-        let _ = writeln!(out, "%% Offline: outputs declared by the plugins are not shown.");
+        let _ = writeln!(
+            out,
+            "%% Offline: outputs declared by the plugins are not shown."
+        );
     }
     let _ = writeln!(out, "flowchart LR");
     let mut types: BTreeSet<(String, Kind)> = BTreeSet::new();
     let mut edges = Vec::new();
     for p in &pipeline.plugins {
-        let _ = writeln!(out, "    {}[\"{}\"]:::plugin", node("p", p.name.as_str()), p.name);
+        let _ = writeln!(
+            out,
+            "    {}[\"{}\"]:::plugin",
+            node("p", p.name.as_str()),
+            p.name
+        );
         for (t, k) in p.subscriptions() {
             types.insert((t.to_string(), k));
-            let verb = if k == Kind::Command { "handles" } else { "consumes" };
-            edges.push(format!("    {} -->|{verb}| {}", node("t", t.as_str()), node("p", p.name.as_str())));
+            let verb = if k == Kind::Command {
+                "handles"
+            } else {
+                "consumes"
+            };
+            edges.push(format!(
+                "    {} -->|{verb}| {}",
+                node("t", t.as_str()),
+                node("p", p.name.as_str())
+            ));
         }
         if let Some(loaded) = plugins
             .as_ref()
@@ -100,11 +121,19 @@ pub async fn topology(path: &Path, offline: bool) -> Result<()> {
         {
             for t in &loaded.info().publishes {
                 types.insert((t.clone(), Kind::Event));
-                edges.push(format!("    {} -.->|publishes| {}", node("p", p.name.as_str()), node("t", t)));
+                edges.push(format!(
+                    "    {} -.->|publishes| {}",
+                    node("p", p.name.as_str()),
+                    node("t", t)
+                ));
             }
             for t in &loaded.info().sends {
                 types.insert((t.clone(), Kind::Command));
-                edges.push(format!("    {} -.->|sends| {}", node("p", p.name.as_str()), node("t", t)));
+                edges.push(format!(
+                    "    {} -.->|sends| {}",
+                    node("p", p.name.as_str()),
+                    node("t", t)
+                ));
             }
         }
     }

@@ -20,7 +20,9 @@ const CHUNK: usize = 1_000;
 fn read_source(path: &Path) -> Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).context("cannot read stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("cannot read stdin")?;
         Ok(buf)
     } else {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
@@ -53,16 +55,21 @@ fn payloads(args: &MessageArgs) -> Result<Vec<Vec<u8>>> {
             Box::new(std::io::stdin().lock())
         } else {
             Box::new(std::io::BufReader::new(
-                std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?,
+                std::fs::File::open(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
             ))
         };
         let mut out = Vec::new();
         for (i, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("cannot read line {} of {}", i + 1, path.display()))?;
+            let line =
+                line.with_context(|| format!("cannot read line {} of {}", i + 1, path.display()))?;
             if line.trim().is_empty() {
                 continue;
             }
-            check(line.as_bytes(), &format!("line {} of {}", i + 1, path.display()))?;
+            check(
+                line.as_bytes(),
+                &format!("line {} of {}", i + 1, path.display()),
+            )?;
             out.push(line.into_bytes());
         }
         if out.is_empty() {
@@ -93,14 +100,18 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     match pipeline.kind_of(t.as_str()) {
         Some(k) if k == kind => {}
         Some(k) => bail!(
-            "`{t}` is {} {k} in pipeline `{}`; use `switchyard {other_verb}`",
-            if k == Kind::Event { "an" } else { "a" },
+            "`{t}` is {} in pipeline `{}`; use `switchyard {other_verb}`",
+            k.with_article(),
             pipeline.name
         ),
         None => bail!(
             "no plugin in pipeline `{}` {} {kind} `{t}`; its {kind}s are {}",
             pipeline.name,
-            if kind == Kind::Command { "handles" } else { "consumes" },
+            if kind == Kind::Command {
+                "handles"
+            } else {
+                "consumes"
+            },
             pipeline.hint_types(kind)
         ),
     }
@@ -148,7 +159,11 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         .map(|p| p.as_str())
         .collect::<Vec<_>>()
         .join(", ");
-    let past = if kind == Kind::Command { "sent" } else { "published" };
+    let past = if kind == Kind::Command {
+        "sent"
+    } else {
+        "published"
+    };
     if total == 1 {
         eprintln!("{past} {kind} {t} {} → {to}", first_id.unwrap_or_default());
     } else {
@@ -163,7 +178,11 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         if let Some(reply) = transport.take_reply(&address).await? {
             let mut out = std::io::stdout().lock();
             match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
-                Ok(v) => writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default())?,
+                Ok(v) => writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                )?,
                 Err(_) => {
                     out.write_all(&reply.payload)?;
                     writeln!(out)?;

@@ -176,16 +176,22 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         match cli.command {
-            Command::Run { pipeline, drain } => run(pipeline, drain).await.map(|()| ExitCode::SUCCESS),
-            Command::Validate { pipelines, offline } => Ok(validate::validate(&pipelines, offline).await),
+            Command::Run { pipeline, drain } => {
+                run(pipeline, drain).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Validate { pipelines, offline } => {
+                Ok(validate::validate(&pipelines, offline).await)
+            }
             Command::Send(args) => messages::send(args, crate::envelope::Kind::Command).await,
             Command::Publish(args) => messages::send(args, crate::envelope::Kind::Event).await,
             Command::Plugins(PluginsCommand::Inspect { file, json }) => {
-                inspect::inspect(&file, json).await.map(|()| ExitCode::SUCCESS)
+                inspect::inspect(&file, json)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
             }
-            Command::Topology { pipeline, offline } => {
-                inspect::topology(&pipeline, offline).await.map(|()| ExitCode::SUCCESS)
-            }
+            Command::Topology { pipeline, offline } => inspect::topology(&pipeline, offline)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     })
 }
@@ -203,7 +209,11 @@ pub(crate) fn load_pipeline(path: &std::path::Path) -> Result<config::Pipeline> 
 async fn run(path: PathBuf, drain: bool) -> Result<()> {
     let pipeline = load_pipeline(&path)?;
     let plugins = runtime::load_plugins(&pipeline).await?;
-    let mode = if drain { RunMode::Drain } else { RunMode::Serve };
+    let mode = if drain {
+        RunMode::Drain
+    } else {
+        RunMode::Serve
+    };
     runtime::run(&pipeline, plugins, mode, shutdown_signal()).await
 }
 

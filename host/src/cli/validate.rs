@@ -67,7 +67,11 @@ pub async fn validate(paths: &[PathBuf], offline: bool) -> ExitCode {
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
-        eprintln!("{failed} of {} pipeline file{} failed validation", paths.len(), if paths.len() == 1 { "" } else { "s" });
+        eprintln!(
+            "{failed} of {} pipeline file{} failed validation",
+            paths.len(),
+            if paths.len() == 1 { "" } else { "s" }
+        );
         ExitCode::FAILURE
     }
 }

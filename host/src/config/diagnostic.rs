@@ -70,8 +70,8 @@ impl Diagnostic {
         match &self.span {
             Some(span) => {
                 let (line_no, col, line) = locate(source, span.start);
-                let _ = writeln!(out, "  --> {path}:{line_no}:{col}");
                 let gutter = " ".repeat(line_no.to_string().len());
+                let _ = writeln!(out, "{gutter}--> {path}:{line_no}:{col}");
                 let _ = writeln!(out, "{gutter} |");
                 let _ = writeln!(out, "{line_no} | {line}");
                 // Underline the span, clipped to its first line.
@@ -85,16 +85,20 @@ impl Diagnostic {
                     .take(col - 1)
                     .map(|c| if c == '\t' { '\t' } else { ' ' })
                     .collect();
-                let label = self.label.as_deref().map(|l| format!(" {l}")).unwrap_or_default();
+                let label = self
+                    .label
+                    .as_deref()
+                    .map(|l| format!(" {l}"))
+                    .unwrap_or_default();
                 let _ = writeln!(out, "{gutter} | {pad}{}{label}", "^".repeat(width));
                 for note in &self.notes {
                     let _ = writeln!(out, "{gutter} = {note}");
                 }
             }
             None => {
-                let _ = writeln!(out, "  --> {path}");
+                let _ = writeln!(out, " --> {path}");
                 for note in &self.notes {
-                    let _ = writeln!(out, "   = {note}");
+                    let _ = writeln!(out, "  = {note}");
                 }
             }
         }
@@ -183,7 +187,7 @@ mod tests {
         let src = "[plugins.a]\nwasm = 3\n";
         let d = Diagnostic::error("expected a string", Some(19..20)).with_label("here");
         let text = d.render("p.toml", src);
-        assert!(text.contains("--> p.toml:2:8"), "{text}");
+        assert!(text.contains("\n --> p.toml:2:8\n"), "{text}");
         assert!(text.contains("2 | wasm = 3"), "{text}");
         assert!(text.contains("  |        ^ here"), "{text}");
     }

@@ -154,8 +154,15 @@ pub struct DirGrant {
 /// Why a pipeline file could not be used.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, error: std::io::Error },
-    Invalid { path: PathBuf, source: String, diagnostics: Diagnostics },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Invalid {
+        path: PathBuf,
+        source: String,
+        diagnostics: Diagnostics,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -164,7 +171,11 @@ impl fmt::Display for ConfigError {
             ConfigError::Read { path, error } => {
                 write!(f, "cannot read pipeline {}: {error}", path.display())
             }
-            ConfigError::Invalid { path, source, diagnostics } => {
+            ConfigError::Invalid {
+                path,
+                source,
+                diagnostics,
+            } => {
                 let shown = path.display().to_string();
                 for d in diagnostics.iter() {
                     writeln!(f, "{}", d.render(&shown, source))?;
@@ -246,13 +257,13 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
 
     let name = p.pipeline_section(&mut root, &stem);
     let transport = p.transport_section(&mut root, &name);
-    let cache_dir = root
-        .table("host", p.diags)
-        .and_then(|mut host| {
-            let dir = host.string("cache_dir", p.diags).map(|s| base.join(s.value));
-            host.finish(p.diags);
-            dir
-        });
+    let cache_dir = root.table("host", p.diags).and_then(|mut host| {
+        let dir = host
+            .string("cache_dir", p.diags)
+            .map(|s| base.join(s.value));
+        host.finish(p.diags);
+        dir
+    });
     let defaults = p.limits_section(&mut root, "defaults", Limits::default());
     let plugins = p.plugins_section(&mut root, &defaults);
     root.finish(p.diags);
@@ -268,15 +279,21 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         source: path.to_owned(),
         transport,
         cache_dir,
-        plugins: plugins.into_iter().map(|p| p.spec).collect(),
+        plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
     };
     diags.sort();
     (Some(pipeline), diags)
 }
 
-/// A plugin plus the places its types were written, for cross-plugin errors.
+/// A plugin as far as it could be read, plus the places its types were
+/// written: cross-plugin rules are checked even when one of its other
+/// settings is wrong, so every error shows up in one run.
 struct ParsedPlugin {
-    spec: PluginSpec,
+    /// The key as written, for messages.
+    key: String,
+    /// `None` if any of its settings had an error.
+    spec: Option<PluginSpec>,
+    subscriptions: Vec<(MessageType, Kind)>,
     type_spans: BTreeMap<MessageType, Option<Range<usize>>>,
 }
 
@@ -370,19 +387,27 @@ impl Parser<'_> {
         TransportConfig::Embedded(config)
     }
 
-    fn duration(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<Spanned<Duration>> {
+    fn duration(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Spanned<Duration>> {
         let s = section.string(key, self.diags)?;
         match parse_duration(&s.value) {
             Ok(d) if d.is_zero() => {
                 self.diags.push(
-                    Diagnostic::error(format!("`{}.{key}` must be more than zero", section.path()), s.span)
-                        .with_label("zero"),
+                    Diagnostic::error(
+                        format!("`{}.{key}` must be more than zero", section.path()),
+                        s.span,
+                    )
+                    .with_label("zero"),
                 );
                 None
             }
             Ok(d) => Some(Spanned::new(d, s.span)),
             Err(e) => {
-                self.diags.push(Diagnostic::error(e, s.span).with_label("not a duration"));
+                self.diags
+                    .push(Diagnostic::error(e, s.span).with_label("not a duration"));
                 None
             }
         }
@@ -404,7 +429,9 @@ impl Parser<'_> {
                     )
                     .with_label("out of range"),
                 ),
-                Err(e) => self.diags.push(Diagnostic::error(e, m.span).with_label("not a size")),
+                Err(e) => self
+                    .diags
+                    .push(Diagnostic::error(e, m.span).with_label("not a size")),
             }
         }
         if let Some(t) = self.duration(section, "timeout") {
@@ -439,7 +466,12 @@ impl Parser<'_> {
         limits
     }
 
-    fn limits_section(&mut self, root: &mut Section<'_>, key: &'static str, base: Limits) -> Limits {
+    fn limits_section(
+        &mut self,
+        root: &mut Section<'_>,
+        key: &'static str,
+        base: Limits,
+    ) -> Limits {
         let Some(mut section) = root.table(key, self.diags) else {
             return base;
         };
@@ -451,9 +483,8 @@ impl Parser<'_> {
     fn plugins_section(&mut self, root: &mut Section<'_>, defaults: &Limits) -> Vec<ParsedPlugin> {
         let Some(mut plugins) = root.table("plugins", self.diags) else {
             self.diags.push(
-                Diagnostic::error("the pipeline has no plugins", Some(0..0))
-                    .with_label("add at least one [plugins.NAME] table")
-                    .with_note("help: [plugins.orders]\n    wasm = \"orders.wasm\"\n    commands = [\"PlaceOrder\"]"),
+                Diagnostic::error("the pipeline has no plugins", None)
+                    .with_note("help: add a table per plugin, e.g. [plugins.orders] with wasm = \"orders.wasm\" and commands = [\"PlaceOrder\"]"),
             );
             return Vec::new();
         };
@@ -464,13 +495,10 @@ impl Parser<'_> {
                     .with_label("add at least one [plugins.NAME] table"),
             );
         }
-        let mut out = Vec::new();
-        for (name, section) in entries {
-            if let Some(p) = self.plugin(name, section, defaults) {
-                out.push(p);
-            }
-        }
-        out
+        entries
+            .into_iter()
+            .map(|(name, section)| self.plugin(name, section, defaults))
+            .collect()
     }
 
     fn plugin(
@@ -478,7 +506,7 @@ impl Parser<'_> {
         name: Spanned<String>,
         mut section: Section<'_>,
         defaults: &Limits,
-    ) -> Option<ParsedPlugin> {
+    ) -> ParsedPlugin {
         let plugin_name = match PluginName::try_from(name.value.as_str()) {
             Ok(n) => Some(n),
             Err(e) => {
@@ -492,8 +520,11 @@ impl Parser<'_> {
             .and_then(|w| {
                 if w.value.trim().is_empty() {
                     self.diags.push(
-                        Diagnostic::error(format!("`plugins.{}.wasm` must not be empty", name.value), w.span)
-                            .with_label("empty path"),
+                        Diagnostic::error(
+                            format!("`plugins.{}.wasm` must not be empty", name.value),
+                            w.span,
+                        )
+                        .with_label("empty path"),
                     );
                     None
                 } else {
@@ -504,9 +535,22 @@ impl Parser<'_> {
         let errors_before = self.diags.error_count();
         let commands = self.types(&mut section, "commands", &mut type_spans);
         let events = self.types(&mut section, "events", &mut type_spans);
-        // Only complain about an empty plugin if its lists were not just
-        // reported as malformed.
-        if commands.is_empty() && events.is_empty() && self.diags.error_count() == errors_before {
+        let limits = self.limits(&mut section, defaults);
+        let grants = match section.table("grants", self.diags) {
+            Some(g) => self.grants(g),
+            None => Grants::default(),
+        };
+        // An empty plugin is only worth its own error if its lists were not
+        // just reported as malformed or misspelt.
+        let misspelt_list = section
+            .unknown_keys()
+            .iter()
+            .any(|k| reader::closest(k, &["commands", "events"]).is_some());
+        if commands.is_empty()
+            && events.is_empty()
+            && self.diags.error_count() == errors_before
+            && !misspelt_list
+        {
             self.diags.push(
                 Diagnostic::error(
                     format!("plugin `{}` handles nothing", name.value),
@@ -516,23 +560,29 @@ impl Parser<'_> {
                 .with_note("help: list the types routed to it, e.g. `commands = [\"PlaceOrder\"]` or `events = [\"OrderPlaced\"]`"),
             );
         }
-        let limits = self.limits(&mut section, defaults);
-        let grants = match section.table("grants", self.diags) {
-            Some(g) => self.grants(g),
-            None => Grants::default(),
-        };
         section.finish(self.diags);
-        Some(ParsedPlugin {
-            spec: PluginSpec {
-                name: plugin_name?,
-                wasm: wasm?,
+        let subscriptions = commands
+            .iter()
+            .map(|t| (t.clone(), Kind::Command))
+            .chain(events.iter().map(|t| (t.clone(), Kind::Event)))
+            .collect();
+        let spec = match (plugin_name, wasm) {
+            (Some(name), Some(wasm)) => Some(PluginSpec {
+                name,
+                wasm,
                 commands,
                 events,
                 limits,
                 grants,
-            },
+            }),
+            _ => None,
+        };
+        ParsedPlugin {
+            key: name.value,
+            spec,
+            subscriptions,
             type_spans,
-        })
+        }
     }
 
     fn types(
@@ -552,7 +602,9 @@ impl Parser<'_> {
                                 t.span,
                             )
                             .with_label("duplicate")
-                            .with_note("note: a plugin lists each type once, under `commands` or `events`"),
+                            .with_note(
+                                "note: a plugin lists each type once, under `commands` or `events`",
+                            ),
                         );
                         continue;
                     }
@@ -573,8 +625,11 @@ impl Parser<'_> {
             for (k, v) in env.string_map(self.diags) {
                 if k.value.is_empty() || k.value.contains('=') || k.value.contains('\0') {
                     self.diags.push(
-                        Diagnostic::error(format!("`{}` is not a valid environment variable name", k.value), k.span)
-                            .with_label("invalid name"),
+                        Diagnostic::error(
+                            format!("`{}` is not a valid environment variable name", k.value),
+                            k.span,
+                        )
+                        .with_label("invalid name"),
                     );
                 } else {
                     grants.env.push((k.value, v.value));
@@ -596,7 +651,10 @@ impl Parser<'_> {
             {
                 self.diags.push(
                     Diagnostic::error(
-                        format!("guest path `{}` must be absolute, like `/data`", guest.value),
+                        format!(
+                            "guest path `{}` must be absolute, like `/data`",
+                            guest.value
+                        ),
                         guest.span.clone(),
                     )
                     .with_label("relative path"),
@@ -620,7 +678,10 @@ impl Parser<'_> {
                 Ok(a) => grants.network.push(a),
                 Err(_) => self.diags.push(
                     Diagnostic::error(
-                        format!("`{}` is not an IP address with a port, like \"127.0.0.1:6379\"", addr.value),
+                        format!(
+                            "`{}` is not an IP address with a port, like \"127.0.0.1:6379\"",
+                            addr.value
+                        ),
                         addr.span,
                     )
                     .with_label("invalid address"),
@@ -635,7 +696,13 @@ impl Parser<'_> {
 fn default_pipeline_name(stem: &str) -> String {
     let cleaned: String = stem
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     if cleaned.starts_with(|c: char| c.is_ascii_lowercase()) {
         cleaned
@@ -648,7 +715,8 @@ fn default_pipeline_name(stem: &str) -> String {
 fn check_routing(plugins: &[ParsedPlugin], diags: &mut Diagnostics) {
     let mut seen: BTreeMap<&MessageType, (Kind, &ParsedPlugin)> = BTreeMap::new();
     for p in plugins {
-        for (t, kind) in p.spec.subscriptions() {
+        for (t, kind) in &p.subscriptions {
+            let kind = *kind;
             let span = p.type_spans.get(t).cloned().flatten();
             let Some((prev_kind, prev)) = seen.get(t) else {
                 seen.insert(t, (kind, p));
@@ -658,15 +726,18 @@ fn check_routing(plugins: &[ParsedPlugin], diags: &mut Diagnostics) {
                 diags.push(
                     Diagnostic::error(
                         format!(
-                            "`{t}` is a {prev_kind} for plugin `{}` but an {kind} for plugin `{}`",
-                            prev.spec.name, p.spec.name
+                            "`{t}` is {} for plugin `{}` but {} for plugin `{}`",
+                            prev_kind.with_article(),
+                            prev.key,
+                            kind.with_article(),
+                            p.key
                         ),
                         span,
                     )
                     .with_label(format!("listed under `{kind}s` here"))
                     .with_note(format!(
                         "note: a message type is either a command or an event in the whole pipeline; plugin `{}` lists it under `{prev_kind}s`",
-                        prev.spec.name
+                        prev.key
                     )),
                 );
             } else if kind == Kind::Command {
@@ -674,7 +745,7 @@ fn check_routing(plugins: &[ParsedPlugin], diags: &mut Diagnostics) {
                     Diagnostic::error(
                         format!(
                             "command `{t}` has two handlers: plugins `{}` and `{}`",
-                            prev.spec.name, p.spec.name
+                            prev.key, p.key
                         ),
                         span,
                     )

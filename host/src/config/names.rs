@@ -73,7 +73,9 @@ impl PluginName {
         if s.len() > 64 {
             return Err(format!("plugin name `{s}` is longer than 64 characters"));
         }
-        if let Some(bad) = chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_')) {
+        if let Some(bad) = chars
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+        {
             return Err(format!(
                 "plugin name `{s}` contains `{bad}`; use lowercase letters, digits, `-` and `_`"
             ));
@@ -95,7 +97,9 @@ impl MessageType {
         if s.len() > 128 {
             return Err(format!("message type `{s}` is longer than 128 characters"));
         }
-        if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
+        if let Some(bad) =
+            chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
             return Err(format!(
                 "message type `{s}` contains `{bad}`; use letters, digits, `_`, `-` and `.`"
             ));
@@ -107,9 +111,7 @@ impl MessageType {
 /// Parses a size such as `64 MiB`, `512KiB`, `2GB` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits
         .parse()
@@ -134,8 +136,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses a duration such as `500ms`, `2s` or `1m 30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration ({e}); write it like \"500ms\" or \"2s\""))
+    humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("`{s}` is not a duration; write it like \"500ms\", \"2s\" or \"1m 30s\"")
+    })
 }
 
 /// Formats a byte count the way users write it.

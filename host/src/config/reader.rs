@@ -53,7 +53,11 @@ fn describe(item: &Item) -> &'static str {
 }
 
 impl<'a> Section<'a> {
-    pub fn new(path: impl Into<String>, table: &'a dyn TableLike, span: Option<Range<usize>>) -> Self {
+    pub fn new(
+        path: impl Into<String>,
+        table: &'a dyn TableLike,
+        span: Option<Range<usize>>,
+    ) -> Self {
         Section {
             path: path.into(),
             table,
@@ -102,7 +106,11 @@ impl<'a> Section<'a> {
         );
     }
 
-    pub fn string(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Spanned<String>> {
+    pub fn string(
+        &mut self,
+        key: &'static str,
+        diags: &mut Diagnostics,
+    ) -> Option<Spanned<String>> {
         let item = self.item(key)?;
         match item.as_str() {
             Some(s) => Some(Spanned::new(s.to_owned(), item.span())),
@@ -180,7 +188,11 @@ impl<'a> Section<'a> {
     }
 
     /// An array of strings; wrong elements are reported one by one.
-    pub fn strings(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Vec<Spanned<String>>> {
+    pub fn strings(
+        &mut self,
+        key: &'static str,
+        diags: &mut Diagnostics,
+    ) -> Option<Vec<Spanned<String>>> {
         let item = self.item(key)?;
         let Some(array) = item.as_array() else {
             self.wrong_type(key, item, "an array of strings", diags);
@@ -210,7 +222,11 @@ impl<'a> Section<'a> {
     pub fn table(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Section<'a>> {
         let item = self.item(key)?;
         match item.as_table_like() {
-            Some(t) => Some(Section::new(self.child_path(key), t, item.span().or_else(|| self.key_span(key)))),
+            Some(t) => Some(Section::new(
+                self.child_path(key),
+                t,
+                item.span().or_else(|| self.key_span(key)),
+            )),
             None => {
                 self.wrong_type(key, item, "a table", diags);
                 None
@@ -219,7 +235,11 @@ impl<'a> Section<'a> {
     }
 
     /// An array of inline tables or `[[a.b]]` tables.
-    pub fn tables(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Vec<Section<'a>>> {
+    pub fn tables(
+        &mut self,
+        key: &'static str,
+        diags: &mut Diagnostics,
+    ) -> Option<Vec<Section<'a>>> {
         let item = self.item(key)?;
         let path = self.child_path(key);
         if let Some(aot) = item.as_array_of_tables() {
@@ -279,7 +299,10 @@ impl<'a> Section<'a> {
     }
 
     /// Every entry of a table of strings (like `env = { K = "v" }`).
-    pub fn string_map(&mut self, diags: &mut Diagnostics) -> Vec<(Spanned<String>, Spanned<String>)> {
+    pub fn string_map(
+        &mut self,
+        diags: &mut Diagnostics,
+    ) -> Vec<(Spanned<String>, Spanned<String>)> {
         let mut out = Vec::new();
         for (key, item) in self.table.iter() {
             let key_span = self.key_span(key);
@@ -306,6 +329,15 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// Keys present that no getter has asked for (yet).
+    pub fn unknown_keys(&self) -> Vec<&'a str> {
+        self.table
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !self.known.contains(k))
+            .collect()
+    }
+
     /// Reports every key that no getter asked for.
     pub fn finish(self, diags: &mut Diagnostics) {
         for (key, _) in self.table.iter() {
@@ -317,8 +349,9 @@ impl<'a> Section<'a> {
             } else {
                 format!("in [{}]", self.path)
             };
-            let mut d = Diagnostic::error(format!("unknown key `{key}` {place}"), self.key_span(key))
-                .with_label("not a known setting");
+            let mut d =
+                Diagnostic::error(format!("unknown key `{key}` {place}"), self.key_span(key))
+                    .with_label("not a known setting");
             match closest(key, &self.known) {
                 Some(s) => d = d.with_note(format!("help: did you mean `{s}`?")),
                 None => {
@@ -374,7 +407,10 @@ mod tests {
 
     #[test]
     fn suggests_close_keys_only() {
-        assert_eq!(closest("handels", &["commands", "wasm", "handles"]), Some("handles"));
+        assert_eq!(
+            closest("handels", &["commands", "wasm", "handles"]),
+            Some("handles")
+        );
         assert_eq!(closest("timout", &["timeout", "memory"]), Some("timeout"));
         assert_eq!(closest("zzz", &["timeout", "memory"]), None);
     }

@@ -112,9 +112,14 @@ fn store(path: &Path, compiled: &[u8]) -> Result<()> {
 }
 
 fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
-    let name = format!(".tmp-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
+    let name = format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    );
     let path = dir.join(name);
-    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     Ok((path, file))
 }
 

@@ -105,7 +105,12 @@ impl Contract {
         }
     }
 
-    pub fn check_reply(&self, kind: Option<Kind>, handling: &str, already_replied: bool) -> Result<(), String> {
+    pub fn check_reply(
+        &self,
+        kind: Option<Kind>,
+        handling: &str,
+        already_replied: bool,
+    ) -> Result<(), String> {
         match kind {
             Some(Kind::Command) if already_replied => Err(format!(
                 "plugin {} replied twice to command {handling}",
@@ -188,14 +193,20 @@ pub fn check_plugin(spec: &PluginSpec, info: &PluginInfo) -> Vec<Problem> {
             ),
             Some(k) if k != kind => problem(
                 true,
-                format!("the pipeline lists `{t}` under `{kind}s`, but the plugin handles it as a {k}"),
+                format!(
+                    "the pipeline lists `{t}` under `{kind}s`, but the plugin handles it as {}",
+                    k.with_article()
+                ),
             ),
             Some(_) => {}
         }
     }
     for t in &info.publishes {
         if info.sends.contains(t) {
-            problem(true, format!("describe() lists `{t}` both in publishes and in sends"));
+            problem(
+                true,
+                format!("describe() lists `{t}` both in publishes and in sends"),
+            );
         }
     }
     out
@@ -209,7 +220,17 @@ pub fn check_pipeline(pipeline: &Pipeline, infos: &[(&PluginSpec, &PluginInfo)])
     let mut kinds: BTreeMap<&str, (Kind, String)> = BTreeMap::new();
     for p in &pipeline.plugins {
         for (t, k) in p.subscriptions() {
-            kinds.insert(t.as_str(), (k, format!("the pipeline routes it to `{}` as a {k}", p.name)));
+            kinds.insert(
+                t.as_str(),
+                (
+                    k,
+                    format!(
+                        "the pipeline routes it to `{}` as {}",
+                        p.name,
+                        k.with_article()
+                    ),
+                ),
+            );
         }
     }
     for (spec, info) in infos {
@@ -235,7 +256,9 @@ pub fn check_pipeline(pipeline: &Pipeline, infos: &[(&PluginSpec, &PluginInfo)])
                 out.push(Problem {
                     plugin: spec.name.clone(),
                     error: true,
-                    message: format!("it publishes `{t}` as an event, but `{t}` is a command: {why}"),
+                    message: format!(
+                        "it publishes `{t}` as an event, but `{t}` is a command: {why}"
+                    ),
                 });
             }
         }

@@ -158,14 +158,21 @@ impl PluginEngine {
         );
 
         let ty = component.component_type();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_owned()).collect();
-        let exports_handler = ty
+        let exports: Vec<String> = ty
             .exports(&self.engine)
-            .any(|(n, item)| n == HANDLER_INTERFACE && matches!(item.ty, ComponentItem::ComponentInstance(_)));
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let exports_handler = ty.exports(&self.engine).any(|(n, item)| {
+            n == HANDLER_INTERFACE && matches!(item.ty, ComponentItem::ComponentInstance(_))
+        });
         if !exports_handler {
             bail!(
                 "not a Switchyard plugin: it does not export `{HANDLER_INTERFACE}` (it exports {}); build it against the WIT in wit/",
-                if exports.is_empty() { "nothing".to_owned() } else { exports.join(", ") }
+                if exports.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    exports.join(", ")
+                }
             );
         }
         let pre = self
@@ -175,7 +182,9 @@ impl PluginEngine {
             .context("it imports something the Switchyard host does not provide")?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("its `{HANDLER_INTERFACE}` export does not match the contract"))?;
+            .with_context(|| {
+                format!("its `{HANDLER_INTERFACE}` export does not match the contract")
+            })?;
 
         let mut plugin = LoadedPlugin {
             inner: Arc::new(Inner {
@@ -312,7 +321,9 @@ impl LoadedPlugin {
 
     fn describe(&self) -> Result<PluginInfo> {
         let mut instance = self.instantiate()?;
-        instance.store.set_epoch_deadline(deadline_ticks(self.inner.sandbox.limits.timeout));
+        instance
+            .store
+            .set_epoch_deadline(deadline_ticks(self.inner.sandbox.limits.timeout));
         let raw = instance
             .bindings
             .switchyard_plugin_handler()
@@ -329,7 +340,9 @@ impl LoadedPlugin {
 
 fn deadline_ticks(timeout: Duration) -> u64 {
     let tick = EPOCH_TICK.as_micros().max(1);
-    u64::try_from(timeout.as_micros().div_ceil(tick)).unwrap_or(u64::MAX).saturating_add(1)
+    u64::try_from(timeout.as_micros().div_ceil(tick))
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }
 
 /// One warm store and instance of a plugin.
@@ -603,7 +616,9 @@ impl State {
         let max = self.plugin.sandbox.limits.max_outputs;
         if self.call.outputs.len() as u64 >= max {
             let name = self.plugin.sandbox.name.clone();
-            self.violate(format!("plugin {name} emitted more than {max} messages for one message (max_outputs)"));
+            self.violate(format!(
+                "plugin {name} emitted more than {max} messages for one message (max_outputs)"
+            ));
             return;
         }
         if self.call.output_bytes.saturating_add(bytes) > MAX_OUTPUT_BYTES {
@@ -651,11 +666,15 @@ impl bindings::switchyard::plugin::host::Host for State {
     }
 
     fn reply(&mut self, answer: wit::Response) {
-        let already = self.call.outputs.iter().any(|o| matches!(o, Output::Reply(_)));
-        if let Err(v) = self
-            .plugin
-            .contract
-            .check_reply(self.call.kind, &self.call.message_type, already)
+        let already = self
+            .call
+            .outputs
+            .iter()
+            .any(|o| matches!(o, Output::Reply(_)));
+        if let Err(v) =
+            self.plugin
+                .contract
+                .check_reply(self.call.kind, &self.call.message_type, already)
         {
             self.violate(v);
             return;
@@ -688,11 +707,21 @@ impl bindings::switchyard::plugin::host::Host for State {
         let plugin = self.plugin.sandbox.name.as_str();
         let id = self.call.message_id.as_str();
         match level {
-            wit::LogLevel::Trace => tracing::trace!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
-            wit::LogLevel::Debug => tracing::debug!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
-            wit::LogLevel::Info => tracing::info!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
-            wit::LogLevel::Warn => tracing::warn!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
-            wit::LogLevel::Error => tracing::error!(target: "plugin", plugin = %plugin, message.id = %id, "{text}"),
+            wit::LogLevel::Trace => {
+                tracing::trace!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
+            }
+            wit::LogLevel::Debug => {
+                tracing::debug!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
+            }
+            wit::LogLevel::Info => {
+                tracing::info!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
+            }
+            wit::LogLevel::Warn => {
+                tracing::warn!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
+            }
+            wit::LogLevel::Error => {
+                tracing::error!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
+            }
         }
     }
 }

@@ -37,7 +37,12 @@ impl MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.max_bytes {
             self.exceeded = Some(desired as u64);
             return Err(wasmtime::Error::msg(format!(
@@ -49,7 +54,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
             return Err(wasmtime::Error::msg(format!(
                 "table limit of {MAX_TABLE_ELEMENTS} elements exceeded: the plugin asked for {desired}"
@@ -96,10 +106,20 @@ pub fn wasi_ctx(grants: &Grants) -> Result<WasiCtx> {
         }
     }
     for dir in &grants.dirs {
-        let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        let perms = if dir.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
         b.preopened_dir(&dir.host, &dir.guest, perms)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("cannot grant directory {} as {}", dir.host.display(), dir.guest))?;
+            .with_context(|| {
+                format!(
+                    "cannot grant directory {} as {}",
+                    dir.host.display(),
+                    dir.guest
+                )
+            })?;
     }
     if !grants.clock {
         b.wall_clock(FrozenClock);

@@ -117,18 +117,22 @@ pub struct ConsumerLock {
 
 impl std::fmt::Debug for ConsumerLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsumerLock").field("path", &self.path).finish()
+        f.debug_struct("ConsumerLock")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
 fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     // A panic while holding the lock cannot leave the connection in a bad
     // state (transactions roll back on drop), so poisoning is ignored.
-    conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    conn.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn open_connection(path: &Path, fsync: bool) -> Result<Connection> {
-    let conn = Connection::open(path).with_context(|| format!("cannot open embedded store {}", path.display()))?;
+    let conn = Connection::open(path)
+        .with_context(|| format!("cannot open embedded store {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
@@ -213,7 +217,8 @@ impl EmbeddedTransport {
     pub async fn depths(&self) -> Result<Vec<(String, u64)>> {
         self.blocking(|s| {
             let conn = lock(&s.writer);
-            let mut stmt = conn.prepare("SELECT route, COUNT(*) FROM queue GROUP BY route ORDER BY route")?;
+            let mut stmt =
+                conn.prepare("SELECT route, COUNT(*) FROM queue GROUP BY route ORDER BY route")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             let mut out = Vec::new();
             for row in rows {
@@ -324,7 +329,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         );
     }
     if version < SCHEMA_VERSION {
-        conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))?;
     }
     Ok(())
 }
@@ -358,7 +365,12 @@ fn to_i64(n: u64) -> i64 {
 }
 
 /// Inserts one delivery of `e` into `route`'s queue.
-fn insert_queued(tx: &Transaction<'_>, route: &str, e: &Envelope, now: u64) -> rusqlite::Result<()> {
+fn insert_queued(
+    tx: &Transaction<'_>,
+    route: &str,
+    e: &Envelope,
+    now: u64,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO queue (route, {ENVELOPE_COLUMNS}, enqueued_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     ))?;
@@ -381,7 +393,12 @@ fn insert_queued(tx: &Transaction<'_>, route: &str, e: &Envelope, now: u64) -> r
     Ok(())
 }
 
-fn insert_failed(tx: &Transaction<'_>, route: &str, e: &Envelope, f: &FailureRecord) -> rusqlite::Result<()> {
+fn insert_failed(
+    tx: &Transaction<'_>,
+    route: &str,
+    e: &Envelope,
+    f: &FailureRecord,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO failed (route, {ENVELOPE_COLUMNS}, error_kind, error_message, error_code, error_details, backtrace, plugin, plugin_digest, failed_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
@@ -416,7 +433,13 @@ impl Shared {
     /// Writes one delivery per destination route; returns the routes touched.
     /// A command with no handler is kept in `failed` as unroutable rather
     /// than dropped.
-    fn route_into(&self, tx: &Transaction<'_>, e: &Envelope, now: u64, touched: &mut Vec<String>) -> rusqlite::Result<usize> {
+    fn route_into(
+        &self,
+        tx: &Transaction<'_>,
+        e: &Envelope,
+        now: u64,
+        touched: &mut Vec<String>,
+    ) -> rusqlite::Result<usize> {
         let destinations = self.topology.destinations(&e.message_type);
         if destinations.is_empty() {
             if e.kind == Kind::Command {
@@ -426,7 +449,10 @@ impl Shared {
                     e,
                     &FailureRecord {
                         kind: "unroutable".into(),
-                        message: format!("no plugin in this pipeline handles command {}", e.message_type),
+                        message: format!(
+                            "no plugin in this pipeline handles command {}",
+                            e.message_type
+                        ),
                         code: None,
                         details: Vec::new(),
                         backtrace: None,
@@ -488,7 +514,8 @@ impl Transport for EmbeddedTransport {
     async fn is_idle(&self) -> Result<bool> {
         self.blocking(|s| {
             let conn = lock(&s.writer);
-            let busy: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM queue)", [], |r| r.get(0))?;
+            let busy: bool =
+                conn.query_row("SELECT EXISTS (SELECT 1 FROM queue)", [], |r| r.get(0))?;
             Ok(!busy)
         })
         .await

@@ -39,7 +39,10 @@ impl Plugin for Inventory {
         for line in &order.items {
             ctx.debug(&format!("reserving {} x {}", line.quantity, line.sku));
         }
-        ctx.info(&format!("reserved {units} units for order {}", order.order_id));
+        ctx.info(&format!(
+            "reserved {units} units for order {}",
+            order.order_id
+        ));
         ctx.publish(
             "StockReserved",
             &StockReserved {
@@ -68,7 +71,10 @@ mod tests {
         out.assert_ok();
         assert_eq!(
             out.published_json::<StockReserved>("StockReserved"),
-            vec![StockReserved { order_id: "A-1".into(), units: 5 }]
+            vec![StockReserved {
+                order_id: "A-1".into(),
+                units: 5
+            }]
         );
     }
 

@@ -44,7 +44,9 @@ impl Plugin for Notifications {
                 ));
             }
             other => {
-                return Err(HandlerError::permanent(format!("unexpected message type {other}")));
+                return Err(HandlerError::permanent(format!(
+                    "unexpected message type {other}"
+                )));
             }
         }
         Ok(())
@@ -61,10 +63,9 @@ mod tests {
 
     #[test]
     fn tells_the_customer_and_publishes_nothing() {
-        let out = TestHost::<Notifications>::new().handle(
-            Message::event("OrderPlaced")
-                .with_json(&json!({"order_id": "A-1", "customer": "ada", "total_cents": 10, "items": []})),
-        );
+        let out = TestHost::<Notifications>::new().handle(Message::event("OrderPlaced").with_json(
+            &json!({"order_id": "A-1", "customer": "ada", "total_cents": 10, "items": []}),
+        ));
         out.assert_ok();
         assert!(out.published.is_empty());
         assert_eq!(out.logs.len(), 1);
@@ -84,7 +85,10 @@ mod tests {
             }
         }
         let out = TestHost::<Rude>::new().handle(Message::event("PaymentCaptured"));
-        assert!(out.contract_violation().is_some_and(|v| v.contains("replied")));
+        assert!(
+            out.contract_violation()
+                .is_some_and(|v| v.contains("replied"))
+        );
         assert!(out.replies.is_empty());
     }
 }

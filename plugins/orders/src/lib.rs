@@ -58,9 +58,11 @@ impl Plugin for Orders {
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
         let order: PlaceOrder = msg.json()?;
         if order.items.is_empty() {
-            return Err(HandlerError::permanent(format!("order {} has no items", order.order_id))
-                .with_code("empty-order")
-                .with_detail("order_id", &order.order_id));
+            return Err(
+                HandlerError::permanent(format!("order {} has no items", order.order_id))
+                    .with_code("empty-order")
+                    .with_detail("order_id", &order.order_id),
+            );
         }
         let total_cents = order
             .items

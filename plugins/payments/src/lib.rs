@@ -84,7 +84,10 @@ mod tests {
         out.assert_ok();
         assert_eq!(
             out.published_json::<PaymentCaptured>("PaymentCaptured"),
-            vec![PaymentCaptured { order_id: "A-1".into(), amount_cents: 2500 }]
+            vec![PaymentCaptured {
+                order_id: "A-1".into(),
+                amount_cents: 2500
+            }]
         );
     }
 
@@ -94,7 +97,8 @@ mod tests {
         let first = host.handle(charge(1013));
         assert!(first.handler_error().is_some_and(|e| e.is_transient()));
         assert!(first.published.is_empty());
-        host.handle(charge(1013).with_attempt(FLAKY_ATTEMPTS + 1)).assert_ok();
+        host.handle(charge(1013).with_attempt(FLAKY_ATTEMPTS + 1))
+            .assert_ok();
     }
 
     #[test]

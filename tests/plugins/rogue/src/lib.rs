@@ -1,5 +1,7 @@
 //! A plugin that misbehaves on request, to prove the host's contract checks
-//! and sandbox. The `Misbehave` command's JSON payload names the `action`.
+//! and sandbox. The `Misbehave` command's JSON payload names the `action`;
+//! `Sent` is the command it sends (to itself); replying to a `Poke` event
+//! breaks the contract.
 
 use serde::Deserialize;
 use serde_json::json;
@@ -16,15 +18,19 @@ impl Plugin for Rogue {
     fn describe() -> PluginInfo {
         PluginInfo::new("rogue", env!("CARGO_PKG_VERSION"))
             .handles_command("Misbehave")
+            .handles_command("Sent")
             .consumes_event("Poke")
             .publishes("Published")
             .sends("Sent")
     }
 
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
-        if msg.message_type == "Poke" {
+        match msg.message_type.as_str() {
             // Replying to an event breaks the contract.
-            return ctx.reply(&"poked");
+            "Poke" => return ctx.reply(&"poked"),
+            // The command this plugin sends to itself: nothing to do.
+            "Sent" => return Ok(()),
+            _ => {}
         }
         let Misbehave { action } = msg.json()?;
         match action.as_str() {
@@ -55,7 +61,9 @@ impl Plugin for Rogue {
             "panic" => panic!("rogue plugin panicked on purpose"),
             "sandbox" => {
                 let file = std::fs::read_to_string("/etc/hostname").map_err(|e| e.to_string());
-                let dir = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
+                let dir = std::fs::read_dir("/")
+                    .map(|d| d.count())
+                    .map_err(|e| e.to_string());
                 let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

@@ -1,6 +1,6 @@
-//! Appends the id of every `Tick` it handles to `/out/tally.log`, so a test can
-//! count which messages were handled and how often. Needs the pipeline to
-//! grant a directory at `/out`.
+//! Appends the id of every `Tick` and `Published` event it handles to
+//! `/out/tally.log`, so a test can count which messages were handled and how
+//! often. Needs the pipeline to grant a writable directory at `/out`.
 
 use std::io::Write;
 
@@ -10,7 +10,9 @@ pub struct Tally;
 
 impl Plugin for Tally {
     fn describe() -> PluginInfo {
-        PluginInfo::new("tally", env!("CARGO_PKG_VERSION")).consumes_event("Tick")
+        PluginInfo::new("tally", env!("CARGO_PKG_VERSION"))
+            .consumes_event("Tick")
+            .consumes_event("Published")
     }
 
     fn handle(_ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
@@ -19,7 +21,9 @@ impl Plugin for Tally {
             .append(true)
             .open("/out/tally.log")
             .map_err(|e| HandlerError::transient(format!("cannot open /out/tally.log: {e}")))?;
-        writeln!(file, "{}", msg.id)
+        // One write per line: with O_APPEND a killed host never leaves half
+        // a line behind.
+        file.write_all(format!("{}\n", msg.id).as_bytes())
             .map_err(|e| HandlerError::transient(format!("cannot append to /out/tally.log: {e}")))
     }
 }

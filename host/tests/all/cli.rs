@@ -1,0 +1,337 @@
+//! The `switchyard` binary, end to end.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::common::{bin, wasm, workspace_root, write_pipeline};
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The example order pipeline, with its store in `dir`.
+fn orders_pipeline(dir: &Path) -> String {
+    write_pipeline(
+        dir,
+        "orders",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [transport]
+        path = "orders.db"
+        poll_interval = "20ms"
+        [plugins.orders]
+        wasm = "{dist}/orders.wasm"
+        commands = ["PlaceOrder"]
+        [plugins.payments]
+        wasm = "{dist}/payments.wasm"
+        commands = ["ChargePayment"]
+        [plugins.inventory]
+        wasm = "{dist}/inventory.wasm"
+        events = ["OrderPlaced"]
+        [plugins.notifications]
+        wasm = "{dist}/notifications.wasm"
+        events = ["OrderPlaced", "PaymentCaptured"]
+        "#,
+    )
+    .display()
+    .to_string()
+}
+
+const ORDER: &str = r#"{"order_id":"A-1","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1250}]}"#;
+
+#[test]
+fn validate_reports_file_line_and_column_and_fails() {
+    let fixture = workspace_root().join("host/tests/ui/invalid/many-mistakes.toml");
+    let o = switchyard(&["validate", "--offline", fixture.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("many-mistakes.toml:8:1"), "{err}");
+    assert!(err.contains("did you mean `timeout`?"), "{err}");
+    assert!(
+        err.contains("command `PlaceOrder` has two handlers: plugins `orders` and `billing`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn validate_accepts_the_example_pipeline_with_its_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = switchyard(&["validate", &orders_pipeline(dir.path())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("pipeline `orders`, 4 plugins, 4 routed message types"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn validate_names_a_missing_pipeline_file() {
+    let o = switchyard(&["validate", "/nonexistent/p.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot read pipeline /nonexistent/p.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn send_then_drain_shows_the_whole_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let o = switchyard(&["send", "PlaceOrder", "-p", &p, "--data", ORDER]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("sent command PlaceOrder"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = switchyard(&["run", "--drain", &p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    for (plugin, handled) in [
+        ("orders", "PlaceOrder"),
+        ("inventory", "OrderPlaced"),
+        ("notifications", "OrderPlaced"),
+        ("payments", "ChargePayment"),
+        ("notifications", "PaymentCaptured"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("Handled")
+                && l.contains(&format!("plugin={plugin}"))
+                && l.contains(&format!("message.type={handled}"))),
+            "{plugin} did not handle {handled}:\n{log}"
+        );
+    }
+    assert!(log.contains("Drained: every queue is empty"), "{log}");
+}
+
+#[test]
+fn send_waits_for_the_reply_of_a_running_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let mut host = Command::new(bin())
+        .args(["run", &p])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = switchyard(&[
+        "send",
+        "PlaceOrder",
+        "-p",
+        &p,
+        "--data",
+        ORDER,
+        "--wait-reply",
+        "20s",
+    ]);
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        reply,
+        serde_json::json!({"order_id": "A-1", "total_cents": 2500})
+    );
+}
+
+#[test]
+fn a_second_host_on_the_same_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let mut first = Command::new(bin())
+        .args(["run", &p])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Give the first host time to take the lock.
+    let mut refused = None;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        let o = switchyard(&["run", "--drain", &p]);
+        if !o.status.success() {
+            refused = Some(stderr(&o));
+            break;
+        }
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let err = refused.expect("the second host was never refused");
+    assert!(
+        err.contains("another switchyard host") && err.contains("is already consuming"),
+        "{err}"
+    );
+}
+
+#[test]
+fn send_and_publish_check_the_kind_and_the_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let o = switchyard(&["send", "OrderPlaced", "-p", &p, "--data", "{}"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("`OrderPlaced` is an event in pipeline `orders`; use `switchyard publish`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = switchyard(&["publish", "Nope", "-p", &p, "--data", "{}"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no plugin in pipeline `orders` consumes event `Nope`; its events are `OrderPlaced` and `PaymentCaptured`"), "{}", stderr(&o));
+
+    let o = switchyard(&["send", "PlaceOrder", "-p", &p, "--data", "{not json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--data is not valid JSON"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn publish_reads_one_message_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let lines = dir.path().join("events.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"order_id\":\"L-1\",\"customer\":\"a\",\"items\":[],\"total_cents\":1}\n\n{\"order_id\":\"L-2\",\"customer\":\"b\",\"items\":[],\"total_cents\":2}\n",
+    )
+    .unwrap();
+    let o = switchyard(&[
+        "publish",
+        "OrderPlaced",
+        "-p",
+        &p,
+        "--lines",
+        lines.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("published 2 events OrderPlaced → inventory, notifications (4 deliveries)"),
+        "{}",
+        stderr(&o)
+    );
+
+    std::fs::write(&lines, "{}\n{oops\n").unwrap();
+    let o = switchyard(&[
+        "publish",
+        "OrderPlaced",
+        "-p",
+        &p,
+        "--lines",
+        lines.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("line 2 of"), "{}", stderr(&o));
+}
+
+#[test]
+fn plugins_inspect_prints_the_declaration() {
+    let o = switchyard(&["plugins", "inspect", wasm("orders").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("plugin     orders 1.0.0"), "{out}");
+    assert!(out.contains("handles    command PlaceOrder"), "{out}");
+    assert!(out.contains("publishes  event OrderPlaced"), "{out}");
+    assert!(out.contains("sends      command ChargePayment"), "{out}");
+    assert!(
+        out.contains("imports    switchyard:plugin/host@0.1.0"),
+        "{out}"
+    );
+
+    let o = switchyard(&[
+        "plugins",
+        "inspect",
+        "--json",
+        wasm("orders").to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["handles"][0],
+        serde_json::json!({"type": "PlaceOrder", "kind": "command"})
+    );
+}
+
+#[test]
+fn plugins_inspect_refuses_a_non_component_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("core.wasm");
+    std::fs::write(&f, b"\0asm\x01\0\0\0").unwrap();
+    let o = switchyard(&["plugins", "inspect", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("core.wasm: this is a core WebAssembly module, not a component"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn topology_prints_mermaid_with_declared_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let o = switchyard(&["topology", &p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("flowchart LR"), "{out}");
+    assert!(out.contains("t_PlaceOrder -->|handles| p_orders"), "{out}");
+    assert!(
+        out.contains("p_orders -.->|publishes| t_OrderPlaced"),
+        "{out}"
+    );
+    assert!(
+        out.contains("p_orders -.->|sends| t_ChargePayment"),
+        "{out}"
+    );
+    assert!(
+        out.contains("t_OrderPlaced -->|consumes| p_inventory"),
+        "{out}"
+    );
+    assert!(
+        out.contains("t_OrderPlaced{{\"OrderPlaced\"}}:::event"),
+        "{out}"
+    );
+
+    let o = switchyard(&["topology", "--offline", &p]);
+    assert!(o.status.success());
+    assert!(!stdout(&o).contains("publishes"), "{}", stdout(&o));
+}
+
+#[test]
+fn help_shows_examples() {
+    for cmd in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["send", "--help"],
+        &["validate", "--help"],
+    ] {
+        let o = switchyard(cmd);
+        assert!(o.status.success());
+        assert!(stdout(&o).contains("Examples:"), "{cmd:?}: {}", stdout(&o));
+    }
+}

@@ -1,0 +1,15 @@
+//! Integration tests of the host against real compiled plugin components and
+//! the real embedded store. One test binary (faster to link), one module per
+//! concern. Plugins come from `dist/plugins/`, built by
+//! `cargo xtask build-plugins` (which `cargo xtask test` runs first).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod common;
+mod config_fixtures;
+mod contract;
+mod durability;
+mod loading;
+mod outbox;
+mod sandbox;

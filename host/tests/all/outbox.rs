@@ -1,0 +1,187 @@
+//! Outbox semantics and route isolation, on a running host with the real
+//! embedded store.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use switchyard::config;
+use switchyard::envelope::Kind;
+use switchyard::runtime::{self, RunMode};
+use switchyard::transport::Transport;
+
+use crate::common::{message, misbehave, write_pipeline};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_attempt_publishes_sends_and_replies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "outbox",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Published"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    let mut failing = misbehave("fail-after-publish");
+    failing.reply_to = Some("test:failing".into());
+    let mut ok = misbehave("ok");
+    ok.reply_to = Some("test:ok".into());
+    let published = misbehave("publish");
+    transport
+        .enqueue(vec![failing.clone(), ok.clone(), published.clone()])
+        .await
+        .unwrap();
+
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+
+    // Only the successful `publish` reached the consumer.
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    assert_eq!(tally.lines().count(), 1, "{tally}");
+    // The failed attempt's reply was discarded; the successful one arrived.
+    assert!(
+        transport
+            .take_reply("test:failing")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let reply = transport
+        .take_reply("test:ok")
+        .await
+        .unwrap()
+        .expect("reply to ok");
+    assert_eq!(reply.in_reply_to, ok.id);
+    assert_eq!(reply.payload, br#""ok""#);
+    // The failed message itself is kept, with its error.
+    let failed = transport.failed().await.unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].envelope.id, failing.id);
+    assert_eq!(failed[0].envelope.payload, failing.payload);
+    assert_eq!(failed[0].failure.kind, "transient");
+    assert_eq!(failed[0].failure.plugin, "rogue@0.1.0");
+    assert!(failed[0].failure.plugin_digest.starts_with("sha256:"));
+    assert!(transport.is_idle().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_carry_correlation_and_causation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "links",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [plugins.orders]
+        wasm = "{dist}/orders.wasm"
+        commands = ["PlaceOrder"]
+        [plugins.payments]
+        wasm = "{dist}/payments.wasm"
+        commands = ["ChargePayment"]
+        timeout = "1s"
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    let mut cmd = message(
+        Kind::Command,
+        "PlaceOrder",
+        json!({"order_id": "C-1", "customer": "c", "items": [{"sku": "s", "quantity": 1, "unit_price_cents": 113}]}),
+    );
+    cmd.correlation_id = Some("flow-42".into());
+    transport.enqueue(vec![cmd.clone()]).await.unwrap();
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+    // 113 cents: the payment gateway fails on the first attempt, so the
+    // ChargePayment command the orders plugin sent is kept, and shows its links.
+    let failed = transport.failed().await.unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let charge = &failed[0].envelope;
+    assert_eq!(charge.message_type, "ChargePayment");
+    assert_eq!(charge.kind, Kind::Command);
+    assert_eq!(charge.correlation_id.as_deref(), Some("flow-42"));
+    assert_eq!(charge.causation_id.as_deref(), Some(cmd.id.as_str()));
+    assert_ne!(charge.id, cmd.id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_plugin_does_not_stall_other_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "isolation",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        timeout = "400ms"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        events = ["Tick"]
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    let mut batch = vec![
+        misbehave("loop"),
+        misbehave("loop"),
+        misbehave("loop"),
+        misbehave("ok"),
+    ];
+    batch.extend((0..200).map(|i| message(Kind::Event, "Tick", json!({ "n": i }))));
+    transport.enqueue(batch).await.unwrap();
+
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let host = {
+        let pipeline = pipeline.clone();
+        tokio::spawn(async move {
+            runtime::run(&pipeline, plugins, RunMode::Serve, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+
+    // While rogue burns through three 400 ms deadlines, echo must finish.
+    let started = Instant::now();
+    let mut echo_done_while_rogue_busy = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        let depths = transport.depths().await.unwrap();
+        let depth = |r: &str| depths.iter().find(|(n, _)| n == r).map_or(0, |(_, d)| *d);
+        if depth("echo") == 0 && depth("rogue") > 0 {
+            echo_done_while_rogue_busy = true;
+        }
+        if depth("echo") == 0 && depth("rogue") == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    host.await.unwrap().unwrap();
+    assert!(echo_done_while_rogue_busy, "echo waited for rogue");
+    let failed = transport.failed().await.unwrap();
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    assert!(failed.iter().all(|f| f.failure.kind == "timeout"));
+    assert!(
+        transport.is_idle().await.unwrap(),
+        "the ok message after the loops was handled"
+    );
+}
