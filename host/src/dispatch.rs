@@ -46,7 +46,7 @@ impl Worker {
 
     /// Handles one message on the warm instance, creating a fresh one first
     /// if the last trapped or is due for recycling.
-    pub fn handle(&mut self, envelope: &Envelope) -> Result<Vec<Output>, Failure> {
+    pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Vec<Output>, Failure> {
         if self.instance.as_ref().is_some_and(Instance::is_spent) {
             self.instance = None;
         }
@@ -78,9 +78,9 @@ impl Worker {
     pub fn handle_batch(&mut self, batch: Vec<Delivery>) -> Vec<Handled> {
         batch
             .into_iter()
-            .map(|delivery| {
+            .map(|mut delivery| {
                 let started = Instant::now();
-                let result = self.handle(&delivery.envelope);
+                let result = self.handle(&mut delivery.envelope);
                 Handled {
                     delivery,
                     result,

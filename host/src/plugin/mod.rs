@@ -494,7 +494,10 @@ impl Instance {
 
     /// Handles one message. On `Ok`, returns what the handler emitted; on
     /// `Err`, nothing it emitted survives.
-    pub fn handle(&mut self, envelope: &Envelope) -> Result<Vec<Output>, Failure> {
+    ///
+    /// The envelope's fields are moved into the call and back, not copied:
+    /// it is unchanged when this returns.
+    pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Vec<Output>, Failure> {
         let plugin = self.store.data().plugin.clone();
         let timeout = plugin.sandbox.limits.timeout;
         self.store.data_mut().call = Call {
@@ -505,11 +508,12 @@ impl Instance {
         };
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         self.handled += 1;
-        let message = to_wit(envelope);
+        let message = lend(envelope);
         let result = self
             .bindings
             .switchyard_plugin_handler()
             .call_handle(&mut self.store, &message);
+        give_back(envelope, message);
         let call = std::mem::take(&mut self.store.data_mut().call);
         if call.log_lines > MAX_LOG_LINES_PER_CALL {
             tracing::warn!(
@@ -585,23 +589,37 @@ fn classify_trap(store: &Store<State>, error: wasmtime::Error, timeout: Duration
     failure
 }
 
-fn to_wit(e: &Envelope) -> wit::Message {
+/// Moves the envelope's fields into the WIT message for the duration of a
+/// call; [`give_back`] restores them.
+fn lend(e: &mut Envelope) -> wit::Message {
+    use std::mem::take;
     wit::Message {
-        id: e.id.clone(),
-        message_type: e.message_type.clone(),
+        id: take(&mut e.id),
+        message_type: take(&mut e.message_type),
         kind: match e.kind {
             Kind::Command => wit::Kind::Command,
             Kind::Event => wit::Kind::Event,
         },
-        payload: e.payload.clone(),
-        content_type: e.content_type.clone(),
-        headers: e.headers.clone(),
-        correlation_id: e.correlation_id.clone(),
-        causation_id: e.causation_id.clone(),
-        reply_to: e.reply_to.clone(),
+        payload: take(&mut e.payload),
+        content_type: take(&mut e.content_type),
+        headers: take(&mut e.headers),
+        correlation_id: e.correlation_id.take(),
+        causation_id: e.causation_id.take(),
+        reply_to: e.reply_to.take(),
         created_at_ms: e.created_at_ms,
         attempt: e.attempt,
     }
+}
+
+fn give_back(e: &mut Envelope, m: wit::Message) {
+    e.id = m.id;
+    e.message_type = m.message_type;
+    e.payload = m.payload;
+    e.content_type = m.content_type;
+    e.headers = m.headers;
+    e.correlation_id = m.correlation_id;
+    e.causation_id = m.causation_id;
+    e.reply_to = m.reply_to;
 }
 
 impl State {

@@ -31,7 +31,12 @@ fn a_command_round_trips_through_the_component() {
     );
     cmd.reply_to = Some("test:reply".into());
     cmd.headers.push(("x-test".into(), "1".into()));
-    let outputs = instance.handle(&cmd).expect("handled");
+    let before = cmd.clone();
+    let outputs = instance.handle(&mut cmd).expect("handled");
+    assert_eq!(
+        cmd, before,
+        "the envelope is lent to the call and given back intact"
+    );
     assert_eq!(outputs.len(), 3, "{outputs:?}");
     let Output::Event(placed) = &outputs[0] else {
         panic!("expected an event first, got {:?}", outputs[0]);
@@ -58,12 +63,12 @@ fn a_command_round_trips_through_the_component() {
 fn handler_errors_keep_their_kind_code_and_details() {
     let orders = load("orders");
     let mut instance = orders.instantiate().unwrap();
-    let empty = message(
+    let mut empty = message(
         Kind::Command,
         "PlaceOrder",
         json!({"order_id": "A-8", "customer": "x", "items": []}),
     );
-    let failure = instance.handle(&empty).unwrap_err();
+    let failure = instance.handle(&mut empty).unwrap_err();
     assert_eq!(failure.kind, FailureKind::Permanent);
     assert_eq!(failure.code.as_deref(), Some("empty-order"));
     assert_eq!(
@@ -73,18 +78,18 @@ fn handler_errors_keep_their_kind_code_and_details() {
 
     let payments = load("payments");
     let mut instance = payments.instantiate().unwrap();
-    let flaky = message(
+    let mut flaky = message(
         Kind::Command,
         "ChargePayment",
         json!({"order_id": "A-9", "customer": "x", "amount_cents": 1013}),
     );
-    let failure = instance.handle(&flaky).unwrap_err();
+    let failure = instance.handle(&mut flaky).unwrap_err();
     assert_eq!(failure.kind, FailureKind::Transient);
     assert!(failure.message.contains("timed out"), "{failure}");
     // The attempt number reaches the plugin: the third attempt succeeds.
     let mut third = flaky.clone();
     third.attempt = 3;
-    assert!(instance.handle(&third).is_ok());
+    assert!(instance.handle(&mut third).is_ok());
 }
 
 #[test]
@@ -93,7 +98,7 @@ fn a_malformed_payload_is_a_permanent_failure_naming_the_message() {
     let mut instance = orders.instantiate().unwrap();
     let mut bad = message(Kind::Command, "PlaceOrder", json!({"order_id": 42}));
     bad.payload = b"\xff not json".to_vec();
-    let failure = instance.handle(&bad).unwrap_err();
+    let failure = instance.handle(&mut bad).unwrap_err();
     assert_eq!(failure.kind, FailureKind::Permanent);
     assert!(failure.message.contains(&bad.id), "{failure}");
     // A handler error is not a trap: the instance stays warm.
@@ -103,7 +108,7 @@ fn a_malformed_payload_is_a_permanent_failure_naming_the_message() {
 fn violation(action: &str) -> String {
     let rogue = load("rogue");
     let mut instance = rogue.instantiate().unwrap();
-    let failure = instance.handle(&misbehave(action)).unwrap_err();
+    let failure = instance.handle(&mut misbehave(action)).unwrap_err();
     assert_eq!(
         failure.kind,
         FailureKind::ContractViolation,
@@ -144,7 +149,7 @@ fn replying_while_handling_an_event_is_refused() {
     let rogue = load("rogue");
     let mut instance = rogue.instantiate().unwrap();
     let failure = instance
-        .handle(&message(Kind::Event, "Poke", json!({})))
+        .handle(&mut message(Kind::Event, "Poke", json!({})))
         .unwrap_err();
     assert_eq!(failure.kind, FailureKind::ContractViolation);
     assert!(
@@ -159,6 +164,6 @@ fn replying_while_handling_an_event_is_refused() {
 fn a_declared_publish_is_allowed() {
     let rogue = load("rogue");
     let mut instance = rogue.instantiate().unwrap();
-    let outputs = instance.handle(&misbehave("publish")).unwrap();
+    let outputs = instance.handle(&mut misbehave("publish")).unwrap();
     assert!(matches!(&outputs[..], [Output::Event(e)] if e.message_type == "Published"));
 }

@@ -32,7 +32,7 @@ fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_message_is_served() 
     );
     let mut worker = Worker::new(rogue);
     let started = Instant::now();
-    let failure = worker.handle(&misbehave("loop")).unwrap_err();
+    let failure = worker.handle(&mut misbehave("loop")).unwrap_err();
     let took = started.elapsed();
     assert_eq!(failure.kind, FailureKind::Timeout, "{failure}");
     assert!(failure.message.contains("200ms"), "{failure}");
@@ -42,7 +42,7 @@ fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_message_is_served() 
     );
     // The trapped instance was discarded; a fresh one serves the next message.
     let outputs = worker
-        .handle(&misbehave("ok"))
+        .handle(&mut misbehave("ok"))
         .expect("served after a timeout");
     assert_eq!(reply_json(&outputs), "ok");
 }
@@ -55,11 +55,11 @@ fn a_memory_bomb_is_stopped_by_the_cap_and_the_next_message_is_served() {
         Grants::default(),
     );
     let mut worker = Worker::new(rogue);
-    let failure = worker.handle(&misbehave("oom")).unwrap_err();
+    let failure = worker.handle(&mut misbehave("oom")).unwrap_err();
     assert_eq!(failure.kind, FailureKind::OutOfMemory, "{failure}");
     assert!(failure.message.contains("16 MiB"), "{failure}");
     let outputs = worker
-        .handle(&misbehave("ok"))
+        .handle(&mut misbehave("ok"))
         .expect("served after running out of memory");
     assert_eq!(reply_json(&outputs), "ok");
 }
@@ -68,7 +68,7 @@ fn a_memory_bomb_is_stopped_by_the_cap_and_the_next_message_is_served() {
 fn a_panic_is_a_trap_with_a_named_wasm_backtrace() {
     let rogue = load_with("rogue", Limits::default(), Grants::default());
     let mut worker = Worker::new(rogue);
-    let failure = worker.handle(&misbehave("panic")).unwrap_err();
+    let failure = worker.handle(&mut misbehave("panic")).unwrap_err();
     assert_eq!(failure.kind, FailureKind::Trap, "{failure}");
     assert!(failure.message.contains("wasm trap"), "{failure}");
     let backtrace = failure.backtrace.expect("a trap has a backtrace");
@@ -76,7 +76,7 @@ fn a_panic_is_a_trap_with_a_named_wasm_backtrace() {
         backtrace.contains("rogue"),
         "frames should be named:\n{backtrace}"
     );
-    assert!(worker.handle(&misbehave("ok")).is_ok());
+    assert!(worker.handle(&mut misbehave("ok")).is_ok());
 }
 
 #[test]
@@ -84,7 +84,7 @@ fn without_grants_there_is_no_file_env_or_clock() {
     // The test process has an environment (PATH at least); none of it leaks.
     let rogue = load_with("rogue", Limits::default(), Grants::default());
     let mut worker = Worker::new(rogue);
-    let seen = reply_json(&worker.handle(&misbehave("sandbox")).unwrap());
+    let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap());
     assert!(seen["file"].as_str().unwrap().starts_with("Err("), "{seen}");
     assert!(seen["dir"].as_str().unwrap().starts_with("Err("), "{seen}");
     assert_eq!(seen["env"], serde_json::json!([]), "{seen}");
@@ -113,7 +113,7 @@ fn grants_open_exactly_what_they_name() {
     };
     let rogue = load_with("rogue", Limits::default(), grants);
     let mut worker = Worker::new(rogue);
-    let seen = reply_json(&worker.handle(&misbehave("sandbox")).unwrap());
+    let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap());
     assert_eq!(seen["file"], "Ok(\"sandboxed\\n\")", "{seen}");
     // `/` itself is not granted, only `/etc`.
     assert!(seen["dir"].as_str().unwrap().starts_with("Err("), "{seen}");

@@ -1,0 +1,80 @@
+//! End-to-end throughput of the embedded transport: messages per second
+//! through a running host with a trivial plugin, every batch committed with
+//! `synchronous=FULL` (fsync'd: durable against power loss).
+//!
+//! Each iteration enqueues MESSAGES events, then runs the host in drain mode
+//! and times until every queue is empty. Needs `dist/plugins/echo.wasm`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use switchyard::config;
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::runtime::{self, RunMode};
+use switchyard::transport::Transport;
+
+const MESSAGES: u64 = 20_000;
+
+fn pipeline(dir: &std::path::Path, sync: &str) -> config::Pipeline {
+    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/plugins/echo.wasm");
+    assert!(wasm.exists(), "run `cargo xtask build-plugins` first");
+    let path = dir.join(format!("bench-{sync}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[transport]\npath = \"bench-{sync}.db\"\nsync = \"{sync}\"\n[plugins.echo]\nwasm = \"{}\"\nevents = [\"Tick\"]\n",
+            wasm.display()
+        ),
+    )
+    .unwrap();
+    config::load(&path).unwrap().pipeline
+}
+
+fn embedded(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut group = c.benchmark_group("embedded_end_to_end");
+    group.throughput(Throughput::Elements(MESSAGES));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(20));
+    for sync in ["full", "normal"] {
+        let pipeline = pipeline(dir.path(), sync);
+        let transport = runtime::open_transport(&pipeline).unwrap();
+        group.bench_function(format!("drain_sync_{sync}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    rt.block_on(async {
+                        let batch: Vec<Envelope> = (0..MESSAGES)
+                            .map(|i| {
+                                Envelope::new(
+                                    "Tick",
+                                    Kind::Event,
+                                    i.to_string().into_bytes(),
+                                    "text/plain",
+                                )
+                            })
+                            .collect();
+                        for chunk in batch.chunks(5_000) {
+                            transport.enqueue(chunk.to_vec()).await.unwrap();
+                        }
+                        let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+                        let started = Instant::now();
+                        runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+                            .await
+                            .unwrap();
+                        total += started.elapsed();
+                    });
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, embedded);
+criterion_main!(benches);
