@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::Notify;
 
 use super::{Delivery, FailureRecord, Outcome, Settlement, Subscription, Topology, Transport};
@@ -268,7 +268,7 @@ impl EmbeddedTransport {
         let address = address.to_owned();
         self.blocking(move |s| {
             let mut conn = lock(&s.writer);
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let reply = tx
                 .query_row(
                     "SELECT seq, in_reply_to, correlation_id, payload, content_type, headers, created_at_ms FROM replies WHERE address = ?1 ORDER BY seq LIMIT 1",
@@ -496,7 +496,7 @@ impl Transport for EmbeddedTransport {
         let (stored, touched) = self
             .blocking(move |s| {
                 let mut conn = lock(&s.writer);
-                let tx = conn.transaction()?;
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = now_ms();
                 let mut stored = 0;
                 let mut touched = Vec::new();
@@ -581,7 +581,7 @@ impl Subscription for EmbeddedSubscription {
             .transport
             .blocking(move |s| {
                 let mut conn = lock(&s.writer);
-                let tx = conn.transaction()?;
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = now_ms();
                 let mut touched = Vec::new();
                 for settlement in &batch {
