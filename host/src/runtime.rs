@@ -127,7 +127,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     for w in &plugins.warnings {
-        tracing::warn!("{w}");
+        tracing::warn!(plugin = %w.plugin, "{}", w.message);
     }
     let transport = open_transport(pipeline)?;
     let _lock = transport.lock_consumer()?;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::config::{self, parse_duration};
 use crate::runtime::{self, RunMode};
@@ -120,6 +120,7 @@ pub enum PluginsCommand {
 
 /// Options shared by `send` and `publish`.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("body").required(true).args(["data", "data_file", "lines"])))]
 pub struct MessageArgs {
     /// The message type, e.g. PlaceOrder.
     pub message_type: String,
@@ -127,13 +128,13 @@ pub struct MessageArgs {
     #[arg(short, long, env = "SWITCHYARD_PIPELINE")]
     pub pipeline: PathBuf,
     /// The payload, inline.
-    #[arg(long, group = "body")]
+    #[arg(long)]
     pub data: Option<String>,
     /// Read the payload from a file (`-` for stdin).
-    #[arg(long, group = "body", value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pub data_file: Option<PathBuf>,
     /// Read one payload per line from a file (`-` for stdin); each line becomes a message.
-    #[arg(long, group = "body", value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pub lines: Option<PathBuf>,
     /// Media type of the payload. JSON payloads are checked before sending.
     #[arg(long, default_value = "application/json")]
@@ -163,7 +164,16 @@ pub fn main(cli: Cli) -> ExitCode {
     match execute(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // These render their own `error:` lines, with places.
+            let self_rendered = e
+                .downcast_ref::<config::ConfigError>()
+                .is_some_and(|c| matches!(c, config::ConfigError::Invalid { .. }))
+                || e.downcast_ref::<runtime::PluginErrors>().is_some();
+            if self_rendered {
+                eprintln!("{e}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

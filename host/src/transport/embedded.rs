@@ -241,10 +241,17 @@ impl EmbeddedTransport {
             let mut out = Vec::new();
             while let Some(row) = rows.next()? {
                 let route: String = row.get(0)?;
-                let envelope = read_envelope(row, 1)?;
+                let id = row
+                    .get::<_, rusqlite::types::Value>(1)
+                    .map(|v| match v {
+                        rusqlite::types::Value::Text(t) => t,
+                        other => format!("{other:?}"),
+                    })?;
+                let envelope = read_envelope(row, 1);
                 let details: String = row.get(16)?;
                 out.push(FailedMessage {
                     route,
+                    id,
                     envelope,
                     failure: FailureRecord {
                         kind: row.get(13)?,
@@ -311,7 +318,11 @@ impl EmbeddedTransport {
 #[derive(Clone, Debug)]
 pub struct FailedMessage {
     pub route: String,
-    pub envelope: Envelope,
+    /// The message id as stored, even when the rest does not decode.
+    pub id: String,
+    /// The message, or why its stored row does not decode (it was moved here
+    /// as `malformed`).
+    pub envelope: Result<Envelope, String>,
     pub failure: FailureRecord,
 }
 
@@ -341,23 +352,52 @@ fn headers_json(headers: &[(String, String)]) -> String {
     serde_json::to_string(headers).unwrap_or_else(|_| "[]".into())
 }
 
-fn read_envelope(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Envelope> {
-    let kind: String = row.get(first + 2)?;
-    let headers: String = row.get(first + 5)?;
+/// Decodes the envelope columns starting at `first`. A row written by
+/// something other than this host may not decode; the error says which
+/// column is wrong.
+fn read_envelope(row: &rusqlite::Row<'_>, first: usize) -> Result<Envelope, String> {
+    fn col<T: rusqlite::types::FromSql>(
+        row: &rusqlite::Row<'_>,
+        i: usize,
+        name: &str,
+    ) -> Result<T, String> {
+        row.get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    let kind: String = col(row, first + 2, "kind")?;
+    let headers: String = col(row, first + 5, "headers")?;
+    let attempt: i64 = col(row, first + 11, "attempt")?;
     Ok(Envelope {
-        id: row.get(first)?,
-        message_type: row.get(first + 1)?,
-        kind: Kind::parse(&kind).unwrap_or(Kind::Event),
-        payload: row.get(first + 3)?,
-        content_type: row.get(first + 4)?,
-        headers: serde_json::from_str(&headers).unwrap_or_default(),
-        correlation_id: row.get(first + 6)?,
-        causation_id: row.get(first + 7)?,
-        reply_to: row.get(first + 8)?,
-        partition_key: row.get(first + 9)?,
-        created_at_ms: row.get::<_, i64>(first + 10)?.unsigned_abs(),
-        attempt: u32::try_from(row.get::<_, i64>(first + 11)?).unwrap_or(u32::MAX),
+        id: col(row, first, "id")?,
+        message_type: col(row, first + 1, "type")?,
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| format!("column kind: `{kind}` is neither command nor event"))?,
+        payload: col(row, first + 3, "payload")?,
+        content_type: col(row, first + 4, "content_type")?,
+        headers: serde_json::from_str(&headers)
+            .map_err(|e| format!("column headers: not a JSON array of [name, value] pairs: {e}"))?,
+        correlation_id: col(row, first + 6, "correlation_id")?,
+        causation_id: col(row, first + 7, "causation_id")?,
+        reply_to: col(row, first + 8, "reply_to")?,
+        partition_key: col(row, first + 9, "partition_key")?,
+        created_at_ms: col::<i64>(row, first + 10, "created_at_ms")?.unsigned_abs(),
+        attempt: u32::try_from(attempt)
+            .map_err(|_| format!("column attempt: {attempt} is out of range"))?,
     })
+}
+
+/// Moves a row that does not decode from the queue to `failed`, untouched,
+/// so one bad row neither stalls its route nor disappears.
+fn quarantine(conn: &mut Connection, seq: i64, reason: &str) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO failed (route, {ENVELOPE_COLUMNS}, error_kind, error_message, error_code, error_details, backtrace, plugin, plugin_digest, failed_at_ms)
+             SELECT route, {ENVELOPE_COLUMNS}, 'malformed', ?2, NULL, '[]', NULL, '', '', ?3 FROM queue WHERE seq = ?1"
+        ),
+        params![seq, reason, to_i64(now_ms())],
+    )?;
+    tx.execute("DELETE FROM queue WHERE seq = ?1", params![seq])?;
+    tx.commit()
 }
 
 fn to_i64(n: u64) -> i64 {
@@ -539,6 +579,7 @@ impl Subscription for EmbeddedSubscription {
         let poll = self.transport.shared.config.poll_interval;
         loop {
             let reader = self.reader.clone();
+            let writer = self.transport.shared.clone();
             let route = self.route.clone();
             let cursor = self.cursor;
             let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -549,12 +590,23 @@ impl Subscription for EmbeddedSubscription {
                 ))?;
                 let mut rows = stmt.query(params![route, cursor, limit])?;
                 let mut out = Vec::new();
+                let mut malformed = Vec::new();
                 while let Some(row) = rows.next()? {
                     let seq: i64 = row.get(0)?;
-                    out.push(Delivery {
-                        envelope: read_envelope(row, 1)?,
-                        receipt: seq.unsigned_abs(),
-                    });
+                    match read_envelope(row, 1) {
+                        Ok(envelope) => out.push(Delivery {
+                            envelope,
+                            receipt: seq.unsigned_abs(),
+                        }),
+                        Err(reason) => malformed.push((seq, reason)),
+                    }
+                }
+                drop(rows);
+                drop(stmt);
+                drop(conn);
+                for (seq, reason) in malformed {
+                    tracing::error!(route = %route, seq, error = %reason, "Malformed message in the queue; moved to the failed table");
+                    quarantine(&mut lock(&writer.writer), seq, &reason)?;
                 }
                 Ok(out)
             })

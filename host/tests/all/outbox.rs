@@ -68,8 +68,11 @@ async fn a_failed_attempt_publishes_sends_and_replies_nothing() {
     // The failed message itself is kept, with its error.
     let failed = transport.failed().await.unwrap();
     assert_eq!(failed.len(), 1, "{failed:?}");
-    assert_eq!(failed[0].envelope.id, failing.id);
-    assert_eq!(failed[0].envelope.payload, failing.payload);
+    assert_eq!(failed[0].id, failing.id);
+    assert_eq!(
+        failed[0].envelope.as_ref().unwrap().payload,
+        failing.payload
+    );
     assert_eq!(failed[0].failure.kind, "transient");
     assert_eq!(failed[0].failure.plugin, "rogue@0.1.0");
     assert!(failed[0].failure.plugin_digest.starts_with("sha256:"));
@@ -111,7 +114,7 @@ async fn outputs_carry_correlation_and_causation() {
     // ChargePayment command the orders plugin sent is kept, and shows its links.
     let failed = transport.failed().await.unwrap();
     assert_eq!(failed.len(), 1, "{failed:?}");
-    let charge = &failed[0].envelope;
+    let charge = failed[0].envelope.as_ref().unwrap();
     assert_eq!(charge.message_type, "ChargePayment");
     assert_eq!(charge.kind, Kind::Command);
     assert_eq!(charge.correlation_id.as_deref(), Some("flow-42"));
@@ -183,5 +186,71 @@ async fn a_stuck_plugin_does_not_stall_other_routes() {
     assert!(
         transport.is_idle().await.unwrap(),
         "the ok message after the loops was handled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_stored_message_is_set_aside_and_the_route_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "malformed",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [transport]
+        path = "store.db"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        events = ["Tick"]
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    transport
+        .enqueue(vec![message(Kind::Event, "Tick", json!(1))])
+        .await
+        .unwrap();
+    // Another writer puts rows the host cannot decode between good ones.
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
+        conn.execute(
+            "INSERT INTO queue (route, id, type, kind, payload, content_type, headers, created_at_ms, attempt, enqueued_at_ms)
+             VALUES ('echo', 'bad-kind', 'Tick', 'gossip', x'00', 'application/json', '[]', 0, 1, 0),
+                    ('echo', 'bad-headers', 'Tick', 'event', x'00', 'application/json', '{oops', 0, 1, 0)",
+            [],
+        )
+        .unwrap();
+    }
+    transport
+        .enqueue(vec![message(Kind::Event, "Tick", json!(2))])
+        .await
+        .unwrap();
+
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+
+    let failed = transport.failed().await.unwrap();
+    let ids: Vec<&str> = failed.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(ids, ["bad-kind", "bad-headers"]);
+    assert!(failed.iter().all(|f| f.failure.kind == "malformed"));
+    assert!(
+        failed[0]
+            .failure
+            .message
+            .contains("`gossip` is neither command nor event"),
+        "{:?}",
+        failed[0]
+    );
+    assert!(
+        failed[1].failure.message.contains("column headers"),
+        "{:?}",
+        failed[1]
+    );
+    assert!(
+        transport.is_idle().await.unwrap(),
+        "the good messages around them were handled"
     );
 }
