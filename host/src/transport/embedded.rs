@@ -404,6 +404,28 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Binds `route` and the envelope columns to parameters 1 to 13 of `stmt`;
+/// the caller binds the rest and executes.
+fn bind_envelope(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    route: &str,
+    e: &Envelope,
+) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(1, route)?;
+    stmt.raw_bind_parameter(2, &e.id)?;
+    stmt.raw_bind_parameter(3, &e.message_type)?;
+    stmt.raw_bind_parameter(4, e.kind.as_str())?;
+    stmt.raw_bind_parameter(5, &e.payload)?;
+    stmt.raw_bind_parameter(6, &e.content_type)?;
+    stmt.raw_bind_parameter(7, headers_json(&e.headers))?;
+    stmt.raw_bind_parameter(8, &e.correlation_id)?;
+    stmt.raw_bind_parameter(9, &e.causation_id)?;
+    stmt.raw_bind_parameter(10, &e.reply_to)?;
+    stmt.raw_bind_parameter(11, &e.partition_key)?;
+    stmt.raw_bind_parameter(12, to_i64(e.created_at_ms))?;
+    stmt.raw_bind_parameter(13, e.attempt)
+}
+
 /// Inserts one delivery of `e` into `route`'s queue.
 fn insert_queued(
     tx: &Transaction<'_>,
@@ -414,25 +436,13 @@ fn insert_queued(
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO queue (route, {ENVELOPE_COLUMNS}, enqueued_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     ))?;
-    stmt.execute(params![
-        route,
-        e.id,
-        e.message_type,
-        e.kind.as_str(),
-        e.payload,
-        e.content_type,
-        headers_json(&e.headers),
-        e.correlation_id,
-        e.causation_id,
-        e.reply_to,
-        e.partition_key,
-        to_i64(e.created_at_ms),
-        e.attempt,
-        to_i64(now),
-    ])?;
+    bind_envelope(&mut stmt, route, e)?;
+    stmt.raw_bind_parameter(14, to_i64(now))?;
+    stmt.raw_execute()?;
     Ok(())
 }
 
+/// Keeps a failed delivery with its failure.
 fn insert_failed(
     tx: &Transaction<'_>,
     route: &str,
@@ -443,29 +453,16 @@ fn insert_failed(
         "INSERT INTO failed (route, {ENVELOPE_COLUMNS}, error_kind, error_message, error_code, error_details, backtrace, plugin, plugin_digest, failed_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
     ))?;
-    stmt.execute(params![
-        route,
-        e.id,
-        e.message_type,
-        e.kind.as_str(),
-        e.payload,
-        e.content_type,
-        headers_json(&e.headers),
-        e.correlation_id,
-        e.causation_id,
-        e.reply_to,
-        e.partition_key,
-        to_i64(e.created_at_ms),
-        e.attempt,
-        f.kind,
-        f.message,
-        f.code,
-        headers_json(&f.details),
-        f.backtrace,
-        f.plugin,
-        f.plugin_digest,
-        to_i64(f.failed_at_ms),
-    ])?;
+    bind_envelope(&mut stmt, route, e)?;
+    stmt.raw_bind_parameter(14, &f.kind)?;
+    stmt.raw_bind_parameter(15, &f.message)?;
+    stmt.raw_bind_parameter(16, &f.code)?;
+    stmt.raw_bind_parameter(17, headers_json(&f.details))?;
+    stmt.raw_bind_parameter(18, &f.backtrace)?;
+    stmt.raw_bind_parameter(19, &f.plugin)?;
+    stmt.raw_bind_parameter(20, &f.plugin_digest)?;
+    stmt.raw_bind_parameter(21, to_i64(f.failed_at_ms))?;
+    stmt.raw_execute()?;
     Ok(())
 }
 
