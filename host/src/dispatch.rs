@@ -6,6 +6,8 @@
 //! subscription. A failed settle is retried with backoff: its deliveries were
 //! not removed and are received again.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -15,8 +17,8 @@ use crate::envelope::{Envelope, Kind, Reply, new_id, now_ms};
 use crate::plugin::{Failure, Instance, LoadedPlugin, Output};
 use crate::transport::{Delivery, FailureRecord, Outcome, Settlement, Subscription};
 
-/// Longest pause between attempts to settle after store errors.
-const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest pause between attempts after store or plugin errors.
+const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs a plugin's messages; owns its warm instance.
 pub struct Worker {
@@ -32,6 +34,32 @@ pub struct Handled {
     pub took: Duration,
 }
 
+/// What became of a batch: messages handled (to settle), messages not
+/// attempted (to give back), and why the batch stopped early.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    pub handled: Vec<Handled>,
+    pub unhandled: Vec<Delivery>,
+    /// The plugin could not run at all (it failed to instantiate): no
+    /// message is at fault, so none is failed.
+    pub route_error: Option<anyhow::Error>,
+}
+
+/// Bytes of outputs a batch may hold before it is settled early, so a
+/// batch of large outputs does not hold `batch_size` times the per-call
+/// limit in memory.
+const BATCH_OUTPUT_BUDGET: usize = crate::plugin::MAX_OUTPUT_BYTES;
+
+fn output_bytes(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .map(|o| match o {
+            Output::Event(o) | Output::Command(o) => o.payload.len(),
+            Output::Reply(r) => r.payload.len(),
+        })
+        .sum()
+}
+
 impl Worker {
     pub fn new(plugin: LoadedPlugin) -> Self {
         Worker {
@@ -45,25 +73,15 @@ impl Worker {
     }
 
     /// Handles one message on the warm instance, creating a fresh one first
-    /// if the last trapped or is due for recycling.
-    pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Vec<Output>, Failure> {
+    /// if the last trapped or is due for recycling. The outer error means the
+    /// plugin could not be instantiated: the message was not attempted.
+    pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Result<Vec<Output>, Failure>> {
         if self.instance.as_ref().is_some_and(Instance::is_spent) {
             self.instance = None;
         }
         let instance = match &mut self.instance {
             Some(i) => i,
-            None => match self.plugin.instantiate() {
-                Ok(i) => self.instance.insert(i),
-                Err(e) => {
-                    return Err(Failure {
-                        kind: crate::plugin::FailureKind::Trap,
-                        message: format!("cannot instantiate plugin: {e:#}"),
-                        code: None,
-                        details: Vec::new(),
-                        backtrace: None,
-                    });
-                }
-            },
+            None => self.instance.insert(self.plugin.instantiate()?),
         };
         let result = instance.handle(envelope);
         if instance.is_spent() {
@@ -71,23 +89,42 @@ impl Worker {
             // lot of memory.
             self.instance = None;
         }
-        result
+        Ok(result)
     }
 
-    /// Handles a batch in order.
-    pub fn handle_batch(&mut self, batch: Vec<Delivery>) -> Vec<Handled> {
-        batch
-            .into_iter()
-            .map(|mut delivery| {
-                let started = Instant::now();
-                let result = self.handle(&mut delivery.envelope);
-                Handled {
-                    delivery,
-                    result,
-                    took: started.elapsed(),
+    /// Handles a batch in order, stopping early (and leaving the rest
+    /// unhandled) when `stop` is set, when the batch's outputs reach their
+    /// memory budget, or when the plugin cannot be instantiated.
+    pub fn handle_batch(&mut self, batch: Vec<Delivery>, stop: &AtomicBool) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        let mut bytes = 0usize;
+        let mut rest = batch.into_iter();
+        for mut delivery in rest.by_ref() {
+            if stop.load(Ordering::Relaxed) || bytes >= BATCH_OUTPUT_BUDGET {
+                out.unhandled.push(delivery);
+                break;
+            }
+            let started = Instant::now();
+            match self.handle(&mut delivery.envelope) {
+                Ok(result) => {
+                    if let Ok(outputs) = &result {
+                        bytes += output_bytes(outputs);
+                    }
+                    out.handled.push(Handled {
+                        delivery,
+                        result,
+                        took: started.elapsed(),
+                    });
                 }
-            })
-            .collect()
+                Err(e) => {
+                    out.unhandled.push(delivery);
+                    out.route_error = Some(e);
+                    break;
+                }
+            }
+        }
+        out.unhandled.extend(rest);
+        out
     }
 }
 
@@ -217,16 +254,18 @@ pub fn settle_batch(plugin: &LoadedPlugin, handled: Vec<Handled>) -> Vec<Settlem
         .collect()
 }
 
-/// Consumes one route until `shutdown` turns true. The batch in hand when
-/// shutdown arrives is finished and settled first.
+/// Consumes one route until `shutdown` turns true. The message in hand when
+/// shutdown arrives is finished; the rest of its batch is given back
+/// unhandled, so shutdown waits for at most one message's deadline.
 pub async fn run_route(
     plugin: LoadedPlugin,
     mut subscription: Box<dyn Subscription>,
     batch_size: usize,
     mut shutdown: watch::Receiver<bool>,
+    stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let mut worker = Some(Worker::new(plugin.clone()));
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::default();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -240,33 +279,74 @@ pub async fn run_route(
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(plugin = %plugin.name(), error = %format!("{e:#}"), "Cannot receive; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_SETTLE_BACKOFF);
+                backoff.wait(&mut shutdown).await;
                 continue;
             }
         };
         let Some(mut w) = worker.take() else {
             anyhow::bail!("route {} lost its worker", plugin.name());
         };
-        let (w, handled) = tokio::task::spawn_blocking(move || {
-            let handled = w.handle_batch(batch);
-            (w, handled)
+        let stop_flag = stop.clone();
+        let (w, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = w.handle_batch(batch, &stop_flag);
+            (w, outcome)
         })
         .await
         .map_err(|e| anyhow::anyhow!("route {} worker panicked: {e}", plugin.name()))?;
         worker = Some(w);
-        let settlements = settle_batch(&plugin, handled);
-        match subscription.settle(settlements).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+        let settlements = settle_batch(&plugin, outcome.handled);
+        let settled = match subscription.settle(settlements).await {
+            Ok(()) => true,
             Err(e) => {
                 tracing::error!(
                     plugin = %plugin.name(),
                     error = %format!("{e:#}"),
                     "Cannot settle a batch; its messages stay queued and will be handled again"
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_SETTLE_BACKOFF);
+                false
             }
+        };
+        if !outcome.unhandled.is_empty() {
+            subscription.release(outcome.unhandled).await?;
         }
+        if let Some(e) = &outcome.route_error {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Plugin cannot start; its messages stay queued and the route retries"
+            );
+        }
+        if settled && outcome.route_error.is_none() {
+            backoff.reset();
+        } else {
+            backoff.wait(&mut shutdown).await;
+        }
+    }
+}
+
+/// Doubling pause after store or plugin errors, cut short by shutdown.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(50),
+        }
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        tokio::select! {
+            _ = tokio::time::sleep(self.next) => {}
+            _ = shutdown.changed() => {}
+        }
+        self.next = (self.next * 2).min(MAX_SETTLE_BACKOFF);
     }
 }

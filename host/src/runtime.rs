@@ -131,8 +131,16 @@ pub async fn run(
     }
     let transport = open_transport(pipeline)?;
     let _lock = transport.lock_consumer()?;
+    for (route, n) in transport.orphans().await? {
+        tracing::warn!(
+            route = %route,
+            messages = n,
+            "Messages are queued for a route this pipeline does not have; they stay in the store"
+        );
+    }
     let batch_size = pipeline.embedded().batch_size;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut routes = JoinSet::new();
     for plugin in &plugins.loaded {
         let sub = transport.subscribe(plugin.name().as_str()).await?;
@@ -147,6 +155,7 @@ pub async fn run(
             sub,
             batch_size,
             stop_rx.clone(),
+            stop_flag.clone(),
         ));
     }
     tracing::info!(
@@ -186,6 +195,7 @@ pub async fn run(
         }
         r = route_died => r,
     };
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_tx.send(true);
     while let Some(r) = routes.join_next().await {
         match r {

@@ -1,9 +1,11 @@
 //! Run a handler natively, without a host or a broker, and look at what it did.
 //!
 //! [`TestHost`] calls [`Plugin::handle`] directly and applies the same
-//! contract the Switchyard host enforces: a plugin may only publish the event
-//! types and send the command types it declares, only replies while handling
-//! a command (at most once), and a failed attempt publishes nothing.
+//! contract checks the Switchyard host makes: a plugin may only publish the
+//! event types and send the command types it declares, only replies while
+//! handling a command (at most once), and a failed attempt publishes nothing.
+//! The host's resource limits (memory, CPU deadline, output counts) are not
+//! simulated: they depend on the pipeline.
 //!
 //! ```
 //! # use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
@@ -77,12 +79,12 @@ impl<P: Plugin> TestHost<P> {
             )))
         } else {
             let mut ctx = Context::new(&mut recorder);
-            match P::handle(&mut ctx, message) {
-                Ok(()) => match recorder.violation.take() {
-                    Some(v) => Err(Failure::ContractViolation(v)),
-                    None => Ok(()),
-                },
-                Err(e) => Err(Failure::Handler(e)),
+            let result = P::handle(&mut ctx, message);
+            // A broken contract is reported whatever the handler returned.
+            match (recorder.violation.take(), result) {
+                (Some(v), _) => Err(Failure::ContractViolation(v)),
+                (None, Ok(())) => Ok(()),
+                (None, Err(e)) => Err(Failure::Handler(e)),
             }
         };
         let mut outcome = recorder.outcome;
@@ -103,7 +105,8 @@ pub enum Failure {
     /// The handler returned an error.
     Handler(HandlerError),
     /// The handler broke the contract (an undeclared output, a reply to an
-    /// event, ...). The host fails such a message as permanent.
+    /// event, ...). The host fails such a message as `contract-violation`,
+    /// which is never retried.
     ContractViolation(String),
 }
 

@@ -173,7 +173,9 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     let (Some(address), Some(wait)) = (reply_to, args.wait_reply) else {
         return Ok(ExitCode::SUCCESS);
     };
-    let deadline = Instant::now() + wait;
+    let deadline = Instant::now()
+        .checked_add(wait)
+        .context("--wait-reply is too long")?;
     loop {
         if let Some(reply) = transport.take_reply(&address).await? {
             let mut out = std::io::stdout().lock();
@@ -192,7 +194,7 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         }
         if Instant::now() >= deadline {
             bail!(
-                "no reply within {}; is a host running this pipeline? (switchyard run {})",
+                "no reply within {}; the command is stored and will be handled (or fail) when a host runs this pipeline (switchyard run {}); a failed command sends no reply",
                 humantime::format_duration(wait),
                 args.pipeline.display()
             );

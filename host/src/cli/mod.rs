@@ -227,8 +227,20 @@ async fn run(path: PathBuf, drain: bool) -> Result<()> {
     runtime::run(&pipeline, plugins, mode, shutdown_signal()).await
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// Completes on the first Ctrl-C or SIGTERM; a second one exits at once
+/// (unsettled messages are redelivered on the next start).
 async fn shutdown_signal() {
+    signal().await;
+    tokio::spawn(async {
+        signal().await;
+        eprintln!(
+            "second signal: exiting now; messages in flight will be handled again on the next start"
+        );
+        std::process::exit(130);
+    });
+}
+
+async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -3,6 +3,10 @@
 //! An entry is keyed by the engine's compatibility hash (wasmtime version,
 //! compiler settings, CPU features) and the SHA-256 of the `.wasm` bytes: a
 //! changed plugin or an upgraded host never picks up a stale entry.
+//!
+//! Entries are native code the host will run, so they are only trusted when
+//! the cache directory belongs to the host's user and nobody else can write
+//! to it, and when the entry's bytes match the SHA-256 written beside it.
 
 use std::hash::Hasher;
 use std::io::Write;
@@ -67,7 +71,8 @@ impl ComponentCache {
     }
 
     /// Returns the compiled component for `bytes`, from the cache when
-    /// possible. A corrupt or unreadable entry is recompiled, never fatal.
+    /// possible. A corrupt, unverifiable or unreadable entry is recompiled,
+    /// never fatal.
     pub fn load_or_compile(
         &self,
         engine: &Engine,
@@ -78,34 +83,89 @@ impl ComponentCache {
         if let Some(path) = &entry
             && path.exists()
         {
-            match deserialize(engine, path) {
+            match load_verified(engine, path) {
                 Ok(c) => return Ok((c, CacheOutcome::Hit)),
                 Err(e) => tracing::warn!(
                     path = %path.display(),
-                    error = %e,
-                    "Ignoring unusable compiled-component cache entry"
+                    error = %format!("{e:#}"),
+                    "Ignoring compiled-component cache entry; recompiling"
                 ),
             }
         }
         let compiled = engine.precompile_component(bytes)?;
         // Loading from the fresh artifact keeps one code path for both cases.
-        let component = deserialize_bytes(engine, &compiled)?;
+        let component = deserialize(engine, &compiled)?;
         if let Some(path) = &entry
             && let Err(e) = store(path, &compiled)
         {
-            tracing::warn!(path = %path.display(), error = %e, "Cannot write compiled-component cache entry");
+            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "Cannot write compiled-component cache entry");
         }
         Ok((component, CacheOutcome::Compiled))
     }
 }
 
-/// Writes an entry atomically: a half-written file is never visible.
+fn checksum_path(entry: &Path) -> PathBuf {
+    entry.with_extension("sha256")
+}
+
+/// Loads an entry only if its directory is private and its checksum matches.
+fn load_verified(engine: &Engine, path: &Path) -> Result<Component> {
+    let dir = path.parent().context("cache entry has no directory")?;
+    check_private(dir)?;
+    let compiled = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let expected =
+        std::fs::read_to_string(checksum_path(path)).context("its checksum file is missing")?;
+    if hex::encode(Sha256::digest(&compiled)) != expected.trim() {
+        anyhow::bail!("its contents do not match its checksum");
+    }
+    deserialize(engine, &compiled)
+}
+
+/// Refuses a directory another user owns or can write to.
+#[cfg(unix)]
+fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        anyhow::bail!(
+            "{} belongs to another user (uid {})",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{} can be written by other users (mode {:o})",
+            dir.display(),
+            meta.mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_dir: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// Writes an entry and its checksum atomically: a half-written file is
+/// never visible, and the checksum is written last.
 fn store(path: &Path, compiled: &[u8]) -> Result<()> {
     let dir = path.parent().context("cache entry has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    restrict(dir);
+    restrict(dir)?;
+    write_atomically(dir, path, compiled)?;
+    write_atomically(
+        dir,
+        &checksum_path(path),
+        hex::encode(Sha256::digest(compiled)).as_bytes(),
+    )
+}
+
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(compiled)?;
+    tmp.1.write_all(bytes)?;
     tmp.1.sync_all()?;
     std::fs::rename(&tmp.0, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
@@ -126,27 +186,23 @@ fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
 /// Cache entries are native code the host will run: only the owner may write
 /// them.
 #[cfg(unix)]
-fn restrict(dir: &Path) {
+fn restrict(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))
 }
 
 #[cfg(not(unix))]
-fn restrict(_dir: &Path) {}
-
-#[allow(unsafe_code)]
-fn deserialize(engine: &Engine, path: &Path) -> Result<Component> {
-    // SAFETY: the file is a precompiled artifact this host wrote into its own
-    // cache directory (created with owner-only permissions). wasmtime checks
-    // that it was compiled by a compatible engine before using it.
-    let component = unsafe { Component::deserialize_file(engine, path)? };
-    Ok(component)
+fn restrict(_dir: &Path) -> Result<()> {
+    Ok(())
 }
 
 #[allow(unsafe_code)]
-fn deserialize_bytes(engine: &Engine, compiled: &[u8]) -> Result<Component> {
-    // SAFETY: `compiled` was produced by `precompile_component` on this very
-    // engine a moment ago.
+fn deserialize(engine: &Engine, compiled: &[u8]) -> Result<Component> {
+    // SAFETY: `compiled` is either the output of `precompile_component` on
+    // this engine a moment ago, or a cache entry whose directory is private
+    // to this user and whose bytes match the checksum written with it.
+    // wasmtime also checks that it was compiled by a compatible engine.
     let component = unsafe { Component::deserialize(engine, compiled)? };
     Ok(component)
 }

@@ -23,9 +23,10 @@ pub struct PluginInfo {
 
 impl PluginInfo {
     pub(super) fn from_wit(info: wit::PluginInfo) -> Self {
+        let clip = |t: String| super::clip(&t, super::MAX_TYPE_IN_ERRORS);
         PluginInfo {
-            name: info.name,
-            version: info.version,
+            name: super::clip(&info.name, super::MAX_NAME),
+            version: super::clip(&info.version, super::MAX_NAME),
             handles: info
                 .handles
                 .into_iter()
@@ -34,11 +35,11 @@ impl PluginInfo {
                         wit::Kind::Command => Kind::Command,
                         wit::Kind::Event => Kind::Event,
                     };
-                    (s.message_type, kind)
+                    (clip(s.message_type), kind)
                 })
                 .collect(),
-            publishes: info.publishes,
-            sends: info.sends,
+            publishes: info.publishes.into_iter().map(clip).collect(),
+            sends: info.sends.into_iter().map(clip).collect(),
         }
     }
 
@@ -75,8 +76,11 @@ impl Contract {
 
     pub fn check_publish(&self, t: &str) -> Result<(), String> {
         if self.publishes.contains(t) {
-            Ok(())
-        } else if self.sends.contains(t) {
+            return Ok(());
+        }
+        let declared_as_command = self.sends.contains(t);
+        let t = super::clip(t, super::MAX_TYPE_IN_ERRORS);
+        if declared_as_command {
             Err(format!(
                 "plugin {} published {t}, which it declares as a command; use send",
                 self.name()
@@ -91,8 +95,11 @@ impl Contract {
 
     pub fn check_send(&self, t: &str) -> Result<(), String> {
         if self.sends.contains(t) {
-            Ok(())
-        } else if self.publishes.contains(t) {
+            return Ok(());
+        }
+        let declared_as_event = self.publishes.contains(t);
+        let t = super::clip(t, super::MAX_TYPE_IN_ERRORS);
+        if declared_as_event {
             Err(format!(
                 "plugin {} sent {t}, which it declares as an event; use publish",
                 self.name()

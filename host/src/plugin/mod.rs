@@ -8,6 +8,7 @@
 //! until it traps or has handled `recycle_after` of them.
 
 mod cache;
+mod clock;
 pub mod contract;
 mod sandbox;
 
@@ -25,10 +26,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use cache::{CacheOutcome, ComponentCache};
 pub use contract::{Contract, PluginInfo};
+pub use sandbox::MemoryLimiter;
 
 use crate::config::{Grants, Limits, PluginName};
 use crate::envelope::{Envelope, Kind};
-use sandbox::MemoryLimiter;
 
 /// Bindings generated from `wit/`, the only source of truth for the contract.
 pub mod bindings {
@@ -49,11 +50,20 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Log lines longer than this are cut: a plugin must not flood the host log.
 const MAX_LOG_LINE: usize = 8 * 1024;
+/// A handler's error text is kept up to this length with the failed message.
+const MAX_ERROR_TEXT: usize = 16 * 1024;
+/// Codes, detail names and type names quoted in errors are cut to this.
+const MAX_NAME: usize = 256;
+/// Type names a plugin emits are quoted in errors up to this length (valid
+/// names are at most 128 characters).
+const MAX_TYPE_IN_ERRORS: usize = 160;
+/// Structured error details kept per failure.
+const MAX_ERROR_DETAILS: usize = 64;
 /// Log lines per `handle` call beyond which lines are dropped (and counted).
 const MAX_LOG_LINES_PER_CALL: u32 = 256;
-/// Total payload bytes one call may emit; the host holds them in memory until
-/// the call returns.
-const MAX_OUTPUT_BYTES: usize = 64 << 20;
+/// Total bytes (payloads, headers, names) one call may emit; the host holds
+/// them in memory until the batch settles.
+pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
 
 /// The wasmtime engine shared by every plugin of a host.
 pub struct PluginEngine {
@@ -101,6 +111,19 @@ impl PluginEngine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        // Replace WASI's monotonic clock with one whose waits end at the
+        // call's deadline (see `clock`).
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::add_to_linker::<
+            State,
+            clock::CappedClock,
+        >(&mut linker, |s| clock::ClockView {
+            table: &mut s.table,
+            real: s.plugin.sandbox.grants.clock,
+            deadline: s.call.deadline,
+        })
+        .map_err(anyhow::Error::from)?;
+        linker.allow_shadowing(false);
         bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)?;
 
@@ -338,6 +361,22 @@ impl LoadedPlugin {
     }
 }
 
+/// When host-side waits of a call must end: just past its CPU deadline, so
+/// that the epoch check (or the overrun check after the call) catches it.
+fn wait_deadline(timeout: Duration) -> Option<tokio::time::Instant> {
+    tokio::time::Instant::now().checked_add(timeout + 2 * EPOCH_TICK)
+}
+
+fn timeout_failure(timeout: Duration) -> Failure {
+    Failure::new(
+        FailureKind::Timeout,
+        format!(
+            "the handler ran past its {} deadline and was stopped",
+            humantime::format_duration(timeout)
+        ),
+    )
+}
+
 fn deadline_ticks(timeout: Duration) -> u64 {
     let tick = EPOCH_TICK.as_micros().max(1);
     u64::try_from(timeout.as_micros().div_ceil(tick))
@@ -379,6 +418,8 @@ struct Call {
     message_id: String,
     message_type: String,
     kind: Option<Kind>,
+    /// When the CPU budget of this call runs out; waits end here.
+    deadline: Option<tokio::time::Instant>,
     outputs: Vec<Output>,
     output_bytes: usize,
     violation: Option<String>,
@@ -504,15 +545,18 @@ impl Instance {
             message_id: envelope.id.clone(),
             message_type: envelope.message_type.clone(),
             kind: Some(envelope.kind),
+            deadline: wait_deadline(timeout),
             ..Call::default()
         };
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         self.handled += 1;
         let message = lend(envelope);
+        let started = std::time::Instant::now();
         let result = self
             .bindings
             .switchyard_plugin_handler()
             .call_handle(&mut self.store, &message);
+        let overran = started.elapsed() > timeout + EPOCH_TICK;
         give_back(envelope, message);
         let call = std::mem::take(&mut self.store.data_mut().call);
         if call.log_lines > MAX_LOG_LINES_PER_CALL {
@@ -524,10 +568,15 @@ impl Instance {
             );
         }
         match result {
-            Ok(Ok(())) => match call.violation {
-                Some(v) => Err(Failure::new(FailureKind::ContractViolation, v)),
-                None => Ok(call.outputs),
-            },
+            // The call returned, but only after a wait cut at its deadline:
+            // it is as late as if it had been interrupted.
+            Ok(_) if overran => Err(timeout_failure(timeout)),
+            // A broken contract is a bug in the plugin, whatever it returned.
+            Ok(_) if call.violation.is_some() => Err(Failure::new(
+                FailureKind::ContractViolation,
+                call.violation.unwrap_or_default(),
+            )),
+            Ok(Ok(())) => Ok(call.outputs),
             Ok(Err(e)) => {
                 let (kind, d) = match e {
                     wit::HandlerError::Transient(d) => (FailureKind::Transient, d),
@@ -535,9 +584,14 @@ impl Instance {
                 };
                 Err(Failure {
                     kind,
-                    message: d.message,
-                    code: d.code,
-                    details: d.details,
+                    message: clip(&d.message, MAX_ERROR_TEXT),
+                    code: d.code.map(|c| clip(&c, MAX_NAME)),
+                    details: d
+                        .details
+                        .into_iter()
+                        .take(MAX_ERROR_DETAILS)
+                        .map(|(k, v)| (clip(&k, MAX_NAME), clip(&v, MAX_ERROR_TEXT)))
+                        .collect(),
                     backtrace: None,
                 })
             }
@@ -571,13 +625,7 @@ fn classify_trap(store: &Store<State>, error: wasmtime::Error, timeout: Duration
             ),
         )
     } else if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-        Failure::new(
-            FailureKind::Timeout,
-            format!(
-                "the handler ran past its {} deadline and was stopped",
-                humantime::format_duration(timeout)
-            ),
-        )
+        timeout_failure(timeout)
     } else {
         let what = match error.downcast_ref::<Trap>() {
             Some(trap) => format!("wasm trap: {trap}"),
@@ -652,6 +700,37 @@ impl State {
     }
 }
 
+fn headers_size(headers: &[(String, String)]) -> usize {
+    headers.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// Bytes the host holds for an output.
+fn outgoing_size(o: &wit::Outgoing) -> usize {
+    o.message_type.len()
+        + o.payload.len()
+        + o.content_type.len()
+        + headers_size(&o.headers)
+        + o.partition_key.as_ref().map_or(0, String::len)
+}
+
+/// Cuts plugin-supplied text to `max` bytes (on a character boundary) and
+/// escapes control characters, so it cannot forge log lines or bloat records.
+pub fn clip(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 16);
+    for c in text.chars() {
+        if out.len() >= max {
+            out.push_str(" …[truncated]");
+            break;
+        }
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn outgoing(o: wit::Outgoing) -> Outgoing {
     Outgoing {
         message_type: o.message_type,
@@ -670,7 +749,7 @@ impl bindings::switchyard::plugin::host::Host for State {
             self.violate(v);
             return;
         }
-        let bytes = event.payload.len();
+        let bytes = outgoing_size(&event);
         self.push_output(Output::Event(outgoing(event)), bytes);
     }
 
@@ -679,7 +758,7 @@ impl bindings::switchyard::plugin::host::Host for State {
             self.violate(v);
             return;
         }
-        let bytes = command.payload.len();
+        let bytes = outgoing_size(&command);
         self.push_output(Output::Command(outgoing(command)), bytes);
     }
 
@@ -697,7 +776,8 @@ impl bindings::switchyard::plugin::host::Host for State {
             self.violate(v);
             return;
         }
-        let bytes = answer.payload.len();
+        let bytes =
+            answer.payload.len() + answer.content_type.len() + headers_size(&answer.headers);
         self.push_output(
             Output::Reply(Response {
                 payload: answer.payload,
@@ -713,15 +793,7 @@ impl bindings::switchyard::plugin::host::Host for State {
         if self.call.log_lines > MAX_LOG_LINES_PER_CALL {
             return;
         }
-        let mut text = text;
-        if text.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push_str(" …[truncated]");
-        }
+        let text = clip(&text, MAX_LOG_LINE);
         let plugin = self.plugin.sandbox.name.as_str();
         let id = self.call.message_id.as_str();
         match level {

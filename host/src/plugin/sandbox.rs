@@ -8,17 +8,22 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::sockets::SocketAddrUse;
-use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, HostWallClock, WasiCtx, WasiCtxBuilder};
 
 use crate::config::{Grants, format_size};
 
-/// Caps linear memory and table growth of one store.
+/// Caps the linear memory of one store (all its memories together) and its
+/// table growth.
 ///
 /// Refusing to grow traps the guest (rather than returning -1 from
 /// `memory.grow`) because most guest allocators abort on failure anyway, and
-/// a trap lets the host classify the failure as memory exhaustion.
+/// a trap lets the host classify the failure as memory exhaustion. The cap
+/// covers the sum of every memory: a component may hold several core
+/// instances, each with its own memory.
 pub struct MemoryLimiter {
     max_bytes: u64,
+    /// Bytes of linear memory the store holds now, across memories.
+    used: u64,
     /// Set when a grow was refused, so the trap can be classified.
     pub exceeded: Option<u64>,
 }
@@ -31,6 +36,7 @@ impl MemoryLimiter {
     pub fn new(max_bytes: u64) -> Self {
         MemoryLimiter {
             max_bytes,
+            used: 0,
             exceeded: None,
         }
     }
@@ -39,18 +45,21 @@ impl MemoryLimiter {
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.max_bytes {
-            self.exceeded = Some(desired as u64);
+        let growth = (desired as u64).saturating_sub(current as u64);
+        let total = self.used.saturating_add(growth);
+        if total > self.max_bytes {
+            self.exceeded = Some(total);
             return Err(wasmtime::Error::msg(format!(
                 "memory limit of {} exceeded: the plugin asked for {}",
                 format_size(self.max_bytes),
-                format_size(desired as u64)
+                format_size(total)
             )));
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -69,8 +78,8 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// A clock stuck at zero, for plugins without the `clock` grant: time is a
-/// side channel and a source of non-determinism.
+/// A wall clock stuck at the Unix epoch, for plugins without the `clock`
+/// grant: time is a side channel and a source of non-determinism.
 struct FrozenClock;
 
 impl HostWallClock for FrozenClock {
@@ -79,15 +88,6 @@ impl HostWallClock for FrozenClock {
     }
     fn now(&self) -> Duration {
         Duration::ZERO
-    }
-}
-
-impl HostMonotonicClock for FrozenClock {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
     }
 }
 
@@ -122,8 +122,8 @@ pub fn wasi_ctx(grants: &Grants) -> Result<WasiCtx> {
             })?;
     }
     if !grants.clock {
+        // The monotonic clock is replaced in the linker (see `clock`).
         b.wall_clock(FrozenClock);
-        b.monotonic_clock(FrozenClock);
     }
     if grants.stdio {
         b.inherit_stdout();

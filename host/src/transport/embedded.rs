@@ -551,11 +551,38 @@ impl Transport for EmbeddedTransport {
     async fn is_idle(&self) -> Result<bool> {
         self.blocking(|s| {
             let conn = lock(&s.writer);
-            let busy: bool =
-                conn.query_row("SELECT EXISTS (SELECT 1 FROM queue)", [], |r| r.get(0))?;
-            Ok(!busy)
+            let mut stmt =
+                conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1)")?;
+            for route in s.topology.route_names() {
+                let busy: bool = stmt.query_row(params![route], |r| r.get(0))?;
+                if busy {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
         })
         .await
+    }
+}
+
+impl EmbeddedTransport {
+    /// Messages queued for routes this pipeline does not have (a plugin was
+    /// removed from the pipeline, or another tool wrote them). They are kept,
+    /// never consumed by this pipeline.
+    pub async fn orphans(&self) -> Result<Vec<(String, u64)>> {
+        let routes: Vec<String> = self
+            .shared
+            .topology
+            .route_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        Ok(self
+            .depths()
+            .await?
+            .into_iter()
+            .filter(|(route, _)| !routes.contains(route))
+            .collect())
     }
 }
 
@@ -618,6 +645,13 @@ impl Subscription for EmbeddedSubscription {
                 _ = tokio::time::sleep(poll) => {}
             }
         }
+    }
+
+    async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {
+        if let Some(first) = unsettled.iter().map(|d| d.receipt).min() {
+            self.cursor = self.cursor.min(to_i64(first).saturating_sub(1));
+        }
+        Ok(())
     }
 
     async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {

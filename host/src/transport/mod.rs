@@ -125,4 +125,8 @@ pub trait Subscription: Send {
     /// Makes the outcomes of received deliveries durable. On error nothing of
     /// the batch was applied and its deliveries will be received again.
     async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()>;
+
+    /// Gives back deliveries that were received but will not be settled now
+    /// (shutdown, a plugin that cannot start): they are received again.
+    async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()>;
 }

@@ -167,3 +167,9 @@ fn a_declared_publish_is_allowed() {
     let outputs = instance.handle(&mut misbehave("publish")).unwrap();
     assert!(matches!(&outputs[..], [Output::Event(e)] if e.message_type == "Published"));
 }
+
+#[test]
+fn a_broken_contract_wins_over_the_error_the_handler_returns() {
+    let m = violation("publish-undeclared-then-fail");
+    assert!(m.contains("published Undeclared"), "{m}");
+}

@@ -171,15 +171,19 @@ fn compiled_components_are_cached_on_disk() {
     let entries: Vec<_> = std::fs::read_dir(dir.path().join("components"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
         .collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
-    assert_eq!(
-        entries[0].extension().and_then(|e| e.to_str()),
-        Some("cwasm")
+    assert!(
+        entries[0].with_extension("sha256").exists(),
+        "a checksum is stored beside the entry"
     );
 
-    // A corrupt entry is recompiled, not fatal.
-    std::fs::write(&entries[0], b"garbage").unwrap();
+    // A corrupt entry (even one of the right length) is recompiled, not fatal.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&entries[0], &bytes).unwrap();
     let second = switchyard::plugin::PluginEngine::new(Some(dir.path().to_owned())).unwrap();
     let echo = second
         .load(
@@ -188,8 +192,6 @@ fn compiled_components_are_cached_on_disk() {
         )
         .unwrap();
     assert_eq!(echo.info().name, "echo");
-    assert!(
-        std::fs::metadata(&entries[0]).unwrap().len() > 1000,
-        "entry rewritten"
-    );
+    let rewritten = std::fs::read(&entries[0]).unwrap();
+    assert_ne!(rewritten[middle], bytes[middle], "entry rewritten");
 }

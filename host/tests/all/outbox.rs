@@ -254,3 +254,112 @@ async fn a_malformed_stored_message_is_set_aside_and_the_route_goes_on() {
         "the good messages around them were handled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_waits_for_one_message_not_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "shutdown",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        timeout = "500ms"
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    transport
+        .enqueue((0..6).map(|_| misbehave("loop")).collect())
+        .await
+        .unwrap();
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    let started = Instant::now();
+    runtime::run(
+        &pipeline,
+        plugins,
+        RunMode::Serve,
+        tokio::time::sleep(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    // Six 500 ms loops would take 3 s; shutdown waits for the one in hand.
+    assert!(took < Duration::from_millis(2000), "shutdown took {took:?}");
+    let depth: u64 = transport
+        .depths()
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, d)| d)
+        .sum();
+    let failed = transport.failed().await.unwrap().len() as u64;
+    assert_eq!(
+        depth + failed,
+        6,
+        "every message is either failed or still queued"
+    );
+    assert!(
+        depth >= 4,
+        "the rest of the batch was given back: {depth} queued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_cannot_start_fails_no_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "nostart",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    transport
+        .enqueue(
+            (0..5)
+                .map(|i| message(Kind::Event, "Tick", json!(i)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    // The granted directory disappears after loading: instances cannot start.
+    std::fs::remove_dir(dir.path().join("out")).unwrap();
+    runtime::run(
+        &pipeline,
+        plugins,
+        RunMode::Serve,
+        tokio::time::sleep(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        transport.failed().await.unwrap().is_empty(),
+        "no message is blamed"
+    );
+    assert_eq!(
+        transport.depths().await.unwrap(),
+        vec![("tally".to_owned(), 5)]
+    );
+
+    // Once the directory is back, every message is handled.
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    assert_eq!(tally.lines().count(), 5);
+}

@@ -32,7 +32,7 @@ fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_message_is_served() 
     );
     let mut worker = Worker::new(rogue);
     let started = Instant::now();
-    let failure = worker.handle(&mut misbehave("loop")).unwrap_err();
+    let failure = worker.handle(&mut misbehave("loop")).unwrap().unwrap_err();
     let took = started.elapsed();
     assert_eq!(failure.kind, FailureKind::Timeout, "{failure}");
     assert!(failure.message.contains("200ms"), "{failure}");
@@ -43,6 +43,7 @@ fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_message_is_served() 
     // The trapped instance was discarded; a fresh one serves the next message.
     let outputs = worker
         .handle(&mut misbehave("ok"))
+        .unwrap()
         .expect("served after a timeout");
     assert_eq!(reply_json(&outputs), "ok");
 }
@@ -55,11 +56,12 @@ fn a_memory_bomb_is_stopped_by_the_cap_and_the_next_message_is_served() {
         Grants::default(),
     );
     let mut worker = Worker::new(rogue);
-    let failure = worker.handle(&mut misbehave("oom")).unwrap_err();
+    let failure = worker.handle(&mut misbehave("oom")).unwrap().unwrap_err();
     assert_eq!(failure.kind, FailureKind::OutOfMemory, "{failure}");
     assert!(failure.message.contains("16 MiB"), "{failure}");
     let outputs = worker
         .handle(&mut misbehave("ok"))
+        .unwrap()
         .expect("served after running out of memory");
     assert_eq!(reply_json(&outputs), "ok");
 }
@@ -68,7 +70,7 @@ fn a_memory_bomb_is_stopped_by_the_cap_and_the_next_message_is_served() {
 fn a_panic_is_a_trap_with_a_named_wasm_backtrace() {
     let rogue = load_with("rogue", Limits::default(), Grants::default());
     let mut worker = Worker::new(rogue);
-    let failure = worker.handle(&mut misbehave("panic")).unwrap_err();
+    let failure = worker.handle(&mut misbehave("panic")).unwrap().unwrap_err();
     assert_eq!(failure.kind, FailureKind::Trap, "{failure}");
     assert!(failure.message.contains("wasm trap"), "{failure}");
     let backtrace = failure.backtrace.expect("a trap has a backtrace");
@@ -76,7 +78,7 @@ fn a_panic_is_a_trap_with_a_named_wasm_backtrace() {
         backtrace.contains("rogue"),
         "frames should be named:\n{backtrace}"
     );
-    assert!(worker.handle(&mut misbehave("ok")).is_ok());
+    assert!(worker.handle(&mut misbehave("ok")).unwrap().is_ok());
 }
 
 #[test]
@@ -84,7 +86,7 @@ fn without_grants_there_is_no_file_env_or_clock() {
     // The test process has an environment (PATH at least); none of it leaks.
     let rogue = load_with("rogue", Limits::default(), Grants::default());
     let mut worker = Worker::new(rogue);
-    let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap());
+    let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap().unwrap());
     assert!(seen["file"].as_str().unwrap().starts_with("Err("), "{seen}");
     assert!(seen["dir"].as_str().unwrap().starts_with("Err("), "{seen}");
     assert_eq!(seen["env"], serde_json::json!([]), "{seen}");
@@ -113,7 +115,7 @@ fn grants_open_exactly_what_they_name() {
     };
     let rogue = load_with("rogue", Limits::default(), grants);
     let mut worker = Worker::new(rogue);
-    let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap());
+    let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap().unwrap());
     assert_eq!(seen["file"], "Ok(\"sandboxed\\n\")", "{seen}");
     // `/` itself is not granted, only `/etc`.
     assert!(seen["dir"].as_str().unwrap().starts_with("Err("), "{seen}");
@@ -124,4 +126,40 @@ fn grants_open_exactly_what_they_name() {
         seen["wall_clock_secs"].as_u64().unwrap() > 1_700_000_000,
         "{seen}"
     );
+}
+
+#[test]
+fn a_sleep_in_the_host_is_cut_at_the_deadline() {
+    let rogue = load_with(
+        "rogue",
+        limits(64, Duration::from_millis(300)),
+        Grants::default(),
+    );
+    let mut worker = Worker::new(rogue);
+    let started = Instant::now();
+    let failure = worker.handle(&mut misbehave("sleep")).unwrap().unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the sleep outlived the deadline: {took:?}"
+    );
+    let outputs = worker
+        .handle(&mut misbehave("ok"))
+        .unwrap()
+        .expect("served after a timeout");
+    assert_eq!(reply_json(&outputs), "ok");
+}
+
+#[test]
+fn the_memory_cap_covers_all_memories_of_a_store_together() {
+    use switchyard::plugin::MemoryLimiter;
+    use wasmtime::ResourceLimiter;
+    let mut limiter = MemoryLimiter::new(10 << 20);
+    // Two memories of 4 MiB fit; growing either past the shared 10 MiB does not.
+    assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+    assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+    assert!(limiter.memory_growing(4 << 20, 7 << 20, None).is_err());
+    assert_eq!(limiter.exceeded, Some(11 << 20));
+    assert!(limiter.memory_growing(4 << 20, 6 << 20, None).unwrap());
 }

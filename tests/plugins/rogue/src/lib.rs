@@ -38,6 +38,18 @@ impl Plugin for Rogue {
             "publish" => ctx.publish("Published", &json!({"from": msg.id})),
             "publish-undeclared" => ctx.publish("Undeclared", &1),
             "publish-command" => ctx.publish("Sent", &1),
+            "publish-undeclared-then-fail" => {
+                ctx.publish("Undeclared", &1)?;
+                Err(HandlerError::transient(
+                    "failing after breaking the contract",
+                ))
+            }
+            "sleep" => {
+                // Blocks in the host (wasi poll), where epoch interruption
+                // cannot reach: the host must cut the wait at the deadline.
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                ctx.reply(&"woke up")
+            }
             "send-event" => ctx.send("Published", &1),
             "fail-after-publish" => {
                 ctx.publish("Published", &1)?;
