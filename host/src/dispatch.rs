@@ -1,10 +1,13 @@
-//! The per-route loop: receive a batch, run each message through the plugin,
-//! turn what it emitted into envelopes, settle the batch.
+//! The per-route loop: receive a batch, run each message through the plugin
+//! (retrying at once where the policy says so), write dead letters, settle
+//! the batch.
 //!
 //! The plugin runs on a blocking thread (wasm calls are synchronous and may
 //! take up to their deadline); the loop itself is async and owns the
-//! subscription. A failed settle is retried with backoff: its deliveries were
-//! not removed and are received again.
+//! subscription. The order of durable writes is the at-least-once argument:
+//! a dead letter is written before the delivery it comes from is settled,
+//! and a delayed retry is scheduled in the same transaction that removes
+//! the delivery. A failed write leaves the delivery to be received again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,42 +16,71 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio::sync::watch;
 
-use crate::envelope::{Envelope, Kind, Reply, new_id, now_ms};
-use crate::plugin::{Failure, Instance, LoadedPlugin, Output};
-use crate::transport::{Delivery, FailureRecord, Outcome, Settlement, Subscription};
+use crate::dlq::{DeadLetter, DeadLetterStore, ErrorInfo, Source, Status};
+use crate::envelope::{Attempt, Envelope, Kind, Reply, new_id, now_ms};
+use crate::plugin::{Failure, FailureKind, Instance, LoadedPlugin, Output, clip};
+use crate::recover::{self, Decision, RetryPolicy};
+use crate::transport::{Delivery, Outcome, Settlement, Subscription, Topology};
 
 /// Longest pause between attempts after store or plugin errors.
-const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Runs a plugin's messages; owns its warm instance.
-pub struct Worker {
-    plugin: LoadedPlugin,
-    instance: Option<Instance>,
-}
-
-/// What handling one delivery produced.
-#[derive(Debug)]
-pub struct Handled {
-    pub delivery: Delivery,
-    pub result: Result<Vec<Output>, Failure>,
-    pub took: Duration,
-}
-
-/// What became of a batch: messages handled (to settle), messages not
-/// attempted (to give back), and why the batch stopped early.
-#[derive(Debug, Default)]
-pub struct BatchOutcome {
-    pub handled: Vec<Handled>,
-    pub unhandled: Vec<Delivery>,
-    /// The plugin could not run at all (it failed to instantiate): no
-    /// message is at fault, so none is failed.
-    pub route_error: Option<anyhow::Error>,
-}
+/// Error text kept per attempt in the history.
+const MAX_ATTEMPT_ERROR: usize = 2048;
 
 /// Bytes of outputs a batch may hold before it is settled early, so a
 /// batch of large outputs does not hold `batch_size` times the per-call
 /// limit in memory.
 const BATCH_OUTPUT_BUDGET: usize = crate::plugin::MAX_OUTPUT_BYTES;
+
+/// Everything a route needs besides its plugin and subscription.
+#[derive(Clone)]
+pub struct RouteContext {
+    pub pipeline: String,
+    pub policy: RetryPolicy,
+    pub dead_letters: Arc<dyn DeadLetterStore>,
+    pub topology: Arc<Topology>,
+    /// Where this route consumes from, for dead-letter records.
+    pub source: Source,
+    pub host: String,
+}
+
+/// Runs a plugin's messages; owns its warm instance.
+pub struct Worker {
+    plugin: LoadedPlugin,
+    policy: RetryPolicy,
+    instance: Option<Instance>,
+}
+
+/// The fate of one delivery after all its immediate attempts.
+#[derive(Debug)]
+pub enum Verdict {
+    Handled(Vec<Output>),
+    /// Failed; to be tried again after this long.
+    RetryLater(Duration, Failure),
+    /// Failed for good.
+    DeadLetter(Failure),
+}
+
+/// What handling one delivery produced. The delivery's envelope carries the
+/// updated attempt number and history.
+#[derive(Debug)]
+pub struct Processed {
+    pub delivery: Delivery,
+    pub verdict: Verdict,
+    pub took: Duration,
+}
+
+/// What became of a batch: messages processed (to settle), messages not
+/// attempted (to give back), and why the batch stopped early.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    pub processed: Vec<Processed>,
+    pub unhandled: Vec<Delivery>,
+    /// The plugin could not run at all (it failed to instantiate): no
+    /// message is at fault, so none is failed.
+    pub route_error: Option<anyhow::Error>,
+}
 
 fn output_bytes(outputs: &[Output]) -> usize {
     outputs
@@ -61,9 +93,10 @@ fn output_bytes(outputs: &[Output]) -> usize {
 }
 
 impl Worker {
-    pub fn new(plugin: LoadedPlugin) -> Self {
+    pub fn new(plugin: LoadedPlugin, policy: RetryPolicy) -> Self {
         Worker {
             plugin,
+            policy,
             instance: None,
         }
     }
@@ -72,9 +105,10 @@ impl Worker {
         &self.plugin
     }
 
-    /// Handles one message on the warm instance, creating a fresh one first
-    /// if the last trapped or is due for recycling. The outer error means the
-    /// plugin could not be instantiated: the message was not attempted.
+    /// Handles one message once on the warm instance, creating a fresh one
+    /// first if the last trapped or is due for recycling. The outer error
+    /// means the plugin could not be instantiated: the message was not
+    /// attempted.
     pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Result<Vec<Output>, Failure>> {
         if self.instance.as_ref().is_some_and(Instance::is_spent) {
             self.instance = None;
@@ -92,6 +126,86 @@ impl Worker {
         Ok(result)
     }
 
+    fn plugin_label(&self) -> String {
+        format!("{}@{}", self.plugin.name(), self.plugin.info().version)
+    }
+
+    /// Handles one delivery, with the immediate retries its policy allows,
+    /// recording each failed attempt in the envelope's history.
+    pub fn process(&mut self, delivery: &mut Delivery) -> Result<Verdict> {
+        if let Some(reason) = &delivery.malformed {
+            let failure = Failure {
+                kind: FailureKind::Malformed,
+                message: format!("the stored message cannot be decoded: {reason}"),
+                code: None,
+                details: Vec::new(),
+                backtrace: None,
+                output: None,
+            };
+            let attempt = Attempt {
+                number: delivery.envelope.attempt,
+                started_at_ms: now_ms(),
+                duration_us: 0,
+                error_kind: failure.kind.as_str().into(),
+                error: clip(&failure.message, MAX_ATTEMPT_ERROR),
+                plugin: self.plugin_label(),
+                then: Decision::DeadLetter.as_str().into(),
+            };
+            delivery.envelope.history.push(attempt);
+            return Ok(Verdict::DeadLetter(failure));
+        }
+        let envelope = &mut delivery.envelope;
+        let delayed_used = u32::try_from(
+            envelope
+                .history
+                .iter()
+                .filter(|a| a.then == Decision::RetryLater(Duration::ZERO).as_str())
+                .count(),
+        )
+        .unwrap_or(u32::MAX);
+        let mut immediate_used = 0;
+        loop {
+            let started_at_ms = now_ms();
+            let started = Instant::now();
+            let failure = match self.handle(envelope)? {
+                Ok(outputs) => return Ok(Verdict::Handled(outputs)),
+                Err(f) => f,
+            };
+            let decision = self
+                .policy
+                .decide(failure.kind, immediate_used, delayed_used);
+            envelope.history.push(Attempt {
+                number: envelope.attempt,
+                started_at_ms,
+                duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                error_kind: failure.kind.as_str().into(),
+                error: clip(&failure.message, MAX_ATTEMPT_ERROR),
+                plugin: self.plugin_label(),
+                then: decision.as_str().into(),
+            });
+            match decision {
+                Decision::RetryNow => {
+                    tracing::info!(
+                        plugin = %self.plugin.name(),
+                        message.r#type = %envelope.message_type,
+                        message.id = %envelope.id,
+                        attempt = envelope.attempt,
+                        error.kind = %failure.kind,
+                        error = %failure.message,
+                        "Attempt failed; retrying now"
+                    );
+                    immediate_used += 1;
+                    envelope.attempt = envelope.attempt.saturating_add(1);
+                }
+                Decision::RetryLater(delay) => {
+                    envelope.attempt = envelope.attempt.saturating_add(1);
+                    return Ok(Verdict::RetryLater(delay, failure));
+                }
+                Decision::DeadLetter => return Ok(Verdict::DeadLetter(failure)),
+            }
+        }
+    }
+
     /// Handles a batch in order, stopping early (and leaving the rest
     /// unhandled) when `stop` is set, when the batch's outputs reach their
     /// memory budget, or when the plugin cannot be instantiated.
@@ -105,18 +219,24 @@ impl Worker {
                 break;
             }
             let started = Instant::now();
-            match self.handle(&mut delivery.envelope) {
-                Ok(result) => {
-                    if let Ok(outputs) = &result {
+            // A failed instantiation leaves the history as it was: nothing
+            // was attempted.
+            let history_len = delivery.envelope.history.len();
+            let attempt = delivery.envelope.attempt;
+            match self.process(&mut delivery) {
+                Ok(verdict) => {
+                    if let Verdict::Handled(outputs) = &verdict {
                         bytes += output_bytes(outputs);
                     }
-                    out.handled.push(Handled {
+                    out.processed.push(Processed {
                         delivery,
-                        result,
+                        verdict,
                         took: started.elapsed(),
                     });
                 }
                 Err(e) => {
+                    delivery.envelope.history.truncate(history_len);
+                    delivery.envelope.attempt = attempt;
                     out.unhandled.push(delivery);
                     out.route_error = Some(e);
                     break;
@@ -171,6 +291,7 @@ pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
             partition_key: o.partition_key,
             created_at_ms: now,
             attempt: 1,
+            history: Vec::new(),
         });
     }
     Outcome::Handled {
@@ -179,92 +300,274 @@ pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
     }
 }
 
-fn summarize(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Handled { outputs, reply } => {
-            let mut parts: Vec<String> = outputs
-                .iter()
-                .map(|o| match o.kind {
-                    Kind::Event => o.message_type.clone(),
-                    Kind::Command => format!("{} (command)", o.message_type),
-                })
-                .collect();
-            if reply.is_some() {
-                parts.push("reply".into());
-            }
-            if parts.is_empty() {
-                "nothing".into()
-            } else {
-                parts.join(", ")
-            }
-        }
-        Outcome::Failed(_) => "nothing".into(),
+fn summarize(outputs: &[Envelope], reply: bool) -> String {
+    let mut parts: Vec<String> = outputs
+        .iter()
+        .map(|o| match o.kind {
+            Kind::Event => o.message_type.clone(),
+            Kind::Command => format!("{} (command)", o.message_type),
+        })
+        .collect();
+    if reply {
+        parts.push("reply".into());
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
     }
 }
 
-/// Builds the settlements of a handled batch and logs each message.
-pub fn settle_batch(plugin: &LoadedPlugin, handled: Vec<Handled>) -> Vec<Settlement> {
+/// The dead letter of a message that failed for good.
+pub fn dead_letter(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    message: &Envelope,
+    failure: &Failure,
+) -> DeadLetter {
+    let route = plugin.name().as_str();
+    let (fingerprint, cause) = recover::fingerprint(
+        route,
+        failure.kind.as_str(),
+        &failure.message,
+        failure.backtrace.as_deref(),
+    );
+    let now = now_ms();
+    let mut stored = message.clone();
+    let attempts = std::mem::take(&mut stored.history);
+    DeadLetter {
+        id: new_id(),
+        pipeline: ctx.pipeline.clone(),
+        route: route.to_owned(),
+        plugin_version: plugin.info().version.clone(),
+        plugin_digest: plugin.digest().to_owned(),
+        first_failed_at_ms: attempts.first().map_or(now, |a| a.started_at_ms),
+        last_failed_at_ms: now,
+        message: stored,
+        error: ErrorInfo {
+            kind: failure.kind.as_str().to_owned(),
+            message: failure.message.clone(),
+            code: failure.code.clone(),
+            details: failure.details.clone(),
+            backtrace: failure.backtrace.clone(),
+            output: failure.output.clone(),
+        },
+        attempts,
+        source: ctx.source.clone(),
+        trace_id: None,
+        span_id: None,
+        host: ctx.host.clone(),
+        fingerprint,
+        cause,
+        status: Status::Dead,
+        replay_count: 0,
+        replayed_at_ms: None,
+        resolved_at_ms: None,
+        note: None,
+    }
+}
+
+/// A batch turned into durable steps: dead letters to write first, then
+/// settlements (the dead-lettered ones flagged), then replays to mark.
+struct Plan {
+    letters: Vec<DeadLetter>,
+    settlements: Vec<(Settlement, bool)>,
+    replays_handled: Vec<String>,
+}
+
+fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) -> Plan {
     let name = plugin.name().as_str();
-    handled
-        .into_iter()
-        .map(|h| {
-            let e = &h.delivery.envelope;
-            let outcome = match h.result {
-                Ok(outputs) => {
-                    let outcome = outcome_of(e, outputs);
-                    tracing::info!(
-                        plugin = %name,
-                        message.r#type = %e.message_type,
-                        message.id = %e.id,
-                        took = ?h.took,
-                        emitted = %summarize(&outcome),
-                        "Handled"
-                    );
-                    outcome
-                }
-                Err(f) => {
-                    tracing::warn!(
-                        plugin = %name,
-                        message.r#type = %e.message_type,
-                        message.id = %e.id,
-                        error.kind = %f.kind,
-                        error = %f.message,
-                        "Message failed; kept in the store's failed table"
-                    );
-                    if let Some(bt) = &f.backtrace {
-                        tracing::debug!(plugin = %name, message.id = %e.id, "wasm backtrace:\n{bt}");
+    let mut plan = Plan {
+        letters: Vec::new(),
+        settlements: Vec::new(),
+        replays_handled: Vec::new(),
+    };
+    for p in processed {
+        let e = &p.delivery.envelope;
+        let verdict = match p.verdict {
+            Verdict::Handled(outputs) => match outcome_of(e, outputs) {
+                Outcome::Handled { outputs, reply } => {
+                    // Validation makes this impossible for declared outputs;
+                    // a command without a handler must not vanish.
+                    match outputs.iter().find(|o| {
+                        o.kind == Kind::Command
+                            && ctx.topology.destinations(&o.message_type).is_empty()
+                    }) {
+                        Some(lost) => Verdict::DeadLetter(Failure {
+                            kind: FailureKind::ContractViolation,
+                            message: format!(
+                                "plugin {name} sent command {}, which no plugin in this pipeline handles",
+                                lost.message_type
+                            ),
+                            code: None,
+                            details: Vec::new(),
+                            backtrace: None,
+                            output: None,
+                        }),
+                        None => {
+                            tracing::info!(
+                                plugin = %name,
+                                message.r#type = %e.message_type,
+                                message.id = %e.id,
+                                attempt = e.attempt,
+                                took = ?p.took,
+                                emitted = %summarize(&outputs, reply.is_some()),
+                                "Handled"
+                            );
+                            if let Some(record) = DeadLetter::replay_of(e) {
+                                plan.replays_handled.push(record.to_owned());
+                            }
+                            plan.settlements.push((
+                                Settlement {
+                                    delivery: p.delivery,
+                                    outcome: Outcome::Handled { outputs, reply },
+                                },
+                                false,
+                            ));
+                            continue;
+                        }
                     }
-                    Outcome::Failed(FailureRecord {
-                        kind: f.kind.as_str().to_owned(),
-                        message: f.message,
-                        code: f.code,
-                        details: f.details,
-                        backtrace: f.backtrace,
-                        plugin: format!("{}@{}", plugin.name(), plugin.info().version),
-                        plugin_digest: plugin.digest().to_owned(),
-                        failed_at_ms: now_ms(),
-                    })
                 }
-            };
-            Settlement {
-                delivery: h.delivery,
-                outcome,
+                other => {
+                    plan.settlements.push((
+                        Settlement {
+                            delivery: p.delivery,
+                            outcome: other,
+                        },
+                        false,
+                    ));
+                    continue;
+                }
+            },
+            v => v,
+        };
+        match verdict {
+            Verdict::RetryLater(delay, f) => {
+                tracing::warn!(
+                    plugin = %name,
+                    message.r#type = %e.message_type,
+                    message.id = %e.id,
+                    attempt = e.attempt.saturating_sub(1),
+                    error.kind = %f.kind,
+                    error = %f.message,
+                    retry_in = ?delay,
+                    "Attempt failed; retry scheduled"
+                );
+                let not_before_ms =
+                    now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                let message = e.clone();
+                plan.settlements.push((
+                    Settlement {
+                        delivery: p.delivery,
+                        outcome: Outcome::Retry {
+                            message,
+                            not_before_ms,
+                        },
+                    },
+                    false,
+                ));
             }
-        })
-        .collect()
+            Verdict::DeadLetter(f) => {
+                let letter = dead_letter(ctx, plugin, e, &f);
+                tracing::warn!(
+                    plugin = %name,
+                    message.r#type = %e.message_type,
+                    message.id = %e.id,
+                    attempts = letter.attempts.len(),
+                    error.kind = %f.kind,
+                    error = %f.message,
+                    fingerprint = %letter.fingerprint,
+                    "Dead-lettered"
+                );
+                if let Some(bt) = &f.backtrace {
+                    tracing::debug!(plugin = %name, message.id = %e.id, "wasm backtrace:\n{bt}");
+                }
+                plan.letters.push(letter);
+                plan.settlements.push((
+                    Settlement {
+                        delivery: p.delivery,
+                        outcome: Outcome::DeadLettered,
+                    },
+                    true,
+                ));
+            }
+            Verdict::Handled(_) => {}
+        }
+    }
+    plan
+}
+
+/// Makes a processed batch durable in the right order. Returns whether
+/// everything was applied; deliveries that were not are given back.
+async fn commit(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    subscription: &mut dyn Subscription,
+    processed: Vec<Processed>,
+    unhandled: &mut Vec<Delivery>,
+) -> bool {
+    let Plan {
+        letters,
+        settlements,
+        replays_handled,
+    } = plan(ctx, plugin, processed);
+    let mut ok = true;
+    let mut to_settle = Vec::with_capacity(settlements.len());
+    if letters.is_empty() {
+        to_settle.extend(settlements.into_iter().map(|(s, _)| s));
+    } else {
+        match ctx.dead_letters.record(letters).await {
+            Ok(_) => to_settle.extend(settlements.into_iter().map(|(s, _)| s)),
+            Err(e) => {
+                tracing::error!(
+                    plugin = %plugin.name(),
+                    error = %format!("{e:#}"),
+                    "Cannot write dead letters; those messages stay queued and will be handled again"
+                );
+                ok = false;
+                for (s, dead) in settlements {
+                    if dead {
+                        unhandled.push(s.delivery);
+                    } else {
+                        to_settle.push(s);
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = subscription.settle(to_settle).await {
+        tracing::error!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Cannot settle a batch; its messages stay queued and will be handled again"
+        );
+        return false;
+    }
+    if !replays_handled.is_empty()
+        && let Err(e) = ctx.dead_letters.mark_handled(&replays_handled).await
+    {
+        tracing::warn!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Replayed messages were handled, but their dead letters could not be marked handled"
+        );
+    }
+    ok
 }
 
 /// Consumes one route until `shutdown` turns true. The message in hand when
 /// shutdown arrives is finished; the rest of its batch is given back
-/// unhandled, so shutdown waits for at most one message's deadline.
+/// unhandled, so shutdown waits for at most one message's deadline (times
+/// its immediate retries).
 pub async fn run_route(
+    ctx: RouteContext,
     plugin: LoadedPlugin,
     mut subscription: Box<dyn Subscription>,
     batch_size: usize,
     mut shutdown: watch::Receiver<bool>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    let mut worker = Some(Worker::new(plugin.clone()));
+    let mut worker = Some(Worker::new(plugin.clone(), ctx.policy.clone()));
     let mut backoff = Backoff::default();
     loop {
         if *shutdown.borrow() {
@@ -294,29 +597,30 @@ pub async fn run_route(
         .await
         .map_err(|e| anyhow::anyhow!("route {} worker panicked: {e}", plugin.name()))?;
         worker = Some(w);
-        let settlements = settle_batch(&plugin, outcome.handled);
-        let settled = match subscription.settle(settlements).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(
-                    plugin = %plugin.name(),
-                    error = %format!("{e:#}"),
-                    "Cannot settle a batch; its messages stay queued and will be handled again"
-                );
-                false
-            }
-        };
-        if !outcome.unhandled.is_empty() {
-            subscription.release(outcome.unhandled).await?;
+        let BatchOutcome {
+            processed,
+            mut unhandled,
+            route_error,
+        } = outcome;
+        let committed = commit(
+            &ctx,
+            &plugin,
+            subscription.as_mut(),
+            processed,
+            &mut unhandled,
+        )
+        .await;
+        if !unhandled.is_empty() {
+            subscription.release(unhandled).await?;
         }
-        if let Some(e) = &outcome.route_error {
+        if let Some(e) = &route_error {
             tracing::error!(
                 plugin = %plugin.name(),
                 error = %format!("{e:#}"),
                 "Plugin cannot start; its messages stay queued and the route retries"
             );
         }
-        if settled && outcome.route_error.is_none() {
+        if committed && route_error.is_none() {
             backoff.reset();
         } else {
             backoff.wait(&mut shutdown).await;
@@ -347,6 +651,6 @@ impl Backoff {
             _ = tokio::time::sleep(self.next) => {}
             _ = shutdown.changed() => {}
         }
-        self.next = (self.next * 2).min(MAX_SETTLE_BACKOFF);
+        self.next = (self.next * 2).min(MAX_BACKOFF);
     }
 }

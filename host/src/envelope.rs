@@ -60,6 +60,24 @@ pub struct Envelope {
     pub created_at_ms: u64,
     /// Delivery attempt this envelope is on, starting at 1.
     pub attempt: u32,
+    /// The failed attempts before this one (since the message was created or
+    /// last replayed), so a restart or a delayed retry does not reset them.
+    pub history: Vec<Attempt>,
+}
+
+/// One failed attempt to handle a message.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_at_ms: u64,
+    pub duration_us: u64,
+    /// `transient`, `permanent`, `trap`, `timeout`, ...
+    pub error_kind: String,
+    pub error: String,
+    /// `name@version` of the plugin that made the attempt.
+    pub plugin: String,
+    /// What the host did next: `retry-now`, `retry-later`, `dead-letter`.
+    pub then: String,
 }
 
 impl Envelope {
@@ -83,6 +101,7 @@ impl Envelope {
             partition_key: None,
             created_at_ms: now_ms(),
             attempt: 1,
+            history: Vec::new(),
         }
     }
 

@@ -11,6 +11,8 @@
 //! | [`transport`] | the [`transport::Transport`] contract and the embedded SQLite transport |
 //! | [`plugin`] | wasmtime engine, compile cache, sandbox, host imports, contract checks |
 //! | [`dispatch`] | the per-route loop: receive → invoke → outbox → settle |
+//! | [`recover`] | failure classification, retry policy, backoff, fingerprints |
+//! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
 //! | [`runtime`] | loading a pipeline's plugins and running its routes |
 //! | [`telemetry`] | logging |
 //! | [`cli`] | the `switchyard` command line |
@@ -18,8 +20,10 @@
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod dlq;
 pub mod envelope;
 pub mod plugin;
+pub mod recover;
 pub mod runtime;
 pub mod telemetry;
 pub mod transport;

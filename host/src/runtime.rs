@@ -139,6 +139,16 @@ pub async fn run(
         );
     }
     let batch_size = pipeline.embedded().batch_size;
+    let dead_letters = crate::dlq::open(&pipeline.dead_letters, &pipeline.name)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the {}",
+                crate::dlq::describe(&pipeline.dead_letters)
+            )
+        })?;
+    let topology = Arc::new(Topology::of(pipeline));
+    let host = crate::dlq::host_name();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut routes = JoinSet::new();
@@ -150,7 +160,28 @@ pub async fn run(
             digest = %short_digest(plugin.digest()),
             "Route started"
         );
+        let Some(spec) = pipeline.plugin(plugin.name().as_str()) else {
+            bail!(
+                "plugin {} is not part of pipeline {}",
+                plugin.name(),
+                pipeline.name
+            );
+        };
+        let ctx = dispatch::RouteContext {
+            pipeline: pipeline.name.clone(),
+            policy: spec.retry.clone(),
+            dead_letters: dead_letters.clone(),
+            topology: topology.clone(),
+            source: crate::dlq::Source {
+                transport: "embedded".into(),
+                location: transport.path().display().to_string(),
+                queue: plugin.name().to_string(),
+                ..crate::dlq::Source::default()
+            },
+            host: host.clone(),
+        };
         routes.spawn(dispatch::run_route(
+            ctx,
             plugin.clone(),
             sub,
             batch_size,
@@ -161,6 +192,7 @@ pub async fn run(
     tracing::info!(
         pipeline = %pipeline.name,
         store = %transport.path().display(),
+        dead_letters = %crate::dlq::describe(&pipeline.dead_letters),
         routes = plugins.loaded.len(),
         "Host running"
     );

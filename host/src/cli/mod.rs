@@ -1,5 +1,6 @@
 //! The `switchyard` command line.
 
+mod dlq;
 mod inspect;
 mod messages;
 mod validate;
@@ -27,6 +28,7 @@ apart from events, outbox semantics, resource limits, and failures you can find 
   switchyard validate pipelines/orders.toml
   switchyard send PlaceOrder -p pipelines/orders.toml --data '{\"order_id\":\"A-1\",\"customer\":\"ada\",\"items\":[]}'
   switchyard run pipelines/orders.toml
+  switchyard dlq list -p pipelines/orders.toml --group
   switchyard topology pipelines/orders.toml
 
 Logging: set RUST_LOG (e.g. RUST_LOG=debug, RUST_LOG=plugin=warn,info)."
@@ -86,6 +88,10 @@ a running host picks it up within its poll interval.")]
     /// Look at plugin components.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+
+    /// Inspect, replay and close dead letters: messages the host gave up on.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 
     /// Print who sends, handles, publishes and consumes each message type, as
     /// a Mermaid flowchart.
@@ -199,6 +205,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }
+            Command::Dlq(command) => dlq::run(command).await,
             Command::Topology { pipeline, offline } => inspect::topology(&pipeline, offline)
                 .await
                 .map(|()| ExitCode::SUCCESS),

@@ -23,6 +23,7 @@ pub use names::{MessageType, PluginName, format_size, parse_duration, parse_size
 use reader::{Section, Spanned, quote_list};
 
 use crate::envelope::Kind;
+use crate::recover::{FailureKind, RetryPolicy};
 
 /// Per-plugin memory cap when the pipeline sets none. Enough for typical
 /// handlers written in Rust, Go or JavaScript; small enough that a runaway
@@ -57,10 +58,39 @@ pub struct Pipeline {
     /// Where compiled components are cached; `None` means the user's cache
     /// directory.
     pub cache_dir: Option<PathBuf>,
+    pub dead_letters: DeadLetterConfig,
     pub plugins: Vec<PluginSpec>,
 }
 
-/// Which broker carries the messages.
+/// Where failed messages go and how often they may be replayed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetterConfig {
+    pub store: DeadLetterStoreConfig,
+    /// The loop guard: a record replayed this many times is not replayed
+    /// again without `--force`.
+    pub max_replays: u32,
+}
+
+/// The dead-letter store.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeadLetterStoreConfig {
+    /// A SQLite file (by default the embedded transport's own store).
+    Embedded { path: PathBuf },
+    /// A PostgreSQL database shared by several hosts.
+    Postgres { url: UrlSource, schema: String },
+}
+
+/// Where a connection URL comes from: written in the file, or read from an
+/// environment variable when the store is opened (keeps passwords out of
+/// pipeline files).
+#[derive(Clone, Debug, PartialEq)]
+pub enum UrlSource {
+    Literal(String),
+    Env(String),
+}
+
+/// Replays of one record before the loop guard stops it.
+pub const DEFAULT_MAX_REPLAYS: u32 = 3;
 #[derive(Clone, Debug, PartialEq)]
 pub enum TransportConfig {
     Embedded(EmbeddedConfig),
@@ -89,6 +119,7 @@ pub struct PluginSpec {
     /// Event types this plugin consumes.
     pub events: Vec<MessageType>,
     pub limits: Limits,
+    pub retry: RetryPolicy,
     pub grants: Grants,
 }
 
@@ -264,7 +295,8 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         host.finish(p.diags);
         dir
     });
-    let defaults = p.limits_section(&mut root, "defaults", Limits::default());
+    let defaults = p.defaults_section(&mut root);
+    let dead_letters = p.dead_letters_section(&mut root, &transport);
     let plugins = p.plugins_section(&mut root, &defaults);
     root.finish(p.diags);
 
@@ -279,6 +311,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         source: path.to_owned(),
         transport,
         cache_dir,
+        dead_letters,
         plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
     };
     diags.sort();
@@ -466,21 +499,216 @@ impl Parser<'_> {
         limits
     }
 
-    fn limits_section(
-        &mut self,
-        root: &mut Section<'_>,
-        key: &'static str,
-        base: Limits,
-    ) -> Limits {
-        let Some(mut section) = root.table(key, self.diags) else {
-            return base;
+    /// `[defaults]`: limits and `[defaults.retry]` for every plugin.
+    fn defaults_section(&mut self, root: &mut Section<'_>) -> (Limits, RetryPolicy) {
+        let Some(mut section) = root.table("defaults", self.diags) else {
+            return (Limits::default(), RetryPolicy::default());
         };
-        let limits = self.limits(&mut section, &base);
+        let limits = self.limits(&mut section, &Limits::default());
+        let retry = match section.table("retry", self.diags) {
+            Some(r) => self.retry(r, &RetryPolicy::default()),
+            None => RetryPolicy::default(),
+        };
         section.finish(self.diags);
-        limits
+        (limits, retry)
     }
 
-    fn plugins_section(&mut self, root: &mut Section<'_>, defaults: &Limits) -> Vec<ParsedPlugin> {
+    /// A `retry` table over `base`.
+    fn retry(&mut self, mut r: Section<'_>, base: &RetryPolicy) -> RetryPolicy {
+        let mut policy = base.clone();
+        if let Some(n) = r.count("immediate", self.diags) {
+            if n.value <= 100 {
+                policy.immediate = n.value as u32;
+            } else {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!("`{}.immediate` must be at most 100", r.path()),
+                        n.span,
+                    )
+                    .with_label("too many"),
+                );
+            }
+        }
+        if let Some(n) = r.count("delayed", self.diags) {
+            if n.value <= 1000 {
+                policy.delayed = n.value as u32;
+            } else {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!("`{}.delayed` must be at most 1000", r.path()),
+                        n.span,
+                    )
+                    .with_label("too many"),
+                );
+            }
+        }
+        let backoff = self.duration(&mut r, "backoff");
+        if let Some(d) = &backoff {
+            policy.backoff = d.value;
+        }
+        let max = self.duration(&mut r, "max_backoff");
+        if let Some(d) = &max {
+            policy.max_backoff = d.value;
+        }
+        // Checked where the waits are set, not again in every table that
+        // inherits them.
+        if (backoff.is_some() || max.is_some()) && policy.max_backoff < policy.backoff {
+            self.diags.push(
+                Diagnostic::error(
+                    format!(
+                        "`{}.max_backoff` ({}) is shorter than `backoff` ({})",
+                        r.path(),
+                        humantime::format_duration(policy.max_backoff),
+                        humantime::format_duration(policy.backoff)
+                    ),
+                    max.and_then(|m| m.span).or(r.span()),
+                )
+                .with_label("shorter than the first wait"),
+            );
+        }
+        if let Some(kinds) = r.strings("retry_on", self.diags) {
+            let mut retry_on = Vec::new();
+            for k in kinds {
+                match FailureKind::parse(&k.value) {
+                    Some(kind) if kind.is_never_retried() => self.diags.push(
+                        Diagnostic::error(format!("`{}` failures are never retried", k.value), k.span)
+                            .with_label("not retryable")
+                            .with_note("note: a permanent failure, a contract violation or a malformed message cannot be fixed by trying again; it goes to the dead-letter store"),
+                    ),
+                    Some(kind) => retry_on.push(kind),
+                    None => self.diags.push(
+                        Diagnostic::error(format!("unknown failure kind `{}`", k.value), k.span)
+                            .with_label("not a failure kind")
+                            .with_note("help: retryable kinds are `transient`, `timeout`, `trap` and `out-of-memory`"),
+                    ),
+                }
+            }
+            policy.retry_on = retry_on;
+        }
+        r.finish(self.diags);
+        policy
+    }
+
+    /// `[dead_letters]`: where failed messages go.
+    fn dead_letters_section(
+        &mut self,
+        root: &mut Section<'_>,
+        transport: &TransportConfig,
+    ) -> DeadLetterConfig {
+        let TransportConfig::Embedded(embedded) = transport;
+        let mut config = DeadLetterConfig {
+            store: DeadLetterStoreConfig::Embedded {
+                path: embedded.path.clone(),
+            },
+            max_replays: DEFAULT_MAX_REPLAYS,
+        };
+        let Some(mut d) = root.table("dead_letters", self.diags) else {
+            return config;
+        };
+        let url = d.string("url", self.diags);
+        let url_env = d.string("url_env", self.diags);
+        let path = d.string("path", self.diags);
+        let schema = d.string("schema", self.diags);
+        if let Some(n) = d.count("max_replays", self.diags) {
+            config.max_replays = u32::try_from(n.value).unwrap_or(u32::MAX);
+        }
+        let postgres = url.is_some() || url_env.is_some();
+        if let (Some(u), Some(e)) = (&url, &url_env) {
+            self.diags.push(
+                Diagnostic::error("give either `url` or `url_env`, not both", e.span.clone())
+                    .with_label("second URL")
+                    .with_note(format!(
+                        "note: `url` is already set to {}",
+                        redact(&u.value)
+                    )),
+            );
+        }
+        let mut source = None;
+        if let Some(u) = url {
+            if !(u.value.starts_with("postgres://") || u.value.starts_with("postgresql://")) {
+                self.diags.push(
+                    Diagnostic::error("`dead_letters.url` must be a PostgreSQL URL", u.span)
+                        .with_label("expected postgres://user@host:port/database")
+                        .with_note("help: leave `url` out to keep dead letters in the embedded store (`path`)"),
+                );
+            } else {
+                if has_password(&u.value) {
+                    self.diags.push(
+                        Diagnostic::warning("the dead-letter URL contains a password", u.span.clone())
+                            .with_label("password in clear text")
+                            .with_note("help: put the URL in an environment variable and name it with `url_env`"),
+                    );
+                }
+                source = Some(UrlSource::Literal(u.value));
+            }
+        } else if let Some(e) = url_env {
+            if e.value.is_empty() || e.value.contains('=') {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`dead_letters.url_env` must name an environment variable",
+                        e.span,
+                    )
+                    .with_label("invalid name"),
+                );
+            } else {
+                source = Some(UrlSource::Env(e.value));
+            }
+        }
+        if postgres {
+            if let Some(p) = &path {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`path` is for the embedded store; this one is PostgreSQL",
+                        p.span.clone(),
+                    )
+                    .with_label("not used with a PostgreSQL store"),
+                );
+            }
+            let schema = match schema {
+                Some(s) if valid_identifier(&s.value) => s.value,
+                Some(s) => {
+                    self.diags.push(
+                        Diagnostic::error(
+                            format!(
+                                "`{}` is not a valid schema name; use lowercase letters, digits and `_`",
+                                s.value
+                            ),
+                            s.span,
+                        )
+                        .with_label("invalid schema"),
+                    );
+                    String::new()
+                }
+                None => "switchyard".into(),
+            };
+            if let Some(url) = source {
+                config.store = DeadLetterStoreConfig::Postgres { url, schema };
+            }
+        } else {
+            if let Some(s) = &schema {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`schema` is for a PostgreSQL store; set `url` or `url_env`",
+                        s.span.clone(),
+                    )
+                    .with_label("not used without a URL"),
+                );
+            }
+            if let Some(p) = path {
+                config.store = DeadLetterStoreConfig::Embedded {
+                    path: self.base.join(p.value),
+                };
+            }
+        }
+        d.finish(self.diags);
+        config
+    }
+
+    fn plugins_section(
+        &mut self,
+        root: &mut Section<'_>,
+        defaults: &(Limits, RetryPolicy),
+    ) -> Vec<ParsedPlugin> {
         let Some(mut plugins) = root.table("plugins", self.diags) else {
             self.diags.push(
                 Diagnostic::error("the pipeline has no plugins", None)
@@ -505,7 +733,7 @@ impl Parser<'_> {
         &mut self,
         name: Spanned<String>,
         mut section: Section<'_>,
-        defaults: &Limits,
+        defaults: &(Limits, RetryPolicy),
     ) -> ParsedPlugin {
         let plugin_name = match PluginName::try_from(name.value.as_str()) {
             Ok(n) => Some(n),
@@ -535,7 +763,11 @@ impl Parser<'_> {
         let errors_before = self.diags.error_count();
         let commands = self.types(&mut section, "commands", &mut type_spans);
         let events = self.types(&mut section, "events", &mut type_spans);
-        let limits = self.limits(&mut section, defaults);
+        let limits = self.limits(&mut section, &defaults.0);
+        let retry = match section.table("retry", self.diags) {
+            Some(r) => self.retry(r, &defaults.1),
+            None => defaults.1.clone(),
+        };
         let grants = match section.table("grants", self.diags) {
             Some(g) => self.grants(g),
             None => Grants::default(),
@@ -573,6 +805,7 @@ impl Parser<'_> {
                 commands,
                 events,
                 limits,
+                retry,
                 grants,
             }),
             _ => None,
@@ -690,6 +923,34 @@ impl Parser<'_> {
         }
         g.finish(self.diags);
         grants
+    }
+}
+
+fn valid_identifier(s: &str) -> bool {
+    s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Whether a URL carries a password (`scheme://user:password@host`).
+fn has_password(url: &str) -> bool {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// A URL with its password replaced, safe to print.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 

@@ -24,9 +24,10 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable, types::ComponentItem};
 use wasmtime::{Config, Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use crate::recover::FailureKind;
 pub use cache::{CacheOutcome, ComponentCache};
 pub use contract::{Contract, PluginInfo};
-pub use sandbox::MemoryLimiter;
+pub use sandbox::{MemoryLimiter, OutputTail};
 
 use crate::config::{Grants, Limits, PluginName};
 use crate::envelope::{Envelope, Kind};
@@ -317,9 +318,11 @@ impl LoadedPlugin {
     /// A fresh, warm instance.
     pub fn instantiate(&self) -> Result<Instance> {
         let inner = &self.inner;
+        let output = OutputTail::default();
         let state = State {
-            wasi: sandbox::wasi_ctx(&inner.sandbox.grants)
+            wasi: sandbox::wasi_ctx(&inner.sandbox.grants, &output)
                 .with_context(|| format!("plugin {}", inner.sandbox.name))?,
+            output,
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(inner.sandbox.limits.memory),
             call: Call::default(),
@@ -396,6 +399,8 @@ pub struct Instance {
 /// Store data of an instance.
 pub struct State {
     wasi: WasiCtx,
+    /// The end of what the plugin wrote to stdout/stderr this call.
+    output: OutputTail,
     table: ResourceTable,
     limiter: MemoryLimiter,
     /// What the current `handle` call has emitted so far.
@@ -452,42 +457,6 @@ pub struct Response {
     pub headers: Vec<(String, String)>,
 }
 
-/// How a message failed, as the host classifies it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FailureKind {
-    /// The handler said: retry later.
-    Transient,
-    /// The handler said: this message is poison.
-    Permanent,
-    /// The plugin trapped (a panic, an unreachable, a bad memory access...).
-    Trap,
-    /// The plugin ran past its CPU deadline.
-    Timeout,
-    /// The plugin tried to grow memory past its cap.
-    OutOfMemory,
-    /// The plugin emitted something its declaration does not allow.
-    ContractViolation,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Transient => "transient",
-            FailureKind::Permanent => "permanent",
-            FailureKind::Trap => "trap",
-            FailureKind::Timeout => "timeout",
-            FailureKind::OutOfMemory => "out-of-memory",
-            FailureKind::ContractViolation => "contract-violation",
-        }
-    }
-}
-
-impl fmt::Display for FailureKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Why a message was not handled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
@@ -497,6 +466,8 @@ pub struct Failure {
     pub details: Vec<(String, String)>,
     /// The wasm backtrace of a trap, one frame per line.
     pub backtrace: Option<String>,
+    /// The end of what the plugin wrote to stdout/stderr during the call.
+    pub output: Option<String>,
 }
 
 impl Failure {
@@ -507,6 +478,7 @@ impl Failure {
             code: None,
             details: Vec::new(),
             backtrace: None,
+            output: None,
         }
     }
 }
@@ -549,6 +521,7 @@ impl Instance {
             ..Call::default()
         };
         self.store.set_epoch_deadline(deadline_ticks(timeout));
+        self.store.data().output.clear();
         self.handled += 1;
         let message = lend(envelope);
         let started = std::time::Instant::now();
@@ -567,7 +540,7 @@ impl Instance {
                 "Plugin log lines dropped"
             );
         }
-        match result {
+        let mut outcome = match result {
             // The call returned, but only after a wait cut at its deadline:
             // it is as late as if it had been interrupted.
             Ok(_) if overran => Err(timeout_failure(timeout)),
@@ -593,13 +566,19 @@ impl Instance {
                         .map(|(k, v)| (clip(&k, MAX_NAME), clip(&v, MAX_ERROR_TEXT)))
                         .collect(),
                     backtrace: None,
+                    output: None,
                 })
             }
             Err(e) => {
                 self.broken = true;
                 Err(classify_trap(&self.store, e, timeout))
             }
+        };
+        let output = self.store.data().output.take();
+        if let Err(f) = &mut outcome {
+            f.output = output;
         }
+        outcome
     }
 }
 

@@ -91,8 +91,9 @@ impl HostWallClock for FrozenClock {
     }
 }
 
-/// Builds the WASI context of one instance: nothing unless granted.
-pub fn wasi_ctx(grants: &Grants) -> Result<WasiCtx> {
+/// Builds the WASI context of one instance: nothing unless granted. Without
+/// the `stdio` grant, stdout and stderr go to `tail`.
+pub fn wasi_ctx(grants: &Grants, tail: &OutputTail) -> Result<WasiCtx> {
     let mut b = WasiCtxBuilder::new();
     // Blocking host I/O (granted files) is short; doing it on the handler's
     // thread avoids a thread hop per call.
@@ -128,6 +129,9 @@ pub fn wasi_ctx(grants: &Grants) -> Result<WasiCtx> {
     if grants.stdio {
         b.inherit_stdout();
         b.inherit_stderr();
+    } else {
+        b.stdout(tail.clone());
+        b.stderr(tail.clone());
     }
     b.allow_udp(false);
     b.allow_ip_name_lookup(false);
@@ -145,4 +149,113 @@ pub fn wasi_ctx(grants: &Grants) -> Result<WasiCtx> {
         });
     }
     Ok(b.build())
+}
+
+/// How much of a plugin's stdout/stderr is kept per call: enough for a panic
+/// message and its location.
+const OUTPUT_TAIL: usize = 4096;
+
+/// Keeps the end of what a plugin writes to stdout and stderr during one
+/// call, so a failure record can show it (a Rust panic message, say). It
+/// never refuses a write: a guest that panics when stderr fails must not be
+/// made to fail by the capture.
+#[derive(Clone, Default)]
+pub struct OutputTail(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl OutputTail {
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut buf = self.buffer();
+        buf.extend_from_slice(bytes);
+        if buf.len() > 2 * OUTPUT_TAIL {
+            let cut = buf.len() - OUTPUT_TAIL;
+            buf.drain(..cut);
+        }
+    }
+
+    /// Forgets what the previous call wrote.
+    pub fn clear(&self) {
+        self.buffer().clear();
+    }
+
+    /// The end of what was written since the last `clear`, if anything.
+    pub fn take(&self) -> Option<String> {
+        let mut buf = self.buffer();
+        if buf.is_empty() {
+            return None;
+        }
+        let start = buf.len().saturating_sub(OUTPUT_TAIL);
+        let text = String::from_utf8_lossy(&buf[start..]).into_owned();
+        buf.clear();
+        Some(text)
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for OutputTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for OutputTail {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(TailStream(self.clone()))
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(TailStream(self.clone()))
+    }
+}
+
+struct TailStream(OutputTail);
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::OutputStream for TailStream {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.0.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::Pollable for TailStream {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for TailStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }

@@ -3,9 +3,11 @@
 //! Each route has a queue (rows of `queue` with its name). Enqueueing an
 //! event writes one row per consuming route; a command, one row for its
 //! handler. Settling a batch deletes the handled rows and inserts their
-//! outputs, replies and failures in a single transaction, so a crash leaves
-//! either the inputs or the outputs, never neither. Messages are removed only
-//! then: a killed host redelivers whatever it had not settled.
+//! outputs, replies and scheduled retries in a single transaction, so a crash
+//! leaves either the inputs or their outcome, never neither. Messages are
+//! removed only then: a killed host redelivers whatever it had not settled.
+//! A delayed retry waits in `scheduled` and moves back to `queue` (with a new
+//! sequence number) when it is due.
 //!
 //! One host consumes a store at a time (it holds `<db>.lock`); other
 //! processes, such as `switchyard send`, may enqueue concurrently, and an
@@ -23,7 +25,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::Notify;
 
-use super::{Delivery, FailureRecord, Outcome, Settlement, Subscription, Topology, Transport};
+use super::{Delivery, Outcome, Settlement, Subscription, Topology, Transport};
 use crate::config::EmbeddedConfig;
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
 
@@ -48,11 +50,13 @@ CREATE TABLE IF NOT EXISTS queue (
     partition_key  TEXT,
     created_at_ms  INTEGER NOT NULL,
     attempt        INTEGER NOT NULL,
+    history        TEXT NOT NULL,
     enqueued_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS queue_by_route ON queue (route, seq);
 
-CREATE TABLE IF NOT EXISTS failed (
+-- Delayed retries: moved to `queue` when due.
+CREATE TABLE IF NOT EXISTS scheduled (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     route          TEXT NOT NULL,
     id             TEXT NOT NULL,
@@ -67,15 +71,10 @@ CREATE TABLE IF NOT EXISTS failed (
     partition_key  TEXT,
     created_at_ms  INTEGER NOT NULL,
     attempt        INTEGER NOT NULL,
-    error_kind     TEXT NOT NULL,
-    error_message  TEXT NOT NULL,
-    error_code     TEXT,
-    error_details  TEXT NOT NULL,
-    backtrace      TEXT,
-    plugin         TEXT NOT NULL,
-    plugin_digest  TEXT NOT NULL,
-    failed_at_ms   INTEGER NOT NULL
+    history        TEXT NOT NULL,
+    due_at_ms      INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS scheduled_by_route ON scheduled (route, due_at_ms);
 
 CREATE TABLE IF NOT EXISTS replies (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,7 +89,7 @@ CREATE TABLE IF NOT EXISTS replies (
 CREATE INDEX IF NOT EXISTS replies_by_address ON replies (address);
 ";
 
-const ENVELOPE_COLUMNS: &str = "id, type, kind, payload, content_type, headers, correlation_id, causation_id, reply_to, partition_key, created_at_ms, attempt";
+const ENVELOPE_COLUMNS: &str = "id, type, kind, payload, content_type, headers, correlation_id, causation_id, reply_to, partition_key, created_at_ms, attempt, history";
 
 /// The embedded transport over one SQLite file.
 #[derive(Clone)]
@@ -230,42 +229,17 @@ impl EmbeddedTransport {
         .await
     }
 
-    /// Messages kept after a failure, oldest first.
-    pub async fn failed(&self) -> Result<Vec<FailedMessage>> {
+    /// Delayed retries waiting per route, with the earliest due time.
+    pub async fn scheduled(&self) -> Result<Vec<(String, u64, u64)>> {
         self.blocking(|s| {
             let conn = lock(&s.writer);
-            let mut stmt = conn.prepare(&format!(
-                "SELECT route, {ENVELOPE_COLUMNS}, error_kind, error_message, error_code, error_details, backtrace, plugin, plugin_digest, failed_at_ms FROM failed ORDER BY seq"
-            ))?;
-            let mut rows = stmt.query([])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let route: String = row.get(0)?;
-                let id = row
-                    .get::<_, rusqlite::types::Value>(1)
-                    .map(|v| match v {
-                        rusqlite::types::Value::Text(t) => t,
-                        other => format!("{other:?}"),
-                    })?;
-                let envelope = read_envelope(row, 1);
-                let details: String = row.get(16)?;
-                out.push(FailedMessage {
-                    route,
-                    id,
-                    envelope,
-                    failure: FailureRecord {
-                        kind: row.get(13)?,
-                        message: row.get(14)?,
-                        code: row.get(15)?,
-                        details: serde_json::from_str(&details).unwrap_or_default(),
-                        backtrace: row.get(17)?,
-                        plugin: row.get(18)?,
-                        plugin_digest: row.get(19)?,
-                        failed_at_ms: row.get::<_, i64>(20)?.unsigned_abs(),
-                    },
-                });
-            }
-            Ok(out)
+            let mut stmt = conn.prepare(
+                "SELECT route, COUNT(*), MIN(due_at_ms) FROM scheduled GROUP BY route ORDER BY route",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.unsigned_abs(), r.get::<_, i64>(2)?.unsigned_abs()))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -314,18 +288,6 @@ impl EmbeddedTransport {
     }
 }
 
-/// A message kept after its handler failed.
-#[derive(Clone, Debug)]
-pub struct FailedMessage {
-    pub route: String,
-    /// The message id as stored, even when the rest does not decode.
-    pub id: String,
-    /// The message, or why its stored row does not decode (it was moved here
-    /// as `malformed`).
-    pub envelope: Result<Envelope, String>,
-    pub failure: FailureRecord,
-}
-
 fn lock_path(db: &Path) -> PathBuf {
     let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".lock");
@@ -366,6 +328,7 @@ fn read_envelope(row: &rusqlite::Row<'_>, first: usize) -> Result<Envelope, Stri
     let kind: String = col(row, first + 2, "kind")?;
     let headers: String = col(row, first + 5, "headers")?;
     let attempt: i64 = col(row, first + 11, "attempt")?;
+    let history: String = col(row, first + 12, "history")?;
     Ok(Envelope {
         id: col(row, first, "id")?,
         message_type: col(row, first + 1, "type")?,
@@ -382,29 +345,54 @@ fn read_envelope(row: &rusqlite::Row<'_>, first: usize) -> Result<Envelope, Stri
         created_at_ms: col::<i64>(row, first + 10, "created_at_ms")?.unsigned_abs(),
         attempt: u32::try_from(attempt)
             .map_err(|_| format!("column attempt: {attempt} is out of range"))?,
+        history: serde_json::from_str(&history).map_err(|e| format!("column history: {e}"))?,
     })
 }
 
-/// Moves a row that does not decode from the queue to `failed`, untouched,
-/// so one bad row neither stalls its route nor disappears.
-fn quarantine(conn: &mut Connection, seq: i64, reason: &str) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(
-        &format!(
-            "INSERT INTO failed (route, {ENVELOPE_COLUMNS}, error_kind, error_message, error_code, error_details, backtrace, plugin, plugin_digest, failed_at_ms)
-             SELECT route, {ENVELOPE_COLUMNS}, 'malformed', ?2, NULL, '[]', NULL, '', '', ?3 FROM queue WHERE seq = ?1"
-        ),
-        params![seq, reason, to_i64(now_ms())],
-    )?;
-    tx.execute("DELETE FROM queue WHERE seq = ?1", params![seq])?;
-    tx.commit()
+/// What can be read of a row that does not decode: every column that is
+/// readable as its type, the rest empty, so the dead letter keeps it.
+fn salvage_envelope(row: &rusqlite::Row<'_>, first: usize) -> Envelope {
+    use rusqlite::types::Value;
+    let text = |i: usize| match row.get::<_, Value>(i) {
+        Ok(Value::Text(t)) => t,
+        Ok(Value::Blob(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(Value::Integer(n)) => n.to_string(),
+        Ok(Value::Real(f)) => f.to_string(),
+        _ => String::new(),
+    };
+    let opt = |i: usize| row.get::<_, Option<String>>(i).ok().flatten();
+    let raw_headers = text(first + 5);
+    Envelope {
+        id: text(first),
+        message_type: text(first + 1),
+        kind: Kind::parse(&text(first + 2)).unwrap_or(Kind::Event),
+        payload: match row.get::<_, Value>(first + 3) {
+            Ok(Value::Blob(b)) => b,
+            Ok(Value::Text(t)) => t.into_bytes(),
+            _ => Vec::new(),
+        },
+        content_type: text(first + 4),
+        headers: serde_json::from_str(&raw_headers)
+            .unwrap_or_else(|_| vec![("switchyard-unreadable-headers".to_owned(), raw_headers)]),
+        correlation_id: opt(first + 6),
+        causation_id: opt(first + 7),
+        reply_to: opt(first + 8),
+        partition_key: opt(first + 9),
+        created_at_ms: row.get::<_, i64>(first + 10).map_or(0, i64::unsigned_abs),
+        attempt: row
+            .get::<_, i64>(first + 11)
+            .ok()
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(1),
+        history: Vec::new(),
+    }
 }
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Binds `route` and the envelope columns to parameters 1 to 13 of `stmt`;
+/// Binds `route` and the envelope columns to parameters 1 to 14 of `stmt`;
 /// the caller binds the rest and executes.
 fn bind_envelope(
     stmt: &mut rusqlite::CachedStatement<'_>,
@@ -423,7 +411,12 @@ fn bind_envelope(
     stmt.raw_bind_parameter(10, &e.reply_to)?;
     stmt.raw_bind_parameter(11, &e.partition_key)?;
     stmt.raw_bind_parameter(12, to_i64(e.created_at_ms))?;
-    stmt.raw_bind_parameter(13, e.attempt)
+    stmt.raw_bind_parameter(13, e.attempt)?;
+    // Attempt records are plain data: serializing cannot fail.
+    stmt.raw_bind_parameter(
+        14,
+        serde_json::to_string(&e.history).unwrap_or_else(|_| "[]".into()),
+    )
 }
 
 /// Inserts one delivery of `e` into `route`'s queue.
@@ -434,73 +427,76 @@ fn insert_queued(
     now: u64,
 ) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
-        "INSERT INTO queue (route, {ENVELOPE_COLUMNS}, enqueued_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+        "INSERT INTO queue (route, {ENVELOPE_COLUMNS}, enqueued_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
     ))?;
     bind_envelope(&mut stmt, route, e)?;
-    stmt.raw_bind_parameter(14, to_i64(now))?;
+    stmt.raw_bind_parameter(15, to_i64(now))?;
     stmt.raw_execute()?;
     Ok(())
 }
 
-/// Keeps a failed delivery with its failure.
-fn insert_failed(
+/// Schedules a delayed retry of `e` on `route`.
+fn insert_scheduled(
     tx: &Transaction<'_>,
     route: &str,
     e: &Envelope,
-    f: &FailureRecord,
+    due_at_ms: u64,
 ) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
-        "INSERT INTO failed (route, {ENVELOPE_COLUMNS}, error_kind, error_message, error_code, error_details, backtrace, plugin, plugin_digest, failed_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+        "INSERT INTO scheduled (route, {ENVELOPE_COLUMNS}, due_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
     ))?;
     bind_envelope(&mut stmt, route, e)?;
-    stmt.raw_bind_parameter(14, &f.kind)?;
-    stmt.raw_bind_parameter(15, &f.message)?;
-    stmt.raw_bind_parameter(16, &f.code)?;
-    stmt.raw_bind_parameter(17, headers_json(&f.details))?;
-    stmt.raw_bind_parameter(18, &f.backtrace)?;
-    stmt.raw_bind_parameter(19, &f.plugin)?;
-    stmt.raw_bind_parameter(20, &f.plugin_digest)?;
-    stmt.raw_bind_parameter(21, to_i64(f.failed_at_ms))?;
+    stmt.raw_bind_parameter(15, to_i64(due_at_ms))?;
     stmt.raw_execute()?;
     Ok(())
 }
 
+/// Moves the due retries of `route` back into its queue; returns how many.
+fn promote_due(conn: &mut Connection, route: &str, now: u64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let moved = tx.execute(
+        &format!(
+            "INSERT INTO queue (route, {ENVELOPE_COLUMNS}, enqueued_at_ms)
+             SELECT route, {ENVELOPE_COLUMNS}, ?2 FROM scheduled WHERE route = ?1 AND due_at_ms <= ?2 ORDER BY due_at_ms, seq"
+        ),
+        params![route, to_i64(now)],
+    )?;
+    tx.execute(
+        "DELETE FROM scheduled WHERE route = ?1 AND due_at_ms <= ?2",
+        params![route, to_i64(now)],
+    )?;
+    tx.commit()?;
+    Ok(moved)
+}
+
+/// When the next retry of `route` is due.
+fn next_due(conn: &Connection, route: &str) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT MIN(due_at_ms) FROM scheduled WHERE route = ?1",
+        params![route],
+        |r| r.get::<_, Option<i64>>(0),
+    )
+    .map(|v| v.map(i64::unsigned_abs))
+}
+
 impl Shared {
-    /// Writes one delivery per destination route; returns the routes touched.
-    /// A command with no handler is kept in `failed` as unroutable rather
-    /// than dropped.
+    /// Writes one delivery per destination route; records the routes
+    /// touched. An event nobody consumes is dropped (events may have zero
+    /// consumers); a command with no handler is refused, never dropped.
     fn route_into(
         &self,
         tx: &Transaction<'_>,
         e: &Envelope,
         now: u64,
         touched: &mut Vec<String>,
-    ) -> rusqlite::Result<usize> {
+    ) -> Result<usize> {
         let destinations = self.topology.destinations(&e.message_type);
-        if destinations.is_empty() {
-            if e.kind == Kind::Command {
-                insert_failed(
-                    tx,
-                    "",
-                    e,
-                    &FailureRecord {
-                        kind: "unroutable".into(),
-                        message: format!(
-                            "no plugin in this pipeline handles command {}",
-                            e.message_type
-                        ),
-                        code: None,
-                        details: Vec::new(),
-                        backtrace: None,
-                        plugin: String::new(),
-                        plugin_digest: String::new(),
-                        failed_at_ms: now,
-                    },
-                )?;
-                tracing::warn!(message.type = %e.message_type, message.id = %e.id, "Command has no handler; kept as unroutable");
-            }
-            return Ok(0);
+        if destinations.is_empty() && e.kind == Kind::Command {
+            bail!(
+                "no plugin in this pipeline handles command {} (message {})",
+                e.message_type,
+                e.id
+            );
         }
         for route in destinations {
             insert_queued(tx, route, e, now)?;
@@ -520,11 +516,13 @@ impl Transport for EmbeddedTransport {
             .cloned()
             .with_context(|| format!("route {route} is not part of this pipeline"))?;
         let reader = open_connection(&self.shared.path, self.shared.config.fsync)?;
+        let next_due = next_due(&reader, route)?;
         Ok(Box::new(EmbeddedSubscription {
             transport: self.clone(),
             route: route.to_owned(),
             reader: Arc::new(Mutex::new(reader)),
             cursor: 0,
+            next_due,
             waker,
         }))
     }
@@ -548,11 +546,33 @@ impl Transport for EmbeddedTransport {
         Ok(stored)
     }
 
+    async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()> {
+        if !self.shared.wakers.contains_key(route) {
+            bail!("route {route} is not part of this pipeline");
+        }
+        let route = route.to_owned();
+        let woken = route.clone();
+        self.blocking(move |s| {
+            let mut conn = lock(&s.writer);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ms();
+            for e in &messages {
+                insert_queued(&tx, &route, e, now)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await?;
+        self.wake([woken]);
+        Ok(())
+    }
+
     async fn is_idle(&self) -> Result<bool> {
         self.blocking(|s| {
             let conn = lock(&s.writer);
-            let mut stmt =
-                conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1)")?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1) OR EXISTS (SELECT 1 FROM scheduled WHERE route = ?1)",
+            )?;
             for route in s.topology.route_names() {
                 let busy: bool = stmt.query_row(params![route], |r| r.get(0))?;
                 if busy {
@@ -594,6 +614,9 @@ pub struct EmbeddedSubscription {
     /// Highest sequence number handed out. Rows at or below it are in flight
     /// until settled; a restart begins again from zero.
     cursor: i64,
+    /// When this route's earliest delayed retry is due. Only this route
+    /// schedules its retries, so it always knows.
+    next_due: Option<u64>,
     waker: Arc<Notify>,
 }
 
@@ -602,8 +625,19 @@ impl Subscription for EmbeddedSubscription {
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let poll = self.transport.shared.config.poll_interval;
         loop {
+            if self.next_due.is_some_and(|due| due <= now_ms()) {
+                let route = self.route.clone();
+                self.next_due = self
+                    .transport
+                    .blocking(move |s| {
+                        let mut conn = lock(&s.writer);
+                        let moved = promote_due(&mut conn, &route, now_ms())?;
+                        tracing::debug!(route = %route, moved, "Delayed retries are due");
+                        Ok(next_due(&conn, &route)?)
+                    })
+                    .await?;
+            }
             let reader = self.reader.clone();
-            let writer = self.transport.shared.clone();
             let route = self.route.clone();
             let cursor = self.cursor;
             let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -614,23 +648,17 @@ impl Subscription for EmbeddedSubscription {
                 ))?;
                 let mut rows = stmt.query(params![route, cursor, limit])?;
                 let mut out = Vec::new();
-                let mut malformed = Vec::new();
                 while let Some(row) = rows.next()? {
                     let seq: i64 = row.get(0)?;
-                    match read_envelope(row, 1) {
-                        Ok(envelope) => out.push(Delivery {
-                            envelope,
-                            receipt: seq.unsigned_abs(),
-                        }),
-                        Err(reason) => malformed.push((seq, reason)),
-                    }
-                }
-                drop(rows);
-                drop(stmt);
-                drop(conn);
-                for (seq, reason) in malformed {
-                    tracing::error!(route = %route, seq, error = %reason, "Malformed message in the queue; moved to the failed table");
-                    quarantine(&mut lock(&writer.writer), seq, &reason)?;
+                    let (envelope, malformed) = match read_envelope(row, 1) {
+                        Ok(envelope) => (envelope, None),
+                        Err(reason) => (salvage_envelope(row, 1), Some(reason)),
+                    };
+                    out.push(Delivery {
+                        envelope,
+                        receipt: seq.unsigned_abs(),
+                        malformed,
+                    });
                 }
                 Ok(out)
             })
@@ -640,9 +668,13 @@ impl Subscription for EmbeddedSubscription {
                 self.cursor = to_i64(last.receipt);
                 return Ok(batch);
             }
+            let wait = match self.next_due {
+                Some(due) => poll.min(Duration::from_millis(due.saturating_sub(now_ms()))),
+                None => poll,
+            };
             tokio::select! {
                 _ = self.waker.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -660,6 +692,13 @@ impl Subscription for EmbeddedSubscription {
         }
         let route = self.route.clone();
         let first = batch.iter().map(|s| s.delivery.receipt).min().unwrap_or(0);
+        let earliest_retry = batch
+            .iter()
+            .filter_map(|s| match &s.outcome {
+                Outcome::Retry { not_before_ms, .. } => Some(*not_before_ms),
+                _ => None,
+            })
+            .min();
         let result = self
             .transport
             .blocking(move |s| {
@@ -692,7 +731,10 @@ impl Subscription for EmbeddedSubscription {
                                 ])?;
                             }
                         }
-                        Outcome::Failed(f) => insert_failed(&tx, &route, &settlement.delivery.envelope, f)?,
+                        Outcome::Retry { message, not_before_ms } => {
+                            insert_scheduled(&tx, &route, message, *not_before_ms)?;
+                        }
+                        Outcome::DeadLettered => {}
                     }
                 }
                 tx.commit()?;
@@ -702,6 +744,9 @@ impl Subscription for EmbeddedSubscription {
         match result {
             Ok(touched) => {
                 self.transport.wake(touched);
+                if let Some(due) = earliest_retry {
+                    self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
+                }
                 Ok(())
             }
             Err(e) => {

@@ -64,6 +64,10 @@ pub struct Delivery {
     pub envelope: Envelope,
     /// Transport-specific position (the embedded queue's sequence number).
     pub receipt: u64,
+    /// Set when the stored message could not be decoded: the envelope holds
+    /// what could be read (the payload untouched), and this says what is
+    /// wrong. No plugin is called; the message is dead-lettered.
+    pub malformed: Option<String>,
 }
 
 /// What happened to a delivery, to be made durable by [`Subscription::settle`].
@@ -75,24 +79,15 @@ pub enum Outcome {
         outputs: Vec<Envelope>,
         reply: Option<Reply>,
     },
-    /// Not handled: the delivery is kept with the failure.
-    Failed(FailureRecord),
-}
-
-/// A failure as the transport stores it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FailureRecord {
-    /// `transient`, `permanent`, `trap`, `timeout`, `out-of-memory`,
-    /// `contract-violation` or `unroutable`.
-    pub kind: String,
-    pub message: String,
-    pub code: Option<String>,
-    pub details: Vec<(String, String)>,
-    pub backtrace: Option<String>,
-    /// Name and version of the plugin that failed, e.g. `orders@1.0.0`.
-    pub plugin: String,
-    pub plugin_digest: String,
-    pub failed_at_ms: u64,
+    /// Failed, to be tried again: the message (with its attempt count and
+    /// history) is scheduled durably, and only then the delivery removed.
+    Retry {
+        message: Envelope,
+        not_before_ms: u64,
+    },
+    /// Failed for good: its dead letter is already durable; the delivery is
+    /// removed.
+    DeadLettered,
 }
 
 /// One settled delivery.
@@ -112,7 +107,12 @@ pub trait Transport: Send + Sync {
     /// Returns how many deliveries were stored (one per destination route).
     async fn enqueue(&self, messages: Vec<Envelope>) -> Result<usize>;
 
-    /// True when no message is waiting or in flight on any route.
+    /// Enqueues messages for one route only, whatever their type's other
+    /// consumers (replays go back to the route that failed them).
+    async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()>;
+
+    /// True when no message is waiting, scheduled for a retry, or in flight
+    /// on any route of the pipeline.
     async fn is_idle(&self) -> Result<bool>;
 }
 

@@ -89,3 +89,18 @@ pub fn write_pipeline(dir: &Path, name: &str, toml: &str) -> PathBuf {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
 }
+
+/// Every dead letter of a pipeline, oldest failure first.
+pub async fn dead_letters(
+    pipeline: &switchyard::config::Pipeline,
+) -> Vec<switchyard::dlq::DeadLetter> {
+    let store = switchyard::dlq::open(&pipeline.dead_letters, &pipeline.name)
+        .await
+        .expect("dead-letter store");
+    let mut all = store
+        .list(&switchyard::dlq::Filter::default())
+        .await
+        .expect("list dead letters");
+    all.reverse();
+    all
+}

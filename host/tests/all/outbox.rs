@@ -9,7 +9,7 @@ use switchyard::envelope::Kind;
 use switchyard::runtime::{self, RunMode};
 use switchyard::transport::Transport;
 
-use crate::common::{message, misbehave, write_pipeline};
+use crate::common::{dead_letters, message, misbehave, write_pipeline};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_attempt_publishes_sends_and_replies_nothing() {
@@ -21,6 +21,9 @@ async fn a_failed_attempt_publishes_sends_and_replies_nothing() {
         r#"
         [host]
         cache_dir = "{cache}"
+        [defaults.retry]
+        immediate = 1
+        delayed = 0
         [plugins.rogue]
         wasm = "{dist}/rogue.wasm"
         commands = ["Misbehave", "Sent"]
@@ -66,16 +69,16 @@ async fn a_failed_attempt_publishes_sends_and_replies_nothing() {
     assert_eq!(reply.in_reply_to, ok.id);
     assert_eq!(reply.payload, br#""ok""#);
     // The failed message itself is kept, with its error.
-    let failed = transport.failed().await.unwrap();
+    let failed = dead_letters(&pipeline).await;
     assert_eq!(failed.len(), 1, "{failed:?}");
-    assert_eq!(failed[0].id, failing.id);
-    assert_eq!(
-        failed[0].envelope.as_ref().unwrap().payload,
-        failing.payload
-    );
-    assert_eq!(failed[0].failure.kind, "transient");
-    assert_eq!(failed[0].failure.plugin, "rogue@0.1.0");
-    assert!(failed[0].failure.plugin_digest.starts_with("sha256:"));
+    assert_eq!(failed[0].message.id, failing.id);
+    assert_eq!(failed[0].message.payload, failing.payload);
+    assert_eq!(failed[0].error.kind, "transient");
+    assert_eq!(failed[0].route, "rogue");
+    assert_eq!(failed[0].plugin_version, "0.1.0");
+    assert!(failed[0].plugin_digest.starts_with("sha256:"));
+    // One immediate retry, also failed, also published nothing.
+    assert_eq!(failed[0].attempts.len(), 2, "{:?}", failed[0].attempts);
     assert!(transport.is_idle().await.unwrap());
 }
 
@@ -95,6 +98,7 @@ async fn outputs_carry_correlation_and_causation() {
         wasm = "{dist}/payments.wasm"
         commands = ["ChargePayment"]
         timeout = "1s"
+        retry = { immediate = 0, delayed = 0 }
         "#,
     );
     let pipeline = config::load(&path).unwrap().pipeline;
@@ -112,9 +116,9 @@ async fn outputs_carry_correlation_and_causation() {
         .unwrap();
     // 113 cents: the payment gateway fails on the first attempt, so the
     // ChargePayment command the orders plugin sent is kept, and shows its links.
-    let failed = transport.failed().await.unwrap();
+    let failed = dead_letters(&pipeline).await;
     assert_eq!(failed.len(), 1, "{failed:?}");
-    let charge = failed[0].envelope.as_ref().unwrap();
+    let charge = &failed[0].message;
     assert_eq!(charge.message_type, "ChargePayment");
     assert_eq!(charge.kind, Kind::Command);
     assert_eq!(charge.correlation_id.as_deref(), Some("flow-42"));
@@ -135,6 +139,7 @@ async fn a_stuck_plugin_does_not_stall_other_routes() {
         wasm = "{dist}/rogue.wasm"
         commands = ["Misbehave", "Sent"]
         timeout = "400ms"
+        retry = { immediate = 0, delayed = 0 }
         [plugins.echo]
         wasm = "{dist}/echo.wasm"
         events = ["Tick"]
@@ -180,9 +185,9 @@ async fn a_stuck_plugin_does_not_stall_other_routes() {
     let _ = stop_tx.send(());
     host.await.unwrap().unwrap();
     assert!(echo_done_while_rogue_busy, "echo waited for rogue");
-    let failed = transport.failed().await.unwrap();
+    let failed = dead_letters(&pipeline).await;
     assert_eq!(failed.len(), 3, "{failed:?}");
-    assert!(failed.iter().all(|f| f.failure.kind == "timeout"));
+    assert!(failed.iter().all(|f| f.error.kind == "timeout"));
     assert!(
         transport.is_idle().await.unwrap(),
         "the ok message after the loops was handled"
@@ -215,9 +220,9 @@ async fn a_malformed_stored_message_is_set_aside_and_the_route_goes_on() {
     {
         let conn = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
         conn.execute(
-            "INSERT INTO queue (route, id, type, kind, payload, content_type, headers, created_at_ms, attempt, enqueued_at_ms)
-             VALUES ('echo', 'bad-kind', 'Tick', 'gossip', x'00', 'application/json', '[]', 0, 1, 0),
-                    ('echo', 'bad-headers', 'Tick', 'event', x'00', 'application/json', '{oops', 0, 1, 0)",
+            "INSERT INTO queue (route, id, type, kind, payload, content_type, headers, created_at_ms, attempt, history, enqueued_at_ms)
+             VALUES ('echo', 'bad-kind', 'Tick', 'gossip', x'00', 'application/json', '[]', 0, 1, '[]', 0),
+                    ('echo', 'bad-headers', 'Tick', 'event', x'00', 'application/json', '{oops', 0, 1, '[]', 0)",
             [],
         )
         .unwrap();
@@ -232,23 +237,34 @@ async fn a_malformed_stored_message_is_set_aside_and_the_route_goes_on() {
         .await
         .unwrap();
 
-    let failed = transport.failed().await.unwrap();
-    let ids: Vec<&str> = failed.iter().map(|f| f.id.as_str()).collect();
-    assert_eq!(ids, ["bad-kind", "bad-headers"]);
-    assert!(failed.iter().all(|f| f.failure.kind == "malformed"));
+    let mut failed = dead_letters(&pipeline).await;
+    failed.sort_by(|a, b| a.message.id.cmp(&b.message.id));
+    let ids: Vec<&str> = failed.iter().map(|f| f.message.id.as_str()).collect();
+    assert_eq!(ids, ["bad-headers", "bad-kind"]);
+    assert!(failed.iter().all(|f| f.error.kind == "malformed"));
+    assert!(failed.iter().all(|f| f.attempts.len() == 1));
     assert!(
-        failed[0]
-            .failure
+        failed[1]
+            .error
             .message
             .contains("`gossip` is neither command nor event"),
         "{:?}",
-        failed[0]
-    );
-    assert!(
-        failed[1].failure.message.contains("column headers"),
-        "{:?}",
         failed[1]
     );
+    assert!(
+        failed[0].error.message.contains("column headers"),
+        "{:?}",
+        failed[0]
+    );
+    // What could not be parsed is kept as it was.
+    assert_eq!(
+        failed[0].message.headers,
+        vec![(
+            "switchyard-unreadable-headers".to_owned(),
+            "{oops".to_owned()
+        )]
+    );
+    assert_eq!(failed[1].message.payload, vec![0]);
     assert!(
         transport.is_idle().await.unwrap(),
         "the good messages around them were handled"
@@ -268,6 +284,7 @@ async fn shutdown_waits_for_one_message_not_the_whole_batch() {
         wasm = "{dist}/rogue.wasm"
         commands = ["Misbehave", "Sent"]
         timeout = "500ms"
+        retry = { immediate = 0, delayed = 0 }
         "#,
     );
     let pipeline = config::load(&path).unwrap().pipeline;
@@ -296,7 +313,7 @@ async fn shutdown_waits_for_one_message_not_the_whole_batch() {
         .iter()
         .map(|(_, d)| d)
         .sum();
-    let failed = transport.failed().await.unwrap().len() as u64;
+    let failed = dead_letters(&pipeline).await.len() as u64;
     assert_eq!(
         depth + failed,
         6,
@@ -346,7 +363,7 @@ async fn a_plugin_that_cannot_start_fails_no_message() {
     .await
     .unwrap();
     assert!(
-        transport.failed().await.unwrap().is_empty(),
+        dead_letters(&pipeline).await.is_empty(),
         "no message is blamed"
     );
     assert_eq!(

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use switchyard::config::{DirGrant, Grants, Limits};
 use switchyard::dispatch::Worker;
 use switchyard::plugin::{FailureKind, Output};
+use switchyard::recover::RetryPolicy;
 
 use crate::common::{load_with, misbehave};
 
@@ -30,7 +31,7 @@ fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_message_is_served() 
         limits(64, Duration::from_millis(200)),
         Grants::default(),
     );
-    let mut worker = Worker::new(rogue);
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
     let started = Instant::now();
     let failure = worker.handle(&mut misbehave("loop")).unwrap().unwrap_err();
     let took = started.elapsed();
@@ -55,7 +56,7 @@ fn a_memory_bomb_is_stopped_by_the_cap_and_the_next_message_is_served() {
         limits(16, Duration::from_secs(10)),
         Grants::default(),
     );
-    let mut worker = Worker::new(rogue);
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
     let failure = worker.handle(&mut misbehave("oom")).unwrap().unwrap_err();
     assert_eq!(failure.kind, FailureKind::OutOfMemory, "{failure}");
     assert!(failure.message.contains("16 MiB"), "{failure}");
@@ -69,7 +70,7 @@ fn a_memory_bomb_is_stopped_by_the_cap_and_the_next_message_is_served() {
 #[test]
 fn a_panic_is_a_trap_with_a_named_wasm_backtrace() {
     let rogue = load_with("rogue", Limits::default(), Grants::default());
-    let mut worker = Worker::new(rogue);
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
     let failure = worker.handle(&mut misbehave("panic")).unwrap().unwrap_err();
     assert_eq!(failure.kind, FailureKind::Trap, "{failure}");
     assert!(failure.message.contains("wasm trap"), "{failure}");
@@ -85,7 +86,7 @@ fn a_panic_is_a_trap_with_a_named_wasm_backtrace() {
 fn without_grants_there_is_no_file_env_or_clock() {
     // The test process has an environment (PATH at least); none of it leaks.
     let rogue = load_with("rogue", Limits::default(), Grants::default());
-    let mut worker = Worker::new(rogue);
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
     let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap().unwrap());
     assert!(seen["file"].as_str().unwrap().starts_with("Err("), "{seen}");
     assert!(seen["dir"].as_str().unwrap().starts_with("Err("), "{seen}");
@@ -114,7 +115,7 @@ fn grants_open_exactly_what_they_name() {
         ..Grants::default()
     };
     let rogue = load_with("rogue", Limits::default(), grants);
-    let mut worker = Worker::new(rogue);
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
     let seen = reply_json(&worker.handle(&mut misbehave("sandbox")).unwrap().unwrap());
     assert_eq!(seen["file"], "Ok(\"sandboxed\\n\")", "{seen}");
     // `/` itself is not granted, only `/etc`.
@@ -135,7 +136,7 @@ fn a_sleep_in_the_host_is_cut_at_the_deadline() {
         limits(64, Duration::from_millis(300)),
         Grants::default(),
     );
-    let mut worker = Worker::new(rogue);
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
     let started = Instant::now();
     let failure = worker.handle(&mut misbehave("sleep")).unwrap().unwrap_err();
     let took = started.elapsed();

@@ -1,0 +1,136 @@
+//! Replaying dead letters: back through the route that failed them, to the
+//! plugin version running now.
+//!
+//! Each batch is marked `replaying` (and counted) in the dead-letter store,
+//! enqueued on the transport, then marked `replayed`. A replay killed
+//! between the last two steps leaves records `replaying`; the next replay
+//! picks them up again and reports them, because their messages may now be
+//! delivered twice. No record is ever lost: it is either replayed (and
+//! marked) or still present.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+
+use super::{DeadLetter, DeadLetterStore, Filter, Status};
+use crate::envelope::Envelope;
+use crate::transport::Transport;
+
+/// How a replay runs.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// List what would be replayed; change nothing.
+    pub dry_run: bool,
+    /// Replay even records that reached the loop guard.
+    pub force: bool,
+    /// The loop guard: records replayed this often are skipped.
+    pub max_replays: u32,
+    /// Records per batch (one store transaction and one enqueue each).
+    pub batch_size: usize,
+    /// At most this many records per second, to spare downstream systems.
+    pub rate: Option<f64>,
+    /// Routes the pipeline has; records of other routes are skipped.
+    pub routes: Vec<String>,
+}
+
+/// Why a record was not replayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// It was replayed `max_replays` times already and keeps failing.
+    LoopGuard { replays: u32 },
+    /// Its route is not part of this pipeline any more.
+    UnknownRoute,
+}
+
+/// What a replay did (or, for a dry run, would do).
+#[derive(Clone, Debug, Default)]
+pub struct ReplayReport {
+    /// Records replayed (for a dry run: that would be).
+    pub replayed: Vec<DeadLetter>,
+    pub skipped: Vec<(DeadLetter, Skip)>,
+    /// Records found `replaying` from an interrupted replay and replayed
+    /// again: their messages may be delivered twice.
+    pub resumed: usize,
+}
+
+/// The records a filter selects that a replay may act on.
+pub async fn candidates(store: &dyn DeadLetterStore, filter: &Filter) -> Result<Vec<DeadLetter>> {
+    let mut filter = filter.clone();
+    if filter.statuses.is_empty() {
+        filter.statuses = vec![Status::Dead, Status::Replaying];
+    }
+    let mut records = store.list(&filter).await?;
+    // Oldest failures first: replay in the order things broke.
+    records.reverse();
+    Ok(records)
+}
+
+/// Replays `records`, calling `progress(done, total)` after each batch.
+pub async fn replay(
+    store: &dyn DeadLetterStore,
+    transport: &dyn Transport,
+    records: Vec<DeadLetter>,
+    options: &ReplayOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ReplayReport> {
+    let mut report = ReplayReport::default();
+    let mut todo = Vec::new();
+    for r in records {
+        if !options.routes.contains(&r.route) {
+            report.skipped.push((r, Skip::UnknownRoute));
+        } else if r.replay_count >= options.max_replays && !options.force {
+            let replays = r.replay_count;
+            report.skipped.push((r, Skip::LoopGuard { replays }));
+        } else {
+            todo.push(r);
+        }
+    }
+    if options.dry_run {
+        report.replayed = todo;
+        return Ok(report);
+    }
+    let total = todo.len();
+    let started = Instant::now();
+    let mut done = 0usize;
+    for chunk in todo.chunks(options.batch_size.max(1)) {
+        if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
+            // Wait until this batch is within the allowed rate.
+            let due = Duration::from_secs_f64(done as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
+        let started_batch = store
+            .begin_replay(&ids)
+            .await
+            .context("cannot mark records as replaying")?;
+        report.resumed += chunk
+            .iter()
+            .filter(|r| r.status == Status::Replaying && started_batch.iter().any(|s| s.id == r.id))
+            .count();
+        let mut by_route: BTreeMap<&str, Vec<Envelope>> = BTreeMap::new();
+        for r in &started_batch {
+            by_route
+                .entry(r.route.as_str())
+                .or_default()
+                .push(r.replay_message());
+        }
+        for (route, messages) in by_route {
+            transport
+                .enqueue_to(route, messages)
+                .await
+                .with_context(|| format!("cannot enqueue replays on route {route}"))?;
+        }
+        let started_ids: Vec<String> = started_batch.iter().map(|r| r.id.clone()).collect();
+        store
+            .finish_replay(&started_ids)
+            .await
+            .context("cannot mark records as replayed")?;
+        done += chunk.len();
+        report.replayed.extend(started_batch);
+        progress(done, total);
+    }
+    Ok(report)
+}
