@@ -114,9 +114,36 @@ fn metadata() -> Result<Metadata> {
     })
 }
 
+/// Plugins also built with extra features, under another name:
+/// (package, library name, features, output name).
+const VARIANTS: [(&str, &str, &str, &str); 1] =
+    [("test-plugin-stock", "stock", "fixed", "stock_fixed")];
+
 /// Builds every plugin and copies it to `dist/plugins/NAME.wasm`.
 fn build_plugins() -> Result<Vec<PathBuf>> {
     let meta = metadata()?;
+    let dist = root().join("dist").join("plugins");
+    std::fs::create_dir_all(&dist).map_err(|e| format!("cannot create {}: {e}", dist.display()))?;
+    let built_dir = meta.target_dir.join("wasm32-wasip2").join("plugin");
+    // Variants first: the plain build below then leaves the default
+    // artifact in place.
+    for (package, lib, features, name) in VARIANTS {
+        run(cargo().args([
+            "build",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "plugin",
+            "--package",
+            package,
+            "--features",
+            features,
+        ]))?;
+        let from = built_dir.join(format!("{lib}.wasm"));
+        let to = dist.join(format!("{name}.wasm"));
+        std::fs::copy(&from, &to)
+            .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
+    }
     let mut cmd = cargo();
     cmd.args(["build", "--target", "wasm32-wasip2", "--profile", "plugin"]);
     for (package, _) in &meta.plugins {

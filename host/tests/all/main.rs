@@ -9,6 +9,8 @@ mod cli;
 mod common;
 mod config_fixtures;
 mod contract;
+mod dead_letters;
+mod dlq_store;
 mod durability;
 mod loading;
 mod outbox;
