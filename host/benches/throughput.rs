@@ -1,9 +1,12 @@
 //! End-to-end throughput of the embedded transport: messages per second
 //! through a running host with a trivial plugin, every batch committed with
-//! `synchronous=FULL` (fsync'd: durable against power loss).
+//! `synchronous=FULL` (fsync'd: durable against power loss) unless noted.
 //!
 //! Each iteration enqueues MESSAGES events, then runs the host in drain mode
-//! and times until every queue is empty. Needs `dist/plugins/echo.wasm`.
+//! and times until every queue is empty. The failure-path case makes 10% of
+//! the messages fail once (transiently) and succeed on their retry: an
+//! immediate retry, or a delayed one (scheduled durably, then moved back to
+//! the queue when due, 1 ms later). Needs `dist/plugins/echo.wasm`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,14 +21,15 @@ use switchyard::transport::Transport;
 
 const MESSAGES: u64 = 20_000;
 
-fn pipeline(dir: &std::path::Path, sync: &str) -> config::Pipeline {
+fn pipeline(dir: &std::path::Path, name: &str, sync: &str, retry: &str) -> config::Pipeline {
     let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/plugins/echo.wasm");
     assert!(wasm.exists(), "run `cargo xtask build-plugins` first");
-    let path = dir.join(format!("bench-{sync}.toml"));
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
         format!(
-            "[transport]\npath = \"bench-{sync}.db\"\nsync = \"{sync}\"\n[plugins.echo]\nwasm = \"{}\"\nevents = [\"Tick\"]\n",
+            "[transport]\npath = \"{name}.db\"\nsync = \"{sync}\"\n\
+             [plugins.echo]\nwasm = \"{}\"\nevents = [\"Flaky\"]\nretry = {retry}\n",
             wasm.display()
         ),
     )
@@ -40,22 +44,40 @@ fn embedded(c: &mut Criterion) {
     group.throughput(Throughput::Elements(MESSAGES));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(20));
-    for sync in ["full", "normal"] {
-        let pipeline = pipeline(dir.path(), sync);
+    let immediate = "{ immediate = 1, delayed = 0 }";
+    let delayed = "{ immediate = 0, delayed = 1, backoff = \"1ms\", max_backoff = \"1ms\" }";
+    for (name, sync, failing_every, retry) in [
+        ("all_succeed_sync_full", "full", None, immediate),
+        (
+            "10pct_fail_once_retry_now_sync_full",
+            "full",
+            Some(10),
+            immediate,
+        ),
+        (
+            "10pct_fail_once_retry_later_sync_full",
+            "full",
+            Some(10),
+            delayed,
+        ),
+        ("all_succeed_sync_normal", "normal", None, immediate),
+    ] {
+        let pipeline = pipeline(dir.path(), name, sync, retry);
         let transport = runtime::open_transport(&pipeline).unwrap();
-        group.bench_function(format!("drain_sync_{sync}"), |b| {
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     rt.block_on(async {
                         let batch: Vec<Envelope> = (0..MESSAGES)
                             .map(|i| {
-                                Envelope::new(
-                                    "Tick",
-                                    Kind::Event,
-                                    i.to_string().into_bytes(),
-                                    "text/plain",
-                                )
+                                let fail = failing_every.is_some_and(|n| i % n == 0);
+                                let body = if fail {
+                                    format!("fail {i}")
+                                } else {
+                                    format!("ok {i}")
+                                };
+                                Envelope::new("Flaky", Kind::Event, body.into_bytes(), "text/plain")
                             })
                             .collect();
                         for chunk in batch.chunks(5_000) {

@@ -234,7 +234,23 @@ fn demo() -> Result<()> {
     let result = demo_traffic(&bin, pipeline);
     stop(&mut host);
     result?;
-    say("done: the host finished its messages in flight and stopped");
+    say(
+        "the host finished its messages in flight and stopped; what failed for good is in the dead-letter store",
+    );
+    run(switchyard(&bin).args(["dlq", "list", "-p", pipeline]))?;
+    let listed = switchyard(&bin)
+        .args(["dlq", "list", "-p", pipeline, "--json"])
+        .output()
+        .map_err(|e| format!("cannot run dlq list: {e}"))?;
+    let first = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["id"].as_str().map(str::to_owned));
+    if let Some(id) = first {
+        say("show one dead letter");
+        run(switchyard(&bin).args(["dlq", "show", "-p", pipeline, &id]))?;
+    }
     Ok(())
 }
 
@@ -251,7 +267,9 @@ fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
         "--data",
         r#"{"order_id":"A-1001","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1250},{"sku":"pen","quantity":1,"unit_price_cents":300}]}"#,
     ]))?;
-    say("send an order whose payment gateway times out (a transient failure)");
+    say(
+        "send an order whose payment gateway times out twice (transient failures: retried, then handled)",
+    );
     run(switchyard(bin).args([
         "send",
         "PlaceOrder",

@@ -631,10 +631,11 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
     let _ = writeln!(out, "  host       {}", d.host);
     let _ = writeln!(
         out,
-        "  failed     first {}, last {} ({} attempts)",
+        "  failed     first {}, last {} ({} attempt{})",
         time(d.first_failed_at_ms),
         time(d.last_failed_at_ms),
-        d.attempts.len()
+        d.attempts.len(),
+        if d.attempts.len() == 1 { "" } else { "s" }
     );
     let code = d
         .error

@@ -85,6 +85,12 @@ impl ComponentCache {
         {
             match load_verified(engine, path) {
                 Ok(c) => return Ok((c, CacheOutcome::Hit)),
+                // Written by an older switchyard: expected after an upgrade.
+                Err(e) if !checksum_path(path).exists() => tracing::debug!(
+                    path = %path.display(),
+                    error = %format!("{e:#}"),
+                    "Compiled-component cache entry has no checksum; recompiling"
+                ),
                 Err(e) => tracing::warn!(
                     path = %path.display(),
                     error = %format!("{e:#}"),

@@ -335,3 +335,123 @@ fn help_shows_examples() {
         assert!(stdout(&o).contains("Examples:"), "{cmd:?}: {}", stdout(&o));
     }
 }
+
+#[test]
+fn dlq_commands_find_show_export_and_close_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let o = switchyard(&[
+        "send",
+        "PlaceOrder",
+        "-p",
+        &p,
+        "--data",
+        r#"{"order_id":42}"#,
+        "-H",
+        "x-tenant=acme",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = switchyard(&["run", "--drain", &p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Dead-lettered"), "{}", stderr(&o));
+
+    let o = switchyard(&["dlq", "list", "-p", &p]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("ID "), "{out}");
+    assert!(
+        out.contains("PlaceOrder") && out.contains("permanent") && out.contains("dead"),
+        "{out}"
+    );
+
+    let o = switchyard(&["dlq", "list", "-p", &p, "--json"]);
+    let row: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    let id = row["id"].as_str().unwrap().to_owned();
+    assert_eq!(row["attempts"], 1);
+
+    let o = switchyard(&["dlq", "list", "-p", &p, "--group"]);
+    assert!(
+        stdout(&o).contains(row["fingerprint"].as_str().unwrap()),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = switchyard(&["dlq", "show", "-p", &p, &id[..30]]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for expected in [
+        "error      permanent [malformed-payload]",
+        "x-tenant: acme",
+        "\"order_id\": 42",
+        "→ dead-letter  (orders@1.0.0)",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+
+    let export = dir.path().join("audit.jsonl");
+    let o = switchyard(&[
+        "dlq",
+        "export",
+        "-p",
+        &p,
+        "--output",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = std::fs::read_to_string(&export).unwrap();
+    let record: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(
+        record["message"]["payload"]["json"],
+        serde_json::json!({"order_id": 42})
+    );
+    assert_eq!(record["error"]["kind"], "permanent");
+
+    let o = switchyard(&["dlq", "replay", "-p", &p, &id, "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("would replay 1 dead letter"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = switchyard(&["dlq", "replay", "-p", &p]);
+    assert_eq!(o.status.code(), Some(1), "a replay must name its records");
+    assert!(
+        stderr(&o).contains("give ids, or --group FINGERPRINT, or --all"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = switchyard(&[
+        "dlq",
+        "resolve",
+        "-p",
+        &p,
+        &id,
+        "--note",
+        "re-entered by hand",
+    ]);
+    assert!(
+        stderr(&o).contains("resolved 1 dead letter"),
+        "{}",
+        stderr(&o)
+    );
+    let o = switchyard(&["dlq", "list", "-p", &p, "--status", "resolved", "--json"]);
+    assert_eq!(stdout(&o).lines().count(), 1);
+    let o = switchyard(&["dlq", "delete", "-p", &p, "--all", "--status", "resolved"]);
+    assert!(
+        stderr(&o).contains("deleted 1 dead letter"),
+        "{}",
+        stderr(&o)
+    );
+    let o = switchyard(&["dlq", "list", "-p", &p]);
+    assert!(stderr(&o).contains("no dead letters"), "{}", stderr(&o));
+
+    let o = switchyard(&["dlq", "show", "-p", &p, "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no dead letter with id `nope`"),
+        "{}",
+        stderr(&o)
+    );
+}
