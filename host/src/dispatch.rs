@@ -43,6 +43,22 @@ pub struct RouteContext {
     /// Where this route consumes from, for dead-letter records.
     pub source: Source,
     pub host: String,
+    /// Stop the route with an error when its plugin cannot start (drain
+    /// mode: a batch run must not wait for ever), instead of retrying.
+    pub fail_when_plugin_cannot_start: bool,
+}
+
+/// What a route remembers between batches so that no dead-letter status is
+/// left wrong after a store error.
+#[derive(Default)]
+struct RouteState {
+    /// Replayed records whose message was handled but could not be marked
+    /// `handled` yet; tried again after every batch.
+    handled_replays: Vec<String>,
+    /// Messages whose dead letter was written but whose delivery could not be
+    /// settled (message id → record id). If the redelivery succeeds, the
+    /// record is closed as handled.
+    dead_but_unsettled: std::collections::HashMap<String, String>,
 }
 
 /// Runs a plugin's messages; owns its warm instance.
@@ -502,6 +518,7 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
 async fn commit(
     ctx: &RouteContext,
     plugin: &LoadedPlugin,
+    state: &mut RouteState,
     subscription: &mut dyn Subscription,
     processed: Vec<Processed>,
     unhandled: &mut Vec<Delivery>,
@@ -513,11 +530,16 @@ async fn commit(
     } = plan(ctx, plugin, processed);
     let mut ok = true;
     let mut to_settle = Vec::with_capacity(settlements.len());
+    let mut written: Vec<(String, String)> = Vec::new();
     if letters.is_empty() {
         to_settle.extend(settlements.into_iter().map(|(s, _)| s));
     } else {
+        let message_ids: Vec<String> = letters.iter().map(|l| l.message.id.clone()).collect();
         match ctx.dead_letters.record(letters).await {
-            Ok(_) => to_settle.extend(settlements.into_iter().map(|(s, _)| s)),
+            Ok(record_ids) => {
+                written = message_ids.into_iter().zip(record_ids).collect();
+                to_settle.extend(settlements.into_iter().map(|(s, _)| s));
+            }
             Err(e) => {
                 tracing::error!(
                     plugin = %plugin.name(),
@@ -535,22 +557,46 @@ async fn commit(
             }
         }
     }
+    // Messages handled now that were dead-lettered before a failed settle.
+    let recovered: Vec<String> = to_settle
+        .iter()
+        .filter(|s| matches!(s.outcome, Outcome::Handled { .. }))
+        .filter_map(|s| {
+            state
+                .dead_but_unsettled
+                .get(&s.delivery.envelope.id)
+                .cloned()
+        })
+        .collect();
     if let Err(e) = subscription.settle(to_settle).await {
         tracing::error!(
             plugin = %plugin.name(),
             error = %format!("{e:#}"),
             "Cannot settle a batch; its messages stay queued and will be handled again"
         );
+        state.dead_but_unsettled.extend(written);
         return false;
     }
-    if !replays_handled.is_empty()
-        && let Err(e) = ctx.dead_letters.mark_handled(&replays_handled).await
-    {
-        tracing::warn!(
-            plugin = %plugin.name(),
-            error = %format!("{e:#}"),
-            "Replayed messages were handled, but their dead letters could not be marked handled"
-        );
+    for (message_id, _) in &written {
+        state.dead_but_unsettled.remove(message_id);
+    }
+    state.handled_replays.extend(replays_handled);
+    state.handled_replays.extend(recovered);
+    if !state.handled_replays.is_empty() {
+        match ctx.dead_letters.mark_handled(&state.handled_replays).await {
+            Ok(_) => {
+                state
+                    .dead_but_unsettled
+                    .retain(|_, record| !state.handled_replays.contains(record));
+                state.handled_replays.clear();
+            }
+            Err(e) => tracing::warn!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                pending = state.handled_replays.len(),
+                "Handled messages' dead letters could not be marked handled yet; trying again after the next batch"
+            ),
+        }
     }
     ok
 }
@@ -569,6 +615,7 @@ pub async fn run_route(
 ) -> Result<()> {
     let mut worker = Some(Worker::new(plugin.clone(), ctx.policy.clone()));
     let mut backoff = Backoff::default();
+    let mut state = RouteState::default();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -605,6 +652,7 @@ pub async fn run_route(
         let committed = commit(
             &ctx,
             &plugin,
+            &mut state,
             subscription.as_mut(),
             processed,
             &mut unhandled,
@@ -613,7 +661,13 @@ pub async fn run_route(
         if !unhandled.is_empty() {
             subscription.release(unhandled).await?;
         }
-        if let Some(e) = &route_error {
+        if let Some(e) = route_error.as_ref() {
+            if ctx.fail_when_plugin_cannot_start {
+                anyhow::bail!(
+                    "plugin {} cannot start, so its messages stay queued: {e:#}",
+                    plugin.name()
+                );
+            }
             tracing::error!(
                 plugin = %plugin.name(),
                 error = %format!("{e:#}"),

@@ -179,6 +179,7 @@ pub async fn run(
                 ..crate::dlq::Source::default()
             },
             host: host.clone(),
+            fail_when_plugin_cannot_start: mode == RunMode::Drain,
         };
         routes.spawn(dispatch::run_route(
             ctx,

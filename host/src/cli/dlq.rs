@@ -77,8 +77,8 @@ the new attempts added. A record replayed max_replays times (the loop guard,
         /// Records per batch.
         #[arg(long, default_value_t = 100)]
         batch_size: usize,
-        /// At most this many records per second.
-        #[arg(long)]
+        /// At most this many records per second (0.001 or more).
+        #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
     },
 
@@ -175,6 +175,15 @@ pub struct FilterArgs {
     pub limit: Option<u64>,
 }
 
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.001 => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a rate of at least 0.001 records per second"
+        )),
+    }
+}
+
 fn parse_time(s: &str) -> Result<u64> {
     if let Ok(d) = parse_duration(s) {
         return Ok(now_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
@@ -254,8 +263,13 @@ async fn select(
 }
 
 fn time(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
-    humantime::format_rfc3339_seconds(t).to_string()
+    // Times past the year 9999 cannot be written as RFC 3339: show the
+    // number rather than fail.
+    let mut out = String::new();
+    match std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms)) {
+        Some(t) if write!(out, "{}", humantime::format_rfc3339_seconds(t)).is_ok() => out,
+        _ => format!("{ms} ms"),
+    }
 }
 
 fn one_line(s: &str, max: usize) -> String {

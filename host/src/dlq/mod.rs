@@ -211,6 +211,10 @@ pub trait DeadLetterStore: Send + Sync {
     /// Marks records whose replay reached the transport.
     async fn finish_replay(&self, ids: &[String]) -> Result<()>;
 
+    /// Puts records whose replay could not be enqueued back to `dead`,
+    /// taking back the replay they were counted for.
+    async fn abort_replay(&self, ids: &[String]) -> Result<()>;
+
     /// Marks replayed records whose message was handled.
     async fn mark_handled(&self, ids: &[String]) -> Result<u64>;
 
@@ -345,6 +349,26 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(
 ) -> Result<T> {
     serde_json::from_str(text)
         .map_err(|e| anyhow::anyhow!("dead letter {id}: column {column} is not valid JSON: {e}"))
+}
+
+/// SHA-256 of a payload, part of a record's key.
+pub(crate) fn payload_digest(payload: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(payload))
+}
+
+/// The stored attempts plus the new ones, without repeating an attempt
+/// recorded before (a redelivered message carries its earlier history).
+pub(crate) fn merge_attempts(mut stored: Vec<Attempt>, new: &[Attempt]) -> Vec<Attempt> {
+    for a in new {
+        if !stored
+            .iter()
+            .any(|s| s.number == a.number && s.started_at_ms == a.started_at_ms)
+        {
+            stored.push(a.clone());
+        }
+    }
+    stored
 }
 
 /// The host's name, for the record.

@@ -13,7 +13,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
     COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
-    to_i64, where_clause,
+    merge_attempts, payload_digest, to_i64, where_clause,
 };
 use crate::envelope::{Attempt, Envelope, Kind, now_ms};
 
@@ -32,6 +32,7 @@ CREATE TABLE {schema}.dead_letters (
     message_type       TEXT NOT NULL,
     kind               TEXT NOT NULL,
     payload            BYTEA NOT NULL,
+    payload_sha256     TEXT NOT NULL,
     content_type       TEXT NOT NULL,
     headers            TEXT NOT NULL,
     correlation_id     TEXT,
@@ -61,7 +62,7 @@ CREATE TABLE {schema}.dead_letters (
     resolved_at_ms     BIGINT,
     note               TEXT
 );
-CREATE UNIQUE INDEX dead_letters_by_message ON {schema}.dead_letters (pipeline, route, message_id);
+CREATE UNIQUE INDEX dead_letters_by_message ON {schema}.dead_letters (pipeline, route, message_id, payload_sha256);
 CREATE INDEX dead_letters_by_fingerprint ON {schema}.dead_letters (pipeline, fingerprint);
 CREATE INDEX dead_letters_by_time ON {schema}.dead_letters (pipeline, last_failed_at_ms);
 "];
@@ -291,7 +292,8 @@ impl DeadLetterStore for PostgresStore {
         let tx = client.transaction().await?;
         let find = tx
             .prepare(&format!(
-                "SELECT id, attempts FROM {table} WHERE pipeline = $1 AND route = $2 AND message_id = $3 FOR UPDATE"
+                "SELECT id, attempts FROM {table}
+                 WHERE pipeline = $1 AND route = $2 AND message_id = $3 AND payload_sha256 = $4 FOR UPDATE"
             ))
             .await?;
         let update = tx
@@ -303,23 +305,24 @@ impl DeadLetterStore for PostgresStore {
                  WHERE id = $1"
             ))
             .await?;
-        let placeholders: Vec<String> = (1..=37).map(ph).collect();
+        let placeholders: Vec<String> = (1..=38).map(ph).collect();
         let insert = tx
             .prepare(&format!(
-                "INSERT INTO {table} ({COLUMNS}) VALUES ({})",
+                "INSERT INTO {table} ({COLUMNS}, payload_sha256) VALUES ({})",
                 placeholders.join(", ")
             ))
             .await?;
         let mut ids = Vec::with_capacity(letters.len());
         for d in &letters {
+            let digest = payload_digest(&d.message.payload);
             let existing = tx
-                .query_opt(&find, &[&d.pipeline, &d.route, &d.message.id])
+                .query_opt(&find, &[&d.pipeline, &d.route, &d.message.id, &digest])
                 .await?;
             match existing {
                 Some(row) => {
                     let id: String = row.try_get(0)?;
-                    let mut all: Vec<Attempt> = from_json(row.try_get(1)?, "attempts", &id)?;
-                    all.extend(d.attempts.iter().cloned());
+                    let stored: Vec<Attempt> = from_json(row.try_get(1)?, "attempts", &id)?;
+                    let all = merge_attempts(stored, &d.attempts);
                     tx.execute(
                         &update,
                         &[
@@ -387,6 +390,7 @@ impl DeadLetterStore for PostgresStore {
                             &d.replayed_at_ms.map(to_i64),
                             &d.resolved_at_ms.map(to_i64),
                             &d.note,
+                            &digest,
                         ],
                     )
                     .await?;
@@ -482,7 +486,9 @@ impl DeadLetterStore for PostgresStore {
         let tx = client.transaction().await?;
         let stmt = tx
             .prepare(&format!(
-                "UPDATE {table} SET status = 'replaying', replay_count = replay_count + 1, replayed_at_ms = $3
+                "UPDATE {table}
+                 SET replay_count = replay_count + CASE WHEN status = 'dead' THEN 1 ELSE 0 END,
+                     status = 'replaying', replayed_at_ms = $3
                  WHERE id = $1 AND pipeline = $2 AND status IN ('dead', 'replaying')
                  RETURNING {COLUMNS}"
             ))
@@ -500,6 +506,22 @@ impl DeadLetterStore for PostgresStore {
 
     async fn finish_replay(&self, ids: &[String]) -> Result<()> {
         self.set_status(ids, Status::Replayed, &[Status::Replaying], None)
+            .await?;
+        Ok(())
+    }
+
+    async fn abort_replay(&self, ids: &[String]) -> Result<()> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no dead-letter store connection")?;
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'dead', replay_count = GREATEST(replay_count - 1, 0)
+                     WHERE id = ANY($1) AND pipeline = $2 AND status = 'replaying'",
+                    self.table()
+                ),
+                &[&ids, &self.pipeline],
+            )
             .await?;
         Ok(())
     }

@@ -96,7 +96,7 @@ pub async fn replay(
     for chunk in todo.chunks(options.batch_size.max(1)) {
         if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
             // Wait until this batch is within the allowed rate.
-            let due = Duration::from_secs_f64(done as f64 / rate);
+            let due = Duration::try_from_secs_f64(done as f64 / rate).unwrap_or(Duration::MAX);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
@@ -110,24 +110,32 @@ pub async fn replay(
             .iter()
             .filter(|r| r.status == Status::Replaying && started_batch.iter().any(|s| s.id == r.id))
             .count();
-        let mut by_route: BTreeMap<&str, Vec<Envelope>> = BTreeMap::new();
+        let mut by_route: BTreeMap<&str, Vec<&DeadLetter>> = BTreeMap::new();
         for r in &started_batch {
-            by_route
-                .entry(r.route.as_str())
-                .or_default()
-                .push(r.replay_message());
+            by_route.entry(r.route.as_str()).or_default().push(r);
         }
-        for (route, messages) in by_route {
-            transport
-                .enqueue_to(route, messages)
+        // Route by route: a record is marked replayed only once its own
+        // enqueue succeeded; on a failure the rest go back to `dead`.
+        let mut routes = by_route.into_iter();
+        while let Some((route, records)) = routes.next() {
+            let messages: Vec<Envelope> = records.iter().map(|r| r.replay_message()).collect();
+            let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+            if let Err(e) = transport.enqueue_to(route, messages).await {
+                let mut unsent = ids;
+                for (_, rest) in routes {
+                    unsent.extend(rest.iter().map(|r| r.id.clone()));
+                }
+                if let Err(undo) = store.abort_replay(&unsent).await {
+                    tracing::warn!(error = %format!("{undo:#}"), "Cannot put unsent replays back to dead; they stay `replaying`");
+                }
+                return Err(e.context(format!("cannot enqueue replays on route {route}")));
+            }
+            store
+                .finish_replay(&ids)
                 .await
-                .with_context(|| format!("cannot enqueue replays on route {route}"))?;
+                .context("cannot mark records as replayed")?;
         }
-        let started_ids: Vec<String> = started_batch.iter().map(|r| r.id.clone()).collect();
-        store
-            .finish_replay(&started_ids)
-            .await
-            .context("cannot mark records as replayed")?;
+        drop(routes);
         done += chunk.len();
         report.replayed.extend(started_batch);
         progress(done, total);

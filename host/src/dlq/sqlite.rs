@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, param
 
 use super::{
     COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
-    to_i64, where_clause,
+    merge_attempts, payload_digest, to_i64, where_clause,
 };
 use crate::envelope::{Envelope, Kind, now_ms};
 
@@ -27,6 +27,7 @@ CREATE TABLE dead_letters (
     message_type       TEXT NOT NULL,
     kind               TEXT NOT NULL,
     payload            BLOB NOT NULL,
+    payload_sha256     TEXT NOT NULL,
     content_type       TEXT NOT NULL,
     headers            TEXT NOT NULL,
     correlation_id     TEXT,
@@ -56,7 +57,10 @@ CREATE TABLE dead_letters (
     resolved_at_ms     INTEGER,
     note               TEXT
 );
-CREATE UNIQUE INDEX dead_letters_by_message ON dead_letters (pipeline, route, message_id);
+-- One record per failed message: a message that fails again (after a
+-- redelivery or a replay) adds to its record. The payload digest keeps two
+-- different messages that share an id apart.
+CREATE UNIQUE INDEX dead_letters_by_message ON dead_letters (pipeline, route, message_id, payload_sha256);
 CREATE INDEX dead_letters_by_fingerprint ON dead_letters (pipeline, fingerprint);
 CREATE INDEX dead_letters_by_time ON dead_letters (pipeline, last_failed_at_ms);
 "];
@@ -215,9 +219,9 @@ fn read_letter(row: &rusqlite::Row<'_>) -> Result<DeadLetter> {
 }
 
 fn insert(tx: &rusqlite::Transaction<'_>, d: &DeadLetter) -> rusqlite::Result<()> {
-    let placeholders: Vec<String> = (1..=37).map(ph).collect();
+    let placeholders: Vec<String> = (1..=38).map(ph).collect();
     let mut stmt = tx.prepare_cached(&format!(
-        "INSERT INTO dead_letters ({COLUMNS}) VALUES ({})",
+        "INSERT INTO dead_letters ({COLUMNS}, payload_sha256) VALUES ({})",
         placeholders.join(", ")
     ))?;
     let m = &d.message;
@@ -259,6 +263,7 @@ fn insert(tx: &rusqlite::Transaction<'_>, d: &DeadLetter) -> rusqlite::Result<()
         d.replayed_at_ms.map(to_i64),
         d.resolved_at_ms.map(to_i64),
         d.note,
+        payload_digest(&m.payload),
     ])?;
     Ok(())
 }
@@ -322,15 +327,15 @@ impl DeadLetterStore for SqliteStore {
             for d in &letters {
                 let existing: Option<(String, String)> = tx
                     .query_row(
-                        "SELECT id, attempts FROM dead_letters WHERE pipeline = ?1 AND route = ?2 AND message_id = ?3",
-                        params![d.pipeline, d.route, d.message.id],
+                        "SELECT id, attempts FROM dead_letters
+                         WHERE pipeline = ?1 AND route = ?2 AND message_id = ?3 AND payload_sha256 = ?4",
+                        params![d.pipeline, d.route, d.message.id, payload_digest(&d.message.payload)],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
                 match existing {
                     Some((id, attempts)) => {
-                        let mut all: Vec<crate::envelope::Attempt> = from_json(&attempts, "attempts", &id)?;
-                        all.extend(d.attempts.iter().cloned());
+                        let all = merge_attempts(from_json(&attempts, "attempts", &id)?, &d.attempts);
                         tx.execute(
                             "UPDATE dead_letters SET plugin_version = ?2, plugin_digest = ?3, error_kind = ?4, error_message = ?5,
                                  error_code = ?6, error_details = ?7, backtrace = ?8, output = ?9, attempts = ?10,
@@ -446,10 +451,13 @@ impl DeadLetterStore for SqliteStore {
             let mut out = Vec::new();
             {
                 let mut update = tx.prepare_cached(
-                    "UPDATE dead_letters SET status = 'replaying', replay_count = replay_count + 1, replayed_at_ms = ?3
+                    "UPDATE dead_letters
+                     SET replay_count = replay_count + CASE WHEN status = 'dead' THEN 1 ELSE 0 END,
+                         status = 'replaying', replayed_at_ms = ?3
                      WHERE id = ?1 AND pipeline = ?2 AND status IN ('dead', 'replaying')",
                 )?;
-                let mut select = tx.prepare_cached(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1"))?;
+                let mut select = tx
+                    .prepare_cached(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1"))?;
                 for id in &ids {
                     if update.execute(params![id, s.pipeline, now])? == 1 {
                         let mut rows = select.query(params![id])?;
@@ -469,6 +477,24 @@ impl DeadLetterStore for SqliteStore {
         let ids = ids.to_vec();
         self.blocking(move |s| {
             s.set_status(&ids, Status::Replayed, &[Status::Replaying], None)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn abort_replay(&self, ids: &[String]) -> Result<()> {
+        let ids = ids.to_vec();
+        self.blocking(move |s| {
+            let mut conn = lock(&s.conn);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for id in &ids {
+                tx.execute(
+                    "UPDATE dead_letters SET status = 'dead', replay_count = MAX(replay_count - 1, 0)
+                     WHERE id = ?1 AND pipeline = ?2 AND status = 'replaying'",
+                    params![id, s.pipeline],
+                )?;
+            }
+            tx.commit()?;
             Ok(())
         })
         .await

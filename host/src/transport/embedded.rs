@@ -30,7 +30,35 @@ use crate::config::EmbeddedConfig;
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
 
 /// Version of the schema below, kept in SQLite's `user_version`.
-const SCHEMA_VERSION: i64 = 1;
+///
+/// 1: `queue`, `replies`, and `failed` for failed messages.
+/// 2: attempt history on `queue`, delayed retries in `scheduled`; failed
+///    messages go to the dead-letter store and `failed` is no longer written.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Upgrades a version-1 store to version 2.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE queue ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE IF NOT EXISTS scheduled (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    route          TEXT NOT NULL,
+    id             TEXT NOT NULL,
+    type           TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    payload        BLOB NOT NULL,
+    content_type   TEXT NOT NULL,
+    headers        TEXT NOT NULL,
+    correlation_id TEXT,
+    causation_id   TEXT,
+    reply_to       TEXT,
+    partition_key  TEXT,
+    created_at_ms  INTEGER NOT NULL,
+    attempt        INTEGER NOT NULL,
+    history        TEXT NOT NULL,
+    due_at_ms      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scheduled_by_route ON scheduled (route, due_at_ms);
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS queue (
@@ -148,6 +176,14 @@ impl EmbeddedTransport {
         }
         let conn = open_connection(&path, config.fsync)?;
         migrate(&conn).with_context(|| format!("embedded store {}", path.display()))?;
+        let legacy = legacy_failed(&conn)?;
+        if legacy > 0 {
+            tracing::warn!(
+                store = %path.display(),
+                messages = legacy,
+                "Messages that failed under an older switchyard are kept in the store's `failed` table; they are not retried or replayed"
+            );
+        }
         let wakers = topology
             .route_names()
             .into_iter()
@@ -210,6 +246,20 @@ impl EmbeddedTransport {
         tokio::task::spawn_blocking(move || f(&shared))
             .await
             .map_err(|e| anyhow!("embedded store task failed: {e}"))?
+    }
+
+    /// Waiting messages per route (queued and scheduled for a retry).
+    pub async fn pending(&self) -> Result<Vec<(String, u64)>> {
+        self.blocking(|s| {
+            let conn = lock(&s.writer);
+            let mut stmt = conn.prepare(
+                "SELECT route, COUNT(*) FROM (SELECT route FROM queue UNION ALL SELECT route FROM scheduled)
+                 GROUP BY route ORDER BY route",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.unsigned_abs())))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
     }
 
     /// Waiting messages per route.
@@ -301,12 +351,31 @@ fn migrate(conn: &Connection) -> Result<()> {
             "the store has schema version {version}, but this switchyard understands up to {SCHEMA_VERSION}; upgrade switchyard"
         );
     }
-    if version < SCHEMA_VERSION {
-        conn.execute_batch(&format!(
+    match version {
+        0 => conn.execute_batch(&format!(
             "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        ))?;
+        ))?,
+        1 => conn.execute_batch(&format!(
+            "BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;"
+        ))?,
+        _ => {}
     }
     Ok(())
+}
+
+/// Messages that failed under schema version 1 and sit in its `failed`
+/// table, which nothing reads any more.
+fn legacy_failed(conn: &Connection) -> rusqlite::Result<u64> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failed')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(0);
+    }
+    conn.query_row("SELECT COUNT(*) FROM failed", [], |r| r.get::<_, i64>(0))
+        .map(i64::unsigned_abs)
 }
 
 fn headers_json(headers: &[(String, String)]) -> String {
@@ -598,7 +667,7 @@ impl EmbeddedTransport {
             .map(str::to_owned)
             .collect();
         Ok(self
-            .depths()
+            .pending()
             .await?
             .into_iter()
             .filter(|(route, _)| !routes.contains(route))

@@ -484,6 +484,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         topology: Arc::new(switchyard::transport::Topology::of(&p)),
         source: Default::default(),
         host: "test".into(),
+        fail_when_plugin_cannot_start: false,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -617,6 +618,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         topology: Arc::new(switchyard::transport::Topology::of(&p)),
         source: Default::default(),
         host: "test".into(),
+        fail_when_plugin_cannot_start: false,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,

@@ -152,6 +152,20 @@ async fn contract(store: Arc<dyn DeadLetterStore>, other_pipeline: Arc<dyn DeadL
     assert_eq!(a2.last_failed_at_ms, 4_000);
     assert_eq!(a2.first_failed_at_ms, 1_000);
 
+    // Recording the same failure again (a redelivery after a crash) does not
+    // repeat its attempts; another message that shares the id (a different
+    // payload) gets a record of its own.
+    let mut same = a.clone();
+    same.id = new_id();
+    store.record(vec![same]).await.unwrap();
+    assert_eq!(store.get(&a.id).await.unwrap().unwrap().attempts.len(), 2);
+    let mut twin = a.clone();
+    twin.id = new_id();
+    twin.message.payload = br#"{"n":2}"#.to_vec();
+    let twin_ids = store.record(vec![twin.clone()]).await.unwrap();
+    assert_eq!(twin_ids, vec![twin.id.clone()]);
+    store.delete(&twin_ids).await.unwrap();
+
     // Replay life cycle.
     let started = store
         .begin_replay(&[a.id.clone(), c.id.clone()])
@@ -209,6 +223,13 @@ async fn contract(store: Arc<dyn DeadLetterStore>, other_pipeline: Arc<dyn DeadL
     assert_eq!(counts.get(&Status::Handled), Some(&1));
     assert_eq!(counts.get(&Status::Resolved), Some(&1));
     assert_eq!(counts.get(&Status::Replaying), Some(&1));
+    // A replay that could not be enqueued goes back to dead, uncounted.
+    store
+        .abort_replay(std::slice::from_ref(&c.id))
+        .await
+        .unwrap();
+    let c2 = store.get(&c.id).await.unwrap().unwrap();
+    assert_eq!((c2.status, c2.replay_count), (Status::Dead, 0));
     assert_eq!(
         store.delete(&[b.id.clone(), c.id.clone()]).await.unwrap(),
         2

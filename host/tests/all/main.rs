@@ -15,3 +15,4 @@ mod durability;
 mod loading;
 mod outbox;
 mod sandbox;
+mod transport;

@@ -371,6 +371,15 @@ async fn a_plugin_that_cannot_start_fails_no_message() {
         vec![("tally".to_owned(), 5)]
     );
 
+    // In drain mode the run fails instead of waiting for ever.
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    std::fs::remove_dir(dir.path().join("out")).unwrap();
+    let err = runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("cannot start"), "{err:#}");
+
     // Once the directory is back, every message is handled.
     std::fs::create_dir(dir.path().join("out")).unwrap();
     let plugins = runtime::load_plugins(&pipeline).await.unwrap();
