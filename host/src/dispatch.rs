@@ -16,10 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio::sync::watch;
 
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
+
 use crate::dlq::{DeadLetter, DeadLetterStore, ErrorInfo, Source, Status};
 use crate::envelope::{Attempt, Envelope, Kind, Reply, new_id, now_ms};
 use crate::plugin::{Failure, FailureKind, Instance, LoadedPlugin, Output, clip};
 use crate::recover::{self, Decision, RetryPolicy};
+use crate::telemetry::{self, Telemetry};
 use crate::transport::{Delivery, Outcome, Settlement, Subscription, Topology};
 
 /// Longest pause between attempts after store or plugin errors.
@@ -46,6 +50,7 @@ pub struct RouteContext {
     /// Stop the route with an error when its plugin cannot start (drain
     /// mode: a batch run must not wait for ever), instead of retrying.
     pub fail_when_plugin_cannot_start: bool,
+    pub telemetry: Telemetry,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -66,6 +71,11 @@ pub struct Worker {
     plugin: LoadedPlugin,
     policy: RetryPolicy,
     instance: Option<Instance>,
+    telemetry: Telemetry,
+    /// `plugin`: the route's name, attached to every metric.
+    plugin_attr: KeyValue,
+    /// Span attributes shared by every message of the route, built once.
+    plugin_span_attrs: [KeyValue; 4],
 }
 
 /// The fate of one delivery after all its immediate attempts.
@@ -85,6 +95,8 @@ pub struct Processed {
     pub delivery: Delivery,
     pub verdict: Verdict,
     pub took: Duration,
+    /// The message's `process` span, ended when it is dropped.
+    pub span: Option<Context>,
 }
 
 /// What became of a batch: messages processed (to settle), messages not
@@ -108,13 +120,93 @@ fn output_bytes(outputs: &[Output]) -> usize {
         .sum()
 }
 
+/// Header a replayed message carries: the `trace-span` ids of its dead
+/// letter's last span, which the replay's span links to.
+pub const REPLAY_TRACE_HEADER: &str = "switchyard-replay-trace";
+
 impl Worker {
     pub fn new(plugin: LoadedPlugin, policy: RetryPolicy) -> Self {
+        let name: std::sync::Arc<str> = plugin.name().as_str().into();
+        let version: std::sync::Arc<str> = plugin.info().version.as_str().into();
+        let s = |v: &std::sync::Arc<str>| opentelemetry::Value::String(v.clone().into());
         Worker {
+            plugin_attr: KeyValue::new("plugin", s(&name)),
+            plugin_span_attrs: [
+                KeyValue::new("messaging.system", "switchyard"),
+                KeyValue::new("messaging.consumer.group.name", s(&name)),
+                KeyValue::new("switchyard.plugin.name", s(&name)),
+                KeyValue::new("switchyard.plugin.version", s(&version)),
+            ],
             plugin,
             policy,
             instance: None,
+            telemetry: Telemetry::off(),
         }
+    }
+
+    /// Traces and measures what this worker handles.
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    fn attrs(&self, e: &Envelope) -> [KeyValue; 2] {
+        [
+            self.plugin_attr.clone(),
+            KeyValue::new("message.type", e.message_type.clone()),
+        ]
+    }
+
+    /// The `process {type}` span of a delivery: a child of the context in
+    /// its headers, or, for a replay, the root of a new trace linked to the
+    /// dead letter's; linked to the span of the attempt before it.
+    fn start_span(&self, e: &Envelope) -> Option<Context> {
+        if !self.telemetry.tracing() {
+            return None;
+        }
+        let mut links: Vec<SpanContext> = Vec::new();
+        let parent = if DeadLetter::replay_of(e).is_some() {
+            let original = e
+                .headers
+                .iter()
+                .find(|(n, _)| n == REPLAY_TRACE_HEADER)
+                .and_then(|(_, v)| v.split_once('-'))
+                .and_then(|(t, s)| telemetry::span_context(t, s));
+            links.extend(original);
+            Context::new()
+        } else {
+            self.telemetry.extract(&e.headers, &e.id)
+        };
+        if let Some(prev) = e.history.last()
+            && let (Some(t), Some(s)) = (&prev.trace_id, &prev.span_id)
+            && let Some(sc) = telemetry::span_context(t, s)
+        {
+            links.push(sc);
+        }
+        let mut attributes = Vec::with_capacity(10);
+        attributes.extend(self.plugin_span_attrs.iter().cloned());
+        attributes.extend([
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", e.message_type.clone()),
+            KeyValue::new("messaging.message.id", e.id.clone()),
+            KeyValue::new("switchyard.attempt", i64::from(e.attempt)),
+        ]);
+        if let Some(c) = &e.correlation_id {
+            attributes.push(KeyValue::new(
+                "messaging.message.conversation_id",
+                c.clone(),
+            ));
+        }
+        if let Some(record) = DeadLetter::replay_of(e) {
+            attributes.push(KeyValue::new("switchyard.replay_of", record.to_owned()));
+        }
+        self.telemetry.start_span(
+            format!("process {}", e.message_type),
+            SpanKind::Consumer,
+            &parent,
+            attributes,
+            links,
+        )
     }
 
     pub fn plugin(&self) -> &LoadedPlugin {
@@ -126,6 +218,14 @@ impl Worker {
     /// means the plugin could not be instantiated: the message was not
     /// attempted.
     pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Result<Vec<Output>, Failure>> {
+        self.handle_in(envelope, None)
+    }
+
+    fn handle_in(
+        &mut self,
+        envelope: &mut Envelope,
+        span: Option<&Context>,
+    ) -> Result<Result<Vec<Output>, Failure>> {
         if self.instance.as_ref().is_some_and(Instance::is_spent) {
             self.instance = None;
         }
@@ -133,7 +233,7 @@ impl Worker {
             Some(i) => i,
             None => self.instance.insert(self.plugin.instantiate()?),
         };
-        let result = instance.handle(envelope);
+        let result = instance.handle_traced(envelope, span);
         if instance.is_spent() {
             // Drop now, not at the next message: a trapped store may hold a
             // lot of memory.
@@ -149,6 +249,29 @@ impl Worker {
     /// Handles one delivery, with the immediate retries its policy allows,
     /// recording each failed attempt in the envelope's history.
     pub fn process(&mut self, delivery: &mut Delivery) -> Result<Verdict> {
+        self.process_traced(delivery).map(|(v, _)| v)
+    }
+
+    /// [`Worker::process`], returning the delivery's `process` span (when
+    /// tracing is on) to record the outcome on.
+    pub fn process_traced(
+        &mut self,
+        delivery: &mut Delivery,
+    ) -> Result<(Verdict, Option<Context>)> {
+        let span = self.start_span(&delivery.envelope);
+        match self.attempt_all(delivery, span.as_ref()) {
+            Ok(v) => Ok((v, span)),
+            Err(e) => {
+                if let Some(cx) = &span {
+                    telemetry::set_error(cx, "the plugin could not start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn attempt_all(&mut self, delivery: &mut Delivery, span: Option<&Context>) -> Result<Verdict> {
+        let ids = span.and_then(telemetry::ids);
         if let Some(reason) = &delivery.malformed {
             let failure = Failure {
                 kind: FailureKind::Malformed,
@@ -166,6 +289,8 @@ impl Worker {
                 error: clip(&failure.message, MAX_ATTEMPT_ERROR),
                 plugin: self.plugin_label(),
                 then: Decision::DeadLetter.as_str().into(),
+                trace_id: ids.as_ref().map(|(t, _)| t.clone()),
+                span_id: ids.as_ref().map(|(_, s)| s.clone()),
             };
             delivery.envelope.history.push(attempt);
             return Ok(Verdict::DeadLetter(failure));
@@ -183,13 +308,41 @@ impl Worker {
         loop {
             let started_at_ms = now_ms();
             let started = Instant::now();
-            let failure = match self.handle(envelope)? {
+            let result = self.handle_in(envelope, span)?;
+            let attrs = self.attrs(envelope);
+            self.telemetry
+                .metrics
+                .handler_duration
+                .record(started.elapsed().as_secs_f64(), &attrs);
+            let failure = match result {
                 Ok(outputs) => return Ok(Verdict::Handled(outputs)),
                 Err(f) => f,
             };
             let decision = self
                 .policy
                 .decide(failure.kind, immediate_used, delayed_used);
+            self.telemetry.metrics.failed.add(
+                1,
+                &[
+                    attrs[0].clone(),
+                    attrs[1].clone(),
+                    KeyValue::new("error.type", failure.kind.as_str()),
+                ],
+            );
+            if let Some(cx) = span {
+                cx.span().add_event(
+                    "attempt failed",
+                    vec![
+                        KeyValue::new("switchyard.attempt", i64::from(envelope.attempt)),
+                        KeyValue::new("error.type", failure.kind.as_str()),
+                        KeyValue::new(
+                            "exception.message",
+                            clip(&failure.message, MAX_ATTEMPT_ERROR),
+                        ),
+                        KeyValue::new("switchyard.then", decision.as_str()),
+                    ],
+                );
+            }
             envelope.history.push(Attempt {
                 number: envelope.attempt,
                 started_at_ms,
@@ -198,9 +351,19 @@ impl Worker {
                 error: clip(&failure.message, MAX_ATTEMPT_ERROR),
                 plugin: self.plugin_label(),
                 then: decision.as_str().into(),
+                trace_id: ids.as_ref().map(|(t, _)| t.clone()),
+                span_id: ids.as_ref().map(|(_, s)| s.clone()),
             });
             match decision {
                 Decision::RetryNow => {
+                    self.telemetry.metrics.retried.add(
+                        1,
+                        &[
+                            attrs[0].clone(),
+                            attrs[1].clone(),
+                            KeyValue::new("retry", "now"),
+                        ],
+                    );
                     tracing::info!(
                         plugin = %self.plugin.name(),
                         message.r#type = %envelope.message_type,
@@ -239,8 +402,8 @@ impl Worker {
             // was attempted.
             let history_len = delivery.envelope.history.len();
             let attempt = delivery.envelope.attempt;
-            match self.process(&mut delivery) {
-                Ok(verdict) => {
+            match self.process_traced(&mut delivery) {
+                Ok((verdict, span)) => {
                     if let Verdict::Handled(outputs) = &verdict {
                         bytes += output_bytes(outputs);
                     }
@@ -248,6 +411,7 @@ impl Worker {
                         delivery,
                         verdict,
                         took: started.elapsed(),
+                        span,
                     });
                 }
                 Err(e) => {
@@ -334,12 +498,14 @@ fn summarize(outputs: &[Envelope], reply: bool) -> String {
     }
 }
 
-/// The dead letter of a message that failed for good.
+/// The dead letter of a message that failed for good. `span` is the
+/// message's last `process` span, if traced.
 pub fn dead_letter(
     ctx: &RouteContext,
     plugin: &LoadedPlugin,
     message: &Envelope,
     failure: &Failure,
+    span: Option<&Context>,
 ) -> DeadLetter {
     let route = plugin.name().as_str();
     let (fingerprint, cause) = recover::fingerprint(
@@ -351,6 +517,7 @@ pub fn dead_letter(
     let now = now_ms();
     let mut stored = message.clone();
     let attempts = std::mem::take(&mut stored.history);
+    let ids = span.and_then(telemetry::ids);
     DeadLetter {
         id: new_id(),
         pipeline: ctx.pipeline.clone(),
@@ -370,8 +537,8 @@ pub fn dead_letter(
         },
         attempts,
         source: ctx.source.clone(),
-        trace_id: None,
-        span_id: None,
+        trace_id: ids.as_ref().map(|(t, _)| t.clone()),
+        span_id: ids.map(|(_, s)| s),
         host: ctx.host.clone(),
         fingerprint,
         cause,
@@ -384,77 +551,113 @@ pub fn dead_letter(
 }
 
 /// A batch turned into durable steps: dead letters to write first, then
-/// settlements (the dead-lettered ones flagged), then replays to mark.
+/// settlements (the dead-lettered ones flagged), then replays to mark. The
+/// spans end when the plan is dropped, after the batch is settled.
 struct Plan {
     letters: Vec<DeadLetter>,
     settlements: Vec<(Settlement, bool)>,
     replays_handled: Vec<String>,
+    spans: Vec<Context>,
+}
+
+/// A `send {type}` PRODUCER span for an output, its context written into
+/// the output's headers.
+fn send_span(telemetry: &Telemetry, parent: &Context, output: &mut Envelope) {
+    let attributes = vec![
+        KeyValue::new("messaging.system", "switchyard"),
+        KeyValue::new("messaging.operation.type", "send"),
+        KeyValue::new("messaging.operation.name", "send"),
+        KeyValue::new("messaging.destination.name", output.message_type.clone()),
+        KeyValue::new("messaging.message.id", output.id.clone()),
+        KeyValue::new("switchyard.message.kind", output.kind.as_str()),
+    ];
+    if let Some(cx) = telemetry.start_span(
+        format!("send {}", output.message_type),
+        SpanKind::Producer,
+        parent,
+        attributes,
+        Vec::new(),
+    ) {
+        telemetry.inject(&cx, &mut output.headers);
+    }
 }
 
 fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) -> Plan {
     let name = plugin.name().as_str();
+    let metrics = &ctx.telemetry.metrics;
     let mut plan = Plan {
         letters: Vec::new(),
         settlements: Vec::new(),
         replays_handled: Vec::new(),
+        spans: Vec::new(),
     };
     for p in processed {
         let e = &p.delivery.envelope;
+        let attrs = [
+            KeyValue::new("plugin", name.to_owned()),
+            KeyValue::new("message.type", e.message_type.clone()),
+        ];
+        let (trace_id, span_id) = p.span.as_ref().and_then(telemetry::ids).unwrap_or_default();
         let verdict = match p.verdict {
-            Verdict::Handled(outputs) => match outcome_of(e, outputs) {
-                Outcome::Handled { outputs, reply } => {
-                    // Validation makes this impossible for declared outputs;
-                    // a command without a handler must not vanish.
-                    match outputs.iter().find(|o| {
+            Verdict::Handled(outputs) => {
+                let Outcome::Handled { mut outputs, reply } = outcome_of(e, outputs) else {
+                    continue;
+                };
+                // Validation makes this impossible for declared outputs; a
+                // command without a handler must not vanish.
+                let lost = outputs
+                    .iter()
+                    .find(|o| {
                         o.kind == Kind::Command
                             && ctx.topology.destinations(&o.message_type).is_empty()
-                    }) {
-                        Some(lost) => Verdict::DeadLetter(Failure {
-                            kind: FailureKind::ContractViolation,
-                            message: format!(
-                                "plugin {name} sent command {}, which no plugin in this pipeline handles",
-                                lost.message_type
-                            ),
-                            code: None,
-                            details: Vec::new(),
-                            backtrace: None,
-                            output: None,
-                        }),
-                        None => {
-                            tracing::info!(
-                                plugin = %name,
-                                message.r#type = %e.message_type,
-                                message.id = %e.id,
-                                attempt = e.attempt,
-                                took = ?p.took,
-                                emitted = %summarize(&outputs, reply.is_some()),
-                                "Handled"
-                            );
-                            if let Some(record) = DeadLetter::replay_of(e) {
-                                plan.replays_handled.push(record.to_owned());
+                    })
+                    .map(|o| o.message_type.clone());
+                match lost {
+                    Some(lost) => Verdict::DeadLetter(Failure {
+                        kind: FailureKind::ContractViolation,
+                        message: format!(
+                            "plugin {name} sent command {lost}, which no plugin in this pipeline handles"
+                        ),
+                        code: None,
+                        details: Vec::new(),
+                        backtrace: None,
+                        output: None,
+                    }),
+                    None => {
+                        if let Some(cx) = &p.span {
+                            for o in &mut outputs {
+                                send_span(&ctx.telemetry, cx, o);
                             }
-                            plan.settlements.push((
-                                Settlement {
-                                    delivery: p.delivery,
-                                    outcome: Outcome::Handled { outputs, reply },
-                                },
-                                false,
-                            ));
-                            continue;
                         }
+                        tracing::info!(
+                            plugin = %name,
+                            message.r#type = %e.message_type,
+                            message.id = %e.id,
+                            attempt = e.attempt,
+                            took = ?p.took,
+                            emitted = %summarize(&outputs, reply.is_some()),
+                            trace_id = %trace_id,
+                            span_id = %span_id,
+                            "Handled"
+                        );
+                        metrics.handled.add(1, &attrs);
+                        let age_ms = now_ms().saturating_sub(e.created_at_ms);
+                        metrics.latency.record(age_ms as f64 / 1000.0, &attrs);
+                        if let Some(record) = DeadLetter::replay_of(e) {
+                            plan.replays_handled.push(record.to_owned());
+                        }
+                        plan.spans.extend(p.span);
+                        plan.settlements.push((
+                            Settlement {
+                                delivery: p.delivery,
+                                outcome: Outcome::Handled { outputs, reply },
+                            },
+                            false,
+                        ));
+                        continue;
                     }
                 }
-                other => {
-                    plan.settlements.push((
-                        Settlement {
-                            delivery: p.delivery,
-                            outcome: other,
-                        },
-                        false,
-                    ));
-                    continue;
-                }
-            },
+            }
             v => v,
         };
         match verdict {
@@ -467,11 +670,32 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                     error.kind = %f.kind,
                     error = %f.message,
                     retry_in = ?delay,
+                    trace_id = %trace_id,
+                    span_id = %span_id,
                     "Attempt failed; retry scheduled"
                 );
+                metrics.retried.add(
+                    1,
+                    &[
+                        attrs[0].clone(),
+                        attrs[1].clone(),
+                        KeyValue::new("retry", "later"),
+                    ],
+                );
+                if let Some(cx) = &p.span {
+                    cx.span().add_event(
+                        "retry scheduled",
+                        vec![KeyValue::new(
+                            "switchyard.retry_in_ms",
+                            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                        )],
+                    );
+                    telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
+                }
                 let not_before_ms =
                     now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
                 let message = e.clone();
+                plan.spans.extend(p.span);
                 plan.settlements.push((
                     Settlement {
                         delivery: p.delivery,
@@ -484,7 +708,7 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                 ));
             }
             Verdict::DeadLetter(f) => {
-                let letter = dead_letter(ctx, plugin, e, &f);
+                let letter = dead_letter(ctx, plugin, e, &f, p.span.as_ref());
                 tracing::warn!(
                     plugin = %name,
                     message.r#type = %e.message_type,
@@ -493,12 +717,36 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                     error.kind = %f.kind,
                     error = %f.message,
                     fingerprint = %letter.fingerprint,
+                    trace_id = %trace_id,
+                    span_id = %span_id,
                     "Dead-lettered"
                 );
                 if let Some(bt) = &f.backtrace {
                     tracing::debug!(plugin = %name, message.id = %e.id, "wasm backtrace:\n{bt}");
                 }
+                metrics.dead_lettered.add(
+                    1,
+                    &[
+                        attrs[0].clone(),
+                        attrs[1].clone(),
+                        KeyValue::new("error.type", f.kind.as_str()),
+                    ],
+                );
+                if let Some(cx) = &p.span {
+                    cx.span().add_event(
+                        "dead-lettered",
+                        vec![
+                            KeyValue::new("error.type", f.kind.as_str()),
+                            KeyValue::new(
+                                "switchyard.dead_letter.fingerprint",
+                                letter.fingerprint.clone(),
+                            ),
+                        ],
+                    );
+                    telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
+                }
                 plan.letters.push(letter);
+                plan.spans.extend(p.span);
                 plan.settlements.push((
                     Settlement {
                         delivery: p.delivery,
@@ -527,6 +775,7 @@ async fn commit(
         letters,
         settlements,
         replays_handled,
+        spans: _spans,
     } = plan(ctx, plugin, processed);
     let mut ok = true;
     let mut to_settle = Vec::with_capacity(settlements.len());
@@ -539,6 +788,7 @@ async fn commit(
             Ok(record_ids) => {
                 written = message_ids.into_iter().zip(record_ids).collect();
                 to_settle.extend(settlements.into_iter().map(|(s, _)| s));
+                record_store_size(ctx).await;
             }
             Err(e) => {
                 tracing::error!(
@@ -601,6 +851,22 @@ async fn commit(
     ok
 }
 
+/// Updates the dead-letter store size gauge.
+pub async fn record_store_size(ctx: &RouteContext) {
+    if let Ok(counts) = ctx.dead_letters.counts().await {
+        for status in Status::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            ctx.telemetry
+                .metrics
+                .dead_letters
+                .record(n, &[KeyValue::new("status", status.as_str())]);
+        }
+    }
+}
+
 /// Consumes one route until `shutdown` turns true. The message in hand when
 /// shutdown arrives is finished; the rest of its batch is given back
 /// unhandled, so shutdown waits for at most one message's deadline (times
@@ -613,7 +879,9 @@ pub async fn run_route(
     mut shutdown: watch::Receiver<bool>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    let mut worker = Some(Worker::new(plugin.clone(), ctx.policy.clone()));
+    let mut worker =
+        Some(Worker::new(plugin.clone(), ctx.policy.clone()).with_telemetry(ctx.telemetry.clone()));
+    let in_flight_attrs = [KeyValue::new("plugin", plugin.name().to_string())];
     let mut backoff = Backoff::default();
     let mut state = RouteState::default();
     loop {
@@ -636,6 +904,11 @@ pub async fn run_route(
         let Some(mut w) = worker.take() else {
             anyhow::bail!("route {} lost its worker", plugin.name());
         };
+        let received = i64::try_from(batch.len()).unwrap_or(i64::MAX);
+        ctx.telemetry
+            .metrics
+            .in_flight
+            .add(received, &in_flight_attrs);
         let stop_flag = stop.clone();
         let (w, outcome) = tokio::task::spawn_blocking(move || {
             let outcome = w.handle_batch(batch, &stop_flag);
@@ -658,6 +931,10 @@ pub async fn run_route(
             &mut unhandled,
         )
         .await;
+        ctx.telemetry
+            .metrics
+            .in_flight
+            .add(-received, &in_flight_attrs);
         if !unhandled.is_empty() {
             subscription.release(unhandled).await?;
         }

@@ -78,6 +78,12 @@ pub struct Attempt {
     pub plugin: String,
     /// What the host did next: `retry-now`, `retry-later`, `dead-letter`.
     pub then: String,
+    /// The attempt's trace span, when tracing was on: the next attempt's span
+    /// links to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 impl Envelope {

@@ -14,9 +14,11 @@
 //! | [`recover`] | failure classification, retry policy, backoff, fingerprints |
 //! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
 //! | [`runtime`] | loading a pipeline's plugins and running its routes |
-//! | [`telemetry`] | logging |
+//! | [`telemetry`] | traces (OpenTelemetry), metrics, logging |
+//! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz` |
 //! | [`cli`] | the `switchyard` command line |
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dispatch;

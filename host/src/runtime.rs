@@ -13,6 +13,7 @@ use crate::config::Pipeline;
 use crate::dispatch;
 use crate::plugin::contract::{self, Problem};
 use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine, Sandbox};
+use crate::telemetry::Telemetry;
 use crate::transport::embedded::EmbeddedTransport;
 use crate::transport::{Topology, Transport};
 
@@ -118,14 +119,50 @@ pub enum RunMode {
     Drain,
 }
 
-/// Runs a pipeline until `shutdown` completes (or, in drain mode, until no
-/// message is left). Routes finish and settle the batch in hand first.
+/// How a host runs, besides its pipeline.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub mode: RunMode,
+    pub telemetry: Telemetry,
+    /// Bind the admin listener (`/metrics`, `/healthz`) here.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+impl RunOptions {
+    /// No tracing, no admin listener.
+    pub fn quiet(mode: RunMode) -> Self {
+        RunOptions {
+            mode,
+            telemetry: Telemetry::off(),
+            admin: None,
+        }
+    }
+}
+
+/// Runs a pipeline without telemetry export or admin listener; see
+/// [`run_with`].
 pub async fn run(
     pipeline: &Pipeline,
     plugins: Plugins,
     mode: RunMode,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    run_with(pipeline, plugins, RunOptions::quiet(mode), shutdown).await
+}
+
+/// Runs a pipeline until `shutdown` completes (or, in drain mode, until no
+/// message is left). Routes finish and settle the batch in hand first.
+pub async fn run_with(
+    pipeline: &Pipeline,
+    plugins: Plugins,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let RunOptions {
+        mode,
+        telemetry,
+        admin,
+    } = options;
     for w in &plugins.warnings {
         tracing::warn!(plugin = %w.plugin, "{}", w.message);
     }
@@ -150,6 +187,26 @@ pub async fn run(
     let topology = Arc::new(Topology::of(pipeline));
     let host = crate::dlq::host_name();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_task = match admin {
+        Some(addr) => match crate::admin::Admin::bind(addr, telemetry.clone()).await {
+            Ok(admin) => {
+                tracing::info!(
+                    address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
+                    "Admin listener: /metrics, /healthz"
+                );
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(admin.serve(async move {
+                    let _ = stop.changed().await;
+                })))
+            }
+            // Metrics are not worth failing the host for.
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Admin listener not started");
+                None
+            }
+        },
+        None => None,
+    };
     let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut routes = JoinSet::new();
     for plugin in &plugins.loaded {
@@ -180,7 +237,11 @@ pub async fn run(
             },
             host: host.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
+            telemetry: telemetry.clone(),
         };
+        if routes.is_empty() {
+            dispatch::record_store_size(&ctx).await;
+        }
         routes.spawn(dispatch::run_route(
             ctx,
             plugin.clone(),
@@ -230,6 +291,9 @@ pub async fn run(
     };
     stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
     while let Some(r) = routes.join_next().await {
         match r {
             Ok(Ok(())) => {}

@@ -26,6 +26,8 @@ pub(crate) trait Outbox {
     fn send(&mut self, command: Outgoing);
     fn reply(&mut self, answer: Response);
     fn log(&mut self, level: LogLevel, text: &str);
+    fn span_attribute(&mut self, key: &str, value: &str);
+    fn span_event(&mut self, name: &str, attributes: &[(String, String)]);
 }
 
 /// The handler's view of the host while one message is being handled.
@@ -110,5 +112,20 @@ impl<'a> Context<'a> {
     /// Writes a debug line to the host's log.
     pub fn debug(&mut self, text: &str) {
         self.log(LogLevel::Debug, text);
+    }
+
+    /// Adds an attribute to the trace span of this message, e.g.
+    /// `("order.id", "A-1")`, so the trace can be found by it.
+    pub fn set_span_attribute(&mut self, key: &str, value: &str) {
+        self.outbox.span_attribute(key, value);
+    }
+
+    /// Records an event with attributes on the trace span of this message.
+    pub fn add_span_event(&mut self, name: &str, attributes: &[(&str, &str)]) {
+        let attributes: Vec<(String, String)> = attributes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.outbox.span_event(name, &attributes);
     }
 }

@@ -57,6 +57,14 @@ impl Outbox for HostImports {
         };
         host::log(level, text);
     }
+
+    fn span_attribute(&mut self, key: &str, value: &str) {
+        host::span_attribute(key, value);
+    }
+
+    fn span_event(&mut self, name: &str, attributes: &[(String, String)]) {
+        host::span_event(name, attributes);
+    }
 }
 
 fn outgoing_to_wit(o: Outgoing) -> wit::Outgoing {

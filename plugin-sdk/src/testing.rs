@@ -132,6 +132,10 @@ pub struct Outcome {
     pub replies: Vec<Response>,
     /// Log lines, kept even on failure.
     pub logs: Vec<(LogLevel, String)>,
+    /// Attributes added to the message's trace span.
+    pub span_attributes: Vec<(String, String)>,
+    /// Events recorded on the message's trace span: name and attributes.
+    pub span_events: Vec<(String, Vec<(String, String)>)>,
 }
 
 impl Default for Outcome {
@@ -142,6 +146,8 @@ impl Default for Outcome {
             sent: Vec::new(),
             replies: Vec::new(),
             logs: Vec::new(),
+            span_attributes: Vec::new(),
+            span_events: Vec::new(),
         }
     }
 }
@@ -265,5 +271,17 @@ impl Outbox for Recorder<'_> {
 
     fn log(&mut self, level: LogLevel, text: &str) {
         self.outcome.logs.push((level, text.to_owned()));
+    }
+
+    fn span_attribute(&mut self, key: &str, value: &str) {
+        self.outcome
+            .span_attributes
+            .push((key.to_owned(), value.to_owned()));
+    }
+
+    fn span_event(&mut self, name: &str, attributes: &[(String, String)]) {
+        self.outcome
+            .span_events
+            .push((name.to_owned(), attributes.to_vec()));
     }
 }

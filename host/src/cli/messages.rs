@@ -126,6 +126,14 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     }
 
     let transport = runtime::open_transport(&pipeline)?;
+    // Start the trace here when tracing is configured: the flow's first span
+    // is this `send`.
+    let telemetry = match pipeline.telemetry.resolve(&pipeline.name)? {
+        s if s.traces == crate::telemetry::TraceExport::Otlp => {
+            Some(crate::telemetry::Telemetry::start(&s)?)
+        }
+        _ => None,
+    };
     let total = payloads.len();
     let progress = total > CHUNK && std::io::stderr().is_terminal();
     let mut first_id = None;
@@ -137,6 +145,25 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         e.headers = headers.clone();
         e.correlation_id = args.correlation_id.clone();
         e.reply_to = reply_to.clone();
+        if let Some(t) = &telemetry
+            && let Some(cx) = t.start_span(
+                format!("send {t_name}", t_name = e.message_type),
+                opentelemetry::trace::SpanKind::Producer,
+                &opentelemetry::Context::new(),
+                vec![
+                    opentelemetry::KeyValue::new("messaging.system", "switchyard"),
+                    opentelemetry::KeyValue::new("messaging.operation.type", "send"),
+                    opentelemetry::KeyValue::new(
+                        "messaging.destination.name",
+                        e.message_type.clone(),
+                    ),
+                    opentelemetry::KeyValue::new("messaging.message.id", e.id.clone()),
+                ],
+                Vec::new(),
+            )
+        {
+            t.inject(&cx, &mut e.headers);
+        }
         first_id.get_or_insert_with(|| e.id.clone());
         chunk.push(e);
         if chunk.len() == CHUNK {
@@ -170,6 +197,9 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         eprintln!("{past} {total} {kind}s {t} → {to} ({stored} deliveries)");
     }
 
+    if let Some(t) = telemetry {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     let (Some(address), Some(wait)) = (reply_to, args.wait_reply) else {
         return Ok(ExitCode::SUCCESS);
     };

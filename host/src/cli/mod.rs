@@ -44,6 +44,8 @@ pub enum Command {
     #[command(after_help = "Examples:
   switchyard run pipelines/orders.toml
   switchyard run pipelines/orders.toml --drain     # stop once every queue is empty
+  switchyard run pipelines/orders.toml --trace-stdout
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 switchyard run pipelines/orders.toml
 
 Stop with Ctrl-C (SIGINT) or SIGTERM: messages in flight are finished and settled first.")]
     Run {
@@ -52,6 +54,10 @@ Stop with Ctrl-C (SIGINT) or SIGTERM: messages in flight are finished and settle
         /// Exit once every queue is empty instead of waiting for more messages.
         #[arg(long)]
         drain: bool,
+        /// Print each trace as a tree on stdout when it completes (instead of
+        /// any other trace export), to follow flows locally.
+        #[arg(long)]
+        trace_stdout: bool,
     },
 
     /// Check pipeline files and their plugins; print every problem at once.
@@ -166,7 +172,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run { .. } => "info",
         _ => "warn",
     };
-    crate::telemetry::init(default_log);
+    if !matches!(cli.command, Command::Run { .. }) {
+        crate::telemetry::logging::init(default_log);
+    }
     match execute(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -192,9 +200,13 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         match cli.command {
-            Command::Run { pipeline, drain } => {
-                run(pipeline, drain).await.map(|()| ExitCode::SUCCESS)
-            }
+            Command::Run {
+                pipeline,
+                drain,
+                trace_stdout,
+            } => run(pipeline, drain, trace_stdout)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Validate { pipelines, offline } => {
                 Ok(validate::validate(&pipelines, offline).await)
             }
@@ -223,15 +235,32 @@ pub(crate) fn load_pipeline(path: &std::path::Path) -> Result<config::Pipeline> 
     Ok(loaded.pipeline)
 }
 
-async fn run(path: PathBuf, drain: bool) -> Result<()> {
+async fn run(path: PathBuf, drain: bool, trace_stdout: bool) -> Result<()> {
     let pipeline = load_pipeline(&path)?;
+    let mut settings = pipeline.telemetry.resolve(&pipeline.name)?;
+    if trace_stdout {
+        settings.traces = crate::telemetry::TraceExport::Stdout;
+    }
+    let telemetry = crate::telemetry::Telemetry::start(&settings)?;
+    crate::telemetry::logging::init_with("info", telemetry.sdk_tracer());
+    if telemetry.tracing() {
+        tracing::info!(export = ?settings.traces, service = %settings.service_name, "Tracing on");
+    }
     let plugins = runtime::load_plugins(&pipeline).await?;
     let mode = if drain {
         RunMode::Drain
     } else {
         RunMode::Serve
     };
-    runtime::run(&pipeline, plugins, mode, shutdown_signal()).await
+    let options = runtime::RunOptions {
+        mode,
+        telemetry: telemetry.clone(),
+        admin: pipeline.admin,
+    };
+    let result = runtime::run_with(&pipeline, plugins, options, shutdown_signal()).await;
+    // Flushing spans can block on the network: not on the async runtime.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
 }
 
 /// Completes on the first Ctrl-C or SIGTERM; a second one exits at once

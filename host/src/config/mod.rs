@@ -59,8 +59,16 @@ pub struct Pipeline {
     /// directory.
     pub cache_dir: Option<PathBuf>,
     pub dead_letters: DeadLetterConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Where the admin HTTP listener (`/metrics`, `/healthz`) binds; `None`
+    /// when turned off.
+    pub admin: Option<SocketAddr>,
     pub plugins: Vec<PluginSpec>,
 }
+
+/// The admin listener's default: localhost only, on the port OpenTelemetry
+/// uses for Prometheus exporters.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
 /// Where failed messages go and how often they may be replayed.
 #[derive(Clone, Debug, PartialEq)]
@@ -297,6 +305,8 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     });
     let defaults = p.defaults_section(&mut root);
     let dead_letters = p.dead_letters_section(&mut root, &transport);
+    let telemetry = p.telemetry_section(&mut root);
+    let admin = p.admin_section(&mut root);
     let plugins = p.plugins_section(&mut root, &defaults);
     root.finish(p.diags);
 
@@ -312,6 +322,8 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         transport,
         cache_dir,
         dead_letters,
+        telemetry,
+        admin,
         plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
     };
     diags.sort();
@@ -587,6 +599,98 @@ impl Parser<'_> {
         }
         r.finish(self.diags);
         policy
+    }
+
+    /// `[telemetry]`: traces and metrics export.
+    fn telemetry_section(&mut self, root: &mut Section<'_>) -> crate::telemetry::TelemetryConfig {
+        use crate::telemetry::{TelemetryConfig, TraceExport};
+        let mut config = TelemetryConfig::default();
+        let Some(mut t) = root.table("telemetry", self.diags) else {
+            return config;
+        };
+        if let Some(v) = t.string("traces", self.diags) {
+            config.traces = match v.value.as_str() {
+                "off" => Some(TraceExport::Off),
+                "otlp" => Some(TraceExport::Otlp),
+                "stdout" => Some(TraceExport::Stdout),
+                other => {
+                    self.diags.push(
+                        Diagnostic::error(format!("unknown trace export `{other}`"), v.span)
+                            .with_label("expected \"otlp\", \"stdout\" or \"off\""),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(v) = t.string("metrics", self.diags) {
+            config.metrics_otlp = match v.value.as_str() {
+                "otlp" => Some(true),
+                "off" => Some(false),
+                other => {
+                    self.diags.push(
+                        Diagnostic::error(format!("unknown metrics export `{other}`"), v.span)
+                            .with_label("expected \"otlp\" or \"off\"")
+                            .with_note(
+                                "note: metrics are always served at /metrics on the admin listener",
+                            ),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(e) = t.string("endpoint", self.diags) {
+            if e.value.starts_with("http://") || e.value.starts_with("https://") {
+                config.endpoint = Some(e.value);
+            } else {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`telemetry.endpoint` must be an http:// or https:// URL",
+                        e.span,
+                    )
+                    .with_label("expected e.g. \"http://127.0.0.1:4318\""),
+                );
+            }
+        }
+        config.service_name = t.string("service_name", self.diags).map(|s| s.value);
+        if let Some(r) = t.number("sample_ratio", self.diags) {
+            match r.value {
+                v if (0.0..=1.0).contains(&v) => config.sample_ratio = Some(v),
+                _ => self.diags.push(
+                    Diagnostic::error("`telemetry.sample_ratio` must be between 0 and 1", r.span)
+                        .with_label("out of range"),
+                ),
+            }
+        }
+        config.metrics_interval = self.duration(&mut t, "metrics_interval").map(|d| d.value);
+        t.finish(self.diags);
+        config
+    }
+
+    /// `[admin]`: the HTTP listener for `/metrics` and `/healthz`.
+    fn admin_section(&mut self, root: &mut Section<'_>) -> Option<SocketAddr> {
+        let default = DEFAULT_ADMIN_LISTEN.parse().ok();
+        let Some(mut a) = root.table("admin", self.diags) else {
+            return default;
+        };
+        let listen = match a.string("listen", self.diags) {
+            None => default,
+            Some(l) if l.value == "off" => None,
+            Some(l) => match l.value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.diags.push(
+                        Diagnostic::error(
+                            format!("`{}` is not an address with a port", l.value),
+                            l.span,
+                        )
+                        .with_label("expected e.g. \"127.0.0.1:9464\" or \"off\""),
+                    );
+                    default
+                }
+            },
+        };
+        a.finish(self.diags);
+        listen
     }
 
     /// `[dead_letters]`: where failed messages go.

@@ -168,6 +168,19 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// A number, integer or float.
+    pub fn number(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Spanned<f64>> {
+        let item = self.item(key)?;
+        if let Some(f) = item.as_float() {
+            return Some(Spanned::new(f, item.span()));
+        }
+        if let Some(i) = item.as_integer() {
+            return Some(Spanned::new(i as f64, item.span()));
+        }
+        self.wrong_type(key, item, "a number", diags);
+        None
+    }
+
     /// A string or an integer, returned as written (for sizes like `"64 MiB"`
     /// or `67108864`).
     pub fn string_or_int(

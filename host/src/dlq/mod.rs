@@ -149,8 +149,14 @@ impl DeadLetter {
     /// header linking it to this record. Its attempts continue the count.
     pub fn replay_message(&self) -> Envelope {
         let mut m = self.message.clone();
-        m.headers.retain(|(n, _)| n != REPLAY_HEADER);
+        let trace_header = crate::dispatch::REPLAY_TRACE_HEADER;
+        m.headers
+            .retain(|(n, _)| n != REPLAY_HEADER && n != trace_header);
         m.headers.push((REPLAY_HEADER.to_owned(), self.id.clone()));
+        if let (Some(t), Some(s)) = (&self.trace_id, &self.span_id) {
+            m.headers
+                .push((trace_header.to_owned(), format!("{t}-{s}")));
+        }
         m.attempt = u32::try_from(self.attempts.len())
             .unwrap_or(u32::MAX)
             .saturating_add(1);

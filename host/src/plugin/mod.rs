@@ -62,6 +62,8 @@ const MAX_TYPE_IN_ERRORS: usize = 160;
 const MAX_ERROR_DETAILS: usize = 64;
 /// Log lines per `handle` call beyond which lines are dropped (and counted).
 const MAX_LOG_LINES_PER_CALL: u32 = 256;
+/// Span attributes plus span events a plugin may add per call.
+const MAX_SPAN_ADDITIONS_PER_CALL: u32 = 128;
 /// Total bytes (payloads, headers, names) one call may emit; the host holds
 /// them in memory until the batch settles.
 pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
@@ -429,6 +431,10 @@ struct Call {
     output_bytes: usize,
     violation: Option<String>,
     log_lines: u32,
+    /// The message's trace span, when tracing is on.
+    span: Option<opentelemetry::Context>,
+    /// Span attributes and events the plugin added (capped).
+    span_additions: u32,
 }
 
 /// Something a handler emitted, held until the call returns `ok`.
@@ -511,6 +517,17 @@ impl Instance {
     /// The envelope's fields are moved into the call and back, not copied:
     /// it is unchanged when this returns.
     pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Vec<Output>, Failure> {
+        self.handle_traced(envelope, None)
+    }
+
+    /// [`Instance::handle`], with the message's trace span: the plugin's log
+    /// lines become span events, and its span attributes and events land
+    /// there.
+    pub fn handle_traced(
+        &mut self,
+        envelope: &mut Envelope,
+        span: Option<&opentelemetry::Context>,
+    ) -> Result<Vec<Output>, Failure> {
         let plugin = self.store.data().plugin.clone();
         let timeout = plugin.sandbox.limits.timeout;
         self.store.data_mut().call = Call {
@@ -518,6 +535,7 @@ impl Instance {
             message_type: envelope.message_type.clone(),
             kind: Some(envelope.kind),
             deadline: wait_deadline(timeout),
+            span: span.cloned(),
             ..Call::default()
         };
         self.store.set_epoch_deadline(deadline_ticks(timeout));
@@ -773,6 +791,23 @@ impl bindings::switchyard::plugin::host::Host for State {
             return;
         }
         let text = clip(&text, MAX_LOG_LINE);
+        if let Some(cx) = &self.call.span {
+            use opentelemetry::trace::TraceContextExt as _;
+            let severity = match level {
+                wit::LogLevel::Trace => "trace",
+                wit::LogLevel::Debug => "debug",
+                wit::LogLevel::Info => "info",
+                wit::LogLevel::Warn => "warn",
+                wit::LogLevel::Error => "error",
+            };
+            cx.span().add_event(
+                "log",
+                vec![
+                    opentelemetry::KeyValue::new("log.severity", severity),
+                    opentelemetry::KeyValue::new("log.message", text.clone()),
+                ],
+            );
+        }
         let plugin = self.plugin.sandbox.name.as_str();
         let id = self.call.message_id.as_str();
         match level {
@@ -792,5 +827,33 @@ impl bindings::switchyard::plugin::host::Host for State {
                 tracing::error!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
             }
         }
+    }
+
+    fn span_attribute(&mut self, key: String, value: String) {
+        let Some(cx) = &self.call.span else { return };
+        self.call.span_additions += 1;
+        if self.call.span_additions > MAX_SPAN_ADDITIONS_PER_CALL {
+            return;
+        }
+        use opentelemetry::trace::TraceContextExt as _;
+        cx.span().set_attribute(opentelemetry::KeyValue::new(
+            clip(&key, MAX_NAME),
+            clip(&value, MAX_LOG_LINE),
+        ));
+    }
+
+    fn span_event(&mut self, name: String, attributes: Vec<(String, String)>) {
+        let Some(cx) = &self.call.span else { return };
+        self.call.span_additions += 1;
+        if self.call.span_additions > MAX_SPAN_ADDITIONS_PER_CALL {
+            return;
+        }
+        use opentelemetry::trace::TraceContextExt as _;
+        let attributes = attributes
+            .into_iter()
+            .take(MAX_ERROR_DETAILS)
+            .map(|(k, v)| opentelemetry::KeyValue::new(clip(&k, MAX_NAME), clip(&v, MAX_LOG_LINE)))
+            .collect();
+        cx.span().add_event(clip(&name, MAX_NAME), attributes);
     }
 }

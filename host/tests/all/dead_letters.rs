@@ -485,6 +485,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         source: Default::default(),
         host: "test".into(),
         fail_when_plugin_cannot_start: false,
+        telemetry: switchyard::telemetry::Telemetry::off(),
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -500,7 +501,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
                     backtrace: None,
                     output: None,
                 };
-                switchyard::dispatch::dead_letter(&ctx, &tally, &m, &failure)
+                switchyard::dispatch::dead_letter(&ctx, &tally, &m, &failure, None)
             })
             .collect();
         s.record(letters).await.unwrap();
@@ -619,6 +620,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         source: Default::default(),
         host: "test".into(),
         fail_when_plugin_cannot_start: false,
+        telemetry: switchyard::telemetry::Telemetry::off(),
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,
@@ -635,6 +637,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
                 &tally,
                 &message(Kind::Event, "Tick", json!(i)),
                 &failure,
+                None,
             )
         })
         .collect();

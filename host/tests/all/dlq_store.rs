@@ -38,6 +38,8 @@ fn letter(route: &str, kind: &str, error: &str, failed_at: u64) -> DeadLetter {
             error: error.into(),
             plugin: format!("{route}@1.0.0"),
             then: "dead-letter".into(),
+            trace_id: None,
+            span_id: None,
         }],
         first_failed_at_ms: failed_at,
         last_failed_at_ms: failed_at,

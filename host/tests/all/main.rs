@@ -15,4 +15,5 @@ mod durability;
 mod loading;
 mod outbox;
 mod sandbox;
+mod telemetry;
 mod transport;

@@ -57,6 +57,8 @@ impl Plugin for Orders {
 
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
         let order: PlaceOrder = msg.json()?;
+        // Lets an operator find this order's trace by its id.
+        ctx.set_span_attribute("order.id", &order.order_id);
         if order.items.is_empty() {
             return Err(
                 HandlerError::permanent(format!("order {} has no items", order.order_id))
@@ -138,6 +140,10 @@ mod tests {
         );
         let reply: Accepted = out.replies[0].json_payload().unwrap();
         assert_eq!(reply.total_cents, 2800);
+        assert_eq!(
+            out.span_attributes,
+            vec![("order.id".to_owned(), "A-1".to_owned())]
+        );
     }
 
     #[test]
