@@ -333,7 +333,7 @@ impl Telemetry {
             .span_builder(name)
             .with_kind(kind)
             .with_attributes(attributes)
-            .with_links(links.into_iter().map(|sc| Link::with_context(sc)).collect())
+            .with_links(links.into_iter().map(Link::with_context).collect())
             .start_with_context(tracer, parent);
         Some(parent.with_span(span))
     }
