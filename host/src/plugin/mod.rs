@@ -810,22 +810,31 @@ impl bindings::switchyard::plugin::host::Host for State {
         }
         let plugin = self.plugin.sandbox.name.as_str();
         let id = self.call.message_id.as_str();
+        // Tracing is off when there is no span: the fields are then empty.
+        let (trace_id, span_id) = self
+            .call
+            .span
+            .as_ref()
+            .and_then(crate::telemetry::ids)
+            .unwrap_or_default();
+        macro_rules! log_at {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "plugin",
+                    plugin = %plugin,
+                    message.id = %id,
+                    trace_id = %trace_id,
+                    span_id = %span_id,
+                    "{text}"
+                )
+            };
+        }
         match level {
-            wit::LogLevel::Trace => {
-                tracing::trace!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
-            }
-            wit::LogLevel::Debug => {
-                tracing::debug!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
-            }
-            wit::LogLevel::Info => {
-                tracing::info!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
-            }
-            wit::LogLevel::Warn => {
-                tracing::warn!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
-            }
-            wit::LogLevel::Error => {
-                tracing::error!(target: "plugin", plugin = %plugin, message.id = %id, "{text}")
-            }
+            wit::LogLevel::Trace => log_at!(trace),
+            wit::LogLevel::Debug => log_at!(debug),
+            wit::LogLevel::Info => log_at!(info),
+            wit::LogLevel::Warn => log_at!(warn),
+            wit::LogLevel::Error => log_at!(error),
         }
     }
 

@@ -376,47 +376,69 @@ async fn a_malformed_traceparent_starts_a_new_trace_and_the_message_is_handled()
     );
 }
 
-/// A minimal OTLP/HTTP receiver: decodes trace export requests and keeps
-/// the span names.
-async fn otlp_receiver() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+type Names = Arc<Mutex<Vec<String>>>;
+
+/// A minimal OTLP/HTTP receiver: decodes trace and metric export requests
+/// and keeps the span names and metric names.
+async fn otlp_receiver() -> (SocketAddr, Names, Names) {
     use axum::body::Bytes;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message as _;
-    let received: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: Bytes| {
-            let sink = sink.clone();
-            async move {
-                let request =
-                    ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
-                let mut names = sink.lock().unwrap();
-                for rs in request.resource_spans {
-                    for ss in rs.scope_spans {
-                        names.extend(ss.spans.into_iter().map(|s| s.name));
+    let spans: Names = Arc::default();
+    let metrics: Names = Arc::default();
+    let (span_sink, metric_sink) = (spans.clone(), metrics.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |body: Bytes| {
+                let sink = span_sink.clone();
+                async move {
+                    let request =
+                        ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+                    let mut names = sink.lock().unwrap();
+                    for rs in request.resource_spans {
+                        for ss in rs.scope_spans {
+                            names.extend(ss.spans.into_iter().map(|s| s.name));
+                        }
                     }
+                    ""
                 }
-                ""
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/v1/metrics",
+            axum::routing::post(move |body: Bytes| {
+                let sink = metric_sink.clone();
+                async move {
+                    let request =
+                        ExportMetricsServiceRequest::decode(body).expect("an OTLP metric export");
+                    let mut names = sink.lock().unwrap();
+                    for rm in request.resource_metrics {
+                        for sm in rm.scope_metrics {
+                            names.extend(sm.metrics.into_iter().map(|m| m.name));
+                        }
+                    }
+                    ""
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, received)
+    (addr, spans, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn spans_are_exported_over_otlp_to_a_real_receiver() {
-    let (addr, received) = otlp_receiver().await;
+async fn spans_and_metrics_are_exported_over_otlp_to_a_real_receiver() {
+    let (addr, received, metrics) = otlp_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let p = config::load(&write_pipeline(dir.path(), "orders", ORDERS))
         .unwrap()
         .pipeline;
     let settings = Resolved {
         traces: TraceExport::Otlp,
-        metrics_otlp: false,
+        metrics_otlp: true,
         endpoint: Some(format!("http://{addr}")),
         service_name: "switchyard-test".into(),
         sample_ratio: 1.0,
@@ -444,6 +466,14 @@ async fn spans_are_exported_over_otlp_to_a_real_receiver() {
         assert!(
             names.iter().any(|n| n == expected),
             "{expected} not received: {names:?}"
+        );
+    }
+    // The metric reader flushes on shutdown.
+    let metric_names = metrics.lock().unwrap().clone();
+    for expected in ["switchyard.messages.handled", "switchyard.handler.duration"] {
+        assert!(
+            metric_names.iter().any(|n| n == expected),
+            "{expected} not received: {metric_names:?}"
         );
     }
 }
