@@ -165,14 +165,15 @@ impl Worker {
             return None;
         }
         let mut links: Vec<SpanContext> = Vec::new();
-        let parent = if DeadLetter::replay_of(e).is_some() {
-            let original = e
-                .headers
-                .iter()
-                .find(|(n, _)| n == REPLAY_TRACE_HEADER)
-                .and_then(|(_, v)| v.split_once('-'))
-                .and_then(|(t, s)| telemetry::span_context(t, s));
-            links.extend(original);
+        let replay_trace = e.headers.iter().find(|(n, _)| n == REPLAY_TRACE_HEADER);
+        let parent = if let Some((_, original)) = replay_trace {
+            // The first attempt of a replay: a new trace, linked to the
+            // dead letter's span when its ids were recorded.
+            links.extend(
+                original
+                    .split_once('-')
+                    .and_then(|(t, s)| telemetry::span_context(t, s)),
+            );
             Context::new()
         } else {
             self.telemetry.extract(&e.headers, &e.id)
@@ -218,22 +219,27 @@ impl Worker {
     /// means the plugin could not be instantiated: the message was not
     /// attempted.
     pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Result<Vec<Output>, Failure>> {
-        self.handle_in(envelope, None)
+        self.handle_in(envelope, None, &mut 0)
+    }
+
+    /// A warm instance, created if there is none (or the last one is spent).
+    fn ensure_instance(&mut self) -> Result<&mut Instance> {
+        if self.instance.as_ref().is_none_or(Instance::is_spent) {
+            self.instance = Some(self.plugin.instantiate()?);
+        }
+        self.instance
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no instance of plugin {}", self.plugin.name()))
     }
 
     fn handle_in(
         &mut self,
         envelope: &mut Envelope,
         span: Option<&Context>,
+        span_budget: &mut u32,
     ) -> Result<Result<Vec<Output>, Failure>> {
-        if self.instance.as_ref().is_some_and(Instance::is_spent) {
-            self.instance = None;
-        }
-        let instance = match &mut self.instance {
-            Some(i) => i,
-            None => self.instance.insert(self.plugin.instantiate()?),
-        };
-        let result = instance.handle_traced(envelope, span);
+        let instance = self.ensure_instance()?;
+        let result = instance.handle_traced(envelope, span, span_budget);
         if instance.is_spent() {
             // Drop now, not at the next message: a trapped store may hold a
             // lot of memory.
@@ -258,16 +264,13 @@ impl Worker {
         &mut self,
         delivery: &mut Delivery,
     ) -> Result<(Verdict, Option<Context>)> {
-        let span = self.start_span(&delivery.envelope);
-        match self.attempt_all(delivery, span.as_ref()) {
-            Ok(v) => Ok((v, span)),
-            Err(e) => {
-                if let Some(cx) = &span {
-                    telemetry::set_error(cx, "the plugin could not start");
-                }
-                Err(e)
-            }
+        // A plugin that cannot start attempts nothing: no span for it.
+        if delivery.malformed.is_none() {
+            self.ensure_instance()?;
         }
+        let span = self.start_span(&delivery.envelope);
+        let verdict = self.attempt_all(delivery, span.as_ref())?;
+        Ok((verdict, span))
     }
 
     fn attempt_all(&mut self, delivery: &mut Delivery, span: Option<&Context>) -> Result<Verdict> {
@@ -293,6 +296,12 @@ impl Worker {
                 span_id: ids.as_ref().map(|(_, s)| s.clone()),
             };
             delivery.envelope.history.push(attempt);
+            let attrs = self.attrs(&delivery.envelope);
+            let [a, b] = attrs;
+            self.telemetry.metrics.failed.add(
+                1,
+                &[a, b, KeyValue::new("error.type", failure.kind.as_str())],
+            );
             return Ok(Verdict::DeadLetter(failure));
         }
         let envelope = &mut delivery.envelope;
@@ -305,10 +314,11 @@ impl Worker {
         )
         .unwrap_or(u32::MAX);
         let mut immediate_used = 0;
+        let mut span_budget = crate::plugin::MAX_PLUGIN_SPAN_EVENTS;
         loop {
             let started_at_ms = now_ms();
             let started = Instant::now();
-            let result = self.handle_in(envelope, span)?;
+            let result = self.handle_in(envelope, span, &mut span_budget)?;
             let attrs = self.attrs(envelope);
             self.telemetry
                 .metrics
@@ -555,14 +565,61 @@ pub fn dead_letter(
 /// spans end when the plan is dropped, after the batch is settled.
 struct Plan {
     letters: Vec<DeadLetter>,
-    settlements: Vec<(Settlement, bool)>,
+    settlements: Vec<Planned>,
     replays_handled: Vec<String>,
     spans: Vec<Context>,
 }
 
+/// One settlement, whether it is a dead letter, and the metric it moves
+/// once it is durable.
+struct Planned {
+    settlement: Settlement,
+    dead: bool,
+    metric: Metric,
+}
+
+/// A metric update applied only after its settlement succeeded, so a batch
+/// handled again after a store error is not counted twice.
+enum Metric {
+    Handled {
+        attrs: [KeyValue; 2],
+        age_s: f64,
+    },
+    RetriedLater {
+        attrs: [KeyValue; 2],
+    },
+    DeadLettered {
+        attrs: [KeyValue; 2],
+        kind: FailureKind,
+    },
+}
+
+impl Metric {
+    fn apply(self, metrics: &crate::telemetry::Metrics) {
+        match self {
+            Metric::Handled { attrs, age_s } => {
+                metrics.handled.add(1, &attrs);
+                metrics.latency.record(age_s, &attrs);
+            }
+            Metric::RetriedLater { attrs } => {
+                let [a, b] = attrs;
+                metrics
+                    .retried
+                    .add(1, &[a, b, KeyValue::new("retry", "later")]);
+            }
+            Metric::DeadLettered { attrs, kind } => {
+                let [a, b] = attrs;
+                metrics
+                    .dead_lettered
+                    .add(1, &[a, b, KeyValue::new("error.type", kind.as_str())]);
+            }
+        }
+    }
+}
+
 /// A `send {type}` PRODUCER span for an output, its context written into
-/// the output's headers.
-fn send_span(telemetry: &Telemetry, parent: &Context, output: &mut Envelope) {
+/// the output's headers. It ends when the batch is settled.
+fn send_span(telemetry: &Telemetry, parent: &Context, output: &mut Envelope) -> Option<Context> {
     let attributes = vec![
         KeyValue::new("messaging.system", "switchyard"),
         KeyValue::new("messaging.operation.type", "send"),
@@ -579,12 +636,13 @@ fn send_span(telemetry: &Telemetry, parent: &Context, output: &mut Envelope) {
         Vec::new(),
     ) {
         telemetry.inject(&cx, &mut output.headers);
+        return Some(cx);
     }
+    None
 }
 
 fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) -> Plan {
     let name = plugin.name().as_str();
-    let metrics = &ctx.telemetry.metrics;
     let mut plan = Plan {
         letters: Vec::new(),
         settlements: Vec::new(),
@@ -626,7 +684,7 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                     None => {
                         if let Some(cx) = &p.span {
                             for o in &mut outputs {
-                                send_span(&ctx.telemetry, cx, o);
+                                plan.spans.extend(send_span(&ctx.telemetry, cx, o));
                             }
                         }
                         tracing::info!(
@@ -640,20 +698,22 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                             span_id = %span_id,
                             "Handled"
                         );
-                        metrics.handled.add(1, &attrs);
                         let age_ms = now_ms().saturating_sub(e.created_at_ms);
-                        metrics.latency.record(age_ms as f64 / 1000.0, &attrs);
                         if let Some(record) = DeadLetter::replay_of(e) {
                             plan.replays_handled.push(record.to_owned());
                         }
                         plan.spans.extend(p.span);
-                        plan.settlements.push((
-                            Settlement {
+                        plan.settlements.push(Planned {
+                            settlement: Settlement {
                                 delivery: p.delivery,
                                 outcome: Outcome::Handled { outputs, reply },
                             },
-                            false,
-                        ));
+                            dead: false,
+                            metric: Metric::Handled {
+                                attrs,
+                                age_s: age_ms as f64 / 1000.0,
+                            },
+                        });
                         continue;
                     }
                 }
@@ -674,14 +734,7 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                     span_id = %span_id,
                     "Attempt failed; retry scheduled"
                 );
-                metrics.retried.add(
-                    1,
-                    &[
-                        attrs[0].clone(),
-                        attrs[1].clone(),
-                        KeyValue::new("retry", "later"),
-                    ],
-                );
+                let mut message = e.clone();
                 if let Some(cx) = &p.span {
                     cx.span().add_event(
                         "retry scheduled",
@@ -691,21 +744,31 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                         )],
                     );
                     telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
+                    // A replay's first attempt opened a new trace: its
+                    // retries continue that trace, not the original one.
+                    if message
+                        .headers
+                        .iter()
+                        .any(|(n, _)| n == REPLAY_TRACE_HEADER)
+                    {
+                        message.headers.retain(|(n, _)| n != REPLAY_TRACE_HEADER);
+                        ctx.telemetry.inject(cx, &mut message.headers);
+                    }
                 }
                 let not_before_ms =
                     now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                let message = e.clone();
                 plan.spans.extend(p.span);
-                plan.settlements.push((
-                    Settlement {
+                plan.settlements.push(Planned {
+                    settlement: Settlement {
                         delivery: p.delivery,
                         outcome: Outcome::Retry {
                             message,
                             not_before_ms,
                         },
                     },
-                    false,
-                ));
+                    dead: false,
+                    metric: Metric::RetriedLater { attrs },
+                });
             }
             Verdict::DeadLetter(f) => {
                 let letter = dead_letter(ctx, plugin, e, &f, p.span.as_ref());
@@ -724,14 +787,6 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                 if let Some(bt) = &f.backtrace {
                     tracing::debug!(plugin = %name, message.id = %e.id, "wasm backtrace:\n{bt}");
                 }
-                metrics.dead_lettered.add(
-                    1,
-                    &[
-                        attrs[0].clone(),
-                        attrs[1].clone(),
-                        KeyValue::new("error.type", f.kind.as_str()),
-                    ],
-                );
                 if let Some(cx) = &p.span {
                     cx.span().add_event(
                         "dead-lettered",
@@ -747,13 +802,17 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                 }
                 plan.letters.push(letter);
                 plan.spans.extend(p.span);
-                plan.settlements.push((
-                    Settlement {
+                plan.settlements.push(Planned {
+                    settlement: Settlement {
                         delivery: p.delivery,
                         outcome: Outcome::DeadLettered,
                     },
-                    true,
-                ));
+                    dead: true,
+                    metric: Metric::DeadLettered {
+                        attrs,
+                        kind: f.kind,
+                    },
+                });
             }
             Verdict::Handled(_) => {}
         }
@@ -775,20 +834,20 @@ async fn commit(
         letters,
         settlements,
         replays_handled,
-        spans: _spans,
+        spans,
     } = plan(ctx, plugin, processed);
     let mut ok = true;
     let mut to_settle = Vec::with_capacity(settlements.len());
+    let mut metrics = Vec::with_capacity(settlements.len());
     let mut written: Vec<(String, String)> = Vec::new();
-    if letters.is_empty() {
-        to_settle.extend(settlements.into_iter().map(|(s, _)| s));
+    let letters_written = if letters.is_empty() {
+        true
     } else {
         let message_ids: Vec<String> = letters.iter().map(|l| l.message.id.clone()).collect();
         match ctx.dead_letters.record(letters).await {
             Ok(record_ids) => {
                 written = message_ids.into_iter().zip(record_ids).collect();
-                to_settle.extend(settlements.into_iter().map(|(s, _)| s));
-                record_store_size(ctx).await;
+                true
             }
             Err(e) => {
                 tracing::error!(
@@ -797,14 +856,16 @@ async fn commit(
                     "Cannot write dead letters; those messages stay queued and will be handled again"
                 );
                 ok = false;
-                for (s, dead) in settlements {
-                    if dead {
-                        unhandled.push(s.delivery);
-                    } else {
-                        to_settle.push(s);
-                    }
-                }
+                false
             }
+        }
+    };
+    for p in settlements {
+        if p.dead && !letters_written {
+            unhandled.push(p.settlement.delivery);
+        } else {
+            to_settle.push(p.settlement);
+            metrics.push(p.metric);
         }
     }
     // Messages handled now that were dead-lettered before a failed settle.
@@ -825,7 +886,20 @@ async fn commit(
             "Cannot settle a batch; its messages stay queued and will be handled again"
         );
         state.dead_but_unsettled.extend(written);
+        // Their outputs were never stored: the spans say so.
+        for cx in &spans {
+            telemetry::set_error(
+                cx,
+                "the batch could not be settled; it will be handled again",
+            );
+        }
         return false;
+    }
+    for m in metrics {
+        m.apply(&ctx.telemetry.metrics);
+    }
+    if !written.is_empty() {
+        record_store_size(ctx).await;
     }
     for (message_id, _) in &written {
         state.dead_but_unsettled.remove(message_id);
@@ -839,6 +913,7 @@ async fn commit(
                     .dead_but_unsettled
                     .retain(|_, record| !state.handled_replays.contains(record));
                 state.handled_replays.clear();
+                record_store_size(ctx).await;
             }
             Err(e) => tracing::warn!(
                 plugin = %plugin.name(),
@@ -910,12 +985,18 @@ pub async fn run_route(
             .in_flight
             .add(received, &in_flight_attrs);
         let stop_flag = stop.clone();
-        let (w, outcome) = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             let outcome = w.handle_batch(batch, &stop_flag);
             (w, outcome)
         })
-        .await
-        .map_err(|e| anyhow::anyhow!("route {} worker panicked: {e}", plugin.name()))?;
+        .await;
+        let Ok((w, outcome)) = joined else {
+            ctx.telemetry
+                .metrics
+                .in_flight
+                .add(-received, &in_flight_attrs);
+            anyhow::bail!("route {} worker panicked", plugin.name());
+        };
         worker = Some(w);
         let BatchOutcome {
             processed,

@@ -53,6 +53,12 @@ pub fn cache_dir(pipeline: &Pipeline) -> Option<std::path::PathBuf> {
 /// their `describe()` and checks it against the pipeline. Reports every
 /// problem of every plugin at once.
 pub async fn load_plugins(pipeline: &Pipeline) -> Result<Plugins> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("load plugins", pipeline = %pipeline.name, plugins = pipeline.plugins.len());
+    load_plugins_inner(pipeline).instrument(span).await
+}
+
+async fn load_plugins_inner(pipeline: &Pipeline) -> Result<Plugins> {
     let engine = Arc::new(PluginEngine::new(cache_dir(pipeline))?);
     let mut tasks = JoinSet::new();
     for (i, spec) in pipeline.plugins.iter().enumerate() {
@@ -291,15 +297,21 @@ pub async fn run_with(
     };
     stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_tx.send(true);
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
     while let Some(r) = routes.join_next().await {
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "Route stopped with an error"),
             Err(e) => tracing::error!(error = %e, "Route task failed"),
         }
+    }
+    // The listener stops taking connections at once; an open scrape gets a
+    // moment to finish, not the power to hold the host.
+    if let Some(mut task) = admin_task
+        && tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+    {
+        task.abort();
     }
     outcome?;
     if mode == RunMode::Drain && !transport.is_idle().await? {

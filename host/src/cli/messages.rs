@@ -149,7 +149,8 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
             && let Some(cx) = t.start_span(
                 format!("send {t_name}", t_name = e.message_type),
                 opentelemetry::trace::SpanKind::Producer,
-                &opentelemetry::Context::new(),
+                // A trace the caller passed with -H traceparent continues.
+                &t.extract(&e.headers, &e.id),
                 vec![
                     opentelemetry::KeyValue::new("messaging.system", "switchyard"),
                     opentelemetry::KeyValue::new("messaging.operation.type", "send"),

@@ -62,8 +62,9 @@ const MAX_TYPE_IN_ERRORS: usize = 160;
 const MAX_ERROR_DETAILS: usize = 64;
 /// Log lines per `handle` call beyond which lines are dropped (and counted).
 const MAX_LOG_LINES_PER_CALL: u32 = 256;
-/// Span attributes plus span events a plugin may add per call.
-const MAX_SPAN_ADDITIONS_PER_CALL: u32 = 128;
+/// Span attributes plus span events (log lines included) a plugin may add
+/// per call; below the span's event limit, so the host's own events fit.
+pub const MAX_PLUGIN_SPAN_EVENTS: u32 = 128;
 /// Total bytes (payloads, headers, names) one call may emit; the host holds
 /// them in memory until the batch settles.
 pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
@@ -433,8 +434,9 @@ struct Call {
     log_lines: u32,
     /// The message's trace span, when tracing is on.
     span: Option<opentelemetry::Context>,
-    /// Span attributes and events the plugin added (capped).
-    span_additions: u32,
+    /// Span attributes and events (log lines included) the plugin may still
+    /// add to the span: shared by every attempt of a delivery.
+    span_budget: u32,
 }
 
 /// Something a handler emitted, held until the call returns `ok`.
@@ -517,16 +519,18 @@ impl Instance {
     /// The envelope's fields are moved into the call and back, not copied:
     /// it is unchanged when this returns.
     pub fn handle(&mut self, envelope: &mut Envelope) -> Result<Vec<Output>, Failure> {
-        self.handle_traced(envelope, None)
+        self.handle_traced(envelope, None, &mut 0)
     }
 
     /// [`Instance::handle`], with the message's trace span: the plugin's log
     /// lines become span events, and its span attributes and events land
-    /// there.
+    /// there, at most `span_budget` of them (the budget left is returned
+    /// through it).
     pub fn handle_traced(
         &mut self,
         envelope: &mut Envelope,
         span: Option<&opentelemetry::Context>,
+        span_budget: &mut u32,
     ) -> Result<Vec<Output>, Failure> {
         let plugin = self.store.data().plugin.clone();
         let timeout = plugin.sandbox.limits.timeout;
@@ -536,6 +540,7 @@ impl Instance {
             kind: Some(envelope.kind),
             deadline: wait_deadline(timeout),
             span: span.cloned(),
+            span_budget: *span_budget,
             ..Call::default()
         };
         self.store.set_epoch_deadline(deadline_ticks(timeout));
@@ -550,6 +555,7 @@ impl Instance {
         let overran = started.elapsed() > timeout + EPOCH_TICK;
         give_back(envelope, message);
         let call = std::mem::take(&mut self.store.data_mut().call);
+        *span_budget = call.span_budget;
         if call.log_lines > MAX_LOG_LINES_PER_CALL {
             tracing::warn!(
                 plugin = %plugin.sandbox.name,
@@ -791,7 +797,13 @@ impl bindings::switchyard::plugin::host::Host for State {
             return;
         }
         let text = clip(&text, MAX_LOG_LINE);
-        if let Some(cx) = &self.call.span {
+        if let Some(cx) = self
+            .call
+            .span
+            .as_ref()
+            .filter(|_| self.call.span_budget > 0)
+        {
+            self.call.span_budget -= 1;
             use opentelemetry::trace::TraceContextExt as _;
             let severity = match level {
                 wit::LogLevel::Trace => "trace",
@@ -840,10 +852,14 @@ impl bindings::switchyard::plugin::host::Host for State {
 
     fn span_attribute(&mut self, key: String, value: String) {
         let Some(cx) = &self.call.span else { return };
-        self.call.span_additions += 1;
-        if self.call.span_additions > MAX_SPAN_ADDITIONS_PER_CALL {
+        // The host's own attributes are not the plugin's to change.
+        if key.starts_with("messaging.") || key.starts_with("switchyard.") {
             return;
         }
+        if self.call.span_budget == 0 {
+            return;
+        }
+        self.call.span_budget -= 1;
         use opentelemetry::trace::TraceContextExt as _;
         cx.span().set_attribute(opentelemetry::KeyValue::new(
             clip(&key, MAX_NAME),
@@ -853,10 +869,10 @@ impl bindings::switchyard::plugin::host::Host for State {
 
     fn span_event(&mut self, name: String, attributes: Vec<(String, String)>) {
         let Some(cx) = &self.call.span else { return };
-        self.call.span_additions += 1;
-        if self.call.span_additions > MAX_SPAN_ADDITIONS_PER_CALL {
+        if self.call.span_budget == 0 {
             return;
         }
+        self.call.span_budget -= 1;
         use opentelemetry::trace::TraceContextExt as _;
         let attributes = attributes
             .into_iter()

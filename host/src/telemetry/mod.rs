@@ -55,9 +55,19 @@ pub struct TelemetryConfig {
     /// Base URL of an OTLP/HTTP endpoint, e.g. `http://127.0.0.1:4318`.
     pub endpoint: Option<String>,
     pub service_name: Option<String>,
-    /// Fraction of new traces to sample, 0.0 to 1.0.
+    /// Fraction of new traces to sample, 0.0 to 1.0 (a message whose parent
+    /// was sampled is always sampled).
     pub sample_ratio: Option<f64>,
     pub metrics_interval: Option<Duration>,
+}
+
+/// Which traces are recorded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Follow the parent's decision when there is one.
+    pub parent_based: bool,
+    /// Fraction of traces without a parent decision that are sampled.
+    pub ratio: f64,
 }
 
 /// The settings in force: the pipeline's, then `OTEL_*` variables, then
@@ -68,9 +78,14 @@ pub struct Resolved {
     pub metrics_otlp: bool,
     pub endpoint: Option<String>,
     pub service_name: String,
-    pub sample_ratio: f64,
+    pub sampling: Sampling,
     pub metrics_interval: Duration,
 }
+
+/// Events kept per span: more than a plugin may add in one call (see
+/// `plugin::MAX_PLUGIN_SPAN_EVENTS`), so the host's own events (failed
+/// attempts, retries, dead letters) always fit.
+pub const MAX_EVENTS_PER_SPAN: u32 = 256;
 
 /// Reads an environment variable, treating an empty one as unset.
 fn env(name: &str) -> Option<String> {
@@ -80,7 +95,8 @@ fn env(name: &str) -> Option<String> {
 impl TelemetryConfig {
     /// Applies the standard `OTEL_*` variables where the pipeline is silent.
     pub fn resolve(&self, pipeline: &str) -> Result<Resolved> {
-        let endpoint_in_env = env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        let endpoint_set = self.endpoint.is_some()
+            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
             || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
         let traces = match &self.traces {
             Some(t) => t.clone(),
@@ -91,7 +107,7 @@ impl TelemetryConfig {
                 Some(other) => bail!(
                     "OTEL_TRACES_EXPORTER={other} is not supported; use otlp, console or none"
                 ),
-                None if endpoint_in_env => TraceExport::Otlp,
+                None if endpoint_set => TraceExport::Otlp,
                 None => TraceExport::Off,
             },
         };
@@ -114,23 +130,39 @@ impl TelemetryConfig {
                 "OTEL_EXPORTER_OTLP_PROTOCOL={p} is not supported; switchyard exports OTLP over http/protobuf"
             );
         }
-        let sample_ratio = match self.sample_ratio {
-            Some(r) => r,
-            None => match env("OTEL_TRACES_SAMPLER").as_deref() {
-                None | Some("always_on") | Some("parentbased_always_on") => 1.0,
-                Some("always_off") | Some("parentbased_always_off") => 0.0,
-                Some("traceidratio") | Some("parentbased_traceidratio") => {
-                    env("OTEL_TRACES_SAMPLER_ARG")
+        let sampling = match self.sample_ratio {
+            Some(ratio) => Sampling {
+                parent_based: true,
+                ratio,
+            },
+            None => {
+                let arg = || -> Result<f64> {
+                    Ok(env("OTEL_TRACES_SAMPLER_ARG")
                         .map(|a| a.parse::<f64>())
                         .transpose()
                         .context("OTEL_TRACES_SAMPLER_ARG must be a number between 0 and 1")?
-                        .unwrap_or(1.0)
+                        .unwrap_or(1.0))
+                };
+                let (parent_based, ratio) = match env("OTEL_TRACES_SAMPLER").as_deref() {
+                    None | Some("parentbased_always_on") => (true, 1.0),
+                    Some("always_on") => (false, 1.0),
+                    Some("always_off") => (false, 0.0),
+                    Some("parentbased_always_off") => (true, 0.0),
+                    Some("traceidratio") => (false, arg()?),
+                    Some("parentbased_traceidratio") => (true, arg()?),
+                    Some(other) => bail!("OTEL_TRACES_SAMPLER={other} is not supported"),
+                };
+                Sampling {
+                    parent_based,
+                    ratio,
                 }
-                Some(other) => bail!("OTEL_TRACES_SAMPLER={other} is not supported"),
-            },
+            }
         };
-        if !(0.0..=1.0).contains(&sample_ratio) {
-            bail!("the trace sample ratio must be between 0 and 1, not {sample_ratio}");
+        if !(0.0..=1.0).contains(&sampling.ratio) {
+            bail!(
+                "the trace sample ratio must be between 0 and 1, not {}",
+                sampling.ratio
+            );
         }
         Ok(Resolved {
             traces,
@@ -141,7 +173,7 @@ impl TelemetryConfig {
                 .clone()
                 .or_else(|| env("OTEL_SERVICE_NAME"))
                 .unwrap_or_else(|| format!("switchyard-{pipeline}")),
-            sample_ratio,
+            sampling,
             metrics_interval: self.metrics_interval.unwrap_or(Duration::from_secs(10)),
         })
     }
@@ -199,8 +231,16 @@ impl Telemetry {
     pub fn start(settings: &Resolved) -> Result<Self> {
         use opentelemetry_otlp::WithExportConfig as _;
         let resource = resource(&settings.service_name);
-        let sampler =
-            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+        let root = match settings.sampling.ratio {
+            r if r >= 1.0 => Sampler::AlwaysOn,
+            r if r <= 0.0 => Sampler::AlwaysOff,
+            r => Sampler::TraceIdRatioBased(r),
+        };
+        let sampler = if settings.sampling.parent_based {
+            Sampler::ParentBased(Box::new(root))
+        } else {
+            root
+        };
         let tracer_provider = match settings.traces {
             TraceExport::Off => None,
             TraceExport::Otlp => {
@@ -215,6 +255,7 @@ impl Telemetry {
                     SdkTracerProvider::builder()
                         .with_resource(resource.clone())
                         .with_sampler(sampler)
+                        .with_max_events_per_span(MAX_EVENTS_PER_SPAN)
                         .with_batch_exporter(exporter)
                         .build(),
                 )
@@ -223,6 +264,7 @@ impl Telemetry {
                 SdkTracerProvider::builder()
                     .with_resource(resource.clone())
                     .with_sampler(sampler)
+                    .with_max_events_per_span(MAX_EVENTS_PER_SPAN)
                     .with_simple_exporter(tree::TreeExporter::stdout())
                     .build(),
             ),
@@ -344,10 +386,11 @@ pub fn set_error(cx: &Context, message: &str) {
     cx.span().set_status(Status::error(message.to_owned()));
 }
 
-/// `(trace id, span id)` in hex, if `cx` holds a valid span.
+/// `(trace id, span id)` in hex, if `cx` holds a recorded span: ids of a
+/// span that was not sampled would point at nothing in the backend.
 pub fn ids(cx: &Context) -> Option<(String, String)> {
     let sc = cx.span().span_context().clone();
-    sc.is_valid()
+    (sc.is_valid() && sc.is_sampled())
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
@@ -451,7 +494,13 @@ mod tests {
         };
         let r = config.resolve("p").unwrap();
         assert_eq!(r.traces, TraceExport::Off);
-        assert_eq!(r.sample_ratio, 0.5);
+        assert_eq!(
+            r.sampling,
+            Sampling {
+                parent_based: true,
+                ratio: 0.5
+            }
+        );
         assert_eq!(r.service_name, "orders");
     }
 }

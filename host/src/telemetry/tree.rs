@@ -14,10 +14,14 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 
 /// How long a trace must go without new spans before it is printed.
 const QUIET: Duration = Duration::from_millis(800);
+/// A trace that never goes quiet (a long flow, a loop) is printed in parts,
+/// at least this often, so it is seen and its spans do not pile up.
+const MAX_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Pending {
-    traces: HashMap<TraceId, (Instant, Vec<SpanData>)>,
+    /// Per trace: when its first and latest pending spans arrived.
+    traces: HashMap<TraceId, (Instant, Instant, Vec<SpanData>)>,
 }
 
 /// Collects spans and prints finished traces as trees.
@@ -76,11 +80,13 @@ impl TreeExporter {
             let ids: Vec<TraceId> = p
                 .traces
                 .iter()
-                .filter(|(_, (last, _))| all || last.elapsed() >= QUIET)
+                .filter(|(_, (first, last, _))| {
+                    all || last.elapsed() >= QUIET || first.elapsed() >= MAX_WAIT
+                })
                 .map(|(id, _)| *id)
                 .collect();
             ids.into_iter()
-                .filter_map(|id| p.traces.remove(&id).map(|(_, spans)| (id, spans)))
+                .filter_map(|id| p.traces.remove(&id).map(|(_, _, spans)| (id, spans)))
                 .collect()
         };
         for (id, spans) in ready {
@@ -93,12 +99,13 @@ impl SpanExporter for TreeExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let mut p = self.pending();
         for span in batch {
+            let now = Instant::now();
             let entry = p
                 .traces
                 .entry(span.span_context.trace_id())
-                .or_insert_with(|| (Instant::now(), Vec::new()));
-            entry.0 = Instant::now();
-            entry.1.push(span);
+                .or_insert_with(|| (now, now, Vec::new()));
+            entry.1 = now;
+            entry.2.push(span);
         }
         Ok(())
     }

@@ -441,7 +441,10 @@ async fn spans_and_metrics_are_exported_over_otlp_to_a_real_receiver() {
         metrics_otlp: true,
         endpoint: Some(format!("http://{addr}")),
         service_name: "switchyard-test".into(),
-        sample_ratio: 1.0,
+        sampling: switchyard::telemetry::Sampling {
+            parent_based: true,
+            ratio: 1.0,
+        },
         metrics_interval: Duration::from_secs(10),
     };
     let telemetry = tokio::task::spawn_blocking(move || Telemetry::start(&settings))
