@@ -278,7 +278,7 @@ impl Worker {
         if let Some(reason) = &delivery.malformed {
             let failure = Failure {
                 kind: FailureKind::Malformed,
-                message: format!("the stored message cannot be decoded: {reason}"),
+                message: format!("the message cannot be decoded: {reason}"),
                 code: None,
                 details: Vec::new(),
                 backtrace: None,

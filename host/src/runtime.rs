@@ -9,11 +9,12 @@ use anyhow::{Context as _, Result, bail};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, TransportConfig};
 use crate::dispatch;
 use crate::plugin::contract::{self, Problem};
 use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine, Sandbox};
 use crate::telemetry::Telemetry;
+use crate::transport::amqp::AmqpTransport;
 use crate::transport::embedded::EmbeddedTransport;
 use crate::transport::{Topology, Transport};
 
@@ -110,9 +111,25 @@ async fn load_plugins_inner(pipeline: &Pipeline) -> Result<Plugins> {
     })
 }
 
-/// Opens the pipeline's transport for enqueueing (no consumer lock).
+/// Opens the pipeline's embedded store for enqueueing (no consumer lock).
+/// Fails when the pipeline runs on a broker; see [`open`].
 pub fn open_transport(pipeline: &Pipeline) -> Result<EmbeddedTransport> {
-    EmbeddedTransport::open(pipeline.embedded(), Topology::of(pipeline))
+    let Some(config) = pipeline.embedded() else {
+        bail!(
+            "pipeline {} does not use the embedded transport",
+            pipeline.name
+        );
+    };
+    EmbeddedTransport::open(config, Topology::of(pipeline))
+}
+
+/// Opens the pipeline's transport, whichever it is: the embedded store, or a
+/// connection to its broker.
+pub async fn open(pipeline: &Pipeline) -> Result<Arc<dyn Transport>> {
+    match &pipeline.transport {
+        TransportConfig::Embedded(_) => Ok(Arc::new(open_transport(pipeline)?)),
+        TransportConfig::Amqp(config) => Ok(Arc::new(AmqpTransport::new(pipeline, config)?)),
+    }
 }
 
 /// How [`run`] ends.
@@ -172,16 +189,12 @@ pub async fn run_with(
     for w in &plugins.warnings {
         tracing::warn!(plugin = %w.plugin, "{}", w.message);
     }
-    let transport = open_transport(pipeline)?;
-    let _lock = transport.lock_consumer()?;
-    for (route, n) in transport.orphans().await? {
-        tracing::warn!(
-            route = %route,
-            messages = n,
-            "Messages are queued for a route this pipeline does not have; they stay in the store"
-        );
+    let transport = open(pipeline).await?;
+    let _guard = transport.start_consuming().await?;
+    for warning in transport.startup_warnings().await? {
+        tracing::warn!("{warning}");
     }
-    let batch_size = pipeline.embedded().batch_size;
+    let batch_size = pipeline.batch_size();
     let dead_letters = crate::dlq::open(&pipeline.dead_letters, &pipeline.name)
         .await
         .with_context(|| {
@@ -236,9 +249,9 @@ pub async fn run_with(
             dead_letters: dead_letters.clone(),
             topology: topology.clone(),
             source: crate::dlq::Source {
-                transport: "embedded".into(),
-                location: transport.path().display().to_string(),
-                queue: plugin.name().to_string(),
+                transport: transport.kind().into(),
+                location: transport.location(),
+                queue: transport.queue(plugin.name().as_str()),
                 ..crate::dlq::Source::default()
             },
             host: host.clone(),
@@ -259,7 +272,8 @@ pub async fn run_with(
     }
     tracing::info!(
         pipeline = %pipeline.name,
-        store = %transport.path().display(),
+        transport = transport.kind(),
+        location = %transport.location(),
         dead_letters = %crate::dlq::describe(&pipeline.dead_letters),
         routes = plugins.loaded.len(),
         "Host running"

@@ -306,7 +306,7 @@ pub async fn run(command: DlqCommand) -> Result<ExitCode> {
             let (pipeline, store) = open(&target).await?;
             let f = select(store.as_ref(), &selection, &filter).await?;
             let records = replay::candidates(store.as_ref(), &f).await?;
-            let transport = runtime::open_transport(&pipeline)?;
+            let transport = runtime::open(&pipeline).await?;
             let options = ReplayOptions {
                 dry_run,
                 force,
@@ -323,7 +323,7 @@ pub async fn run(command: DlqCommand) -> Result<ExitCode> {
             let bar = progress_bar(total, dry_run);
             let report = replay::replay(
                 store.as_ref(),
-                &transport,
+                transport.as_ref(),
                 records,
                 &options,
                 |done, total| match &bar {

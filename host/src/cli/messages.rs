@@ -4,15 +4,13 @@
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
 use super::MessageArgs;
 use crate::config::MessageType;
-use crate::envelope::{Envelope, Kind, new_id};
+use crate::envelope::{Envelope, Kind};
 use crate::runtime;
-use crate::transport::Transport;
 
 /// Messages written per transaction when sending many.
 const CHUNK: usize = 1_000;
@@ -120,12 +118,18 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     }
     let payloads = payloads(&args)?;
     let headers = headers(&args)?;
-    let reply_to = args.wait_reply.map(|_| format!("cli:{}", new_id()));
-    if reply_to.is_some() && payloads.len() > 1 {
+    if args.wait_reply.is_some() && payloads.len() > 1 {
         bail!("--wait-reply waits for one reply; send one command at a time");
     }
 
-    let transport = runtime::open_transport(&pipeline)?;
+    let transport = runtime::open(&pipeline).await?;
+    // The inbox exists before the command goes out, so the reply has
+    // somewhere to land however fast it comes.
+    let mut inbox = match args.wait_reply {
+        Some(_) => Some(transport.reply_inbox().await?),
+        None => None,
+    };
+    let reply_to = inbox.as_ref().map(|i| i.address().to_owned());
     // Start the trace here when tracing is configured: the flow's first span
     // is this `send`.
     let telemetry = match pipeline.telemetry.resolve(&pipeline.name)? {
@@ -201,14 +205,11 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     if let Some(t) = telemetry {
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
     }
-    let (Some(address), Some(wait)) = (reply_to, args.wait_reply) else {
+    let (Some(inbox), Some(wait)) = (inbox.as_mut(), args.wait_reply) else {
         return Ok(ExitCode::SUCCESS);
     };
-    let deadline = Instant::now()
-        .checked_add(wait)
-        .context("--wait-reply is too long")?;
-    loop {
-        if let Some(reply) = transport.take_reply(&address).await? {
+    match inbox.wait(wait).await? {
+        Some(reply) => {
             let mut out = std::io::stdout().lock();
             match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
                 Ok(v) => writeln!(
@@ -221,15 +222,12 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
                     writeln!(out)?;
                 }
             }
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "no reply within {}; the command is stored and will be handled (or fail) when a host runs this pipeline (switchyard run {}); a failed command sends no reply",
-                humantime::format_duration(wait),
-                args.pipeline.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        None => bail!(
+            "no reply within {}; the command is queued and will be handled (or fail) when a host runs this pipeline (switchyard run {}); a failed command sends no reply",
+            humantime::format_duration(wait),
+            args.pipeline.display()
+        ),
     }
 }

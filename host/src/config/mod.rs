@@ -102,7 +102,28 @@ pub const DEFAULT_MAX_REPLAYS: u32 = 3;
 #[derive(Clone, Debug, PartialEq)]
 pub enum TransportConfig {
     Embedded(EmbeddedConfig),
+    Amqp(AmqpConfig),
 }
+
+/// Settings of the RabbitMQ (AMQP 0-9-1) transport.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AmqpConfig {
+    /// Where the broker URL comes from (it may hold a password).
+    pub url: UrlSource,
+    /// Unacknowledged deliveries per route; also the most messages one
+    /// route handles per batch.
+    pub prefetch: u16,
+    /// The topic exchange messages are published to.
+    pub exchange: String,
+    pub connect_timeout: Duration,
+}
+
+/// The content type assumed for a message that does not name one.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
+
+/// The broker URL when the pipeline names none: a local RabbitMQ with its
+/// default user.
+pub const DEFAULT_AMQP_URL: &str = "amqp://127.0.0.1:5672/%2f";
 
 /// Settings of the embedded, on-disk transport.
 #[derive(Clone, Debug, PartialEq)]
@@ -292,9 +313,11 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let mut p = Parser {
         diags: &mut diags,
         base: &base,
+        pipeline_name: String::new(),
     };
 
     let name = p.pipeline_section(&mut root, &stem);
+    p.pipeline_name = name.clone();
     let transport = p.transport_section(&mut root, &name);
     let cache_dir = root.table("host", p.diags).and_then(|mut host| {
         let dir = host
@@ -345,6 +368,7 @@ struct ParsedPlugin {
 struct Parser<'a> {
     diags: &'a mut Diagnostics,
     base: &'a Path,
+    pipeline_name: String,
 }
 
 impl Parser<'_> {
@@ -380,21 +404,21 @@ impl Parser<'_> {
         let Some(mut t) = root.table("transport", self.diags) else {
             return TransportConfig::Embedded(config);
         };
-        if let Some(kind) = t.string("kind", self.diags)
-            && kind.value != "embedded"
-        {
-            let mut d = Diagnostic::error(
-                format!("unknown transport kind `{}`", kind.value),
-                kind.span,
-            )
-            .with_label("not a transport");
-            d = match kind.value.as_str() {
-                "kafka" | "amqp" | "rabbitmq" => d.with_note(
-                    "note: this version of switchyard runs on the embedded transport only",
-                ),
-                _ => d.with_note("help: the known transport kind is `embedded`"),
-            };
-            self.diags.push(d);
+        let kind = t.string("kind", self.diags);
+        let kind_span = kind.as_ref().and_then(|k| k.span.clone());
+        match kind.as_ref().map(|k| k.value.as_str()) {
+            None | Some("embedded") => {}
+            Some("amqp") | Some("rabbitmq") => return self.amqp_transport(t, pipeline),
+            Some(other) => {
+                let mut d =
+                    Diagnostic::error(format!("unknown transport kind `{other}`"), kind_span)
+                        .with_label("not a transport");
+                d = match other {
+                    "kafka" => d.with_note("note: this version of switchyard runs on the embedded transport and on RabbitMQ (`amqp`)"),
+                    _ => d.with_note("help: the transport kinds are `embedded` and `amqp`"),
+                };
+                self.diags.push(d);
+            }
         }
         if let Some(path) = t.string("path", self.diags) {
             if path.value.trim().is_empty() {
@@ -430,6 +454,82 @@ impl Parser<'_> {
         }
         t.finish(self.diags);
         TransportConfig::Embedded(config)
+    }
+
+    /// `[transport]` with `kind = "amqp"`.
+    fn amqp_transport(&mut self, mut t: Section<'_>, pipeline: &str) -> TransportConfig {
+        let mut config = AmqpConfig {
+            url: UrlSource::Literal(DEFAULT_AMQP_URL.into()),
+            prefetch: DEFAULT_BATCH_SIZE as u16,
+            exchange: format!("switchyard.{pipeline}"),
+            connect_timeout: Duration::from_secs(10),
+        };
+        let url = t.string("url", self.diags);
+        let url_env = t.string("url_env", self.diags);
+        match (url, url_env) {
+            (Some(_), Some(e)) => self.diags.push(
+                Diagnostic::error("give either `url` or `url_env`, not both", e.span)
+                    .with_label("second URL"),
+            ),
+            (Some(u), None) => {
+                if !(u.value.starts_with("amqp://") || u.value.starts_with("amqps://")) {
+                    self.diags.push(
+                        Diagnostic::error(
+                            "`transport.url` must be an amqp:// or amqps:// URL",
+                            u.span,
+                        )
+                        .with_label("expected e.g. \"amqp://127.0.0.1:5672/%2f\""),
+                    );
+                } else {
+                    if has_password(&u.value) {
+                        self.diags.push(
+                            Diagnostic::warning("the broker URL contains a password", u.span.clone())
+                                .with_label("password in clear text")
+                                .with_note("help: put the URL in an environment variable and name it with `url_env`"),
+                        );
+                    }
+                    config.url = UrlSource::Literal(u.value);
+                }
+            }
+            (None, Some(e)) => {
+                if e.value.is_empty() || e.value.contains('=') {
+                    self.diags.push(
+                        Diagnostic::error(
+                            "`transport.url_env` must name an environment variable",
+                            e.span,
+                        )
+                        .with_label("invalid name"),
+                    );
+                } else {
+                    config.url = UrlSource::Env(e.value);
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(n) = t.count("prefetch", self.diags) {
+            match u16::try_from(n.value) {
+                Ok(p) if p > 0 => config.prefetch = p,
+                _ => self.diags.push(
+                    Diagnostic::error("`transport.prefetch` must be between 1 and 65535", n.span)
+                        .with_label("out of range"),
+                ),
+            }
+        }
+        if let Some(x) = t.string("exchange", self.diags) {
+            if x.value.is_empty() || x.value.len() > 200 {
+                self.diags.push(
+                    Diagnostic::error("`transport.exchange` must be 1 to 200 characters", x.span)
+                        .with_label("invalid exchange name"),
+                );
+            } else {
+                config.exchange = x.value;
+            }
+        }
+        if let Some(d) = self.duration(&mut t, "connect_timeout") {
+            config.connect_timeout = d.value;
+        }
+        t.finish(self.diags);
+        TransportConfig::Amqp(config)
     }
 
     fn duration(
@@ -699,11 +799,15 @@ impl Parser<'_> {
         root: &mut Section<'_>,
         transport: &TransportConfig,
     ) -> DeadLetterConfig {
-        let TransportConfig::Embedded(embedded) = transport;
+        let default_path = match transport {
+            TransportConfig::Embedded(embedded) => embedded.path.clone(),
+            TransportConfig::Amqp(_) => self
+                .base
+                .join(".switchyard")
+                .join(format!("{}-dead-letters.db", self.pipeline_name)),
+        };
         let mut config = DeadLetterConfig {
-            store: DeadLetterStoreConfig::Embedded {
-                path: embedded.path.clone(),
-            },
+            store: DeadLetterStoreConfig::Embedded { path: default_path },
             max_replays: DEFAULT_MAX_REPLAYS,
         };
         let Some(mut d) = root.table("dead_letters", self.diags) else {
@@ -1159,10 +1263,19 @@ impl Pipeline {
         types
     }
 
-    /// The embedded transport settings (the only transport in this version).
-    pub fn embedded(&self) -> &EmbeddedConfig {
+    /// The embedded transport settings, if the pipeline uses it.
+    pub fn embedded(&self) -> Option<&EmbeddedConfig> {
         match &self.transport {
-            TransportConfig::Embedded(e) => e,
+            TransportConfig::Embedded(e) => Some(e),
+            TransportConfig::Amqp(_) => None,
+        }
+    }
+
+    /// Messages a route handles per batch.
+    pub fn batch_size(&self) -> usize {
+        match &self.transport {
+            TransportConfig::Embedded(e) => e.batch_size,
+            TransportConfig::Amqp(a) => usize::from(a.prefetch),
         }
     }
 

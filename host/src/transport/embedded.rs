@@ -575,8 +575,64 @@ impl Shared {
     }
 }
 
+/// Waits for a reply in the store's `replies` table.
+struct EmbeddedInbox {
+    transport: EmbeddedTransport,
+    address: String,
+}
+
+#[async_trait]
+impl super::ReplyInbox for EmbeddedInbox {
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn wait(&mut self, timeout: Duration) -> Result<Option<Reply>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(reply) = self.transport.take_reply(&self.address).await? {
+                return Ok(Some(reply));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[async_trait]
 impl Transport for EmbeddedTransport {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn location(&self) -> String {
+        self.shared.path.display().to_string()
+    }
+
+    async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>> {
+        Ok(Box::new(self.lock_consumer()?))
+    }
+
+    async fn startup_warnings(&self) -> Result<Vec<String>> {
+        Ok(self
+            .orphans()
+            .await?
+            .into_iter()
+            .map(|(route, n)| {
+                format!("{n} messages are queued for route {route}, which this pipeline does not have; they stay in the store")
+            })
+            .collect())
+    }
+
+    async fn reply_inbox(&self) -> Result<Box<dyn super::ReplyInbox>> {
+        Ok(Box::new(EmbeddedInbox {
+            transport: self.clone(),
+            address: format!("cli:{}", crate::envelope::new_id()),
+        }))
+    }
+
     async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
         let waker = self
             .shared

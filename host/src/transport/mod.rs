@@ -5,9 +5,12 @@
 //! the at-least-once boundary: a delivery is removed (acked) only together
 //! with, or after, the durable record of its outcome.
 
+pub mod amqp;
 pub mod embedded;
 
 use std::collections::BTreeMap;
+
+use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -43,6 +46,11 @@ impl Topology {
         self.routes
             .get(message_type)
             .map_or(&[], |(_, r)| r.as_slice())
+    }
+
+    /// Whether a message type is a command or an event, if anything subscribes to it.
+    pub fn kind(&self, message_type: &str) -> Option<Kind> {
+        self.routes.get(message_type).map(|(k, _)| *k)
     }
 
     /// Every route name.
@@ -114,6 +122,43 @@ pub trait Transport: Send + Sync {
     /// True when no message is waiting, scheduled for a retry, or in flight
     /// on any route of the pipeline.
     async fn is_idle(&self) -> Result<bool>;
+
+    /// `embedded` or `amqp`, for logs and dead-letter records.
+    fn kind(&self) -> &'static str;
+
+    /// Where the messages are (a store file, a broker), without secrets.
+    fn location(&self) -> String;
+
+    /// The name of a route's queue on this transport, for dead-letter
+    /// records and logs.
+    fn queue(&self, route: &str) -> String {
+        route.to_owned()
+    }
+
+    /// Gets ready for a host to consume: the embedded store takes its
+    /// consumer lock, a broker gets its topology declared. The returned
+    /// guard is held while the host runs.
+    async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>>;
+
+    /// Things worth a warning when a host starts (messages for routes the
+    /// pipeline no longer has, say).
+    async fn startup_warnings(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// A private address a command's reply can be sent to, and a way to
+    /// wait for it.
+    async fn reply_inbox(&self) -> Result<Box<dyn ReplyInbox>>;
+}
+
+/// Where a requester waits for the reply to a command.
+#[async_trait]
+pub trait ReplyInbox: Send {
+    /// The `reply-to` to send with the command.
+    fn address(&self) -> &str;
+
+    /// The reply, or `None` if none came within `timeout`.
+    async fn wait(&mut self, timeout: Duration) -> Result<Option<Reply>>;
 }
 
 /// The consuming side of one route.

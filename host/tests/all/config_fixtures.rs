@@ -101,7 +101,10 @@ fn a_valid_pipeline_resolves_defaults_and_paths() {
     assert!(!diags.has_errors(), "{diags:?}");
     let p = pipeline.unwrap();
     assert_eq!(p.name, "shop");
-    assert_eq!(p.embedded().path, Path::new("/srv/p/.switchyard/shop.db"));
+    assert_eq!(
+        p.embedded().unwrap().path,
+        Path::new("/srv/p/.switchyard/shop.db")
+    );
     let a = p.plugin("a").unwrap();
     assert_eq!(a.wasm, Path::new("/srv/p/a.wasm"));
     assert_eq!(a.limits.memory, 16 << 20);

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod amqp;
 mod cli;
 mod common;
 mod config_fixtures;

@@ -1,0 +1,981 @@
+//! The RabbitMQ transport (AMQP 0-9-1, with lapin).
+//!
+//! Topology, declared by the host from the pipeline (idempotently, every
+//! time it connects):
+//!
+//! - one durable topic exchange per pipeline (`switchyard.<pipeline>` unless
+//!   set); every message is published to it with its type as routing key;
+//! - one durable queue per route, `<exchange>.<route>`, bound to each type
+//!   the route subscribes to: an event's queues are all its consumers', a
+//!   command's is its one handler's;
+//! - per route and delayed-retry level `n`, a queue `<exchange>.<route>.retry.<n>`
+//!   whose messages expire (per-message TTL) back into the route's queue.
+//!   One queue per level keeps a short wait from queuing behind a long one.
+//!
+//! Every publish (outputs, retries, replies, enqueues) waits for the
+//! broker's confirm, and a delivery is acknowledged only after everything
+//! its outcome published is confirmed. Deliveries are acknowledged on the
+//! channel they came from: if that channel dies, the broker redelivers them
+//! and their stale outcomes are dropped, never acked on a new channel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use async_trait::async_trait;
+use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::Acker;
+use lapin::PublisherConfirm;
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use super::{Delivery, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport};
+use crate::config::{AmqpConfig, Pipeline, UrlSource, redact};
+use crate::envelope::{Attempt, Envelope, Kind, Reply, now_ms};
+
+/// How long [`Transport::is_idle`] watches for deliveries before it
+/// believes the queues are empty.
+const IDLE_SETTLE: Duration = Duration::from_millis(100);
+
+/// Headers RabbitMQ adds when it dead-letters a message (here: when a
+/// delayed retry's wait ends); they are not the message's.
+fn is_broker_header(name: &str) -> bool {
+    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
+}
+
+/// The CloudEvents AMQP binding's prefix for event attributes.
+pub const CE_PREFIX: &str = "cloudEvents:";
+
+/// The queues of one route.
+#[derive(Clone, Debug)]
+struct RouteQueues {
+    route: String,
+    queue: String,
+    /// Routing keys (message types) bound to the queue.
+    types: Vec<String>,
+    /// Delayed-retry levels, one queue each.
+    retry_levels: u32,
+}
+
+impl RouteQueues {
+    fn retry_queue(&self, level: u32) -> String {
+        format!(
+            "{}.retry.{}",
+            self.queue,
+            level.clamp(1, self.retry_levels.max(1))
+        )
+    }
+}
+
+struct Shared {
+    url: String,
+    config: AmqpConfig,
+    topology: Topology,
+    routes: Vec<RouteQueues>,
+    /// For messages created outside a route: CLI sends, replays.
+    publisher: tokio::sync::Mutex<Option<Link>>,
+    /// Deliveries received and not yet settled, across routes.
+    in_flight: AtomicI64,
+    /// Deliveries received since start, across routes.
+    received: AtomicU64,
+    source: String,
+}
+
+/// A connection with a publisher-confirm channel.
+struct Link {
+    _connection: Connection,
+    channel: Channel,
+}
+
+/// The RabbitMQ transport of one pipeline.
+#[derive(Clone)]
+pub struct AmqpTransport {
+    shared: Arc<Shared>,
+}
+
+/// Makes an AMQP short string (at most 255 bytes) without panicking.
+fn short(s: &str) -> Result<ShortString> {
+    ShortString::try_new(s.to_owned()).map_err(|_| {
+        anyhow!(
+            "`{}` is longer than 255 bytes, the AMQP limit",
+            crate::plugin::clip(s, 64)
+        )
+    })
+}
+
+impl AmqpTransport {
+    /// The transport of a pipeline whose `[transport]` is `amqp`. Connects
+    /// lazily, on first use.
+    pub fn new(pipeline: &Pipeline, config: &AmqpConfig) -> Result<Self> {
+        let url = match &config.url {
+            UrlSource::Literal(u) => u.clone(),
+            UrlSource::Env(name) => std::env::var(name)
+                .map_err(|_| anyhow!("the broker URL is read from ${name}, which is not set"))?,
+        };
+        let routes = pipeline
+            .plugins
+            .iter()
+            .map(|p| RouteQueues {
+                route: p.name.to_string(),
+                queue: format!("{}.{}", config.exchange, p.name),
+                types: p.subscriptions().map(|(t, _)| t.to_string()).collect(),
+                retry_levels: p.retry.delayed,
+            })
+            .collect();
+        Ok(AmqpTransport {
+            shared: Arc::new(Shared {
+                source: format!("switchyard/{}", pipeline.name),
+                url,
+                config: config.clone(),
+                topology: Topology::of(pipeline),
+                routes,
+                publisher: tokio::sync::Mutex::new(None),
+                in_flight: AtomicI64::new(0),
+                received: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn route(&self, route: &str) -> Result<&RouteQueues> {
+        self.shared
+            .routes
+            .iter()
+            .find(|r| r.route == route)
+            .with_context(|| format!("route {route} is not part of this pipeline"))
+    }
+
+    /// The queue a route consumes, for tests and tools.
+    pub fn queue_of(&self, route: &str) -> Result<String> {
+        Ok(self.route(route)?.queue.clone())
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.shared.config.exchange
+    }
+
+    /// Nothing in flight and no message ready in any queue of the pipeline.
+    async fn looks_idle(&self) -> Result<bool> {
+        if self.shared.in_flight.load(Ordering::SeqCst) > 0 {
+            return Ok(false);
+        }
+        let routes = self.shared.routes.clone();
+        self.with_publisher(async move |channel| {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            for r in &routes {
+                let mut queues = vec![r.queue.clone()];
+                queues.extend((1..=r.retry_levels).map(|l| r.retry_queue(l)));
+                for q in queues {
+                    let declared = channel
+                        .queue_declare(short(&q)?, passive, FieldTable::default())
+                        .await
+                        .with_context(|| format!("cannot look at queue {q}"))?;
+                    if declared.message_count() > 0 {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Runs `f` with the shared publisher channel, connecting if needed. A
+    /// failure drops the connection so the next call starts afresh.
+    async fn with_publisher<T>(&self, f: impl AsyncFnOnce(&Channel) -> Result<T>) -> Result<T> {
+        let mut guard = self.shared.publisher.lock().await;
+        if guard
+            .as_ref()
+            .is_none_or(|l| !l.channel.status().connected())
+        {
+            let connection = connect(&self.shared).await?;
+            let channel = confirm_channel(&connection).await?;
+            declare_topology(&channel, &self.shared, &self.shared.routes).await?;
+            *guard = Some(Link {
+                _connection: connection,
+                channel,
+            });
+        }
+        let link = guard.as_ref().context("no broker connection")?;
+        let result = f(&link.channel).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+}
+
+async fn connect(shared: &Shared) -> Result<Connection> {
+    let shown = redact(&shared.url);
+    // lapin can wait for ever on a broker that accepts the TCP connection
+    // but not the session (a refused vhost, say).
+    tokio::time::timeout(
+        shared.config.connect_timeout,
+        Connection::connect(&shared.url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "no answer from the broker {shown} within {:?}",
+            shared.config.connect_timeout
+        )
+    })?
+    .with_context(|| format!("cannot connect to the broker {shown}"))
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Declares the exchange, and the queues, bindings and retry queues of
+/// `routes`. Idempotent.
+async fn declare_topology(
+    channel: &Channel,
+    shared: &Shared,
+    routes: &[RouteQueues],
+) -> Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            short(&shared.config.exchange)?,
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("cannot declare exchange {}", shared.config.exchange))?;
+    for r in routes {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(short(&r.queue)?, durable, FieldTable::default())
+            .await
+            .with_context(|| format!("cannot declare queue {}", r.queue))?;
+        for t in &r.types {
+            channel
+                .queue_bind(
+                    short(&r.queue)?,
+                    short(&shared.config.exchange)?,
+                    short(t)?,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot bind {} to {t}", r.queue))?;
+        }
+        for level in 1..=r.retry_levels {
+            let mut args = FieldTable::default();
+            args.insert(
+                short("x-dead-letter-exchange")?,
+                AMQPValue::LongString(LongString::from("")),
+            );
+            args.insert(
+                short("x-dead-letter-routing-key")?,
+                AMQPValue::LongString(LongString::from(r.queue.as_str())),
+            );
+            channel
+                .queue_declare(short(&r.retry_queue(level))?, durable, args)
+                .await
+                .with_context(|| format!("cannot declare retry queue {}", r.retry_queue(level)))?;
+        }
+    }
+    Ok(())
+}
+
+fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        AMQPValue::ShortShortInt(n) => Some(n.to_string()),
+        AMQPValue::ShortShortUInt(n) => Some(n.to_string()),
+        AMQPValue::ShortInt(n) => Some(n.to_string()),
+        AMQPValue::ShortUInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::Timestamp(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    let mut out = String::new();
+    match std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms)) {
+        Some(t)
+            if std::fmt::Write::write_fmt(
+                &mut out,
+                format_args!("{}", humantime::format_rfc3339_millis(t)),
+            )
+            .is_ok() =>
+        {
+            out
+        }
+        _ => String::new(),
+    }
+}
+
+/// The AMQP properties of a message: CloudEvents binary mode, its
+/// attributes as `cloudEvents:*` application properties, Switchyard's own as
+/// extensions, and every header as an application property.
+pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
+    let mut h = FieldTable::default();
+    let mut put = |k: &str, v: &str| -> Result<()> {
+        h.insert(short(k)?, AMQPValue::LongString(LongString::from(v)));
+        Ok(())
+    };
+    put("cloudEvents:specversion", "1.0")?;
+    put("cloudEvents:id", &e.id)?;
+    put("cloudEvents:type", &e.message_type)?;
+    put("cloudEvents:source", source)?;
+    put("cloudEvents:time", &rfc3339(e.created_at_ms))?;
+    put("cloudEvents:sykind", e.kind.as_str())?;
+    put("cloudEvents:syattempt", &e.attempt.to_string())?;
+    if let Some(c) = &e.correlation_id {
+        put("cloudEvents:correlationid", c)?;
+    }
+    if let Some(c) = &e.causation_id {
+        put("cloudEvents:causationid", c)?;
+    }
+    if let Some(r) = &e.reply_to {
+        put("cloudEvents:syreplyto", r)?;
+    }
+    if let Some(k) = &e.partition_key {
+        put("cloudEvents:partitionkey", k)?;
+    }
+    if !e.history.is_empty() {
+        put(
+            "cloudEvents:syhistory",
+            &serde_json::to_string(&e.history).unwrap_or_default(),
+        )?;
+    }
+    for (name, value) in &e.headers {
+        if name.starts_with(CE_PREFIX) {
+            tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is reserved for CloudEvents attributes; not sent");
+            continue;
+        }
+        if put(name, value).is_err() {
+            tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is longer than AMQP allows; not sent");
+        }
+    }
+    let mut p = BasicProperties::default()
+        .with_headers(h)
+        .with_delivery_mode(2)
+        .with_message_id(short(&e.id)?)
+        .with_type(short(&e.message_type)?)
+        .with_timestamp(e.created_at_ms / 1000);
+    if let Ok(ct) = short(&e.content_type) {
+        p = p.with_content_type(ct);
+    }
+    if let Some(c) = e.correlation_id.as_deref().and_then(|c| short(c).ok()) {
+        p = p.with_correlation_id(c);
+    }
+    if let Some(r) = e.reply_to.as_deref().and_then(|r| short(r).ok()) {
+        p = p.with_reply_to(r);
+    }
+    Ok(p)
+}
+
+/// A message from its AMQP form. `kind_of` gives the kind of a type when
+/// the message does not say (a producer outside Switchyard). An error names
+/// what is missing or wrong; the payload is never touched.
+pub fn envelope(
+    d: &AmqpDelivery,
+    kind_of: impl Fn(&str) -> Option<Kind>,
+) -> Result<Envelope, String> {
+    let props = &d.properties;
+    let table: HashMap<&str, &AMQPValue> = props
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().iter().map(|(k, v)| (k.as_str(), v)).collect())
+        .unwrap_or_default();
+    let ce = |name: &str| {
+        table
+            .get(format!("{CE_PREFIX}{name}").as_str())
+            .and_then(|v| text(v))
+    };
+    let id = ce("id")
+        .or_else(|| props.message_id().as_ref().map(|s| s.as_str().to_owned()))
+        .ok_or("it has no cloudEvents:id and no message-id")?;
+    let message_type = ce("type")
+        .or_else(|| props.kind().as_ref().map(|s| s.as_str().to_owned()))
+        .unwrap_or_else(|| d.routing_key.as_str().to_owned());
+    let kind = match ce("sykind").as_deref() {
+        Some(k) => Kind::parse(k)
+            .ok_or_else(|| format!("cloudEvents:sykind `{k}` is neither command nor event"))?,
+        None => kind_of(&message_type).unwrap_or(Kind::Event),
+    };
+    let created_at_ms = ce("time")
+        .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .or_else(|| props.timestamp().map(|s| s.saturating_mul(1000)))
+        .unwrap_or_else(now_ms);
+    let attempt = match ce("syattempt") {
+        Some(a) => a
+            .parse::<u32>()
+            .map_err(|_| format!("cloudEvents:syattempt `{a}` is not a number"))?,
+        None => 1,
+    };
+    let history: Vec<Attempt> = match ce("syhistory") {
+        Some(h) => serde_json::from_str(&h)
+            .map_err(|e| format!("cloudEvents:syhistory is not valid: {e}"))?,
+        None => Vec::new(),
+    };
+    let mut headers: Vec<(String, String)> = table
+        .iter()
+        .filter(|(k, _)| !k.starts_with(CE_PREFIX) && !is_broker_header(k))
+        .filter_map(|(k, v)| text(v).map(|v| ((*k).to_owned(), v)))
+        .collect();
+    headers.sort();
+    Ok(Envelope {
+        id,
+        message_type,
+        kind,
+        payload: d.data.clone(),
+        content_type: props.content_type().as_ref().map_or_else(
+            || crate::config::DEFAULT_CONTENT_TYPE.to_owned(),
+            |c| c.as_str().to_owned(),
+        ),
+        headers,
+        correlation_id: ce("correlationid").or_else(|| {
+            props
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str().to_owned())
+        }),
+        causation_id: ce("causationid"),
+        reply_to: ce("syreplyto")
+            .or_else(|| props.reply_to().as_ref().map(|r| r.as_str().to_owned())),
+        partition_key: ce("partitionkey"),
+        created_at_ms,
+        attempt,
+        history,
+    })
+}
+
+/// Publishes with the mandatory flag and returns the confirm to wait for.
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    e: &Envelope,
+    props: BasicProperties,
+) -> Result<PublisherConfirm> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    channel
+        .basic_publish(
+            short(exchange)?,
+            short(routing_key)?,
+            options,
+            &e.payload,
+            props,
+        )
+        .await
+        .with_context(|| format!("cannot publish {} {}", e.message_type, e.id))
+}
+
+/// What a publish must achieve to count.
+enum Expect {
+    /// Routed somewhere (a command: its handler's queue must exist).
+    Routed,
+    /// Confirmed; unroutable is fine (an event nobody consumes, a reply to
+    /// a requester that left).
+    Confirmed,
+}
+
+/// Waits for every confirm; fails on a nack or on an unroutable publish
+/// that had to be routed.
+async fn confirmed(pending: Vec<(PublisherConfirm, Expect, String)>) -> Result<()> {
+    for (confirm, expect, what) in pending {
+        let c = confirm
+            .await
+            .with_context(|| format!("no confirm for {what}"))?;
+        if c.is_nack() {
+            bail!("the broker refused {what}");
+        }
+        if let (Some(returned), Expect::Routed) = (c.take_message(), expect) {
+            bail!(
+                "the broker could not route {what}: {}",
+                returned.reply_text.as_str()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
+        Ok(Box::new(AmqpSubscription {
+            shared: self.shared.clone(),
+            queues: self.route(route)?.clone(),
+            live: None,
+            generation: 0,
+            ackers: HashMap::new(),
+            next_receipt: 0,
+        }))
+    }
+
+    async fn enqueue(&self, messages: Vec<Envelope>) -> Result<usize> {
+        let shared = self.shared.clone();
+        self.with_publisher(async move |channel| {
+            let mut pending = Vec::new();
+            let mut deliveries = 0;
+            for e in &messages {
+                let routes = shared.topology.destinations(&e.message_type).len();
+                if routes == 0 && e.kind == Kind::Command {
+                    bail!(
+                        "no plugin in this pipeline handles command {}",
+                        e.message_type
+                    );
+                }
+                deliveries += routes;
+                let confirm = publish(
+                    channel,
+                    &shared.config.exchange,
+                    &e.message_type,
+                    e,
+                    properties(e, &shared.source)?,
+                )
+                .await?;
+                let expect = if e.kind == Kind::Command {
+                    Expect::Routed
+                } else {
+                    Expect::Confirmed
+                };
+                pending.push((confirm, expect, format!("{} {}", e.message_type, e.id)));
+            }
+            confirmed(pending).await?;
+            Ok(deliveries)
+        })
+        .await
+    }
+
+    async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()> {
+        let queue = self.route(route)?.queue.clone();
+        let source = self.shared.source.clone();
+        self.with_publisher(async move |channel| {
+            let mut pending = Vec::new();
+            for e in &messages {
+                let confirm = publish(channel, "", &queue, e, properties(e, &source)?).await?;
+                pending.push((
+                    confirm,
+                    Expect::Routed,
+                    format!("{} {}", e.message_type, e.id),
+                ));
+            }
+            confirmed(pending).await
+        })
+        .await
+    }
+
+    async fn is_idle(&self) -> Result<bool> {
+        // The broker counts only messages ready in a queue, not the ones
+        // prefetched to a consumer: idle means nothing in flight, nothing
+        // ready, and nothing received across two looks a moment apart.
+        let before = self.shared.received.load(Ordering::SeqCst);
+        if !self.looks_idle().await? {
+            return Ok(false);
+        }
+        tokio::time::sleep(IDLE_SETTLE).await;
+        Ok(self.looks_idle().await? && self.shared.received.load(Ordering::SeqCst) == before)
+    }
+
+    fn kind(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn queue(&self, route: &str) -> String {
+        format!("{}.{route}", self.shared.config.exchange)
+    }
+
+    fn location(&self) -> String {
+        format!(
+            "{} exchange {}",
+            redact(&self.shared.url),
+            self.shared.config.exchange
+        )
+    }
+
+    async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>> {
+        // Declares the topology, so commands sent before the first delivery
+        // find their queues.
+        self.with_publisher(async |_| Ok(())).await?;
+        Ok(Box::new(()))
+    }
+
+    async fn reply_inbox(&self) -> Result<Box<dyn ReplyInbox>> {
+        let connection = connect(&self.shared).await?;
+        let channel = connection.create_channel().await?;
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = channel
+            .queue_declare(short("")?, exclusive, FieldTable::default())
+            .await?;
+        let address = queue.name().as_str().to_owned();
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                short("switchyard-reply")?,
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Box::new(AmqpInbox {
+            _connection: connection,
+            _channel: channel,
+            consumer,
+            address,
+        }))
+    }
+}
+
+/// An exclusive, auto-deleted queue for one reply.
+struct AmqpInbox {
+    _connection: Connection,
+    _channel: Channel,
+    consumer: lapin::Consumer,
+    address: String,
+}
+
+#[async_trait]
+impl ReplyInbox for AmqpInbox {
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn wait(&mut self, timeout: Duration) -> Result<Option<Reply>> {
+        let next = tokio::time::timeout(timeout, self.consumer.next()).await;
+        let Ok(Some(delivery)) = next else {
+            return Ok(None);
+        };
+        let d = delivery.context("the reply queue failed")?;
+        let e = envelope(&d, |_| Some(Kind::Event))
+            .map_err(|e| anyhow!("the reply is malformed: {e}"))?;
+        Ok(Some(Reply {
+            address: self.address.clone(),
+            in_reply_to: e.causation_id.clone().unwrap_or_default(),
+            correlation_id: e.correlation_id.clone().unwrap_or_default(),
+            payload: e.payload,
+            content_type: e.content_type,
+            headers: e.headers,
+            created_at_ms: e.created_at_ms,
+        }))
+    }
+}
+
+/// A live consumer of one route's queue.
+struct Live {
+    _connection: Connection,
+    consumer: lapin::Consumer,
+    /// Confirm-mode channel for the outcomes' publishes.
+    publisher: Channel,
+}
+
+/// The consuming side of one route.
+pub struct AmqpSubscription {
+    shared: Arc<Shared>,
+    queues: RouteQueues,
+    live: Option<Live>,
+    /// Bumped on every reconnect; a receipt from an older generation belongs
+    /// to a dead channel.
+    generation: u64,
+    ackers: HashMap<u64, (u64, Acker)>,
+    next_receipt: u64,
+}
+
+impl AmqpSubscription {
+    async fn ensure_live(&mut self) -> Result<&mut Live> {
+        if self
+            .live
+            .as_ref()
+            .is_some_and(|l| !l.publisher.status().connected())
+        {
+            self.drop_live();
+        }
+        if self.live.is_none() {
+            let connection = connect(&self.shared).await?;
+            let channel = connection.create_channel().await?;
+            declare_topology(&channel, &self.shared, std::slice::from_ref(&self.queues)).await?;
+            channel
+                .basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
+                .await?;
+            let tag = format!(
+                "switchyard-{}-{}",
+                self.queues.route,
+                crate::envelope::new_id()
+            );
+            let consumer = channel
+                .basic_consume(
+                    short(&self.queues.queue)?,
+                    short(&tag)?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot consume {}", self.queues.queue))?;
+            let publisher = confirm_channel(&connection).await?;
+            self.generation += 1;
+            tracing::info!(route = %self.queues.route, queue = %self.queues.queue, "Consuming from RabbitMQ");
+            self.live = Some(Live {
+                _connection: connection,
+                consumer,
+                publisher,
+            });
+        }
+        self.live.as_mut().context("no broker connection")
+    }
+
+    /// Forgets a dead connection: its deliveries are redelivered by the
+    /// broker, so their ackers are dropped, never used on a new channel.
+    fn drop_live(&mut self) {
+        let stale = self.ackers.len() as i64;
+        self.shared.in_flight.fetch_sub(stale, Ordering::SeqCst);
+        self.ackers.clear();
+        self.live = None;
+    }
+
+    fn accept(&mut self, d: AmqpDelivery) -> Delivery {
+        let topology = &self.shared.topology;
+        let (envelope, malformed) = match envelope(&d, |t| topology.kind(t)) {
+            Ok(e) => (e, None),
+            Err(reason) => {
+                let salvaged = Envelope {
+                    id: d.properties.message_id().as_ref().map_or_else(
+                        || format!("amqp-{}", d.delivery_tag),
+                        |m| m.as_str().to_owned(),
+                    ),
+                    message_type: d.routing_key.as_str().to_owned(),
+                    kind: Kind::Event,
+                    payload: d.data.clone(),
+                    content_type: crate::config::DEFAULT_CONTENT_TYPE.into(),
+                    headers: Vec::new(),
+                    correlation_id: None,
+                    causation_id: None,
+                    reply_to: None,
+                    partition_key: None,
+                    created_at_ms: now_ms(),
+                    attempt: 1,
+                    history: Vec::new(),
+                };
+                (salvaged, Some(reason))
+            }
+        };
+        self.next_receipt += 1;
+        let receipt = self.next_receipt;
+        self.ackers.insert(receipt, (self.generation, d.acker));
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.shared.received.fetch_add(1, Ordering::SeqCst);
+        Delivery {
+            envelope,
+            receipt,
+            malformed,
+        }
+    }
+
+    /// Removes a delivery's acker if it belongs to the live channel.
+    fn take_acker(&mut self, receipt: u64) -> Option<Acker> {
+        let (generation, acker) = self.ackers.remove(&receipt)?;
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        (generation == self.generation && self.live.is_some()).then_some(acker)
+    }
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let first = {
+            let live = self.ensure_live().await?;
+            live.consumer.next().await
+        };
+        let first = match first {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.drop_live();
+                return Err(anyhow::Error::from(e)
+                    .context(format!("the consumer of {} failed", self.queues.queue)));
+            }
+            None => {
+                self.drop_live();
+                bail!("the broker cancelled the consumer of {}", self.queues.queue);
+            }
+        };
+        let mut batch = vec![self.accept(first)];
+        while batch.len() < max {
+            let next = match self.live.as_mut() {
+                Some(live) => live.consumer.next().now_or_never(),
+                None => None,
+            };
+            match next {
+                Some(Some(Ok(d))) => batch.push(self.accept(d)),
+                _ => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
+        let current = self.generation;
+        let (live_batch, stale): (Vec<_>, Vec<_>) = batch.into_iter().partition(|s| {
+            self.ackers
+                .get(&s.delivery.receipt)
+                .is_some_and(|(g, _)| *g == current && self.live.is_some())
+        });
+        for s in &stale {
+            // The channel died: the broker redelivers these; their outcome
+            // is recomputed then.
+            self.take_acker(s.delivery.receipt);
+        }
+        if live_batch.is_empty() {
+            return Ok(());
+        }
+        let publisher = match &self.live {
+            Some(l) => l.publisher.clone(),
+            None => bail!("no broker connection"),
+        };
+        let exchange = self.shared.config.exchange.clone();
+        let source = self.shared.source.clone();
+        let mut pending = Vec::new();
+        let result: Result<()> = async {
+            for s in &live_batch {
+                match &s.outcome {
+                    Outcome::Handled { outputs, reply } => {
+                        for o in outputs {
+                            let confirm = publish(
+                                &publisher,
+                                &exchange,
+                                &o.message_type,
+                                o,
+                                properties(o, &source)?,
+                            )
+                            .await?;
+                            let expect = if o.kind == Kind::Command {
+                                Expect::Routed
+                            } else {
+                                Expect::Confirmed
+                            };
+                            pending.push((confirm, expect, format!("{} {}", o.message_type, o.id)));
+                        }
+                        if let Some(r) = reply {
+                            let e = Envelope {
+                                id: crate::envelope::new_id(),
+                                message_type: format!("{}.reply", s.delivery.envelope.message_type),
+                                kind: Kind::Event,
+                                payload: r.payload.clone(),
+                                content_type: r.content_type.clone(),
+                                headers: r.headers.clone(),
+                                correlation_id: Some(r.correlation_id.clone()),
+                                causation_id: Some(r.in_reply_to.clone()),
+                                reply_to: None,
+                                partition_key: None,
+                                created_at_ms: r.created_at_ms,
+                                attempt: 1,
+                                history: Vec::new(),
+                            };
+                            let confirm =
+                                publish(&publisher, "", &r.address, &e, properties(&e, &source)?)
+                                    .await?;
+                            pending.push((
+                                confirm,
+                                Expect::Confirmed,
+                                format!("the reply to {}", r.in_reply_to),
+                            ));
+                        }
+                    }
+                    Outcome::Retry {
+                        message,
+                        not_before_ms,
+                    } => {
+                        let level = u32::try_from(
+                            message
+                                .history
+                                .iter()
+                                .filter(|a| a.then == "retry-later")
+                                .count(),
+                        )
+                        .unwrap_or(u32::MAX);
+                        let delay = not_before_ms.saturating_sub(now_ms()).max(1);
+                        let props = properties(message, &source)?
+                            .with_expiration(short(&delay.to_string())?);
+                        let queue = self.queues.retry_queue(level);
+                        let confirm = publish(&publisher, "", &queue, message, props).await?;
+                        pending.push((
+                            confirm,
+                            Expect::Routed,
+                            format!("the retry of {}", message.id),
+                        ));
+                    }
+                    Outcome::DeadLettered => {}
+                }
+            }
+            confirmed(std::mem::take(&mut pending)).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                for s in &live_batch {
+                    if let Some(acker) = self.take_acker(s.delivery.receipt)
+                        && let Err(e) = acker.ack(BasicAckOptions::default()).await
+                    {
+                        // The outcome is published; the broker will
+                        // redeliver, and the message is handled again.
+                        tracing::warn!(message.id = %s.delivery.envelope.id, error = %e, "Cannot acknowledge; the message will be redelivered");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let deliveries: Vec<Delivery> =
+                    live_batch.into_iter().map(|s| s.delivery).collect();
+                self.release(deliveries).await?;
+                Err(e.context(format!(
+                    "cannot settle a batch of route {}",
+                    self.queues.route
+                )))
+            }
+        }
+    }
+
+    async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {
+        for d in unsettled {
+            if let Some(acker) = self.take_acker(d.receipt) {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(e) = acker.nack(requeue).await {
+                    tracing::warn!(message.id = %d.envelope.id, error = %e, "Cannot give a delivery back; the broker will redeliver it when the channel closes");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,470 @@
+//! The RabbitMQ transport against the real broker at 127.0.0.1:5672
+//! (guest/guest; `.ci/run` starts it). Every test declares its own exchange
+//! and queues under a fresh name and deletes them at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+use switchyard::config::{self, Pipeline};
+use switchyard::envelope::Kind;
+use switchyard::runtime::{self, RunMode};
+
+use crate::common::{dead_letters, message, misbehave, write_pipeline};
+
+/// No user in the URL: AMQP clients default to guest/guest.
+const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
+
+/// A pipeline on its own exchange; `body` is the rest of the TOML.
+fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
+    let exchange = format!("switchyard-test.{}", switchyard::envelope::new_id());
+    let toml = format!(
+        r#"
+        [host]
+        cache_dir = "{{cache}}"
+        [transport]
+        kind = "amqp"
+        url = "{BROKER}"
+        exchange = "{exchange}"
+        connect_timeout = "5s"
+        {body}
+        "#
+    );
+    let path = write_pipeline(dir, "rabbit", &toml);
+    let pipeline = config::load(&path).unwrap().pipeline;
+    (path, pipeline)
+}
+
+async fn connection() -> Connection {
+    Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ runs at 127.0.0.1:5672 (rabbitmq-server -detached)")
+}
+
+fn short(s: &str) -> ShortString {
+    ShortString::try_new(s.to_owned()).unwrap()
+}
+
+/// Ready messages in a queue.
+async fn depth(queue: &str) -> u32 {
+    let c = connection().await;
+    let ch = c.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            short(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    q.message_count()
+}
+
+/// Deletes the exchange and every queue of the pipeline.
+async fn clean_up(pipeline: &Pipeline) {
+    let config::TransportConfig::Amqp(amqp) = &pipeline.transport else {
+        panic!("not an amqp pipeline");
+    };
+    let c = connection().await;
+    let ch = c.create_channel().await.unwrap();
+    for p in &pipeline.plugins {
+        let queue = format!("{}.{}", amqp.exchange, p.name);
+        ch.queue_delete(short(&queue), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        for level in 1..=p.retry.delayed {
+            ch.queue_delete(
+                short(&format!("{queue}.retry.{level}")),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    ch.exchange_delete(short(&amqp.exchange), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+fn exchange(pipeline: &Pipeline) -> String {
+    match &pipeline.transport {
+        config::TransportConfig::Amqp(a) => a.exchange.clone(),
+        _ => panic!("not an amqp pipeline"),
+    }
+}
+
+async fn drain(pipeline: &Pipeline) {
+    let plugins = runtime::load_plugins(pipeline).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending()),
+    )
+    .await
+    .expect("drained within a minute")
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_and_events_flow_through_rabbitmq() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [defaults.retry]
+        immediate = 0
+        delayed = 0
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Published", "Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let publish = misbehave("publish");
+    let tick = message(Kind::Event, "Tick", json!(1));
+    let stored = transport
+        .enqueue(vec![publish.clone(), misbehave("ok"), tick.clone()])
+        .await
+        .unwrap();
+    assert_eq!(stored, 3, "one delivery per destination route");
+    assert_eq!(depth(&format!("{}.rogue", exchange(&p))).await, 2);
+    assert_eq!(depth(&format!("{}.tally", exchange(&p))).await, 1);
+
+    drain(&p).await;
+
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    let mut ids: Vec<&str> = tally.lines().collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids.len(),
+        2,
+        "the Tick and the event `publish` made: {tally}"
+    );
+    assert!(ids.contains(&tick.id.as_str()));
+    assert!(dead_letters(&p).await.is_empty());
+    assert!(transport.is_idle().await.unwrap());
+    clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_for_no_handler_is_refused_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        commands = ["Echo"]
+        events = ["Tick"]
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let err = transport
+        .enqueue(vec![message(Kind::Command, "Nobody", json!(1))])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no plugin in this pipeline handles command Nobody"),
+        "{err:#}"
+    );
+    clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        commands = ["Echo"]
+        events = ["Tick"]
+        retry = { delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+
+    // No host yet: nobody answers.
+    let mut inbox = transport.reply_inbox().await.unwrap();
+    let mut cmd = message(Kind::Command, "Echo", json!({"hello": "rabbit"}));
+    cmd.reply_to = Some(inbox.address().to_owned());
+    cmd.correlation_id = Some("corr-7".into());
+    transport.start_consuming().await.unwrap();
+    transport.enqueue(vec![cmd.clone()]).await.unwrap();
+    assert!(
+        inbox
+            .wait(Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A host comes up and handles the waiting command.
+    let plugins = runtime::load_plugins(&p).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let host_pipeline = p.clone();
+    let host = tokio::spawn(async move {
+        runtime::run(&host_pipeline, plugins, RunMode::Serve, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let reply = inbox
+        .wait(Duration::from_secs(20))
+        .await
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(reply.payload, cmd.payload);
+    assert_eq!(reply.in_reply_to, cmd.id);
+    assert_eq!(reply.correlation_id, "corr-7");
+    let _ = stop_tx.send(());
+    host.await.unwrap().unwrap();
+    clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delayed_retries_go_through_retry_queues_and_keep_their_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        retry = { immediate = 0, delayed = 2, backoff = "50ms" }
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        commands = ["Echo"]
+        events = ["Tick", "Flaky"]
+        retry = { immediate = 0, delayed = 2, backoff = "50ms" }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let failing = misbehave("fail-after-publish");
+    let flaky = message(Kind::Event, "Flaky", json!("fail once"));
+    transport
+        .enqueue(vec![failing.clone(), flaky.clone()])
+        .await
+        .unwrap();
+
+    drain(&p).await;
+
+    let dead = dead_letters(&p).await;
+    assert_eq!(dead.len(), 1, "only the always-failing command: {dead:?}");
+    let d = &dead[0];
+    assert_eq!(d.message.id, failing.id);
+    assert_eq!(d.message.payload, failing.payload);
+    let thens: Vec<&str> = d.attempts.iter().map(|a| a.then.as_str()).collect();
+    assert_eq!(
+        thens,
+        ["retry-later", "retry-later", "dead-letter"],
+        "{:?}",
+        d.attempts
+    );
+    assert_eq!(d.source.transport, "amqp");
+    assert_eq!(d.source.queue, format!("{}.rogue", exchange(&p)));
+    assert!(d.source.location.contains(&exchange(&p)), "{:?}", d.source);
+    assert!(
+        d.message.headers.iter().all(|(k, _)| !k.starts_with("x-")),
+        "broker bookkeeping is not part of the message: {:?}",
+        d.message.headers
+    );
+    assert!(transport.is_idle().await.unwrap());
+    clean_up(&p).await;
+}
+
+/// Publishes raw AMQP messages, as a producer outside Switchyard would.
+async fn publish_raw(exchange: &str, routing_key: &str, props: BasicProperties, body: &[u8]) {
+    let c = connection().await;
+    let ch = c.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        short(exchange),
+        short(routing_key),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_messages_are_handled_and_malformed_ones_dead_lettered_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        retry = { delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let x = exchange(&p);
+    // A plain AMQP message: no CloudEvents attributes, just a message id.
+    publish_raw(
+        &x,
+        "Tick",
+        BasicProperties::default().with_message_id(short("plain-1")),
+        b"{}",
+    )
+    .await;
+    // A Switchyard message whose attempt counter is garbage.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        short("cloudEvents:id"),
+        AMQPValue::LongString(LongString::from("bad-1")),
+    );
+    headers.insert(
+        short("cloudEvents:syattempt"),
+        AMQPValue::LongString(LongString::from("many")),
+    );
+    publish_raw(
+        &x,
+        "Tick",
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id(short("bad-1")),
+        b"\x00\x01 not json",
+    )
+    .await;
+
+    drain(&p).await;
+
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    assert_eq!(tally.lines().collect::<Vec<_>>(), ["plain-1"]);
+    let dead = dead_letters(&p).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].message.id, "bad-1");
+    assert_eq!(dead[0].message.payload, b"\x00\x01 not json");
+    assert_eq!(dead[0].error.kind, "malformed");
+    assert!(
+        dead[0].error.message.contains("syattempt"),
+        "{:?}",
+        dead[0].error
+    );
+    clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_use_the_cloudevents_amqp_binary_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        retry = { delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let mut tick = message(Kind::Event, "Tick", json!({"n": 1}));
+    tick.headers = vec![("tenant".into(), "acme".into())];
+    tick.correlation_id = Some("c-1".into());
+    transport.enqueue(vec![tick.clone()]).await.unwrap();
+
+    // Read it as any AMQP client would.
+    let c = connection().await;
+    let ch = c.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            short(&format!("{}.tally", exchange(&p))),
+            short("inspector"),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, tick.payload);
+    assert_eq!(d.routing_key.as_str(), "Tick");
+    let props = &d.properties;
+    assert_eq!(
+        props.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+    assert_eq!(
+        props.message_id().as_ref().map(|c| c.as_str()),
+        Some(tick.id.as_str())
+    );
+    let headers = props.headers().as_ref().unwrap().inner();
+    let get = |k: &str| match headers.get(k) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(get("cloudEvents:specversion"), "1.0");
+    assert_eq!(get("cloudEvents:id"), tick.id);
+    assert_eq!(get("cloudEvents:type"), "Tick");
+    assert_eq!(get("cloudEvents:source"), format!("switchyard/{}", p.name));
+    assert_eq!(get("cloudEvents:correlationid"), "c-1");
+    assert_eq!(get("tenant"), "acme");
+    assert!(get("cloudEvents:time").ends_with('Z'));
+    clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_broker_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "nobroker",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [transport]
+        kind = "amqp"
+        url = "amqp://127.0.0.1:1/%2f"
+        connect_timeout = "2s"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        commands = ["Echo"]
+        events = ["Tick"]
+        "#,
+    );
+    let p = config::load(&path).unwrap().pipeline;
+    let plugins = runtime::load_plugins(&p).await.unwrap();
+    let err = runtime::run(&p, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("cannot connect to the broker amqp://127.0.0.1:1/%2f")
+            || text.contains("no answer from the broker amqp://127.0.0.1:1/%2f"),
+        "{text}"
+    );
+}
