@@ -158,7 +158,7 @@ pub struct MessageArgs {
     #[arg(long)]
     pub correlation_id: Option<String>,
     /// Wait this long for the handler's reply and print it (send only).
-    #[arg(long, value_name = "DURATION", value_parser = parse_wait, num_args = 0..=1, default_missing_value = "30s")]
+    #[arg(long, visible_alias = "wait", value_name = "DURATION", value_parser = parse_wait, num_args = 0..=1, default_missing_value = "30s")]
     pub wait_reply: Option<Duration>,
 }
 

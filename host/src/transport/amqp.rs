@@ -500,9 +500,11 @@ async fn publish(
 enum Expect {
     /// Routed somewhere (a command: its handler's queue must exist).
     Routed,
-    /// Confirmed; unroutable is fine (an event nobody consumes, a reply to
-    /// a requester that left).
+    /// Confirmed; unroutable is fine (an event nobody consumes).
     Confirmed,
+    /// A reply: unroutable means the requester stopped waiting, which is
+    /// worth a warning but not a failure of the command.
+    Reply,
 }
 
 /// Waits for every confirm; fails on a nack or on an unroutable publish
@@ -515,11 +517,15 @@ async fn confirmed(pending: Vec<(PublisherConfirm, Expect, String)>) -> Result<(
         if c.is_nack() {
             bail!("the broker refused {what}");
         }
-        if let (Some(returned), Expect::Routed) = (c.take_message(), expect) {
-            bail!(
+        match (c.take_message(), expect) {
+            (Some(returned), Expect::Routed) => bail!(
                 "the broker could not route {what}: {}",
                 returned.reply_text.as_str()
-            );
+            ),
+            (Some(_), Expect::Reply) => tracing::warn!(
+                "Nobody waits for {what} any more (its requester timed out or left); the reply is dropped"
+            ),
+            _ => {}
         }
     }
     Ok(())
@@ -905,7 +911,7 @@ impl Subscription for AmqpSubscription {
                                     .await?;
                             pending.push((
                                 confirm,
-                                Expect::Confirmed,
+                                Expect::Reply,
                                 format!("the reply to {}", r.in_reply_to),
                             ));
                         }

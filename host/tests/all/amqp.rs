@@ -20,10 +20,14 @@ use switchyard::runtime::{self, RunMode};
 use crate::common::{dead_letters, message, misbehave, write_pipeline};
 
 /// No user in the URL: AMQP clients default to guest/guest.
-const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
+pub const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
+
+/// Tests share the broker; the one that restarts it takes it alone.
+pub static BROKER_IN_USE: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
 
 /// A pipeline on its own exchange; `body` is the rest of the TOML.
-fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
+pub fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
     let exchange = format!("switchyard-test.{}", switchyard::envelope::new_id());
     let toml = format!(
         r#"
@@ -42,18 +46,18 @@ fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
     (path, pipeline)
 }
 
-async fn connection() -> Connection {
+pub async fn connection() -> Connection {
     Connection::connect(BROKER, ConnectionProperties::default())
         .await
         .expect("RabbitMQ runs at 127.0.0.1:5672 (rabbitmq-server -detached)")
 }
 
-fn short(s: &str) -> ShortString {
+pub fn short(s: &str) -> ShortString {
     ShortString::try_new(s.to_owned()).unwrap()
 }
 
 /// Ready messages in a queue.
-async fn depth(queue: &str) -> u32 {
+pub async fn depth(queue: &str) -> u32 {
     let c = connection().await;
     let ch = c.create_channel().await.unwrap();
     let q = ch
@@ -71,7 +75,7 @@ async fn depth(queue: &str) -> u32 {
 }
 
 /// Deletes the exchange and every queue of the pipeline.
-async fn clean_up(pipeline: &Pipeline) {
+pub async fn clean_up(pipeline: &Pipeline) {
     let config::TransportConfig::Amqp(amqp) = &pipeline.transport else {
         panic!("not an amqp pipeline");
     };
@@ -96,14 +100,14 @@ async fn clean_up(pipeline: &Pipeline) {
         .unwrap();
 }
 
-fn exchange(pipeline: &Pipeline) -> String {
+pub fn exchange(pipeline: &Pipeline) -> String {
     match &pipeline.transport {
         config::TransportConfig::Amqp(a) => a.exchange.clone(),
         _ => panic!("not an amqp pipeline"),
     }
 }
 
-async fn drain(pipeline: &Pipeline) {
+pub async fn drain(pipeline: &Pipeline) {
     let plugins = runtime::load_plugins(pipeline).await.unwrap();
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -116,6 +120,7 @@ async fn drain(pipeline: &Pipeline) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_and_events_flow_through_rabbitmq() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("out")).unwrap();
     let (_, p) = pipeline(
@@ -163,6 +168,7 @@ async fn commands_and_events_flow_through_rabbitmq() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_for_no_handler_is_refused_not_lost() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, p) = pipeline(
         dir.path(),
@@ -188,6 +194,7 @@ async fn a_command_for_no_handler_is_refused_not_lost() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, p) = pipeline(
         dir.path(),
@@ -241,6 +248,7 @@ async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delayed_retries_go_through_retry_queues_and_keep_their_history() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, p) = pipeline(
         dir.path(),
@@ -311,6 +319,7 @@ async fn publish_raw(exchange: &str, routing_key: &str, props: BasicProperties, 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_messages_are_handled_and_malformed_ones_dead_lettered_intact() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("out")).unwrap();
     let (_, p) = pipeline(
@@ -373,6 +382,7 @@ async fn foreign_messages_are_handled_and_malformed_ones_dead_lettered_intact() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_use_the_cloudevents_amqp_binary_mapping() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, p) = pipeline(
         dir.path(),
@@ -439,6 +449,7 @@ async fn messages_use_the_cloudevents_amqp_binary_mapping() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_broker_is_a_clear_error() {
+    let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_pipeline(
         dir.path(),
@@ -467,4 +478,81 @@ async fn an_unreachable_broker_is_a_clear_error() {
             || text.contains("no answer from the broker amqp://127.0.0.1:1/%2f"),
         "{text}"
     );
+}
+
+#[test]
+fn the_example_pipeline_answers_the_cli_over_rabbitmq() {
+    let _broker = BROKER_IN_USE.blocking_read();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.orders]
+        wasm = "{dist}/orders.wasm"
+        commands = ["PlaceOrder"]
+        [plugins.payments]
+        wasm = "{dist}/payments.wasm"
+        commands = ["ChargePayment"]
+        [plugins.inventory]
+        wasm = "{dist}/inventory.wasm"
+        events = ["OrderPlaced"]
+        [plugins.notifications]
+        wasm = "{dist}/notifications.wasm"
+        events = ["OrderPlaced", "PaymentCaptured"]
+        "#,
+    );
+    let path = path.display().to_string();
+    let mut host = std::process::Command::new(crate::common::bin())
+        .args(["run", &path])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let order = r#"{"order_id":"R-1","customer":"ada","items":[{"sku":"book","quantity":3,"unit_price_cents":1000}]}"#;
+    let sent = std::process::Command::new(crate::common::bin())
+        .args([
+            "send",
+            "PlaceOrder",
+            "-p",
+            &path,
+            "--data",
+            order,
+            "--wait",
+            "30s",
+        ])
+        .output()
+        .unwrap();
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(reply, json!({"order_id": "R-1", "total_cents": 3000}));
+
+    // Nobody answers now: a clear timeout, and the command waits in its queue.
+    let late = std::process::Command::new(crate::common::bin())
+        .args([
+            "send",
+            "PlaceOrder",
+            "-p",
+            &path,
+            "--data",
+            order,
+            "--wait",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(!late.status.success());
+    let err = String::from_utf8_lossy(&late.stderr);
+    assert!(err.contains("no reply within 300ms"), "{err}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert_eq!(depth(&format!("{}.orders", exchange(&p))).await, 1);
+        clean_up(&p).await;
+    });
 }

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod amqp;
+mod amqp_reliability;
 mod cli;
 mod common;
 mod config_fixtures;
