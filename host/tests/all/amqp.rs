@@ -556,3 +556,92 @@ fn the_example_pipeline_answers_the_cli_over_rabbitmq() {
         clean_up(&p).await;
     });
 }
+
+/// The Python the interop tests run: `SWITCHYARD_PYTHON`, or `python3`.
+fn python() -> String {
+    std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[test]
+fn a_pika_client_talks_to_the_example_pipeline() {
+    let _broker = BROKER_IN_USE.blocking_read();
+    let has_pika = std::process::Command::new(python())
+        .args(["-c", "import pika"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_pika,
+        "{} cannot import pika: install it (python3 -m pip install pika) or point SWITCHYARD_PYTHON at a Python that has it",
+        python()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (path, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.orders]
+        wasm = "{dist}/orders.wasm"
+        commands = ["PlaceOrder"]
+        [plugins.payments]
+        wasm = "{dist}/payments.wasm"
+        commands = ["ChargePayment"]
+        [plugins.inventory]
+        wasm = "{dist}/inventory.wasm"
+        events = ["OrderPlaced"]
+        [plugins.notifications]
+        wasm = "{dist}/notifications.wasm"
+        events = ["OrderPlaced", "PaymentCaptured"]
+        "#,
+    );
+    let mut host = std::process::Command::new(crate::common::bin())
+        .arg("run")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let script = crate::common::workspace_root()
+        .join("tests")
+        .join("interop")
+        .join("pika_client.py");
+    let out = std::process::Command::new(python())
+        .arg(&script)
+        .args([BROKER, &exchange(&p), "P-7"])
+        .output()
+        .unwrap();
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let command_id = seen["command_id"].as_str().unwrap();
+
+    // The reply, routed back to the client's own queue.
+    let reply = &seen["reply"];
+    assert_eq!(
+        reply["body"],
+        json!({"order_id": "P-7", "total_cents": 3998}),
+        "{seen}"
+    );
+    assert_eq!(reply["correlation_id"], "pika-P-7");
+    assert_eq!(reply["headers"]["cloudEvents:specversion"], "1.0");
+    assert_eq!(reply["headers"]["cloudEvents:causationid"], command_id);
+
+    // The event the command caused, read from a queue the client bound.
+    let event = &seen["event"];
+    assert_eq!(event["routing_key"], "OrderPlaced", "{seen}");
+    assert_eq!(event["body"]["order_id"], "P-7");
+    assert_eq!(event["content_type"], "application/json");
+    let h = &event["headers"];
+    assert_eq!(h["cloudEvents:specversion"], "1.0");
+    assert_eq!(h["cloudEvents:type"], "OrderPlaced");
+    assert_eq!(h["cloudEvents:source"], format!("switchyard/{}", p.name));
+    assert_eq!(h["cloudEvents:sykind"], "event");
+    assert_eq!(h["cloudEvents:causationid"], command_id);
+    assert_eq!(h["cloudEvents:correlationid"], "pika-P-7");
+    assert_eq!(event["message_id"], h["cloudEvents:id"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(clean_up(&p));
+}

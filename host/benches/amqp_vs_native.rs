@@ -1,0 +1,227 @@
+//! Switchyard on RabbitMQ against a native lapin consumer doing the same
+//! work, on the same broker, in one run.
+//!
+//! Both consume the same queue of MESSAGES persistent events with the same
+//! client settings: one connection, prefetch PREFETCH, manual
+//! acknowledgement of every message after it is handled. The native
+//! consumer's handling is nothing (it acks); Switchyard's is a call into the
+//! trivial `echo` plugin, which does nothing with the event. Switchyard runs
+//! in drain mode and its time includes noticing that the queues are empty
+//! (at most about 125 ms per round).
+//!
+//! Prints messages per second and CPU time per message (this process: user
+//! plus system; the broker's CPU is not counted) for each round, then the
+//! medians and the ratio. Needs RabbitMQ at 127.0.0.1:5672 and
+//! `dist/plugins/echo.wasm`.
+//!
+//! Run: `cargo bench -p switchyard --bench amqp_vs_native`
+//! (`AMQP_BENCH_MESSAGES` and `AMQP_BENCH_ROUNDS` override the defaults).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Connection, ConnectionProperties};
+use switchyard::config;
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::runtime::{self, RunMode};
+
+const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
+const PREFETCH: u16 = 64;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// User plus system CPU time of this process.
+// getrusage is the one portable way to read it; the benchmark only.
+#[allow(unsafe_code)]
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage failed");
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn short(s: &str) -> ShortString {
+    ShortString::try_new(s.to_owned()).unwrap()
+}
+
+struct Round {
+    elapsed: Duration,
+    cpu: Duration,
+}
+
+impl Round {
+    fn rate(&self, n: usize) -> f64 {
+        n as f64 / self.elapsed.as_secs_f64()
+    }
+    fn cpu_per_message_us(&self, n: usize) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / n as f64
+    }
+}
+
+async fn fill(transport: &dyn switchyard::transport::Transport, n: usize) {
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(5_000);
+        let batch: Vec<Envelope> = (0..chunk)
+            .map(|i| {
+                Envelope::new(
+                    "Tick",
+                    Kind::Event,
+                    format!("{{\"n\":{i}}}").into_bytes(),
+                    "application/json",
+                )
+            })
+            .collect();
+        transport.enqueue(batch).await.unwrap();
+        left -= chunk;
+    }
+}
+
+async fn native(queue: &str, n: usize) -> Round {
+    let connection = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let cpu = cpu_time();
+    let mut consumer = channel
+        .basic_consume(
+            short(queue),
+            short("native-bench"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut handled = 0;
+    while handled < n {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        std::hint::black_box(&delivery.data);
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        handled += 1;
+    }
+    let round = Round {
+        elapsed: started.elapsed(),
+        cpu: cpu_time() - cpu,
+    };
+    let _ = connection.close(200, "done".into()).await;
+    round
+}
+
+async fn switchyard(pipeline: &config::Pipeline) -> Round {
+    let plugins = runtime::load_plugins(pipeline).await.unwrap();
+    let started = Instant::now();
+    let cpu = cpu_time();
+    runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+    Round {
+        elapsed: started.elapsed(),
+        cpu: cpu_time() - cpu,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter that excludes us skips the run.
+    if let Some(filter) = std::env::args().skip(1).find(|a| !a.starts_with("--"))
+        && !"amqp_vs_native".contains(&filter)
+    {
+        return;
+    }
+    let messages = env_or("AMQP_BENCH_MESSAGES", 50_000);
+    let rounds = env_or("AMQP_BENCH_ROUNDS", 3);
+    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/plugins/echo.wasm");
+    assert!(wasm.exists(), "run `cargo xtask build-plugins` first");
+    let dir = tempfile::tempdir().unwrap();
+    let exchange = format!("switchyard-bench.{}", switchyard::envelope::new_id());
+    let path = dir.path().join("bench.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[transport]\nkind = \"amqp\"\nurl = \"{BROKER}\"\nexchange = \"{exchange}\"\nprefetch = {PREFETCH}\n\
+             [admin]\nlisten = \"off\"\n\
+             [plugins.echo]\nwasm = \"{}\"\nevents = [\"Tick\"]\nretry = {{ delayed = 0 }}\n",
+            wasm.display()
+        ),
+    )
+    .unwrap();
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let queue = format!("{exchange}.echo");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let transport = runtime::open(&pipeline).await.unwrap();
+        transport.start_consuming().await.unwrap();
+        // Warm up: the compile cache, the connection paths.
+        fill(transport.as_ref(), 2_000).await;
+        switchyard(&pipeline).await;
+
+        let (mut native_rates, mut sy_rates) = (Vec::new(), Vec::new());
+        let (mut native_cpu, mut sy_cpu) = (Vec::new(), Vec::new());
+        println!("amqp_vs_native: {messages} messages per round, prefetch {PREFETCH}, ack each");
+        for round in 1..=rounds {
+            fill(transport.as_ref(), messages).await;
+            let n = native(&queue, messages).await;
+            fill(transport.as_ref(), messages).await;
+            let s = switchyard(&pipeline).await;
+            println!(
+                "round {round}: native {:>9.0} msg/s {:>6.1} µs CPU/msg | switchyard {:>9.0} msg/s {:>6.1} µs CPU/msg | ratio {:.2}",
+                n.rate(messages),
+                n.cpu_per_message_us(messages),
+                s.rate(messages),
+                s.cpu_per_message_us(messages),
+                s.rate(messages) / n.rate(messages),
+            );
+            native_rates.push(n.rate(messages));
+            sy_rates.push(s.rate(messages));
+            native_cpu.push(n.cpu_per_message_us(messages));
+            sy_cpu.push(s.cpu_per_message_us(messages));
+        }
+        let (nr, sr) = (median(native_rates), median(sy_rates));
+        println!(
+            "median: native {nr:.0} msg/s, {:.1} µs CPU/msg; switchyard {sr:.0} msg/s, {:.1} µs CPU/msg; switchyard/native = {:.0}%",
+            median(native_cpu),
+            median(sy_cpu),
+            100.0 * sr / nr
+        );
+
+        let connection = Connection::connect(BROKER, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_delete(short(&queue), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        channel
+            .exchange_delete(short(&exchange), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    });
+}
