@@ -36,19 +36,15 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::{Delivery, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport};
+use super::{
+    Delivery, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport, cloudevents,
+};
 use crate::config::{AmqpConfig, Pipeline, UrlSource, redact};
-use crate::envelope::{Attempt, Envelope, Kind, Reply, now_ms};
+use crate::envelope::{Envelope, Kind, Reply, now_ms};
 
 /// How long [`Transport::is_idle`] watches for deliveries before it
 /// believes the queues are empty.
 const IDLE_SETTLE: Duration = Duration::from_millis(100);
-
-/// Headers RabbitMQ adds when it dead-letters a message (here: when a
-/// delayed retry's wait ends); they are not the message's.
-fn is_broker_header(name: &str) -> bool {
-    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
-}
 
 /// The CloudEvents AMQP binding's prefix for event attributes.
 pub const CE_PREFIX: &str = "cloudEvents:";
@@ -317,63 +313,29 @@ fn text(v: &AMQPValue) -> Option<String> {
     }
 }
 
-fn rfc3339(ms: u64) -> String {
-    let mut out = String::new();
-    match std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms)) {
-        Some(t)
-            if std::fmt::Write::write_fmt(
-                &mut out,
-                format_args!("{}", humantime::format_rfc3339_millis(t)),
-            )
-            .is_ok() =>
-        {
-            out
-        }
-        _ => String::new(),
-    }
-}
-
 /// The AMQP properties of a message: CloudEvents binary mode, its
-/// attributes as `cloudEvents:*` application properties, Switchyard's own as
-/// extensions, and every header as an application property.
+/// attributes as `cloudEvents:*` application properties, and every header
+/// as an application property.
 pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
     let mut h = FieldTable::default();
-    let mut put = |k: &str, v: &str| -> Result<()> {
-        h.insert(short(k)?, AMQPValue::LongString(LongString::from(v)));
-        Ok(())
-    };
-    put("cloudEvents:specversion", "1.0")?;
-    put("cloudEvents:id", &e.id)?;
-    put("cloudEvents:type", &e.message_type)?;
-    put("cloudEvents:source", source)?;
-    put("cloudEvents:time", &rfc3339(e.created_at_ms))?;
-    put("cloudEvents:sykind", e.kind.as_str())?;
-    put("cloudEvents:syattempt", &e.attempt.to_string())?;
-    if let Some(c) = &e.correlation_id {
-        put("cloudEvents:correlationid", c)?;
-    }
-    if let Some(c) = &e.causation_id {
-        put("cloudEvents:causationid", c)?;
-    }
-    if let Some(r) = &e.reply_to {
-        put("cloudEvents:syreplyto", r)?;
-    }
-    if let Some(k) = &e.partition_key {
-        put("cloudEvents:partitionkey", k)?;
-    }
-    if !e.history.is_empty() {
-        put(
-            "cloudEvents:syhistory",
-            &serde_json::to_string(&e.history).unwrap_or_default(),
-        )?;
+    for (name, value) in cloudevents::attributes(e, source) {
+        h.insert(
+            short(&format!("{CE_PREFIX}{name}"))?,
+            AMQPValue::LongString(LongString::from(value)),
+        );
     }
     for (name, value) in &e.headers {
         if name.starts_with(CE_PREFIX) {
             tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is reserved for CloudEvents attributes; not sent");
             continue;
         }
-        if put(name, value).is_err() {
-            tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is longer than AMQP allows; not sent");
+        match short(name) {
+            Ok(k) => {
+                h.insert(k, AMQPValue::LongString(LongString::from(value.as_str())));
+            }
+            Err(_) => {
+                tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is longer than AMQP allows; not sent");
+            }
         }
     }
     let mut p = BasicProperties::default()
@@ -395,8 +357,8 @@ pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
 }
 
 /// A message from its AMQP form. `kind_of` gives the kind of a type when
-/// the message does not say (a producer outside Switchyard). An error names
-/// what is missing or wrong; the payload is never touched.
+/// the message does not say. An error names what is missing or wrong; the
+/// payload is never touched.
 pub fn envelope(
     d: &AmqpDelivery,
     kind_of: impl Fn(&str) -> Option<Kind>,
@@ -407,69 +369,27 @@ pub fn envelope(
         .as_ref()
         .map(|t| t.inner().iter().map(|(k, v)| (k.as_str(), v)).collect())
         .unwrap_or_default();
-    let ce = |name: &str| {
+    let attr = |name: &str| {
         table
             .get(format!("{CE_PREFIX}{name}").as_str())
             .and_then(|v| text(v))
     };
-    let id = ce("id")
-        .or_else(|| props.message_id().as_ref().map(|s| s.as_str().to_owned()))
-        .ok_or("it has no cloudEvents:id and no message-id")?;
-    let message_type = ce("type")
-        .or_else(|| props.kind().as_ref().map(|s| s.as_str().to_owned()))
-        .unwrap_or_else(|| d.routing_key.as_str().to_owned());
-    let kind = match ce("sykind").as_deref() {
-        Some(k) => Kind::parse(k)
-            .ok_or_else(|| format!("cloudEvents:sykind `{k}` is neither command nor event"))?,
-        None => kind_of(&message_type).unwrap_or(Kind::Event),
-    };
-    let created_at_ms = ce("time")
-        .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .or_else(|| props.timestamp().map(|s| s.saturating_mul(1000)))
-        .unwrap_or_else(now_ms);
-    let attempt = match ce("syattempt") {
-        Some(a) => a
-            .parse::<u32>()
-            .map_err(|_| format!("cloudEvents:syattempt `{a}` is not a number"))?,
-        None => 1,
-    };
-    let history: Vec<Attempt> = match ce("syhistory") {
-        Some(h) => serde_json::from_str(&h)
-            .map_err(|e| format!("cloudEvents:syhistory is not valid: {e}"))?,
-        None => Vec::new(),
-    };
+    let text_of = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
     let mut headers: Vec<(String, String)> = table
         .iter()
-        .filter(|(k, _)| !k.starts_with(CE_PREFIX) && !is_broker_header(k))
+        .filter(|(k, _)| !k.starts_with(CE_PREFIX) && !cloudevents::is_broker_header(k))
         .filter_map(|(k, v)| text(v).map(|v| ((*k).to_owned(), v)))
         .collect();
     headers.sort();
-    Ok(Envelope {
-        id,
-        message_type,
-        kind,
-        payload: d.data.clone(),
-        content_type: props.content_type().as_ref().map_or_else(
-            || crate::config::DEFAULT_CONTENT_TYPE.to_owned(),
-            |c| c.as_str().to_owned(),
-        ),
-        headers,
-        correlation_id: ce("correlationid").or_else(|| {
-            props
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str().to_owned())
-        }),
-        causation_id: ce("causationid"),
-        reply_to: ce("syreplyto")
-            .or_else(|| props.reply_to().as_ref().map(|r| r.as_str().to_owned())),
-        partition_key: ce("partitionkey"),
-        created_at_ms,
-        attempt,
-        history,
-    })
+    let fallbacks = cloudevents::Fallbacks {
+        id: text_of(props.message_id()),
+        message_type: text_of(props.kind()).or_else(|| Some(d.routing_key.as_str().to_owned())),
+        created_at_ms: props.timestamp().map(|s| s.saturating_mul(1000)),
+        correlation_id: text_of(props.correlation_id()),
+        reply_to: text_of(props.reply_to()),
+        content_type: text_of(props.content_type()),
+    };
+    cloudevents::decode(attr, fallbacks, kind_of, d.data.clone(), headers)
 }
 
 /// Publishes with the mandatory flag and returns the confirm to wait for.
@@ -774,24 +694,14 @@ impl AmqpSubscription {
         let (envelope, malformed) = match envelope(&d, |t| topology.kind(t)) {
             Ok(e) => (e, None),
             Err(reason) => {
-                let salvaged = Envelope {
-                    id: d.properties.message_id().as_ref().map_or_else(
+                let salvaged = cloudevents::salvage(
+                    d.properties.message_id().as_ref().map_or_else(
                         || format!("amqp-{}", d.delivery_tag),
                         |m| m.as_str().to_owned(),
                     ),
-                    message_type: d.routing_key.as_str().to_owned(),
-                    kind: Kind::Event,
-                    payload: d.data.clone(),
-                    content_type: crate::config::DEFAULT_CONTENT_TYPE.into(),
-                    headers: Vec::new(),
-                    correlation_id: None,
-                    causation_id: None,
-                    reply_to: None,
-                    partition_key: None,
-                    created_at_ms: now_ms(),
-                    attempt: 1,
-                    history: Vec::new(),
-                };
+                    d.routing_key.as_str().to_owned(),
+                    d.data.clone(),
+                );
                 (salvaged, Some(reason))
             }
         };

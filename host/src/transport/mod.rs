@@ -6,6 +6,7 @@
 //! with, or after, the durable record of its outcome.
 
 pub mod amqp;
+pub mod cloudevents;
 pub mod embedded;
 
 use std::collections::BTreeMap;
