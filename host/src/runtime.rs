@@ -16,6 +16,7 @@ use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine, Sandbox};
 use crate::telemetry::Telemetry;
 use crate::transport::amqp::AmqpTransport;
 use crate::transport::embedded::EmbeddedTransport;
+use crate::transport::kafka::KafkaTransport;
 use crate::transport::{Topology, Transport};
 
 /// The plugins of a pipeline, loaded and checked against it.
@@ -129,6 +130,7 @@ pub async fn open(pipeline: &Pipeline) -> Result<Arc<dyn Transport>> {
     match &pipeline.transport {
         TransportConfig::Embedded(_) => Ok(Arc::new(open_transport(pipeline)?)),
         TransportConfig::Amqp(config) => Ok(Arc::new(AmqpTransport::new(pipeline, config)?)),
+        TransportConfig::Kafka(config) => Ok(Arc::new(KafkaTransport::new(pipeline, config)?)),
     }
 }
 
@@ -252,7 +254,9 @@ pub async fn run_with(
                 transport: transport.kind().into(),
                 location: transport.location(),
                 queue: transport.queue(plugin.name().as_str()),
-                ..crate::dlq::Source::default()
+                consumer_group: transport.consumer_group(plugin.name().as_str()),
+                partition: None,
+                offset: None,
             },
             host: host.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,

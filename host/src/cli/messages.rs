@@ -197,7 +197,10 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         "published"
     };
     if total == 1 {
-        eprintln!("{past} {kind} {t} {} → {to}", first_id.unwrap_or_default());
+        eprintln!(
+            "{past} {kind} {t} {} → {to}",
+            first_id.as_deref().unwrap_or_default()
+        );
     } else {
         eprintln!("{past} {total} {kind}s {t} → {to} ({stored} deliveries)");
     }
@@ -208,7 +211,8 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     let (Some(inbox), Some(wait)) = (inbox.as_mut(), args.wait_reply) else {
         return Ok(ExitCode::SUCCESS);
     };
-    match inbox.wait(wait).await? {
+    let command_id = first_id.unwrap_or_default();
+    match inbox.wait(&command_id, wait).await? {
         Some(reply) => {
             let mut out = std::io::stdout().lock();
             match serde_json::from_slice::<serde_json::Value>(&reply.payload) {

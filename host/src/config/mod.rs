@@ -103,7 +103,59 @@ pub const DEFAULT_MAX_REPLAYS: u32 = 3;
 pub enum TransportConfig {
     Embedded(EmbeddedConfig),
     Amqp(AmqpConfig),
+    Kafka(KafkaConfig),
 }
+
+/// Settings of the Kafka transport.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaConfig {
+    /// `host:port,host:port`.
+    pub bootstrap_servers: String,
+    /// Prepended to every topic name: `<prefix><MessageType>`.
+    pub topic_prefix: String,
+    /// Each route consumes in the group `<group_prefix>.<route>`.
+    pub group_prefix: String,
+    /// Partitions of the topics the host creates.
+    pub partitions: i32,
+    /// Replication factor of the topics the host creates.
+    pub replication_factor: i32,
+    /// Whether the host creates missing topics (otherwise it only checks
+    /// that they exist, which on a cluster that auto-creates topics creates
+    /// them with the cluster's defaults).
+    pub create_topics: bool,
+    /// Messages a route handles before it settles.
+    pub batch_size: usize,
+    /// How long to wait for the cluster (metadata, topic creation, commits).
+    pub timeout: Duration,
+    /// librdkafka `security.protocol`.
+    pub security_protocol: String,
+    /// librdkafka `sasl.mechanism`, when SASL is used.
+    pub sasl_mechanism: Option<String>,
+    /// Environment variables holding the SASL user name and password.
+    pub sasl_username_env: Option<String>,
+    pub sasl_password_env: Option<String>,
+    /// CA certificate file for TLS.
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Further librdkafka settings, passed as they are.
+    pub properties: Vec<(String, String)>,
+}
+
+/// The librdkafka settings the transport owns: they carry its delivery
+/// guarantees, so `[transport.properties]` cannot change them.
+pub const KAFKA_RESERVED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+    "isolation.level",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+];
 
 /// Settings of the RabbitMQ (AMQP 0-9-1) transport.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,6 +176,9 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 /// The broker URL when the pipeline names none: a local RabbitMQ with its
 /// default user.
 pub const DEFAULT_AMQP_URL: &str = "amqp://127.0.0.1:5672/%2f";
+
+/// The Kafka cluster when the pipeline names none.
+pub const DEFAULT_KAFKA_SERVERS: &str = "127.0.0.1:9092";
 
 /// Settings of the embedded, on-disk transport.
 #[derive(Clone, Debug, PartialEq)]
@@ -409,14 +464,12 @@ impl Parser<'_> {
         match kind.as_ref().map(|k| k.value.as_str()) {
             None | Some("embedded") => {}
             Some("amqp") | Some("rabbitmq") => return self.amqp_transport(t, pipeline),
+            Some("kafka") => return self.kafka_transport(t, pipeline),
             Some(other) => {
                 let mut d =
                     Diagnostic::error(format!("unknown transport kind `{other}`"), kind_span)
                         .with_label("not a transport");
-                d = match other {
-                    "kafka" => d.with_note("note: this version of switchyard runs on the embedded transport and on RabbitMQ (`amqp`)"),
-                    _ => d.with_note("help: the transport kinds are `embedded` and `amqp`"),
-                };
+                d = d.with_note("help: the transport kinds are `embedded`, `amqp` and `kafka`");
                 self.diags.push(d);
             }
         }
@@ -530,6 +583,187 @@ impl Parser<'_> {
         }
         t.finish(self.diags);
         TransportConfig::Amqp(config)
+    }
+
+    /// `[transport]` with `kind = "kafka"`.
+    fn kafka_transport(&mut self, mut t: Section<'_>, pipeline: &str) -> TransportConfig {
+        let mut config = KafkaConfig {
+            bootstrap_servers: DEFAULT_KAFKA_SERVERS.into(),
+            topic_prefix: format!("{pipeline}."),
+            group_prefix: format!("switchyard.{pipeline}"),
+            partitions: 3,
+            replication_factor: 1,
+            create_topics: true,
+            batch_size: DEFAULT_BATCH_SIZE as usize,
+            timeout: Duration::from_secs(10),
+            security_protocol: "plaintext".into(),
+            sasl_mechanism: None,
+            sasl_username_env: None,
+            sasl_password_env: None,
+            ssl_ca_location: None,
+            properties: Vec::new(),
+        };
+        if let Some(b) = t.string("bootstrap_servers", self.diags) {
+            if b.value.trim().is_empty() || b.value.contains("://") {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`transport.bootstrap_servers` must be a list of host:port",
+                        b.span,
+                    )
+                    .with_label("expected e.g. \"kafka1:9092,kafka2:9092\""),
+                );
+            } else {
+                config.bootstrap_servers = b.value;
+            }
+        }
+        let topic_chars = |s: &str| {
+            s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        if let Some(p) = t.string("topic_prefix", self.diags) {
+            if p.value.len() > 100 || !topic_chars(&p.value) {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`transport.topic_prefix` may hold letters, digits, `.`, `_` and `-`, up to 100",
+                        p.span,
+                    )
+                    .with_label("not usable in a topic name"),
+                );
+            } else {
+                config.topic_prefix = p.value;
+            }
+        }
+        if let Some(g) = t.string("group_prefix", self.diags) {
+            if g.value.is_empty() || g.value.len() > 200 {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`transport.group_prefix` must be 1 to 200 characters",
+                        g.span,
+                    )
+                    .with_label("invalid group name"),
+                );
+            } else {
+                config.group_prefix = g.value;
+            }
+        }
+        if let Some(n) = t.count("partitions", self.diags) {
+            match i32::try_from(n.value) {
+                Ok(p) if (1..=10_000).contains(&p) => config.partitions = p,
+                _ => self.diags.push(
+                    Diagnostic::error("`transport.partitions` must be between 1 and 10000", n.span)
+                        .with_label("out of range"),
+                ),
+            }
+        }
+        if let Some(n) = t.count("replication_factor", self.diags) {
+            match i32::try_from(n.value) {
+                Ok(r) if (1..=100).contains(&r) => config.replication_factor = r,
+                _ => self.diags.push(
+                    Diagnostic::error(
+                        "`transport.replication_factor` must be between 1 and 100",
+                        n.span,
+                    )
+                    .with_label("out of range"),
+                ),
+            }
+        }
+        if let Some(c) = t.bool("create_topics", self.diags) {
+            config.create_topics = c.value;
+        }
+        if let Some(n) = t.count("batch_size", self.diags) {
+            match usize::try_from(n.value) {
+                Ok(b) if (1..=10_000).contains(&b) => config.batch_size = b,
+                _ => self.diags.push(
+                    Diagnostic::error("`transport.batch_size` must be between 1 and 10000", n.span)
+                        .with_label("out of range"),
+                ),
+            }
+        }
+        if let Some(d) = self.duration(&mut t, "timeout") {
+            config.timeout = d.value;
+        }
+        if let Some(p) = t.string("security_protocol", self.diags) {
+            match p.value.to_ascii_lowercase().as_str() {
+                v @ ("plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl") => {
+                    config.security_protocol = v.to_owned();
+                }
+                _ => self.diags.push(
+                    Diagnostic::error(format!("unknown security protocol `{}`", p.value), p.span)
+                        .with_label("expected plaintext, ssl, sasl_plaintext or sasl_ssl"),
+                ),
+            }
+        }
+        let sasl = config.security_protocol.starts_with("sasl");
+        if let Some(m) = t.string("sasl_mechanism", self.diags) {
+            match m.value.as_str() {
+                "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {
+                    config.sasl_mechanism = Some(m.value);
+                }
+                _ => self.diags.push(
+                    Diagnostic::error(format!("unknown SASL mechanism `{}`", m.value), m.span)
+                        .with_label("expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+                ),
+            }
+        }
+        for (key, slot) in [
+            ("sasl_username_env", &mut config.sasl_username_env),
+            ("sasl_password_env", &mut config.sasl_password_env),
+        ] {
+            if let Some(v) = t.string(key, self.diags) {
+                if v.value.is_empty() || v.value.contains('=') {
+                    self.diags.push(
+                        Diagnostic::error(
+                            format!("`transport.{key}` must name an environment variable"),
+                            v.span,
+                        )
+                        .with_label("invalid name"),
+                    );
+                } else {
+                    *slot = Some(v.value);
+                }
+            }
+        }
+        if sasl && (config.sasl_username_env.is_none() || config.sasl_password_env.is_none()) {
+            self.diags.push(
+                Diagnostic::error(
+                    "a SASL security protocol needs `sasl_username_env` and `sasl_password_env`",
+                    t.span(),
+                )
+                .with_note("note: credentials come from environment variables, never from the pipeline file"),
+            );
+        }
+        if let Some(ca) = t.string("ssl_ca_location", self.diags) {
+            config.ssl_ca_location = Some(self.base.join(ca.value));
+        }
+        if let Some(mut props) = t.table("properties", self.diags) {
+            for (k, v) in props.string_map(self.diags) {
+                if KAFKA_RESERVED_PROPERTIES.contains(&k.value.as_str()) {
+                    self.diags.push(
+                        Diagnostic::error(
+                            format!("`{}` is set by the transport and cannot be changed", k.value),
+                            k.span,
+                        )
+                        .with_label("reserved")
+                        .with_note("note: the transport relies on it for at-least-once delivery, or has its own key for it"),
+                    );
+                } else if k.value.contains("password") || k.value.contains("secret") {
+                    self.diags.push(
+                        Diagnostic::error(
+                            format!(
+                                "`{}` looks like a secret; it cannot be given in the pipeline file",
+                                k.value
+                            ),
+                            k.span,
+                        )
+                        .with_label("secret"),
+                    );
+                } else {
+                    config.properties.push((k.value, v.value));
+                }
+            }
+        }
+        t.finish(self.diags);
+        TransportConfig::Kafka(config)
     }
 
     fn duration(
@@ -801,7 +1035,7 @@ impl Parser<'_> {
     ) -> DeadLetterConfig {
         let default_path = match transport {
             TransportConfig::Embedded(embedded) => embedded.path.clone(),
-            TransportConfig::Amqp(_) => self
+            TransportConfig::Amqp(_) | TransportConfig::Kafka(_) => self
                 .base
                 .join(".switchyard")
                 .join(format!("{}-dead-letters.db", self.pipeline_name)),
@@ -1267,7 +1501,7 @@ impl Pipeline {
     pub fn embedded(&self) -> Option<&EmbeddedConfig> {
         match &self.transport {
             TransportConfig::Embedded(e) => Some(e),
-            TransportConfig::Amqp(_) => None,
+            TransportConfig::Amqp(_) | TransportConfig::Kafka(_) => None,
         }
     }
 
@@ -1276,6 +1510,7 @@ impl Pipeline {
         match &self.transport {
             TransportConfig::Embedded(e) => e.batch_size,
             TransportConfig::Amqp(a) => usize::from(a.prefetch),
+            TransportConfig::Kafka(k) => k.batch_size,
         }
     }
 

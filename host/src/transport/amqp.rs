@@ -598,23 +598,29 @@ impl ReplyInbox for AmqpInbox {
         &self.address
     }
 
-    async fn wait(&mut self, timeout: Duration) -> Result<Option<Reply>> {
-        let next = tokio::time::timeout(timeout, self.consumer.next()).await;
-        let Ok(Some(delivery)) = next else {
-            return Ok(None);
-        };
-        let d = delivery.context("the reply queue failed")?;
-        let e = envelope(&d, |_| Some(Kind::Event))
-            .map_err(|e| anyhow!("the reply is malformed: {e}"))?;
-        Ok(Some(Reply {
-            address: self.address.clone(),
-            in_reply_to: e.causation_id.clone().unwrap_or_default(),
-            correlation_id: e.correlation_id.clone().unwrap_or_default(),
-            payload: e.payload,
-            content_type: e.content_type,
-            headers: e.headers,
-            created_at_ms: e.created_at_ms,
-        }))
+    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
+            let Ok(Some(delivery)) = next else {
+                return Ok(None);
+            };
+            let d = delivery.context("the reply queue failed")?;
+            let e = envelope(&d, |_| Some(Kind::Event))
+                .map_err(|e| anyhow!("the reply is malformed: {e}"))?;
+            if e.causation_id.as_deref() != Some(command_id) {
+                continue;
+            }
+            return Ok(Some(Reply {
+                address: self.address.clone(),
+                in_reply_to: command_id.to_owned(),
+                correlation_id: e.correlation_id.clone().unwrap_or_default(),
+                payload: e.payload,
+                content_type: e.content_type,
+                headers: e.headers,
+                created_at_ms: e.created_at_ms,
+            }));
+        }
     }
 }
 

@@ -587,10 +587,14 @@ impl super::ReplyInbox for EmbeddedInbox {
         &self.address
     }
 
-    async fn wait(&mut self, timeout: Duration) -> Result<Option<Reply>> {
+    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(reply) = self.transport.take_reply(&self.address).await? {
+            // The address is this inbox's alone; a reply to another command
+            // sent from it is not the one waited for.
+            if let Some(reply) = self.transport.take_reply(&self.address).await?
+                && reply.in_reply_to == command_id
+            {
                 return Ok(Some(reply));
             }
             if tokio::time::Instant::now() >= deadline {

@@ -8,6 +8,7 @@
 pub mod amqp;
 pub mod cloudevents;
 pub mod embedded;
+pub mod kafka;
 
 use std::collections::BTreeMap;
 
@@ -136,6 +137,11 @@ pub trait Transport: Send + Sync {
         route.to_owned()
     }
 
+    /// The consumer group a route reads in, where the transport has them.
+    fn consumer_group(&self, _route: &str) -> Option<String> {
+        None
+    }
+
     /// Gets ready for a host to consume: the embedded store takes its
     /// consumer lock, a broker gets its topology declared. The returned
     /// guard is held while the host runs.
@@ -158,8 +164,9 @@ pub trait ReplyInbox: Send {
     /// The `reply-to` to send with the command.
     fn address(&self) -> &str;
 
-    /// The reply, or `None` if none came within `timeout`.
-    async fn wait(&mut self, timeout: Duration) -> Result<Option<Reply>>;
+    /// The reply to the command `command_id`, or `None` if none came
+    /// within `timeout`.
+    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>>;
 }
 
 /// The consuming side of one route.

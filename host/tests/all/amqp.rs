@@ -217,7 +217,7 @@ async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
     transport.enqueue(vec![cmd.clone()]).await.unwrap();
     assert!(
         inbox
-            .wait(Duration::from_millis(300))
+            .wait(&cmd.id, Duration::from_millis(300))
             .await
             .unwrap()
             .is_none()
@@ -234,7 +234,7 @@ async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
         .await
     });
     let reply = inbox
-        .wait(Duration::from_secs(20))
+        .wait(&cmd.id, Duration::from_secs(20))
         .await
         .unwrap()
         .expect("a reply");

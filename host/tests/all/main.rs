@@ -14,6 +14,7 @@ mod contract;
 mod dead_letters;
 mod dlq_store;
 mod durability;
+mod kafka;
 mod loading;
 mod outbox;
 mod sandbox;

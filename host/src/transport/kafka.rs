@@ -1,0 +1,1153 @@
+//! The Kafka transport (librdkafka, through rdkafka).
+//!
+//! Topics, created by the host when missing:
+//!
+//! - one per message type, `<prefix><Type>`: an event's consumers each read
+//!   it in their own consumer group; a command's one handler reads its topic;
+//! - one per route for delayed retries and replays, `<prefix>switchyard.retry.<route>`,
+//!   read by that route only;
+//! - one for replies to the CLI, `<prefix>switchyard.replies`.
+//!
+//! Each route consumes in the group `<group_prefix>.<route>` with automatic
+//! offset storing off: an offset is stored only after the outcome of its
+//! message is durable (outputs, replies and retries acknowledged by the
+//! brokers with `acks=all` from an idempotent producer; a dead letter
+//! written), and never past a message of the same partition that is still
+//! unfinished. Stored offsets are committed after every batch and when
+//! partitions are revoked. A delayed retry waits in the host's memory, not
+//! in the partition, so the partition it came from keeps moving.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use async_trait::async_trait;
+use futures_util::FutureExt as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::{
+    Delivery, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport, cloudevents,
+};
+use crate::config::{KafkaConfig, Pipeline};
+use crate::envelope::{Envelope, Kind, Reply, now_ms};
+
+/// The Kafka binding's prefix for CloudEvents attributes.
+pub const CE_PREFIX: &str = "ce_";
+/// The Kafka binding's header for the payload's media type.
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
+/// Delayed retries one route holds in memory before it pauses its retry
+/// topic.
+const MAX_HELD: usize = 10_000;
+/// How long [`Transport::is_idle`] watches before it believes it.
+const IDLE_SETTLE: Duration = Duration::from_millis(100);
+
+/// The topics and group of one route.
+#[derive(Clone, Debug)]
+struct RouteTopics {
+    route: String,
+    group: String,
+    /// Topics of the message types the route subscribes to.
+    topics: Vec<String>,
+    retry_topic: String,
+}
+
+impl RouteTopics {
+    fn all_topics(&self) -> Vec<String> {
+        let mut t = self.topics.clone();
+        t.push(self.retry_topic.clone());
+        t
+    }
+}
+
+struct Shared {
+    config: KafkaConfig,
+    source: String,
+    topology: Topology,
+    routes: Vec<RouteTopics>,
+    replies_topic: String,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist.
+    known_topics: Mutex<HashSet<String>>,
+    /// Deliveries handed to routes and not yet settled, across routes.
+    in_flight: AtomicI64,
+    /// Delayed retries waiting in memory, across routes.
+    held: AtomicI64,
+    /// Deliveries received since start.
+    received: AtomicU64,
+    /// Per group, a consumer that never joins it, to read its commits.
+    offset_readers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+}
+
+/// The Kafka transport of one pipeline.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    shared: Arc<Shared>,
+}
+
+fn env_secret(name: &Option<String>, what: &str) -> Result<Option<String>> {
+    match name {
+        None => Ok(None),
+        Some(n) => std::env::var(n)
+            .map(Some)
+            .map_err(|_| anyhow!("the {what} is read from ${n}, which is not set")),
+    }
+}
+
+/// The client settings every connection of this pipeline shares:
+/// `defaults` first (`[transport.properties]` may change them), then the
+/// pipeline's properties, then `fixed` (the transport's guarantees).
+fn client_config(
+    config: &KafkaConfig,
+    client_id: &str,
+    defaults: &[(&str, &str)],
+    fixed: &[(&str, &str)],
+) -> Result<ClientConfig> {
+    let mut c = ClientConfig::new();
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    c.set("bootstrap.servers", &config.bootstrap_servers)
+        .set("client.id", client_id)
+        .set("security.protocol", &config.security_protocol);
+    if let Some(m) = &config.sasl_mechanism {
+        c.set("sasl.mechanism", m);
+    }
+    if let Some(u) = env_secret(&config.sasl_username_env, "SASL user name")? {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = env_secret(&config.sasl_password_env, "SASL password")? {
+        c.set("sasl.password", p);
+    }
+    if let Some(ca) = &config.ssl_ca_location {
+        c.set("ssl.ca.location", ca.display().to_string());
+    }
+    for (k, v) in &config.properties {
+        c.set(k, v);
+    }
+    for (k, v) in fixed {
+        c.set(*k, *v);
+    }
+    Ok(c)
+}
+
+fn is_already_exists(code: RDKafkaErrorCode) -> bool {
+    code == RDKafkaErrorCode::TopicAlreadyExists
+}
+
+impl KafkaTransport {
+    /// The transport of a pipeline whose `[transport]` is `kafka`. Clients
+    /// connect in the background; nothing blocks here.
+    pub fn new(pipeline: &Pipeline, config: &KafkaConfig) -> Result<Self> {
+        let prefix = &config.topic_prefix;
+        let routes = pipeline
+            .plugins
+            .iter()
+            .map(|p| RouteTopics {
+                route: p.name.to_string(),
+                group: format!("{}.{}", config.group_prefix, p.name),
+                topics: p
+                    .subscriptions()
+                    .map(|(t, _)| format!("{prefix}{t}"))
+                    .collect(),
+                retry_topic: format!("{prefix}switchyard.retry.{}", p.name),
+            })
+            .collect();
+        let client_id = format!("switchyard-{}", pipeline.name);
+        let producer: FutureProducer = client_config(
+            config,
+            &client_id,
+            &[("message.timeout.ms", "60000"), ("linger.ms", "2")],
+            &[("enable.idempotence", "true"), ("acks", "all")],
+        )?
+        .create()
+        .context("cannot create the Kafka producer")?;
+        let admin: AdminClient<DefaultClientContext> = client_config(config, &client_id, &[], &[])?
+            .create()
+            .context("cannot create the Kafka admin client")?;
+        Ok(KafkaTransport {
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                source: format!("switchyard/{}", pipeline.name),
+                topology: Topology::of(pipeline),
+                routes,
+                replies_topic: format!("{prefix}switchyard.replies"),
+                producer,
+                admin,
+                known_topics: Mutex::new(HashSet::new()),
+                in_flight: AtomicI64::new(0),
+                held: AtomicI64::new(0),
+                received: AtomicU64::new(0),
+                offset_readers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The topic of a message type.
+    pub fn topic_of(&self, message_type: &str) -> String {
+        format!("{}{message_type}", self.shared.config.topic_prefix)
+    }
+
+    fn route(&self, route: &str) -> Result<&RouteTopics> {
+        self.shared
+            .routes
+            .iter()
+            .find(|r| r.route == route)
+            .with_context(|| format!("route {route} is not part of this pipeline"))
+    }
+
+    /// Creates the topics that do not exist yet.
+    async fn ensure_topics(&self, topics: &[String]) -> Result<()> {
+        ensure_topics(&self.shared, topics).await
+    }
+}
+
+async fn ensure_topics(shared: &Shared, topics: &[String]) -> Result<()> {
+    let missing: Vec<&String> = {
+        let known = shared
+            .known_topics
+            .lock()
+            .map_err(|_| anyhow!("topic cache poisoned"))?;
+        topics.iter().filter(|t| !known.contains(*t)).collect()
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !shared.config.create_topics {
+        for t in missing {
+            if !topic_exists(shared, t).await {
+                bail!(
+                    "topic {t} does not exist on the Kafka cluster {}; create it, or let the host create topics (`create_topics = true`)",
+                    shared.config.bootstrap_servers
+                );
+            }
+        }
+        return Ok(());
+    }
+    let specs: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t.as_str(),
+                shared.config.partitions,
+                TopicReplication::Fixed(shared.config.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(shared.config.timeout));
+    let results = tokio::time::timeout(
+        shared.config.timeout,
+        shared.admin.create_topics(specs.iter(), &options),
+    )
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "no answer from the Kafka cluster {} within {:?}",
+            shared.config.bootstrap_servers,
+            shared.config.timeout
+        )
+    })?
+    .with_context(|| {
+        format!(
+            "cannot create topics on the Kafka cluster {}",
+            shared.config.bootstrap_servers
+        )
+    })?;
+    let mut known = shared
+        .known_topics
+        .lock()
+        .map_err(|_| anyhow!("topic cache poisoned"))?;
+    for r in results {
+        match r {
+            Ok(t) => {
+                known.insert(t);
+            }
+            Err((t, code)) if is_already_exists(code) => {
+                known.insert(t);
+            }
+            Err((t, code)) => bail!("cannot create topic {t}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// A message's Kafka headers: CloudEvents attributes as `ce_*`, the media
+/// type as `content-type`, then the message's own headers.
+fn headers(e: &Envelope, source: &str, not_before_ms: Option<u64>) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(12 + e.headers.len());
+    for (name, value) in cloudevents::attributes(e, source) {
+        let key = format!("{CE_PREFIX}{name}");
+        h = h.insert(Header {
+            key: &key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    if let Some(due) = not_before_ms {
+        let key = format!("{CE_PREFIX}{}", cloudevents::NOT_BEFORE);
+        let value = due.to_string();
+        h = h.insert(Header {
+            key: &key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    h = h.insert(Header {
+        key: CONTENT_TYPE_HEADER,
+        value: Some(e.content_type.as_bytes()),
+    });
+    for (name, value) in &e.headers {
+        if name.starts_with(CE_PREFIX) || name == CONTENT_TYPE_HEADER {
+            tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is reserved by the Kafka binding; not sent");
+            continue;
+        }
+        h = h.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    h
+}
+
+/// A message from its Kafka form, with the due time of a delayed retry.
+/// The type falls back to the topic's name without the prefix.
+pub fn envelope(
+    m: &OwnedMessage,
+    prefix: &str,
+    kind_of: impl Fn(&str) -> Option<Kind>,
+) -> (Result<Envelope, String>, Option<u64>) {
+    let mut attrs: HashMap<String, String> = HashMap::new();
+    let mut own: Vec<(String, String)> = Vec::new();
+    let mut content_type = None;
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            let Some(value) = h.value.and_then(|v| std::str::from_utf8(v).ok()) else {
+                continue;
+            };
+            if let Some(name) = h.key.strip_prefix(CE_PREFIX) {
+                attrs.insert(name.to_owned(), value.to_owned());
+            } else if h.key == CONTENT_TYPE_HEADER {
+                content_type = Some(value.to_owned());
+            } else {
+                own.push((h.key.to_owned(), value.to_owned()));
+            }
+        }
+    }
+    let not_before = attrs
+        .get(cloudevents::NOT_BEFORE)
+        .and_then(|v| v.parse::<u64>().ok());
+    let fallbacks = cloudevents::Fallbacks {
+        // A record without an id is still one record: its place names it.
+        id: Some(format!(
+            "kafka-{}-{}-{}",
+            m.topic(),
+            m.partition(),
+            m.offset()
+        )),
+        message_type: m.topic().strip_prefix(prefix).map(str::to_owned),
+        created_at_ms: m
+            .timestamp()
+            .to_millis()
+            .and_then(|t| u64::try_from(t).ok()),
+        correlation_id: None,
+        reply_to: None,
+        content_type,
+    };
+    let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+    let result = cloudevents::decode(|n| attrs.get(n).cloned(), fallbacks, kind_of, payload, own);
+    (result, not_before)
+}
+
+/// Sends every record and waits for all acknowledgements.
+async fn produce_all(
+    producer: &FutureProducer,
+    records: Vec<(String, Option<String>, Envelope, OwnedHeaders)>,
+    timeout: Duration,
+) -> Vec<(Envelope, Result<(), String>)> {
+    let sends = records.iter().map(|(topic, key, e, h)| {
+        let mut record = FutureRecord::to(topic)
+            .payload(&e.payload)
+            .headers(h.clone())
+            .timestamp(i64::try_from(e.created_at_ms).unwrap_or(i64::MAX));
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        producer.send(record, timeout)
+    });
+    let results = futures_util::future::join_all(sends).await;
+    records
+        .into_iter()
+        .zip(results)
+        .map(|((topic, _, e, _), r)| {
+            let r = r.map(|_| ()).map_err(|(err, _)| {
+                format!("cannot write {} {} to {topic}: {err}", e.message_type, e.id)
+            });
+            (e, r)
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
+        let r = self.route(route)?.clone();
+        self.ensure_topics(&r.all_topics()).await?;
+        let context = RouteContext {
+            route: r.route.clone(),
+            revoked: Arc::new(Mutex::new(Vec::new())),
+        };
+        let revoked = context.revoked.clone();
+        let consumer: StreamConsumer<RouteContext> = client_config(
+            &self.shared.config,
+            &format!("switchyard-{}", r.group),
+            &[
+                ("auto.offset.reset", "earliest"),
+                ("auto.commit.interval.ms", "1000"),
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "1000"),
+            ],
+            &[
+                ("group.id", r.group.as_str()),
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "false"),
+                ("isolation.level", "read_committed"),
+                ("enable.partition.eof", "false"),
+            ],
+        )?
+        .create_with_context(context)
+        .with_context(|| format!("cannot create the Kafka consumer of route {route}"))?;
+        let topics: Vec<&str> = r
+            .topics
+            .iter()
+            .map(String::as_str)
+            .chain([r.retry_topic.as_str()])
+            .collect();
+        consumer
+            .subscribe(&topics)
+            .with_context(|| format!("cannot subscribe route {route} to {topics:?}"))?;
+        Ok(Box::new(KafkaSubscription {
+            shared: self.shared.clone(),
+            topics: r,
+            consumer,
+            revoked,
+            pending: HashMap::new(),
+            open: HashMap::new(),
+            done: HashMap::new(),
+            held: BTreeMap::new(),
+            next_receipt: 0,
+            paused: false,
+        }))
+    }
+
+    async fn enqueue(&self, messages: Vec<Envelope>) -> Result<usize> {
+        let mut deliveries = 0;
+        let mut records = Vec::with_capacity(messages.len());
+        let mut topics = Vec::new();
+        for e in messages {
+            let routes = self.shared.topology.destinations(&e.message_type).len();
+            if routes == 0 && e.kind == Kind::Command {
+                bail!(
+                    "no plugin in this pipeline handles command {}",
+                    e.message_type
+                );
+            }
+            deliveries += routes;
+            let topic = self.topic_of(&e.message_type);
+            topics.push(topic.clone());
+            let h = headers(&e, &self.shared.source, None);
+            records.push((topic, e.partition_key.clone(), e, h));
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        self.ensure_topics(&topics).await?;
+        for (_, r) in produce_all(&self.shared.producer, records, self.shared.config.timeout).await
+        {
+            r.map_err(|e| anyhow!(e))?;
+        }
+        Ok(deliveries)
+    }
+
+    async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()> {
+        // The retry topic is the route's own: a replay goes there, due now.
+        let topic = self.route(route)?.retry_topic.clone();
+        self.ensure_topics(std::slice::from_ref(&topic)).await?;
+        let now = now_ms();
+        let records = messages
+            .into_iter()
+            .map(|e| {
+                let h = headers(&e, &self.shared.source, Some(now));
+                (topic.clone(), e.partition_key.clone(), e, h)
+            })
+            .collect();
+        for (_, r) in produce_all(&self.shared.producer, records, self.shared.config.timeout).await
+        {
+            r.map_err(|e| anyhow!(e))?;
+        }
+        Ok(())
+    }
+
+    async fn is_idle(&self) -> Result<bool> {
+        let before = self.shared.received.load(Ordering::SeqCst);
+        if !self.looks_idle().await? {
+            return Ok(false);
+        }
+        tokio::time::sleep(IDLE_SETTLE).await;
+        Ok(self.looks_idle().await? && self.shared.received.load(Ordering::SeqCst) == before)
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn location(&self) -> String {
+        self.shared.config.bootstrap_servers.clone()
+    }
+
+    fn queue(&self, route: &str) -> String {
+        self.route(route)
+            .map(|r| r.topics.join(","))
+            .unwrap_or_else(|_| route.to_owned())
+    }
+
+    fn consumer_group(&self, route: &str) -> Option<String> {
+        self.route(route).ok().map(|r| r.group.clone())
+    }
+
+    async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>> {
+        let mut topics: Vec<String> = self
+            .shared
+            .routes
+            .iter()
+            .flat_map(RouteTopics::all_topics)
+            .collect();
+        topics.push(self.shared.replies_topic.clone());
+        self.ensure_topics(&topics).await?;
+        Ok(Box::new(()))
+    }
+
+    async fn reply_inbox(&self) -> Result<Box<dyn ReplyInbox>> {
+        let topic = self.shared.replies_topic.clone();
+        self.ensure_topics(std::slice::from_ref(&topic)).await?;
+        let group = format!("switchyard-cli-{}", crate::envelope::new_id());
+        let consumer: StreamConsumer = client_config(
+            &self.shared.config,
+            "switchyard-cli",
+            &[],
+            &[
+                ("group.id", group.as_str()),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "false"),
+            ],
+        )?
+        .create()
+        .context("cannot create the reply consumer")?;
+        // Start at the current end of every partition, found before the
+        // command goes out, so the reply cannot slip past.
+        let timeout = self.shared.config.timeout;
+        let meta = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .with_context(|| format!("cannot read the partitions of {topic}"))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in meta.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p.id(), timeout)
+                    .with_context(|| format!("cannot read the end of {topic}/{}", p.id()))?;
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))
+                    .map_err(|e| anyhow!("cannot assign {topic}/{}: {e}", p.id()))?;
+            }
+        }
+        consumer
+            .assign(&tpl)
+            .with_context(|| format!("cannot read {topic}"))?;
+        Ok(Box::new(KafkaInbox {
+            consumer,
+            address: topic,
+            prefix: self.shared.config.topic_prefix.clone(),
+        }))
+    }
+}
+
+impl KafkaTransport {
+    /// Nothing in flight or held, and every group has committed up to the
+    /// end of every partition it reads.
+    async fn looks_idle(&self) -> Result<bool> {
+        if self.shared.in_flight.load(Ordering::SeqCst) > 0
+            || self.shared.held.load(Ordering::SeqCst) > 0
+        {
+            return Ok(false);
+        }
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || -> Result<bool> {
+            for r in &shared.routes {
+                let reader = offset_reader(&shared, &r.group)?;
+                let timeout = shared.config.timeout;
+                let mut tpl = TopicPartitionList::new();
+                let mut ends = HashMap::new();
+                for topic in r.all_topics() {
+                    let meta = reader
+                        .fetch_metadata(Some(&topic), timeout)
+                        .with_context(|| format!("cannot read the partitions of {topic}"))?;
+                    for t in meta.topics() {
+                        for p in t.partitions() {
+                            let (low, high) = reader
+                                .fetch_watermarks(&topic, p.id(), timeout)
+                                .with_context(|| {
+                                    format!("cannot read the end of {topic}/{}", p.id())
+                                })?;
+                            ends.insert((topic.clone(), p.id()), (low, high));
+                            tpl.add_partition(&topic, p.id());
+                        }
+                    }
+                }
+                let committed = reader
+                    .committed_offsets(tpl, timeout)
+                    .with_context(|| format!("cannot read the commits of group {}", r.group))?;
+                for e in committed.elements() {
+                    let Some((low, high)) = ends.get(&(e.topic().to_owned(), e.partition())) else {
+                        continue;
+                    };
+                    let done = match e.offset() {
+                        Offset::Offset(o) => o >= *high,
+                        _ => low >= high,
+                    };
+                    if !done {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        })
+        .await
+        .context("idle check task failed")?
+    }
+}
+
+/// Whether a topic exists, asking the cluster when it is not known yet (a
+/// cluster that creates topics on first use creates it then).
+async fn topic_exists(shared: &Shared, topic: &str) -> bool {
+    if shared.known_topics.lock().is_ok_and(|k| k.contains(topic)) {
+        return true;
+    }
+    for _ in 0..10 {
+        let producer = shared.producer.clone();
+        let (t, timeout) = (topic.to_owned(), shared.config.timeout);
+        let found = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&t), timeout)
+                .is_ok_and(|m| {
+                    m.topics().iter().any(|mt| {
+                        mt.name() == t && mt.error().is_none() && !mt.partitions().is_empty()
+                    })
+                })
+        })
+        .await
+        .unwrap_or(false);
+        if found {
+            if let Ok(mut k) = shared.known_topics.lock() {
+                k.insert(topic.to_owned());
+            }
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+fn offset_reader(shared: &Shared, group: &str) -> Result<Arc<BaseConsumer>> {
+    let mut readers = shared
+        .offset_readers
+        .lock()
+        .map_err(|_| anyhow!("offset reader cache poisoned"))?;
+    if let Some(r) = readers.get(group) {
+        return Ok(r.clone());
+    }
+    let reader: Arc<BaseConsumer> = Arc::new(
+        client_config(
+            &shared.config,
+            "switchyard-idle-check",
+            &[],
+            &[("group.id", group), ("enable.auto.commit", "false")],
+        )?
+        .create()
+        .context("cannot create an offset reader")?,
+    );
+    readers.insert(group.to_owned(), reader.clone());
+    Ok(reader)
+}
+
+/// Reads replies from the replies topic, from where it ended when the
+/// inbox was made, and keeps the one for the command it waits for.
+struct KafkaInbox {
+    consumer: StreamConsumer,
+    address: String,
+    prefix: String,
+}
+
+#[async_trait]
+impl ReplyInbox for KafkaInbox {
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let m = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(m) => m.context("cannot read replies")?.detach(),
+            };
+            let (e, _) = envelope(&m, &self.prefix, |_| Some(Kind::Event));
+            let Ok(e) = e else { continue };
+            if e.causation_id.as_deref() != Some(command_id) {
+                continue;
+            }
+            return Ok(Some(Reply {
+                address: self.address.clone(),
+                in_reply_to: command_id.to_owned(),
+                correlation_id: e.correlation_id.clone().unwrap_or_default(),
+                payload: e.payload,
+                content_type: e.content_type,
+                headers: e.headers,
+                created_at_ms: e.created_at_ms,
+            }));
+        }
+    }
+}
+
+/// Commits on revocation and tells the route which partitions it lost.
+struct RouteContext {
+    route: String,
+    revoked: Arc<Mutex<Vec<(String, i32)>>>,
+}
+
+impl ClientContext for RouteContext {}
+
+impl ConsumerContext for RouteContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // What is stored is final: commit it before another host takes
+            // over. Work still in hand for these partitions will be done
+            // again by the new owner.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(route = %self.route, error = %e, "Nothing committed on revoke");
+            }
+            if let Ok(mut r) = self.revoked.lock() {
+                r.extend(
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_owned(), e.partition())),
+                );
+            }
+            tracing::info!(route = %self.route, partitions = tpl.count(), "Partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(route = %self.route, partitions = tpl.count(), "Partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(route = %self.route, error = %e, "Rebalance failed")
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+type Partition = (String, i32);
+
+/// A received delivery's place in its partition.
+#[derive(Clone, Debug)]
+struct Position {
+    partition: Partition,
+    offset: i64,
+}
+
+/// The consuming side of one route.
+pub struct KafkaSubscription {
+    shared: Arc<Shared>,
+    topics: RouteTopics,
+    consumer: StreamConsumer<RouteContext>,
+    revoked: Arc<Mutex<Vec<Partition>>>,
+    /// Receipt → position, for deliveries handed to the route.
+    pending: HashMap<u64, Position>,
+    /// Offsets received and not finished, per partition.
+    open: HashMap<Partition, BTreeSet<i64>>,
+    /// The highest finished offset, per partition.
+    done: HashMap<Partition, i64>,
+    /// Delayed retries waiting for their time: (due, receipt) → delivery.
+    held: BTreeMap<(u64, u64), (Delivery, Position)>,
+    next_receipt: u64,
+    /// Whether the retry topic is paused because too much is held.
+    paused: bool,
+}
+
+impl KafkaSubscription {
+    /// Forgets what belongs to partitions this host no longer owns.
+    fn apply_revocations(&mut self) {
+        let revoked: Vec<Partition> = match self.revoked.lock() {
+            Ok(mut r) => std::mem::take(&mut *r),
+            Err(_) => return,
+        };
+        if revoked.is_empty() {
+            return;
+        }
+        let gone: HashSet<Partition> = revoked.into_iter().collect();
+        let before = self.held.len();
+        self.held.retain(|_, (_, p)| !gone.contains(&p.partition));
+        self.shared
+            .held
+            .fetch_sub((before - self.held.len()) as i64, Ordering::SeqCst);
+        for p in &gone {
+            self.open.remove(p);
+            self.done.remove(p);
+        }
+    }
+
+    fn delivery_of(&mut self, m: &OwnedMessage) -> (Delivery, Position, Option<u64>) {
+        let topology = &self.shared.topology;
+        let (result, not_before) =
+            envelope(m, &self.shared.config.topic_prefix, |t| topology.kind(t));
+        let (envelope, malformed) = match result {
+            Ok(e) => (e, None),
+            Err(reason) => {
+                let id = format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset());
+                let message_type = m
+                    .topic()
+                    .strip_prefix(&self.shared.config.topic_prefix)
+                    .unwrap_or(m.topic())
+                    .to_owned();
+                let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                (
+                    cloudevents::salvage(id, message_type, payload),
+                    Some(reason),
+                )
+            }
+        };
+        self.next_receipt += 1;
+        let position = Position {
+            partition: (m.topic().to_owned(), m.partition()),
+            offset: m.offset(),
+        };
+        self.open
+            .entry(position.partition.clone())
+            .or_default()
+            .insert(position.offset);
+        self.shared.received.fetch_add(1, Ordering::SeqCst);
+        (
+            Delivery {
+                envelope,
+                receipt: self.next_receipt,
+                malformed,
+            },
+            position,
+            not_before,
+        )
+    }
+
+    /// Hands a delivery to the route, or holds it until its time.
+    fn accept(&mut self, m: &OwnedMessage, batch: &mut Vec<Delivery>) {
+        let (d, position, not_before) = self.delivery_of(m);
+        let from_retry = position.partition.0 == self.topics.retry_topic;
+        match not_before {
+            Some(due) if from_retry && due > now_ms() => {
+                self.shared.held.fetch_add(1, Ordering::SeqCst);
+                self.held.insert((due, d.receipt), (d, position));
+            }
+            _ => {
+                self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+                self.pending.insert(d.receipt, position);
+                batch.push(d);
+            }
+        }
+    }
+
+    /// Moves due held retries into the batch.
+    fn take_due(&mut self, batch: &mut Vec<Delivery>, max: usize) {
+        let now = now_ms();
+        while batch.len() < max {
+            let Some(entry) = self.held.first_entry() else {
+                break;
+            };
+            if entry.key().0 > now {
+                break;
+            }
+            let (d, position) = entry.remove();
+            self.shared.held.fetch_sub(1, Ordering::SeqCst);
+            self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            self.pending.insert(d.receipt, position);
+            batch.push(d);
+        }
+    }
+
+    /// Pauses the retry topic while too much is held, resumes it after.
+    fn throttle(&mut self) {
+        let want_pause = !self.paused && self.held.len() >= MAX_HELD;
+        let want_resume = self.paused && self.held.len() < MAX_HELD / 2;
+        if !want_pause && !want_resume {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for e in assignment.elements_for_topic(&self.topics.retry_topic) {
+            tpl.add_partition(e.topic(), e.partition());
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let result = if want_resume {
+            self.consumer.resume(&tpl)
+        } else {
+            self.consumer.pause(&tpl)
+        };
+        match result {
+            Ok(()) => self.paused = !want_resume,
+            Err(e) => {
+                tracing::warn!(route = %self.topics.route, error = %e, "Cannot pause or resume the retry topic")
+            }
+        }
+    }
+
+    /// Marks deliveries finished and stores, per partition, the offset up
+    /// to which everything is finished.
+    fn finish(&mut self, receipts: impl IntoIterator<Item = u64>) {
+        let mut touched = HashSet::new();
+        for r in receipts {
+            let Some(p) = self.pending.remove(&r) else {
+                continue;
+            };
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if let Some(open) = self.open.get_mut(&p.partition) {
+                open.remove(&p.offset);
+            }
+            let done = self.done.entry(p.partition.clone()).or_insert(p.offset);
+            *done = (*done).max(p.offset);
+            touched.insert(p.partition);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for partition in touched {
+            let next = match self.open.get(&partition).and_then(|o| o.first()) {
+                Some(lowest_open) => *lowest_open,
+                None => match self.done.get(&partition) {
+                    Some(d) => d + 1,
+                    None => continue,
+                },
+            };
+            if tpl
+                .add_partition_offset(&partition.0, partition.1, Offset::Offset(next))
+                .is_err()
+            {
+                continue;
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        // A partition revoked meanwhile cannot be stored: its new owner
+        // handles those messages again.
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            tracing::debug!(route = %self.topics.route, error = %e, "Offsets not stored (partition revoked?)");
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Async) {
+            tracing::debug!(route = %self.topics.route, error = %e, "Commit not started");
+        }
+    }
+
+    /// Gives deliveries back: each partition is read again from the lowest
+    /// given-back offset.
+    fn rewind(&mut self, receipts: impl IntoIterator<Item = u64>) -> Result<()> {
+        let mut lowest: HashMap<Partition, i64> = HashMap::new();
+        for r in receipts {
+            let Some(p) = self.pending.remove(&r) else {
+                continue;
+            };
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let l = lowest.entry(p.partition).or_insert(p.offset);
+            *l = (*l).min(p.offset);
+        }
+        for (partition, offset) in lowest {
+            // Everything from there on is read again: forget it here.
+            if let Some(open) = self.open.get_mut(&partition) {
+                open.retain(|o| *o < offset);
+            }
+            let before = self.held.len();
+            self.held
+                .retain(|_, (_, p)| !(p.partition == partition && p.offset >= offset));
+            self.shared
+                .held
+                .fetch_sub((before - self.held.len()) as i64, Ordering::SeqCst);
+            self.pending
+                .retain(|_, p| !(p.partition == partition && p.offset >= offset));
+            if let Err(e) = self.consumer.seek(
+                &partition.0,
+                partition.1,
+                Offset::Offset(offset),
+                self.shared.config.timeout,
+            ) {
+                tracing::warn!(route = %self.topics.route, topic = %partition.0, partition = partition.1, error = %e, "Cannot rewind; the messages come back after a restart or rebalance");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        loop {
+            self.apply_revocations();
+            self.take_due(&mut batch, max);
+            if !batch.is_empty() {
+                break;
+            }
+            self.throttle();
+            let wait = self
+                .held
+                .first_key_value()
+                .map(|((due, _), _)| Duration::from_millis(due.saturating_sub(now_ms()).max(1)));
+            let next = match wait {
+                Some(w) => tokio::time::timeout(w, self.consumer.recv()).await.ok(),
+                None => Some(self.consumer.recv().await),
+            };
+            let Some(next) = next else { continue };
+            let m = next
+                .with_context(|| format!("the consumer of route {} failed", self.topics.route))?
+                .detach();
+            self.accept(&m, &mut batch);
+            while batch.len() < max {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        let m = m.detach();
+                        self.accept(&m, &mut batch);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
+        let source = &self.shared.source;
+        let prefix = &self.shared.config.topic_prefix;
+        let mut records = Vec::new();
+        let mut replies = Vec::new();
+        let mut topics = Vec::new();
+        for s in &batch {
+            match &s.outcome {
+                Outcome::Handled { outputs, reply } => {
+                    for o in outputs {
+                        let topic = format!("{prefix}{}", o.message_type);
+                        topics.push(topic.clone());
+                        records.push((
+                            topic,
+                            o.partition_key.clone(),
+                            o.clone(),
+                            headers(o, source, None),
+                        ));
+                    }
+                    if let Some(r) = reply {
+                        let e = Envelope {
+                            id: crate::envelope::new_id(),
+                            message_type: format!("{}.reply", s.delivery.envelope.message_type),
+                            kind: Kind::Event,
+                            payload: r.payload.clone(),
+                            content_type: r.content_type.clone(),
+                            headers: r.headers.clone(),
+                            correlation_id: Some(r.correlation_id.clone()),
+                            causation_id: Some(r.in_reply_to.clone()),
+                            reply_to: None,
+                            partition_key: None,
+                            created_at_ms: r.created_at_ms,
+                            attempt: 1,
+                            history: Vec::new(),
+                        };
+                        let h = headers(&e, source, None);
+                        replies.push((r.address.clone(), Some(r.correlation_id.clone()), e, h));
+                    }
+                }
+                Outcome::Retry {
+                    message,
+                    not_before_ms,
+                } => {
+                    let topic = self.topics.retry_topic.clone();
+                    let h = headers(message, source, Some(*not_before_ms));
+                    records.push((topic, message.partition_key.clone(), message.clone(), h));
+                }
+                Outcome::DeadLettered => {}
+            }
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        let receipts: Vec<u64> = batch.iter().map(|s| s.delivery.receipt).collect();
+        let written: Result<()> = async {
+            ensure_topics(&self.shared, &topics).await?;
+            for (_, r) in
+                produce_all(&self.shared.producer, records, self.shared.config.timeout).await
+            {
+                r.map_err(|e| anyhow!(e))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = written {
+            self.rewind(receipts)?;
+            return Err(e.context(format!(
+                "cannot settle a batch of route {}",
+                self.topics.route
+            )));
+        }
+        // A reply that cannot be written fails the reply, not the command.
+        let mut deliverable = Vec::with_capacity(replies.len());
+        for reply in replies {
+            if topic_exists(&self.shared, &reply.0).await {
+                deliverable.push(reply);
+            } else {
+                tracing::warn!(reply.to = %reply.0, in_reply_to = ?reply.2.causation_id, "The reply-to topic does not exist; the reply is dropped");
+            }
+        }
+        for (e, r) in produce_all(
+            &self.shared.producer,
+            deliverable,
+            self.shared.config.timeout,
+        )
+        .await
+        {
+            if let Err(err) = r {
+                tracing::warn!(in_reply_to = ?e.causation_id, error = %err, "The reply is dropped");
+            }
+        }
+        self.finish(receipts);
+        Ok(())
+    }
+
+    async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {
+        self.rewind(unsettled.into_iter().map(|d| d.receipt))
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        self.shared
+            .held
+            .fetch_sub(self.held.len() as i64, Ordering::SeqCst);
+        self.shared
+            .in_flight
+            .fetch_sub(self.pending.len() as i64, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,418 @@
+//! The Kafka transport against a real Kafka protocol broker: the cluster
+//! named by `KAFKA_BOOTSTRAP_SERVERS` (e.g. tansu, started by
+//! `scripts/kafka-broker.sh`), or else librdkafka's mock cluster, started
+//! once per test binary. Every test uses its own topic and group prefix.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use switchyard::config::{self, Pipeline};
+use switchyard::envelope::Kind;
+use switchyard::runtime::{self, RunMode};
+
+use crate::common::{dead_letters, message, misbehave, write_pipeline};
+
+/// Whether the tests run on librdkafka's mock cluster. It has no
+/// CreateTopics API; it creates topics on first use instead.
+pub fn mock() -> bool {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").map_or(true, |s| s.is_empty())
+}
+
+/// The cluster the tests use.
+pub fn bootstrap() -> String {
+    static SERVERS: OnceLock<String> = OnceLock::new();
+    SERVERS
+        .get_or_init(|| {
+            if let Ok(s) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+                && !s.is_empty()
+            {
+                return s;
+            }
+            // The mock cluster is not Send: it lives on a thread of its
+            // own for as long as the test binary runs.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let cluster = rdkafka::mocking::MockCluster::new(3).expect("mock Kafka cluster");
+                tx.send(cluster.bootstrap_servers()).expect("send address");
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().expect("mock cluster address")
+        })
+        .clone()
+}
+
+/// A pipeline on its own topics and groups; `body` is the rest of the TOML.
+pub fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
+    let id = switchyard::envelope::new_id();
+    let toml = format!(
+        r#"
+        [host]
+        cache_dir = "{{cache}}"
+        [admin]
+        listen = "off"
+        [transport]
+        kind = "kafka"
+        bootstrap_servers = "{servers}"
+        topic_prefix = "t{id}."
+        group_prefix = "g{id}"
+        partitions = 3
+        create_topics = {create}
+        timeout = "20s"
+        {body}
+        "#,
+        servers = bootstrap(),
+        create = !mock(),
+    );
+    let path = write_pipeline(dir, "kafka", &toml);
+    let pipeline = config::load(&path).unwrap().pipeline;
+    (path, pipeline)
+}
+
+pub fn prefix(p: &Pipeline) -> String {
+    match &p.transport {
+        config::TransportConfig::Kafka(k) => k.topic_prefix.clone(),
+        _ => panic!("not a kafka pipeline"),
+    }
+}
+
+pub async fn drain(pipeline: &Pipeline) {
+    let plugins = runtime::load_plugins(pipeline).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending()),
+    )
+    .await
+    .expect("drained within two minutes")
+    .unwrap();
+}
+
+fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap()
+}
+
+/// A record as read back: its headers and payload.
+type Record = (Vec<(String, String)>, Vec<u8>);
+
+/// Every record of a topic, from the start.
+fn read_topic(topic: &str, want: usize) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set(
+            "group.id",
+            format!("reader-{}", switchyard::envelope::new_id()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < want && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((headers, m.payload().unwrap_or_default().to_vec()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_and_events_flow_through_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [defaults.retry]
+        immediate = 0
+        delayed = 0
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Published", "Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let tick = message(Kind::Event, "Tick", json!(1));
+    let stored = transport
+        .enqueue(vec![misbehave("publish"), misbehave("ok"), tick.clone()])
+        .await
+        .unwrap();
+    assert_eq!(stored, 3, "one delivery per destination route");
+    assert!(!transport.is_idle().await.unwrap());
+
+    drain(&p).await;
+
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    let ids: Vec<&str> = tally.lines().collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "the Tick and the event `publish` made: {tally}"
+    );
+    assert!(ids.contains(&tick.id.as_str()));
+    assert!(dead_letters(&p).await.is_empty());
+    assert!(transport.is_idle().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        commands = ["Echo"]
+        events = ["Tick"]
+        retry = { delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let mut inbox = transport.reply_inbox().await.unwrap();
+    let mut cmd = message(Kind::Command, "Echo", json!({"hello": "kafka"}));
+    cmd.reply_to = Some(inbox.address().to_owned());
+    cmd.correlation_id = Some("corr-9".into());
+    transport.enqueue(vec![cmd.clone()]).await.unwrap();
+    assert!(
+        inbox
+            .wait(&cmd.id, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_none(),
+        "no host runs yet"
+    );
+
+    let plugins = runtime::load_plugins(&p).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let host_pipeline = p.clone();
+    let host = tokio::spawn(async move {
+        runtime::run(&host_pipeline, plugins, RunMode::Serve, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let reply = inbox
+        .wait(&cmd.id, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(reply.payload, cmd.payload);
+    assert_eq!(reply.in_reply_to, cmd.id);
+    assert_eq!(reply.correlation_id, "corr-9");
+    let _ = stop_tx.send(());
+    host.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delayed_retries_wait_beside_the_partition_and_keep_their_history() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        retry = { immediate = 0, delayed = 2, backoff = "300ms" }
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let failing = misbehave("fail-after-publish");
+    // The commands behind the failing one are not held up by its retries.
+    let ok: Vec<_> = (0..5).map(|_| misbehave("ok")).collect();
+    let mut batch = vec![failing.clone()];
+    batch.extend(ok.iter().cloned());
+    transport.enqueue(batch).await.unwrap();
+
+    drain(&p).await;
+
+    let dead = dead_letters(&p).await;
+    assert_eq!(dead.len(), 1, "only the always-failing command: {dead:?}");
+    let d = &dead[0];
+    assert_eq!(d.message.id, failing.id);
+    assert_eq!(d.message.payload, failing.payload);
+    let thens: Vec<&str> = d.attempts.iter().map(|a| a.then.as_str()).collect();
+    assert_eq!(thens, ["retry-later", "retry-later", "dead-letter"]);
+    assert_eq!(d.source.transport, "kafka");
+    assert_eq!(
+        d.source.consumer_group.as_deref(),
+        Some(format!("g{}.rogue", &prefix(&p)[1..prefix(&p).len() - 1]).as_str())
+    );
+    assert!(transport.is_idle().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_records_are_handled_and_malformed_ones_dead_lettered_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        retry = { delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let topic = format!("{}Tick", prefix(&p));
+    let producer = producer();
+    // A plain record: no headers at all.
+    producer
+        .send(
+            FutureRecord::<(), _>::to(&topic).payload("{}"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // A record whose attempt counter is garbage.
+    producer
+        .send(
+            FutureRecord::<(), _>::to(&topic)
+                .payload(b"\x00\x01 not json".as_slice())
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: "ce_id",
+                            value: Some("bad-1"),
+                        })
+                        .insert(Header {
+                            key: "ce_syattempt",
+                            value: Some("many"),
+                        }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    drain(&p).await;
+
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    let handled: Vec<&str> = tally.lines().collect();
+    assert_eq!(handled.len(), 1, "{tally}");
+    assert!(
+        handled[0].starts_with(&format!("kafka-{topic}-")),
+        "a record without an id is named by its place: {}",
+        handled[0]
+    );
+    let dead = dead_letters(&p).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].message.payload, b"\x00\x01 not json");
+    assert_eq!(dead[0].error.kind, "malformed");
+    assert!(
+        dead[0].error.message.contains("syattempt"),
+        "{:?}",
+        dead[0].error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_use_the_cloudevents_kafka_binary_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        retry = { delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let mut tick = message(Kind::Event, "Tick", json!({"n": 1}));
+    tick.headers = vec![("tenant".into(), "acme".into())];
+    tick.correlation_id = Some("c-1".into());
+    transport.enqueue(vec![tick.clone()]).await.unwrap();
+
+    let topic = format!("{}Tick", prefix(&p));
+    let records = tokio::task::spawn_blocking(move || read_topic(&topic, 1))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+    let (headers, payload) = &records[0];
+    assert_eq!(payload, &tick.payload);
+    let get = |k: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} missing from {headers:?}"))
+    };
+    assert_eq!(get("ce_specversion"), "1.0");
+    assert_eq!(get("ce_id"), tick.id);
+    assert_eq!(get("ce_type"), "Tick");
+    assert_eq!(get("ce_source"), format!("switchyard/{}", p.name));
+    assert_eq!(get("ce_correlationid"), "c-1");
+    assert_eq!(get("content-type"), "application/json");
+    assert_eq!(get("tenant"), "acme");
+    assert!(get("ce_time").ends_with('Z'));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_cluster_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "nokafka",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        [admin]
+        listen = "off"
+        [transport]
+        kind = "kafka"
+        bootstrap_servers = "127.0.0.1:1"
+        timeout = "2s"
+        [plugins.echo]
+        wasm = "{dist}/echo.wasm"
+        commands = ["Echo"]
+        events = ["Tick"]
+        "#,
+    );
+    let p = config::load(&path).unwrap().pipeline;
+    let plugins = runtime::load_plugins(&p).await.unwrap();
+    let err = runtime::run(&p, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("Kafka cluster 127.0.0.1:1"), "{text}");
+}
