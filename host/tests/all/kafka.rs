@@ -416,3 +416,192 @@ async fn an_unreachable_cluster_is_a_clear_error() {
     let text = format!("{err:#}");
     assert!(text.contains("Kafka cluster 127.0.0.1:1"), "{text}");
 }
+
+const ORDER_PLUGINS: &str = r#"
+        [plugins.orders]
+        wasm = "{dist}/orders.wasm"
+        commands = ["PlaceOrder"]
+        [plugins.payments]
+        wasm = "{dist}/payments.wasm"
+        commands = ["ChargePayment"]
+        [plugins.inventory]
+        wasm = "{dist}/inventory.wasm"
+        events = ["OrderPlaced"]
+        [plugins.notifications]
+        wasm = "{dist}/notifications.wasm"
+        events = ["OrderPlaced", "PaymentCaptured"]
+        "#;
+
+fn spawn_host(path: &Path) -> std::process::Child {
+    std::process::Command::new(crate::common::bin())
+        .arg("run")
+        .arg(path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn the_example_pipeline_answers_the_cli_over_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = pipeline(dir.path(), ORDER_PLUGINS);
+    let path = path.display().to_string();
+    let mut host = spawn_host(Path::new(&path));
+    let order = r#"{"order_id":"K-1","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1000}]}"#;
+    let send = |wait: &str| {
+        std::process::Command::new(crate::common::bin())
+            .args([
+                "send",
+                "PlaceOrder",
+                "-p",
+                &path,
+                "--data",
+                order,
+                "--wait",
+                wait,
+            ])
+            .output()
+            .unwrap()
+    };
+    let sent = send("60s");
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(reply, json!({"order_id": "K-1", "total_cents": 2000}));
+
+    let late = send("300ms");
+    assert!(!late.status.success());
+    let err = String::from_utf8_lossy(&late.stderr);
+    assert!(err.contains("no reply within 300ms"), "{err}");
+}
+
+/// Runs kcat (at most a minute) and returns what it printed.
+fn kcat(args: &[&str], input: Option<&str>) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("timeout")
+        .arg("60")
+        .arg("kcat")
+        .args(["-b", &bootstrap()])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcat is installed (apt-get install kcat)");
+    if let Some(text) = input {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kcat {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One record as kcat prints it with `-f '%h\n%s\n'`: headers, payload.
+fn kcat_record(printed: &str) -> (std::collections::HashMap<String, String>, serde_json::Value) {
+    let mut lines = printed.lines();
+    let headers = lines
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let payload = serde_json::from_str(lines.next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("kcat printed {printed:?}: {e}"));
+    (headers, payload)
+}
+
+#[test]
+fn kcat_talks_to_the_example_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, p) = pipeline(dir.path(), ORDER_PLUGINS);
+    let prefix = prefix(&p);
+    let replies = format!("{prefix}kcat.replies");
+    // The requester's reply topic exists before the command goes out.
+    kcat(&["-P", "-t", &replies], Some("{}\n"));
+    let mut host = spawn_host(&path);
+    let id = switchyard::envelope::new_id();
+    let order = r#"{"order_id":"K-9","customer":"grace","items":[{"sku":"lamp","quantity":2,"unit_price_cents":1999}]}"#;
+    kcat(
+        &[
+            "-P",
+            "-t",
+            &format!("{prefix}PlaceOrder"),
+            "-k",
+            "K-9",
+            "-H",
+            "ce_specversion=1.0",
+            "-H",
+            &format!("ce_id={id}"),
+            "-H",
+            "ce_type=PlaceOrder",
+            "-H",
+            "ce_source=urn:example:kcat",
+            "-H",
+            &format!("ce_syreplyto={replies}"),
+            "-H",
+            "ce_correlationid=kcat-1",
+            "-H",
+            "content-type=application/json",
+        ],
+        Some(&format!("{order}\n")),
+    );
+    // The reply: the second record of the reply topic (the first made it).
+    let reply = kcat(
+        &["-C", "-t", &replies, "-o", "1", "-c", "1", "-f", "%h\n%s\n"],
+        None,
+    );
+    let event = kcat(
+        &[
+            "-C",
+            "-t",
+            &format!("{prefix}OrderPlaced"),
+            "-o",
+            "beginning",
+            "-c",
+            "1",
+            "-f",
+            "%h\n%s\n",
+        ],
+        None,
+    );
+    host.kill().unwrap();
+    host.wait().unwrap();
+
+    let (rh, rp) = kcat_record(&reply);
+    assert_eq!(
+        rp,
+        json!({"order_id": "K-9", "total_cents": 3998}),
+        "{reply}"
+    );
+    assert_eq!(rh["ce_causationid"], id);
+    assert_eq!(rh["ce_correlationid"], "kcat-1");
+    assert_eq!(rh["ce_specversion"], "1.0");
+
+    let (eh, ep) = kcat_record(&event);
+    assert_eq!(ep["order_id"], "K-9", "{event}");
+    assert_eq!(eh["ce_specversion"], "1.0");
+    assert_eq!(eh["ce_type"], "OrderPlaced");
+    assert_eq!(eh["ce_source"], format!("switchyard/{}", p.name));
+    assert_eq!(eh["ce_sykind"], "event");
+    assert_eq!(eh["ce_causationid"], id);
+    assert_eq!(eh["ce_correlationid"], "kcat-1");
+    assert_eq!(eh["content-type"], "application/json");
+}
