@@ -45,6 +45,13 @@ use crate::envelope::{Envelope, Kind, Reply, now_ms};
 /// How long [`Transport::is_idle`] watches for deliveries before it
 /// believes the queues are empty.
 const IDLE_SETTLE: Duration = Duration::from_millis(100);
+/// How often a route waiting for deliveries checks that its connection is
+/// still up: a connection reset without a close frame does not always end
+/// the consumer's stream.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+/// How long a publish may wait for the broker's confirm before its batch
+/// is given back.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The CloudEvents AMQP binding's prefix for event attributes.
 pub const CE_PREFIX: &str = "cloudEvents:";
@@ -387,6 +394,7 @@ pub fn envelope(
         created_at_ms: props.timestamp().map(|s| s.saturating_mul(1000)),
         correlation_id: text_of(props.correlation_id()),
         reply_to: text_of(props.reply_to()),
+        partition_key: None,
         content_type: text_of(props.content_type()),
     };
     cloudevents::decode(attr, fallbacks, kind_of, d.data.clone(), headers)
@@ -431,8 +439,9 @@ enum Expect {
 /// that had to be routed.
 async fn confirmed(pending: Vec<(PublisherConfirm, Expect, String)>) -> Result<()> {
     for (confirm, expect, what) in pending {
-        let c = confirm
+        let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
             .await
+            .map_err(|_| anyhow!("no confirm for {what} within {CONFIRM_TIMEOUT:?}"))?
             .with_context(|| format!("no confirm for {what}"))?;
         if c.is_nack() {
             bail!("the broker refused {what}");
@@ -626,7 +635,7 @@ impl ReplyInbox for AmqpInbox {
 
 /// A live consumer of one route's queue.
 struct Live {
-    _connection: Connection,
+    connection: Connection,
     consumer: lapin::Consumer,
     /// Confirm-mode channel for the outcomes' publishes.
     publisher: Channel,
@@ -678,7 +687,7 @@ impl AmqpSubscription {
             self.generation += 1;
             tracing::info!(route = %self.queues.route, queue = %self.queues.queue, "Consuming from RabbitMQ");
             self.live = Some(Live {
-                _connection: connection,
+                connection,
                 consumer,
                 publisher,
             });
@@ -736,16 +745,29 @@ impl Subscription for AmqpSubscription {
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let first = {
             let live = self.ensure_live().await?;
-            live.consumer.next().await
+            loop {
+                match tokio::time::timeout(LIVENESS_CHECK, live.consumer.next()).await {
+                    Ok(next) => break Some(next),
+                    Err(_) if live.connection.status().connected() => {}
+                    Err(_) => break None,
+                }
+            }
         };
         let first = match first {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
+            None => {
+                self.drop_live();
+                bail!(
+                    "lost the connection to the broker while waiting on {}",
+                    self.queues.queue
+                );
+            }
+            Some(Some(Ok(d))) => d,
+            Some(Some(Err(e))) => {
                 self.drop_live();
                 return Err(anyhow::Error::from(e)
                     .context(format!("the consumer of {} failed", self.queues.queue)));
             }
-            None => {
+            Some(None) => {
                 self.drop_live();
                 bail!("the broker cancelled the consumer of {}", self.queues.queue);
             }

@@ -53,6 +53,7 @@ pub struct Fallbacks {
     pub created_at_ms: Option<u64>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub partition_key: Option<String>,
     pub content_type: Option<String>,
 }
 
@@ -107,7 +108,7 @@ pub fn decode(
         correlation_id: attr("correlationid").or(fallbacks.correlation_id),
         causation_id: attr("causationid"),
         reply_to: attr("syreplyto").or(fallbacks.reply_to),
-        partition_key: attr("partitionkey"),
+        partition_key: attr("partitionkey").or(fallbacks.partition_key),
         created_at_ms,
         attempt,
         history,

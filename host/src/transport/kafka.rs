@@ -360,6 +360,11 @@ pub fn envelope(
             .and_then(|t| u64::try_from(t).ok()),
         correlation_id: None,
         reply_to: None,
+        // The CloudEvents Kafka binding: the record key is the partition key.
+        partition_key: m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(str::to_owned),
         content_type,
     };
     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
@@ -1149,5 +1154,62 @@ impl Drop for KafkaSubscription {
         self.shared
             .in_flight
             .fetch_sub(self.pending.len() as i64, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+
+    use super::*;
+
+    fn record(key: Option<&str>, headers: Option<OwnedHeaders>) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"{\"n\":1}".to_vec()),
+            key.map(|k| k.as_bytes().to_vec()),
+            "shop.Tick".into(),
+            Timestamp::CreateTime(1_700_000_000_000),
+            2,
+            41,
+            headers,
+        )
+    }
+
+    #[test]
+    fn a_plain_record_is_named_by_its_topic_place_key_and_timestamp() {
+        let (e, due) = envelope(&record(Some("A-1"), None), "shop.", |_| Some(Kind::Command));
+        let e = e.unwrap();
+        assert_eq!(due, None);
+        assert_eq!(e.id, "kafka-shop.Tick-2-41");
+        assert_eq!(e.message_type, "Tick");
+        assert_eq!(e.kind, Kind::Command);
+        assert_eq!(e.partition_key.as_deref(), Some("A-1"));
+        assert_eq!(e.created_at_ms, 1_700_000_000_000);
+        assert_eq!(e.content_type, crate::config::DEFAULT_CONTENT_TYPE);
+    }
+
+    #[test]
+    fn headers_round_trip_and_reserved_names_are_not_sent() {
+        let mut e = Envelope::new("Tick", Kind::Event, b"{}".to_vec(), "text/plain");
+        e.partition_key = Some("p-7".into());
+        e.correlation_id = Some("c-1".into());
+        e.headers = vec![
+            ("tenant".into(), "acme".into()),
+            ("ce_id".into(), "forged".into()),
+            ("content-type".into(), "forged".into()),
+        ];
+        let h = headers(&e, "switchyard/shop", Some(99));
+        let (back, due) = envelope(&record(Some("other"), Some(h)), "shop.", |_| None);
+        let back = back.unwrap();
+        assert_eq!(due, Some(99));
+        assert_eq!(back.id, e.id);
+        assert_eq!(back.content_type, "text/plain");
+        assert_eq!(back.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(
+            back.partition_key.as_deref(),
+            Some("p-7"),
+            "the attribute wins over the record key"
+        );
+        assert_eq!(back.headers, vec![("tenant".to_owned(), "acme".to_owned())]);
     }
 }

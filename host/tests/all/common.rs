@@ -90,6 +90,52 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
 }
 
+/// The example pipeline, `pipelines/orders.toml`, with its `[transport]`
+/// section replaced by `transport` and nothing else changed, written into
+/// `dir`. Its plugin paths are made absolute so that it can live there, and
+/// it compiles into the tests' cache.
+pub fn example_pipeline(dir: &Path, transport: &str) -> PathBuf {
+    let original = workspace_root().join("pipelines").join("orders.toml");
+    let text = std::fs::read_to_string(&original).expect("pipelines/orders.toml");
+    let start = text
+        .find("\n[transport]\n")
+        .expect("the example has a [transport] section");
+    let end = text[start + 1..]
+        .find("\n[")
+        .map_or(text.len(), |i| start + 1 + i);
+    let dist = workspace_root().join("dist").join("plugins");
+    let text = format!(
+        "{}\n{}\n{}\n[host]\ncache_dir = \"{}\"\n",
+        &text[..start],
+        transport.trim(),
+        &text[end..],
+        cache_dir().display()
+    )
+    .replace("../dist/plugins", &dist.display().to_string());
+    let path = dir.join("orders.toml");
+    std::fs::write(&path, text).expect("write pipeline");
+    path
+}
+
+/// Stops a host the way an operator does (SIGTERM: it finishes what it
+/// holds, settles it and exits), killing it if it has not exited within
+/// 30 seconds.
+pub fn stop(mut host: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = host.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = host.kill();
+    let _ = host.wait();
+    panic!("the host did not stop within 30 s of SIGTERM");
+}
+
 /// Every dead letter of a pipeline, oldest failure first.
 pub async fn dead_letters(
     pipeline: &switchyard::config::Pipeline,

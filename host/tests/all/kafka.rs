@@ -417,20 +417,19 @@ async fn an_unreachable_cluster_is_a_clear_error() {
     assert!(text.contains("Kafka cluster 127.0.0.1:1"), "{text}");
 }
 
-const ORDER_PLUGINS: &str = r#"
-        [plugins.orders]
-        wasm = "{dist}/orders.wasm"
-        commands = ["PlaceOrder"]
-        [plugins.payments]
-        wasm = "{dist}/payments.wasm"
-        commands = ["ChargePayment"]
-        [plugins.inventory]
-        wasm = "{dist}/inventory.wasm"
-        events = ["OrderPlaced"]
-        [plugins.notifications]
-        wasm = "{dist}/notifications.wasm"
-        events = ["OrderPlaced", "PaymentCaptured"]
-        "#;
+/// The example pipeline (`pipelines/orders.toml`) with only its
+/// `[transport]` section changed, to Kafka on topics and groups of its own.
+fn example(dir: &Path) -> (PathBuf, Pipeline) {
+    let id = switchyard::envelope::new_id();
+    let transport = format!(
+        "[transport]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\ntopic_prefix = \"t{id}.\"\ngroup_prefix = \"g{id}\"\ncreate_topics = {}\ntimeout = \"20s\"\n",
+        bootstrap(),
+        !mock()
+    );
+    let path = crate::common::example_pipeline(dir, &transport);
+    let pipeline = config::load(&path).unwrap().pipeline;
+    (path, pipeline)
+}
 
 fn spawn_host(path: &Path) -> std::process::Child {
     std::process::Command::new(crate::common::bin())
@@ -445,9 +444,9 @@ fn spawn_host(path: &Path) -> std::process::Child {
 #[test]
 fn the_example_pipeline_answers_the_cli_over_kafka() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, _) = pipeline(dir.path(), ORDER_PLUGINS);
+    let (path, _) = example(dir.path());
     let path = path.display().to_string();
-    let mut host = spawn_host(Path::new(&path));
+    let host = spawn_host(Path::new(&path));
     let order = r#"{"order_id":"K-1","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1000}]}"#;
     let send = |wait: &str| {
         std::process::Command::new(crate::common::bin())
@@ -465,8 +464,7 @@ fn the_example_pipeline_answers_the_cli_over_kafka() {
             .unwrap()
     };
     let sent = send("60s");
-    host.kill().unwrap();
-    host.wait().unwrap();
+    crate::common::stop(host);
     assert!(
         sent.status.success(),
         "{}",
@@ -479,6 +477,26 @@ fn the_example_pipeline_answers_the_cli_over_kafka() {
     assert!(!late.status.success());
     let err = String::from_utf8_lossy(&late.stderr);
     assert!(err.contains("no reply within 300ms"), "{err}");
+}
+
+/// Creates a topic of one partition (not on the mock cluster, which has no
+/// CreateTopics API).
+async fn create_topic(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            [&NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("cannot create {t}: {e}"));
+    }
 }
 
 /// Runs kcat (at most a minute) and returns what it printed.
@@ -531,12 +549,23 @@ fn kcat_record(printed: &str) -> (std::collections::HashMap<String, String>, ser
 #[test]
 fn kcat_talks_to_the_example_pipeline() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, p) = pipeline(dir.path(), ORDER_PLUGINS);
+    let (path, p) = example(dir.path());
     let prefix = prefix(&p);
     let replies = format!("{prefix}kcat.replies");
-    // The requester's reply topic exists before the command goes out.
-    kcat(&["-P", "-t", &replies], Some("{}\n"));
-    let mut host = spawn_host(&path);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The pipeline's topics exist before kcat produces, however long the
+    // host takes to start, and so does the requester's reply topic.
+    rt.block_on(async {
+        let transport = runtime::open(&p).await.unwrap();
+        transport.start_consuming().await.unwrap();
+    });
+    if mock() {
+        // No CreateTopics on the mock cluster: a first record creates it.
+        kcat(&["-P", "-t", &replies], Some("{}\n"));
+    } else {
+        rt.block_on(create_topic(&replies));
+    }
+    let host = spawn_host(&path);
     let id = switchyard::envelope::new_id();
     let order = r#"{"order_id":"K-9","customer":"grace","items":[{"sku":"lamp","quantity":2,"unit_price_cents":1999}]}"#;
     kcat(
@@ -563,11 +592,28 @@ fn kcat_talks_to_the_example_pipeline() {
         ],
         Some(&format!("{order}\n")),
     );
-    // The reply: the second record of the reply topic (the first made it).
-    let reply = kcat(
-        &["-C", "-t", &replies, "-o", "1", "-c", "1", "-f", "%h\n%s\n"],
+    // The reply, after the record that made the topic on the mock cluster.
+    let count = if mock() { "2" } else { "1" };
+    let printed = kcat(
+        &[
+            "-C",
+            "-t",
+            &replies,
+            "-o",
+            "beginning",
+            "-c",
+            count,
+            "-f",
+            "%h\n%s\n",
+        ],
         None,
     );
+    let lines: Vec<&str> = printed.lines().collect();
+    let reply = lines
+        .chunks(2)
+        .find(|r| r.get(1).is_some_and(|payload| *payload != "{}"))
+        .map(|r| r.join("\n"))
+        .unwrap_or_else(|| panic!("no reply in {printed:?}"));
     let event = kcat(
         &[
             "-C",
@@ -582,8 +628,7 @@ fn kcat_talks_to_the_example_pipeline() {
         ],
         None,
     );
-    host.kill().unwrap();
-    host.wait().unwrap();
+    crate::common::stop(host);
 
     let (rh, rp) = kcat_record(&reply);
     assert_eq!(
