@@ -19,8 +19,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use lapin::options::{
@@ -33,47 +34,13 @@ use switchyard::config;
 use switchyard::envelope::{Envelope, Kind};
 use switchyard::runtime::{self, RunMode};
 
+use crate::common::{Comparison, Round, Timer, env_or};
+
 const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
 const PREFETCH: u16 = 64;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// User plus system CPU time of this process.
-// getrusage is the one portable way to read it; the benchmark only.
-#[allow(unsafe_code)]
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    assert_eq!(rc, 0, "getrusage failed");
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 fn short(s: &str) -> ShortString {
     ShortString::try_new(s.to_owned()).unwrap()
-}
-
-struct Round {
-    elapsed: Duration,
-    cpu: Duration,
-}
-
-impl Round {
-    fn rate(&self, n: usize) -> f64 {
-        n as f64 / self.elapsed.as_secs_f64()
-    }
-    fn cpu_per_message_us(&self, n: usize) -> f64 {
-        self.cpu.as_secs_f64() * 1e6 / n as f64
-    }
 }
 
 async fn fill(transport: &dyn switchyard::transport::Transport, n: usize) {
@@ -104,8 +71,7 @@ async fn native(queue: &str, n: usize) -> Round {
         .basic_qos(PREFETCH, BasicQosOptions::default())
         .await
         .unwrap();
-    let started = Instant::now();
-    let cpu = cpu_time();
+    let timer = Timer::start();
     let mut consumer = channel
         .basic_consume(
             short(queue),
@@ -122,30 +88,18 @@ async fn native(queue: &str, n: usize) -> Round {
         delivery.ack(BasicAckOptions::default()).await.unwrap();
         handled += 1;
     }
-    let round = Round {
-        elapsed: started.elapsed(),
-        cpu: cpu_time() - cpu,
-    };
+    let round = timer.stop();
     let _ = connection.close(200, "done".into()).await;
     round
 }
 
 async fn switchyard(pipeline: &config::Pipeline) -> Round {
     let plugins = runtime::load_plugins(pipeline).await.unwrap();
-    let started = Instant::now();
-    let cpu = cpu_time();
+    let timer = Timer::start();
     runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending())
         .await
         .unwrap();
-    Round {
-        elapsed: started.elapsed(),
-        cpu: cpu_time() - cpu,
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    timer.stop()
 }
 
 fn main() {
@@ -182,34 +136,16 @@ fn main() {
         fill(transport.as_ref(), 2_000).await;
         switchyard(&pipeline).await;
 
-        let (mut native_rates, mut sy_rates) = (Vec::new(), Vec::new());
-        let (mut native_cpu, mut sy_cpu) = (Vec::new(), Vec::new());
+        let mut comparison = Comparison::default();
         println!("amqp_vs_native: {messages} messages per round, prefetch {PREFETCH}, ack each");
         for round in 1..=rounds {
             fill(transport.as_ref(), messages).await;
             let n = native(&queue, messages).await;
             fill(transport.as_ref(), messages).await;
             let s = switchyard(&pipeline).await;
-            println!(
-                "round {round}: native {:>9.0} msg/s {:>6.1} µs CPU/msg | switchyard {:>9.0} msg/s {:>6.1} µs CPU/msg | ratio {:.2}",
-                n.rate(messages),
-                n.cpu_per_message_us(messages),
-                s.rate(messages),
-                s.cpu_per_message_us(messages),
-                s.rate(messages) / n.rate(messages),
-            );
-            native_rates.push(n.rate(messages));
-            sy_rates.push(s.rate(messages));
-            native_cpu.push(n.cpu_per_message_us(messages));
-            sy_cpu.push(s.cpu_per_message_us(messages));
+            comparison.round(round, messages, &n, &s);
         }
-        let (nr, sr) = (median(native_rates), median(sy_rates));
-        println!(
-            "median: native {nr:.0} msg/s, {:.1} µs CPU/msg; switchyard {sr:.0} msg/s, {:.1} µs CPU/msg; switchyard/native = {:.0}%",
-            median(native_cpu),
-            median(sy_cpu),
-            100.0 * sr / nr
-        );
+        comparison.summary();
 
         let connection = Connection::connect(BROKER, ConnectionProperties::default())
             .await

@@ -51,6 +51,7 @@ fn tracing_cost(c: &mut Criterion) {
         envelope,
         receipt: 1,
         malformed: None,
+        origin: None,
     };
 
     let mut group = c.benchmark_group("per_message_tracing");

@@ -51,6 +51,9 @@ pub struct RouteContext {
     /// mode: a batch run must not wait for ever), instead of retrying.
     pub fail_when_plugin_cannot_start: bool,
     pub telemetry: Telemetry,
+    /// Publish a copy of each dead letter to the broker
+    /// (`[dead_letters] broker = true`).
+    pub broker_dead_letters: bool,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -514,6 +517,7 @@ pub fn dead_letter(
     ctx: &RouteContext,
     plugin: &LoadedPlugin,
     message: &Envelope,
+    origin: Option<&crate::transport::Origin>,
     failure: &Failure,
     span: Option<&Context>,
 ) -> DeadLetter {
@@ -546,7 +550,15 @@ pub fn dead_letter(
             output: failure.output.clone(),
         },
         attempts,
-        source: ctx.source.clone(),
+        source: match origin {
+            Some(o) => Source {
+                queue: o.topic.clone(),
+                partition: Some(o.partition),
+                offset: Some(o.offset),
+                ..ctx.source.clone()
+            },
+            None => ctx.source.clone(),
+        },
         trace_id: ids.as_ref().map(|(t, _)| t.clone()),
         span_id: ids.map(|(_, s)| s),
         host: ctx.host.clone(),
@@ -771,7 +783,14 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                 });
             }
             Verdict::DeadLetter(f) => {
-                let letter = dead_letter(ctx, plugin, e, &f, p.span.as_ref());
+                let letter = dead_letter(
+                    ctx,
+                    plugin,
+                    e,
+                    p.delivery.origin.as_ref(),
+                    &f,
+                    p.span.as_ref(),
+                );
                 tracing::warn!(
                     plugin = %name,
                     message.r#type = %e.message_type,
@@ -800,12 +819,13 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
                     );
                     telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
                 }
+                let copy = ctx.broker_dead_letters.then(|| letter.broker_copy());
                 plan.letters.push(letter);
                 plan.spans.extend(p.span);
                 plan.settlements.push(Planned {
                     settlement: Settlement {
                         delivery: p.delivery,
-                        outcome: Outcome::DeadLettered,
+                        outcome: Outcome::DeadLettered { copy },
                     },
                     dead: true,
                     metric: Metric::DeadLettered {

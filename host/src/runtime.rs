@@ -261,6 +261,7 @@ pub async fn run_with(
             host: host.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
             telemetry: telemetry.clone(),
+            broker_dead_letters: pipeline.dead_letters.broker,
         };
         if routes.is_empty() {
             dispatch::record_store_size(&ctx).await;

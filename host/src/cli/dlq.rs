@@ -639,8 +639,24 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
     }
     let _ = writeln!(
         out,
-        "  source     {} {} queue {}",
-        d.source.transport, d.source.location, d.source.queue
+        "  source     {} {} {} {}{}{}",
+        d.source.transport,
+        d.source.location,
+        if d.source.partition.is_some() {
+            "topic"
+        } else {
+            "queue"
+        },
+        d.source.queue,
+        match (d.source.partition, d.source.offset) {
+            (Some(p), Some(o)) => format!(" partition {p} offset {o}"),
+            _ => String::new(),
+        },
+        d.source
+            .consumer_group
+            .as_ref()
+            .map(|g| format!(" group {g}"))
+            .unwrap_or_default(),
     );
     let _ = writeln!(out, "  host       {}", d.host);
     let _ = writeln!(

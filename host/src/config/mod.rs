@@ -77,6 +77,10 @@ pub struct DeadLetterConfig {
     /// The loop guard: a record replayed this many times is not replayed
     /// again without `--force`.
     pub max_replays: u32,
+    /// Also publish each dead-lettered message, with its error context as
+    /// headers, to a destination on the broker: `<queue>.dlq` (RabbitMQ) or
+    /// `<topic>.dlq` (Kafka).
+    pub broker: bool,
 }
 
 /// The dead-letter store.
@@ -682,10 +686,12 @@ impl Parser<'_> {
         if let Some(d) = self.duration(&mut t, "timeout") {
             config.timeout = d.value;
         }
+        let mut protocol_span = None;
         if let Some(p) = t.string("security_protocol", self.diags) {
             match p.value.to_ascii_lowercase().as_str() {
                 v @ ("plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl") => {
                     config.security_protocol = v.to_owned();
+                    protocol_span = Some(p.span);
                 }
                 _ => self.diags.push(
                     Diagnostic::error(format!("unknown security protocol `{}`", p.value), p.span)
@@ -727,8 +733,9 @@ impl Parser<'_> {
             self.diags.push(
                 Diagnostic::error(
                     "a SASL security protocol needs `sasl_username_env` and `sasl_password_env`",
-                    t.span(),
+                    protocol_span.unwrap_or_else(|| t.span()),
                 )
+                .with_label("SASL without credentials")
                 .with_note("note: credentials come from environment variables, never from the pipeline file"),
             );
         }
@@ -1043,10 +1050,25 @@ impl Parser<'_> {
         let mut config = DeadLetterConfig {
             store: DeadLetterStoreConfig::Embedded { path: default_path },
             max_replays: DEFAULT_MAX_REPLAYS,
+            broker: false,
         };
         let Some(mut d) = root.table("dead_letters", self.diags) else {
             return config;
         };
+        if let Some(b) = d.bool("broker", self.diags) {
+            if b.value && matches!(transport, TransportConfig::Embedded(_)) {
+                self.diags.push(
+                    Diagnostic::error(
+                        "`dead_letters.broker` needs a broker transport",
+                        b.span,
+                    )
+                    .with_label("the embedded transport has no broker")
+                    .with_note("note: it copies dead letters to `<queue>.dlq` on RabbitMQ or `<topic>.dlq` on Kafka; on the embedded transport, `switchyard dlq` is the place to look"),
+                );
+            } else {
+                config.broker = b.value;
+            }
+        }
         let url = d.string("url", self.diags);
         let url_env = d.string("url_env", self.diags);
         let path = d.string("path", self.diags);

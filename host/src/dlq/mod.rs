@@ -163,7 +163,63 @@ impl DeadLetter {
         m.history.clear();
         m
     }
+
+    /// The copy published to the broker's dead-letter destination
+    /// (`[dead_letters] broker = true`): the message as it arrived, with
+    /// its attempt history, plus the error context as
+    /// [`BROKER_COPY_HEADERS`].
+    pub fn broker_copy(&self) -> Envelope {
+        let mut m = self.message.clone();
+        m.headers
+            .retain(|(n, _)| !BROKER_COPY_HEADERS.contains(&n.as_str()));
+        let time = crate::transport::cloudevents::rfc3339;
+        let mut add = |name: &str, value: String| m.headers.push((name.to_owned(), value));
+        add("switchyard-dead-letter-id", self.id.clone());
+        add(
+            "switchyard-plugin",
+            format!("{}@{}", self.route, self.plugin_version),
+        );
+        add("switchyard-error-kind", self.error.kind.clone());
+        if let Some(code) = &self.error.code {
+            add("switchyard-error-code", code.clone());
+        }
+        add(
+            "switchyard-error",
+            crate::plugin::clip(&self.error.message, BROKER_COPY_MAX_ERROR),
+        );
+        add("switchyard-fingerprint", self.fingerprint.clone());
+        add("switchyard-attempts", self.attempts.len().to_string());
+        add("switchyard-first-failed-at", time(self.first_failed_at_ms));
+        add("switchyard-last-failed-at", time(self.last_failed_at_ms));
+        add("switchyard-host", self.host.clone());
+        add("switchyard-source", self.source.queue.clone());
+        if let Some(t) = &self.trace_id {
+            add("switchyard-trace-id", t.clone());
+        }
+        m.history = self.attempts.clone();
+        m
+    }
 }
+
+/// The headers [`DeadLetter::broker_copy`] adds.
+pub const BROKER_COPY_HEADERS: &[&str] = &[
+    "switchyard-dead-letter-id",
+    "switchyard-plugin",
+    "switchyard-error-kind",
+    "switchyard-error-code",
+    "switchyard-error",
+    "switchyard-fingerprint",
+    "switchyard-attempts",
+    "switchyard-first-failed-at",
+    "switchyard-last-failed-at",
+    "switchyard-host",
+    "switchyard-source",
+    "switchyard-trace-id",
+];
+
+/// The longest error text a broker copy carries (brokers limit header
+/// sizes; the full text is in the store).
+const BROKER_COPY_MAX_ERROR: usize = 2048;
 
 /// Which records an operation applies to. Empty fields match everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -52,6 +52,9 @@ const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 /// How long a publish may wait for the broker's confirm before its batch
 /// is given back.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an acknowledgement may take to be written before the channel
+/// is taken for dead.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The CloudEvents AMQP binding's prefix for event attributes.
 pub const CE_PREFIX: &str = "cloudEvents:";
@@ -68,6 +71,11 @@ struct RouteQueues {
 }
 
 impl RouteQueues {
+    /// Where copies of the route's dead letters go (`[dead_letters] broker`).
+    fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
     fn retry_queue(&self, level: u32) -> String {
         format!(
             "{}.retry.{}",
@@ -89,6 +97,8 @@ struct Shared {
     /// Deliveries received since start, across routes.
     received: AtomicU64,
     source: String,
+    /// Declare `<queue>.dlq` per route and copy dead letters there.
+    dead_letter_queues: bool,
 }
 
 /// A connection with a publisher-confirm channel.
@@ -142,6 +152,7 @@ impl AmqpTransport {
                 publisher: tokio::sync::Mutex::new(None),
                 in_flight: AtomicI64::new(0),
                 received: AtomicU64::new(0),
+                dead_letter_queues: pipeline.dead_letters.broker,
             }),
         })
     }
@@ -299,6 +310,13 @@ async fn declare_topology(
                 .await
                 .with_context(|| format!("cannot declare retry queue {}", r.retry_queue(level)))?;
         }
+        if shared.dead_letter_queues {
+            let queue = r.dead_letter_queue();
+            channel
+                .queue_declare(short(&queue)?, durable, FieldTable::default())
+                .await
+                .with_context(|| format!("cannot declare dead-letter queue {queue}"))?;
+        }
     }
     Ok(())
 }
@@ -400,7 +418,8 @@ pub fn envelope(
     cloudevents::decode(attr, fallbacks, kind_of, d.data.clone(), headers)
 }
 
-/// Publishes with the mandatory flag and returns the confirm to wait for.
+/// Publishes (commands and named-queue publishes with the mandatory flag)
+/// and returns the confirm to wait for.
 async fn publish(
     channel: &Channel,
     exchange: &str,
@@ -408,8 +427,11 @@ async fn publish(
     e: &Envelope,
     props: BasicProperties,
 ) -> Result<PublisherConfirm> {
+    // An event nobody consumes is normal; everything else (a command, and
+    // whatever goes to one queue by name) must reach a queue, and comes back
+    // when it cannot.
     let options = BasicPublishOptions {
-        mandatory: true,
+        mandatory: e.kind == Kind::Command || exchange.is_empty(),
         ..BasicPublishOptions::default()
     };
     channel
@@ -729,6 +751,7 @@ impl AmqpSubscription {
             envelope,
             receipt,
             malformed,
+            origin: None,
         }
     }
 
@@ -877,7 +900,17 @@ impl Subscription for AmqpSubscription {
                             format!("the retry of {}", message.id),
                         ));
                     }
-                    Outcome::DeadLettered => {}
+                    Outcome::DeadLettered { copy: Some(copy) } => {
+                        let queue = self.queues.dead_letter_queue();
+                        let props = properties(copy, &source)?;
+                        let confirm = publish(&publisher, "", &queue, copy, props).await?;
+                        pending.push((
+                            confirm,
+                            Expect::Routed,
+                            format!("the dead-letter copy of {}", copy.id),
+                        ));
+                    }
+                    Outcome::DeadLettered { copy: None } => {}
                 }
             }
             confirmed(std::mem::take(&mut pending)).await
@@ -885,14 +918,29 @@ impl Subscription for AmqpSubscription {
         .await;
         match result {
             Ok(()) => {
+                let mut broken = false;
                 for s in &live_batch {
-                    if let Some(acker) = self.take_acker(s.delivery.receipt)
-                        && let Err(e) = acker.ack(BasicAckOptions::default()).await
-                    {
-                        // The outcome is published; the broker will
-                        // redeliver, and the message is handled again.
-                        tracing::warn!(message.id = %s.delivery.envelope.id, error = %e, "Cannot acknowledge; the message will be redelivered");
+                    let Some(acker) = self.take_acker(s.delivery.receipt) else {
+                        continue;
+                    };
+                    if broken {
+                        continue;
                     }
+                    let acked =
+                        tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default()))
+                            .await;
+                    let error = match acked {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("no answer within {ACK_TIMEOUT:?}"),
+                    };
+                    // The outcome is published; the broker will redeliver,
+                    // and the message is handled again.
+                    tracing::warn!(message.id = %s.delivery.envelope.id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
+                    broken = true;
+                }
+                if broken {
+                    self.drop_live();
                 }
                 Ok(())
             }
@@ -909,16 +957,29 @@ impl Subscription for AmqpSubscription {
     }
 
     async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {
+        let mut broken = false;
         for d in unsettled {
-            if let Some(acker) = self.take_acker(d.receipt) {
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                if let Err(e) = acker.nack(requeue).await {
-                    tracing::warn!(message.id = %d.envelope.id, error = %e, "Cannot give a delivery back; the broker will redeliver it when the channel closes");
-                }
+            let Some(acker) = self.take_acker(d.receipt) else {
+                continue;
+            };
+            if broken {
+                continue;
             }
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            let error = match tokio::time::timeout(ACK_TIMEOUT, acker.nack(requeue)).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {ACK_TIMEOUT:?}"),
+            };
+            tracing::warn!(message.id = %d.envelope.id, error = %error, "Cannot give a delivery back; the broker redelivers it when the channel closes");
+            broken = true;
+        }
+        if broken {
+            // Closing the connection is what makes the broker redeliver.
+            self.drop_live();
         }
         Ok(())
     }

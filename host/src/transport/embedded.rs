@@ -787,6 +787,7 @@ impl Subscription for EmbeddedSubscription {
                         envelope,
                         receipt: seq.unsigned_abs(),
                         malformed,
+                        origin: None,
                     });
                 }
                 Ok(out)
@@ -863,7 +864,7 @@ impl Subscription for EmbeddedSubscription {
                         Outcome::Retry { message, not_before_ms } => {
                             insert_scheduled(&tx, &route, message, *not_before_ms)?;
                         }
-                        Outcome::DeadLettered => {}
+                        Outcome::DeadLettered { .. } => {}
                     }
                 }
                 tx.commit()?;

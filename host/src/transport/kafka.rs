@@ -37,7 +37,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{
-    Delivery, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport, cloudevents,
+    Delivery, Origin, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport,
+    cloudevents,
 };
 use crate::config::{KafkaConfig, Pipeline};
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
@@ -856,6 +857,11 @@ impl KafkaSubscription {
                 envelope,
                 receipt: self.next_receipt,
                 malformed,
+                origin: Some(Origin {
+                    topic: position.partition.0.clone(),
+                    partition: position.partition.1,
+                    offset: position.offset,
+                }),
             },
             position,
             not_before,
@@ -1094,7 +1100,13 @@ impl Subscription for KafkaSubscription {
                     let h = headers(message, source, Some(*not_before_ms));
                     records.push((topic, message.partition_key.clone(), message.clone(), h));
                 }
-                Outcome::DeadLettered => {}
+                Outcome::DeadLettered { copy: Some(copy) } => {
+                    let topic = format!("{prefix}{}.dlq", copy.message_type);
+                    topics.push(topic.clone());
+                    let h = headers(copy, source, None);
+                    records.push((topic, copy.partition_key.clone(), copy.clone(), h));
+                }
+                Outcome::DeadLettered { copy: None } => {}
             }
         }
         topics.sort_unstable();

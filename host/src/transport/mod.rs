@@ -78,6 +78,17 @@ pub struct Delivery {
     /// what could be read (the payload untouched), and this says what is
     /// wrong. No plugin is called; the message is dead-lettered.
     pub malformed: Option<String>,
+    /// Where on the broker it was read, when the broker has places (a
+    /// Kafka record's topic, partition and offset); kept in dead letters.
+    pub origin: Option<Origin>,
+}
+
+/// A record's place in a partitioned log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// What happened to a delivery, to be made durable by [`Subscription::settle`].
@@ -96,8 +107,10 @@ pub enum Outcome {
         not_before_ms: u64,
     },
     /// Failed for good: its dead letter is already durable; the delivery is
-    /// removed.
-    DeadLettered,
+    /// removed. With `copy`, the transport first publishes it to the
+    /// route's dead-letter destination on the broker (`[dead_letters]
+    /// broker = true`).
+    DeadLettered { copy: Option<Envelope> },
 }
 
 /// One settled delivery.

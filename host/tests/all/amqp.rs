@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -98,6 +98,14 @@ pub async fn clean_up(pipeline: &Pipeline) {
         ch.queue_delete(short(&queue), QueueDeleteOptions::default())
             .await
             .unwrap();
+        if pipeline.dead_letters.broker {
+            ch.queue_delete(
+                short(&format!("{queue}.dlq")),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+        }
         for level in 1..=p.retry.delayed {
             ch.queue_delete(
                 short(&format!("{queue}.retry.{level}")),
@@ -308,6 +316,67 @@ async fn delayed_retries_go_through_retry_queues_and_keep_their_history() {
         d.message.headers
     );
     assert!(transport.is_idle().await.unwrap());
+    clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_copied_to_a_broker_queue_with_their_error() {
+    let _broker = BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [dead_letters]
+        broker = true
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        retry = { immediate = 1, delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let mut failing = misbehave("fail-after-publish");
+    failing.headers = vec![("tenant".into(), "acme".into())];
+    transport.enqueue(vec![failing.clone()]).await.unwrap();
+
+    drain(&p).await;
+
+    let stored = dead_letters(&p).await;
+    assert_eq!(stored.len(), 1, "the store keeps its record too");
+    let c = connection().await;
+    let ch = c.create_channel().await.unwrap();
+    let queue = format!("{}.rogue.dlq", exchange(&p));
+    let got = ch
+        .basic_get(short(&queue), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a copy in the dead-letter queue");
+    assert_eq!(got.delivery.data, failing.payload);
+    let headers = got.delivery.properties.headers().clone().expect("headers");
+    let get = |k: &str| match headers.inner().get(k) {
+        Some(AMQPValue::LongString(v)) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(get("cloudEvents:id"), failing.id);
+    assert_eq!(get("cloudEvents:type"), "Misbehave");
+    assert_eq!(get("tenant"), "acme");
+    assert_eq!(get("switchyard-dead-letter-id"), stored[0].id);
+    assert_eq!(get("switchyard-error-kind"), stored[0].error.kind);
+    assert_eq!(get("switchyard-error"), stored[0].error.message);
+    assert_eq!(get("switchyard-fingerprint"), stored[0].fingerprint);
+    assert_eq!(get("switchyard-attempts"), "2");
+    assert_eq!(get("switchyard-source"), format!("{}.rogue", exchange(&p)));
+    assert!(get("switchyard-plugin").starts_with("rogue@"));
+    let history: serde_json::Value = serde_json::from_str(&get("cloudEvents:syhistory")).unwrap();
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
+    assert!(
+        ch.basic_get(short(&queue), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .is_none(),
+        "one copy"
+    );
     clean_up(&p).await;
 }
 

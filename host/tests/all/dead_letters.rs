@@ -486,6 +486,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         host: "test".into(),
         fail_when_plugin_cannot_start: false,
         telemetry: switchyard::telemetry::Telemetry::off(),
+        broker_dead_letters: false,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -501,7 +502,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
                     backtrace: None,
                     output: None,
                 };
-                switchyard::dispatch::dead_letter(&ctx, &tally, &m, &failure, None)
+                switchyard::dispatch::dead_letter(&ctx, &tally, &m, None, &failure, None)
             })
             .collect();
         s.record(letters).await.unwrap();
@@ -621,6 +622,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         host: "test".into(),
         fail_when_plugin_cannot_start: false,
         telemetry: switchyard::telemetry::Telemetry::off(),
+        broker_dead_letters: false,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,
@@ -636,6 +638,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
                 &ctx,
                 &tally,
                 &message(Kind::Event, "Tick", json!(i)),
+                None,
                 &failure,
                 None,
             )
@@ -693,6 +696,7 @@ fn attempt_history_travels_with_the_message() {
         ),
         receipt: 1,
         malformed: None,
+        origin: None,
     };
     // Attempts 1 and 2 fail (one immediate retry); a delayed retry follows.
     let verdict = worker.process(&mut delivery).unwrap();

@@ -83,6 +83,13 @@ pub fn prefix(p: &Pipeline) -> String {
     }
 }
 
+fn group_prefix(p: &Pipeline) -> String {
+    match &p.transport {
+        config::TransportConfig::Kafka(k) => k.group_prefix.clone(),
+        _ => panic!("not a kafka pipeline"),
+    }
+}
+
 pub async fn drain(pipeline: &Pipeline) {
     let plugins = runtime::load_plugins(pipeline).await.unwrap();
     tokio::time::timeout(
@@ -342,6 +349,65 @@ async fn foreign_records_are_handled_and_malformed_ones_dead_lettered_intact() {
         "{:?}",
         dead[0].error
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_copied_to_a_dlq_topic_with_their_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [dead_letters]
+        broker = true
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        retry = { immediate = 1, delayed = 0 }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let mut failing = misbehave("fail-after-publish");
+    failing.headers = vec![("tenant".into(), "acme".into())];
+    transport.enqueue(vec![failing.clone()]).await.unwrap();
+
+    drain(&p).await;
+
+    let stored = dead_letters(&p).await;
+    assert_eq!(stored.len(), 1, "the store keeps its record too");
+    let source = &stored[0].source;
+    assert_eq!(source.transport, "kafka");
+    assert_eq!(source.queue, format!("{}Misbehave", prefix(&p)));
+    assert!(
+        source.partition.is_some() && source.offset == Some(0),
+        "{source:?}"
+    );
+    assert_eq!(
+        source.consumer_group.as_deref(),
+        Some(format!("{}.rogue", group_prefix(&p)).as_str())
+    );
+    let topic = format!("{}Misbehave.dlq", prefix(&p));
+    let records = tokio::task::spawn_blocking(move || read_topic(&topic, 1))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1, "one copy");
+    let (headers, payload) = &records[0];
+    assert_eq!(payload, &failing.payload);
+    let get = |k: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} missing from {headers:?}"))
+    };
+    assert_eq!(get("ce_id"), failing.id);
+    assert_eq!(get("ce_type"), "Misbehave");
+    assert_eq!(get("tenant"), "acme");
+    assert_eq!(get("switchyard-dead-letter-id"), stored[0].id);
+    assert_eq!(get("switchyard-error-kind"), stored[0].error.kind);
+    assert_eq!(get("switchyard-error"), stored[0].error.message);
+    assert_eq!(get("switchyard-attempts"), "2");
+    assert!(get("switchyard-plugin").starts_with("rogue@"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

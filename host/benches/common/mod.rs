@@ -1,0 +1,110 @@
+//! What the broker benchmarks share: rounds timed in wall-clock and CPU
+//! time, and their medians.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// A number from the environment, or `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// User plus system CPU time of this process.
+// getrusage is the one portable way to read it; the benchmarks only.
+#[allow(unsafe_code)]
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage failed");
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// One timed run over `messages` messages.
+pub struct Round {
+    pub elapsed: Duration,
+    pub cpu: Duration,
+}
+
+impl Round {
+    pub fn rate(&self, n: usize) -> f64 {
+        n as f64 / self.elapsed.as_secs_f64()
+    }
+    pub fn cpu_per_message_us(&self, n: usize) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / n as f64
+    }
+}
+
+/// Starts timing a round.
+pub struct Timer {
+    started: Instant,
+    cpu: Duration,
+}
+
+impl Timer {
+    pub fn start() -> Self {
+        Timer {
+            started: Instant::now(),
+            cpu: cpu_time(),
+        }
+    }
+    pub fn stop(self) -> Round {
+        Round {
+            elapsed: self.started.elapsed(),
+            cpu: cpu_time() - self.cpu,
+        }
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The rounds of a native consumer and of Switchyard on the same work.
+#[derive(Default)]
+pub struct Comparison {
+    native_rates: Vec<f64>,
+    switchyard_rates: Vec<f64>,
+    native_cpu: Vec<f64>,
+    switchyard_cpu: Vec<f64>,
+}
+
+impl Comparison {
+    /// Records and prints one round.
+    pub fn round(&mut self, number: usize, messages: usize, native: &Round, switchyard: &Round) {
+        println!(
+            "round {number}: native {:>9.0} msg/s {:>6.1} µs CPU/msg | switchyard {:>9.0} msg/s {:>6.1} µs CPU/msg | ratio {:.2}",
+            native.rate(messages),
+            native.cpu_per_message_us(messages),
+            switchyard.rate(messages),
+            switchyard.cpu_per_message_us(messages),
+            switchyard.rate(messages) / native.rate(messages),
+        );
+        self.native_rates.push(native.rate(messages));
+        self.switchyard_rates.push(switchyard.rate(messages));
+        self.native_cpu.push(native.cpu_per_message_us(messages));
+        self.switchyard_cpu
+            .push(switchyard.cpu_per_message_us(messages));
+    }
+
+    /// Prints the medians and the ratio.
+    pub fn summary(self) {
+        let nr = median(self.native_rates);
+        let sr = median(self.switchyard_rates);
+        println!(
+            "median: native {nr:.0} msg/s, {:.1} µs CPU/msg; switchyard {sr:.0} msg/s, {:.1} µs CPU/msg; switchyard/native = {:.0}%",
+            median(self.native_cpu),
+            median(self.switchyard_cpu),
+            100.0 * sr / nr
+        );
+    }
+}
