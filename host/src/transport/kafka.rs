@@ -220,7 +220,9 @@ async fn ensure_topics(shared: &Shared, topics: &[String]) -> Result<()> {
             .known_topics
             .lock()
             .map_err(|_| anyhow!("topic cache poisoned"))?;
-        topics.iter().filter(|t| !known.contains(*t)).collect()
+        // A topic named twice in one CreateTopics request fails the request.
+        let unique: BTreeSet<&String> = topics.iter().filter(|t| !known.contains(*t)).collect();
+        unique.into_iter().collect()
     };
     if missing.is_empty() {
         return Ok(());

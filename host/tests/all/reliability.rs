@@ -107,7 +107,14 @@ pub fn tally(dir: &Path) -> PathBuf {
 pub fn wait_until(what: &str, hosts: &mut [&mut Child], limit: Duration, done: impl Fn() -> bool) {
     let started = Instant::now();
     while !done() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        if started.elapsed() >= limit {
+            // No host outlives the test.
+            for h in hosts.iter_mut() {
+                let _ = h.kill();
+                let _ = h.wait();
+            }
+            panic!("timed out waiting for {what}");
+        }
         for h in hosts.iter_mut() {
             assert!(h.try_wait().unwrap().is_none(), "a host exited early");
         }
