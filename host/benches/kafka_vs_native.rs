@@ -6,6 +6,7 @@
 //! Switchyard host each read all of it in a consumer group of their own
 //! (in turns, alternating who goes first), with the same consumer settings:
 //! earliest offset, `read_committed`, automatic commits every second,
+//! `fetch.wait.max.ms` 100,
 //! automatic offset storing off and offsets stored after handling (the
 //! native consumer after each message, Switchyard after each batch is
 //! settled), a final commit at the end. The native consumer's handling is
@@ -112,6 +113,7 @@ fn native(servers: &str, topic: &str, n: usize) -> Round {
         .set("auto.commit.interval.ms", "1000")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "100")
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")

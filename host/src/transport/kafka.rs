@@ -87,6 +87,8 @@ struct Shared {
     held: AtomicI64,
     /// Deliveries received since start.
     received: AtomicU64,
+    /// `received` when [`Transport::is_idle`] last looked.
+    received_at_last_look: AtomicU64,
     /// Per group, a consumer that never joins it, to read its commits.
     offset_readers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
@@ -190,6 +192,7 @@ impl KafkaTransport {
                 in_flight: AtomicI64::new(0),
                 held: AtomicI64::new(0),
                 received: AtomicU64::new(0),
+                received_at_last_look: AtomicU64::new(0),
                 offset_readers: Mutex::new(HashMap::new()),
             }),
         })
@@ -420,6 +423,11 @@ impl Transport for KafkaTransport {
             &[
                 ("auto.offset.reset", "earliest"),
                 ("auto.commit.interval.ms", "1000"),
+                // A route reads its (mostly empty) retry topic beside its
+                // message topics; a broker that holds a fetch for its whole
+                // wait when some partitions are empty (tansu) would
+                // otherwise delay messages by up to librdkafka's 500 ms.
+                ("fetch.wait.max.ms", "100"),
                 ("session.timeout.ms", "10000"),
                 ("heartbeat.interval.ms", "1000"),
             ],
@@ -505,6 +513,16 @@ impl Transport for KafkaTransport {
 
     async fn is_idle(&self) -> Result<bool> {
         let before = self.shared.received.load(Ordering::SeqCst);
+        // Deliveries since the last look: busy, without asking the cluster
+        // (a drain polls often; the cluster's answers cost round trips).
+        if self
+            .shared
+            .received_at_last_look
+            .swap(before, Ordering::SeqCst)
+            != before
+        {
+            return Ok(false);
+        }
         if !self.looks_idle().await? {
             return Ok(false);
         }
