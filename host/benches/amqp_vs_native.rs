@@ -31,35 +31,15 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 use switchyard::config;
-use switchyard::envelope::{Envelope, Kind};
 use switchyard::runtime::{self, RunMode};
 
-use crate::common::{Comparison, Round, Timer, env_or};
+use crate::common::{Comparison, Round, Timer, env_or, fill};
 
 const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
 const PREFETCH: u16 = 64;
 
 fn short(s: &str) -> ShortString {
     ShortString::try_new(s.to_owned()).unwrap()
-}
-
-async fn fill(transport: &dyn switchyard::transport::Transport, n: usize) {
-    let mut left = n;
-    while left > 0 {
-        let chunk = left.min(5_000);
-        let batch: Vec<Envelope> = (0..chunk)
-            .map(|i| {
-                Envelope::new(
-                    "Tick",
-                    Kind::Event,
-                    format!("{{\"n\":{i}}}").into_bytes(),
-                    "application/json",
-                )
-            })
-            .collect();
-        transport.enqueue(batch).await.unwrap();
-        left -= chunk;
-    }
 }
 
 async fn native(queue: &str, n: usize) -> Round {

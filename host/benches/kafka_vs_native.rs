@@ -37,10 +37,9 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
 use switchyard::config::{self, Pipeline};
-use switchyard::envelope::{Envelope, Kind};
 use switchyard::runtime::{self, RunMode};
 
-use crate::common::{Comparison, Round, Timer, env_or};
+use crate::common::{Comparison, Round, Timer, env_or, fill};
 
 const PARTITIONS: usize = 3;
 
@@ -83,25 +82,10 @@ fn pipeline(dir: &Path, servers: &str, mock: bool, wasm: &Path) -> Pipeline {
     config::load(&path).unwrap().pipeline
 }
 
-async fn fill(pipeline: &Pipeline, n: usize) {
+async fn fill_topic(pipeline: &Pipeline, n: usize) {
     let transport = runtime::open(pipeline).await.unwrap();
     transport.start_consuming().await.unwrap();
-    let mut left = n;
-    while left > 0 {
-        let chunk = left.min(5_000);
-        let batch: Vec<Envelope> = (0..chunk)
-            .map(|i| {
-                Envelope::new(
-                    "Tick",
-                    Kind::Event,
-                    format!("{{\"n\":{i}}}").into_bytes(),
-                    "application/json",
-                )
-            })
-            .collect();
-        transport.enqueue(batch).await.unwrap();
-        left -= chunk;
-    }
+    fill(transport.as_ref(), n).await;
 }
 
 fn native(servers: &str, topic: &str, n: usize) -> Round {
@@ -163,7 +147,7 @@ fn main() {
     // Warm up: the compile cache, the client paths.
     let warm = pipeline(dir.path(), &servers, mock, &wasm);
     rt.block_on(async {
-        fill(&warm, 2_000).await;
+        fill_topic(&warm, 2_000).await;
         switchyard(&warm).await;
     });
 
@@ -178,7 +162,7 @@ fn main() {
     let mut comparison = Comparison::default();
     for round in 1..=rounds {
         let p = pipeline(dir.path(), &servers, mock, &wasm);
-        rt.block_on(fill(&p, messages));
+        rt.block_on(fill_topic(&p, messages));
         let topic = match &p.transport {
             config::TransportConfig::Kafka(k) => format!("{}Tick", k.topic_prefix),
             _ => unreachable!("a kafka pipeline"),

@@ -132,6 +132,25 @@ pub struct Reply {
     pub created_at_ms: u64,
 }
 
+impl Reply {
+    /// The reply as a message on a broker: an event named after the
+    /// command (`<CommandType>.reply`), caused by the command and in its
+    /// flow.
+    pub fn envelope(&self, command_type: &str) -> Envelope {
+        let mut e = Envelope::new(
+            format!("{command_type}.reply"),
+            Kind::Event,
+            self.payload.clone(),
+            self.content_type.clone(),
+        );
+        e.headers = self.headers.clone();
+        e.correlation_id = Some(self.correlation_id.clone());
+        e.causation_id = Some(self.in_reply_to.clone());
+        e.created_at_ms = self.created_at_ms;
+        e
+    }
+}
+
 /// A time-ordered unique id (UUIDv7), so ids sort by creation time.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()

@@ -5,6 +5,29 @@
 
 use std::time::{Duration, Instant};
 
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::transport::Transport;
+
+/// Enqueues `n` small `Tick` events, in chunks.
+pub async fn fill(transport: &dyn Transport, n: usize) {
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(5_000);
+        let batch: Vec<Envelope> = (0..chunk)
+            .map(|i| {
+                Envelope::new(
+                    "Tick",
+                    Kind::Event,
+                    format!("{{\"n\":{i}}}").into_bytes(),
+                    "application/json",
+                )
+            })
+            .collect();
+        transport.enqueue(batch).await.unwrap();
+        left -= chunk;
+    }
+}
+
 /// A number from the environment, or `default`.
 pub fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)

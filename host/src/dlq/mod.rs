@@ -399,6 +399,11 @@ attempts, first_failed_at_ms, last_failed_at_ms, source, trace_id, span_id, host
 fingerprint, cause, status, replay_count, replayed_at_ms, resolved_at_ms, note";
 
 /// Serializes one of a record's JSON columns (plain data: cannot fail).
+/// A stored timestamp column (non-negative by construction).
+pub(crate) fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(i64::unsigned_abs)
+}
+
 pub(crate) fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }

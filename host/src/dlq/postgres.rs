@@ -13,7 +13,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
     COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
-    merge_attempts, payload_digest, to_i64, where_clause,
+    merge_attempts, opt_u64, payload_digest, to_i64, where_clause,
 };
 use crate::envelope::{Attempt, Envelope, Kind, now_ms};
 
@@ -226,10 +226,6 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<()> {
     }
     tx.commit().await?;
     Ok(())
-}
-
-fn opt_u64(v: Option<i64>) -> Option<u64> {
-    v.map(i64::unsigned_abs)
 }
 
 fn read_letter(row: &Row) -> Result<DeadLetter> {

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, param
 
 use super::{
     COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
-    merge_attempts, payload_digest, to_i64, where_clause,
+    merge_attempts, opt_u64, payload_digest, to_i64, where_clause,
 };
 use crate::envelope::{Envelope, Kind, now_ms};
 
@@ -161,10 +161,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     }
     tx.commit()?;
     Ok(())
-}
-
-fn opt_u64(v: Option<i64>) -> Option<u64> {
-    v.map(i64::unsigned_abs)
 }
 
 fn read_letter(row: &rusqlite::Row<'_>) -> Result<DeadLetter> {

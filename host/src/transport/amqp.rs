@@ -852,21 +852,7 @@ impl Subscription for AmqpSubscription {
                             pending.push((confirm, expect, format!("{} {}", o.message_type, o.id)));
                         }
                         if let Some(r) = reply {
-                            let e = Envelope {
-                                id: crate::envelope::new_id(),
-                                message_type: format!("{}.reply", s.delivery.envelope.message_type),
-                                kind: Kind::Event,
-                                payload: r.payload.clone(),
-                                content_type: r.content_type.clone(),
-                                headers: r.headers.clone(),
-                                correlation_id: Some(r.correlation_id.clone()),
-                                causation_id: Some(r.in_reply_to.clone()),
-                                reply_to: None,
-                                partition_key: None,
-                                created_at_ms: r.created_at_ms,
-                                attempt: 1,
-                                history: Vec::new(),
-                            };
+                            let e = r.envelope(&s.delivery.envelope.message_type);
                             let confirm =
                                 publish(&publisher, "", &r.address, &e, properties(&e, &source)?)
                                     .await?;

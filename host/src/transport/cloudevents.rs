@@ -118,21 +118,14 @@ pub fn decode(
 /// What can be said of a message that does not decode, so that its dead
 /// letter still names it. The payload is kept as it came.
 pub fn salvage(id: String, message_type: String, payload: Vec<u8>) -> Envelope {
-    Envelope {
-        id,
+    let mut e = Envelope::new(
         message_type,
-        kind: Kind::Event,
+        Kind::Event,
         payload,
-        content_type: crate::config::DEFAULT_CONTENT_TYPE.into(),
-        headers: Vec::new(),
-        correlation_id: None,
-        causation_id: None,
-        reply_to: None,
-        partition_key: None,
-        created_at_ms: now_ms(),
-        attempt: 1,
-        history: Vec::new(),
-    }
+        crate::config::DEFAULT_CONTENT_TYPE,
+    );
+    e.id = id;
+    e
 }
 
 /// RFC 3339 in UTC with milliseconds; empty if out of range.

@@ -867,10 +867,18 @@ impl KafkaSubscription {
             partition: (m.topic().to_owned(), m.partition()),
             offset: m.offset(),
         };
-        self.open
-            .entry(position.partition.clone())
-            .or_default()
-            .insert(position.offset);
+        // Per record: look the partition up before paying for its key.
+        match self.open.get_mut(&position.partition) {
+            Some(open) => {
+                open.insert(position.offset);
+            }
+            None => {
+                self.open.insert(
+                    position.partition.clone(),
+                    BTreeSet::from([position.offset]),
+                );
+            }
+        }
         self.shared.received.fetch_add(1, Ordering::SeqCst);
         (
             Delivery {
@@ -1093,21 +1101,7 @@ impl Subscription for KafkaSubscription {
                         ));
                     }
                     if let Some(r) = reply {
-                        let e = Envelope {
-                            id: crate::envelope::new_id(),
-                            message_type: format!("{}.reply", s.delivery.envelope.message_type),
-                            kind: Kind::Event,
-                            payload: r.payload.clone(),
-                            content_type: r.content_type.clone(),
-                            headers: r.headers.clone(),
-                            correlation_id: Some(r.correlation_id.clone()),
-                            causation_id: Some(r.in_reply_to.clone()),
-                            reply_to: None,
-                            partition_key: None,
-                            created_at_ms: r.created_at_ms,
-                            attempt: 1,
-                            history: Vec::new(),
-                        };
+                        let e = r.envelope(&s.delivery.envelope.message_type);
                         let h = headers(&e, source, None);
                         replies.push((r.address.clone(), Some(r.correlation_id.clone()), e, h));
                     }

@@ -323,22 +323,9 @@ async fn delayed_retries_go_through_retry_queues_and_keep_their_history() {
 async fn dead_letters_are_copied_to_a_broker_queue_with_their_error() {
     let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, p) = pipeline(
-        dir.path(),
-        r#"
-        [dead_letters]
-        broker = true
-        [plugins.rogue]
-        wasm = "{dist}/rogue.wasm"
-        commands = ["Misbehave", "Sent"]
-        retry = { immediate = 1, delayed = 0 }
-        "#,
-    );
+    let (_, p) = pipeline(dir.path(), crate::common::ROGUE_WITH_BROKER_DEAD_LETTERS);
     let transport = runtime::open(&p).await.unwrap();
-    transport.start_consuming().await.unwrap();
-    let mut failing = misbehave("fail-after-publish");
-    failing.headers = vec![("tenant".into(), "acme".into())];
-    transport.enqueue(vec![failing.clone()]).await.unwrap();
+    let failing = crate::common::enqueue_failing(transport.as_ref()).await;
 
     drain(&p).await;
 

@@ -117,6 +117,30 @@ pub fn example_pipeline(dir: &Path, transport: &str) -> PathBuf {
     path
 }
 
+/// The rogue plugin with its dead letters copied to the broker; a message
+/// it fails is tried twice (one immediate retry), then dead-lettered.
+pub const ROGUE_WITH_BROKER_DEAD_LETTERS: &str = r#"
+        [dead_letters]
+        broker = true
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        retry = { immediate = 1, delayed = 0 }
+        "#;
+
+/// Starts the transport and enqueues a command the rogue plugin always
+/// fails, with a header of its own; returns it.
+pub async fn enqueue_failing(transport: &dyn switchyard::transport::Transport) -> Envelope {
+    transport.start_consuming().await.expect("start consuming");
+    let mut failing = misbehave("fail-after-publish");
+    failing.headers = vec![("tenant".into(), "acme".into())];
+    transport
+        .enqueue(vec![failing.clone()])
+        .await
+        .expect("enqueue");
+    failing
+}
+
 /// Stops a host the way an operator does (SIGTERM: it finishes what it
 /// holds, settles it and exits), killing it if it has not exited within
 /// 30 seconds.
