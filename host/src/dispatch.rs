@@ -75,10 +75,10 @@ pub struct Worker {
     policy: RetryPolicy,
     instance: Option<Instance>,
     telemetry: Telemetry,
-    /// `plugin`: the route's name, attached to every metric.
-    plugin_attr: KeyValue,
+    /// `plugin` and `plugin.version`, attached to every message metric.
+    plugin_attrs: [KeyValue; 2],
     /// Span attributes shared by every message of the route, built once.
-    plugin_span_attrs: [KeyValue; 4],
+    plugin_span_attrs: [KeyValue; 5],
 }
 
 /// The fate of one delivery after all its immediate attempts.
@@ -123,6 +123,16 @@ fn output_bytes(outputs: &[Output]) -> usize {
         .sum()
 }
 
+/// Metric attributes of a message: `plugin`, `plugin.version`,
+/// `message.type`.
+type MessageAttrs = [KeyValue; 3];
+
+/// A message's attributes plus one more.
+fn and(attrs: &MessageAttrs, extra: KeyValue) -> [KeyValue; 4] {
+    let [a, b, c] = attrs.clone();
+    [a, b, c, extra]
+}
+
 /// Header a replayed message carries: the `trace-span` ids of its dead
 /// letter's last span, which the replay's span links to.
 pub const REPLAY_TRACE_HEADER: &str = "switchyard-replay-trace";
@@ -131,14 +141,19 @@ impl Worker {
     pub fn new(plugin: LoadedPlugin, policy: RetryPolicy) -> Self {
         let name: std::sync::Arc<str> = plugin.name().as_str().into();
         let version: std::sync::Arc<str> = plugin.info().version.as_str().into();
+        let digest: std::sync::Arc<str> = plugin.digest().into();
         let s = |v: &std::sync::Arc<str>| opentelemetry::Value::String(v.clone().into());
         Worker {
-            plugin_attr: KeyValue::new("plugin", s(&name)),
+            plugin_attrs: [
+                KeyValue::new("plugin", s(&name)),
+                KeyValue::new("plugin.version", s(&version)),
+            ],
             plugin_span_attrs: [
                 KeyValue::new("messaging.system", "switchyard"),
                 KeyValue::new("messaging.consumer.group.name", s(&name)),
                 KeyValue::new("switchyard.plugin.name", s(&name)),
                 KeyValue::new("switchyard.plugin.version", s(&version)),
+                KeyValue::new("switchyard.plugin.digest", s(&digest)),
             ],
             plugin,
             policy,
@@ -147,15 +162,25 @@ impl Worker {
         }
     }
 
+    /// Starts with an instance made in advance (by a hot swap).
+    pub fn with_instance(mut self, instance: Option<Instance>) -> Self {
+        if instance.is_some() {
+            self.instance = instance;
+        }
+        self
+    }
+
     /// Traces and measures what this worker handles.
     pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
         self.telemetry = telemetry;
         self
     }
 
-    fn attrs(&self, e: &Envelope) -> [KeyValue; 2] {
+    fn attrs(&self, e: &Envelope) -> MessageAttrs {
+        let [plugin, version] = self.plugin_attrs.clone();
         [
-            self.plugin_attr.clone(),
+            plugin,
+            version,
             KeyValue::new("message.type", e.message_type.clone()),
         ]
     }
@@ -300,10 +325,9 @@ impl Worker {
             };
             delivery.envelope.history.push(attempt);
             let attrs = self.attrs(&delivery.envelope);
-            let [a, b] = attrs;
             self.telemetry.metrics.failed.add(
                 1,
-                &[a, b, KeyValue::new("error.type", failure.kind.as_str())],
+                &and(&attrs, KeyValue::new("error.type", failure.kind.as_str())),
             );
             return Ok(Verdict::DeadLetter(failure));
         }
@@ -336,11 +360,7 @@ impl Worker {
                 .decide(failure.kind, immediate_used, delayed_used);
             self.telemetry.metrics.failed.add(
                 1,
-                &[
-                    attrs[0].clone(),
-                    attrs[1].clone(),
-                    KeyValue::new("error.type", failure.kind.as_str()),
-                ],
+                &and(&attrs, KeyValue::new("error.type", failure.kind.as_str())),
             );
             if let Some(cx) = span {
                 cx.span().add_event(
@@ -369,14 +389,10 @@ impl Worker {
             });
             match decision {
                 Decision::RetryNow => {
-                    self.telemetry.metrics.retried.add(
-                        1,
-                        &[
-                            attrs[0].clone(),
-                            attrs[1].clone(),
-                            KeyValue::new("retry", "now"),
-                        ],
-                    );
+                    self.telemetry
+                        .metrics
+                        .retried
+                        .add(1, &and(&attrs, KeyValue::new("retry", "now")));
                     tracing::info!(
                         plugin = %self.plugin.name(),
                         message.r#type = %envelope.message_type,
@@ -594,14 +610,14 @@ struct Planned {
 /// handled again after a store error is not counted twice.
 enum Metric {
     Handled {
-        attrs: [KeyValue; 2],
+        attrs: MessageAttrs,
         age_s: f64,
     },
     RetriedLater {
-        attrs: [KeyValue; 2],
+        attrs: MessageAttrs,
     },
     DeadLettered {
-        attrs: [KeyValue; 2],
+        attrs: MessageAttrs,
         kind: FailureKind,
     },
 }
@@ -614,16 +630,14 @@ impl Metric {
                 metrics.latency.record(age_s, &attrs);
             }
             Metric::RetriedLater { attrs } => {
-                let [a, b] = attrs;
                 metrics
                     .retried
-                    .add(1, &[a, b, KeyValue::new("retry", "later")]);
+                    .add(1, &and(&attrs, KeyValue::new("retry", "later")));
             }
             Metric::DeadLettered { attrs, kind } => {
-                let [a, b] = attrs;
                 metrics
                     .dead_lettered
-                    .add(1, &[a, b, KeyValue::new("error.type", kind.as_str())]);
+                    .add(1, &and(&attrs, KeyValue::new("error.type", kind.as_str())));
             }
         }
     }
@@ -665,6 +679,7 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
         let e = &p.delivery.envelope;
         let attrs = [
             KeyValue::new("plugin", name.to_owned()),
+            KeyValue::new("plugin.version", plugin.info().version.clone()),
             KeyValue::new("message.type", e.message_type.clone()),
         ];
         let (trace_id, span_id) = p.span.as_ref().and_then(telemetry::ids).unwrap_or_default();
@@ -967,15 +982,22 @@ pub async fn record_store_size(ctx: &RouteContext) {
 /// unhandled, so shutdown waits for at most one message's deadline (times
 /// its immediate retries).
 pub async fn run_route(
-    ctx: RouteContext,
-    plugin: LoadedPlugin,
+    mut ctx: RouteContext,
+    mut control: RouteControl,
     mut subscription: Box<dyn Subscription>,
     batch_size: usize,
     mut shutdown: watch::Receiver<bool>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    let mut worker =
-        Some(Worker::new(plugin.clone(), ctx.policy.clone()).with_telemetry(ctx.telemetry.clone()));
+    let first = control.versions.borrow_and_update().clone();
+    let mut plugin = first.plugin.clone();
+    ctx.policy = first.policy.clone();
+    let mut worker = Some(
+        Worker::new(plugin.clone(), ctx.policy.clone())
+            .with_telemetry(ctx.telemetry.clone())
+            .with_instance(first.take_instance()),
+    );
+    drop(first);
     let in_flight_attrs = [KeyValue::new("plugin", plugin.name().to_string())];
     let mut backoff = Backoff::default();
     let mut state = RouteState::default();
@@ -996,6 +1018,39 @@ pub async fn run_route(
                 continue;
             }
         };
+        if control.topology.has_changed().unwrap_or(false) {
+            ctx.topology = control.topology.borrow_and_update().clone();
+        }
+        // A new version is taken here, between batches: the batch before
+        // ran on the old one, this one runs on the new one, and the
+        // subscription never notices.
+        if control.versions.has_changed().unwrap_or(false) {
+            let started = Instant::now();
+            let next = control.versions.borrow_and_update().clone();
+            let fresh = Worker::new(next.plugin.clone(), next.policy.clone())
+                .with_telemetry(ctx.telemetry.clone())
+                .with_instance(next.take_instance());
+            let old = worker.replace(fresh);
+            plugin = next.plugin.clone();
+            ctx.policy = next.policy.clone();
+            let took = started.elapsed();
+            control.status.swapped(next, took);
+            ctx.telemetry
+                .metrics
+                .swap_duration
+                .record(took.as_secs_f64(), &[in_flight_attrs[0].clone()]);
+            tracing::info!(
+                plugin = %plugin.name(),
+                version = %plugin.info().version,
+                digest = %crate::runtime::short_digest(plugin.digest()),
+                took = ?took,
+                "Plugin version swapped"
+            );
+            // The old instance's memory is released off this task.
+            if let Some(old) = old {
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+        }
         let Some(mut w) = worker.take() else {
             anyhow::bail!("route {} lost its worker", plugin.name());
         };
@@ -1058,6 +1113,17 @@ pub async fn run_route(
             backoff.wait(&mut shutdown).await;
         }
     }
+}
+
+/// How a route learns of changes made while it runs.
+pub struct RouteControl {
+    /// The version the route should run; it takes a new one between
+    /// batches.
+    pub versions: watch::Receiver<Arc<crate::reload::Version>>,
+    /// Who receives which message type.
+    pub topology: watch::Receiver<Arc<Topology>>,
+    /// Where the route reports what it runs.
+    pub status: Arc<crate::reload::RouteStatus>,
 }
 
 /// Doubling pause after store or plugin errors, cut short by shutdown.

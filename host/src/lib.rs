@@ -26,6 +26,7 @@ pub mod dlq;
 pub mod envelope;
 pub mod plugin;
 pub mod recover;
+pub mod reload;
 pub mod runtime;
 pub mod telemetry;
 pub mod transport;

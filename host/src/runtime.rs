@@ -1,7 +1,9 @@
 //! A running host: a pipeline's plugins loaded and checked, its transport
 //! open, one route per plugin.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{Pipeline, TransportConfig};
-use crate::dispatch;
 use crate::plugin::contract::{self, Problem};
-use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine, Sandbox};
+use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine};
+use crate::reload::{Control, Deployments, RouteBase, Source, Version};
 use crate::telemetry::Telemetry;
 use crate::transport::amqp::AmqpTransport;
 use crate::transport::embedded::EmbeddedTransport;
@@ -23,6 +25,8 @@ use crate::transport::{Topology, Transport};
 pub struct Plugins {
     pub engine: Arc<PluginEngine>,
     pub loaded: Vec<LoadedPlugin>,
+    /// Where each plugin's component came from (same order as `loaded`).
+    pub sources: Vec<Source>,
     /// Warnings found while checking (errors make loading fail).
     pub warnings: Vec<Problem>,
 }
@@ -55,25 +59,67 @@ pub fn cache_dir(pipeline: &Pipeline) -> Option<std::path::PathBuf> {
 /// their `describe()` and checks it against the pipeline. Reports every
 /// problem of every plugin at once.
 pub async fn load_plugins(pipeline: &Pipeline) -> Result<Plugins> {
-    use tracing::Instrument as _;
-    let span = tracing::info_span!("load plugins", pipeline = %pipeline.name, plugins = pipeline.plugins.len());
-    load_plugins_inner(pipeline).instrument(span).await
+    load_plugins_from(pipeline, &BTreeMap::new()).await
 }
 
-async fn load_plugins_inner(pipeline: &Pipeline) -> Result<Plugins> {
+/// [`load_plugins`], except that the plugins named in `deployed` are loaded
+/// from the given files (versions deployed to the host) instead of the
+/// pipeline's.
+pub async fn load_plugins_from(
+    pipeline: &Pipeline,
+    deployed: &BTreeMap<String, (PathBuf, Source)>,
+) -> Result<Plugins> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("load plugins", pipeline = %pipeline.name, plugins = pipeline.plugins.len());
+    load_plugins_inner(pipeline, deployed)
+        .instrument(span)
+        .await
+}
+
+/// The versions deployed to this pipeline's host that a start must run
+/// instead of the pipeline's files.
+pub fn deployed_versions(pipeline: &Pipeline) -> Result<BTreeMap<String, (PathBuf, Source)>> {
+    let store = Deployments::new(&pipeline.state_dir, &pipeline.name);
+    let mut out = BTreeMap::new();
+    for spec in &pipeline.plugins {
+        if let Some((d, path)) = store.current(spec.name.as_str())? {
+            tracing::info!(
+                plugin = %spec.name,
+                version = %d.version,
+                digest = %short_digest(&d.digest),
+                file = %spec.wasm.display(),
+                "Running the version deployed to this host, not the pipeline's file (`switchyard plugins rollback` returns to it)"
+            );
+            out.insert(
+                spec.name.to_string(),
+                (
+                    path,
+                    Source::Deployed {
+                        at_ms: d.deployed_at_ms,
+                    },
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn load_plugins_inner(
+    pipeline: &Pipeline,
+    deployed: &BTreeMap<String, (PathBuf, Source)>,
+) -> Result<Plugins> {
     let engine = Arc::new(PluginEngine::new(cache_dir(pipeline))?);
     let mut tasks = JoinSet::new();
+    let mut sources = Vec::new();
     for (i, spec) in pipeline.plugins.iter().enumerate() {
         let engine = engine.clone();
         let spec = spec.clone();
-        tasks.spawn_blocking(move || {
-            let sandbox = Sandbox {
-                name: spec.name.clone(),
-                limits: spec.limits.clone(),
-                grants: spec.grants.clone(),
-            };
-            (i, engine.load(&spec.wasm, sandbox))
-        });
+        let (path, source) = deployed
+            .get(spec.name.as_str())
+            .cloned()
+            .unwrap_or_else(|| (spec.wasm.clone(), Source::File));
+        sources.push(source);
+        tasks.spawn_blocking(move || (i, engine.load(&path, crate::reload::sandbox_of(&spec))));
     }
     let mut results = Vec::new();
     while let Some(r) = tasks.join_next().await {
@@ -108,6 +154,7 @@ async fn load_plugins_inner(pipeline: &Pipeline) -> Result<Plugins> {
     Ok(Plugins {
         engine,
         loaded,
+        sources,
         warnings,
     })
 }
@@ -145,12 +192,19 @@ pub enum RunMode {
 }
 
 /// How a host runs, besides its pipeline.
-#[derive(Clone, Debug)]
 pub struct RunOptions {
     pub mode: RunMode,
     pub telemetry: Telemetry,
-    /// Bind the admin listener (`/metrics`, `/healthz`) here.
+    /// Bind the admin listener (`/metrics`, `/healthz`, `/plugins`) here.
     pub admin: Option<std::net::SocketAddr>,
+    /// The bearer token the admin API's changing endpoints require; `None`
+    /// turns them off.
+    pub admin_token: Option<String>,
+    /// Reload plugins and the pipeline file when they change.
+    pub watch: bool,
+    /// Handed the host's control once its routes run (tests and embedders
+    /// use it to change the host while it runs).
+    pub on_started: Option<tokio::sync::oneshot::Sender<Arc<Control>>>,
 }
 
 impl RunOptions {
@@ -160,6 +214,9 @@ impl RunOptions {
             mode,
             telemetry: Telemetry::off(),
             admin: None,
+            admin_token: None,
+            watch: false,
+            on_started: None,
         }
     }
 }
@@ -187,6 +244,9 @@ pub async fn run_with(
         mode,
         telemetry,
         admin,
+        admin_token,
+        watch,
+        on_started,
     } = options;
     for w in &plugins.warnings {
         tracing::warn!(plugin = %w.plugin, "{}", w.message);
@@ -196,7 +256,6 @@ pub async fn run_with(
     for warning in transport.startup_warnings().await? {
         tracing::warn!("{warning}");
     }
-    let batch_size = pipeline.batch_size();
     let dead_letters = crate::dlq::open(&pipeline.dead_letters, &pipeline.name)
         .await
         .with_context(|| {
@@ -205,16 +264,61 @@ pub async fn run_with(
                 crate::dlq::describe(&pipeline.dead_letters)
             )
         })?;
-    let topology = Arc::new(Topology::of(pipeline));
-    let host = crate::dlq::host_name();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let versions: Vec<Arc<Version>> = plugins
+        .loaded
+        .iter()
+        .zip(
+            plugins
+                .sources
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(Source::File)),
+        )
+        .map(|(plugin, source)| {
+            let policy = pipeline
+                .plugin(plugin.name().as_str())
+                .map(|s| s.retry.clone())
+                .unwrap_or_default();
+            Version::new(plugin.clone(), policy, source)
+        })
+        .collect();
+    if let Some(v) = versions
+        .iter()
+        .find(|v| pipeline.plugin(v.plugin.name().as_str()).is_none())
+    {
+        bail!(
+            "plugin {} is not part of pipeline {}",
+            v.plugin.name(),
+            pipeline.name
+        );
+    }
+    let (control, mut exits) = Control::start(
+        plugins.engine.clone(),
+        transport.clone(),
+        pipeline.clone(),
+        versions,
+        RouteBase {
+            dead_letters,
+            host: crate::dlq::host_name(),
+            telemetry: telemetry.clone(),
+            fail_when_plugin_cannot_start: mode == RunMode::Drain,
+        },
+    )
+    .await?;
     let admin_task = match admin {
         Some(addr) => match crate::admin::Admin::bind(addr, telemetry.clone()).await {
             Ok(admin) => {
+                let deploys = if admin_token.is_some() {
+                    "deploys on"
+                } else {
+                    "deploys off: no token"
+                };
                 tracing::info!(
                     address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
-                    "Admin listener: /metrics, /healthz"
+                    "Admin listener: /metrics, /healthz, /plugins ({deploys})"
                 );
+                let admin = admin.with_control(control.clone(), admin_token);
                 let mut stop = stop_rx.clone();
                 Some(tokio::spawn(admin.serve(async move {
                     let _ = stop.changed().await;
@@ -228,53 +332,13 @@ pub async fn run_with(
         },
         None => None,
     };
-    let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut routes = JoinSet::new();
-    for plugin in &plugins.loaded {
-        let sub = transport.subscribe(plugin.name().as_str()).await?;
-        tracing::info!(
-            plugin = %plugin.name(),
-            version = %plugin.info().version,
-            digest = %short_digest(plugin.digest()),
-            "Route started"
-        );
-        let Some(spec) = pipeline.plugin(plugin.name().as_str()) else {
-            bail!(
-                "plugin {} is not part of pipeline {}",
-                plugin.name(),
-                pipeline.name
-            );
-        };
-        let ctx = dispatch::RouteContext {
-            pipeline: pipeline.name.clone(),
-            policy: spec.retry.clone(),
-            dead_letters: dead_letters.clone(),
-            topology: topology.clone(),
-            source: crate::dlq::Source {
-                transport: transport.kind().into(),
-                location: transport.location(),
-                queue: transport.queue(plugin.name().as_str()),
-                consumer_group: transport.consumer_group(plugin.name().as_str()),
-                partition: None,
-                offset: None,
-            },
-            host: host.clone(),
-            fail_when_plugin_cannot_start: mode == RunMode::Drain,
-            telemetry: telemetry.clone(),
-            broker_dead_letters: pipeline.dead_letters.broker,
-        };
-        if routes.is_empty() {
-            dispatch::record_store_size(&ctx).await;
-        }
-        routes.spawn(dispatch::run_route(
-            ctx,
-            plugin.clone(),
-            sub,
-            batch_size,
+    let watcher = watch.then(|| {
+        tokio::spawn(crate::reload::watch::run(
+            control.clone(),
+            pipeline.watch_interval,
             stop_rx.clone(),
-            stop_flag.clone(),
-        ));
-    }
+        ))
+    });
     tracing::info!(
         pipeline = %pipeline.name,
         transport = transport.kind(),
@@ -283,6 +347,9 @@ pub async fn run_with(
         routes = plugins.loaded.len(),
         "Host running"
     );
+    if let Some(tx) = on_started {
+        let _ = tx.send(control.clone());
+    }
 
     let drained = async {
         if mode == RunMode::Serve {
@@ -295,11 +362,17 @@ pub async fn run_with(
             }
         }
     };
+    // Routes end with an error only when they cannot go on; a route stopped
+    // because its plugin left the pipeline ends with `Ok`.
     let route_died = async {
-        match routes.join_next().await {
-            Some(Ok(Ok(()))) | None => std::future::pending().await,
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => Err(anyhow::anyhow!("a route task failed: {e}")),
+        loop {
+            match exits.recv().await {
+                Some((_, Ok(()))) => {}
+                Some((route, Err(e))) => {
+                    return Err::<(), _>(e.context(format!("route {route} stopped")));
+                }
+                None => return std::future::pending().await,
+            }
         }
     };
     let outcome: Result<()> = tokio::select! {
@@ -314,14 +387,15 @@ pub async fn run_with(
         }
         r = route_died => r,
     };
-    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_tx.send(true);
-    while let Some(r) = routes.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "Route stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "Route task failed"),
+    control.shutdown().await;
+    while let Ok((route, result)) = exits.try_recv() {
+        if let Err(e) = result {
+            tracing::error!(plugin = %route, error = %format!("{e:#}"), "Route stopped with an error");
         }
+    }
+    if let Some(w) = watcher {
+        let _ = w.await;
     }
     // The listener stops taking connections at once; an open scrape gets a
     // moment to finish, not the power to hold the host.

@@ -116,8 +116,12 @@ fn metadata() -> Result<Metadata> {
 
 /// Plugins also built with extra features, under another name:
 /// (package, library name, features, output name).
-const VARIANTS: [(&str, &str, &str, &str); 1] =
-    [("test-plugin-stock", "stock", "fixed", "stock_fixed")];
+const VARIANTS: [(&str, &str, &str, &str); 4] = [
+    ("test-plugin-stock", "stock", "fixed", "stock_fixed"),
+    ("test-plugin-tally", "tally", "v2", "tally_v2"),
+    ("test-plugin-tally", "tally", "trap-on-start", "tally_trap"),
+    ("test-plugin-tally", "tally", "ballast", "tally_ballast"),
+];
 
 /// Builds every plugin and copies it to `dist/plugins/NAME.wasm`.
 fn build_plugins() -> Result<Vec<PathBuf>> {

@@ -262,7 +262,7 @@ async fn select(
     Ok(f)
 }
 
-fn time(ms: u64) -> String {
+pub(crate) fn time(ms: u64) -> String {
     // Times past the year 9999 cannot be written as RFC 3339: show the
     // number rather than fail.
     let mut out = String::new();

@@ -3,6 +3,7 @@
 mod dlq;
 mod inspect;
 mod messages;
+mod remote;
 mod validate;
 
 use std::path::PathBuf;
@@ -45,15 +46,22 @@ pub enum Command {
   switchyard run pipelines/orders.toml
   switchyard run pipelines/orders.toml --drain     # stop once every queue is empty
   switchyard run pipelines/orders.toml --trace-stdout
+  switchyard run pipelines/orders.toml --watch     # reload changed plugins and pipeline edits
   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 switchyard run pipelines/orders.toml
 
-Stop with Ctrl-C (SIGINT) or SIGTERM: messages in flight are finished and settled first.")]
+Stop with Ctrl-C (SIGINT) or SIGTERM: messages in flight are finished and settled first.
+With [admin] token_env set, new plugin versions can be deployed to the running host
+(`switchyard deploy`).")]
     Run {
         /// The pipeline TOML file.
         pipeline: PathBuf,
         /// Exit once every queue is empty instead of waiting for more messages.
         #[arg(long)]
         drain: bool,
+        /// Watch the pipeline file and its plugins' .wasm files; apply changes
+        /// without stopping (same as `[host] watch = true`).
+        #[arg(long)]
+        watch: bool,
         /// Print each trace as a tree on stdout when it completes (instead of
         /// any other trace export), to follow flows locally.
         #[arg(long)]
@@ -91,9 +99,31 @@ a running host picks it up within its poll interval.")]
   seq 1 1000 | sed 's/.*/{\"n\":&}/' | switchyard publish Tick -p tests/tick.toml --lines -")]
     Publish(MessageArgs),
 
-    /// Look at plugin components.
+    /// Look at plugin components, and at what a running host runs.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+
+    /// Deploy a new version of a plugin to a running host, without stopping it.
+    #[command(after_help = "Examples:
+  export SWITCHYARD_ADMIN_TOKEN=...        # the value of the host's [admin] token_env variable
+  switchyard deploy dist/plugins/payments.wasm --plugin payments
+  switchyard deploy payments.wasm --plugin payments --host http://127.0.0.1:9464
+
+The host compiles the component, checks its describe() against the pipeline and
+instantiates it before anything changes; a version that fails is refused and the
+running one keeps serving. Deployed versions are kept across restarts; undo with
+`switchyard plugins rollback NAME`.")]
+    Deploy {
+        /// The component (.wasm) file.
+        file: PathBuf,
+        /// The plugin (as named in the pipeline) it replaces.
+        #[arg(long)]
+        plugin: String,
+        #[command(flatten)]
+        host: remote::HostArgs,
+        #[command(flatten)]
+        token: remote::TokenArgs,
+    },
 
     /// Inspect, replay and close dead letters: messages the host gave up on.
     #[command(subcommand)]
@@ -127,6 +157,33 @@ pub enum PluginsCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+
+    /// Show what each route of a running host runs: version, digest, source,
+    /// since when.
+    #[command(after_help = "Examples:
+  switchyard plugins list
+  switchyard plugins list --host http://127.0.0.1:9464 --json")]
+    List {
+        #[command(flatten)]
+        host: remote::HostArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Return a plugin of a running host to the version before its last deploy.
+    #[command(after_help = "Examples:
+  switchyard plugins rollback payments
+
+Rolling back the only deployed version returns the plugin to its pipeline file.")]
+    Rollback {
+        /// The plugin, as named in the pipeline.
+        plugin: String,
+        #[command(flatten)]
+        host: remote::HostArgs,
+        #[command(flatten)]
+        token: remote::TokenArgs,
     },
 }
 
@@ -203,8 +260,27 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             Command::Run {
                 pipeline,
                 drain,
+                watch,
                 trace_stdout,
-            } => run(pipeline, drain, trace_stdout)
+            } => run(pipeline, drain, watch, trace_stdout)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Deploy {
+                file,
+                plugin,
+                host,
+                token,
+            } => remote::deploy(&file, &plugin, &host, &token)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Plugins(PluginsCommand::List { host, json }) => {
+                remote::list(&host, json).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Plugins(PluginsCommand::Rollback {
+                plugin,
+                host,
+                token,
+            }) => remote::rollback(&plugin, &host, &token)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Validate { pipelines, offline } => {
@@ -235,8 +311,18 @@ pub(crate) fn load_pipeline(path: &std::path::Path) -> Result<config::Pipeline> 
     Ok(loaded.pipeline)
 }
 
-async fn run(path: PathBuf, drain: bool, trace_stdout: bool) -> Result<()> {
+async fn run(path: PathBuf, drain: bool, watch: bool, trace_stdout: bool) -> Result<()> {
     let pipeline = load_pipeline(&path)?;
+    let admin_token = match &pipeline.admin_token_env {
+        Some(var) => match std::env::var(var) {
+            Ok(t) if !t.is_empty() => Some(t),
+            _ => anyhow::bail!(
+                "{}: [admin] token_env names {var}, which is not set in this environment (set it to the token deploys must present)",
+                path.display()
+            ),
+        },
+        None => None,
+    };
     let mut settings = pipeline.telemetry.resolve(&pipeline.name)?;
     if trace_stdout {
         settings.traces = crate::telemetry::TraceExport::Stdout;
@@ -246,7 +332,8 @@ async fn run(path: PathBuf, drain: bool, trace_stdout: bool) -> Result<()> {
     if telemetry.tracing() {
         tracing::info!(export = ?settings.traces, service = %settings.service_name, "Tracing on");
     }
-    let plugins = runtime::load_plugins(&pipeline).await?;
+    let deployed = runtime::deployed_versions(&pipeline)?;
+    let plugins = runtime::load_plugins_from(&pipeline, &deployed).await?;
     let mode = if drain {
         RunMode::Drain
     } else {
@@ -256,6 +343,9 @@ async fn run(path: PathBuf, drain: bool, trace_stdout: bool) -> Result<()> {
         mode,
         telemetry: telemetry.clone(),
         admin: pipeline.admin,
+        admin_token,
+        watch: watch || pipeline.watch,
+        on_started: None,
     };
     let result = runtime::run_with(&pipeline, plugins, options, shutdown_signal()).await;
     // Flushing spans can block on the network: not on the async runtime.

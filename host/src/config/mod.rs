@@ -63,8 +63,21 @@ pub struct Pipeline {
     /// Where the admin HTTP listener (`/metrics`, `/healthz`) binds; `None`
     /// when turned off.
     pub admin: Option<SocketAddr>,
+    /// The environment variable holding the bearer token that the admin
+    /// API's changing endpoints (deploy, rollback) require; `None` turns
+    /// them off.
+    pub admin_token_env: Option<String>,
+    /// `[host] watch`: reload plugins and this file when they change.
+    pub watch: bool,
+    /// How often watched files are looked at.
+    pub watch_interval: Duration,
+    /// Where the host keeps state of its own (deployed plugin versions).
+    pub state_dir: PathBuf,
     pub plugins: Vec<PluginSpec>,
 }
+
+/// How often `--watch` looks at the pipeline file and its plugins.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The admin listener's default: localhost only, on the port OpenTelemetry
 /// uses for Prometheus exporters.
@@ -378,17 +391,11 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let name = p.pipeline_section(&mut root, &stem);
     p.pipeline_name = name.clone();
     let transport = p.transport_section(&mut root, &name);
-    let cache_dir = root.table("host", p.diags).and_then(|mut host| {
-        let dir = host
-            .string("cache_dir", p.diags)
-            .map(|s| base.join(s.value));
-        host.finish(p.diags);
-        dir
-    });
+    let host = p.host_section(&mut root);
     let defaults = p.defaults_section(&mut root);
     let dead_letters = p.dead_letters_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
-    let admin = p.admin_section(&mut root);
+    let (admin, admin_token_env) = p.admin_section(&mut root);
     let plugins = p.plugins_section(&mut root, &defaults);
     root.finish(p.diags);
 
@@ -402,14 +409,26 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         name,
         source: path.to_owned(),
         transport,
-        cache_dir,
+        cache_dir: host.cache_dir,
         dead_letters,
         telemetry,
         admin,
+        admin_token_env,
+        watch: host.watch,
+        watch_interval: host.watch_interval,
+        state_dir: host.state_dir,
         plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
     };
     diags.sort();
     (Some(pipeline), diags)
+}
+
+/// `[host]` as read.
+struct HostSection {
+    cache_dir: Option<PathBuf>,
+    watch: bool,
+    watch_interval: Duration,
+    state_dir: PathBuf,
 }
 
 /// A plugin as far as it could be read, plus the places its types were
@@ -1008,11 +1027,66 @@ impl Parser<'_> {
     }
 
     /// `[admin]`: the HTTP listener for `/metrics` and `/healthz`.
-    fn admin_section(&mut self, root: &mut Section<'_>) -> Option<SocketAddr> {
+    /// `[host]`: where the host keeps its caches and state, and whether it
+    /// watches its files.
+    fn host_section(&mut self, root: &mut Section<'_>) -> HostSection {
+        let mut host = HostSection {
+            cache_dir: None,
+            watch: false,
+            watch_interval: DEFAULT_WATCH_INTERVAL,
+            state_dir: self.base.join(".switchyard"),
+        };
+        let Some(mut h) = root.table("host", self.diags) else {
+            return host;
+        };
+        host.cache_dir = h
+            .string("cache_dir", self.diags)
+            .map(|s| self.base.join(s.value));
+        if let Some(dir) = h.string("state_dir", self.diags) {
+            if dir.value.trim().is_empty() {
+                self.diags
+                    .error("`host.state_dir` must not be empty", dir.span);
+            } else {
+                host.state_dir = self.base.join(dir.value);
+            }
+        }
+        if let Some(w) = h.bool("watch", self.diags) {
+            host.watch = w.value;
+        }
+        if let Some(d) = self.duration(&mut h, "watch_interval") {
+            host.watch_interval = d.value;
+        }
+        h.finish(self.diags);
+        host
+    }
+
+    /// `[admin]`: the HTTP listener for `/metrics`, `/healthz` and the
+    /// plugin endpoints, and the token its changing endpoints require.
+    fn admin_section(&mut self, root: &mut Section<'_>) -> (Option<SocketAddr>, Option<String>) {
         let default = DEFAULT_ADMIN_LISTEN.parse().ok();
         let Some(mut a) = root.table("admin", self.diags) else {
-            return default;
+            return (default, None);
         };
+        let token_env = a.string("token_env", self.diags).and_then(|t| {
+            let valid = !t.value.is_empty()
+                && !t.value.starts_with(|c: char| c.is_ascii_digit())
+                && t.value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid {
+                Some(t.value)
+            } else {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!("`{}` is not an environment variable name", t.value),
+                        t.span,
+                    )
+                    .with_label("expected e.g. \"SWITCHYARD_ADMIN_TOKEN\"")
+                    .with_note("note: the token itself never goes in the pipeline file"),
+                );
+                None
+            }
+        });
         let listen = match a.string("listen", self.diags) {
             None => default,
             Some(l) if l.value == "off" => None,
@@ -1031,7 +1105,7 @@ impl Parser<'_> {
             },
         };
         a.finish(self.diags);
-        listen
+        (listen, token_env)
     }
 
     /// `[dead_letters]`: where failed messages go.

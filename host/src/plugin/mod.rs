@@ -170,12 +170,36 @@ impl PluginEngine {
             std::io::ErrorKind::NotFound => anyhow!("no such file (build the plugin first?)"),
             _ => anyhow!("cannot read: {e}"),
         })?;
-        check_header(&bytes)?;
-        let digest = cache::digest(&bytes);
+        self.load_bytes_inner(path, &bytes, sandbox)
+    }
+
+    /// [`PluginEngine::load`] from bytes already in memory (a deployed
+    /// version); `path` says where they are kept, for messages.
+    pub fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        sandbox: Sandbox,
+    ) -> Result<LoadedPlugin, LoadError> {
+        self.load_bytes_inner(path, bytes, sandbox)
+            .map_err(|error| LoadError {
+                path: path.to_owned(),
+                error,
+            })
+    }
+
+    fn load_bytes_inner(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        sandbox: Sandbox,
+    ) -> Result<LoadedPlugin> {
+        check_header(bytes)?;
+        let digest = cache::digest(bytes);
         let started = Instant::now();
         let (component, cached) = self
             .cache
-            .load_or_compile(&self.engine, &bytes, &digest)
+            .load_or_compile(&self.engine, bytes, &digest)
             .context("not a valid WebAssembly component")?;
         tracing::debug!(
             path = %path.display(),
@@ -229,6 +253,11 @@ impl PluginEngine {
         inner.contract = Contract::new(info, inner.sandbox.name.clone());
         Ok(plugin)
     }
+}
+
+/// `sha256:<hex>` of a component's bytes: how versions are told apart.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(cache::digest(bytes)))
 }
 
 /// Refuses files that are not components with a message that says what they are.
@@ -631,7 +660,8 @@ fn classify_trap(store: &Store<State>, error: wasmtime::Error, timeout: Duration
         timeout_failure(timeout)
     } else {
         let what = match error.downcast_ref::<Trap>() {
-            Some(trap) => format!("wasm trap: {trap}"),
+            // Its text starts with "wasm trap:".
+            Some(trap) => trap.to_string(),
             None => format!("{error:#}"),
         };
         Failure::new(FailureKind::Trap, what)

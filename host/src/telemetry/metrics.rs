@@ -22,8 +22,8 @@ const SECONDS_BUCKETS: [f64; 16] = [
     5.0, 60.0,
 ];
 
-/// The host's instruments. Attribute keys: `plugin`, `message.type`,
-/// `error.type`, `retry`, `status`.
+/// The host's instruments. Attribute keys: `plugin`, `plugin.version`,
+/// `message.type`, `error.type`, `retry`, `status`.
 pub struct Metrics {
     provider: SdkMeterProvider,
     reader: Arc<ManualReader>,
@@ -35,6 +35,8 @@ pub struct Metrics {
     pub latency: Histogram<f64>,
     pub in_flight: UpDownCounter<i64>,
     pub dead_letters: Gauge<u64>,
+    /// How long a route took to swap to a new plugin version.
+    pub swap_duration: Histogram<f64>,
 }
 
 /// Shares the manual reader between the meter provider and `/metrics`.
@@ -122,6 +124,12 @@ impl Metrics {
             dead_letters: meter
                 .u64_gauge("switchyard.dead_letters")
                 .with_description("Records in the dead-letter store, by status")
+                .build(),
+            swap_duration: meter
+                .f64_histogram("switchyard.plugin.swap.duration")
+                .with_unit("s")
+                .with_description("Time a route took to swap to a new plugin version")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
             provider,
             reader,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -128,12 +128,32 @@ pub struct EmbeddedTransport {
 struct Shared {
     path: PathBuf,
     config: EmbeddedConfig,
-    topology: Topology,
+    /// Who receives what; replaced when a running host's pipeline changes.
+    routing: RwLock<Routing>,
     /// All writes go through this connection: SQLite has one writer anyway,
     /// and serializing here avoids busy-waiting inside SQLite.
     writer: Mutex<Connection>,
+}
+
+struct Routing {
+    topology: Topology,
     /// Wakes an idle route when this process writes to its queue.
     wakers: HashMap<String, Arc<Notify>>,
+}
+
+impl Routing {
+    fn new(topology: Topology, mut old: HashMap<String, Arc<Notify>>) -> Self {
+        // A route that stays keeps its waker: its subscription holds it.
+        let wakers = topology
+            .route_names()
+            .into_iter()
+            .map(|r| {
+                let waker = old.remove(r).unwrap_or_else(|| Arc::new(Notify::new()));
+                (r.to_owned(), waker)
+            })
+            .collect();
+        Routing { topology, wakers }
+    }
 }
 
 /// The exclusive right to consume a store; released when dropped.
@@ -184,18 +204,12 @@ impl EmbeddedTransport {
                 "Messages that failed under an older switchyard are kept in the store's `failed` table; they are not retried or replayed"
             );
         }
-        let wakers = topology
-            .route_names()
-            .into_iter()
-            .map(|r| (r.to_owned(), Arc::new(Notify::new())))
-            .collect();
         Ok(EmbeddedTransport {
             shared: Arc::new(Shared {
                 path,
                 config: config.clone(),
-                topology,
+                routing: RwLock::new(Routing::new(topology, HashMap::new())),
                 writer: Mutex::new(conn),
-                wakers,
             }),
         })
     }
@@ -330,8 +344,9 @@ impl EmbeddedTransport {
     }
 
     fn wake(&self, routes: impl IntoIterator<Item = String>) {
+        let routing = self.shared.routing();
         for r in routes {
-            if let Some(n) = self.shared.wakers.get(&r) {
+            if let Some(n) = routing.wakers.get(&r) {
                 n.notify_one();
             }
         }
@@ -549,6 +564,14 @@ fn next_due(conn: &Connection, route: &str) -> rusqlite::Result<Option<u64>> {
 }
 
 impl Shared {
+    fn routing(&self) -> std::sync::RwLockReadGuard<'_, Routing> {
+        // Routing is replaced whole under the lock; a panic cannot leave it
+        // half-written.
+        self.routing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Writes one delivery per destination route; records the routes
     /// touched. An event nobody consumes is dropped (events may have zero
     /// consumers); a command with no handler is refused, never dropped.
@@ -559,7 +582,8 @@ impl Shared {
         now: u64,
         touched: &mut Vec<String>,
     ) -> Result<usize> {
-        let destinations = self.topology.destinations(&e.message_type);
+        let routing = self.routing();
+        let destinations = routing.topology.destinations(&e.message_type);
         if destinations.is_empty() && e.kind == Kind::Command {
             bail!(
                 "no plugin in this pipeline handles command {} (message {})",
@@ -607,6 +631,17 @@ impl super::ReplyInbox for EmbeddedInbox {
 
 #[async_trait]
 impl Transport for EmbeddedTransport {
+    fn set_topology(&self, topology: &Topology) -> Result<()> {
+        let mut routing = self
+            .shared
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = std::mem::take(&mut routing.wakers);
+        *routing = Routing::new(topology.clone(), old);
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "embedded"
     }
@@ -640,6 +675,7 @@ impl Transport for EmbeddedTransport {
     async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
         let waker = self
             .shared
+            .routing()
             .wakers
             .get(route)
             .cloned()
@@ -676,7 +712,7 @@ impl Transport for EmbeddedTransport {
     }
 
     async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()> {
-        if !self.shared.wakers.contains_key(route) {
+        if !self.shared.routing().wakers.contains_key(route) {
             bail!("route {route} is not part of this pipeline");
         }
         let route = route.to_owned();
@@ -702,7 +738,14 @@ impl Transport for EmbeddedTransport {
             let mut stmt = conn.prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1) OR EXISTS (SELECT 1 FROM scheduled WHERE route = ?1)",
             )?;
-            for route in s.topology.route_names() {
+            let routes: Vec<String> = s
+                .routing()
+                .topology
+                .route_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            for route in routes {
                 let busy: bool = stmt.query_row(params![route], |r| r.get(0))?;
                 if busy {
                     return Ok(false);
@@ -721,6 +764,7 @@ impl EmbeddedTransport {
     pub async fn orphans(&self) -> Result<Vec<(String, u64)>> {
         let routes: Vec<String> = self
             .shared
+            .routing()
             .topology
             .route_names()
             .into_iter()

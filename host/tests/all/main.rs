@@ -14,6 +14,7 @@ mod contract;
 mod dead_letters;
 mod dlq_store;
 mod durability;
+mod hot_reload;
 mod kafka;
 mod kafka_reliability;
 mod loading;

@@ -521,7 +521,7 @@ async fn metrics_move_as_messages_succeed_retry_and_dead_letter() {
     assert_eq!(
         value(
             &before,
-            r#"switchyard_messages_handled_total{message_type="PlaceOrder",plugin="orders"}"#
+            r#"switchyard_messages_handled_total{message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#
         ),
         0.0
     );
@@ -539,16 +539,16 @@ async fn metrics_move_as_messages_succeed_retry_and_dead_letter() {
 
     let m = scrape(addr);
     let series: HashMap<&str, f64> = [
-        r#"switchyard_messages_handled_total{message_type="PlaceOrder",plugin="orders"}"#,
-        r#"switchyard_messages_handled_total{message_type="ChargePayment",plugin="payments"}"#,
-        r#"switchyard_messages_handled_total{message_type="OrderPlaced",plugin="inventory"}"#,
-        r#"switchyard_messages_failed_total{error_type="transient",message_type="ChargePayment",plugin="payments"}"#,
-        r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",retry="now"}"#,
-        r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",retry="later"}"#,
-        r#"switchyard_messages_dead_lettered_total{error_type="permanent",message_type="PlaceOrder",plugin="orders"}"#,
+        r#"switchyard_messages_handled_total{message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#,
+        r#"switchyard_messages_handled_total{message_type="ChargePayment",plugin="payments",plugin_version="1.0.0"}"#,
+        r#"switchyard_messages_handled_total{message_type="OrderPlaced",plugin="inventory",plugin_version="1.0.0"}"#,
+        r#"switchyard_messages_failed_total{error_type="transient",message_type="ChargePayment",plugin="payments",plugin_version="1.0.0"}"#,
+        r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",plugin_version="1.0.0",retry="now"}"#,
+        r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",plugin_version="1.0.0",retry="later"}"#,
+        r#"switchyard_messages_dead_lettered_total{error_type="permanent",message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#,
         r#"switchyard_dead_letters{status="dead"}"#,
-        r#"switchyard_handler_duration_seconds_count{message_type="PlaceOrder",plugin="orders"}"#,
-        r#"switchyard_message_latency_seconds_count{message_type="PaymentCaptured",plugin="notifications"}"#,
+        r#"switchyard_handler_duration_seconds_count{message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#,
+        r#"switchyard_message_latency_seconds_count{message_type="PaymentCaptured",plugin="notifications",plugin_version="1.0.0"}"#,
         r#"switchyard_messages_in_flight{plugin="orders"}"#,
     ]
     .into_iter()
@@ -556,52 +556,58 @@ async fn metrics_move_as_messages_succeed_retry_and_dead_letter() {
     .collect();
     let v = |s: &str| series[s];
     assert_eq!(
-        v(r#"switchyard_messages_handled_total{message_type="PlaceOrder",plugin="orders"}"#),
+        v(
+            r#"switchyard_messages_handled_total{message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#
+        ),
         2.0,
         "{m}"
     );
     assert_eq!(
-        v(r#"switchyard_messages_handled_total{message_type="ChargePayment",plugin="payments"}"#),
-        2.0
-    );
-    assert_eq!(
-        v(r#"switchyard_messages_handled_total{message_type="OrderPlaced",plugin="inventory"}"#),
-        2.0
-    );
-    assert_eq!(
         v(
-            r#"switchyard_messages_failed_total{error_type="transient",message_type="ChargePayment",plugin="payments"}"#
+            r#"switchyard_messages_handled_total{message_type="ChargePayment",plugin="payments",plugin_version="1.0.0"}"#
         ),
         2.0
     );
     assert_eq!(
         v(
-            r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",retry="now"}"#
+            r#"switchyard_messages_handled_total{message_type="OrderPlaced",plugin="inventory",plugin_version="1.0.0"}"#
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         v(
-            r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",retry="later"}"#
+            r#"switchyard_messages_failed_total{error_type="transient",message_type="ChargePayment",plugin="payments",plugin_version="1.0.0"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        v(
+            r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",plugin_version="1.0.0",retry="now"}"#
         ),
         1.0
     );
     assert_eq!(
         v(
-            r#"switchyard_messages_dead_lettered_total{error_type="permanent",message_type="PlaceOrder",plugin="orders"}"#
+            r#"switchyard_messages_retried_total{message_type="ChargePayment",plugin="payments",plugin_version="1.0.0",retry="later"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            r#"switchyard_messages_dead_lettered_total{error_type="permanent",message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#
         ),
         1.0
     );
     assert_eq!(v(r#"switchyard_dead_letters{status="dead"}"#), 1.0, "{m}");
     assert_eq!(
         v(
-            r#"switchyard_handler_duration_seconds_count{message_type="PlaceOrder",plugin="orders"}"#
+            r#"switchyard_handler_duration_seconds_count{message_type="PlaceOrder",plugin="orders",plugin_version="1.0.0"}"#
         ),
         3.0
     );
     assert_eq!(
         v(
-            r#"switchyard_message_latency_seconds_count{message_type="PaymentCaptured",plugin="notifications"}"#
+            r#"switchyard_message_latency_seconds_count{message_type="PaymentCaptured",plugin="notifications",plugin_version="1.0.0"}"#
         ),
         2.0
     );

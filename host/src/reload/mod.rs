@@ -1,0 +1,889 @@
+//! Changing a running host without stopping it: a new build of a plugin, a
+//! changed pipeline file, a version deployed over the admin API, a
+//! rollback.
+//!
+//! Every change is prepared off the message path: the component is compiled
+//! (or taken from the compile cache), its `describe()` is checked against
+//! the pipeline exactly as at start-up, and a warm instance is made. Only a
+//! version that passes all of that is handed to its route, which takes it
+//! between two batches: the batch in hand finishes on the old version, the
+//! next one runs on the new. The subscription is never touched, so no
+//! message is lost or handled twice by a swap. A version that fails any
+//! step is refused with its reasons and the old one keeps serving.
+//!
+//! Changes are made one at a time (one lock), so two deploys or a deploy and
+//! a file change cannot interleave.
+
+mod deployments;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch as channel};
+
+pub use deployments::{Deployed, Deployments};
+
+use crate::config::{Pipeline, PluginSpec};
+use crate::dispatch::{self, RouteContext, RouteControl};
+use crate::dlq::DeadLetterStore;
+use crate::envelope::now_ms;
+use crate::plugin::contract::{self, PluginInfo};
+use crate::plugin::{Instance, LoadedPlugin, PluginEngine, Sandbox};
+use crate::recover::RetryPolicy;
+use crate::telemetry::Telemetry;
+use crate::transport::{Topology, Transport};
+
+/// Where the component a route runs came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The `.wasm` file the pipeline names.
+    File,
+    /// Deployed to this host (kept in its deployment store).
+    Deployed { at_ms: u64 },
+}
+
+/// One build of a plugin, ready for its route.
+pub struct Version {
+    pub plugin: LoadedPlugin,
+    pub policy: RetryPolicy,
+    pub source: Source,
+    /// An instance made while the version was prepared, so the route's
+    /// first message on it does not pay for instantiation.
+    warm: std::sync::Mutex<Option<Instance>>,
+}
+
+impl Version {
+    /// A version whose instance is made by the route when it first needs
+    /// one (at start-up, where a plugin that cannot start is retried).
+    pub fn new(plugin: LoadedPlugin, policy: RetryPolicy, source: Source) -> Arc<Self> {
+        Arc::new(Version {
+            plugin,
+            policy,
+            source,
+            warm: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// A version with an instance made now: a build that cannot be
+    /// instantiated is refused here rather than on the route.
+    fn prepared(plugin: LoadedPlugin, policy: RetryPolicy, source: Source) -> Result<Arc<Self>> {
+        let instance = plugin.instantiate()?;
+        Ok(Arc::new(Version {
+            plugin,
+            policy,
+            source,
+            warm: std::sync::Mutex::new(Some(instance)),
+        }))
+    }
+
+    /// The instance made in advance, if it is still there.
+    pub fn take_instance(&self) -> Option<Instance> {
+        self.warm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// What a route is running, as the route itself reports it.
+#[derive(Clone)]
+pub struct Serving {
+    pub version: Arc<Version>,
+    /// When the route started running it.
+    pub since_ms: u64,
+    /// How long the route's swap to it took (none for the first version).
+    pub swap_took: Option<Duration>,
+    /// Swaps this route has made.
+    pub swaps: u64,
+}
+
+/// Shared between a route and the host's control.
+pub struct RouteStatus {
+    serving: std::sync::Mutex<Serving>,
+}
+
+impl RouteStatus {
+    pub fn new(version: Arc<Version>) -> Arc<Self> {
+        Arc::new(RouteStatus {
+            serving: std::sync::Mutex::new(Serving {
+                version,
+                since_ms: now_ms(),
+                swap_took: None,
+                swaps: 0,
+            }),
+        })
+    }
+
+    pub fn serving(&self) -> Serving {
+        self.serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Called by the route when it has swapped.
+    pub fn swapped(&self, version: Arc<Version>, took: Duration) {
+        let mut s = self
+            .serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.version = version;
+        s.since_ms = now_ms();
+        s.swap_took = Some(took);
+        s.swaps += 1;
+    }
+}
+
+/// One route as `switchyard plugins list` and `GET /plugins` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    pub plugin: String,
+    pub version: String,
+    pub digest: String,
+    /// `file` or `deployed`.
+    pub source: String,
+    /// The component's file on the host.
+    pub path: String,
+    /// When the route started running this version (ms since the epoch).
+    pub loaded_at_ms: u64,
+    pub swaps: u64,
+    /// Microseconds the route's last swap took.
+    pub last_swap_us: Option<u64>,
+    /// A newer version handed to the route, which it takes with its next
+    /// batch.
+    pub pending: Option<PendingInfo>,
+}
+
+/// A version waiting for its route's next batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInfo {
+    pub version: String,
+    pub digest: String,
+}
+
+/// Why a change was not made.
+#[derive(Debug)]
+pub enum ChangeError {
+    /// No such plugin in the running pipeline.
+    UnknownPlugin(String),
+    /// The change is wrong (it does not compile, breaks the contract,
+    /// ...): nothing was changed, and these are the reasons.
+    Refused(Vec<String>),
+    /// The host could not carry it out (a disk error, say); nothing was
+    /// changed.
+    Failed(anyhow::Error),
+}
+
+impl std::fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeError::UnknownPlugin(name) => {
+                write!(f, "the running pipeline has no plugin `{name}`")
+            }
+            ChangeError::Refused(reasons) => write!(f, "{}", reasons.join("\n")),
+            ChangeError::Failed(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for ChangeError {}
+
+/// What a pipeline change did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChangeReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub swapped: Vec<String>,
+    /// Routes that could not be started (the change is otherwise applied;
+    /// the next change or restart tries again).
+    pub failed: Vec<String>,
+}
+
+impl ChangeReport {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.swapped.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+/// What every route shares, besides its plugin.
+pub struct RouteBase {
+    pub dead_letters: Arc<dyn DeadLetterStore>,
+    pub host: String,
+    pub telemetry: Telemetry,
+    pub fail_when_plugin_cannot_start: bool,
+}
+
+struct Route {
+    /// The newest version handed to the route.
+    versions: channel::Sender<Arc<Version>>,
+    status: Arc<RouteStatus>,
+    stop: channel::Sender<bool>,
+    stop_flag: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    /// The digest of the pipeline's file when last read, to tell when it
+    /// changes under a deployed version.
+    file_digest: Option<String>,
+}
+
+struct State {
+    pipeline: Pipeline,
+    topology: channel::Sender<Arc<Topology>>,
+    routes: BTreeMap<String, Route>,
+    stopping: bool,
+}
+
+/// How a route ended: its name and result.
+pub type RouteExit = (String, Result<()>);
+
+/// The running host's routes, and the one way to change them.
+pub struct Control {
+    engine: Arc<PluginEngine>,
+    transport: Arc<dyn Transport>,
+    base: RouteBase,
+    deployments: Deployments,
+    state: tokio::sync::Mutex<State>,
+    exits: mpsc::UnboundedSender<RouteExit>,
+}
+
+impl Control {
+    /// Starts one route per plugin. Route ends are reported on the returned
+    /// receiver.
+    pub async fn start(
+        engine: Arc<PluginEngine>,
+        transport: Arc<dyn Transport>,
+        pipeline: Pipeline,
+        versions: Vec<Arc<Version>>,
+        base: RouteBase,
+    ) -> Result<(Arc<Control>, mpsc::UnboundedReceiver<RouteExit>)> {
+        let (exits, exits_rx) = mpsc::unbounded_channel();
+        let deployments = Deployments::new(&pipeline.state_dir, &pipeline.name);
+        let (topology, _) = channel::channel(Arc::new(Topology::of(&pipeline)));
+        let control = Arc::new(Control {
+            engine,
+            transport,
+            base,
+            deployments,
+            state: tokio::sync::Mutex::new(State {
+                pipeline,
+                topology,
+                routes: BTreeMap::new(),
+                stopping: false,
+            }),
+            exits,
+        });
+        {
+            let mut state = control.state.lock().await;
+            for version in versions {
+                let file_digest = file_digest(
+                    state
+                        .pipeline
+                        .plugin(version.plugin.name().as_str())
+                        .map(|s| s.wasm.as_path()),
+                );
+                control
+                    .spawn_route(&mut state, version, file_digest)
+                    .await?;
+            }
+        }
+        Ok((control, exits_rx))
+    }
+
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
+    }
+
+    /// The pipeline as it runs now.
+    pub async fn pipeline(&self) -> Pipeline {
+        self.state.lock().await.pipeline.clone()
+    }
+
+    async fn spawn_route(
+        &self,
+        state: &mut State,
+        version: Arc<Version>,
+        file_digest: Option<String>,
+    ) -> Result<()> {
+        let name = version.plugin.name().to_string();
+        let subscription = self.transport.subscribe(&name).await?;
+        let ctx = RouteContext {
+            pipeline: state.pipeline.name.clone(),
+            policy: version.policy.clone(),
+            dead_letters: self.base.dead_letters.clone(),
+            topology: state.topology.borrow().clone(),
+            source: crate::dlq::Source {
+                transport: self.transport.kind().into(),
+                location: self.transport.location(),
+                queue: self.transport.queue(&name),
+                consumer_group: self.transport.consumer_group(&name),
+                partition: None,
+                offset: None,
+            },
+            host: self.base.host.clone(),
+            fail_when_plugin_cannot_start: self.base.fail_when_plugin_cannot_start,
+            telemetry: self.base.telemetry.clone(),
+            broker_dead_letters: state.pipeline.dead_letters.broker,
+        };
+        if state.routes.is_empty() {
+            dispatch::record_store_size(&ctx).await;
+        }
+        tracing::info!(
+            plugin = %name,
+            version = %version.plugin.info().version,
+            digest = %crate::runtime::short_digest(version.plugin.digest()),
+            source = source_name(version.source),
+            "Route started"
+        );
+        let (versions, versions_rx) = channel::channel(version.clone());
+        let status = RouteStatus::new(version);
+        let (stop, stop_rx) = channel::channel(false);
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let route_control = RouteControl {
+            versions: versions_rx,
+            topology: state.topology.subscribe(),
+            status: status.clone(),
+        };
+        let exits = self.exits.clone();
+        let batch_size = state.pipeline.batch_size();
+        let flag = stop_flag.clone();
+        let route_name = name.clone();
+        let task = tokio::spawn(async move {
+            use futures_util::FutureExt as _;
+            let run =
+                dispatch::run_route(ctx, route_control, subscription, batch_size, stop_rx, flag);
+            let result = std::panic::AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the route's task panicked")));
+            let _ = exits.send((route_name, result));
+        });
+        state.routes.insert(
+            name,
+            Route {
+                versions,
+                status,
+                stop,
+                stop_flag,
+                task,
+                file_digest,
+            },
+        );
+        Ok(())
+    }
+
+    /// What every route runs.
+    pub async fn list(&self) -> Vec<RouteInfo> {
+        let state = self.state.lock().await;
+        state
+            .routes
+            .iter()
+            .map(|(name, route)| route_info(name, route))
+            .collect()
+    }
+
+    /// Stops every route, letting each finish and settle the batch in hand.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<_> = {
+            let mut state = self.state.lock().await;
+            state.stopping = true;
+            std::mem::take(&mut state.routes)
+                .into_values()
+                .map(|r| {
+                    r.stop_flag.store(true, Ordering::Relaxed);
+                    let _ = r.stop.send(true);
+                    r.task
+                })
+                .collect()
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Reads the pipeline file again and applies what changed in it or in
+    /// the plugin files it names.
+    pub async fn reload_from_disk(&self) -> Result<ChangeReport, ChangeError> {
+        let source = self.state.lock().await.pipeline.source.clone();
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load(&source))
+            .await
+            .map_err(|e| ChangeError::Failed(e.into()))?;
+        match loaded {
+            Ok(loaded) => self.apply_pipeline(loaded.pipeline).await,
+            Err(e) => {
+                let reasons = vec![e.to_string()];
+                tracing::error!(
+                    "The changed pipeline file is not valid; the host keeps running the previous one:\n{}",
+                    reasons.join("\n")
+                );
+                Err(ChangeError::Refused(reasons))
+            }
+        }
+    }
+
+    /// Brings the running host to `new`: routes added, removed, and given
+    /// new versions, all checked before any is applied. A change the
+    /// running host cannot make (its transport, say) refuses the whole
+    /// change.
+    pub async fn apply_pipeline(&self, new: Pipeline) -> Result<ChangeReport, ChangeError> {
+        let result = self.apply_pipeline_inner(new).await;
+        match &result {
+            Ok(report) if report.is_empty() => {}
+            Ok(report) => tracing::info!(
+                added = ?report.added,
+                removed = ?report.removed,
+                swapped = ?report.swapped,
+                failed = ?report.failed,
+                "Pipeline change applied"
+            ),
+            Err(e) => {
+                tracing::error!("Pipeline change refused; the host keeps running as it was:\n{e}")
+            }
+        }
+        result
+    }
+
+    async fn apply_pipeline_inner(&self, new: Pipeline) -> Result<ChangeReport, ChangeError> {
+        let mut state = self.state.lock().await;
+        if state.stopping {
+            return Err(ChangeError::Refused(vec!["the host is stopping".into()]));
+        }
+        let fixed = fixed_changes(&state.pipeline, &new);
+        if !fixed.is_empty() {
+            return Err(ChangeError::Refused(vec![format!(
+                "{} changed: a running host cannot apply {}; restart it (nothing was applied)",
+                fixed.join(", "),
+                if fixed.len() == 1 { "that" } else { "those" }
+            )]));
+        }
+
+        // Load what changed; keep what did not.
+        let mut errors = Vec::new();
+        let mut fresh: BTreeMap<String, (LoadedPlugin, Source, Option<String>)> = BTreeMap::new();
+        for spec in &new.plugins {
+            let name = spec.name.as_str();
+            let deployed = match self.deployments.current(name) {
+                Ok(d) => d,
+                Err(e) => {
+                    errors.push(format!("plugin `{name}`: {e:#}"));
+                    continue;
+                }
+            };
+            let file_now = file_digest(Some(&spec.wasm));
+            let (path, source) = match &deployed {
+                Some((d, path)) => (
+                    path.clone(),
+                    Source::Deployed {
+                        at_ms: d.deployed_at_ms,
+                    },
+                ),
+                None => (spec.wasm.clone(), Source::File),
+            };
+            if let Some(route) = state.routes.get(name) {
+                let assigned = route.versions.borrow().clone();
+                let want = match &deployed {
+                    Some((d, _)) => Some(d.digest.clone()),
+                    None => file_now.clone(),
+                };
+                if deployed.is_some() && file_now != route.file_digest {
+                    tracing::warn!(
+                        plugin = name,
+                        file = %spec.wasm.display(),
+                        "The plugin's file changed, but the plugin runs a deployed version; `switchyard plugins rollback` returns to the file"
+                    );
+                }
+                if state.pipeline.plugin(name) == Some(spec)
+                    && want.as_deref() == Some(assigned.plugin.digest())
+                {
+                    continue;
+                }
+            }
+            match self.load(spec, &path).await {
+                Ok(plugin) => {
+                    fresh.insert(name.to_owned(), (plugin, source, file_now));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        // Check the new pipeline whole, with the versions it would run.
+        let kept: BTreeMap<&str, Arc<Version>> = state
+            .routes
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.versions.borrow().clone()))
+            .collect();
+        let mut pairs: Vec<(&PluginSpec, &PluginInfo)> = Vec::new();
+        for spec in &new.plugins {
+            let name = spec.name.as_str();
+            if let Some((p, _, _)) = fresh.get(name) {
+                pairs.push((spec, p.info()));
+            } else if let Some(v) = kept.get(name) {
+                pairs.push((spec, v.plugin.info()));
+            }
+        }
+        if errors.is_empty() {
+            errors.extend(contract_errors(&new, &pairs));
+        }
+        drop(pairs);
+        if !errors.is_empty() {
+            return Err(ChangeError::Refused(errors));
+        }
+        let mut prepared: BTreeMap<String, (Arc<Version>, Option<String>)> = BTreeMap::new();
+        for (name, (plugin, source, file_now)) in fresh {
+            let Some(spec) = new.plugin(&name) else {
+                continue;
+            };
+            match prepare(plugin, spec.retry.clone(), source).await {
+                Ok(v) => {
+                    prepared.insert(name, (v, file_now));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ChangeError::Refused(errors));
+        }
+
+        // Apply: routing first (the only step that can still refuse).
+        let topology = Topology::of(&new);
+        if **state.topology.borrow() != topology {
+            self.transport
+                .set_topology(&topology)
+                .map_err(|e| ChangeError::Refused(vec![format!("{e:#}")]))?;
+            state.topology.send_replace(Arc::new(topology));
+        }
+        let mut report = ChangeReport::default();
+        let removed: Vec<String> = state
+            .routes
+            .keys()
+            .filter(|n| new.plugin(n).is_none())
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(route) = state.routes.remove(&name) {
+                route.stop_flag.store(true, Ordering::Relaxed);
+                let _ = route.stop.send(true);
+                let plugin = name.clone();
+                tokio::spawn(async move {
+                    let _ = route.task.await;
+                    tracing::info!(plugin = %plugin, "Route stopped: the plugin left the pipeline");
+                });
+                report.removed.push(name);
+            }
+        }
+        state.pipeline = new;
+        for (name, (version, file_now)) in prepared {
+            if let Some(route) = state.routes.get_mut(&name) {
+                log_handover(&version);
+                route.versions.send_replace(version);
+                route.file_digest = file_now;
+                report.swapped.push(name);
+            } else {
+                match self.spawn_route(&mut state, version, file_now).await {
+                    Ok(()) => report.added.push(name),
+                    Err(e) => {
+                        tracing::error!(plugin = %name, error = %format!("{e:#}"), "Cannot start the new route");
+                        report.failed.push(name);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Makes `bytes` the running version of plugin `name`, and keeps it
+    /// (deployed versions survive restarts).
+    pub async fn deploy(&self, name: &str, bytes: Vec<u8>) -> Result<RouteInfo, ChangeError> {
+        let result = self.deploy_inner(name, bytes).await;
+        log_change("Deploy", name, &result);
+        result
+    }
+
+    async fn deploy_inner(&self, name: &str, bytes: Vec<u8>) -> Result<RouteInfo, ChangeError> {
+        let state = self.state.lock().await;
+        let spec = state
+            .pipeline
+            .plugin(name)
+            .cloned()
+            .ok_or_else(|| ChangeError::UnknownPlugin(name.to_owned()))?;
+        let digest = crate::plugin::digest_of(&bytes);
+        let path = self.deployments.wasm_path(name, &digest);
+        let bytes = Arc::new(bytes);
+        let plugin = {
+            let engine = self.engine.clone();
+            let (path, bytes, sandbox) = (path.clone(), bytes.clone(), sandbox_of(&spec));
+            tokio::task::spawn_blocking(move || engine.load_bytes(&path, &bytes, sandbox))
+                .await
+                .map_err(|e| ChangeError::Failed(e.into()))?
+                .map_err(|e| ChangeError::Refused(vec![format!("plugin `{name}`: {e}")]))?
+        };
+        let at_ms = now_ms();
+        let version = self
+            .check_and_prepare(&state, &spec, plugin, Source::Deployed { at_ms })
+            .await?;
+        let entry = Deployed {
+            digest,
+            version: version.plugin.info().version.clone(),
+            deployed_at_ms: at_ms,
+            size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+        };
+        let store = self.deployments.clone();
+        let plugin_name = name.to_owned();
+        tokio::task::spawn_blocking(move || store.push(&plugin_name, &bytes, entry))
+            .await
+            .map_err(|e| ChangeError::Failed(e.into()))?
+            .map_err(ChangeError::Failed)?;
+        Ok(self.hand_over(&state, name, version))
+    }
+
+    /// Returns plugin `name` to the version it ran before its last
+    /// deployment (an earlier deployment, or the pipeline's file).
+    pub async fn rollback(&self, name: &str) -> Result<RouteInfo, ChangeError> {
+        let result = self.rollback_inner(name).await;
+        log_change("Rollback", name, &result);
+        result
+    }
+
+    async fn rollback_inner(&self, name: &str) -> Result<RouteInfo, ChangeError> {
+        let state = self.state.lock().await;
+        let spec = state
+            .pipeline
+            .plugin(name)
+            .cloned()
+            .ok_or_else(|| ChangeError::UnknownPlugin(name.to_owned()))?;
+        let history = self
+            .deployments
+            .history(name)
+            .map_err(ChangeError::Failed)?;
+        if history.is_empty() {
+            return Err(ChangeError::Refused(vec![format!(
+                "plugin `{name}` runs {} from its pipeline file; no deployment to roll back",
+                spec.wasm.display()
+            )]));
+        }
+        let (path, source) = match history.len().checked_sub(2).and_then(|i| history.get(i)) {
+            Some(previous) => (
+                self.deployments.wasm_path(name, &previous.digest),
+                Source::Deployed {
+                    at_ms: previous.deployed_at_ms,
+                },
+            ),
+            None => (spec.wasm.clone(), Source::File),
+        };
+        let plugin = self
+            .load(&spec, &path)
+            .await
+            .map_err(|e| ChangeError::Refused(vec![format!("cannot roll back: {e}")]))?;
+        let version = self
+            .check_and_prepare(&state, &spec, plugin, source)
+            .await?;
+        let store = self.deployments.clone();
+        let plugin_name = name.to_owned();
+        tokio::task::spawn_blocking(move || store.pop(&plugin_name))
+            .await
+            .map_err(|e| ChangeError::Failed(e.into()))?
+            .map_err(ChangeError::Failed)?;
+        Ok(self.hand_over(&state, name, version))
+    }
+
+    /// Compiles and links one plugin file with its pipeline entry's sandbox.
+    async fn load(&self, spec: &PluginSpec, path: &Path) -> Result<LoadedPlugin, String> {
+        let engine = self.engine.clone();
+        let (path, sandbox) = (path.to_owned(), sandbox_of(spec));
+        let name = spec.name.clone();
+        match tokio::task::spawn_blocking(move || engine.load(&path, sandbox)).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(format!("plugin `{name}`: {e}")),
+            Err(e) => Err(format!("plugin `{name}`: loading failed: {e}")),
+        }
+    }
+
+    /// Checks a new build of one plugin against the running pipeline and
+    /// makes its instance.
+    async fn check_and_prepare(
+        &self,
+        state: &State,
+        spec: &PluginSpec,
+        plugin: LoadedPlugin,
+        source: Source,
+    ) -> Result<Arc<Version>, ChangeError> {
+        let others: Vec<(String, Arc<Version>)> = state
+            .routes
+            .iter()
+            .filter(|(n, _)| n.as_str() != spec.name.as_str())
+            .map(|(n, r)| (n.clone(), r.versions.borrow().clone()))
+            .collect();
+        let mut pairs: Vec<(&PluginSpec, &PluginInfo)> = vec![(spec, plugin.info())];
+        for (n, v) in &others {
+            if let Some(s) = state.pipeline.plugin(n) {
+                pairs.push((s, v.plugin.info()));
+            }
+        }
+        let errors = contract_errors(&state.pipeline, &pairs);
+        drop(pairs);
+        if !errors.is_empty() {
+            return Err(ChangeError::Refused(errors));
+        }
+        prepare(plugin, spec.retry.clone(), source)
+            .await
+            .map_err(|e| ChangeError::Refused(vec![e]))
+    }
+
+    fn hand_over(&self, state: &State, name: &str, version: Arc<Version>) -> RouteInfo {
+        log_handover(&version);
+        match state.routes.get(name) {
+            Some(route) => {
+                route.versions.send_replace(version);
+                route_info(name, route)
+            }
+            // The pipeline has the plugin but its route did not start; it
+            // runs the new version when it does.
+            None => RouteInfo {
+                plugin: name.to_owned(),
+                version: version.plugin.info().version.clone(),
+                digest: version.plugin.digest().to_owned(),
+                source: source_name(version.source).into(),
+                path: version.plugin.path().display().to_string(),
+                loaded_at_ms: 0,
+                swaps: 0,
+                last_swap_us: None,
+                pending: None,
+            },
+        }
+    }
+
+    /// The files a watcher looks at: the pipeline and its plugins.
+    pub async fn watched_files(&self) -> Vec<PathBuf> {
+        let state = self.state.lock().await;
+        let mut files = vec![state.pipeline.source.clone()];
+        files.extend(state.pipeline.plugins.iter().map(|p| p.wasm.clone()));
+        files
+    }
+}
+
+fn log_handover(version: &Version) {
+    tracing::info!(
+        plugin = %version.plugin.name(),
+        version = %version.plugin.info().version,
+        digest = %crate::runtime::short_digest(version.plugin.digest()),
+        source = source_name(version.source),
+        "New plugin version checked; the route takes it with its next batch"
+    );
+}
+
+fn log_change(what: &str, plugin: &str, result: &Result<RouteInfo, ChangeError>) {
+    if let Err(e) = result {
+        tracing::error!(
+            plugin,
+            "{what} refused; the running version keeps serving:\n{e}"
+        );
+    }
+}
+
+fn source_name(source: Source) -> &'static str {
+    match source {
+        Source::File => "file",
+        Source::Deployed { .. } => "deployed",
+    }
+}
+
+fn route_info(name: &str, route: &Route) -> RouteInfo {
+    let serving = route.status.serving();
+    let assigned = route.versions.borrow().clone();
+    let v = &serving.version;
+    let pending = (!Arc::ptr_eq(&assigned, v)).then(|| PendingInfo {
+        version: assigned.plugin.info().version.clone(),
+        digest: assigned.plugin.digest().to_owned(),
+    });
+    RouteInfo {
+        plugin: name.to_owned(),
+        version: v.plugin.info().version.clone(),
+        digest: v.plugin.digest().to_owned(),
+        source: source_name(v.source).into(),
+        path: v.plugin.path().display().to_string(),
+        loaded_at_ms: serving.since_ms,
+        swaps: serving.swaps,
+        last_swap_us: serving
+            .swap_took
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        pending,
+    }
+}
+
+/// The sandbox a plugin entry of a pipeline gives its component.
+pub fn sandbox_of(spec: &PluginSpec) -> Sandbox {
+    Sandbox {
+        name: spec.name.clone(),
+        limits: spec.limits.clone(),
+        grants: spec.grants.clone(),
+    }
+}
+
+/// Instantiates a new version off the message path.
+async fn prepare(
+    plugin: LoadedPlugin,
+    policy: RetryPolicy,
+    source: Source,
+) -> Result<Arc<Version>, String> {
+    let name = plugin.name().clone();
+    match tokio::task::spawn_blocking(move || Version::prepared(plugin, policy, source)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("plugin `{name}`: {e:#}")),
+        Err(e) => Err(format!("plugin `{name}`: instantiation failed: {e}")),
+    }
+}
+
+/// The contract errors of a pipeline run with these plugin versions.
+fn contract_errors(pipeline: &Pipeline, pairs: &[(&PluginSpec, &PluginInfo)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (spec, info) in pairs {
+        problems.extend(contract::check_plugin(spec, info));
+    }
+    problems.extend(contract::check_pipeline(pipeline, pairs));
+    problems
+        .into_iter()
+        .filter(|p| p.error)
+        .map(|p| p.to_string())
+        .collect()
+}
+
+/// The sections of a pipeline a running host cannot change.
+fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.name != new.name {
+        changed.push("[pipeline] name");
+    }
+    if old.transport != new.transport {
+        changed.push("[transport]");
+    }
+    if old.dead_letters != new.dead_letters {
+        changed.push("[dead_letters]");
+    }
+    if old.telemetry != new.telemetry {
+        changed.push("[telemetry]");
+    }
+    if old.admin != new.admin || old.admin_token_env != new.admin_token_env {
+        changed.push("[admin]");
+    }
+    if old.cache_dir != new.cache_dir
+        || old.state_dir != new.state_dir
+        || old.watch != new.watch
+        || old.watch_interval != new.watch_interval
+    {
+        changed.push("[host]");
+    }
+    changed
+}
+
+/// `sha256:<hex>` of a file, if it can be read.
+fn file_digest(path: Option<&Path>) -> Option<String> {
+    std::fs::read(path?)
+        .ok()
+        .map(|b| crate::plugin::digest_of(&b))
+}
