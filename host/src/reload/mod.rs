@@ -234,6 +234,14 @@ struct Route {
     file_digest: Option<String>,
 }
 
+/// What `list` reads, kept apart from the change lock so that listing
+/// never waits for a change being compiled.
+#[derive(Default)]
+struct View {
+    routes: BTreeMap<String, (channel::Receiver<Arc<Version>>, Arc<RouteStatus>)>,
+    files: Vec<PathBuf>,
+}
+
 struct State {
     pipeline: Pipeline,
     topology: channel::Sender<Arc<Topology>>,
@@ -251,6 +259,7 @@ pub struct Control {
     base: RouteBase,
     deployments: Deployments,
     state: tokio::sync::Mutex<State>,
+    view: std::sync::RwLock<View>,
     exits: mpsc::UnboundedSender<RouteExit>,
 }
 
@@ -278,6 +287,7 @@ impl Control {
                 routes: BTreeMap::new(),
                 stopping: false,
             }),
+            view: std::sync::RwLock::new(View::default()),
             exits,
         });
         {
@@ -293,6 +303,7 @@ impl Control {
                     .spawn_route(&mut state, version, file_digest)
                     .await?;
             }
+            control.publish_view(&state);
         }
         Ok((control, exits_rx))
     }
@@ -379,13 +390,34 @@ impl Control {
         Ok(())
     }
 
-    /// What every route runs.
-    pub async fn list(&self) -> Vec<RouteInfo> {
-        let state = self.state.lock().await;
-        state
+    /// Makes the routes and files of `state` what `list` and the watcher
+    /// see.
+    fn publish_view(&self, state: &State) {
+        let mut files = vec![state.pipeline.source.clone()];
+        files.extend(state.pipeline.plugins.iter().map(|p| p.wasm.clone()));
+        let routes = state
             .routes
             .iter()
-            .map(|(name, route)| route_info(name, route))
+            .map(|(n, r)| (n.clone(), (r.versions.subscribe(), r.status.clone())))
+            .collect();
+        *self
+            .view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = View { routes, files };
+    }
+
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What every route runs. Does not wait for a change in progress.
+    pub async fn list(&self) -> Vec<RouteInfo> {
+        self.view()
+            .routes
+            .iter()
+            .map(|(name, (versions, status))| route_info(name, versions, status))
             .collect()
     }
 
@@ -394,7 +426,9 @@ impl Control {
         let tasks: Vec<_> = {
             let mut state = self.state.lock().await;
             state.stopping = true;
-            std::mem::take(&mut state.routes)
+            let routes = std::mem::take(&mut state.routes);
+            self.publish_view(&state);
+            routes
                 .into_values()
                 .map(|r| {
                     r.stop_flag.store(true, Ordering::Relaxed);
@@ -462,6 +496,30 @@ impl Control {
                 fixed.join(", "),
                 if fixed.len() == 1 { "that" } else { "those" }
             )]));
+        }
+
+        // A broker's retry queues and topics are laid out per route when it
+        // is subscribed; a changed number of delayed retries needs them
+        // laid out again.
+        if self.transport.kind() != "embedded" {
+            let relaid: Vec<String> = new
+                .plugins
+                .iter()
+                .filter(|p| {
+                    state
+                        .pipeline
+                        .plugin(p.name.as_str())
+                        .is_some_and(|old| old.retry.delayed != p.retry.delayed)
+                })
+                .map(|p| format!("`{}`", p.name))
+                .collect();
+            if !relaid.is_empty() {
+                return Err(ChangeError::Refused(vec![format!(
+                    "the delayed retries of {} changed: on the {} transport that changes its retry queues; restart the host to apply it (nothing was applied)",
+                    relaid.join(", "),
+                    self.transport.kind()
+                )]));
+            }
         }
 
         // Load what changed; keep what did not.
@@ -578,6 +636,7 @@ impl Control {
             }
         }
         state.pipeline = new;
+        self.publish_view(&state);
         for (name, (version, file_now)) in prepared {
             if let Some(route) = state.routes.get_mut(&name) {
                 log_handover(&version);
@@ -594,6 +653,7 @@ impl Control {
                 }
             }
         }
+        self.publish_view(&state);
         Ok(report)
     }
 
@@ -740,7 +800,7 @@ impl Control {
         match state.routes.get(name) {
             Some(route) => {
                 route.versions.send_replace(version);
-                route_info(name, route)
+                route_info(name, &route.versions.subscribe(), &route.status)
             }
             // The pipeline has the plugin but its route did not start; it
             // runs the new version when it does.
@@ -759,11 +819,8 @@ impl Control {
     }
 
     /// The files a watcher looks at: the pipeline and its plugins.
-    pub async fn watched_files(&self) -> Vec<PathBuf> {
-        let state = self.state.lock().await;
-        let mut files = vec![state.pipeline.source.clone()];
-        files.extend(state.pipeline.plugins.iter().map(|p| p.wasm.clone()));
-        files
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        self.view().files.clone()
     }
 }
 
@@ -793,9 +850,13 @@ fn source_name(source: Source) -> &'static str {
     }
 }
 
-fn route_info(name: &str, route: &Route) -> RouteInfo {
-    let serving = route.status.serving();
-    let assigned = route.versions.borrow().clone();
+fn route_info(
+    name: &str,
+    versions: &channel::Receiver<Arc<Version>>,
+    status: &RouteStatus,
+) -> RouteInfo {
+    let serving = status.serving();
+    let assigned = versions.borrow().clone();
     let v = &serving.version;
     let pending = (!Arc::ptr_eq(&assigned, v)).then(|| PendingInfo {
         version: assigned.plugin.info().version.clone(),

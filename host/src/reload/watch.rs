@@ -55,7 +55,7 @@ fn inode(_: &std::fs::Metadata) -> u64 {
 /// Watches until `stop` turns true.
 pub async fn run(control: Arc<Control>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut seen: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
-    for f in control.watched_files().await {
+    for f in control.watched_files() {
         let s = stamp(&f);
         seen.insert(f, s);
     }
@@ -76,7 +76,7 @@ pub async fn run(control: Arc<Control>, interval: Duration, mut stop: watch::Rec
         if *stop.borrow() {
             return;
         }
-        let files = control.watched_files().await;
+        let files = control.watched_files();
         let mut ready = false;
         for f in &files {
             let now = stamp(f);
