@@ -4,6 +4,7 @@ mod dlq;
 mod inspect;
 mod messages;
 mod remote;
+mod test;
 mod validate;
 
 use std::path::PathBuf;
@@ -123,6 +124,46 @@ running one keeps serving. Deployed versions are kept across restarts; undo with
         host: remote::HostArgs,
         #[command(flatten)]
         token: remote::TokenArgs,
+    },
+
+    /// Run contract tests against a plugin component, in the real sandbox,
+    /// without a broker.
+    #[command(after_help = "Examples:
+  switchyard test dist/plugins/orders.wasm plugins/orders/tests/contract.toml
+  switchyard test dist/plugins/orders.wasm plugins/orders/tests/*.toml --junit orders.xml
+  switchyard test dist/plugins/tally.wasm tally.toml -p pipeline.toml --plugin tally   # its limits and grants
+
+A test file holds [[case]]s: an input message and what must come of it.
+
+  [[case]]
+  name = \"an empty order is refused\"
+  input = { type = \"PlaceOrder\", json = { order_id = \"A-1\", customer = \"ada\", items = [] } }
+  expect = { error = \"permanent\", error_code = \"empty-order\" }
+
+  [[case]]
+  name = \"an order is accepted\"
+  input = { type = \"PlaceOrder\", json = { order_id = \"A-2\", customer = \"ada\", items = [{ sku = \"book\", quantity = 1, unit_price_cents = 1200 }] } }
+  [case.expect]
+  published = [{ type = \"OrderPlaced\", json = { order_id = \"A-2\", total_cents = 1200 }, match = \"subset\" }]
+  sent = [{ type = \"ChargePayment\", json = { order_id = \"A-2\", customer = \"ada\", amount_cents = 1200 } }]
+  reply = { json = { order_id = \"A-2\", total_cents = 1200 } }
+
+Outputs not listed fail the case. Exits with status 1 if any case fails.")]
+    Test {
+        /// The component (.wasm) under test.
+        wasm: PathBuf,
+        /// Test files (TOML).
+        #[arg(required = true)]
+        tests: Vec<PathBuf>,
+        /// Also write the results as JUnit XML, for CI systems.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Run the plugin with the limits and grants of its entry in this pipeline.
+        #[arg(short, long, requires = "plugin")]
+        pipeline: Option<PathBuf>,
+        /// The plugin's name in --pipeline.
+        #[arg(long, requires = "pipeline")]
+        plugin: Option<String>,
     },
 
     /// Inspect, replay and close dead letters: messages the host gave up on.
@@ -294,6 +335,30 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     .map(|()| ExitCode::SUCCESS)
             }
             Command::Dlq(command) => dlq::run(command).await,
+            Command::Test {
+                wasm,
+                tests,
+                junit,
+                pipeline,
+                plugin,
+            } => {
+                let (limits, grants) = match (pipeline, plugin) {
+                    (Some(path), Some(name)) => {
+                        let pipeline = load_pipeline(&path)?;
+                        let spec = pipeline.plugin(&name).with_context(|| {
+                            format!("{} has no plugin `{name}`", path.display())
+                        })?;
+                        (spec.limits.clone(), spec.grants.clone())
+                    }
+                    _ => Default::default(),
+                };
+                let passed = test::run(&wasm, &tests, junit.as_deref(), limits, grants).await?;
+                Ok(if passed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
             Command::Topology { pipeline, offline } => inspect::topology(&pipeline, offline)
                 .await
                 .map(|()| ExitCode::SUCCESS),

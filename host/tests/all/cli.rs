@@ -455,3 +455,130 @@ fn dlq_commands_find_show_export_and_close_dead_letters() {
         stderr(&o)
     );
 }
+
+/// Whether `python3` can parse the file as XML, and the number of
+/// `<testcase>` and `<failure>` elements in it.
+fn junit_counts(path: &Path) -> (usize, usize) {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); \
+             assert r.tag == 'testsuites'; \
+             print(len(r.findall('./testsuite/testcase')), len(r.findall('./testsuite/testcase/failure')))",
+        ])
+        .arg(path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "not valid JUnit XML: {}",
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    let mut n = text.split_whitespace().map(|w| w.parse::<usize>().unwrap());
+    (n.next().unwrap(), n.next().unwrap())
+}
+
+#[test]
+fn the_example_plugins_pass_their_contract_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    for (plugin, cases) in [
+        ("orders", 4),
+        ("payments", 4),
+        ("inventory", 1),
+        ("notifications", 3),
+    ] {
+        let tests = workspace_root()
+            .join("plugins")
+            .join(plugin)
+            .join("tests")
+            .join("contract.toml");
+        let junit = dir.path().join(format!("{plugin}.xml"));
+        let out = switchyard(&[
+            "test",
+            wasm(plugin).to_str().unwrap(),
+            tests.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ]);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{plugin}: {text}{}", stderr(&out));
+        assert!(
+            text.contains(&format!("{cases} passed, 0 failed")),
+            "{text}"
+        );
+        assert_eq!(junit_counts(&junit), (cases, 0), "{plugin}");
+    }
+}
+
+#[test]
+fn a_wrong_expectation_fails_with_a_readable_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let tests = dir.path().join("wrong.toml");
+    std::fs::write(
+        &tests,
+        r#"
+[[case]]
+name = "right"
+input = { type = "ChargePayment", json = { order_id = "A-1", customer = "ada", amount_cents = 2400 } }
+expect = { published = [{ type = "PaymentCaptured", json = { order_id = "A-1", amount_cents = 2400 } }] }
+
+[[case]]
+name = "wrong amount <and> a character XML must escape"
+input = { type = "ChargePayment", json = { order_id = "A-1", customer = "ada", amount_cents = 2400 } }
+expect = { published = [{ type = "PaymentCaptured", json = { order_id = "A-1", amount_cents = 2500 } }] }
+
+[[case]]
+name = "expects a failure that does not happen"
+input = { type = "ChargePayment", json = { order_id = "A-1", customer = "ada", amount_cents = 2400 } }
+expect = { error = "transient" }
+
+[[case]]
+name = "forgets an output"
+input = { type = "ChargePayment", json = { order_id = "A-1", customer = "ada", amount_cents = 2400 } }
+"#,
+    )
+    .unwrap();
+    let junit = dir.path().join("junit.xml");
+    let out = switchyard(&[
+        "test",
+        wasm("payments").to_str().unwrap(),
+        tests.to_str().unwrap(),
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ok    "), "{text}");
+    assert!(
+        text.contains("published event #1: payload differs")
+            && text.contains("$.amount_cents: expected 2500, got 2400"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "expected a transient failure; the handler succeeded with event PaymentCaptured"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("expected 0 published events, got 1: [PaymentCaptured]"),
+        "{text}"
+    );
+    assert!(text.contains("1 passed, 3 failed"), "{text}");
+    assert_eq!(junit_counts(&junit), (4, 3));
+
+    // A test file with a mistake is an error naming the file.
+    std::fs::write(&tests, "[[case]]\nname = \"x\"\ninput = { typo = 1 }\n").unwrap();
+    let out = switchyard(&[
+        "test",
+        wasm("payments").to_str().unwrap(),
+        tests.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("wrong.toml") && stderr(&out).contains("typo"),
+        "{}",
+        stderr(&out)
+    );
+}

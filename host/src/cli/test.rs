@@ -1,0 +1,544 @@
+//! `switchyard test`: contract tests for a plugin component, run in the
+//! real sandbox without a broker.
+//!
+//! A test file (TOML) holds cases. Each case gives one input message and
+//! what the handler must do with it: the events it publishes, the commands
+//! it sends, its reply, or the kind of failure. Expectations are strict:
+//! outputs not listed fail the case. A payload is compared whole (`exact`,
+//! the default) or as a JSON subset (`subset`: every field given must be
+//! there with that value; others may be too).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{Grants, Limits, PluginName};
+use crate::envelope::{Envelope, Kind};
+use crate::plugin::{ComponentCache, LoadedPlugin, Output, PluginEngine, Sandbox};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    #[serde(rename = "case", default)]
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    input: Input,
+    #[serde(default)]
+    expect: Expect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    #[serde(rename = "type")]
+    message_type: String,
+    /// `command` or `event`; by default what the plugin declares for the type.
+    kind: Option<String>,
+    /// A JSON payload, written as TOML.
+    json: Option<Value>,
+    /// A payload given as text.
+    text: Option<String>,
+    content_type: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    /// The attempt number the handler sees (retries are attempts 2, 3, ...).
+    attempt: Option<u32>,
+    correlation_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    #[serde(default)]
+    published: Vec<Expected>,
+    #[serde(default)]
+    sent: Vec<Expected>,
+    reply: Option<Expected>,
+    /// The failure kind: `transient`, `permanent`, `trap`, `timeout`,
+    /// `out-of-memory` or `contract-violation`.
+    error: Option<String>,
+    /// Text the failure's message must contain.
+    error_contains: Option<String>,
+    /// The failure's code.
+    error_code: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expected {
+    /// The output's type (not given for a reply).
+    #[serde(rename = "type")]
+    message_type: Option<String>,
+    json: Option<Value>,
+    text: Option<String>,
+    /// `exact` (default) or `subset`.
+    #[serde(rename = "match")]
+    mode: Option<String>,
+}
+
+/// One case's outcome.
+struct Outcome {
+    file: String,
+    name: String,
+    took: Duration,
+    /// Why it failed, readable; `None` when it passed.
+    failure: Option<String>,
+}
+
+/// Runs the test files against the component; prints a line per case and a
+/// diff per failure; writes JUnit XML if asked. Returns whether all passed.
+pub async fn run(
+    wasm: &Path,
+    files: &[PathBuf],
+    junit: Option<&Path>,
+    limits: Limits,
+    grants: Grants,
+) -> Result<bool> {
+    let wasm = wasm.to_owned();
+    let plugin = tokio::task::spawn_blocking(move || -> Result<LoadedPlugin> {
+        let engine = PluginEngine::new(ComponentCache::default_dir())?;
+        let stem = wasm
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = PluginName::try_from(stem.as_str())
+            .or_else(|_| PluginName::try_from("plugin"))
+            .map_err(anyhow::Error::msg)?;
+        Ok(engine.load(
+            &wasm,
+            Sandbox {
+                name,
+                limits,
+                grants,
+            },
+        )?)
+    })
+    .await
+    .context("the loading task failed")??;
+    let info = plugin.info();
+    println!(
+        "testing {} {} ({})",
+        info.name,
+        info.version,
+        crate::runtime::short_digest(plugin.digest())
+    );
+
+    let mut outcomes = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let parsed: TestFile = toml_edit::de::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        if parsed.cases.is_empty() {
+            bail!("{}: no [[case]] in this file", file.display());
+        }
+        let shown = file.display().to_string();
+        for case in parsed.cases {
+            let plugin = plugin.clone();
+            let name = case.name.clone();
+            let started = Instant::now();
+            let failure = tokio::task::spawn_blocking(move || run_case(&plugin, &case))
+                .await
+                .context("a test task failed")?;
+            let outcome = Outcome {
+                file: shown.clone(),
+                name,
+                took: started.elapsed(),
+                failure,
+            };
+            match &outcome.failure {
+                None => println!("  ok    {} :: {}", outcome.file, outcome.name),
+                Some(why) => {
+                    println!("  FAIL  {} :: {}", outcome.file, outcome.name);
+                    for line in why.lines() {
+                        println!("        {line}");
+                    }
+                }
+            }
+            outcomes.push(outcome);
+        }
+    }
+    let failed = outcomes.iter().filter(|o| o.failure.is_some()).count();
+    println!("{} passed, {failed} failed", outcomes.len() - failed);
+    if let Some(path) = junit {
+        std::fs::write(path, junit_xml(&plugin, &outcomes))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(failed == 0)
+}
+
+/// Runs one case on a fresh instance; `Some(reason)` when it fails.
+fn run_case(plugin: &LoadedPlugin, case: &Case) -> Option<String> {
+    let mut message = match input_message(plugin, &case.input) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("bad input: {e}")),
+    };
+    let mut instance = match plugin.instantiate() {
+        Ok(i) => i,
+        Err(e) => return Some(format!("the plugin cannot start: {e:#}")),
+    };
+    let result = instance.handle(&mut message);
+    let expect = &case.expect;
+    match (result, &expect.error) {
+        (Ok(outputs), None) => check_outputs(expect, &outputs),
+        (Ok(outputs), Some(kind)) => Some(format!(
+            "expected a {kind} failure; the handler succeeded with {}",
+            describe_outputs(&outputs)
+        )),
+        (Err(f), None) => Some(format!(
+            "expected success; the handler failed: {} {}{}",
+            f.kind,
+            f.message,
+            f.code.map(|c| format!(" [{c}]")).unwrap_or_default()
+        )),
+        (Err(f), Some(kind)) => {
+            let mut why = Vec::new();
+            if f.kind.as_str() != kind {
+                why.push(format!(
+                    "expected a {kind} failure, got {}: {}",
+                    f.kind, f.message
+                ));
+            }
+            if let Some(text) = &expect.error_contains
+                && !f.message.contains(text.as_str())
+            {
+                why.push(format!(
+                    "the failure's message does not contain {text:?}: {:?}",
+                    f.message
+                ));
+            }
+            if let Some(code) = &expect.error_code
+                && f.code.as_deref() != Some(code.as_str())
+            {
+                why.push(format!(
+                    "expected error code {code:?}, got {:?}",
+                    f.code.unwrap_or_default()
+                ));
+            }
+            (!why.is_empty()).then(|| why.join("\n"))
+        }
+    }
+}
+
+fn input_message(plugin: &LoadedPlugin, input: &Input) -> Result<Envelope> {
+    let kind = match input.kind.as_deref() {
+        Some(k) => {
+            Kind::parse(k).with_context(|| format!("kind `{k}` is neither command nor event"))?
+        }
+        None => plugin
+            .info()
+            .handles
+            .iter()
+            .find(|(t, _)| *t == input.message_type)
+            .map(|(_, k)| *k)
+            .with_context(|| {
+                format!(
+                    "the plugin does not handle `{}`; give the input a kind to send it anyway",
+                    input.message_type
+                )
+            })?,
+    };
+    let (payload, content_type) = match (&input.json, &input.text) {
+        (Some(_), Some(_)) => bail!("give the input `json` or `text`, not both"),
+        (Some(v), None) => (
+            serde_json::to_vec(v).context("cannot encode the JSON payload")?,
+            "application/json",
+        ),
+        (None, Some(t)) => (t.clone().into_bytes(), "text/plain"),
+        (None, None) => (Vec::new(), "application/octet-stream"),
+    };
+    let content_type = input.content_type.as_deref().unwrap_or(content_type);
+    let mut m = Envelope::new(input.message_type.clone(), kind, payload, content_type);
+    m.headers = input
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(a) = input.attempt {
+        m.attempt = a.max(1);
+    }
+    m.correlation_id = input.correlation_id.clone();
+    Ok(m)
+}
+
+fn describe_outputs(outputs: &[Output]) -> String {
+    if outputs.is_empty() {
+        return "no outputs".into();
+    }
+    outputs
+        .iter()
+        .map(|o| match o {
+            Output::Event(o) => format!("event {}", o.message_type),
+            Output::Command(o) => format!("command {}", o.message_type),
+            Output::Reply(_) => "a reply".into(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_outputs(expect: &Expect, outputs: &[Output]) -> Option<String> {
+    let mut published = Vec::new();
+    let mut sent = Vec::new();
+    let mut reply = None;
+    for o in outputs {
+        match o {
+            Output::Event(e) => published.push((Some(e.message_type.as_str()), &e.payload)),
+            Output::Command(c) => sent.push((Some(c.message_type.as_str()), &c.payload)),
+            Output::Reply(r) => reply = Some((None, &r.payload)),
+        }
+    }
+    let mut why = Vec::new();
+    compare_list("published event", &expect.published, &published, &mut why);
+    compare_list("sent command", &expect.sent, &sent, &mut why);
+    match (&expect.reply, reply) {
+        (None, None) => {}
+        (Some(_), None) => why.push("expected a reply; there was none".into()),
+        (None, Some((_, p))) => why.push(format!("unexpected reply: {}", show_payload(p))),
+        (Some(e), Some(actual)) => compare_one("reply", e, actual, &mut why),
+    }
+    (!why.is_empty()).then(|| why.join("\n"))
+}
+
+fn compare_list(
+    what: &str,
+    expected: &[Expected],
+    actual: &[(Option<&str>, &Vec<u8>)],
+    why: &mut Vec<String>,
+) {
+    if expected.len() != actual.len() {
+        why.push(format!(
+            "expected {} {what}{}, got {}: [{}]",
+            expected.len(),
+            if expected.len() == 1 { "" } else { "s" },
+            actual.len(),
+            actual
+                .iter()
+                .map(|(t, _)| t.unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
+        compare_one(&format!("{what} #{}", i + 1), e, *a, why);
+    }
+}
+
+fn compare_one(
+    what: &str,
+    expected: &Expected,
+    actual: (Option<&str>, &Vec<u8>),
+    why: &mut Vec<String>,
+) {
+    let (actual_type, payload) = actual;
+    if let (Some(want), Some(got)) = (&expected.message_type, actual_type)
+        && want != got
+    {
+        why.push(format!("{what}: expected type {want}, got {got}"));
+        return;
+    }
+    let subset = match expected.mode.as_deref() {
+        None | Some("exact") => false,
+        Some("subset") => true,
+        Some(other) => {
+            why.push(format!(
+                "{what}: unknown match `{other}` (expected \"exact\" or \"subset\")"
+            ));
+            return;
+        }
+    };
+    if let Some(text) = &expected.text {
+        if payload.as_slice() != text.as_bytes() {
+            why.push(format!(
+                "{what}: payload differs\n  expected: {text:?}\n  actual:   {}",
+                show_payload(payload)
+            ));
+        }
+        return;
+    }
+    let Some(want) = &expected.json else {
+        return;
+    };
+    let got: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(_) => {
+            why.push(format!(
+                "{what}: expected JSON, got {}",
+                show_payload(payload)
+            ));
+            return;
+        }
+    };
+    let mut diffs = Vec::new();
+    json_diff("$", want, &got, subset, &mut diffs);
+    if !diffs.is_empty() {
+        let mut text = format!("{what}: payload differs");
+        for d in diffs.iter().take(20) {
+            let _ = write!(text, "\n  {d}");
+        }
+        if diffs.len() > 20 {
+            let _ = write!(text, "\n  ... and {} more", diffs.len() - 20);
+        }
+        why.push(text);
+    }
+}
+
+/// The differences between `want` and `got`, each as `path: expected X, got
+/// Y`. With `subset`, fields of `got` that `want` does not name are fine.
+fn json_diff(path: &str, want: &Value, got: &Value, subset: bool, out: &mut Vec<String>) {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, wv) in w {
+                let p = format!("{path}.{k}");
+                match g.get(k) {
+                    Some(gv) => json_diff(&p, wv, gv, subset, out),
+                    None => out.push(format!("{p}: expected {wv}, missing")),
+                }
+            }
+            if !subset {
+                for (k, gv) in g {
+                    if !w.contains_key(k) {
+                        out.push(format!("{path}.{k}: not expected, got {gv}"));
+                    }
+                }
+            }
+        }
+        (Value::Array(w), Value::Array(g)) => {
+            if w.len() != g.len() {
+                out.push(format!(
+                    "{path}: expected {} items, got {}",
+                    w.len(),
+                    g.len()
+                ));
+            }
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                json_diff(&format!("{path}[{i}]"), wv, gv, subset, out);
+            }
+        }
+        // TOML has no null and writes every number it can as an integer:
+        // 1 and 1.0 are the same value here.
+        (Value::Number(w), Value::Number(g)) if w.as_f64() == g.as_f64() => {}
+        (w, g) if w == g => {}
+        (w, g) => out.push(format!("{path}: expected {w}, got {g}")),
+    }
+}
+
+fn show_payload(p: &[u8]) -> String {
+    match std::str::from_utf8(p) {
+        Ok(s) => format!("{:?}", crate::plugin::clip(s, 400)),
+        Err(_) => format!("{} bytes of binary", p.len()),
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.chars()
+        .filter(|c| matches!(c, '\t' | '\n' | '\r') || !c.is_control())
+        .fold(String::new(), |mut out, c| {
+            match c {
+                '&' => out.push_str("&amp;"),
+                '<' => out.push_str("&lt;"),
+                '>' => out.push_str("&gt;"),
+                '"' => out.push_str("&quot;"),
+                '\'' => out.push_str("&apos;"),
+                c => out.push(c),
+            }
+            out
+        })
+}
+
+/// JUnit XML: one `<testsuite>` per test file.
+fn junit_xml(plugin: &LoadedPlugin, outcomes: &[Outcome]) -> String {
+    let mut files: Vec<&str> = outcomes.iter().map(|o| o.file.as_str()).collect();
+    files.dedup();
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let total = outcomes.len();
+    let failed = outcomes.iter().filter(|o| o.failure.is_some()).count();
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"{}\" tests=\"{total}\" failures=\"{failed}\">",
+        xml(&format!("{} {}", plugin.info().name, plugin.info().version))
+    );
+    for file in files {
+        let cases: Vec<&Outcome> = outcomes.iter().filter(|o| o.file == file).collect();
+        let time: f64 = cases.iter().map(|o| o.took.as_secs_f64()).sum();
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"0\" time=\"{time:.6}\">",
+            xml(file),
+            cases.len(),
+            cases.iter().filter(|o| o.failure.is_some()).count()
+        );
+        for case in cases {
+            let _ = write!(
+                out,
+                "    <testcase classname=\"{}\" name=\"{}\" time=\"{:.6}\"",
+                xml(file),
+                xml(&case.name),
+                case.took.as_secs_f64()
+            );
+            match &case.failure {
+                None => out.push_str("/>\n"),
+                Some(why) => {
+                    let first = why.lines().next().unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>",
+                        xml(first),
+                        xml(why)
+                    );
+                }
+            }
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn diff(want: Value, got: Value, subset: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        json_diff("$", &want, &got, subset, &mut out);
+        out
+    }
+
+    #[test]
+    fn exact_and_subset_matches() {
+        let got = json!({"order_id": "A-1", "total_cents": 1200, "items": [{"sku": "book"}]});
+        assert!(diff(got.clone(), got.clone(), false).is_empty());
+        assert!(diff(json!({"order_id": "A-1"}), got.clone(), true).is_empty());
+        assert_eq!(
+            diff(json!({"order_id": "A-1"}), got.clone(), false),
+            vec![
+                "$.items: not expected, got [{\"sku\":\"book\"}]",
+                "$.total_cents: not expected, got 1200"
+            ]
+        );
+        assert_eq!(
+            diff(json!({"items": [{"sku": "pen"}]}), got.clone(), true),
+            vec!["$.items[0].sku: expected \"pen\", got \"book\""]
+        );
+        assert_eq!(
+            diff(json!({"missing": 1}), got, true),
+            vec!["$.missing: expected 1, missing"]
+        );
+        assert!(diff(json!(1), json!(1.0), false).is_empty());
+    }
+
+    #[test]
+    fn xml_is_escaped() {
+        assert_eq!(xml("a<b>&\"c'\u{1}"), "a&lt;b&gt;&amp;&quot;c&apos;");
+    }
+}
