@@ -612,7 +612,8 @@ impl Control {
         let topology = Topology::of(&new);
         if **state.topology.borrow() != topology {
             self.transport
-                .set_topology(&topology)
+                .set_routing(&new)
+                .await
                 .map_err(|e| ChangeError::Refused(vec![format!("{e:#}")]))?;
             state.topology.send_replace(Arc::new(topology));
         }

@@ -88,8 +88,9 @@ impl RouteQueues {
 struct Shared {
     url: String,
     config: AmqpConfig,
-    topology: Topology,
-    routes: Vec<RouteQueues>,
+    /// Who receives what, and each route's queues; replaced when a running
+    /// host's pipeline changes.
+    routing: std::sync::RwLock<(Topology, Vec<RouteQueues>)>,
     /// For messages created outside a route: CLI sends, replays.
     publisher: tokio::sync::Mutex<Option<Link>>,
     /// Deliveries received and not yet settled, across routes.
@@ -132,23 +133,13 @@ impl AmqpTransport {
             UrlSource::Env(name) => std::env::var(name)
                 .map_err(|_| anyhow!("the broker URL is read from ${name}, which is not set"))?,
         };
-        let routes = pipeline
-            .plugins
-            .iter()
-            .map(|p| RouteQueues {
-                route: p.name.to_string(),
-                queue: format!("{}.{}", config.exchange, p.name),
-                types: p.subscriptions().map(|(t, _)| t.to_string()).collect(),
-                retry_levels: p.retry.delayed,
-            })
-            .collect();
+        let routes = route_queues(pipeline, config);
         Ok(AmqpTransport {
             shared: Arc::new(Shared {
                 source: format!("switchyard/{}", pipeline.name),
                 url,
                 config: config.clone(),
-                topology: Topology::of(pipeline),
-                routes,
+                routing: std::sync::RwLock::new((Topology::of(pipeline), routes)),
                 publisher: tokio::sync::Mutex::new(None),
                 in_flight: AtomicI64::new(0),
                 received: AtomicU64::new(0),
@@ -157,17 +148,17 @@ impl AmqpTransport {
         })
     }
 
-    fn route(&self, route: &str) -> Result<&RouteQueues> {
+    fn route(&self, route: &str) -> Result<RouteQueues> {
         self.shared
-            .routes
-            .iter()
+            .routes()
+            .into_iter()
             .find(|r| r.route == route)
             .with_context(|| format!("route {route} is not part of this pipeline"))
     }
 
     /// The queue a route consumes, for tests and tools.
     pub fn queue_of(&self, route: &str) -> Result<String> {
-        Ok(self.route(route)?.queue.clone())
+        Ok(self.route(route)?.queue)
     }
 
     pub fn exchange(&self) -> &str {
@@ -179,7 +170,7 @@ impl AmqpTransport {
         if self.shared.in_flight.load(Ordering::SeqCst) > 0 {
             return Ok(false);
         }
-        let routes = self.shared.routes.clone();
+        let routes = self.shared.routes();
         self.with_publisher(async move |channel| {
             let passive = QueueDeclareOptions {
                 passive: true,
@@ -213,7 +204,7 @@ impl AmqpTransport {
         {
             let connection = connect(&self.shared).await?;
             let channel = confirm_channel(&connection).await?;
-            declare_topology(&channel, &self.shared, &self.shared.routes).await?;
+            declare_topology(&channel, &self.shared, &self.shared.routes()).await?;
             *guard = Some(Link {
                 _connection: connection,
                 channel,
@@ -225,6 +216,42 @@ impl AmqpTransport {
             *guard = None;
         }
         result
+    }
+}
+
+/// The queues of each route of a pipeline.
+fn route_queues(pipeline: &Pipeline, config: &AmqpConfig) -> Vec<RouteQueues> {
+    pipeline
+        .plugins
+        .iter()
+        .map(|p| RouteQueues {
+            route: p.name.to_string(),
+            queue: format!("{}.{}", config.exchange, p.name),
+            types: p.subscriptions().map(|(t, _)| t.to_string()).collect(),
+            retry_levels: p.retry.delayed,
+        })
+        .collect()
+}
+
+impl Shared {
+    fn routing(&self) -> std::sync::RwLockReadGuard<'_, (Topology, Vec<RouteQueues>)> {
+        // Replaced whole under the lock: a panic cannot leave it half-set.
+        self.routing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn routes(&self) -> Vec<RouteQueues> {
+        self.routing().1.clone()
+    }
+
+    /// How many routes receive a message of this type.
+    fn destinations(&self, message_type: &str) -> usize {
+        self.routing().0.destinations(message_type).len()
+    }
+
+    fn kind(&self, message_type: &str) -> Option<Kind> {
+        self.routing().0.kind(message_type)
     }
 }
 
@@ -501,7 +528,7 @@ impl Transport for AmqpTransport {
             let mut pending = Vec::new();
             let mut deliveries = 0;
             for e in &messages {
-                let routes = shared.topology.destinations(&e.message_type).len();
+                let routes = shared.destinations(&e.message_type);
                 if routes == 0 && e.kind == Kind::Command {
                     bail!(
                         "no plugin in this pipeline handles command {}",
@@ -574,6 +601,47 @@ impl Transport for AmqpTransport {
             redact(&self.shared.url),
             self.shared.config.exchange
         )
+    }
+
+    /// New routes get their queues and bindings, routes that take fewer
+    /// types lose those bindings, and routes that left are unbound from the
+    /// exchange (their queues and what is in them stay, as on a restart).
+    async fn set_routing(&self, pipeline: &Pipeline) -> Result<()> {
+        let new = route_queues(pipeline, &self.shared.config);
+        let old = self.shared.routes();
+        let mut unbind: Vec<(String, String)> = Vec::new();
+        for o in &old {
+            let kept = new.iter().find(|n| n.route == o.route);
+            for t in &o.types {
+                if kept.is_none_or(|n| !n.types.contains(t)) {
+                    unbind.push((o.queue.clone(), t.clone()));
+                }
+            }
+        }
+        let shared = self.shared.clone();
+        let declare = new.clone();
+        self.with_publisher(async move |channel| {
+            declare_topology(channel, &shared, &declare).await?;
+            for (queue, t) in &unbind {
+                channel
+                    .queue_unbind(
+                        short(queue)?,
+                        short(&shared.config.exchange)?,
+                        short(t)?,
+                        FieldTable::default(),
+                    )
+                    .await
+                    .with_context(|| format!("cannot unbind {queue} from {t}"))?;
+            }
+            Ok(())
+        })
+        .await?;
+        *self
+            .shared
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (Topology::of(pipeline), new);
+        Ok(())
     }
 
     async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>> {
@@ -685,6 +753,15 @@ impl AmqpSubscription {
             self.drop_live();
         }
         if self.live.is_none() {
+            // What the route takes may have changed while it ran.
+            if let Some(now) = self
+                .shared
+                .routes()
+                .into_iter()
+                .find(|r| r.route == self.queues.route)
+            {
+                self.queues = now;
+            }
             let connection = connect(&self.shared).await?;
             let channel = connection.create_channel().await?;
             declare_topology(&channel, &self.shared, std::slice::from_ref(&self.queues)).await?;
@@ -727,8 +804,8 @@ impl AmqpSubscription {
     }
 
     fn accept(&mut self, d: AmqpDelivery) -> Delivery {
-        let topology = &self.shared.topology;
-        let (envelope, malformed) = match envelope(&d, |t| topology.kind(t)) {
+        let shared = &self.shared;
+        let (envelope, malformed) = match envelope(&d, |t| shared.kind(t)) {
             Ok(e) => (e, None),
             Err(reason) => {
                 let salvaged = cloudevents::salvage(

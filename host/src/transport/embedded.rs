@@ -631,14 +631,15 @@ impl super::ReplyInbox for EmbeddedInbox {
 
 #[async_trait]
 impl Transport for EmbeddedTransport {
-    fn set_topology(&self, topology: &Topology) -> Result<()> {
+    async fn set_routing(&self, pipeline: &crate::config::Pipeline) -> Result<()> {
+        let topology = Topology::of(pipeline);
         let mut routing = self
             .shared
             .routing
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = std::mem::take(&mut routing.wakers);
-        *routing = Routing::new(topology.clone(), old);
+        *routing = Routing::new(topology, old);
         Ok(())
     }
 

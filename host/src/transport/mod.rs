@@ -138,10 +138,10 @@ pub trait Transport: Send + Sync {
     /// on any route of the pipeline.
     async fn is_idle(&self) -> Result<bool>;
 
-    /// Replaces who receives which message type, for a running host whose
-    /// pipeline gained or lost routes. Messages stored from now on follow
-    /// the new routing; a new route must still be subscribed.
-    fn set_topology(&self, _topology: &Topology) -> Result<()> {
+    /// Routes messages as `pipeline` says from now on, for a running host
+    /// whose pipeline gained or lost routes or changed what they take. A
+    /// new route must still be subscribed.
+    async fn set_routing(&self, _pipeline: &Pipeline) -> Result<()> {
         anyhow::bail!(
             "the {} transport cannot change its routes while running; restart the host to apply this change",
             self.kind()

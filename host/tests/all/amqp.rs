@@ -687,3 +687,96 @@ fn a_pika_client_talks_to_the_example_pipeline() {
     assert_eq!(event["message_id"], h["cloudEvents:id"]);
     rt.block_on(clean_up(&p));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_added_while_running_gets_its_queue_and_messages() {
+    let _broker = BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    std::fs::create_dir(dir.path().join("out2")).unwrap();
+    let tally = r#"
+        [admin]
+        listen = "off"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#;
+    let (path, p) = pipeline(dir.path(), tally);
+    let host = crate::common::Running::start(&p, runtime::RunOptions::quiet(RunMode::Serve)).await;
+    let transport = runtime::open(&p).await.unwrap();
+    let log = |d: &str| {
+        std::fs::read_to_string(dir.path().join(d).join("tally.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    // A second consumer of Tick, and Published added to the first.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let grown = text.replace(r#"events = ["Tick"]"#, r#"events = ["Tick", "Published"]"#)
+        + r#"
+        [plugins.second]
+        wasm = "../dist/plugins/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out2", guest = "/out", writable = true }] }
+        "#;
+    let grown = grown.replace(
+        "../dist/plugins",
+        crate::common::wasm("tally")
+            .parent()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+    );
+    std::fs::write(&path, &grown).unwrap();
+    let report = host.control.reload_from_disk().await.unwrap();
+    assert_eq!(report.added, vec!["second".to_owned()]);
+    assert_eq!(report.swapped, vec!["tally".to_owned()]);
+
+    let ticks: Vec<_> = (0..5)
+        .map(|n| message(Kind::Event, "Tick", json!(n)))
+        .collect();
+    let published = message(Kind::Event, "Published", json!(1));
+    // Routed by the broker's bindings, whoever publishes.
+    let mut all = ticks.clone();
+    all.push(published.clone());
+    transport.enqueue(all).await.unwrap();
+    crate::common::eventually("both consumers to receive", Duration::from_secs(20), || {
+        let (a, b) = (log("out").len(), log("out2").len());
+        async move { a == 6 && b == 5 }
+    })
+    .await;
+    let second: std::collections::HashSet<String> = log("out2").into_iter().collect();
+    assert_eq!(
+        second,
+        ticks.iter().map(|m| m.id.clone()).collect(),
+        "the new consumer got the ticks, not the Published event"
+    );
+
+    // Removed again: its queue is unbound, so it no longer fills.
+    std::fs::write(&path, &text).unwrap();
+    let report = host.control.reload_from_disk().await.unwrap();
+    assert_eq!(report.removed, vec!["second".to_owned()]);
+    transport
+        .enqueue(vec![message(Kind::Event, "Tick", json!(9))])
+        .await
+        .unwrap();
+    crate::common::eventually("tally to receive", Duration::from_secs(20), || {
+        let a = log("out").len();
+        async move { a == 7 }
+    })
+    .await;
+    assert_eq!(depth(&format!("{}.second", exchange(&p))).await, 0);
+    host.stop().await;
+    let mut with_second = p.clone();
+    with_second.plugins = config::load(&{
+        std::fs::write(&path, &grown).unwrap();
+        path.clone()
+    })
+    .unwrap()
+    .pipeline
+    .plugins;
+    clean_up(&with_second).await;
+}

@@ -2,10 +2,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+use switchyard::config::Pipeline;
 use switchyard::config::{Grants, Limits, PluginName};
 use switchyard::envelope::{Envelope, Kind};
 use switchyard::plugin::{LoadedPlugin, PluginEngine, Sandbox};
+use switchyard::reload::RouteInfo;
+use switchyard::runtime::{self, RunOptions};
+use tokio::sync::oneshot;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -173,4 +178,63 @@ pub async fn dead_letters(
         .expect("list dead letters");
     all.reverse();
     all
+}
+
+/// A host running in this process.
+pub struct Running {
+    pub control: std::sync::Arc<switchyard::reload::Control>,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(p: &Pipeline, mut options: RunOptions) -> Running {
+        let deployed = runtime::deployed_versions(p).unwrap();
+        let plugins = runtime::load_plugins_from(p, &deployed).await.unwrap();
+        let (started, control) = oneshot::channel();
+        options.on_started = Some(started);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let pipeline = p.clone();
+        let task = tokio::spawn(async move {
+            runtime::run_with(&pipeline, plugins, options, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let control = control.await.expect("the host started");
+        Running {
+            control,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub async fn route(&self, plugin: &str) -> Option<RouteInfo> {
+        self.control
+            .list()
+            .await
+            .into_iter()
+            .find(|r| r.plugin == plugin)
+    }
+}
+
+/// Polls `check` until it holds, failing after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

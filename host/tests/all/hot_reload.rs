@@ -7,76 +7,16 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-use switchyard::config::{self, Pipeline};
+use switchyard::config;
 use switchyard::envelope::Kind;
-use switchyard::reload::{ChangeError, Control, RouteInfo};
+use switchyard::reload::{ChangeError, RouteInfo};
 use switchyard::runtime::{self, RunMode, RunOptions};
 use switchyard::transport::Transport as _;
-use tokio::sync::oneshot;
 
-use crate::common::{bin, message, wasm, write_pipeline};
-
-/// A host running in this process.
-struct Running {
-    control: Arc<Control>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    async fn start(p: &Pipeline, mut options: RunOptions) -> Running {
-        let deployed = runtime::deployed_versions(p).unwrap();
-        let plugins = runtime::load_plugins_from(p, &deployed).await.unwrap();
-        let (started, control) = oneshot::channel();
-        options.on_started = Some(started);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let pipeline = p.clone();
-        let task = tokio::spawn(async move {
-            runtime::run_with(&pipeline, plugins, options, async move {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        let control = control.await.expect("the host started");
-        Running {
-            control,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-
-    async fn route(&self, plugin: &str) -> Option<RouteInfo> {
-        self.control
-            .list()
-            .await
-            .into_iter()
-            .find(|r| r.plugin == plugin)
-    }
-}
-
-/// Polls `check` until it holds, failing after `limit`.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use crate::common::{Running, bin, eventually, message, wasm, write_pipeline};
 
 /// Replaces a file the way a build tool does: written beside it, renamed
 /// over it.
