@@ -74,8 +74,9 @@ impl RouteTopics {
 struct Shared {
     config: KafkaConfig,
     source: String,
-    topology: Topology,
-    routes: Vec<RouteTopics>,
+    /// Who receives what, and each route's topics and group; replaced when
+    /// a running host's pipeline gains or loses routes.
+    routing: std::sync::RwLock<(Topology, Vec<RouteTopics>)>,
     replies_topic: String,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
@@ -145,6 +146,46 @@ fn client_config(
     Ok(c)
 }
 
+/// The topics and group of each route of a pipeline.
+fn route_topics(pipeline: &Pipeline, config: &KafkaConfig) -> Vec<RouteTopics> {
+    let prefix = &config.topic_prefix;
+    pipeline
+        .plugins
+        .iter()
+        .map(|p| RouteTopics {
+            route: p.name.to_string(),
+            group: format!("{}.{}", config.group_prefix, p.name),
+            topics: p
+                .subscriptions()
+                .map(|(t, _)| format!("{prefix}{t}"))
+                .collect(),
+            retry_topic: format!("{prefix}switchyard.retry.{}", p.name),
+        })
+        .collect()
+}
+
+impl Shared {
+    fn routing(&self) -> std::sync::RwLockReadGuard<'_, (Topology, Vec<RouteTopics>)> {
+        // Replaced whole under the lock: a panic cannot leave it half-set.
+        self.routing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn routes(&self) -> Vec<RouteTopics> {
+        self.routing().1.clone()
+    }
+
+    /// How many routes receive a message of this type.
+    fn destinations(&self, message_type: &str) -> usize {
+        self.routing().0.destinations(message_type).len()
+    }
+
+    fn kind(&self, message_type: &str) -> Option<Kind> {
+        self.routing().0.kind(message_type)
+    }
+}
+
 fn is_already_exists(code: RDKafkaErrorCode) -> bool {
     code == RDKafkaErrorCode::TopicAlreadyExists
 }
@@ -154,19 +195,7 @@ impl KafkaTransport {
     /// connect in the background; nothing blocks here.
     pub fn new(pipeline: &Pipeline, config: &KafkaConfig) -> Result<Self> {
         let prefix = &config.topic_prefix;
-        let routes = pipeline
-            .plugins
-            .iter()
-            .map(|p| RouteTopics {
-                route: p.name.to_string(),
-                group: format!("{}.{}", config.group_prefix, p.name),
-                topics: p
-                    .subscriptions()
-                    .map(|(t, _)| format!("{prefix}{t}"))
-                    .collect(),
-                retry_topic: format!("{prefix}switchyard.retry.{}", p.name),
-            })
-            .collect();
+        let routes = route_topics(pipeline, config);
         let client_id = format!("switchyard-{}", pipeline.name);
         let producer: FutureProducer = client_config(
             config,
@@ -183,8 +212,7 @@ impl KafkaTransport {
             shared: Arc::new(Shared {
                 config: config.clone(),
                 source: format!("switchyard/{}", pipeline.name),
-                topology: Topology::of(pipeline),
-                routes,
+                routing: std::sync::RwLock::new((Topology::of(pipeline), routes)),
                 replies_topic: format!("{prefix}switchyard.replies"),
                 producer,
                 admin,
@@ -203,10 +231,10 @@ impl KafkaTransport {
         format!("{}{message_type}", self.shared.config.topic_prefix)
     }
 
-    fn route(&self, route: &str) -> Result<&RouteTopics> {
+    fn route(&self, route: &str) -> Result<RouteTopics> {
         self.shared
-            .routes
-            .iter()
+            .routes()
+            .into_iter()
             .find(|r| r.route == route)
             .with_context(|| format!("route {route} is not part of this pipeline"))
     }
@@ -469,7 +497,7 @@ impl Transport for KafkaTransport {
         let mut records = Vec::with_capacity(messages.len());
         let mut topics = Vec::new();
         for e in messages {
-            let routes = self.shared.topology.destinations(&e.message_type).len();
+            let routes = self.shared.destinations(&e.message_type);
             if routes == 0 && e.kind == Kind::Command {
                 bail!(
                     "no plugin in this pipeline handles command {}",
@@ -548,10 +576,45 @@ impl Transport for KafkaTransport {
         self.route(route).ok().map(|r| r.group.clone())
     }
 
+    /// New routes get their topics (and their consumer group when they
+    /// subscribe); routes that left stop reading, their group's offsets
+    /// kept. A route that stays must keep its topics: its group's
+    /// subscription is fixed while it runs.
+    async fn set_routing(&self, pipeline: &Pipeline) -> Result<()> {
+        let new = route_topics(pipeline, &self.shared.config);
+        let old = self.shared.routes();
+        let changed: Vec<&str> = new
+            .iter()
+            .filter(|n| {
+                old.iter()
+                    .any(|o| o.route == n.route && o.topics != n.topics)
+            })
+            .map(|n| n.route.as_str())
+            .collect();
+        if !changed.is_empty() {
+            bail!(
+                "on Kafka the message types a running route reads cannot change (route {}); restart the host to apply this change",
+                changed.join(", ")
+            );
+        }
+        let topics: Vec<String> = new
+            .iter()
+            .filter(|n| !old.iter().any(|o| o.route == n.route))
+            .flat_map(RouteTopics::all_topics)
+            .collect();
+        self.ensure_topics(&topics).await?;
+        *self
+            .shared
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (Topology::of(pipeline), new);
+        Ok(())
+    }
+
     async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>> {
         let mut topics: Vec<String> = self
             .shared
-            .routes
+            .routes()
             .iter()
             .flat_map(RouteTopics::all_topics)
             .collect();
@@ -614,7 +677,7 @@ impl KafkaTransport {
         }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || -> Result<bool> {
-            for r in &shared.routes {
+            for r in &shared.routes() {
                 let reader = offset_reader(&shared, &r.group)?;
                 let timeout = shared.config.timeout;
                 let mut tpl = TopicPartitionList::new();
@@ -843,9 +906,8 @@ impl KafkaSubscription {
     }
 
     fn delivery_of(&mut self, m: &OwnedMessage) -> (Delivery, Position, Option<u64>) {
-        let topology = &self.shared.topology;
-        let (result, not_before) =
-            envelope(m, &self.shared.config.topic_prefix, |t| topology.kind(t));
+        let shared = &self.shared;
+        let (result, not_before) = envelope(m, &shared.config.topic_prefix, |t| shared.kind(t));
         let (envelope, malformed) = match result {
             Ok(e) => (e, None),
             Err(reason) => {

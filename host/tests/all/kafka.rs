@@ -703,3 +703,64 @@ fn kcat_talks_to_the_example_pipeline() {
     assert_eq!(eh["ce_correlationid"], "kcat-1");
     assert_eq!(eh["content-type"], "application/json");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_added_while_running_reads_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    std::fs::create_dir(dir.path().join("out2")).unwrap();
+    let (path, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let host = crate::common::Running::start(&p, runtime::RunOptions::quiet(RunMode::Serve)).await;
+    let transport = runtime::open(&p).await.unwrap();
+    let log = |d: &str| {
+        std::fs::read_to_string(dir.path().join(d).join("tally.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dist = crate::common::wasm("tally");
+
+    // A running route cannot change its topics on Kafka: refused whole.
+    std::fs::write(
+        &path,
+        text.replace(r#"events = ["Tick"]"#, r#"events = ["Tick", "Published"]"#),
+    )
+    .unwrap();
+    match host.control.reload_from_disk().await {
+        Err(switchyard::reload::ChangeError::Refused(why)) => {
+            assert!(why.join("").contains("route tally"), "{why:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // A new consumer of Tick: its group reads the topic.
+    let grown = format!(
+        "{text}\n[plugins.second]\nwasm = \"{}\"\nevents = [\"Tick\"]\ngrants = {{ dirs = [{{ host = \"out2\", guest = \"/out\", writable = true }}] }}\n",
+        dist.display()
+    );
+    std::fs::write(&path, &grown).unwrap();
+    let report = host.control.reload_from_disk().await.unwrap();
+    assert_eq!(report.added, vec!["second".to_owned()]);
+    let ticks: Vec<_> = (0..5)
+        .map(|n| message(Kind::Event, "Tick", json!(n)))
+        .collect();
+    transport.enqueue(ticks.clone()).await.unwrap();
+    crate::common::eventually("both consumers to read", Duration::from_secs(60), || {
+        let (a, b) = (log("out").len(), log("out2").len());
+        async move { a == 5 && b == 5 }
+    })
+    .await;
+    let second: std::collections::HashSet<String> = log("out2").into_iter().collect();
+    assert_eq!(second, ticks.iter().map(|m| m.id.clone()).collect());
+    host.stop().await;
+}
