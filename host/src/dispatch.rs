@@ -54,6 +54,8 @@ pub struct RouteContext {
     /// Publish a copy of each dead letter to the broker
     /// (`[dead_letters] broker = true`).
     pub broker_dead_letters: bool,
+    /// The payload contracts outputs are checked against (`[schemas]`).
+    pub schemas: Arc<crate::schemas::Schemas>,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -75,6 +77,7 @@ pub struct Worker {
     policy: RetryPolicy,
     instance: Option<Instance>,
     telemetry: Telemetry,
+    schemas: Arc<crate::schemas::Schemas>,
     /// `plugin` and `plugin.version`, attached to every message metric.
     plugin_attrs: [KeyValue; 2],
     /// Span attributes shared by every message of the route, built once.
@@ -159,6 +162,7 @@ impl Worker {
             policy,
             instance: None,
             telemetry: Telemetry::off(),
+            schemas: Arc::default(),
         }
     }
 
@@ -167,6 +171,12 @@ impl Worker {
         if instance.is_some() {
             self.instance = instance;
         }
+        self
+    }
+
+    /// Checks outputs against these payload contracts.
+    pub fn with_schemas(mut self, schemas: Arc<crate::schemas::Schemas>) -> Self {
+        self.schemas = schemas;
         self
     }
 
@@ -345,7 +355,9 @@ impl Worker {
         loop {
             let started_at_ms = now_ms();
             let started = Instant::now();
-            let result = self.handle_in(envelope, span, &mut span_budget)?;
+            let result = self
+                .handle_in(envelope, span, &mut span_budget)?
+                .and_then(|outputs| crate::schemas::check_outputs(&self.schemas, outputs));
             let attrs = self.attrs(envelope);
             self.telemetry
                 .metrics
@@ -995,6 +1007,7 @@ pub async fn run_route(
     let mut worker = Some(
         Worker::new(plugin.clone(), ctx.policy.clone())
             .with_telemetry(ctx.telemetry.clone())
+            .with_schemas(ctx.schemas.clone())
             .with_instance(first.take_instance()),
     );
     drop(first);
@@ -1029,6 +1042,7 @@ pub async fn run_route(
             let next = control.versions.borrow_and_update().clone();
             let fresh = Worker::new(next.plugin.clone(), next.policy.clone())
                 .with_telemetry(ctx.telemetry.clone())
+                .with_schemas(ctx.schemas.clone())
                 .with_instance(next.take_instance());
             let old = worker.replace(fresh);
             plugin = next.plugin.clone();

@@ -28,5 +28,6 @@ pub mod plugin;
 pub mod recover;
 pub mod reload;
 pub mod runtime;
+pub mod schemas;
 pub mod telemetry;
 pub mod transport;

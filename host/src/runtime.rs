@@ -128,6 +128,9 @@ async fn load_plugins_inner(
     results.sort_by_key(|(i, _)| *i);
 
     let mut errors = Vec::new();
+    if let Err(e) = crate::schemas::Schemas::load(pipeline) {
+        errors.push(format!("{e:#}"));
+    }
     let mut loaded = Vec::new();
     for ((_, result), spec) in results.into_iter().zip(&pipeline.plugins) {
         match result {
@@ -264,6 +267,7 @@ pub async fn run_with(
                 crate::dlq::describe(&pipeline.dead_letters)
             )
         })?;
+    let schemas = Arc::new(crate::schemas::Schemas::load(pipeline)?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let versions: Vec<Arc<Version>> = plugins
         .loaded
@@ -303,6 +307,7 @@ pub async fn run_with(
             host: crate::dlq::host_name(),
             telemetry: telemetry.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
+            schemas,
         },
     )
     .await?;

@@ -158,7 +158,8 @@ Outputs not listed fail the case. Exits with status 1 if any case fails.")]
         /// Also write the results as JUnit XML, for CI systems.
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
-        /// Run the plugin with the limits and grants of its entry in this pipeline.
+        /// Run the plugin with the limits and grants of its entry in this
+        /// pipeline, and check its outputs against the pipeline's [schemas].
         #[arg(short, long, requires = "plugin")]
         pipeline: Option<PathBuf>,
         /// The plugin's name in --pipeline.
@@ -342,17 +343,26 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 pipeline,
                 plugin,
             } => {
-                let (limits, grants) = match (pipeline, plugin) {
+                let (limits, grants, schemas) = match (pipeline, plugin) {
                     (Some(path), Some(name)) => {
                         let pipeline = load_pipeline(&path)?;
                         let spec = pipeline.plugin(&name).with_context(|| {
                             format!("{} has no plugin `{name}`", path.display())
                         })?;
-                        (spec.limits.clone(), spec.grants.clone())
+                        let schemas = crate::schemas::Schemas::load(&pipeline)?;
+                        (spec.limits.clone(), spec.grants.clone(), schemas)
                     }
                     _ => Default::default(),
                 };
-                let passed = test::run(&wasm, &tests, junit.as_deref(), limits, grants).await?;
+                let passed = test::run(
+                    &wasm,
+                    &tests,
+                    junit.as_deref(),
+                    limits,
+                    grants,
+                    std::sync::Arc::new(schemas),
+                )
+                .await?;
                 Ok(if passed {
                     ExitCode::SUCCESS
                 } else {

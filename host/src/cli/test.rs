@@ -83,6 +83,8 @@ struct Expected {
     /// `exact` (default) or `subset`.
     #[serde(rename = "match")]
     mode: Option<String>,
+    /// A JSON Schema file (relative to the test file) the payload must match.
+    schema: Option<PathBuf>,
 }
 
 /// One case's outcome.
@@ -102,6 +104,7 @@ pub async fn run(
     junit: Option<&Path>,
     limits: Limits,
     grants: Grants,
+    schemas: std::sync::Arc<crate::schemas::Schemas>,
 ) -> Result<bool> {
     let wasm = wasm.to_owned();
     let plugin = tokio::task::spawn_blocking(move || -> Result<LoadedPlugin> {
@@ -136,17 +139,32 @@ pub async fn run(
     for file in files {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        let parsed: TestFile = toml_edit::de::from_str(&text)
+        let mut parsed: TestFile = toml_edit::de::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        let base = file.parent().map(Path::to_owned).unwrap_or_default();
+        for case in &mut parsed.cases {
+            let e = &mut case.expect;
+            for x in e
+                .published
+                .iter_mut()
+                .chain(e.sent.iter_mut())
+                .chain(e.reply.iter_mut())
+            {
+                if let Some(schema) = &mut x.schema {
+                    *schema = base.join(&*schema);
+                }
+            }
+        }
         if parsed.cases.is_empty() {
             bail!("{}: no [[case]] in this file", file.display());
         }
         let shown = file.display().to_string();
         for case in parsed.cases {
             let plugin = plugin.clone();
+            let schemas = schemas.clone();
             let name = case.name.clone();
             let started = Instant::now();
-            let failure = tokio::task::spawn_blocking(move || run_case(&plugin, &case))
+            let failure = tokio::task::spawn_blocking(move || run_case(&plugin, &schemas, &case))
                 .await
                 .context("a test task failed")?;
             let outcome = Outcome {
@@ -177,7 +195,11 @@ pub async fn run(
 }
 
 /// Runs one case on a fresh instance; `Some(reason)` when it fails.
-fn run_case(plugin: &LoadedPlugin, case: &Case) -> Option<String> {
+fn run_case(
+    plugin: &LoadedPlugin,
+    schemas: &crate::schemas::Schemas,
+    case: &Case,
+) -> Option<String> {
     let mut message = match input_message(plugin, &case.input) {
         Ok(m) => m,
         Err(e) => return Some(format!("bad input: {e}")),
@@ -186,7 +208,10 @@ fn run_case(plugin: &LoadedPlugin, case: &Case) -> Option<String> {
         Ok(i) => i,
         Err(e) => return Some(format!("the plugin cannot start: {e:#}")),
     };
-    let result = instance.handle(&mut message);
+    // Outputs are checked against the pipeline's contracts, as the host does.
+    let result = instance
+        .handle(&mut message)
+        .and_then(|outputs| crate::schemas::check_outputs(schemas, outputs));
     let expect = &case.expect;
     match (result, &expect.error) {
         (Ok(outputs), None) => check_outputs(expect, &outputs),
@@ -355,6 +380,21 @@ fn compare_one(
             return;
         }
     };
+    if let Some(path) = &expected.schema {
+        match crate::schemas::compile(path) {
+            Ok(v) => {
+                let complaints = crate::schemas::violations(&v, payload);
+                if !complaints.is_empty() {
+                    let mut text = format!("{what}: payload does not match {}", path.display());
+                    for c in complaints {
+                        let _ = write!(text, "\n  {c}");
+                    }
+                    why.push(text);
+                }
+            }
+            Err(e) => why.push(format!("{what}: {e:#}")),
+        }
+    }
     if let Some(text) = &expected.text {
         if payload.as_slice() != text.as_bytes() {
             why.push(format!(

@@ -73,6 +73,9 @@ pub struct Pipeline {
     pub watch_interval: Duration,
     /// Where the host keeps state of its own (deployed plugin versions).
     pub state_dir: PathBuf,
+    /// `[schemas]`: the JSON Schema file each message type's payload must
+    /// match when a plugin publishes or sends it.
+    pub schemas: BTreeMap<MessageType, PathBuf>,
     pub plugins: Vec<PluginSpec>,
 }
 
@@ -396,6 +399,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let dead_letters = p.dead_letters_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
     let (admin, admin_token_env) = p.admin_section(&mut root);
+    let schemas = p.schemas_section(&mut root);
     let plugins = p.plugins_section(&mut root, &defaults);
     root.finish(p.diags);
 
@@ -417,6 +421,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         watch: host.watch,
         watch_interval: host.watch_interval,
         state_dir: host.state_dir,
+        schemas,
         plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
     };
     diags.sort();
@@ -1027,6 +1032,33 @@ impl Parser<'_> {
     }
 
     /// `[admin]`: the HTTP listener for `/metrics` and `/healthz`.
+    /// `[schemas]`: message type = JSON Schema file.
+    fn schemas_section(&mut self, root: &mut Section<'_>) -> BTreeMap<MessageType, PathBuf> {
+        let mut out = BTreeMap::new();
+        let Some(mut s) = root.table("schemas", self.diags) else {
+            return out;
+        };
+        for (k, v) in s.string_map(self.diags) {
+            match MessageType::try_from(k.value.as_str()) {
+                Ok(t) if !v.value.trim().is_empty() => {
+                    out.insert(t, self.base.join(&v.value));
+                }
+                Ok(_) => self.diags.push(
+                    Diagnostic::error(
+                        format!("the schema of `{}` is an empty path", k.value),
+                        v.span,
+                    )
+                    .with_label("expected a JSON Schema file"),
+                ),
+                Err(e) => self
+                    .diags
+                    .push(Diagnostic::error(e, k.span).with_label("not a message type")),
+            }
+        }
+        // Every key was read as a type: nothing left to report as unknown.
+        out
+    }
+
     /// `[host]`: where the host keeps its caches and state, and whether it
     /// watches its files.
     fn host_section(&mut self, root: &mut Section<'_>) -> HostSection {

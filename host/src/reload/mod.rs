@@ -220,6 +220,7 @@ pub struct RouteBase {
     pub host: String,
     pub telemetry: Telemetry,
     pub fail_when_plugin_cannot_start: bool,
+    pub schemas: Arc<crate::schemas::Schemas>,
 }
 
 struct Route {
@@ -342,6 +343,7 @@ impl Control {
             fail_when_plugin_cannot_start: self.base.fail_when_plugin_cannot_start,
             telemetry: self.base.telemetry.clone(),
             broker_dead_letters: state.pipeline.dead_letters.broker,
+            schemas: self.base.schemas.clone(),
         };
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;
@@ -929,6 +931,9 @@ fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
     }
     if old.telemetry != new.telemetry {
         changed.push("[telemetry]");
+    }
+    if old.schemas != new.schemas {
+        changed.push("[schemas]");
     }
     if old.admin != new.admin || old.admin_token_env != new.admin_token_env {
         changed.push("[admin]");

@@ -487,6 +487,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         fail_when_plugin_cannot_start: false,
         telemetry: switchyard::telemetry::Telemetry::off(),
         broker_dead_letters: false,
+        schemas: Default::default(),
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -623,6 +624,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         fail_when_plugin_cannot_start: false,
         telemetry: switchyard::telemetry::Telemetry::off(),
         broker_dead_letters: false,
+        schemas: Default::default(),
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,

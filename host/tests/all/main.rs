@@ -21,5 +21,6 @@ mod loading;
 mod outbox;
 mod reliability;
 mod sandbox;
+mod schemas;
 mod telemetry;
 mod transport;
