@@ -117,6 +117,21 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         bail!("--wait-reply is for commands: events get no replies");
     }
     let payloads = payloads(&args)?;
+    // The pipeline's contract for this type holds for messages from here
+    // too; nothing is sent unless every payload keeps it.
+    let schemas = crate::schemas::Schemas::load(&pipeline)?;
+    for (i, p) in payloads.iter().enumerate() {
+        if let Err(why) = schemas.check(t.as_str(), p) {
+            if payloads.len() == 1 {
+                bail!("not sent: {why}");
+            }
+            bail!(
+                "nothing was sent: message {} of {}: {why}",
+                i + 1,
+                payloads.len()
+            );
+        }
+    }
     let headers = headers(&args)?;
     if args.wait_reply.is_some() && payloads.len() > 1 {
         bail!("--wait-reply waits for one reply; send one command at a time");

@@ -113,6 +113,41 @@ fn validate_and_test_use_the_same_contracts() {
     );
     std::fs::write(dir.path().join("schemas").join("order-placed.json"), SCHEMA).unwrap();
 
+    // `send` keeps the contract of the type it sends: nothing goes out.
+    std::fs::write(
+        dir.path().join("schemas").join("place-order.json"),
+        r#"{"type": "object", "properties": {"items": {"type": "array", "minItems": 1}}}"#,
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[schemas]",
+        "[schemas]\nPlaceOrder = \"schemas/place-order.json\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let send = |data: &str| {
+        Command::new(bin())
+            .args(["send", "PlaceOrder", "-p"])
+            .arg(&path)
+            .args(["--data", data])
+            .output()
+            .unwrap()
+    };
+    let out = send(r#"{"order_id": "A-9", "customer": "ada", "items": []}"#);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not sent: PlaceOrder does not match its schema (place-order.json): /items"),
+        "{err}"
+    );
+    let out = send(
+        r#"{"order_id": "A-9", "customer": "ada", "items": [{"sku": "pen", "quantity": 1, "unit_price_cents": 150}]}"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // switchyard test with the pipeline's contracts, and a schema match.
     std::fs::write(
         dir.path().join("charge.json"),
