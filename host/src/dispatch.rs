@@ -687,11 +687,15 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
         replays_handled: Vec::new(),
         spans: Vec::new(),
     };
+    // Shared by every message of the batch: cloned, not copied.
+    let shared = |v: &str| opentelemetry::Value::String(Arc::<str>::from(v).into());
+    let plugin_kv = KeyValue::new("plugin", shared(name));
+    let version_kv = KeyValue::new("plugin.version", shared(&plugin.info().version));
     for p in processed {
         let e = &p.delivery.envelope;
         let attrs = [
-            KeyValue::new("plugin", name.to_owned()),
-            KeyValue::new("plugin.version", plugin.info().version.clone()),
+            plugin_kv.clone(),
+            version_kv.clone(),
             KeyValue::new("message.type", e.message_type.clone()),
         ];
         let (trace_id, span_id) = p.span.as_ref().and_then(telemetry::ids).unwrap_or_default();

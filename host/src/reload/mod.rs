@@ -294,12 +294,17 @@ impl Control {
         {
             let mut state = control.state.lock().await;
             for version in versions {
-                let file_digest = file_digest(
-                    state
-                        .pipeline
-                        .plugin(version.plugin.name().as_str())
-                        .map(|s| s.wasm.as_path()),
-                );
+                // A version loaded from the pipeline's file has that file's
+                // digest; a deployed one says nothing about the file.
+                let file_digest = match version.source {
+                    Source::File => Some(version.plugin.digest().to_owned()),
+                    Source::Deployed { .. } => file_digest(
+                        state
+                            .pipeline
+                            .plugin(version.plugin.name().as_str())
+                            .map(|s| s.wasm.as_path()),
+                    ),
+                };
                 control
                     .spawn_route(&mut state, version, file_digest)
                     .await?;
@@ -670,11 +675,7 @@ impl Control {
 
     async fn deploy_inner(&self, name: &str, bytes: Vec<u8>) -> Result<RouteInfo, ChangeError> {
         let state = self.state.lock().await;
-        let spec = state
-            .pipeline
-            .plugin(name)
-            .cloned()
-            .ok_or_else(|| ChangeError::UnknownPlugin(name.to_owned()))?;
+        let spec = spec_of(&state, name)?;
         let digest = crate::plugin::digest_of(&bytes);
         let path = self.deployments.wasm_path(name, &digest);
         let bytes = Arc::new(bytes);
@@ -696,12 +697,8 @@ impl Control {
             deployed_at_ms: at_ms,
             size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
         };
-        let store = self.deployments.clone();
-        let plugin_name = name.to_owned();
-        tokio::task::spawn_blocking(move || store.push(&plugin_name, &bytes, entry))
-            .await
-            .map_err(|e| ChangeError::Failed(e.into()))?
-            .map_err(ChangeError::Failed)?;
+        self.in_store(name, move |store, plugin| store.push(plugin, &bytes, entry))
+            .await?;
         Ok(self.hand_over(&state, name, version))
     }
 
@@ -715,11 +712,7 @@ impl Control {
 
     async fn rollback_inner(&self, name: &str) -> Result<RouteInfo, ChangeError> {
         let state = self.state.lock().await;
-        let spec = state
-            .pipeline
-            .plugin(name)
-            .cloned()
-            .ok_or_else(|| ChangeError::UnknownPlugin(name.to_owned()))?;
+        let spec = spec_of(&state, name)?;
         let history = self
             .deployments
             .history(name)
@@ -746,13 +739,24 @@ impl Control {
         let version = self
             .check_and_prepare(&state, &spec, plugin, source)
             .await?;
+        self.in_store(name, |store, plugin| store.pop(plugin))
+            .await?;
+        Ok(self.hand_over(&state, name, version))
+    }
+
+    /// Runs a deployment-store operation for plugin `name` off the async
+    /// runtime (it writes and syncs files).
+    async fn in_store<T: Send + 'static>(
+        &self,
+        name: &str,
+        op: impl FnOnce(&Deployments, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T, ChangeError> {
         let store = self.deployments.clone();
-        let plugin_name = name.to_owned();
-        tokio::task::spawn_blocking(move || store.pop(&plugin_name))
+        let plugin = name.to_owned();
+        tokio::task::spawn_blocking(move || op(&store, &plugin))
             .await
             .map_err(|e| ChangeError::Failed(e.into()))?
-            .map_err(ChangeError::Failed)?;
-        Ok(self.hand_over(&state, name, version))
+            .map_err(ChangeError::Failed)
     }
 
     /// Compiles and links one plugin file with its pipeline entry's sandbox.
@@ -825,6 +829,15 @@ impl Control {
     pub fn watched_files(&self) -> Vec<PathBuf> {
         self.view().files.clone()
     }
+}
+
+/// The running pipeline's entry for plugin `name`.
+fn spec_of(state: &State, name: &str) -> Result<PluginSpec, ChangeError> {
+    state
+        .pipeline
+        .plugin(name)
+        .cloned()
+        .ok_or_else(|| ChangeError::UnknownPlugin(name.to_owned()))
 }
 
 fn log_handover(version: &Version) {

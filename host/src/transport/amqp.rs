@@ -37,7 +37,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::{
-    Delivery, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport, cloudevents,
+    Delivery, Outcome, ReplyInbox, RouteTable, Settlement, Subscription, Topology, Transport,
+    cloudevents,
 };
 use crate::config::{AmqpConfig, Pipeline, UrlSource, redact};
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
@@ -90,7 +91,7 @@ struct Shared {
     config: AmqpConfig,
     /// Who receives what, and each route's queues; replaced when a running
     /// host's pipeline changes.
-    routing: std::sync::RwLock<(Topology, Vec<RouteQueues>)>,
+    routing: RouteTable<RouteQueues>,
     /// For messages created outside a route: CLI sends, replays.
     publisher: tokio::sync::Mutex<Option<Link>>,
     /// Deliveries received and not yet settled, across routes.
@@ -139,7 +140,7 @@ impl AmqpTransport {
                 source: format!("switchyard/{}", pipeline.name),
                 url,
                 config: config.clone(),
-                routing: std::sync::RwLock::new((Topology::of(pipeline), routes)),
+                routing: RouteTable::new(Topology::of(pipeline), routes),
                 publisher: tokio::sync::Mutex::new(None),
                 in_flight: AtomicI64::new(0),
                 received: AtomicU64::new(0),
@@ -150,6 +151,7 @@ impl AmqpTransport {
 
     fn route(&self, route: &str) -> Result<RouteQueues> {
         self.shared
+            .routing
             .routes()
             .into_iter()
             .find(|r| r.route == route)
@@ -170,7 +172,7 @@ impl AmqpTransport {
         if self.shared.in_flight.load(Ordering::SeqCst) > 0 {
             return Ok(false);
         }
-        let routes = self.shared.routes();
+        let routes = self.shared.routing.routes();
         self.with_publisher(async move |channel| {
             let passive = QueueDeclareOptions {
                 passive: true,
@@ -204,7 +206,7 @@ impl AmqpTransport {
         {
             let connection = connect(&self.shared).await?;
             let channel = confirm_channel(&connection).await?;
-            declare_topology(&channel, &self.shared, &self.shared.routes()).await?;
+            declare_topology(&channel, &self.shared, &self.shared.routing.routes()).await?;
             *guard = Some(Link {
                 _connection: connection,
                 channel,
@@ -231,28 +233,6 @@ fn route_queues(pipeline: &Pipeline, config: &AmqpConfig) -> Vec<RouteQueues> {
             retry_levels: p.retry.delayed,
         })
         .collect()
-}
-
-impl Shared {
-    fn routing(&self) -> std::sync::RwLockReadGuard<'_, (Topology, Vec<RouteQueues>)> {
-        // Replaced whole under the lock: a panic cannot leave it half-set.
-        self.routing
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn routes(&self) -> Vec<RouteQueues> {
-        self.routing().1.clone()
-    }
-
-    /// How many routes receive a message of this type.
-    fn destinations(&self, message_type: &str) -> usize {
-        self.routing().0.destinations(message_type).len()
-    }
-
-    fn kind(&self, message_type: &str) -> Option<Kind> {
-        self.routing().0.kind(message_type)
-    }
 }
 
 async fn connect(shared: &Shared) -> Result<Connection> {
@@ -528,7 +508,7 @@ impl Transport for AmqpTransport {
             let mut pending = Vec::new();
             let mut deliveries = 0;
             for e in &messages {
-                let routes = shared.destinations(&e.message_type);
+                let routes = shared.routing.destinations(&e.message_type);
                 if routes == 0 && e.kind == Kind::Command {
                     bail!(
                         "no plugin in this pipeline handles command {}",
@@ -608,7 +588,7 @@ impl Transport for AmqpTransport {
     /// exchange (their queues and what is in them stay, as on a restart).
     async fn set_routing(&self, pipeline: &Pipeline) -> Result<()> {
         let new = route_queues(pipeline, &self.shared.config);
-        let old = self.shared.routes();
+        let old = self.shared.routing.routes();
         let mut unbind: Vec<(String, String)> = Vec::new();
         for o in &old {
             let kept = new.iter().find(|n| n.route == o.route);
@@ -636,11 +616,7 @@ impl Transport for AmqpTransport {
             Ok(())
         })
         .await?;
-        *self
-            .shared
-            .routing
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = (Topology::of(pipeline), new);
+        self.shared.routing.replace(Topology::of(pipeline), new);
         Ok(())
     }
 
@@ -756,6 +732,7 @@ impl AmqpSubscription {
             // What the route takes may have changed while it ran.
             if let Some(now) = self
                 .shared
+                .routing
                 .routes()
                 .into_iter()
                 .find(|r| r.route == self.queues.route)
@@ -805,7 +782,7 @@ impl AmqpSubscription {
 
     fn accept(&mut self, d: AmqpDelivery) -> Delivery {
         let shared = &self.shared;
-        let (envelope, malformed) = match envelope(&d, |t| shared.kind(t)) {
+        let (envelope, malformed) = match envelope(&d, |t| shared.routing.kind(t)) {
             Ok(e) => (e, None),
             Err(reason) => {
                 let salvaged = cloudevents::salvage(

@@ -572,6 +572,16 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The routes of the pipeline as it is now.
+    fn route_names(&self) -> Vec<String> {
+        self.routing()
+            .topology
+            .route_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Writes one delivery per destination route; records the routes
     /// touched. An event nobody consumes is dropped (events may have zero
     /// consumers); a command with no handler is refused, never dropped.
@@ -739,14 +749,7 @@ impl Transport for EmbeddedTransport {
             let mut stmt = conn.prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1) OR EXISTS (SELECT 1 FROM scheduled WHERE route = ?1)",
             )?;
-            let routes: Vec<String> = s
-                .routing()
-                .topology
-                .route_names()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            for route in routes {
+            for route in s.route_names() {
                 let busy: bool = stmt.query_row(params![route], |r| r.get(0))?;
                 if busy {
                     return Ok(false);
@@ -763,14 +766,7 @@ impl EmbeddedTransport {
     /// removed from the pipeline, or another tool wrote them). They are kept,
     /// never consumed by this pipeline.
     pub async fn orphans(&self) -> Result<Vec<(String, u64)>> {
-        let routes: Vec<String> = self
-            .shared
-            .routing()
-            .topology
-            .route_names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        let routes = self.shared.route_names();
         Ok(self
             .pending()
             .await?

@@ -37,8 +37,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{
-    Delivery, Origin, Outcome, ReplyInbox, Settlement, Subscription, Topology, Transport,
-    cloudevents,
+    Delivery, Origin, Outcome, ReplyInbox, RouteTable, Settlement, Subscription, Topology,
+    Transport, cloudevents,
 };
 use crate::config::{KafkaConfig, Pipeline};
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
@@ -76,7 +76,7 @@ struct Shared {
     source: String,
     /// Who receives what, and each route's topics and group; replaced when
     /// a running host's pipeline gains or loses routes.
-    routing: std::sync::RwLock<(Topology, Vec<RouteTopics>)>,
+    routing: RouteTable<RouteTopics>,
     replies_topic: String,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
@@ -164,28 +164,6 @@ fn route_topics(pipeline: &Pipeline, config: &KafkaConfig) -> Vec<RouteTopics> {
         .collect()
 }
 
-impl Shared {
-    fn routing(&self) -> std::sync::RwLockReadGuard<'_, (Topology, Vec<RouteTopics>)> {
-        // Replaced whole under the lock: a panic cannot leave it half-set.
-        self.routing
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn routes(&self) -> Vec<RouteTopics> {
-        self.routing().1.clone()
-    }
-
-    /// How many routes receive a message of this type.
-    fn destinations(&self, message_type: &str) -> usize {
-        self.routing().0.destinations(message_type).len()
-    }
-
-    fn kind(&self, message_type: &str) -> Option<Kind> {
-        self.routing().0.kind(message_type)
-    }
-}
-
 fn is_already_exists(code: RDKafkaErrorCode) -> bool {
     code == RDKafkaErrorCode::TopicAlreadyExists
 }
@@ -212,7 +190,7 @@ impl KafkaTransport {
             shared: Arc::new(Shared {
                 config: config.clone(),
                 source: format!("switchyard/{}", pipeline.name),
-                routing: std::sync::RwLock::new((Topology::of(pipeline), routes)),
+                routing: RouteTable::new(Topology::of(pipeline), routes),
                 replies_topic: format!("{prefix}switchyard.replies"),
                 producer,
                 admin,
@@ -233,6 +211,7 @@ impl KafkaTransport {
 
     fn route(&self, route: &str) -> Result<RouteTopics> {
         self.shared
+            .routing
             .routes()
             .into_iter()
             .find(|r| r.route == route)
@@ -497,7 +476,7 @@ impl Transport for KafkaTransport {
         let mut records = Vec::with_capacity(messages.len());
         let mut topics = Vec::new();
         for e in messages {
-            let routes = self.shared.destinations(&e.message_type);
+            let routes = self.shared.routing.destinations(&e.message_type);
             if routes == 0 && e.kind == Kind::Command {
                 bail!(
                     "no plugin in this pipeline handles command {}",
@@ -582,7 +561,7 @@ impl Transport for KafkaTransport {
     /// subscription is fixed while it runs.
     async fn set_routing(&self, pipeline: &Pipeline) -> Result<()> {
         let new = route_topics(pipeline, &self.shared.config);
-        let old = self.shared.routes();
+        let old = self.shared.routing.routes();
         let changed: Vec<&str> = new
             .iter()
             .filter(|n| {
@@ -603,17 +582,14 @@ impl Transport for KafkaTransport {
             .flat_map(RouteTopics::all_topics)
             .collect();
         self.ensure_topics(&topics).await?;
-        *self
-            .shared
-            .routing
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = (Topology::of(pipeline), new);
+        self.shared.routing.replace(Topology::of(pipeline), new);
         Ok(())
     }
 
     async fn start_consuming(&self) -> Result<Box<dyn std::any::Any + Send + Sync>> {
         let mut topics: Vec<String> = self
             .shared
+            .routing
             .routes()
             .iter()
             .flat_map(RouteTopics::all_topics)
@@ -677,7 +653,7 @@ impl KafkaTransport {
         }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || -> Result<bool> {
-            for r in &shared.routes() {
+            for r in &shared.routing.routes() {
                 let reader = offset_reader(&shared, &r.group)?;
                 let timeout = shared.config.timeout;
                 let mut tpl = TopicPartitionList::new();
@@ -907,7 +883,8 @@ impl KafkaSubscription {
 
     fn delivery_of(&mut self, m: &OwnedMessage) -> (Delivery, Position, Option<u64>) {
         let shared = &self.shared;
-        let (result, not_before) = envelope(m, &shared.config.topic_prefix, |t| shared.kind(t));
+        let (result, not_before) =
+            envelope(m, &shared.config.topic_prefix, |t| shared.routing.kind(t));
         let (envelope, malformed) = match result {
             Ok(e) => (e, None),
             Err(reason) => {

@@ -68,6 +68,47 @@ impl Topology {
     }
 }
 
+/// A broker transport's routing: the topology and each route's names on
+/// the broker (`R`), replaced whole when a running host's pipeline changes.
+pub(crate) struct RouteTable<R> {
+    inner: std::sync::RwLock<(Topology, Vec<R>)>,
+}
+
+impl<R: Clone> RouteTable<R> {
+    pub(crate) fn new(topology: Topology, routes: Vec<R>) -> Self {
+        RouteTable {
+            inner: std::sync::RwLock::new((topology, routes)),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, (Topology, Vec<R>)> {
+        // Replaced whole under the lock: a panic cannot leave it half-set.
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn routes(&self) -> Vec<R> {
+        self.read().1.clone()
+    }
+
+    /// How many routes receive a message of this type.
+    pub(crate) fn destinations(&self, message_type: &str) -> usize {
+        self.read().0.destinations(message_type).len()
+    }
+
+    pub(crate) fn kind(&self, message_type: &str) -> Option<Kind> {
+        self.read().0.kind(message_type)
+    }
+
+    pub(crate) fn replace(&self, topology: Topology, routes: Vec<R>) {
+        *self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (topology, routes);
+    }
+}
+
 /// A message handed to a route, with the transport's handle to settle it.
 #[derive(Clone, Debug)]
 pub struct Delivery {

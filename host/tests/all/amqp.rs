@@ -705,13 +705,7 @@ async fn a_consumer_added_while_running_gets_its_queue_and_messages() {
     let (path, p) = pipeline(dir.path(), tally);
     let host = crate::common::Running::start(&p, runtime::RunOptions::quiet(RunMode::Serve)).await;
     let transport = runtime::open(&p).await.unwrap();
-    let log = |d: &str| {
-        std::fs::read_to_string(dir.path().join(d).join("tally.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let log = |d: &str| crate::common::tally_ids(&dir.path().join(d));
 
     // A second consumer of Tick, and Published added to the first.
     let text = std::fs::read_to_string(&path).unwrap();

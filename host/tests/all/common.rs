@@ -238,3 +238,20 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The reasons of a refused change, one per line; fails on anything else.
+pub fn refused<T: std::fmt::Debug>(result: Result<T, switchyard::reload::ChangeError>) -> String {
+    match result {
+        Err(switchyard::reload::ChangeError::Refused(reasons)) => reasons.join("\n"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The message ids a tally plugin wrote to `dir/tally.log` (empty if none).
+pub fn tally_ids(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("tally.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}

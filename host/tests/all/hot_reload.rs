@@ -16,7 +16,7 @@ use switchyard::reload::{ChangeError, RouteInfo};
 use switchyard::runtime::{self, RunMode, RunOptions};
 use switchyard::transport::Transport as _;
 
-use crate::common::{Running, bin, eventually, message, wasm, write_pipeline};
+use crate::common::{Running, bin, eventually, message, refused, wasm, write_pipeline};
 
 /// Replaces a file the way a build tool does: written beside it, renamed
 /// over it.
@@ -209,10 +209,6 @@ events = ["Poke"]
     .await;
     let v1 = host.route("tally").await.unwrap();
 
-    let refused = |r: Result<RouteInfo, ChangeError>| match r {
-        Err(ChangeError::Refused(reasons)) => reasons.join("\n"),
-        other => panic!("expected a refusal, got {other:?}"),
-    };
     // Not a component at all.
     let why = refused(host.control.deploy("tally", b"not wasm".to_vec()).await);
     assert!(why.contains("not a WebAssembly file"), "{why}");
@@ -484,14 +480,8 @@ grants = { dirs = [{ host = "out2", guest = "/out", writable = true }] }
         "{original}{second}\n[plugins.rogue2]\nwasm = \"plugins/rogue.wasm\"\ncommands = [\"Misbehave\"]\n"
     );
     replace(&path, double.as_bytes());
-    let refused = host.control.reload_from_disk().await;
-    match refused {
-        Err(ChangeError::Refused(why)) => {
-            let why = why.join("\n");
-            assert!(why.contains("Misbehave"), "{why}");
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    let why = refused(host.control.reload_from_disk().await);
+    assert!(why.contains("Misbehave"), "{why}");
     assert!(host.route("second").await.is_none());
 
     // The transport cannot change while running: refused whole too.
@@ -501,12 +491,8 @@ grants = { dirs = [{ host = "out2", guest = "/out", writable = true }] }
             .replace("poll_interval = \"5ms\"", "poll_interval = \"7ms\"")
             .as_bytes(),
     );
-    match host.control.reload_from_disk().await {
-        Err(ChangeError::Refused(why)) => {
-            assert!(why.join("").contains("[transport] changed"), "{why:?}")
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    let why = refused(host.control.reload_from_disk().await);
+    assert!(why.contains("[transport] changed"), "{why}");
 
     // Adding the consumer alone applies, noticed by the watcher.
     replace(&path, format!("{original}{second}").as_bytes());

@@ -720,13 +720,7 @@ async fn a_consumer_added_while_running_reads_its_topics() {
     );
     let host = crate::common::Running::start(&p, runtime::RunOptions::quiet(RunMode::Serve)).await;
     let transport = runtime::open(&p).await.unwrap();
-    let log = |d: &str| {
-        std::fs::read_to_string(dir.path().join(d).join("tally.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let log = |d: &str| crate::common::tally_ids(&dir.path().join(d));
     let text = std::fs::read_to_string(&path).unwrap();
     let dist = crate::common::wasm("tally");
 
@@ -736,12 +730,8 @@ async fn a_consumer_added_while_running_reads_its_topics() {
         text.replace(r#"events = ["Tick"]"#, r#"events = ["Tick", "Published"]"#),
     )
     .unwrap();
-    match host.control.reload_from_disk().await {
-        Err(switchyard::reload::ChangeError::Refused(why)) => {
-            assert!(why.join("").contains("route tally"), "{why:?}")
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    let why = crate::common::refused(host.control.reload_from_disk().await);
+    assert!(why.contains("route tally"), "{why}");
 
     // A new consumer of Tick: its group reads the topic.
     let grown = format!(
