@@ -47,6 +47,21 @@ fn tally_lines(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits (at most `secs` seconds) until the tally log's lines satisfy
+/// `done`.
+async fn until_logged(
+    what: &str,
+    secs: u64,
+    log: &Path,
+    done: impl Fn(&[(String, String)]) -> bool,
+) {
+    eventually(what, Duration::from_secs(secs), || {
+        let ok = done(&tally_lines(log));
+        async move { ok }
+    })
+    .await;
+}
+
 /// A pipeline with a tally plugin whose component is a copy in `dir`, so
 /// the test can replace it.
 fn tally_pipeline(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
@@ -126,9 +141,8 @@ async fn twenty_swaps_under_load_handle_every_message_exactly_once() {
     for swap in 0..20 {
         // Let some messages through on each version.
         let before = tally_lines(&log).len();
-        eventually("messages between swaps", Duration::from_secs(20), || {
-            let log = log.clone();
-            async move { tally_lines(&log).len() >= before + 50 }
+        until_logged("messages between swaps", 20, &log, |l| {
+            l.len() >= before + 50
         })
         .await;
         let next = if swap % 2 == 0 { &v2 } else { &v1 };
@@ -147,15 +161,9 @@ async fn twenty_swaps_under_load_handle_every_message_exactly_once() {
     }
     running.store(false, Ordering::Relaxed);
     let sent = producer.await.unwrap();
-    eventually(
-        "every message to be handled",
-        Duration::from_secs(60),
-        || {
-            let log = log.clone();
-            let n = sent.len();
-            async move { tally_lines(&log).len() >= n }
-        },
-    )
+    until_logged("every message to be handled", 60, &log, |l| {
+        l.len() >= sent.len()
+    })
     .await;
     let route = host.route("tally").await.unwrap();
     host.stop().await;
@@ -264,10 +272,8 @@ events = ["Poke"]
     let id = m.id.clone();
     transport.enqueue(vec![m]).await.unwrap();
     let log = dir.path().join("out").join("tally.log");
-    eventually("v1 to handle the message", Duration::from_secs(10), || {
-        let log = log.clone();
-        let id = id.clone();
-        async move { tally_lines(&log).contains(&(id, "v1".into())) }
+    until_logged("v1 to handle the message", 10, &log, |l| {
+        l.contains(&(id.clone(), "v1".into()))
     })
     .await;
     let now = host.route("tally").await.unwrap();
@@ -362,10 +368,8 @@ async fn deploys_need_the_token_survive_a_restart_and_roll_back() {
     let id = m.id.clone();
     transport.enqueue(vec![m]).await.unwrap();
     let log = dir.path().join("out").join("tally.log");
-    eventually("v2 to handle the message", Duration::from_secs(10), || {
-        let log = log.clone();
-        let id = id.clone();
-        async move { tally_lines(&log).contains(&(id, "v2".into())) }
+    until_logged("v2 to handle the message", 10, &log, |l| {
+        l.contains(&(id.clone(), "v2".into()))
     })
     .await;
     let listed = std::process::Command::new(bin())
@@ -457,14 +461,9 @@ events = ["Poke"]
     let before: Vec<_> = (0..10).map(tick).collect();
     transport.enqueue(before.clone()).await.unwrap();
     let log = dir.path().join("out").join("tally.log");
-    eventually(
-        "tally to handle the first ticks",
-        Duration::from_secs(10),
-        || {
-            let log = log.clone();
-            async move { tally_lines(&log).len() == 10 }
-        },
-    )
+    until_logged("tally to handle the first ticks", 10, &log, |l| {
+        l.len() == 10
+    })
     .await;
 
     // A change that would give a command two handlers is refused whole:
@@ -507,26 +506,14 @@ grants = { dirs = [{ host = "out2", guest = "/out", writable = true }] }
     let after: Vec<_> = (10..20).map(tick).collect();
     transport.enqueue(after.clone()).await.unwrap();
     let log2 = dir.path().join("out2").join("tally.log");
-    eventually(
-        "the new consumer to receive",
-        Duration::from_secs(10),
-        || {
-            let log2 = log2.clone();
-            async move { tally_lines(&log2).len() == 10 }
-        },
-    )
-    .await;
+    until_logged("the new consumer to receive", 10, &log2, |l| l.len() == 10).await;
     let got: HashSet<String> = tally_lines(&log2).into_iter().map(|(id, _)| id).collect();
     let want: HashSet<String> = after.iter().map(|m| m.id.clone()).collect();
     assert_eq!(
         got, want,
         "the new consumer gets what was published after it joined"
     );
-    eventually("tally to keep receiving", Duration::from_secs(10), || {
-        let log = log.clone();
-        async move { tally_lines(&log).len() == 20 }
-    })
-    .await;
+    until_logged("tally to keep receiving", 10, &log, |l| l.len() == 20).await;
 
     // Removing it stops its route.
     replace(&path, original.as_bytes());
