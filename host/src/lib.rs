@@ -16,6 +16,7 @@
 //! | [`runtime`] | loading a pipeline's plugins and running its routes |
 //! | [`telemetry`] | traces (OpenTelemetry), metrics, logging |
 //! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz` |
+//! | [`testing`] | whole pipelines in-process for integration tests, with deadlines |
 //! | [`cli`] | the `switchyard` command line |
 
 pub mod admin;
@@ -30,4 +31,5 @@ pub mod reload;
 pub mod runtime;
 pub mod schemas;
 pub mod telemetry;
+pub mod testing;
 pub mod transport;

@@ -208,6 +208,9 @@ pub struct RunOptions {
     /// Handed the host's control once its routes run (tests and embedders
     /// use it to change the host while it runs).
     pub on_started: Option<tokio::sync::oneshot::Sender<Arc<Control>>>,
+    /// Run on this transport instead of opening the pipeline's own (the
+    /// test harness passes the embedded one, wrapped to watch it).
+    pub transport: Option<Arc<dyn Transport>>,
 }
 
 impl RunOptions {
@@ -220,6 +223,7 @@ impl RunOptions {
             admin_token: None,
             watch: false,
             on_started: None,
+            transport: None,
         }
     }
 }
@@ -250,11 +254,15 @@ pub async fn run_with(
         admin_token,
         watch,
         on_started,
+        transport,
     } = options;
     for w in &plugins.warnings {
         tracing::warn!(plugin = %w.plugin, "{}", w.message);
     }
-    let transport = open(pipeline).await?;
+    let transport = match transport {
+        Some(t) => t,
+        None => open(pipeline).await?,
+    };
     let _guard = transport.start_consuming().await?;
     for warning in transport.startup_warnings().await? {
         tracing::warn!("{warning}");

@@ -1,7 +1,8 @@
 //! Project tasks, run with `cargo xtask <task>`:
 //!
-//! - `build-plugins`: build every plugin component for `wasm32-wasip2` into
-//!   `dist/plugins/`.
+//! - `build-plugins`: build every plugin component into `dist/plugins/`: the
+//!   Rust ones for `wasm32-wasip2`, and the examples in Python, JavaScript
+//!   and C with their languages' tools (installed on first use).
 //! - `demo`: build the plugins and the host, then run the example order
 //!   pipeline and send it a few commands.
 //! - `test [ARGS]`: build the plugins, then `cargo test --workspace [ARGS]`.
@@ -11,17 +12,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 
+mod languages;
+
 type Result<T> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("build-plugins") => build_plugins().map(|_| ()),
+        Some("build-rust-plugins") => build_rust_plugins().map(|_| ()),
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         _ => {
-            eprintln!("usage: cargo xtask <build-plugins | demo | test [CARGO TEST ARGS] | ci>");
+            eprintln!(
+                "usage: cargo xtask <build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | ci>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -123,8 +129,41 @@ const VARIANTS: [(&str, &str, &str, &str); 4] = [
     ("test-plugin-tally", "tally", "ballast", "tally_ballast"),
 ];
 
-/// Builds every plugin and copies it to `dist/plugins/NAME.wasm`.
+/// Builds every plugin, in every language, into `dist/plugins/NAME.wasm`.
 fn build_plugins() -> Result<Vec<PathBuf>> {
+    let mut built = build_rust_plugins()?;
+    let dist = root().join("dist").join("plugins");
+    built.extend(languages::build(&dist, &metadata()?.target_dir)?);
+    Ok(built)
+}
+
+/// Whether rustup has the plugins' target for the pinned toolchain; adds
+/// it if not (a toolchain installed before rust-toolchain.toml named the
+/// target does not get it by itself).
+fn ensure_wasm_target() -> Result<()> {
+    let Ok(out) = Command::new("rustup")
+        .current_dir(root())
+        .args(["target", "list", "--installed"])
+        .output()
+    else {
+        // No rustup: the toolchain is managed some other way.
+        return Ok(());
+    };
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|t| t.trim() == "wasm32-wasip2")
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the wasm32-wasip2 target (rustup target add wasm32-wasip2)");
+    run(Command::new("rustup")
+        .current_dir(root())
+        .args(["target", "add", "wasm32-wasip2"]))
+}
+
+/// Builds the Rust plugins and copies them to `dist/plugins/NAME.wasm`.
+fn build_rust_plugins() -> Result<Vec<PathBuf>> {
+    ensure_wasm_target()?;
     let meta = metadata()?;
     let dist = root().join("dist").join("plugins");
     std::fs::create_dir_all(&dist).map_err(|e| format!("cannot create {}: {e}", dist.display()))?;
@@ -214,7 +253,7 @@ fn switchyard(bin: &Path) -> Command {
 }
 
 fn demo() -> Result<()> {
-    build_plugins()?;
+    build_rust_plugins()?;
     run(cargo().args(["build", "--package", "switchyard"]))?;
     let bin = metadata()?.target_dir.join("debug").join("switchyard");
     let pipeline = "pipelines/orders.toml";

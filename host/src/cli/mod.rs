@@ -4,9 +4,10 @@ mod dlq;
 mod inspect;
 mod messages;
 mod remote;
-mod test;
+pub(crate) mod test;
 mod validate;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -201,6 +202,13 @@ pub enum PluginsCommand {
         json: bool,
     },
 
+    /// Print the plugin contract (WIT) this host implements, to generate
+    /// bindings from in any language.
+    #[command(after_help = "Examples:
+  mkdir -p wit && switchyard plugins wit > wit/plugin.wit
+  componentize-py -d wit -w plugin componentize app -o plugin.wasm")]
+    Wit,
+
     /// Show what each route of a running host runs: version, digest, source,
     /// since when.
     #[command(after_help = "Examples:
@@ -335,6 +343,10 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }
+            Command::Plugins(PluginsCommand::Wit) => {
+                std::io::stdout().write_all(crate::plugin::WIT.as_bytes())?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Dlq(command) => dlq::run(command).await,
             Command::Test {
                 wasm,
@@ -421,6 +433,7 @@ async fn run(path: PathBuf, drain: bool, watch: bool, trace_stdout: bool) -> Res
         admin_token,
         watch: watch || pipeline.watch,
         on_started: None,
+        transport: None,
     };
     let result = runtime::run_with(&pipeline, plugins, options, shutdown_signal()).await;
     // Flushing spans can block on the network: not on the async runtime.

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::config::{Grants, Limits, PluginName};
 use crate::envelope::{Envelope, Kind};
-use crate::plugin::{ComponentCache, LoadedPlugin, Output, PluginEngine, Sandbox};
+use crate::plugin::{ComponentCache, LoadedPlugin, Output, PluginEngine, Sandbox, Simulation};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +34,53 @@ struct Case {
     input: Input,
     #[serde(default)]
     expect: Expect,
+    /// How the host behaves towards the plugin in this case.
+    #[serde(default)]
+    host: HostBehaviour,
+}
+
+/// `[case.host]`: host behaviour a case simulates.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostBehaviour {
+    /// The wall clock reads this RFC 3339 time and stands still.
+    clock: Option<String>,
+    /// Environment variables the plugin sees.
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    /// `down`: every outbound connection fails; `up` (default): as granted.
+    network: Option<String>,
+}
+
+impl HostBehaviour {
+    fn simulation(&self) -> Result<Simulation> {
+        let clock = match &self.clock {
+            None => None,
+            Some(text) => {
+                let at = humantime::parse_rfc3339_weak(text).with_context(|| {
+                    format!("host.clock {text:?} is not an RFC 3339 time like 2026-11-29T12:00:00Z")
+                })?;
+                Some(
+                    at.duration_since(std::time::UNIX_EPOCH)
+                        .with_context(|| format!("host.clock {text:?} is before 1970"))?,
+                )
+            }
+        };
+        let network_down = match self.network.as_deref() {
+            None | Some("up") => false,
+            Some("down") => true,
+            Some(other) => bail!("host.network is `up` or `down`, not {other:?}"),
+        };
+        Ok(Simulation {
+            clock,
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            network_down,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +100,9 @@ struct Input {
     /// The attempt number the handler sees (retries are attempts 2, 3, ...).
     attempt: Option<u32>,
     correlation_id: Option<String>,
+    /// Where a reply should go: a command handler that replies only when
+    /// asked sees that it was.
+    reply_to: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,7 +254,11 @@ fn run_case(
         Ok(m) => m,
         Err(e) => return Some(format!("bad input: {e}")),
     };
-    let mut instance = match plugin.instantiate() {
+    let simulation = match case.host.simulation() {
+        Ok(s) => s,
+        Err(e) => return Some(format!("bad host behaviour: {e:#}")),
+    };
+    let mut instance = match plugin.instantiate_simulated(&simulation) {
         Ok(i) => i,
         Err(e) => return Some(format!("the plugin cannot start: {e:#}")),
     };
@@ -292,6 +346,7 @@ fn input_message(plugin: &LoadedPlugin, input: &Input) -> Result<Envelope> {
         m.attempt = a.max(1);
     }
     m.correlation_id = input.correlation_id.clone();
+    m.reply_to = input.reply_to.clone();
     Ok(m)
 }
 
@@ -433,7 +488,13 @@ fn compare_one(
 
 /// The differences between `want` and `got`, each as `path: expected X, got
 /// Y`. With `subset`, fields of `got` that `want` does not name are fine.
-fn json_diff(path: &str, want: &Value, got: &Value, subset: bool, out: &mut Vec<String>) {
+pub(crate) fn json_diff(
+    path: &str,
+    want: &Value,
+    got: &Value,
+    subset: bool,
+    out: &mut Vec<String>,
+) {
     match (want, got) {
         (Value::Object(w), Value::Object(g)) => {
             for (k, wv) in w {

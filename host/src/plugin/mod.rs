@@ -27,7 +27,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 pub use crate::recover::FailureKind;
 pub use cache::{CacheOutcome, ComponentCache};
 pub use contract::{Contract, PluginInfo};
-pub use sandbox::{MemoryLimiter, OutputTail};
+pub use sandbox::{MemoryLimiter, OutputTail, Simulation};
 
 use crate::config::{Grants, Limits, PluginName};
 use crate::envelope::{Envelope, Kind};
@@ -42,6 +42,9 @@ pub mod bindings {
 }
 
 use bindings::switchyard::plugin::types as wit;
+
+/// The WIT text of the contract, as `switchyard plugins wit` prints it.
+pub const WIT: &str = include_str!("../../../wit/plugin.wit");
 
 /// The interface every plugin must export.
 pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.1.0";
@@ -123,7 +126,7 @@ impl PluginEngine {
             clock::CappedClock,
         >(&mut linker, |s| clock::ClockView {
             table: &mut s.table,
-            real: s.plugin.sandbox.grants.clock,
+            real: s.real_clock,
             deadline: s.call.deadline,
         })
         .map_err(anyhow::Error::from)?;
@@ -349,11 +352,19 @@ impl LoadedPlugin {
 
     /// A fresh, warm instance.
     pub fn instantiate(&self) -> Result<Instance> {
+        self.instantiate_simulated(&Simulation::default())
+    }
+
+    /// A fresh instance that sees the host behave as `simulation` says (a
+    /// fixed clock, extra environment, the network down): for contract
+    /// tests.
+    pub fn instantiate_simulated(&self, simulation: &Simulation) -> Result<Instance> {
         let inner = &self.inner;
         let output = OutputTail::default();
         let state = State {
-            wasi: sandbox::wasi_ctx(&inner.sandbox.grants, &output)
+            wasi: sandbox::wasi_ctx(&inner.sandbox.grants, simulation, &output)
                 .with_context(|| format!("plugin {}", inner.sandbox.name))?,
+            real_clock: inner.sandbox.grants.clock && simulation.clock.is_none(),
             output,
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(inner.sandbox.limits.memory),
@@ -438,6 +449,9 @@ pub struct State {
     /// What the current `handle` call has emitted so far.
     call: Call,
     plugin: Arc<Inner>,
+    /// Whether the monotonic clock moves (the `clock` grant, and no
+    /// simulated clock).
+    real_clock: bool,
 }
 
 impl WasiView for State {

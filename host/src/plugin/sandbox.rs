@@ -91,17 +91,52 @@ impl HostWallClock for FrozenClock {
     }
 }
 
-/// Builds the WASI context of one instance: nothing unless granted. Without
-/// the `stdio` grant, stdout and stderr go to `tail`.
-pub fn wasi_ctx(grants: &Grants, tail: &OutputTail) -> Result<WasiCtx> {
+/// A wall clock that reads one fixed instant, for contract tests.
+struct FixedClock(Duration);
+
+impl HostWallClock for FixedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        self.0
+    }
+}
+
+/// How the host behaves towards one instance in a contract test, beyond
+/// what the plugin's grants say.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Simulation {
+    /// The wall clock reads this time (since the Unix epoch) and stands
+    /// still, as does the monotonic clock: output that depends on the time
+    /// is the same on every run.
+    pub clock: Option<Duration>,
+    /// Environment variables set for this instance, over the granted ones.
+    pub env: Vec<(String, String)>,
+    /// Every outbound connection fails, whatever the network grant says.
+    pub network_down: bool,
+}
+
+/// Builds the WASI context of one instance: nothing unless granted, then
+/// what `simulation` imposes. Without the `stdio` grant, stdout and stderr
+/// go to `tail`.
+pub fn wasi_ctx(grants: &Grants, simulation: &Simulation, tail: &OutputTail) -> Result<WasiCtx> {
     let mut b = WasiCtxBuilder::new();
     // Blocking host I/O (granted files) is short; doing it on the handler's
     // thread avoids a thread hop per call.
     b.allow_blocking_current_thread(true);
     for (k, v) in &grants.env {
+        if !simulation.env.iter().any(|(name, _)| name == k) {
+            b.env(k, v);
+        }
+    }
+    for (k, v) in &simulation.env {
         b.env(k, v);
     }
     for name in &grants.inherit_env {
+        if simulation.env.iter().any(|(n, _)| n == name) {
+            continue;
+        }
         if let Ok(v) = std::env::var(name) {
             b.env(name, v);
         }
@@ -122,8 +157,10 @@ pub fn wasi_ctx(grants: &Grants, tail: &OutputTail) -> Result<WasiCtx> {
                 )
             })?;
     }
-    if !grants.clock {
-        // The monotonic clock is replaced in the linker (see `clock`).
+    // The monotonic clock is replaced in the linker (see `clock`).
+    if let Some(at) = simulation.clock {
+        b.wall_clock(FixedClock(at));
+    } else if !grants.clock {
         b.wall_clock(FrozenClock);
     }
     if grants.stdio {
@@ -135,9 +172,14 @@ pub fn wasi_ctx(grants: &Grants, tail: &OutputTail) -> Result<WasiCtx> {
     }
     b.allow_udp(false);
     b.allow_ip_name_lookup(false);
-    b.allow_tcp(!grants.network.is_empty());
-    if !grants.network.is_empty() {
-        let allowed: Arc<[SocketAddr]> = grants.network.clone().into();
+    let network = if simulation.network_down {
+        &[][..]
+    } else {
+        grants.network.as_slice()
+    };
+    b.allow_tcp(!network.is_empty());
+    if !network.is_empty() {
+        let allowed: Arc<[SocketAddr]> = network.to_vec().into();
         b.socket_addr_check(move |addr, usage| {
             let ok = match usage {
                 SocketAddrUse::TcpConnect => allowed.contains(&addr),

@@ -487,6 +487,10 @@ fn the_example_plugins_pass_their_contract_tests() {
         ("payments", 4),
         ("inventory", 1),
         ("notifications", 3),
+        // JavaScript, C and Python.
+        ("fraud", 6),
+        ("receipts", 6),
+        ("notices", 7),
     ] {
         let tests = workspace_root()
             .join("plugins")
@@ -509,6 +513,79 @@ fn the_example_plugins_pass_their_contract_tests() {
         );
         assert_eq!(junit_counts(&junit), (cases, 0), "{plugin}");
     }
+}
+
+#[test]
+fn a_case_can_take_the_network_away() {
+    // The rogue plugin's `connect` opens a TCP connection: an outbound
+    // call. The pipeline grants it this listener.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        "net",
+        &format!(
+            r#"
+[plugins.rogue]
+wasm = "{}"
+commands = ["Misbehave", "Sent"]
+events = ["Poke"]
+[plugins.rogue.grants]
+network = ["{addr}"]
+"#,
+            wasm("rogue").display()
+        ),
+    );
+    let tests = dir.path().join("cases.toml");
+    std::fs::write(
+        &tests,
+        format!(
+            r#"
+[[case]]
+name = "the upstream answers"
+input = {{ type = "Misbehave", json = {{ action = "connect", to = "{addr}" }} }}
+expect = {{ reply = {{ json = {{ connected = "{addr}" }} }} }}
+
+[[case]]
+name = "the upstream cannot be reached: transient"
+input = {{ type = "Misbehave", json = {{ action = "connect", to = "{addr}" }} }}
+host = {{ network = "down" }}
+expect = {{ error = "transient", error_code = "upstream-unreachable" }}
+
+[[case]]
+name = "a mistake in the host behaviour is reported"
+input = {{ type = "Misbehave", json = {{ action = "ok" }} }}
+host = {{ clock = "yesterday" }}
+"#
+        ),
+    )
+    .unwrap();
+    let out = switchyard(&[
+        "test",
+        wasm("rogue").to_str().unwrap(),
+        tests.to_str().unwrap(),
+        "-p",
+        pipeline.to_str().unwrap(),
+        "--plugin",
+        "rogue",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    let passed = |name: &str| {
+        text.lines()
+            .any(|l| l.trim_start().starts_with("ok ") && l.ends_with(name))
+    };
+    assert!(passed("cases.toml :: the upstream answers"), "{text}");
+    assert!(
+        passed("cases.toml :: the upstream cannot be reached: transient"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad host behaviour: host.clock \"yesterday\" is not an RFC 3339 time"),
+        "{text}"
+    );
+    assert!(text.contains("2 passed, 1 failed"), "{text}");
 }
 
 #[test]

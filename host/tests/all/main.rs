@@ -19,6 +19,7 @@ mod kafka;
 mod kafka_reliability;
 mod loading;
 mod outbox;
+mod polyglot;
 mod reliability;
 mod sandbox;
 mod schemas;

@@ -10,6 +10,9 @@ use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
 #[derive(Deserialize)]
 struct Misbehave {
     action: String,
+    /// `connect`: the `host:port` to open a TCP connection to.
+    #[serde(default)]
+    to: String,
 }
 
 pub struct Rogue;
@@ -32,7 +35,7 @@ impl Plugin for Rogue {
             "Sent" => return Ok(()),
             _ => {}
         }
-        let Misbehave { action } = msg.json()?;
+        let Misbehave { action, to } = msg.json()?;
         match action.as_str() {
             "ok" => ctx.reply(&"ok"),
             "publish" => ctx.publish("Published", &json!({"from": msg.id})),
@@ -88,6 +91,13 @@ impl Plugin for Rogue {
                     "wall_clock_secs": now,
                 }))
             }
+            // An outbound call: a dependency that cannot be reached is a
+            // transient failure.
+            "connect" => match std::net::TcpStream::connect(to.as_str()) {
+                Ok(_) => ctx.reply(&json!({ "connected": to })),
+                Err(e) => Err(HandlerError::transient(format!("cannot reach {to}: {e}"))
+                    .with_code("upstream-unreachable")),
+            },
             other => Err(HandlerError::permanent(format!("unknown action {other}"))),
         }
     }

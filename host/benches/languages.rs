@@ -1,0 +1,120 @@
+//! The example plugins side by side, one per language: component size,
+//! instantiation (a fresh store and instance) and the cost of one message
+//! on a warm instance, each handling its own kind of message from the
+//! polyglot pipeline.
+//!
+//! Needs `dist/plugins/` (`cargo xtask build-plugins`). The sizes are
+//! printed before criterion's timings.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use switchyard::config::{Grants, Limits, PluginName};
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::plugin::{LoadedPlugin, PluginEngine, Sandbox};
+
+/// (language, plugin, message type, kind, JSON payload)
+const PLUGINS: [(&str, &str, &str, Kind, &str); 4] = [
+    (
+        "rust",
+        "orders",
+        "PlaceOrder",
+        Kind::Command,
+        r#"{"order_id":"A-1","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1400}]}"#,
+    ),
+    (
+        "javascript",
+        "fraud",
+        "OrderPlaced",
+        Kind::Event,
+        r#"{"order_id":"A-1","customer":"ada","items":[],"total_cents":2800}"#,
+    ),
+    (
+        "c",
+        "receipts",
+        "SignReceipt",
+        Kind::Command,
+        r#"{"order_id":"A-1","customer":"ada","total_cents":2800}"#,
+    ),
+    (
+        "python",
+        "notices",
+        "ReceiptSigned",
+        Kind::Event,
+        r#"{"order_id":"A-1","customer":"ada","total_cents":2800,"checksum":"crc32:194abd58"}"#,
+    ),
+];
+
+fn load(engine: &PluginEngine, name: &str) -> LoadedPlugin {
+    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../dist/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        wasm.exists(),
+        "{} is missing: run `cargo xtask build-plugins` first",
+        wasm.display()
+    );
+    let sandbox = Sandbox {
+        name: PluginName::try_from(name).unwrap(),
+        limits: Limits {
+            memory: 64 << 20,
+            ..Limits::default()
+        },
+        grants: Grants::default(),
+    };
+    engine.load(&wasm, sandbox).unwrap()
+}
+
+fn languages(c: &mut Criterion) {
+    let engine =
+        PluginEngine::new(Some(std::env::temp_dir().join("switchyard-bench-cache"))).unwrap();
+    let plugins: Vec<_> = PLUGINS
+        .iter()
+        .map(|(language, name, message_type, kind, payload)| {
+            let plugin = load(&engine, name);
+            let message = Envelope::new(
+                *message_type,
+                *kind,
+                payload.as_bytes().to_vec(),
+                "application/json",
+            );
+            (*language, plugin, message)
+        })
+        .collect();
+
+    println!("component sizes:");
+    for (language, plugin, _) in &plugins {
+        println!(
+            "  {language:<11} {:>12} bytes  ({:.1} MiB)  {}",
+            plugin.size(),
+            plugin.size() as f64 / f64::from(1 << 20),
+            plugin.name()
+        );
+    }
+
+    let mut group = c.benchmark_group("instantiate");
+    for (language, plugin, _) in &plugins {
+        group.bench_function(*language, |b| {
+            b.iter(|| black_box(plugin.instantiate().unwrap()))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("message_warm");
+    for (language, plugin, message) in &plugins {
+        let mut instance = plugin.instantiate().unwrap();
+        let mut message = message.clone();
+        // The handler must succeed, or the figure measures a failure path.
+        assert!(instance.handle(&mut message).is_ok(), "{language} failed");
+        group.bench_function(*language, |b| {
+            b.iter(|| black_box(instance.handle(black_box(&mut message)).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, languages);
+criterion_main!(benches);

@@ -1,0 +1,224 @@
+// The `receipts` plugin, written in C: signs the receipt of an accepted order.
+//
+// It handles the `SignReceipt` command: it computes a CRC-32 over
+// "<order_id>|<customer>|<total_cents>", publishes a `ReceiptSigned` event
+// carrying it, and replies with it when the sender asked for a reply.
+//
+// The signer is "busy" on the first attempt for the customer `flaky` (a
+// transient failure: the host retries); a payload without the expected
+// fields is refused for good (a permanent failure: dead-lettered).
+//
+// Bindings come from `wit-bindgen c` (plugin.h, plugin.c); see
+// docs/guides/c.md for the build.
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plugin.h"
+
+typedef exports_switchyard_plugin_handler_message_t message_t;
+typedef exports_switchyard_plugin_handler_handler_error_t handler_error_t;
+typedef exports_switchyard_plugin_handler_plugin_info_t plugin_info_t;
+
+// ---- a string field of a flat JSON object ---------------------------------
+
+// Where the value of `"name":` starts at the top level of a JSON object, or
+// `len` when the field is not there.
+static size_t json_field(const uint8_t *json, size_t len, const char *name) {
+  size_t name_len = strlen(name);
+  for (size_t i = 0; i + name_len + 2 < len; i++) {
+    if (json[i] != '"' || memcmp(json + i + 1, name, name_len) != 0 ||
+        json[i + 1 + name_len] != '"') {
+      continue;
+    }
+    size_t j = i + name_len + 2;
+    while (j < len && (json[j] == ' ' || json[j] == ':')) j++;
+    return j;
+  }
+  return len;
+}
+
+// Copies the value of `"name": "value"` (at most `cap - 1` bytes, no
+// escapes) into `out`. Returns false when the field is missing, is not a
+// plain non-empty string or does not fit.
+static bool json_string(const uint8_t *json, size_t len, const char *name,
+                        char *out, size_t cap) {
+  size_t j = json_field(json, len, name);
+  if (j >= len || json[j] != '"') return false;
+  j++;
+  size_t n = 0;
+  while (j < len && json[j] != '"') {
+    if (json[j] == '\\' || json[j] < 0x20 || n + 1 >= cap) return false;
+    out[n++] = (char)json[j++];
+  }
+  if (j >= len) return false;
+  out[n] = '\0';
+  return n > 0;
+}
+
+// Reads the value of `"name": 123` (a whole number that fits in 64 bits).
+static bool json_u64(const uint8_t *json, size_t len, const char *name,
+                     uint64_t *out) {
+  size_t j = json_field(json, len, name);
+  if (j >= len || json[j] < '0' || json[j] > '9') return false;
+  uint64_t v = 0;
+  while (j < len && json[j] >= '0' && json[j] <= '9') {
+    uint64_t digit = (uint64_t)(json[j++] - '0');
+    if (v > (UINT64_MAX - digit) / 10) return false;
+    v = v * 10 + digit;
+  }
+  *out = v;
+  return true;
+}
+
+// ---- CRC-32 (IEEE 802.3, as zlib computes it) ------------------------------
+
+static uint32_t crc32(const char *data, size_t len) {
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < len; i++) {
+    crc ^= (uint8_t)data[i];
+    for (int k = 0; k < 8; k++) {
+      crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+  }
+  return ~crc;
+}
+
+// ---- building the host's types ---------------------------------------------
+
+// A string the host takes ownership of (returned values are freed by the
+// generated post-return code).
+static plugin_string_t owned(const char *s) {
+  plugin_string_t out;
+  plugin_string_dup(&out, s);
+  return out;
+}
+
+static bool fail(handler_error_t *err, uint8_t kind, const char *code,
+                 const char *format, ...) {
+  char text[256];
+  va_list args;
+  va_start(args, format);
+  vsnprintf(text, sizeof text, format, args);
+  va_end(args);
+  err->tag = kind;
+  switchyard_plugin_types_error_details_t *details =
+      kind == SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_TRANSIENT ? &err->val.transient
+                                                              : &err->val.permanent;
+  details->message = owned(text);
+  details->code.is_some = true;
+  details->code.val = owned(code);
+  details->details.ptr = NULL;
+  details->details.len = 0;
+  return false;
+}
+
+static void log_info(const char *text) {
+  plugin_string_t s;
+  plugin_string_set(&s, text);
+  switchyard_plugin_host_log(SWITCHYARD_PLUGIN_TYPES_LOG_LEVEL_INFO, &s);
+}
+
+// ---- the contract ----------------------------------------------------------
+
+void exports_switchyard_plugin_handler_describe(plugin_info_t *ret) {
+  ret->name = owned("receipts");
+  ret->version = owned("1.0.0");
+
+  ret->handles.len = 1;
+  ret->handles.ptr = malloc(sizeof(switchyard_plugin_types_subscription_t));
+  ret->handles.ptr[0].message_type = owned("SignReceipt");
+  ret->handles.ptr[0].kind = SWITCHYARD_PLUGIN_TYPES_KIND_COMMAND;
+
+  ret->publishes.len = 1;
+  ret->publishes.ptr = malloc(sizeof(plugin_string_t));
+  ret->publishes.ptr[0] = owned("ReceiptSigned");
+
+  ret->sends.len = 0;
+  ret->sends.ptr = NULL;
+}
+
+static bool sign(message_t *message, handler_error_t *err) {
+  const uint8_t *json = message->payload.ptr;
+  size_t len = message->payload.len;
+  char order_id[128], customer[128];
+  uint64_t total_cents = 0;
+  if (!json_string(json, len, "order_id", order_id, sizeof order_id)) {
+    return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
+                "SignReceipt payload lacks order_id (a plain string)");
+  }
+  if (!json_string(json, len, "customer", customer, sizeof customer)) {
+    return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
+                "SignReceipt payload lacks customer (a plain string)");
+  }
+  if (!json_u64(json, len, "total_cents", &total_cents)) {
+    return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
+                "SignReceipt payload lacks total_cents (a whole number)");
+  }
+  if (strcmp(customer, "flaky") == 0 && message->attempt == 1) {
+    return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_TRANSIENT, "signer-busy",
+                "the signer is busy, try again (order %s)", order_id);
+  }
+
+  char signed_text[300];
+  int n = snprintf(signed_text, sizeof signed_text, "%s|%s|%" PRIu64, order_id,
+                   customer, total_cents);
+  uint32_t checksum = crc32(signed_text, (size_t)n);
+
+  char body[512];
+  n = snprintf(body, sizeof body,
+               "{\"order_id\":\"%s\",\"customer\":\"%s\",\"total_cents\":%" PRIu64
+               ",\"checksum\":\"crc32:%08" PRIx32 "\"}",
+               order_id, customer, total_cents, checksum);
+
+  switchyard_plugin_host_outgoing_t event;
+  plugin_string_set(&event.message_type, "ReceiptSigned");
+  event.payload.ptr = (uint8_t *)body;
+  event.payload.len = (size_t)n;
+  plugin_string_set(&event.content_type, "application/json");
+  event.headers.ptr = NULL;
+  event.headers.len = 0;
+  event.partition_key.is_some = true;
+  plugin_string_set(&event.partition_key.val, order_id);
+  switchyard_plugin_host_publish(&event);
+
+  if (message->reply_to.is_some) {
+    char answer[256];
+    n = snprintf(answer, sizeof answer,
+                 "{\"order_id\":\"%s\",\"checksum\":\"crc32:%08" PRIx32 "\"}", order_id,
+                 checksum);
+    switchyard_plugin_host_response_t response;
+    response.payload.ptr = (uint8_t *)answer;
+    response.payload.len = (size_t)n;
+    plugin_string_set(&response.content_type, "application/json");
+    response.headers.ptr = NULL;
+    response.headers.len = 0;
+    switchyard_plugin_host_reply(&response);
+  }
+
+  char line[300];
+  snprintf(line, sizeof line, "signed the receipt of order %s: crc32:%08" PRIx32,
+           order_id, checksum);
+  log_info(line);
+  return true;
+}
+
+bool exports_switchyard_plugin_handler_handle(message_t *message, handler_error_t *err) {
+  bool ok;
+  if (message->message_type.len == strlen("SignReceipt") &&
+      memcmp(message->message_type.ptr, "SignReceipt", message->message_type.len) == 0) {
+    ok = sign(message, err);
+  } else {
+    ok = fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "unknown-type",
+              "receipts does not handle %.*s", (int)message->message_type.len,
+              (const char *)message->message_type.ptr);
+  }
+  // The message is ours to free.
+  exports_switchyard_plugin_handler_message_free(message);
+  return ok;
+}

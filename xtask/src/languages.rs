@@ -1,0 +1,199 @@
+//! Builds the example plugins written in Python, JavaScript and C, with the
+//! tools each language's guide in docs/guides/ uses, installing the ones a
+//! fresh machine lacks into the user's cache directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Result, root, run};
+
+/// componentize-py, from PyPI.
+const COMPONENTIZE_PY: &str = "0.25.1";
+/// wit-bindgen's C generator, from crates.io.
+const WIT_BINDGEN: &str = "0.61.1";
+/// wasm-tools (`component new`), from crates.io.
+const WASM_TOOLS: &str = "1.258.0";
+
+/// The plugins, each built into `dist/`.
+pub fn build(dist: &Path, target_dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(vec![python(dist)?, javascript(dist)?, c(dist, target_dir)?])
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where tools installed from crates.io go (`SWITCHYARD_TOOLS`).
+fn tools_dir() -> PathBuf {
+    std::env::var_os("SWITCHYARD_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache").join("switchyard-tools"))
+}
+
+/// The Python environment holding componentize-py (`SWITCHYARD_VENV`).
+fn venv() -> PathBuf {
+    std::env::var_os("SWITCHYARD_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache").join("switchyard-venv"))
+}
+
+/// The first line a command prints for `--version`, if it runs.
+fn version_of(program: &Path) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn python(dist: &Path) -> Result<PathBuf> {
+    let venv = venv();
+    let componentize = venv.join("bin").join("componentize-py");
+    let wanted = format!("componentize-py {COMPONENTIZE_PY}");
+    if version_of(&componentize).as_deref() != Some(wanted.as_str()) {
+        if !venv.join("bin").join("pip").exists() {
+            eprintln!("xtask: creating a Python environment in {}", venv.display());
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        }
+        eprintln!("xtask: installing {wanted} from PyPI");
+        run(Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet"])
+            .arg(format!("componentize-py=={COMPONENTIZE_PY}")))?;
+    }
+    let out = dist.join("notices.wasm");
+    eprintln!("xtask: building plugins/notices (Python) with {wanted}");
+    run(Command::new(&componentize)
+        .current_dir(root().join("plugins").join("notices"))
+        .args([
+            "--wit-path",
+            "../../wit",
+            "--world",
+            "plugin",
+            "componentize",
+            "app",
+        ])
+        .arg("--output")
+        .arg(&out))?;
+    Ok(out)
+}
+
+fn javascript(dist: &Path) -> Result<PathBuf> {
+    let dir = root().join("plugins").join("fraud");
+    let componentize = dir
+        .join("node_modules")
+        .join(".bin")
+        .join("componentize-js");
+    if !componentize.exists() {
+        eprintln!("xtask: installing plugins/fraud's npm packages (npm ci)");
+        run(Command::new("npm")
+            .current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    let out = dist.join("fraud.wasm");
+    eprintln!("xtask: building plugins/fraud (JavaScript) with componentize-js");
+    // The host grants no HTTP: the engine is built without fetch().
+    run(Command::new(&componentize)
+        .current_dir(&dir)
+        .args([
+            "fraud.js",
+            "--wit",
+            "../../wit",
+            "--world-name",
+            "plugin",
+            "--disable",
+            "http",
+            "fetch-event",
+            "--out",
+        ])
+        .arg(&out))?;
+    Ok(out)
+}
+
+/// Installs a crates.io tool into the tools directory unless it is there at
+/// this version.
+fn cargo_tool(package: &str, version: &str, bin: &str, features: &str) -> Result<PathBuf> {
+    let root_dir = tools_dir();
+    let path = root_dir.join("bin").join(bin);
+    let installed = version_of(&path).is_some_and(|v| v.contains(version));
+    if !installed {
+        eprintln!(
+            "xtask: installing {package} {version} into {} (once; a few minutes)",
+            root_dir.display()
+        );
+        run(crate::cargo()
+            .env_remove("CARGO_TARGET_DIR")
+            .args(["install", "--locked", "--quiet", "--root"])
+            .arg(&root_dir)
+            .arg(format!("{package}@{version}"))
+            .args(["--no-default-features", "--features", features]))?;
+    }
+    Ok(path)
+}
+
+fn require(program: &str, why: &str) -> Result<()> {
+    let found = Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} is missing ({why}); on Debian or Ubuntu: \
+             apt-get install clang lld wasi-libc libclang-rt-dev-wasm32 \
+             (on Debian 12: libclang-rt-14-dev-wasm32)"
+        ))
+    }
+}
+
+fn c(dist: &Path, target_dir: &Path) -> Result<PathBuf> {
+    require("clang", "it compiles plugins/receipts (C)")?;
+    require("wasm-ld", "clang links WebAssembly with it")?;
+    let wit_bindgen = cargo_tool("wit-bindgen-cli", WIT_BINDGEN, "wit-bindgen", "c")?;
+    let wasm_tools = cargo_tool("wasm-tools", WASM_TOOLS, "wasm-tools", "component")?;
+
+    let work = target_dir.join("receipts-c");
+    let bindings = work.join("bindings");
+    std::fs::create_dir_all(&bindings)
+        .map_err(|e| format!("cannot create {}: {e}", bindings.display()))?;
+    // The WASI preview 1 adapter of the wasmtime the host embeds.
+    let adapter = work.join("wasi_snapshot_preview1.reactor.wasm");
+    std::fs::write(
+        &adapter,
+        wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+    )
+    .map_err(|e| format!("cannot write {}: {e}", adapter.display()))?;
+
+    eprintln!("xtask: building plugins/receipts (C) with clang, wit-bindgen and wasm-tools");
+    run(Command::new(&wit_bindgen)
+        .args(["c", "--world", "plugin", "--out-dir"])
+        .arg(&bindings)
+        .arg(root().join("wit")))?;
+    let core = work.join("receipts.core.wasm");
+    run(Command::new("clang")
+        .current_dir(root().join("plugins").join("receipts"))
+        .args([
+            "--target=wasm32-wasi",
+            "-mexec-model=reactor",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-I",
+        ])
+        .arg(&bindings)
+        .arg("receipts.c")
+        .arg(bindings.join("plugin.c"))
+        .arg(bindings.join("plugin_component_type.o"))
+        .arg("-o")
+        .arg(&core))?;
+    let out = dist.join("receipts.wasm");
+    run(Command::new(&wasm_tools)
+        .args(["component", "new"])
+        .arg(&core)
+        .arg("--adapt")
+        .arg(format!("wasi_snapshot_preview1={}", adapter.display()))
+        .arg("-o")
+        .arg(&out))?;
+    Ok(out)
+}
