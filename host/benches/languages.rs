@@ -1,10 +1,12 @@
 //! The example plugins side by side, one per language: component size,
-//! instantiation (a fresh store and instance) and the cost of one message
-//! on a warm instance, each handling its own kind of message from the
-//! polyglot pipeline.
+//! instantiation (a fresh store and instance), the cost of one message on a
+//! warm instance (replaced every 10,000 messages, as the host's default
+//! `recycle_after` does), and the linear memory an instance holds when it
+//! starts and after 10,000 messages. Each plugin handles its own kind of
+//! message from the polyglot pipeline.
 //!
-//! Needs `dist/plugins/` (`cargo xtask build-plugins`). The sizes are
-//! printed before criterion's timings.
+//! Needs `dist/plugins/` (`cargo xtask build-plugins`). Sizes and memory
+//! are printed before criterion's timings.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -48,6 +50,12 @@ const PLUGINS: [(&str, &str, &str, Kind, &str); 4] = [
     ),
 ];
 
+const RECYCLE_AFTER: u64 = switchyard::config::DEFAULT_RECYCLE_AFTER;
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
 fn load(engine: &PluginEngine, name: &str) -> LoadedPlugin {
     let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../dist/plugins")
@@ -90,8 +98,23 @@ fn languages(c: &mut Criterion) {
         println!(
             "  {language:<11} {:>12} bytes  ({:.1} MiB)  {}",
             plugin.size(),
-            plugin.size() as f64 / f64::from(1 << 20),
+            mib(plugin.size() as u64),
             plugin.name()
+        );
+    }
+
+    println!("linear memory of one instance (at start, after {RECYCLE_AFTER} messages):");
+    for (language, plugin, message) in &plugins {
+        let mut instance = plugin.instantiate().unwrap();
+        let at_start = instance.memory_used();
+        let mut message = message.clone();
+        for _ in 0..RECYCLE_AFTER {
+            instance.handle(&mut message).unwrap();
+        }
+        println!(
+            "  {language:<11} {:>6.1} MiB  {:>6.1} MiB",
+            mib(at_start),
+            mib(instance.memory_used())
         );
     }
 
@@ -110,7 +133,15 @@ fn languages(c: &mut Criterion) {
         // The handler must succeed, or the figure measures a failure path.
         assert!(instance.handle(&mut message).is_ok(), "{language} failed");
         group.bench_function(*language, |b| {
-            b.iter(|| black_box(instance.handle(black_box(&mut message)).unwrap()))
+            b.iter(|| {
+                // As the host does: a fresh instance every RECYCLE_AFTER
+                // messages, so what a plugin keeps between messages cannot
+                // grow without bound.
+                if instance.handled() >= RECYCLE_AFTER {
+                    instance = plugin.instantiate().unwrap();
+                }
+                black_box(instance.handle(black_box(&mut message)).unwrap())
+            })
         });
     }
     group.finish();

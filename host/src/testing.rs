@@ -228,20 +228,30 @@ impl TestPipeline {
     /// payload that is not JSON); returns its id. Like `switchyard send`,
     /// it keeps the pipeline's `[schemas]` and refuses a type nobody takes.
     pub async fn enqueue(&self, message: Envelope) -> Result<String> {
-        if self.pipeline.subscribers(&message.message_type).is_empty() {
-            bail!(
-                "no plugin of pipeline {} takes {}",
-                self.pipeline.name,
-                message.message_type
-            );
-        }
+        let mut ids = self.enqueue_all(vec![message]).await?;
+        ids.pop()
+            .ok_or_else(|| anyhow!("the message was not enqueued"))
+    }
+
+    /// Puts several messages on the pipeline in one write, in order;
+    /// returns their ids. Nothing is enqueued if one of them is refused.
+    pub async fn enqueue_all(&self, messages: Vec<Envelope>) -> Result<Vec<String>> {
         let schemas = crate::schemas::Schemas::load(&self.pipeline)?;
-        if let Err(why) = schemas.check(&message.message_type, &message.payload) {
-            bail!("not sent: {why}");
+        for message in &messages {
+            if self.pipeline.subscribers(&message.message_type).is_empty() {
+                bail!(
+                    "no plugin of pipeline {} takes {}",
+                    self.pipeline.name,
+                    message.message_type
+                );
+            }
+            if let Err(why) = schemas.check(&message.message_type, &message.payload) {
+                bail!("{} {} not sent: {why}", message.message_type, message.id);
+            }
         }
-        let id = message.id.clone();
-        self.transport.enqueue(vec![message]).await?;
-        Ok(id)
+        let ids = messages.iter().map(|m| m.id.clone()).collect();
+        self.transport.enqueue(messages).await?;
+        Ok(ids)
     }
 
     /// Sends a command and waits for its handler's reply.

@@ -550,6 +550,12 @@ impl Instance {
         self.handled
     }
 
+    /// Bytes of linear memory the instance holds (what its memory cap is
+    /// measured against). Linear memory never shrinks.
+    pub fn memory_used(&self) -> u64 {
+        self.store.data().limiter.used()
+    }
+
     /// Whether the instance must be replaced before the next message: it
     /// trapped, or it reached its recycle count.
     pub fn is_spent(&self) -> bool {

@@ -40,6 +40,11 @@ impl MemoryLimiter {
             exceeded: None,
         }
     }
+
+    /// Bytes of linear memory the store's instances hold, all together.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {

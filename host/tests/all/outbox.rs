@@ -7,6 +7,7 @@ use serde_json::json;
 use switchyard::config;
 use switchyard::envelope::Kind;
 use switchyard::runtime::{self, RunMode};
+use switchyard::testing::TestPipeline;
 use switchyard::transport::Transport;
 
 use crate::common::{dead_letters, message, misbehave, write_pipeline};
@@ -146,7 +147,7 @@ async fn a_stuck_plugin_does_not_stall_other_routes() {
         "#,
     );
     let pipeline = config::load(&path).unwrap().pipeline;
-    let transport = runtime::open_transport(&pipeline).unwrap();
+    let p = TestPipeline::run(pipeline).await.unwrap();
     let mut batch = vec![
         misbehave("loop"),
         misbehave("loop"),
@@ -154,44 +155,23 @@ async fn a_stuck_plugin_does_not_stall_other_routes() {
         misbehave("ok"),
     ];
     batch.extend((0..200).map(|i| message(Kind::Event, "Tick", json!({ "n": i }))));
-    transport.enqueue(batch).await.unwrap();
-
-    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let host = {
-        let pipeline = pipeline.clone();
-        tokio::spawn(async move {
-            runtime::run(&pipeline, plugins, RunMode::Serve, async {
-                let _ = stop_rx.await;
-            })
-            .await
-        })
-    };
+    let ids = p.enqueue_all(batch).await.unwrap();
+    let (loops, ok, last_tick) = (&ids[..3], &ids[3], &ids[203]);
 
     // While rogue burns through three 400 ms deadlines, echo must finish.
-    let started = Instant::now();
-    let mut echo_done_while_rogue_busy = false;
-    while started.elapsed() < Duration::from_secs(20) {
-        let depths = transport.depths().await.unwrap();
-        let depth = |r: &str| depths.iter().find(|(n, _)| n == r).map_or(0, |(_, d)| *d);
-        if depth("echo") == 0 && depth("rogue") > 0 {
-            echo_done_while_rogue_busy = true;
-        }
-        if depth("echo") == 0 && depth("rogue") == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = stop_tx.send(());
-    host.await.unwrap().unwrap();
-    assert!(echo_done_while_rogue_busy, "echo waited for rogue");
-    let failed = dead_letters(&pipeline).await;
-    assert_eq!(failed.len(), 3, "{failed:?}");
-    assert!(failed.iter().all(|f| f.error.kind == "timeout"));
+    p.handled("echo", last_tick).await.unwrap();
+    let rogue_settled = p.settled().iter().filter(|s| s.route() == "rogue").count();
     assert!(
-        transport.is_idle().await.unwrap(),
-        "the ok message after the loops was handled"
+        rogue_settled < 4,
+        "echo waited for rogue: rogue had settled all {rogue_settled} of its messages"
     );
+    for id in loops {
+        let dead = p.dead_letter(id).await.unwrap();
+        assert_eq!(dead.error.kind, "timeout", "{:?}", dead.error);
+    }
+    // The message after the loops was handled.
+    p.handled("rogue", ok).await.unwrap();
+    p.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
