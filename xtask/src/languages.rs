@@ -84,7 +84,12 @@ fn javascript(dist: &Path) -> Result<PathBuf> {
         .join("node_modules")
         .join(".bin")
         .join("componentize-js");
-    if !componentize.exists() {
+    // npm records what it installed in node_modules/.package-lock.json;
+    // a lock file changed since then is installed again.
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let installed = modified(&dir.join("node_modules").join(".package-lock.json"));
+    let locked = modified(&dir.join("package-lock.json"));
+    if !componentize.exists() || installed.is_none() || locked > installed {
         eprintln!("xtask: installing plugins/fraud's npm packages (npm ci)");
         run(Command::new("npm")
             .current_dir(&dir)
