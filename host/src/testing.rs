@@ -6,13 +6,15 @@
 //! process. A test then sends commands and publishes events, and waits for
 //! what the pipeline did with them: the events and commands its handlers
 //! emitted, the replies, the retries and the dead letters. Every wait has a
-//! deadline and is woken by the host itself as it settles each message: no
-//! sleeps, no polling, no races.
+//! deadline and is woken by the host itself as it settles each message (or
+//! stops), not by a timer, so a test neither sleeps nor races the host.
+//! Only [`TestPipeline::idle`] also looks again every 50 ms, for retries
+//! scheduled for later.
 //!
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
 //! use serde_json::json;
-//! use switchyard::testing::TestPipeline;
+//! use switchyard::testing::{Payload, TestPipeline};
 //!
 //! let pipeline = TestPipeline::start("pipelines/orders.toml").await?;
 //! let order = json!({
@@ -131,7 +133,7 @@ pub struct TestPipeline {
     deadline: Duration,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
-    // Dropped last: the store files live here.
+    // The store files live here; `Drop` stops the host first.
     _dir: tempfile::TempDir,
 }
 
@@ -167,11 +169,17 @@ impl TestPipeline {
         options.transport = Some(transport.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let running = pipeline.clone();
+        let ended = journal.clone();
         let task = tokio::spawn(async move {
-            runtime::run_with(&running, plugins, options, async move {
+            let result = runtime::run_with(&running, plugins, options, async move {
                 let _ = stopped.await;
             })
-            .await
+            .await;
+            ended.end(match &result {
+                Ok(()) => "it was stopped".to_owned(),
+                Err(e) => format!("{e:#}"),
+            });
+            result
         });
         let control = match started_rx.await {
             Ok(control) => control,
@@ -226,7 +234,8 @@ impl TestPipeline {
 
     /// Puts any message on the pipeline (headers, other content types, a
     /// payload that is not JSON); returns its id. Like `switchyard send`,
-    /// it keeps the pipeline's `[schemas]` and refuses a type nobody takes.
+    /// it refuses a type nobody takes or one of the other kind, and keeps
+    /// the pipeline's `[schemas]`.
     pub async fn enqueue(&self, message: Envelope) -> Result<String> {
         let mut ids = self.enqueue_all(vec![message]).await?;
         ids.pop()
@@ -238,12 +247,20 @@ impl TestPipeline {
     pub async fn enqueue_all(&self, messages: Vec<Envelope>) -> Result<Vec<String>> {
         let schemas = crate::schemas::Schemas::load(&self.pipeline)?;
         for message in &messages {
-            if self.pipeline.subscribers(&message.message_type).is_empty() {
-                bail!(
+            match self.pipeline.kind_of(&message.message_type) {
+                Some(kind) if kind == message.kind => {}
+                Some(kind) => bail!(
+                    "{} is {} in pipeline {}, not {}",
+                    message.message_type,
+                    kind.with_article(),
+                    self.pipeline.name,
+                    message.kind.with_article()
+                ),
+                None => bail!(
                     "no plugin of pipeline {} takes {}",
                     self.pipeline.name,
                     message.message_type
-                );
+                ),
             }
             if let Err(why) = schemas.check(&message.message_type, &message.payload) {
                 bail!("{} {} not sent: {why}", message.message_type, message.id);
@@ -260,7 +277,13 @@ impl TestPipeline {
         let mut message = json_message(message_type, Kind::Command, &payload)?;
         message.reply_to = Some(inbox.address().to_owned());
         let id = self.enqueue(message).await?;
-        match inbox.wait(&id, self.deadline).await? {
+        let reply = tokio::select! {
+            reply = inbox.wait(&id, self.deadline) => reply?,
+            why = self.journal.ended() => bail!(
+                "waiting for the reply to {message_type} {id}: the host stopped: {why}"
+            ),
+        };
+        match reply {
             Some(reply) => Ok(reply),
             None => bail!(
                 "no reply to {message_type} {id} within {:?}; what happened: {}",
@@ -345,14 +368,22 @@ impl TestPipeline {
     }
 
     /// Waits until no message is waiting, scheduled or in flight on any
-    /// route.
+    /// route, and every settlement is in [`TestPipeline::settled`]. It is
+    /// woken by each settlement; a retry scheduled for later comes due
+    /// without one, so it also looks again every 50 ms.
     pub async fn idle(&self) -> Result<()> {
         let mut changes = self.journal.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + self.deadline;
+        let deadline = self.deadline_from_now();
         loop {
             changes.borrow_and_update();
-            if self.transport.is_idle().await? {
+            if self.journal.settling() == 0 && self.transport.is_idle().await? {
                 return Ok(());
+            }
+            if let Some(why) = self.journal.ended_because() {
+                bail!(
+                    "waiting for pipeline {} to be idle: the host stopped: {why}",
+                    self.pipeline.name
+                );
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -363,8 +394,6 @@ impl TestPipeline {
                     self.journal.summary()
                 );
             }
-            // Woken by the next settlement; a retry scheduled for later
-            // comes due on its own, so look again after a short slice.
             let slice = deadline.min(now + Duration::from_millis(50));
             let _ = tokio::time::timeout_at(slice, changes.changed()).await;
         }
@@ -380,17 +409,25 @@ impl TestPipeline {
             .map_err(|e| anyhow!("the host task failed: {e}"))?
     }
 
+    /// When a wait that starts now gives up (far in the future for a
+    /// deadline too long to represent).
+    fn deadline_from_now(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        now.checked_add(self.deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+    }
+
     /// Waits until some settlement gives `find` an answer.
     async fn wait_for<T>(&self, what: &str, find: impl Fn(&Settled) -> Option<T>) -> Result<T> {
         let mut changes = self.journal.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + self.deadline;
+        let deadline = self.deadline_from_now();
         loop {
             changes.borrow_and_update();
             if let Some(found) = self.journal.find(&find) {
                 return Ok(found);
             }
-            if self.task.is_finished() {
-                bail!("waiting for {what}: the host stopped");
+            if let Some(why) = self.journal.ended_because() {
+                bail!("waiting for {what}: the host stopped: {why}");
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
@@ -406,9 +443,10 @@ impl TestPipeline {
 
 impl Drop for TestPipeline {
     fn drop(&mut self) {
-        // A test that fails before `stop` still stops its host.
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        // A test that fails before `stop` still stops its host, before the
+        // temporary directory with its store goes.
+        if self.stop.take().is_some() {
+            self.task.abort();
         }
     }
 }
@@ -455,10 +493,15 @@ fn subset_of(want: &Value, got: &Value) -> bool {
     differences.is_empty()
 }
 
-/// The settlements seen so far, and a signal for each new one.
+/// The settlements seen so far, and a signal for each new one and for the
+/// end of the host.
 struct Journal {
     entries: Mutex<Vec<Settled>>,
     changes: watch::Sender<usize>,
+    /// Batches being settled: made durable, not yet in `entries`.
+    settling: std::sync::atomic::AtomicUsize,
+    /// Why the host stopped, once it has.
+    ended: Mutex<Option<String>>,
 }
 
 impl Journal {
@@ -466,6 +509,58 @@ impl Journal {
         Journal {
             entries: Mutex::new(Vec::new()),
             changes: watch::Sender::new(0),
+            settling: std::sync::atomic::AtomicUsize::new(0),
+            ended: Mutex::new(None),
+        }
+    }
+
+    fn settling(&self) -> usize {
+        self.settling.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn begin_settle(&self) {
+        self.settling
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Ends a settle begun with `begin_settle`, recording what it settled
+    /// (nothing if it failed).
+    fn finish_settle(&self, settled: Vec<Settled>) {
+        {
+            let mut entries = self.lock();
+            entries.extend(settled);
+            self.settling
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn end(&self, why: String) {
+        *self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn ended_because(&self) -> Option<String> {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Resolves with the reason once the host has stopped.
+    async fn ended(&self) -> String {
+        let mut changes = self.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if let Some(why) = self.ended_because() {
+                return why;
+            }
+            if changes.changed().await.is_err() {
+                return "the journal was dropped".to_owned();
+            }
         }
     }
 
@@ -474,15 +569,6 @@ impl Journal {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn record(&self, settled: impl IntoIterator<Item = Settled>) {
-        let n = {
-            let mut entries = self.lock();
-            entries.extend(settled);
-            entries.len()
-        };
-        self.changes.send_replace(n);
     }
 
     fn find<T>(&self, find: impl Fn(&Settled) -> Option<T>) -> Option<T> {
@@ -626,9 +712,11 @@ impl Subscription for TapSubscription {
                 }
             })
             .collect();
-        self.inner.settle(batch).await?;
-        self.journal.record(seen);
-        Ok(())
+        self.journal.begin_settle();
+        let result = self.inner.settle(batch).await;
+        self.journal
+            .finish_settle(if result.is_ok() { seen } else { Vec::new() });
+        result
     }
 
     async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {

@@ -50,7 +50,7 @@ def read_json(message, *fields):
     """The payload as a JSON object holding `fields`, or a permanent error."""
     try:
         body = json.loads(message.payload)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise permanent(f"{message.message_type} payload is not JSON: {e}", "bad-payload")
     if not isinstance(body, dict):
         raise permanent(f"{message.message_type} payload is not a JSON object", "bad-payload")

@@ -27,51 +27,123 @@ typedef exports_switchyard_plugin_handler_plugin_info_t plugin_info_t;
 
 // ---- a string field of a flat JSON object ---------------------------------
 
-// Where the value of `"name":` starts at the top level of a JSON object, or
-// `len` when the field is not there.
-static size_t json_field(const uint8_t *json, size_t len, const char *name) {
-  size_t name_len = strlen(name);
-  for (size_t i = 0; i + name_len + 2 < len; i++) {
-    if (json[i] != '"' || memcmp(json + i + 1, name, name_len) != 0 ||
-        json[i + 1 + name_len] != '"') {
-      continue;
+static size_t skip_space(const uint8_t *json, size_t len, size_t i) {
+  while (i < len && (json[i] == ' ' || json[i] == '\t' || json[i] == '\n' || json[i] == '\r')) i++;
+  return i;
+}
+
+// Skips the string that starts at json[i] (a '"'); returns the index after
+// its closing quote, or `len` if it does not end.
+static size_t skip_string(const uint8_t *json, size_t len, size_t i) {
+  for (i++; i < len; i++) {
+    if (json[i] == '\\') {
+      i++;
+    } else if (json[i] == '"') {
+      return i + 1;
     }
-    size_t j = i + name_len + 2;
-    while (j < len && (json[j] == ' ' || json[j] == ':')) j++;
-    return j;
   }
   return len;
 }
 
-// Copies the value of `"name": "value"` (at most `cap - 1` bytes, no
-// escapes) into `out`. Returns false when the field is missing, is not a
-// plain non-empty string or does not fit.
-static bool json_string(const uint8_t *json, size_t len, const char *name,
-                        char *out, size_t cap) {
-  size_t j = json_field(json, len, name);
-  if (j >= len || json[j] != '"') return false;
-  j++;
-  size_t n = 0;
-  while (j < len && json[j] != '"') {
-    if (json[j] == '\\' || json[j] < 0x20 || n + 1 >= cap) return false;
-    out[n++] = (char)json[j++];
+// Skips the value that starts at json[i]: a string, a nested object or
+// array (strings inside are skipped whole), or a literal. Returns the index
+// after it, or `len` if it does not end.
+static size_t skip_value(const uint8_t *json, size_t len, size_t i) {
+  if (i < len && json[i] == '"') return skip_string(json, len, i);
+  size_t depth = 0;
+  while (i < len) {
+    uint8_t c = json[i];
+    if (c == '"') {
+      i = skip_string(json, len, i);
+      continue;
+    }
+    if (c == '{' || c == '[') {
+      depth++;
+    } else if (c == '}' || c == ']') {
+      if (depth == 0) return i;
+      depth--;
+    } else if (c == ',' && depth == 0) {
+      return i;
+    }
+    i++;
   }
-  if (j >= len) return false;
-  out[n] = '\0';
-  return n > 0;
+  return len;
 }
 
-// Reads the value of `"name": 123` (a whole number that fits in 64 bits).
-static bool json_u64(const uint8_t *json, size_t len, const char *name,
-                     uint64_t *out) {
+// Where the value of the top-level field `name` of a JSON object starts, or
+// `len` when the payload is not an object or has no such field.
+static size_t json_field(const uint8_t *json, size_t len, const char *name) {
+  size_t name_len = strlen(name);
+  size_t i = skip_space(json, len, 0);
+  if (i >= len || json[i] != '{') return len;
+  i++;
+  for (;;) {
+    i = skip_space(json, len, i);
+    if (i >= len || json[i] != '"') return len;
+    size_t key = i + 1;
+    size_t after = skip_string(json, len, i);
+    if (after >= len) return len;
+    bool match = after - key - 1 == name_len && memcmp(json + key, name, name_len) == 0;
+    i = skip_space(json, len, after);
+    if (i >= len || json[i] != ':') return len;
+    i = skip_space(json, len, i + 1);
+    if (match) return i;
+    i = skip_space(json, len, skip_value(json, len, i));
+    if (i >= len || json[i] != ',') return len;
+    i++;
+  }
+}
+
+// Whether bytes [from, to) are UTF-8: each lead byte followed by as many
+// continuation bytes as it announces.
+static bool utf8(const uint8_t *s, size_t from, size_t to) {
+  size_t i = from;
+  while (i < to) {
+    uint8_t c = s[i];
+    size_t n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xE ? 2 : (c >> 3) == 0x1E ? 3 : 9;
+    if (n == 9 || (n > 0 && i + n >= to)) return false;
+    for (size_t k = 1; k <= n; k++) {
+      if ((s[i + k] & 0xC0) != 0x80) return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+
+enum field { FIELD_OK, FIELD_MISSING, FIELD_UNSUPPORTED };
+
+// Copies the string value of the top-level field `name` into `out` (at most
+// `cap - 1` bytes). This example takes plain strings only: no escapes, no
+// control characters, UTF-8, not empty.
+static enum field json_string(const uint8_t *json, size_t len, const char *name,
+                              char *out, size_t cap) {
+  size_t j = json_field(json, len, name);
+  if (j >= len || json[j] != '"') return FIELD_MISSING;
+  size_t from = ++j;
+  while (j < len && json[j] != '"') {
+    if (json[j] == '\\' || json[j] < 0x20 || j - from + 1 >= cap) return FIELD_UNSUPPORTED;
+    j++;
+  }
+  if (j >= len || j == from || !utf8(json, from, j)) return FIELD_UNSUPPORTED;
+  memcpy(out, json + from, j - from);
+  out[j - from] = '\0';
+  return FIELD_OK;
+}
+
+// Reads the top-level field `name` as a whole number that fits in 64 bits
+// (no sign, fraction or exponent).
+static bool json_u64(const uint8_t *json, size_t len, const char *name, uint64_t *out) {
   size_t j = json_field(json, len, name);
   if (j >= len || json[j] < '0' || json[j] > '9') return false;
+  if (json[j] == '0' && j + 1 < len && json[j + 1] >= '0' && json[j + 1] <= '9') return false;
   uint64_t v = 0;
   while (j < len && json[j] >= '0' && json[j] <= '9') {
     uint64_t digit = (uint64_t)(json[j++] - '0');
     if (v > (UINT64_MAX - digit) / 10) return false;
     v = v * 10 + digit;
   }
+  j = skip_space(json, len, j);
+  if (j >= len || (json[j] != ',' && json[j] != '}')) return false;
   *out = v;
   return true;
 }
@@ -132,11 +204,13 @@ void exports_switchyard_plugin_handler_describe(plugin_info_t *ret) {
 
   ret->handles.len = 1;
   ret->handles.ptr = malloc(sizeof(switchyard_plugin_types_subscription_t));
+  if (ret->handles.ptr == NULL) abort();
   ret->handles.ptr[0].message_type = owned("SignReceipt");
   ret->handles.ptr[0].kind = SWITCHYARD_PLUGIN_TYPES_KIND_COMMAND;
 
   ret->publishes.len = 1;
   ret->publishes.ptr = malloc(sizeof(plugin_string_t));
+  if (ret->publishes.ptr == NULL) abort();
   ret->publishes.ptr[0] = owned("ReceiptSigned");
 
   ret->sends.len = 0;
@@ -148,17 +222,25 @@ static bool sign(message_t *message, handler_error_t *err) {
   size_t len = message->payload.len;
   char order_id[128], customer[128];
   uint64_t total_cents = 0;
-  if (!json_string(json, len, "order_id", order_id, sizeof order_id)) {
-    return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
-                "SignReceipt payload lacks order_id (a plain string)");
-  }
-  if (!json_string(json, len, "customer", customer, sizeof customer)) {
-    return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
-                "SignReceipt payload lacks customer (a plain string)");
+  const char *fields[2] = {"order_id", "customer"};
+  char *values[2] = {order_id, customer};
+  for (int f = 0; f < 2; f++) {
+    switch (json_string(json, len, fields[f], values[f], sizeof order_id)) {
+      case FIELD_OK:
+        break;
+      case FIELD_MISSING:
+        return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
+                    "SignReceipt payload lacks %s (a string)", fields[f]);
+      case FIELD_UNSUPPORTED:
+        return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
+                    "SignReceipt %s must be 1 to 127 bytes of UTF-8 without escapes or "
+                    "control characters",
+                    fields[f]);
+    }
   }
   if (!json_u64(json, len, "total_cents", &total_cents)) {
     return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_PERMANENT, "bad-payload",
-                "SignReceipt payload lacks total_cents (a whole number)");
+                "SignReceipt payload lacks total_cents (a whole number of cents)");
   }
   if (strcmp(customer, "flaky") == 0 && message->attempt == 1) {
     return fail(err, SWITCHYARD_PLUGIN_TYPES_HANDLER_ERROR_TRANSIENT, "signer-busy",

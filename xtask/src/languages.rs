@@ -80,6 +80,22 @@ fn python(dist: &Path) -> Result<PathBuf> {
 
 fn javascript(dist: &Path) -> Result<PathBuf> {
     let dir = root().join("plugins").join("fraud");
+    let node = Command::new("node")
+        .args(["-p", "process.versions.node"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let major = node
+        .as_deref()
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    if major.is_none_or(|m| m < 20) {
+        return Err(format!(
+            "plugins/fraud (JavaScript) needs Node.js 20 or newer with npm; found {}",
+            node.as_deref().unwrap_or("no node")
+        ));
+    }
     let componentize = dir
         .join("node_modules")
         .join(".bin")
@@ -120,7 +136,7 @@ fn javascript(dist: &Path) -> Result<PathBuf> {
 fn cargo_tool(package: &str, version: &str, bin: &str, features: &str) -> Result<PathBuf> {
     let root_dir = tools_dir();
     let path = root_dir.join("bin").join(bin);
-    let installed = version_of(&path).is_some_and(|v| v.contains(version));
+    let installed = version_of(&path).is_some_and(|v| v.split_whitespace().any(|w| w == version));
     if !installed {
         eprintln!(
             "xtask: installing {package} {version} into {} (once; a few minutes)",

@@ -43,7 +43,7 @@ struct Case {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostBehaviour {
-    /// The wall clock reads this RFC 3339 time and stands still.
+    /// The wall clock reads this UTC time (RFC 3339) and stands still.
     clock: Option<String>,
     /// Environment variables the plugin sees.
     #[serde(default)]
@@ -58,7 +58,7 @@ impl HostBehaviour {
             None => None,
             Some(text) => {
                 let at = humantime::parse_rfc3339_weak(text).with_context(|| {
-                    format!("host.clock {text:?} is not an RFC 3339 time like 2026-11-29T12:00:00Z")
+                    format!("host.clock {text:?} is not a UTC time in RFC 3339 form, like 2026-11-29T12:00:00Z")
                 })?;
                 Some(
                     at.duration_since(std::time::UNIX_EPOCH)

@@ -199,3 +199,38 @@ async fn malformed_messages_are_dead_lettered_by_each_language() {
     }
     p.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_runs_out_says_what_happened() {
+    let p = start()
+        .await
+        .with_deadline(std::time::Duration::from_millis(500));
+    p.send("PlaceOrder", order("Q-1", "ada", 1, 100))
+        .await
+        .unwrap();
+    let err = p
+        .published("OrderScreened", json!({ "order_id": "nope" }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"no event OrderScreened matching {"order_id":"nope"} within 500ms"#),
+        "{err}"
+    );
+    // The summary lists what was settled: here, at least the order.
+    assert!(
+        err.contains("orders PlaceOrder") && err.contains("handled → event OrderPlaced"),
+        "{err}"
+    );
+    // A type of the other kind is refused before anything is sent.
+    let err = p
+        .send("OrderPlaced", json!({}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "OrderPlaced is an event in pipeline polyglot, not a command"
+    );
+    p.stop().await.unwrap();
+}
