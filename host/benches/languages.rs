@@ -1,9 +1,10 @@
 //! The example plugins side by side, one per language: component size,
-//! instantiation (a fresh store and instance), the cost of one message on a
-//! warm instance (replaced every 10,000 messages, as the host's default
-//! `recycle_after` does), and the linear memory an instance holds when it
-//! starts and after 10,000 messages. Each plugin handles its own kind of
-//! message from the polyglot pipeline.
+//! instantiation (a fresh store and instance), with and without its first
+//! message, the cost of one message on a warm instance (replaced every
+//! 10,000 messages, as the host's default `recycle_after` does), and the
+//! linear memory an instance holds when it starts and after 10,000
+//! messages. Each plugin handles its own kind of message from the polyglot
+//! pipeline.
 //!
 //! Needs `dist/plugins/` (`cargo xtask build-plugins`). Sizes and memory
 //! are printed before criterion's timings.
@@ -122,6 +123,20 @@ fn languages(c: &mut Criterion) {
     for (language, plugin, _) in &plugins {
         group.bench_function(*language, |b| {
             b.iter(|| black_box(plugin.instantiate().unwrap()))
+        });
+    }
+    group.finish();
+
+    // What a route pays when it starts an instance: the instance and its
+    // first message (interpreters warm up on it).
+    let mut group = c.benchmark_group("instantiate_and_first_message");
+    for (language, plugin, message) in &plugins {
+        let mut message = message.clone();
+        group.bench_function(*language, |b| {
+            b.iter(|| {
+                let mut fresh = plugin.instantiate().unwrap();
+                black_box(fresh.handle(black_box(&mut message)).unwrap())
+            })
         });
     }
     group.finish();

@@ -84,7 +84,11 @@ impl ComponentCache {
             && path.exists()
         {
             match load_verified(engine, path) {
-                Ok(c) => return Ok((c, CacheOutcome::Hit)),
+                Ok(c) => {
+                    // Recently used entries are the last to be pruned.
+                    touch(path);
+                    return Ok((c, CacheOutcome::Hit));
+                }
                 // Written by an older switchyard: expected after an upgrade.
                 Err(e) if !checksum_path(path).exists() => tracing::debug!(
                     path = %path.display(),
@@ -101,12 +105,64 @@ impl ComponentCache {
         let compiled = engine.precompile_component(bytes)?;
         // Loading from the fresh artifact keeps one code path for both cases.
         let component = deserialize(engine, &compiled)?;
-        if let Some(path) = &entry
-            && let Err(e) = store(path, &compiled)
-        {
-            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "Cannot write compiled-component cache entry");
+        if let Some(path) = &entry {
+            match store(path, &compiled) {
+                Ok(()) => prune(path, MAX_CACHE_BYTES),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "Cannot write compiled-component cache entry")
+                }
+            }
         }
         Ok((component, CacheOutcome::Compiled))
+    }
+}
+
+/// How large the cache may grow. Every new build of a plugin is a new
+/// entry (a compiled Python component is about 37 MB); past this, the
+/// least recently used entries go.
+pub const MAX_CACHE_BYTES: u64 = 1 << 30;
+
+fn touch(path: &Path) {
+    let _ = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+}
+
+/// Removes the least recently used entries (and their checksums) until the
+/// cache holds at most `limit` bytes, never `keep`. Best effort: an entry
+/// another host is using stays readable to it (unlinked files live on).
+fn prune(keep: &Path, limit: u64) {
+    let Some(dir) = keep.parent() else { return };
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = listing
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|p| {
+            let meta = std::fs::metadata(&p).ok()?;
+            Some((meta.modified().ok()?, meta.len(), p))
+        })
+        .collect();
+    let mut total: u64 = entries.iter().map(|(_, size, _)| size).sum();
+    if total <= limit {
+        return;
+    }
+    entries.sort();
+    for (_, size, path) in entries {
+        if total <= limit {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            let _ = std::fs::remove_file(checksum_path(&path));
+            total = total.saturating_sub(size);
+            tracing::debug!(path = %path.display(), "Pruned compiled-component cache entry");
+        }
     }
 }
 
@@ -216,4 +272,43 @@ fn deserialize(engine: &Engine, compiled: &[u8]) -> Result<Component> {
 /// SHA-256 of a plugin's bytes.
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    #[test]
+    fn pruning_removes_the_least_recently_used_entries_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |name: &str, age_secs: u64| {
+            let path = dir.path().join(format!("{name}.cwasm"));
+            std::fs::write(&path, vec![0u8; 100]).unwrap();
+            std::fs::write(checksum_path(&path), "x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(age_secs))
+                .unwrap();
+            path
+        };
+        let oldest = entry("a", 300);
+        let older = entry("b", 200);
+        let recent = entry("c", 100);
+        // The new entry is the oldest on disk, and still kept.
+        let new = entry("d", 400);
+        prune(&new, 250);
+        assert!(!oldest.exists() && !checksum_path(&oldest).exists());
+        assert!(!older.exists());
+        assert!(recent.exists() && checksum_path(&recent).exists());
+        assert!(new.exists());
+        // Under the limit, nothing goes.
+        prune(&new, 250);
+        assert!(recent.exists() && new.exists());
+    }
 }
