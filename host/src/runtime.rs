@@ -29,6 +29,8 @@ pub struct Plugins {
     pub sources: Vec<Source>,
     /// Warnings found while checking (errors make loading fail).
     pub warnings: Vec<Problem>,
+    /// The pipeline's `[schemas]`, compiled.
+    pub schemas: Arc<crate::schemas::Schemas>,
 }
 
 /// Why the plugins of a pipeline cannot run, every reason at once.
@@ -128,9 +130,13 @@ async fn load_plugins_inner(
     results.sort_by_key(|(i, _)| *i);
 
     let mut errors = Vec::new();
-    if let Err(e) = crate::schemas::Schemas::load(pipeline) {
-        errors.push(format!("{e:#}"));
-    }
+    let schemas = match crate::schemas::Schemas::load(pipeline) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            errors.push(format!("{e:#}"));
+            Arc::default()
+        }
+    };
     let mut loaded = Vec::new();
     for ((_, result), spec) in results.into_iter().zip(&pipeline.plugins) {
         match result {
@@ -159,6 +165,7 @@ async fn load_plugins_inner(
         loaded,
         sources,
         warnings,
+        schemas,
     })
 }
 
@@ -275,7 +282,7 @@ pub async fn run_with(
                 crate::dlq::describe(&pipeline.dead_letters)
             )
         })?;
-    let schemas = Arc::new(crate::schemas::Schemas::load(pipeline)?);
+    let schemas = plugins.schemas.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let versions: Vec<Arc<Version>> = plugins
         .loaded

@@ -129,6 +129,8 @@ pub struct TestPipeline {
     pipeline: Pipeline,
     transport: Arc<dyn Transport>,
     journal: Arc<Journal>,
+    /// The pipeline's `[schemas]`, as its host compiled them.
+    schemas: Arc<crate::schemas::Schemas>,
     control: Arc<Control>,
     deadline: Duration,
     stop: Option<oneshot::Sender<()>>,
@@ -157,6 +159,7 @@ impl TestPipeline {
 
         let deployed = runtime::deployed_versions(&pipeline)?;
         let plugins = runtime::load_plugins_from(&pipeline, &deployed).await?;
+        let schemas = plugins.schemas.clone();
         let journal = Arc::new(Journal::new());
         let transport: Arc<dyn Transport> = Arc::new(Tap {
             inner: runtime::open(&pipeline).await?,
@@ -196,6 +199,7 @@ impl TestPipeline {
             pipeline,
             transport,
             journal,
+            schemas,
             control,
             deadline: DEFAULT_DEADLINE,
             stop: Some(stop),
@@ -245,7 +249,6 @@ impl TestPipeline {
     /// Puts several messages on the pipeline in one write, in order;
     /// returns their ids. Nothing is enqueued if one of them is refused.
     pub async fn enqueue_all(&self, messages: Vec<Envelope>) -> Result<Vec<String>> {
-        let schemas = crate::schemas::Schemas::load(&self.pipeline)?;
         for message in &messages {
             match self.pipeline.kind_of(&message.message_type) {
                 Some(kind) if kind == message.kind => {}
@@ -262,7 +265,7 @@ impl TestPipeline {
                     message.message_type
                 ),
             }
-            if let Err(why) = schemas.check(&message.message_type, &message.payload) {
+            if let Err(why) = self.schemas.check(&message.message_type, &message.payload) {
                 bail!("{} {} not sent: {why}", message.message_type, message.id);
             }
         }
