@@ -1018,14 +1018,23 @@ pub async fn run_route(
     let in_flight_attrs = [KeyValue::new("plugin", plugin.name().to_string())];
     let mut backoff = Backoff::default();
     let mut state = RouteState::default();
+    // The next batch, taken in while the plugin handled the one before.
+    let mut ready: Vec<Delivery> = Vec::new();
     loop {
         if *shutdown.borrow() {
+            if !ready.is_empty() {
+                subscription.release(ready).await?;
+            }
             return Ok(());
         }
-        let batch = tokio::select! {
-            biased;
-            _ = shutdown.changed() => return Ok(()),
-            batch = subscription.receive(batch_size) => batch,
+        let batch = if ready.is_empty() {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                batch = subscription.receive(batch_size) => batch,
+            }
+        } else {
+            Ok(std::mem::take(&mut ready))
         };
         let batch = match batch {
             Ok(b) => b,
@@ -1078,16 +1087,24 @@ pub async fn run_route(
             .in_flight
             .add(received, &in_flight_attrs);
         let stop_flag = stop.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        let handling = tokio::task::spawn_blocking(move || {
             let outcome = w.handle_batch(batch, &stop_flag);
             (w, outcome)
-        })
-        .await;
+        });
+        // Meanwhile, on this thread: what the transport already holds
+        // (unless the route is stopping, when it would only go back).
+        if !stop.load(Ordering::Relaxed) && !*shutdown.borrow() {
+            ready = subscription.take_ready(batch_size);
+        }
+        let joined = handling.await;
         let Ok((w, outcome)) = joined else {
             ctx.telemetry
                 .metrics
                 .in_flight
                 .add(-received, &in_flight_attrs);
+            if !ready.is_empty() {
+                subscription.release(ready).await?;
+            }
             anyhow::bail!("route {} worker panicked", plugin.name());
         };
         worker = Some(w);
@@ -1109,6 +1126,11 @@ pub async fn run_route(
             .metrics
             .in_flight
             .add(-received, &in_flight_attrs);
+        // What was taken ahead must not overtake what goes back: both are
+        // given back together, to be received again in order.
+        if !unhandled.is_empty() || !committed {
+            unhandled.append(&mut ready);
+        }
         if !unhandled.is_empty() {
             subscription.release(unhandled).await?;
         }

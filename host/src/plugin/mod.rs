@@ -409,8 +409,8 @@ impl LoadedPlugin {
 
 /// When host-side waits of a call must end: just past its CPU deadline, so
 /// that the epoch check (or the overrun check after the call) catches it.
-fn wait_deadline(timeout: Duration) -> Option<tokio::time::Instant> {
-    tokio::time::Instant::now().checked_add(timeout + 2 * EPOCH_TICK)
+fn wait_deadline(started: std::time::Instant, timeout: Duration) -> Option<tokio::time::Instant> {
+    tokio::time::Instant::from_std(started).checked_add(timeout + 2 * EPOCH_TICK)
 }
 
 fn timeout_failure(timeout: Duration) -> Failure {
@@ -581,35 +581,43 @@ impl Instance {
         span: Option<&opentelemetry::Context>,
         span_budget: &mut u32,
     ) -> Result<Vec<Output>, Failure> {
-        let plugin = self.store.data().plugin.clone();
-        let timeout = plugin.sandbox.limits.timeout;
-        self.store.data_mut().call = Call {
-            message_id: envelope.id.clone(),
-            message_type: envelope.message_type.clone(),
-            kind: Some(envelope.kind),
-            deadline: wait_deadline(timeout),
-            span: span.cloned(),
-            span_budget: *span_budget,
-            ..Call::default()
-        };
+        let timeout = self.store.data().plugin.sandbox.limits.timeout;
+        // One clock read serves the waits' deadline and the overrun check.
+        let started = std::time::Instant::now();
+        let call = &mut self.store.data_mut().call;
+        // The call's buffers are reused: no allocation per message for them.
+        call.message_id.clone_from(&envelope.id);
+        call.message_type.clone_from(&envelope.message_type);
+        call.kind = Some(envelope.kind);
+        call.deadline = wait_deadline(started, timeout);
+        call.span = span.cloned();
+        call.span_budget = *span_budget;
+        call.outputs.clear();
+        call.output_bytes = 0;
+        call.violation = None;
+        call.log_lines = 0;
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         self.store.data().output.clear();
         self.handled += 1;
         let message = lend(envelope);
-        let started = std::time::Instant::now();
         let result = self
             .bindings
             .switchyard_plugin_handler()
             .call_handle(&mut self.store, &message);
         let overran = started.elapsed() > timeout + EPOCH_TICK;
         give_back(envelope, message);
-        let call = std::mem::take(&mut self.store.data_mut().call);
+        let state = self.store.data_mut();
+        let call = &mut state.call;
+        let outputs = std::mem::take(&mut call.outputs);
+        let violation = call.violation.take();
+        let log_lines = call.log_lines;
+        call.span = None;
         *span_budget = call.span_budget;
-        if call.log_lines > MAX_LOG_LINES_PER_CALL {
+        if log_lines > MAX_LOG_LINES_PER_CALL {
             tracing::warn!(
-                plugin = %plugin.sandbox.name,
+                plugin = %state.plugin.sandbox.name,
                 message.id = %envelope.id,
-                dropped = call.log_lines - MAX_LOG_LINES_PER_CALL,
+                dropped = log_lines - MAX_LOG_LINES_PER_CALL,
                 "Plugin log lines dropped"
             );
         }
@@ -618,11 +626,11 @@ impl Instance {
             // it is as late as if it had been interrupted.
             Ok(_) if overran => Err(timeout_failure(timeout)),
             // A broken contract is a bug in the plugin, whatever it returned.
-            Ok(_) if call.violation.is_some() => Err(Failure::new(
+            Ok(_) if violation.is_some() => Err(Failure::new(
                 FailureKind::ContractViolation,
-                call.violation.unwrap_or_default(),
+                violation.unwrap_or_default(),
             )),
-            Ok(Ok(())) => Ok(call.outputs),
+            Ok(Ok(())) => Ok(outputs),
             Ok(Err(e)) => {
                 let (kind, d) = match e {
                     wit::HandlerError::Transient(d) => (FailureKind::Transient, d),

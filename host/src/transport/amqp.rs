@@ -405,6 +405,7 @@ pub fn envelope(
         table
             .get(format!("{CE_PREFIX}{name}").as_str())
             .and_then(|v| text(v))
+            .map(std::borrow::Cow::Owned)
     };
     let text_of = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
     let mut headers: Vec<(String, String)> = table

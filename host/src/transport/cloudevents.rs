@@ -4,6 +4,7 @@
 //! `cloudEvents:id`, Kafka `ce_id`); this module knows which attributes
 //! there are and how they map to an [`Envelope`]. See docs/wire-format.md.
 
+use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::envelope::{Attempt, Envelope, Kind, now_ms};
@@ -61,17 +62,19 @@ pub struct Fallbacks {
 /// back to the binding's own properties. `kind_of` gives the kind of a type
 /// when the message does not say (a producer outside Switchyard). An error
 /// names what is missing or wrong; the payload is never touched.
-pub fn decode(
-    attr: impl Fn(&str) -> Option<String>,
+pub fn decode<'a>(
+    attr: impl Fn(&str) -> Option<Cow<'a, str>>,
     fallbacks: Fallbacks,
     kind_of: impl Fn(&str) -> Option<Kind>,
     payload: Vec<u8>,
     headers: Vec<(String, String)>,
 ) -> Result<Envelope, String> {
     let id = attr("id")
+        .map(Cow::into_owned)
         .or(fallbacks.id)
         .ok_or("it has no CloudEvents id and no message id")?;
     let message_type = attr("type")
+        .map(Cow::into_owned)
         .or(fallbacks.message_type)
         .ok_or("it has no CloudEvents type")?;
     let kind = match attr("sykind").as_deref() {
@@ -105,10 +108,16 @@ pub fn decode(
             .content_type
             .unwrap_or_else(|| crate::config::DEFAULT_CONTENT_TYPE.to_owned()),
         headers,
-        correlation_id: attr("correlationid").or(fallbacks.correlation_id),
-        causation_id: attr("causationid"),
-        reply_to: attr("syreplyto").or(fallbacks.reply_to),
-        partition_key: attr("partitionkey").or(fallbacks.partition_key),
+        correlation_id: attr("correlationid")
+            .map(Cow::into_owned)
+            .or(fallbacks.correlation_id),
+        causation_id: attr("causationid").map(Cow::into_owned),
+        reply_to: attr("syreplyto")
+            .map(Cow::into_owned)
+            .or(fallbacks.reply_to),
+        partition_key: attr("partitionkey")
+            .map(Cow::into_owned)
+            .or(fallbacks.partition_key),
         created_at_ms,
         attempt,
         history,
@@ -171,7 +180,12 @@ mod tests {
             span_id: None,
         });
         let attrs = attributes(&e, "switchyard/shop");
-        let get = |n: &str| attrs.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
+        let get = |n: &str| {
+            attrs
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| Cow::Borrowed(v.as_str()))
+        };
         let back = decode(
             get,
             Fallbacks {
@@ -201,7 +215,7 @@ mod tests {
             attrs
                 .iter()
                 .find(|(k, _)| *k == n)
-                .map(|(_, v)| (*v).to_owned())
+                .map(|(_, v)| Cow::Borrowed(*v))
         };
         let err = decode(get, Fallbacks::default(), |_| None, Vec::new(), Vec::new()).unwrap_err();
         assert!(err.contains("syattempt `lots`"), "{err}");

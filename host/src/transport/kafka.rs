@@ -17,6 +17,7 @@
 //! partitions are revoked. A delayed retry waits in the host's memory, not
 //! in the partition, so the partition it came from keeps moving.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -50,8 +51,6 @@ pub const CONTENT_TYPE_HEADER: &str = "content-type";
 /// Delayed retries one route holds in memory before it pauses its retry
 /// topic.
 const MAX_HELD: usize = 10_000;
-/// How long [`Transport::is_idle`] watches before it believes it.
-const IDLE_SETTLE: Duration = Duration::from_millis(100);
 
 /// The topics and group of one route.
 #[derive(Clone, Debug)]
@@ -333,21 +332,27 @@ fn headers(e: &Envelope, source: &str, not_before_ms: Option<u64>) -> OwnedHeade
 
 /// A message from its Kafka form, with the due time of a delayed retry.
 /// The type falls back to the topic's name without the prefix.
-pub fn envelope(
-    m: &OwnedMessage,
+///
+/// Works on the record as librdkafka holds it: only the payload and the
+/// attributes the envelope keeps are copied.
+pub fn envelope<M: rdkafka::Message>(
+    m: &M,
     prefix: &str,
     kind_of: impl Fn(&str) -> Option<Kind>,
 ) -> (Result<Envelope, String>, Option<u64>) {
-    let mut attrs: HashMap<String, String> = HashMap::new();
+    // CloudEvents attributes by name, without the prefix; a later header of
+    // the same name wins.
+    let mut attrs: Vec<(&str, &str)> = Vec::new();
     let mut own: Vec<(String, String)> = Vec::new();
     let mut content_type = None;
     if let Some(hs) = m.headers() {
+        attrs.reserve(hs.count());
         for h in hs.iter() {
             let Some(value) = h.value.and_then(|v| std::str::from_utf8(v).ok()) else {
                 continue;
             };
             if let Some(name) = h.key.strip_prefix(CE_PREFIX) {
-                attrs.insert(name.to_owned(), value.to_owned());
+                attrs.push((name, value));
             } else if h.key == CONTENT_TYPE_HEADER {
                 content_type = Some(value.to_owned());
             } else {
@@ -355,18 +360,25 @@ pub fn envelope(
             }
         }
     }
-    let not_before = attrs
-        .get(cloudevents::NOT_BEFORE)
-        .and_then(|v| v.parse::<u64>().ok());
+    let attr = |name: &str| {
+        attrs
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| Cow::Borrowed(*v))
+    };
+    let not_before = attr(cloudevents::NOT_BEFORE).and_then(|v| v.parse::<u64>().ok());
+    // The record's own properties, worked out only where an attribute is
+    // missing.
     let fallbacks = cloudevents::Fallbacks {
         // A record without an id is still one record: its place names it.
-        id: Some(format!(
-            "kafka-{}-{}-{}",
-            m.topic(),
-            m.partition(),
-            m.offset()
-        )),
-        message_type: m.topic().strip_prefix(prefix).map(str::to_owned),
+        id: attr("id")
+            .is_none()
+            .then(|| format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset())),
+        message_type: match attr("type") {
+            Some(_) => None,
+            None => m.topic().strip_prefix(prefix).map(str::to_owned),
+        },
         created_at_ms: m
             .timestamp()
             .to_millis()
@@ -374,14 +386,17 @@ pub fn envelope(
         correlation_id: None,
         reply_to: None,
         // The CloudEvents Kafka binding: the record key is the partition key.
-        partition_key: m
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(str::to_owned),
+        partition_key: match attr("partitionkey") {
+            Some(_) => None,
+            None => m
+                .key()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .map(str::to_owned),
+        },
         content_type,
     };
     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-    let result = cloudevents::decode(|n| attrs.get(n).cloned(), fallbacks, kind_of, payload, own);
+    let result = cloudevents::decode(attr, fallbacks, kind_of, payload, own);
     (result, not_before)
 }
 
@@ -460,7 +475,7 @@ impl Transport for KafkaTransport {
         Ok(Box::new(KafkaSubscription {
             shared: self.shared.clone(),
             topics: r,
-            consumer,
+            consumer: Arc::new(consumer),
             revoked,
             pending: HashMap::new(),
             open: HashMap::new(),
@@ -530,10 +545,12 @@ impl Transport for KafkaTransport {
         {
             return Ok(false);
         }
-        if !self.looks_idle().await? {
-            return Ok(false);
-        }
-        tokio::time::sleep(IDLE_SETTLE).await;
+        // `looks_idle` starts with nothing in flight or held (a due retry
+        // counts as one or the other while it moves). If nothing was
+        // received while it asked the cluster either, nothing came into
+        // hand, so no route of this host settled anything meanwhile (a
+        // settle needs a delivery in hand), and the ends and commits it read
+        // are one consistent picture.
         Ok(self.looks_idle().await? && self.shared.received.load(Ordering::SeqCst) == before)
     }
 
@@ -646,8 +663,9 @@ impl KafkaTransport {
     /// Nothing in flight or held, and every group has committed up to the
     /// end of every partition it reads.
     async fn looks_idle(&self) -> Result<bool> {
-        if self.shared.in_flight.load(Ordering::SeqCst) > 0
-            || self.shared.held.load(Ordering::SeqCst) > 0
+        // Held before in flight: see `take_due`.
+        if self.shared.held.load(Ordering::SeqCst) > 0
+            || self.shared.in_flight.load(Ordering::SeqCst) > 0
         {
             return Ok(false);
         }
@@ -844,7 +862,9 @@ struct Position {
 pub struct KafkaSubscription {
     shared: Arc<Shared>,
     topics: RouteTopics,
-    consumer: StreamConsumer<RouteContext>,
+    /// Shared with [`Subscription::receive`], which reads records in place
+    /// while it updates the books.
+    consumer: Arc<StreamConsumer<RouteContext>>,
     revoked: Arc<Mutex<Vec<Partition>>>,
     /// Receipt → position, for deliveries handed to the route.
     pending: HashMap<u64, Position>,
@@ -881,7 +901,7 @@ impl KafkaSubscription {
         }
     }
 
-    fn delivery_of(&mut self, m: &OwnedMessage) -> (Delivery, Position, Option<u64>) {
+    fn delivery_of<M: rdkafka::Message>(&mut self, m: &M) -> (Delivery, Position, Option<u64>) {
         let shared = &self.shared;
         let (result, not_before) =
             envelope(m, &shared.config.topic_prefix, |t| shared.routing.kind(t));
@@ -936,7 +956,7 @@ impl KafkaSubscription {
     }
 
     /// Hands a delivery to the route, or holds it until its time.
-    fn accept(&mut self, m: &OwnedMessage, batch: &mut Vec<Delivery>) {
+    fn accept<M: rdkafka::Message>(&mut self, m: &M, batch: &mut Vec<Delivery>) {
         let (d, position, not_before) = self.delivery_of(m);
         let from_retry = position.partition.0 == self.topics.retry_topic;
         match not_before {
@@ -952,6 +972,23 @@ impl KafkaSubscription {
         }
     }
 
+    /// Accepts the records librdkafka already holds, up to `max` in the
+    /// batch, without waiting. An error ends the batch; the consumer reports
+    /// lasting trouble again on the next wait.
+    fn accept_ready(
+        &mut self,
+        consumer: &StreamConsumer<RouteContext>,
+        batch: &mut Vec<Delivery>,
+        max: usize,
+    ) {
+        while batch.len() < max {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => self.accept(&m, batch),
+                _ => break,
+            }
+        }
+    }
+
     /// Moves due held retries into the batch.
     fn take_due(&mut self, batch: &mut Vec<Delivery>, max: usize) {
         let now = now_ms();
@@ -963,8 +1000,10 @@ impl KafkaSubscription {
                 break;
             }
             let (d, position) = entry.remove();
-            self.shared.held.fetch_sub(1, Ordering::SeqCst);
+            // In flight before no longer held: `looks_idle`, which reads
+            // them the other way round, never sees it in neither.
             self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            self.shared.held.fetch_sub(1, Ordering::SeqCst);
             self.pending.insert(d.receipt, position);
             batch.push(d);
         }
@@ -1068,8 +1107,14 @@ impl KafkaSubscription {
             self.shared
                 .held
                 .fetch_sub((before - self.held.len()) as i64, Ordering::SeqCst);
+            // Deliveries received after these (taken ahead for the next
+            // batch) are read again too: they are no longer in flight here.
+            let before = self.pending.len();
             self.pending
                 .retain(|_, p| !(p.partition == partition && p.offset >= offset));
+            self.shared
+                .in_flight
+                .fetch_sub((before - self.pending.len()) as i64, Ordering::SeqCst);
             if let Err(e) = self.consumer.seek(
                 &partition.0,
                 partition.1,
@@ -1087,6 +1132,7 @@ impl KafkaSubscription {
 impl Subscription for KafkaSubscription {
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let mut batch = Vec::new();
+        let consumer = self.consumer.clone();
         loop {
             self.apply_revocations();
             self.take_due(&mut batch, max);
@@ -1099,25 +1145,27 @@ impl Subscription for KafkaSubscription {
                 .first_key_value()
                 .map(|((due, _), _)| Duration::from_millis(due.saturating_sub(now_ms()).max(1)));
             let next = match wait {
-                Some(w) => tokio::time::timeout(w, self.consumer.recv()).await.ok(),
-                None => Some(self.consumer.recv().await),
+                Some(w) => tokio::time::timeout(w, consumer.recv()).await.ok(),
+                None => Some(consumer.recv().await),
             };
             let Some(next) = next else { continue };
             let m = next
-                .with_context(|| format!("the consumer of route {} failed", self.topics.route))?
-                .detach();
+                .with_context(|| format!("the consumer of route {} failed", self.topics.route))?;
             self.accept(&m, &mut batch);
-            while batch.len() < max {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(m)) => {
-                        let m = m.detach();
-                        self.accept(&m, &mut batch);
-                    }
-                    _ => break,
-                }
-            }
+            self.accept_ready(&consumer, &mut batch, max);
         }
         Ok(batch)
+    }
+
+    fn take_ready(&mut self, max: usize) -> Vec<Delivery> {
+        let mut batch = Vec::new();
+        self.apply_revocations();
+        self.take_due(&mut batch, max);
+        let consumer = self.consumer.clone();
+        self.accept_ready(&consumer, &mut batch, max);
+        // A busy route may not call `receive` for a long time.
+        self.throttle();
+        batch
     }
 
     async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
@@ -1225,6 +1273,7 @@ impl Drop for KafkaSubscription {
 #[cfg(test)]
 mod tests {
     use rdkafka::Timestamp;
+    use rdkafka::message::OwnedMessage;
 
     use super::*;
 

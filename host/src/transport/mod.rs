@@ -239,6 +239,15 @@ pub trait Subscription: Send {
     /// Waits for at least one message and returns up to `max`, in order.
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>>;
 
+    /// Up to `max` messages that are already at hand, without waiting (none
+    /// when the transport cannot tell). A route calls it while its plugin
+    /// works on the batch before, so that taking in the next batch overlaps
+    /// with handling; what it returns comes after every delivery received
+    /// before, and is settled or released like any other delivery.
+    fn take_ready(&mut self, _max: usize) -> Vec<Delivery> {
+        Vec::new()
+    }
+
     /// Makes the outcomes of received deliveries durable. On error nothing of
     /// the batch was applied and its deliveries will be received again.
     async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()>;
