@@ -372,9 +372,7 @@ pub fn envelope<M: rdkafka::Message>(
     // missing.
     let fallbacks = cloudevents::Fallbacks {
         // A record without an id is still one record: its place names it.
-        id: attr("id")
-            .is_none()
-            .then(|| format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset())),
+        id: attr("id").is_none().then(|| record_id(m)),
         message_type: match attr("type") {
             Some(_) => None,
             None => m.topic().strip_prefix(prefix).map(str::to_owned),
@@ -398,6 +396,11 @@ pub fn envelope<M: rdkafka::Message>(
     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
     let result = cloudevents::decode(attr, fallbacks, kind_of, payload, own);
     (result, not_before)
+}
+
+/// The id of a record that carries none: its place in the cluster.
+fn record_id<M: rdkafka::Message>(m: &M) -> String {
+    format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset())
 }
 
 /// Sends every record and waits for all acknowledgements.
@@ -908,7 +911,7 @@ impl KafkaSubscription {
         let (envelope, malformed) = match result {
             Ok(e) => (e, None),
             Err(reason) => {
-                let id = format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset());
+                let id = record_id(m);
                 let message_type = m
                     .topic()
                     .strip_prefix(&self.shared.config.topic_prefix)
