@@ -15,7 +15,11 @@ pub mod bindings {
 
 use bindings::switchyard::plugin::{host, types as wit};
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::context::Outbox;
+use crate::message::Metadata;
 use crate::{
     Context, ErrorKind, HandlerError, Kind, LogLevel, Message, Outgoing, Plugin, Response,
 };
@@ -77,6 +81,21 @@ fn outgoing_to_wit(o: Outgoing) -> wit::Outgoing {
     }
 }
 
+/// The metadata of the message delivered by `call`, from the host, if that
+/// call is the one under way; none otherwise.
+pub(crate) fn metadata(call: u64) -> Metadata {
+    if call != CALL.load(Ordering::Relaxed) {
+        return Metadata::default();
+    }
+    let m = host::metadata();
+    Metadata {
+        headers: m.headers,
+        correlation_id: m.correlation_id,
+        causation_id: m.causation_id,
+        reply_to: m.reply_to,
+    }
+}
+
 /// `describe` export, converting the plugin's declaration to the WIT record.
 pub fn describe<P: Plugin>() -> wit::PluginInfo {
     let info = P::describe();
@@ -96,8 +115,13 @@ pub fn describe<P: Plugin>() -> wit::PluginInfo {
     }
 }
 
+/// Numbers the `handle` calls, so a message read after its call has ended
+/// does not pick up the metadata of the message being handled then.
+static CALL: AtomicU64 = AtomicU64::new(0);
+
 /// `handle` export: converts the message, runs the handler, converts the error.
 pub fn handle<P: Plugin>(m: wit::Message) -> Result<(), wit::HandlerError> {
+    let call = CALL.fetch_add(1, Ordering::Relaxed) + 1;
     let message = Message {
         id: m.id,
         message_type: m.message_type,
@@ -107,16 +131,18 @@ pub fn handle<P: Plugin>(m: wit::Message) -> Result<(), wit::HandlerError> {
         },
         payload: m.payload,
         content_type: m.content_type,
-        headers: m.headers,
-        correlation_id: m.correlation_id,
-        causation_id: m.causation_id,
-        reply_to: m.reply_to,
         created_at_ms: m.created_at_ms,
         attempt: m.attempt,
+        // Fetched from the host on first use.
+        metadata: OnceLock::new(),
+        call,
     };
     let mut imports = HostImports;
     let mut ctx = Context::new(&mut imports);
-    P::handle(&mut ctx, message).map_err(|e: HandlerError| {
+    let outcome = P::handle(&mut ctx, message);
+    // Whatever the handler kept of the message is past its call now.
+    CALL.fetch_add(1, Ordering::Relaxed);
+    outcome.map_err(|e: HandlerError| {
         let details = wit::ErrorDetails {
             message: e.message,
             code: e.code,

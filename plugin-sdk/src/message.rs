@@ -1,5 +1,7 @@
 //! Plain Rust shapes of the contract's records, independent of wit-bindgen.
 
+use std::sync::OnceLock;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -37,7 +39,12 @@ impl std::fmt::Display for Kind {
 ///
 /// In tests, build one with [`Message::command`] or [`Message::event`] and the
 /// `with_*` methods.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The headers, correlation and causation ids and reply address are read
+/// from the host the first time one of them is asked for, so a handler that
+/// never looks at them does not pay for them. They are there only while the
+/// message is being handled: a message kept past its `handle` call has none.
+#[derive(Clone, Debug)]
 pub struct Message {
     /// Unique id, stable across retries and replays.
     pub id: String,
@@ -49,19 +56,39 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// Media type of `payload`.
     pub content_type: String,
-    /// Headers in arrival order.
-    pub headers: Vec<(String, String)>,
-    /// Ties together every message of one business flow.
-    pub correlation_id: Option<String>,
-    /// The id of the message whose handling produced this one.
-    pub causation_id: Option<String>,
-    /// Where a reply goes, if the sender wants one.
-    pub reply_to: Option<String>,
     /// Creation time in milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     /// 1 on the first delivery, 2 on the first retry, ...
     pub attempt: u32,
+    /// Read on first use (see above).
+    pub(crate) metadata: OnceLock<Metadata>,
+    /// Which `handle` call delivered the message, 0 for one built here.
+    pub(crate) call: u64,
 }
+
+/// The part of a message read from the host on demand.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Metadata {
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) causation_id: Option<String>,
+    pub(crate) reply_to: Option<String>,
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.message_type == other.message_type
+            && self.kind == other.kind
+            && self.payload == other.payload
+            && self.content_type == other.content_type
+            && self.created_at_ms == other.created_at_ms
+            && self.attempt == other.attempt
+            && self.metadata() == other.metadata()
+    }
+}
+
+impl Eq for Message {}
 
 impl Message {
     fn new(message_type: &str, kind: Kind) -> Self {
@@ -71,13 +98,25 @@ impl Message {
             kind,
             payload: Vec::new(),
             content_type: JSON.to_owned(),
-            headers: Vec::new(),
-            correlation_id: None,
-            causation_id: None,
-            reply_to: None,
             created_at_ms: 0,
             attempt: 1,
+            metadata: OnceLock::from(Metadata::default()),
+            call: 0,
         }
+    }
+
+    fn metadata(&self) -> &Metadata {
+        self.metadata.get_or_init(|| load_metadata(self.call))
+    }
+
+    fn edit_metadata(mut self, edit: impl FnOnce(&mut Metadata)) -> Self {
+        let mut metadata = self
+            .metadata
+            .take()
+            .unwrap_or_else(|| load_metadata(self.call));
+        edit(&mut metadata);
+        self.metadata = OnceLock::from(metadata);
+        self
     }
 
     /// A command of the given type with an empty payload (for tests).
@@ -114,21 +153,23 @@ impl Message {
     }
 
     /// Appends a header.
-    pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_owned(), value.to_owned()));
-        self
+    pub fn with_header(self, name: &str, value: &str) -> Self {
+        self.edit_metadata(|m| m.headers.push((name.to_owned(), value.to_owned())))
     }
 
     /// Sets the reply address.
-    pub fn with_reply_to(mut self, reply_to: &str) -> Self {
-        self.reply_to = Some(reply_to.to_owned());
-        self
+    pub fn with_reply_to(self, reply_to: &str) -> Self {
+        self.edit_metadata(|m| m.reply_to = Some(reply_to.to_owned()))
     }
 
     /// Sets the correlation id.
-    pub fn with_correlation_id(mut self, id: &str) -> Self {
-        self.correlation_id = Some(id.to_owned());
-        self
+    pub fn with_correlation_id(self, id: &str) -> Self {
+        self.edit_metadata(|m| m.correlation_id = Some(id.to_owned()))
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(self, id: &str) -> Self {
+        self.edit_metadata(|m| m.causation_id = Some(id.to_owned()))
     }
 
     /// Sets the attempt number (1 = first delivery).
@@ -156,13 +197,46 @@ impl Message {
         std::str::from_utf8(&self.payload).ok()
     }
 
+    /// Headers in arrival order. Names are case-sensitive.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.metadata().headers
+    }
+
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        self.headers()
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// Ties together every message of one business flow.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.metadata().correlation_id.as_deref()
+    }
+
+    /// The id of the message whose handling produced this one.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.metadata().causation_id.as_deref()
+    }
+
+    /// Where a reply goes, if the sender wants one.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.metadata().reply_to.as_deref()
+    }
+}
+
+/// Asks the host for the metadata of the message delivered by `call`, if
+/// that call is still under way.
+#[cfg(target_family = "wasm")]
+fn load_metadata(call: u64) -> Metadata {
+    crate::guest::metadata(call)
+}
+
+/// Natively every message is built with its metadata: nothing to load.
+#[cfg(not(target_family = "wasm"))]
+fn load_metadata(_call: u64) -> Metadata {
+    Metadata::default()
 }
 
 /// A message emitted with [`Context::publish_message`](crate::Context::publish_message)

@@ -105,7 +105,7 @@ class Handler(exports.Handler):
             body = read_json(message, "order_id", "customer", "reason")
             text = f"order {body['order_id']} is on hold: {body['reason']}"
             notify(message, body["order_id"], body["customer"], text)
-            if message.reply_to is not None:
+            if host.metadata().reply_to is not None:
                 answer = {"order_id": body["order_id"], "notified": True}
                 host.reply(Response(json.dumps(answer).encode(), "application/json", []))
         else:

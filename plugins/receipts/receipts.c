@@ -269,7 +269,12 @@ static bool sign(message_t *message, handler_error_t *err) {
   plugin_string_set(&event.partition_key.val, order_id);
   switchyard_plugin_host_publish(&event);
 
-  if (message->reply_to.is_some) {
+  // The reply address is metadata, read from the host on demand.
+  switchyard_plugin_host_message_metadata_t metadata;
+  switchyard_plugin_host_metadata(&metadata);
+  bool wants_reply = metadata.reply_to.is_some;
+  switchyard_plugin_host_message_metadata_free(&metadata);
+  if (wants_reply) {
     char answer[256];
     n = snprintf(answer, sizeof answer,
                  "{\"order_id\":\"%s\",\"checksum\":\"crc32:%08" PRIx32 "\"}", order_id,

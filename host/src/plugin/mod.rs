@@ -46,8 +46,11 @@ use bindings::switchyard::plugin::types as wit;
 /// The WIT text of the contract, as `switchyard plugins wit` prints it.
 pub const WIT: &str = include_str!("../../../wit/plugin.wit");
 
+/// The version of the contract (the WIT package) this host speaks.
+pub const CONTRACT_VERSION: &str = "switchyard:plugin@0.2.0";
+
 /// The interface every plugin must export.
-pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.1.0";
+pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.2.0";
 
 /// How often the engine's epoch advances; CPU deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -220,6 +223,15 @@ impl PluginEngine {
             n == HANDLER_INTERFACE && matches!(item.ty, ComponentItem::ComponentInstance(_))
         });
         if !exports_handler {
+            if let Some(other) = exports
+                .iter()
+                .find_map(|n| n.strip_prefix("switchyard:plugin/handler@"))
+            {
+                bail!(
+                    "built against contract switchyard:plugin@{other}, but this host speaks {}: rebuild the plugin against the WIT in wit/ (docs/plugin-contract.md says what changed)",
+                    CONTRACT_VERSION
+                );
+            }
             bail!(
                 "not a Switchyard plugin: it does not export `{HANDLER_INTERFACE}` (it exports {}); build it against the WIT in wit/",
                 if exports.is_empty() {
@@ -469,6 +481,9 @@ struct Call {
     message_id: String,
     message_type: String,
     kind: Option<Kind>,
+    /// The rest of the envelope, lent for the call and handed to the plugin
+    /// only if it asks (`host.metadata`).
+    metadata: Metadata,
     /// When the CPU budget of this call runs out; waits end here.
     deadline: Option<tokio::time::Instant>,
     outputs: Vec<Output>,
@@ -480,6 +495,15 @@ struct Call {
     /// Span attributes and events (log lines included) the plugin may still
     /// add to the span: shared by every attempt of a delivery.
     span_budget: u32,
+}
+
+/// The envelope fields a plugin reads on demand (`host.metadata`).
+#[derive(Default)]
+struct Metadata {
+    headers: Vec<(String, String)>,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    reply_to: Option<String>,
 }
 
 /// Something a handler emitted, held until the call returns `ok`.
@@ -596,16 +620,16 @@ impl Instance {
         call.output_bytes = 0;
         call.violation = None;
         call.log_lines = 0;
+        let message = lend(envelope, &mut call.metadata);
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         self.store.data().output.clear();
         self.handled += 1;
-        let message = lend(envelope);
         let result = self
             .bindings
             .switchyard_plugin_handler()
             .call_handle(&mut self.store, &message);
         let overran = started.elapsed() > timeout + EPOCH_TICK;
-        give_back(envelope, message);
+        give_back(envelope, message, &mut self.store.data_mut().call.metadata);
         let state = self.store.data_mut();
         let call = &mut state.call;
         let outputs = std::mem::take(&mut call.outputs);
@@ -700,8 +724,12 @@ fn classify_trap(store: &Store<State>, error: wasmtime::Error, timeout: Duration
 
 /// Moves the envelope's fields into the WIT message for the duration of a
 /// call; [`give_back`] restores them.
-fn lend(e: &mut Envelope) -> wit::Message {
+fn lend(e: &mut Envelope, metadata: &mut Metadata) -> wit::Message {
     use std::mem::take;
+    metadata.headers = take(&mut e.headers);
+    metadata.correlation_id = e.correlation_id.take();
+    metadata.causation_id = e.causation_id.take();
+    metadata.reply_to = e.reply_to.take();
     wit::Message {
         id: take(&mut e.id),
         message_type: take(&mut e.message_type),
@@ -711,24 +739,21 @@ fn lend(e: &mut Envelope) -> wit::Message {
         },
         payload: take(&mut e.payload),
         content_type: take(&mut e.content_type),
-        headers: take(&mut e.headers),
-        correlation_id: e.correlation_id.take(),
-        causation_id: e.causation_id.take(),
-        reply_to: e.reply_to.take(),
         created_at_ms: e.created_at_ms,
         attempt: e.attempt,
     }
 }
 
-fn give_back(e: &mut Envelope, m: wit::Message) {
+fn give_back(e: &mut Envelope, m: wit::Message, metadata: &mut Metadata) {
+    use std::mem::take;
     e.id = m.id;
     e.message_type = m.message_type;
     e.payload = m.payload;
     e.content_type = m.content_type;
-    e.headers = m.headers;
-    e.correlation_id = m.correlation_id;
-    e.causation_id = m.causation_id;
-    e.reply_to = m.reply_to;
+    e.headers = take(&mut metadata.headers);
+    e.correlation_id = metadata.correlation_id.take();
+    e.causation_id = metadata.causation_id.take();
+    e.reply_to = metadata.reply_to.take();
 }
 
 impl State {
@@ -805,6 +830,16 @@ fn outgoing(o: wit::Outgoing) -> Outgoing {
 impl bindings::switchyard::plugin::types::Host for State {}
 
 impl bindings::switchyard::plugin::host::Host for State {
+    fn metadata(&mut self) -> wit::MessageMetadata {
+        let m = &self.call.metadata;
+        wit::MessageMetadata {
+            headers: m.headers.clone(),
+            correlation_id: m.correlation_id.clone(),
+            causation_id: m.causation_id.clone(),
+            reply_to: m.reply_to.clone(),
+        }
+    }
+
     fn publish(&mut self, event: wit::Outgoing) {
         if let Err(v) = self.plugin.contract.check_publish(&event.message_type) {
             self.violate(v);

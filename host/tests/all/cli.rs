@@ -259,7 +259,7 @@ fn plugins_inspect_prints_the_declaration() {
     assert!(out.contains("publishes  event OrderPlaced"), "{out}");
     assert!(out.contains("sends      command ChargePayment"), "{out}");
     assert!(
-        out.contains("imports    switchyard:plugin/host@0.1.0"),
+        out.contains("imports    switchyard:plugin/host@0.2.0"),
         "{out}"
     );
 

@@ -60,6 +60,55 @@ fn a_command_round_trips_through_the_component() {
 }
 
 #[test]
+fn metadata_reaches_the_plugin_on_demand_and_only_during_its_call() {
+    let echo = load("echo");
+    let mut instance = echo.instantiate().unwrap();
+    let mut cmd = message(Kind::Command, "Metadata", json!({}));
+    cmd.headers = vec![
+        ("tenant".into(), "acme".into()),
+        ("tenant".into(), "second".into()),
+    ];
+    cmd.correlation_id = Some("flow-1".into());
+    cmd.causation_id = Some("cause-1".into());
+    cmd.reply_to = Some("test:reply".into());
+    let before = cmd.clone();
+    let outputs = instance.handle(&mut cmd).expect("handled");
+    assert_eq!(cmd, before, "the metadata is given back with the envelope");
+    let reply = |outputs: &[Output]| -> serde_json::Value {
+        let [Output::Reply(reply)] = outputs else {
+            panic!("expected one reply, got {outputs:?}");
+        };
+        serde_json::from_slice(&reply.payload).unwrap()
+    };
+    assert_eq!(
+        reply(&outputs),
+        json!({
+            "headers": [["tenant", "acme"], ["tenant", "second"]],
+            "correlation_id": "flow-1",
+            "causation_id": "cause-1",
+            "reply_to": "test:reply",
+            "kept_headers": null,
+        })
+    );
+
+    // The plugin kept a copy of that message; read now, in another call,
+    // it has no metadata rather than this message's.
+    let mut next = message(Kind::Command, "Metadata", json!({}));
+    next.headers = vec![("tenant".into(), "other".into())];
+    let outputs = instance.handle(&mut next).expect("handled");
+    assert_eq!(
+        reply(&outputs),
+        json!({
+            "headers": [["tenant", "other"]],
+            "correlation_id": null,
+            "causation_id": null,
+            "reply_to": null,
+            "kept_headers": [],
+        })
+    );
+}
+
+#[test]
 fn handler_errors_keep_their_kind_code_and_details() {
     let orders = load("orders");
     let mut instance = orders.instantiate().unwrap();

@@ -57,7 +57,27 @@ fn a_component_of_another_world_is_refused() {
     // The smallest valid component: the preamble alone, exporting nothing.
     let e = load_error(&file_with(dir.path(), "empty.wasm", b"\0asm\x0d\0\x01\0"));
     assert!(
-        e.contains("does not export `switchyard:plugin/handler@0.1.0` (it exports nothing)"),
+        e.contains("does not export `switchyard:plugin/handler@0.2.0` (it exports nothing)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_plugin_built_against_another_contract_version_is_told_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // A component exporting an (empty) instance under the 0.1.0 name.
+    let name = b"switchyard:plugin/handler@0.1.0";
+    let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
+    // Instance section: one instance made of no exports.
+    bytes.extend_from_slice(&[0x05, 0x03, 0x01, 0x01, 0x00]);
+    // Export section: that instance, under `name`.
+    let entry_len = 1 + 1 + name.len() + 3;
+    bytes.extend_from_slice(&[0x0b, (1 + entry_len) as u8, 0x01, 0x00, name.len() as u8]);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(&[0x05, 0x00, 0x00]);
+    let e = load_error(&file_with(dir.path(), "old.wasm", &bytes));
+    assert!(
+        e.contains("built against contract switchyard:plugin@0.1.0, but this host speaks switchyard:plugin@0.2.0"),
         "{e}"
     );
 }
