@@ -42,8 +42,12 @@ impl std::fmt::Display for Kind {
 ///
 /// The headers, correlation and causation ids and reply address are read
 /// from the host the first time one of them is asked for, so a handler that
-/// never looks at them does not pay for them. They are there only while the
-/// message is being handled: a message kept past its `handle` call has none.
+/// never looks at them does not pay for them. Read them while the message is
+/// being handled: a message kept past its `handle` call has only what was
+/// read before the call ended (in a plugin; natively, as in
+/// [`testing::TestHost`](crate::testing::TestHost), a message always has
+/// all of it). Equality compares the metadata too, reading it if it has not
+/// been read.
 #[derive(Clone, Debug)]
 pub struct Message {
     /// Unique id, stable across retries and replays.

@@ -226,6 +226,7 @@ impl PluginEngine {
             if let Some(other) = exports
                 .iter()
                 .find_map(|n| n.strip_prefix("switchyard:plugin/handler@"))
+                .filter(|v| Some(*v) != CONTRACT_VERSION.split('@').nth(1))
             {
                 bail!(
                     "built against contract switchyard:plugin@{other}, but this host speaks {}: rebuild the plugin against the WIT in wit/ (docs/plugin-contract.md says what changed)",
