@@ -223,10 +223,12 @@ impl PluginEngine {
             n == HANDLER_INTERFACE && matches!(item.ty, ComponentItem::ComponentInstance(_))
         });
         if !exports_handler {
+            // The handler of another contract version (the handler of this
+            // one, exported as something other than an instance, is not).
             if let Some(other) = exports
                 .iter()
+                .filter(|n| *n != HANDLER_INTERFACE)
                 .find_map(|n| n.strip_prefix("switchyard:plugin/handler@"))
-                .filter(|v| Some(*v) != CONTRACT_VERSION.split('@').nth(1))
             {
                 bail!(
                     "built against contract switchyard:plugin@{other}, but this host speaks {}: rebuild the plugin against the WIT in wit/ (docs/plugin-contract.md says what changed)",
