@@ -11,9 +11,14 @@
 //! native consumer after each message, Switchyard after each batch is
 //! settled), a final commit at the end. The native consumer's handling is
 //! nothing; Switchyard's is a call into the trivial `echo` plugin.
-//! Switchyard runs in drain mode, and its time includes noticing that its
-//! partitions are finished (commits compared with the high watermarks,
-//! at most a few hundred milliseconds per round).
+//!
+//! Both are timed the same way: from the start (creating and subscribing
+//! the consumer, or starting the host) until a watcher, polling the group's
+//! committed offsets every few milliseconds, sees them reach the end of
+//! every partition, that is until the work is durable. Switchyard runs in
+//! drain mode; how much later its run ends (it notices that it is drained,
+//! then shuts down, leaving its group) is printed beside each round, not
+//! counted, as the native consumer's close is not.
 //!
 //! Prints messages per second and CPU time per message (this process: user
 //! plus system) for each round, then the medians and the ratio.
@@ -31,11 +36,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use switchyard::config::{self, Pipeline};
 use switchyard::runtime::{self, RunMode};
 
@@ -88,11 +93,74 @@ async fn fill_topic(pipeline: &Pipeline, n: usize) {
     fill(transport.as_ref(), n).await;
 }
 
-fn native(servers: &str, topic: &str, n: usize) -> Round {
-    let group = format!("native-{}", switchyard::envelope::new_id());
+/// Runs `work`, which starts the clock (`go`) once it is set up, and times
+/// the round until `group` has committed the end of every partition of
+/// `topic`, as seen by a watcher polling every 5 ms. Returns the round and
+/// how long `work` took from `go` to its end.
+fn timed(
+    servers: &str,
+    group: &str,
+    topic: &str,
+    work: impl FnOnce(&dyn Fn() -> Instant) -> Duration,
+) -> (Round, Duration) {
+    let watcher: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    let metadata = watcher
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let end = watcher
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .unwrap();
+        ends.insert(p.id(), end);
+        tpl.add_partition(topic, p.id());
+    }
+    assert!(!ends.is_empty(), "{topic} has no partitions");
+    // Finds the group's coordinator before the clock starts.
+    watcher
+        .committed_offsets(tpl.clone(), Duration::from_secs(10))
+        .unwrap();
+    let (start, started) = std::sync::mpsc::channel::<Timer>();
+    let watch = std::thread::spawn(move || {
+        let timer = started.recv().unwrap();
+        let given_up = Instant::now() + Duration::from_secs(600);
+        while Instant::now() < given_up {
+            if let Ok(committed) = watcher.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                // A partition that was always empty has no commit.
+                let at_end = |e: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>| {
+                    let (low, high) = ends[&e.partition()];
+                    match e.offset() {
+                        Offset::Offset(o) => o >= high,
+                        _ => low >= high,
+                    }
+                };
+                if committed.elements().iter().all(at_end) {
+                    return timer.stop();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the group's commits never reached the end of the topic");
+    });
+    let go = || {
+        let timer = Timer::start();
+        start.send(timer).unwrap();
+        Instant::now()
+    };
+    let took = work(&go);
+    (watch.join().unwrap(), took)
+}
+
+fn native(go: &dyn Fn() -> Instant, servers: &str, group: &str, topic: &str, n: usize) -> Duration {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", servers)
-        .set("group.id", &group)
+        .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("auto.commit.interval.ms", "1000")
         .set("session.timeout.ms", "10000")
@@ -104,7 +172,7 @@ fn native(servers: &str, topic: &str, n: usize) -> Round {
         .set("enable.partition.eof", "false")
         .create()
         .unwrap();
-    let timer = Timer::start();
+    let started = go();
     consumer.subscribe(&[topic]).unwrap();
     let mut handled = 0;
     while handled < n {
@@ -117,16 +185,23 @@ fn native(servers: &str, topic: &str, n: usize) -> Round {
         handled += 1;
     }
     consumer.commit_consumer_state(CommitMode::Sync).unwrap();
-    timer.stop()
+    started.elapsed()
 }
 
-async fn switchyard(pipeline: &Pipeline) -> Round {
-    let plugins = runtime::load_plugins(pipeline).await.unwrap();
-    let timer = Timer::start();
-    runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending())
-        .await
-        .unwrap();
-    timer.stop()
+/// Runs the host in drain mode; the plugins are loaded beforehand.
+fn switchyard(
+    go: &dyn Fn() -> Instant,
+    rt: &tokio::runtime::Runtime,
+    pipeline: &Pipeline,
+) -> Duration {
+    rt.block_on(async {
+        let plugins = runtime::load_plugins(pipeline).await.unwrap();
+        let started = go();
+        runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending())
+            .await
+            .unwrap();
+        started.elapsed()
+    })
 }
 
 fn main() {
@@ -146,13 +221,16 @@ fn main() {
 
     // Warm up: the compile cache, the client paths.
     let warm = pipeline(dir.path(), &servers, mock, &wasm);
-    rt.block_on(async {
-        fill_topic(&warm, 2_000).await;
-        switchyard(&warm).await;
-    });
+    rt.block_on(fill_topic(&warm, 2_000));
+    switchyard(&Instant::now, &rt, &warm);
 
     println!(
-        "kafka_vs_native: {messages} messages per round, {PARTITIONS} partitions, offsets stored per message, on {}",
+        "kafka_vs_native: {messages} messages per round, {}, offsets stored per message, on {}",
+        if mock {
+            "partitions as the mock cluster creates them".to_owned()
+        } else {
+            format!("{PARTITIONS} partitions")
+        },
         if mock {
             "librdkafka's mock cluster (in this process)".to_owned()
         } else {
@@ -163,20 +241,34 @@ fn main() {
     for round in 1..=rounds {
         let p = pipeline(dir.path(), &servers, mock, &wasm);
         rt.block_on(fill_topic(&p, messages));
-        let topic = match &p.transport {
-            config::TransportConfig::Kafka(k) => format!("{}Tick", k.topic_prefix),
+        let (topic, group) = match &p.transport {
+            config::TransportConfig::Kafka(k) => (
+                format!("{}Tick", k.topic_prefix),
+                format!("{}.echo", k.group_prefix),
+            ),
             _ => unreachable!("a kafka pipeline"),
         };
+        let native_group = format!("native-{}", switchyard::envelope::new_id());
+        let run_native = || {
+            timed(&servers, &native_group, &topic, |go| {
+                native(go, &servers, &native_group, &topic, messages)
+            })
+        };
+        let run_switchyard = || timed(&servers, &group, &topic, |go| switchyard(go, &rt, &p));
         // Alternate who reads first, so that neither always finds the
         // records warm in the broker's cache.
-        let (n, s) = if round % 2 == 1 {
-            let n = native(&servers, &topic, messages);
-            (n, rt.block_on(switchyard(&p)))
+        let ((n, _), (s, drained)) = if round % 2 == 1 {
+            let n = run_native();
+            (n, run_switchyard())
         } else {
-            let s = rt.block_on(switchyard(&p));
-            (native(&servers, &topic, messages), s)
+            let s = run_switchyard();
+            (run_native(), s)
         };
         comparison.round(round, messages, &n, &s);
+        println!(
+            "         switchyard's run ended {} ms after its last commit (noticing it was drained, then shutting down)",
+            drained.saturating_sub(s.elapsed).as_millis()
+        );
     }
     comparison.summary();
 }

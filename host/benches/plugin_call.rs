@@ -2,6 +2,11 @@
 //! against a native Rust call of the same handler, and a warm instance
 //! against a fresh store + instance per message.
 //!
+//! For scale, `wasmtime_floor` calls the smallest component that takes a
+//! 1 KiB list and returns it (hand-written, no language runtime, no host
+//! calls) on the host's own engine: what wasmtime itself costs per call on
+//! this machine, below which no plugin contract can go.
+//!
 //! Needs `dist/plugins/echo.wasm` (`cargo xtask build-plugins`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -26,6 +31,53 @@ fn echo(engine: &PluginEngine) -> LoadedPlugin {
     engine.load(&wasm, sandbox).unwrap()
 }
 
+/// `echo: func(data: list<u8>) -> list<u8>` in the component model's text
+/// format: a bump allocator reset after each call, and a function that
+/// returns the list it was given where the host lowered it.
+const FLOOR: &str = r#"
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (global $next (mut i32) (i32.const 16))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (local.get 3)))
+      (local.get $at))
+    (func (export "echo") (param $ptr i32) (param $len i32) (result i32)
+      (i32.store (i32.const 0) (local.get $ptr))
+      (i32.store (i32.const 4) (local.get $len))
+      (i32.const 0))
+    (func (export "reset") (param i32)
+      (global.set $next (i32.const 16))))
+  (core instance $i (instantiate $m))
+  (alias core export $i "memory" (core memory $memory))
+  (alias core export $i "realloc" (core func $realloc))
+  (alias core export $i "echo" (core func $echo))
+  (alias core export $i "reset" (core func $reset))
+  (func (export "echo") (param "data" (list u8)) (result (list u8))
+    (canon lift (core func $echo) (memory $memory) (realloc $realloc)
+      (post-return $reset))))
+"#;
+
+/// The floor component's `echo`.
+type FloorEcho = wasmtime::component::TypedFunc<(&'static [u8],), (Vec<u8>,)>;
+
+/// The floor component, instantiated on `engine` with no imports.
+fn floor(engine: &wasmtime::Engine) -> (wasmtime::Store<()>, FloorEcho) {
+    let bytes = wat::parse_str(FLOOR).unwrap();
+    let component = wasmtime::component::Component::new(engine, bytes).unwrap();
+    let mut store = wasmtime::Store::new(engine, ());
+    // The engine interrupts by epoch; this store never runs long.
+    store.set_epoch_deadline(u64::MAX / 2);
+    let linker = wasmtime::component::Linker::new(engine);
+    let instance = linker.instantiate(&mut store, &component).unwrap();
+    let echo = instance
+        .get_typed_func::<(&[u8],), (Vec<u8>,)>(&mut store, "echo")
+        .unwrap();
+    (store, echo)
+}
+
 fn payload() -> Vec<u8> {
     vec![b'x'; 1024]
 }
@@ -46,6 +98,12 @@ fn calls(c: &mut Criterion) {
         .with_payload(payload(), "application/octet-stream");
     group.bench_function("native_rust", |b| {
         b.iter(|| black_box(native.handle(black_box(native_message.clone()))))
+    });
+
+    let (mut store, floor_echo) = floor(engine.engine());
+    let data: &'static [u8] = Box::leak(payload().into_boxed_slice());
+    group.bench_function("wasmtime_floor", |b| {
+        b.iter(|| black_box(floor_echo.call(&mut store, (black_box(data),)).unwrap()))
     });
     group.finish();
 
