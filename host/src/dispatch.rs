@@ -80,8 +80,30 @@ pub struct Worker {
     schemas: Arc<crate::schemas::Schemas>,
     /// `plugin` and `plugin.version`, attached to every message metric.
     plugin_attrs: [KeyValue; 2],
+    /// `message.type`, attached to every message metric.
+    type_attr: TypeAttr,
     /// Span attributes shared by every message of the route, built once.
     plugin_span_attrs: [KeyValue; 5],
+}
+
+/// The `message.type` metric attribute of the last type seen: a run of
+/// messages of one type shares one value instead of copying the name for
+/// every metric.
+#[derive(Default)]
+struct TypeAttr(Option<(String, KeyValue)>);
+
+impl TypeAttr {
+    fn of(&mut self, message_type: &str) -> KeyValue {
+        if let Some((last, kv)) = &self.0
+            && last == message_type
+        {
+            return kv.clone();
+        }
+        let value: Arc<str> = message_type.into();
+        let kv = KeyValue::new("message.type", opentelemetry::Value::String(value.into()));
+        self.0 = Some((message_type.to_owned(), kv.clone()));
+        kv
+    }
 }
 
 /// The fate of one delivery after all its immediate attempts.
@@ -158,6 +180,7 @@ impl Worker {
                 KeyValue::new("switchyard.plugin.version", s(&version)),
                 KeyValue::new("switchyard.plugin.digest", s(&digest)),
             ],
+            type_attr: TypeAttr::default(),
             plugin,
             policy,
             instance: None,
@@ -186,13 +209,9 @@ impl Worker {
         self
     }
 
-    fn attrs(&self, e: &Envelope) -> MessageAttrs {
+    fn attrs(&mut self, e: &Envelope) -> MessageAttrs {
         let [plugin, version] = self.plugin_attrs.clone();
-        [
-            plugin,
-            version,
-            KeyValue::new("message.type", e.message_type.clone()),
-        ]
+        [plugin, version, self.type_attr.of(&e.message_type)]
     }
 
     /// The `process {type}` span of a delivery: a child of the context in
@@ -635,6 +654,31 @@ enum Metric {
 }
 
 impl Metric {
+    /// Applies a settled batch's updates. Consecutive messages handled with
+    /// the same attributes are counted in one step: each step looks its
+    /// attributes up in the instrument, which costs more than the count.
+    fn apply_all(updates: Vec<Metric>, metrics: &crate::telemetry::Metrics) {
+        let mut handled: Option<(MessageAttrs, u64)> = None;
+        for update in updates {
+            if let Metric::Handled { attrs, age_s } = update {
+                metrics.latency.record(age_s, &attrs);
+                match &mut handled {
+                    Some((last, n)) if *last == attrs => *n += 1,
+                    _ => {
+                        if let Some((last, n)) = handled.replace((attrs, 1)) {
+                            metrics.handled.add(n, &last);
+                        }
+                    }
+                }
+            } else {
+                update.apply(metrics);
+            }
+        }
+        if let Some((last, n)) = handled {
+            metrics.handled.add(n, &last);
+        }
+    }
+
     fn apply(self, metrics: &crate::telemetry::Metrics) {
         match self {
             Metric::Handled { attrs, age_s } => {
@@ -691,12 +735,13 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
     let shared = |v: &str| opentelemetry::Value::String(Arc::<str>::from(v).into());
     let plugin_kv = KeyValue::new("plugin", shared(name));
     let version_kv = KeyValue::new("plugin.version", shared(&plugin.info().version));
+    let mut type_attr = TypeAttr::default();
     for p in processed {
         let e = &p.delivery.envelope;
         let attrs = [
             plugin_kv.clone(),
             version_kv.clone(),
-            KeyValue::new("message.type", e.message_type.clone()),
+            type_attr.of(&e.message_type),
         ];
         let (trace_id, span_id) = p.span.as_ref().and_then(telemetry::ids).unwrap_or_default();
         let verdict = match p.verdict {
@@ -946,9 +991,7 @@ async fn commit(
         }
         return false;
     }
-    for m in metrics {
-        m.apply(&ctx.telemetry.metrics);
-    }
+    Metric::apply_all(metrics, &ctx.telemetry.metrics);
     if !written.is_empty() {
         record_store_size(ctx).await;
     }

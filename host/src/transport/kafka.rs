@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_trait::async_trait;
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -984,9 +984,13 @@ impl KafkaSubscription {
         batch: &mut Vec<Delivery>,
         max: usize,
     ) {
+        // One stream for the whole batch: each stream registers (and on
+        // drop unregisters) a waker slot under a lock, which per record
+        // cost more than taking the record itself.
+        let mut records = consumer.stream();
         while batch.len() < max {
-            match consumer.recv().now_or_never() {
-                Some(Ok(m)) => self.accept(&m, batch),
+            match records.next().now_or_never() {
+                Some(Some(Ok(m))) => self.accept(&m, batch),
                 _ => break,
             }
         }
