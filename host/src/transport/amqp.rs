@@ -353,7 +353,7 @@ pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
     for (name, value) in cloudevents::attributes(e, source) {
         h.insert(
             short(&format!("{CE_PREFIX}{name}"))?,
-            AMQPValue::LongString(LongString::from(value)),
+            AMQPValue::LongString(LongString::from(value.into_owned())),
         );
     }
     for (name, value) in &e.headers {

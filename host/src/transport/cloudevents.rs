@@ -13,33 +13,34 @@ use crate::envelope::{Attempt, Envelope, Kind, now_ms};
 /// in a retry topic.
 pub const NOT_BEFORE: &str = "synotbefore";
 
-/// The attributes of a message, by attribute name, in a fixed order.
-pub fn attributes(e: &Envelope, source: &str) -> Vec<(&'static str, String)> {
-    let mut a = vec![
-        ("specversion", "1.0".to_owned()),
-        ("id", e.id.clone()),
-        ("type", e.message_type.clone()),
-        ("source", source.to_owned()),
-        ("time", rfc3339(e.created_at_ms)),
-        ("sykind", e.kind.as_str().to_owned()),
-        ("syattempt", e.attempt.to_string()),
+/// The attributes of a message, by attribute name, in a fixed order. Values
+/// the envelope holds are borrowed, not copied.
+pub fn attributes<'a>(e: &'a Envelope, source: &'a str) -> Vec<(&'static str, Cow<'a, str>)> {
+    let mut a = Vec::with_capacity(12);
+    a.extend([
+        ("specversion", Cow::Borrowed("1.0")),
+        ("id", Cow::Borrowed(e.id.as_str())),
+        ("type", Cow::Borrowed(e.message_type.as_str())),
+        ("source", Cow::Borrowed(source)),
+        ("time", Cow::Owned(rfc3339(e.created_at_ms))),
+        ("sykind", Cow::Borrowed(e.kind.as_str())),
+        ("syattempt", Cow::Owned(e.attempt.to_string())),
+    ]);
+    let optional = [
+        ("correlationid", &e.correlation_id),
+        ("causationid", &e.causation_id),
+        ("syreplyto", &e.reply_to),
+        ("partitionkey", &e.partition_key),
     ];
-    if let Some(c) = &e.correlation_id {
-        a.push(("correlationid", c.clone()));
-    }
-    if let Some(c) = &e.causation_id {
-        a.push(("causationid", c.clone()));
-    }
-    if let Some(r) = &e.reply_to {
-        a.push(("syreplyto", r.clone()));
-    }
-    if let Some(k) = &e.partition_key {
-        a.push(("partitionkey", k.clone()));
+    for (name, value) in optional {
+        if let Some(v) = value {
+            a.push((name, Cow::Borrowed(v.as_str())));
+        }
     }
     if !e.history.is_empty()
         && let Ok(h) = serde_json::to_string(&e.history)
     {
-        a.push(("syhistory", h));
+        a.push(("syhistory", Cow::Owned(h)));
     }
     a
 }
@@ -184,7 +185,7 @@ mod tests {
             attrs
                 .iter()
                 .find(|(k, _)| *k == n)
-                .map(|(_, v)| Cow::Borrowed(v.as_str()))
+                .map(|(_, v)| Cow::Borrowed(v.as_ref()))
         };
         let back = decode(
             get,

@@ -298,20 +298,22 @@ async fn ensure_topics(shared: &Shared, topics: &[String]) -> Result<()> {
 /// type as `content-type`, then the message's own headers.
 fn headers(e: &Envelope, source: &str, not_before_ms: Option<u64>) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(12 + e.headers.len());
-    for (name, value) in cloudevents::attributes(e, source) {
-        let key = format!("{CE_PREFIX}{name}");
-        h = h.insert(Header {
+    // One buffer for every `ce_*` name; librdkafka copies what it is given.
+    let mut key = String::with_capacity(32);
+    let mut ce = |h: OwnedHeaders, name: &str, value: &str| {
+        key.clear();
+        key.push_str(CE_PREFIX);
+        key.push_str(name);
+        h.insert(Header {
             key: &key,
             value: Some(value.as_bytes()),
-        });
+        })
+    };
+    for (name, value) in cloudevents::attributes(e, source) {
+        h = ce(h, name, &value);
     }
     if let Some(due) = not_before_ms {
-        let key = format!("{CE_PREFIX}{}", cloudevents::NOT_BEFORE);
-        let value = due.to_string();
-        h = h.insert(Header {
-            key: &key,
-            value: Some(value.as_bytes()),
-        });
+        h = ce(h, cloudevents::NOT_BEFORE, &due.to_string());
     }
     h = h.insert(Header {
         key: CONTENT_TYPE_HEADER,
