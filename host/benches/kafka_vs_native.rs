@@ -101,7 +101,7 @@ fn timed(
     servers: &str,
     group: &str,
     topic: &str,
-    work: impl FnOnce(&dyn Fn() -> Instant) -> Duration,
+    work: impl FnOnce(&dyn Fn()),
 ) -> (Round, Duration) {
     let watcher: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", servers)
@@ -148,16 +148,17 @@ fn timed(
         }
         panic!("the group's commits never reached the end of the topic");
     });
+    let started = std::cell::Cell::new(None);
     let go = || {
-        let timer = Timer::start();
-        start.send(timer).unwrap();
-        Instant::now()
+        start.send(Timer::start()).unwrap();
+        started.set(Some(Instant::now()));
     };
-    let took = work(&go);
+    work(&go);
+    let took = started.get().expect("the work started the clock").elapsed();
     (watch.join().unwrap(), took)
 }
 
-fn native(go: &dyn Fn() -> Instant, servers: &str, group: &str, topic: &str, n: usize) -> Duration {
+fn native(go: &dyn Fn(), servers: &str, group: &str, topic: &str, n: usize) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", servers)
         .set("group.id", group)
@@ -172,7 +173,7 @@ fn native(go: &dyn Fn() -> Instant, servers: &str, group: &str, topic: &str, n: 
         .set("enable.partition.eof", "false")
         .create()
         .unwrap();
-    let started = go();
+    go();
     consumer.subscribe(&[topic]).unwrap();
     let mut handled = 0;
     while handled < n {
@@ -185,22 +186,16 @@ fn native(go: &dyn Fn() -> Instant, servers: &str, group: &str, topic: &str, n: 
         handled += 1;
     }
     consumer.commit_consumer_state(CommitMode::Sync).unwrap();
-    started.elapsed()
 }
 
 /// Runs the host in drain mode; the plugins are loaded beforehand.
-fn switchyard(
-    go: &dyn Fn() -> Instant,
-    rt: &tokio::runtime::Runtime,
-    pipeline: &Pipeline,
-) -> Duration {
+fn switchyard(go: &dyn Fn(), rt: &tokio::runtime::Runtime, pipeline: &Pipeline) {
     rt.block_on(async {
         let plugins = runtime::load_plugins(pipeline).await.unwrap();
-        let started = go();
+        go();
         runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending())
             .await
             .unwrap();
-        started.elapsed()
     })
 }
 
@@ -222,7 +217,7 @@ fn main() {
     // Warm up: the compile cache, the client paths.
     let warm = pipeline(dir.path(), &servers, mock, &wasm);
     rt.block_on(fill_topic(&warm, 2_000));
-    switchyard(&Instant::now, &rt, &warm);
+    switchyard(&|| {}, &rt, &warm);
 
     println!(
         "kafka_vs_native: {messages} messages per round, {}, offsets stored per message, on {}",

@@ -90,18 +90,18 @@ pub struct Worker {
 /// messages of one type shares one value instead of copying the name for
 /// every metric.
 #[derive(Default)]
-struct TypeAttr(Option<(String, KeyValue)>);
+struct TypeAttr(Option<KeyValue>);
 
 impl TypeAttr {
     fn of(&mut self, message_type: &str) -> KeyValue {
-        if let Some((last, kv)) = &self.0
-            && last == message_type
+        if let Some(kv) = &self.0
+            && kv.value.as_str() == message_type
         {
             return kv.clone();
         }
         let value: Arc<str> = message_type.into();
         let kv = KeyValue::new("message.type", opentelemetry::Value::String(value.into()));
-        self.0 = Some((message_type.to_owned(), kv.clone()));
+        self.0 = Some(kv.clone());
         kv
     }
 }
@@ -660,41 +660,32 @@ impl Metric {
     fn apply_all(updates: Vec<Metric>, metrics: &crate::telemetry::Metrics) {
         let mut handled: Option<(MessageAttrs, u64)> = None;
         for update in updates {
-            if let Metric::Handled { attrs, age_s } = update {
-                metrics.latency.record(age_s, &attrs);
-                match &mut handled {
-                    Some((last, n)) if *last == attrs => *n += 1,
-                    _ => {
-                        if let Some((last, n)) = handled.replace((attrs, 1)) {
-                            metrics.handled.add(n, &last);
+            match update {
+                Metric::Handled { attrs, age_s } => {
+                    metrics.latency.record(age_s, &attrs);
+                    match &mut handled {
+                        Some((last, n)) if *last == attrs => *n += 1,
+                        _ => {
+                            if let Some((last, n)) = handled.replace((attrs, 1)) {
+                                metrics.handled.add(n, &last);
+                            }
                         }
                     }
                 }
-            } else {
-                update.apply(metrics);
+                Metric::RetriedLater { attrs } => {
+                    metrics
+                        .retried
+                        .add(1, &and(&attrs, KeyValue::new("retry", "later")));
+                }
+                Metric::DeadLettered { attrs, kind } => {
+                    metrics
+                        .dead_lettered
+                        .add(1, &and(&attrs, KeyValue::new("error.type", kind.as_str())));
+                }
             }
         }
         if let Some((last, n)) = handled {
             metrics.handled.add(n, &last);
-        }
-    }
-
-    fn apply(self, metrics: &crate::telemetry::Metrics) {
-        match self {
-            Metric::Handled { attrs, age_s } => {
-                metrics.handled.add(1, &attrs);
-                metrics.latency.record(age_s, &attrs);
-            }
-            Metric::RetriedLater { attrs } => {
-                metrics
-                    .retried
-                    .add(1, &and(&attrs, KeyValue::new("retry", "later")));
-            }
-            Metric::DeadLettered { attrs, kind } => {
-                metrics
-                    .dead_lettered
-                    .add(1, &and(&attrs, KeyValue::new("error.type", kind.as_str())));
-            }
         }
     }
 }

@@ -67,7 +67,6 @@ impl Round {
 }
 
 /// Starts timing a round.
-#[derive(Clone, Copy)]
 pub struct Timer {
     started: Instant,
     cpu: Duration,
@@ -80,8 +79,6 @@ impl Timer {
             cpu: cpu_time(),
         }
     }
-    /// The round so far (a copy of the timer may stop it from another
-    /// thread).
     pub fn stop(self) -> Round {
         Round {
             elapsed: self.started.elapsed(),

@@ -987,8 +987,7 @@ impl KafkaSubscription {
         max: usize,
     ) {
         // One stream for the whole batch: each stream registers (and on
-        // drop unregisters) a waker slot under a lock, which per record
-        // cost more than taking the record itself.
+        // drop unregisters) a waker slot under a lock.
         let mut records = consumer.stream();
         while batch.len() < max {
             match records.next().now_or_never() {
