@@ -10,25 +10,43 @@
 //!
 //! Changing endpoints need `Authorization: Bearer <token>`, the token being
 //! the value of the environment variable `[admin] token_env` names. Without
-//! a configured token they are refused.
+//! a configured token they are refused, before their body is read.
+//!
+//! The listener is exposed to whatever can reach its address, so it guards
+//! itself: at most [`MAX_CONNECTIONS`] connections at once (more are closed
+//! on arrival), one request per connection, headers within
+//! [`HEADER_TIMEOUT`] and an upload within [`BODY_TIMEOUT`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tower_service::Service as _;
 
 use crate::reload::{ChangeError, Control};
 use crate::telemetry::Telemetry;
 
 /// The largest component a deploy may upload.
 pub const MAX_DEPLOY_BYTES: usize = 256 << 20;
+/// Connections served at once: enough for scrapers and an operator, few
+/// enough that a flood of idle connections cannot exhaust the host.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an authorized upload may take (256 MiB at about 1 MB/s).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a connection may last in all; a request is answered well
+/// within it.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A bound listener, ready to serve.
 pub struct Admin {
@@ -36,6 +54,7 @@ pub struct Admin {
     telemetry: Telemetry,
     control: Option<Arc<Control>>,
     token: Option<String>,
+    header_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -56,7 +75,15 @@ impl Admin {
             telemetry,
             control: None,
             token: None,
+            header_timeout: HEADER_TIMEOUT,
         })
+    }
+
+    /// Closes connections whose request headers take longer than this
+    /// ([`HEADER_TIMEOUT`] by default).
+    pub fn with_header_timeout(mut self, timeout: Duration) -> Self {
+        self.header_timeout = timeout;
+        self
     }
 
     /// Serves the plugin endpoints of a running host; changes need `token`.
@@ -83,12 +110,69 @@ impl Admin {
             .route("/plugins", get(list))
             .route("/plugins/{name}", put(deploy).post(deploy))
             .route("/plugins/{name}/rollback", post(rollback))
-            .layer(DefaultBodyLimit::max(MAX_DEPLOY_BYTES))
             .with_state(state);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("the admin listener failed")
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        // Dropped at shutdown: every connection then finishes its request
+        // and closes.
+        let (closing, closed) = tokio::sync::watch::channel(());
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let io = match accepted {
+                Ok((io, _)) => io,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "Admin listener cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!("Admin listener at its connection limit; a connection is closed");
+                continue;
+            };
+            let app = app.clone();
+            let mut closed = closed.clone();
+            let header_timeout = self.header_timeout;
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let mut app = app.clone();
+                        async move { app.call(req.map(Body::new)).await }
+                    });
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .keep_alive(false);
+                let conn = http.serve_connection(TokioIo::new(io), service);
+                let mut conn = std::pin::pin!(conn);
+                let served = tokio::time::timeout(CONNECTION_TIMEOUT, async {
+                    tokio::select! {
+                        result = conn.as_mut() => result,
+                        _ = closed.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.as_mut().await
+                        }
+                    }
+                })
+                .await;
+                if let Ok(Err(e)) = served {
+                    tracing::debug!(error = %e, "Admin connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        drop(closing);
+        // Requests in progress get a moment to finish.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            permits.acquire_many(MAX_CONNECTIONS as u32),
+        )
+        .await;
+        Ok(())
     }
 }
 
@@ -169,17 +253,41 @@ async fn list(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Reads an authorized request's body, up to [`MAX_DEPLOY_BYTES`] and
+/// within [`BODY_TIMEOUT`].
+async fn read_body(body: Body) -> Result<Bytes, Response> {
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_DEPLOY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body could not be read (a component may have at most {} bytes): {e}",
+                MAX_DEPLOY_BYTES
+            ),
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+    }
+}
+
 async fn deploy(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    // The token first: an unauthorized body is never read.
     if let Err(r) = authorize(&state, &headers) {
         return r;
     }
     let c = match control(&state) {
         Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match read_body(body).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     if body.is_empty() {

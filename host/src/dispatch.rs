@@ -24,7 +24,7 @@ use crate::envelope::{Attempt, Envelope, Kind, Reply, new_id, now_ms};
 use crate::plugin::{Failure, FailureKind, Instance, LoadedPlugin, Output, clip};
 use crate::recover::{self, Decision, RetryPolicy};
 use crate::telemetry::{self, Telemetry};
-use crate::transport::{Delivery, Outcome, Settlement, Subscription, Topology};
+use crate::transport::{Delivery, Outcome, Refused, Settlement, Subscription, Topology};
 
 /// Longest pause between attempts after store or plugin errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -56,6 +56,11 @@ pub struct RouteContext {
     pub broker_dead_letters: bool,
     /// The payload contracts outputs are checked against (`[schemas]`).
     pub schemas: Arc<crate::schemas::Schemas>,
+    /// `[host] max_message_size`: larger messages are refused as malformed.
+    pub max_message_size: u64,
+    /// What this host remembers of crashes (`None`: no guard, as in tests
+    /// that drive a route by hand).
+    pub crash_guard: Option<Arc<crate::crash_loop::CrashGuard>>,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -84,6 +89,9 @@ pub struct Worker {
     type_attr: TypeAttr,
     /// Span attributes shared by every message of the route, built once.
     plugin_span_attrs: [KeyValue; 5],
+    /// `[host] max_message_size`: an output with a larger payload fails
+    /// its call as a contract violation.
+    max_message_size: u64,
 }
 
 /// The `message.type` metric attribute of the last type seen: a run of
@@ -138,6 +146,37 @@ pub struct BatchOutcome {
     pub route_error: Option<anyhow::Error>,
 }
 
+/// Fails a call one of whose outputs is larger than a message may be: the
+/// consumer would refuse it.
+fn check_output_sizes(
+    plugin: &LoadedPlugin,
+    outputs: Vec<Output>,
+    max: u64,
+) -> Result<Vec<Output>, Failure> {
+    let too_big = outputs.iter().find_map(|o| {
+        let (what, len) = match o {
+            Output::Event(o) => (o.message_type.as_str(), o.payload.len()),
+            Output::Command(o) => (o.message_type.as_str(), o.payload.len()),
+            Output::Reply(r) => ("its reply", r.payload.len()),
+        };
+        (len as u64 > max).then(|| (what.to_owned(), len))
+    });
+    match too_big {
+        None => Ok(outputs),
+        Some((what, len)) => Err(Failure {
+            kind: FailureKind::ContractViolation,
+            message: format!(
+                "plugin {} emitted {what} with a payload of {len} bytes, more than the {max} a message may have ([host] max_message_size)",
+                plugin.name()
+            ),
+            code: None,
+            details: Vec::new(),
+            backtrace: None,
+            output: None,
+        }),
+    }
+}
+
 fn output_bytes(outputs: &[Output]) -> usize {
     outputs
         .iter()
@@ -156,6 +195,36 @@ type MessageAttrs = [KeyValue; 3];
 fn and(attrs: &MessageAttrs, extra: KeyValue) -> [KeyValue; 4] {
     let [a, b, c] = attrs.clone();
     [a, b, c, extra]
+}
+
+/// The type a delivery is labelled with in metrics and span names: its own,
+/// unless it is malformed, when its type could be anything at all.
+fn type_label(d: &Delivery) -> &str {
+    if d.malformed.is_some() {
+        crate::limits::MALFORMED_TYPE_LABEL
+    } else {
+        &d.envelope.message_type
+    }
+}
+
+/// Refuses, before any plugin sees it, a delivery that breaks one of the
+/// host's limits or that its route does not take: it is dead-lettered as
+/// malformed. A malformed delivery's id is made safe to log and index.
+pub fn admit(ctx: &RouteContext, route: &str, d: &mut Delivery) {
+    if d.malformed.is_none() {
+        let takes = |t: &str| {
+            ctx.topology
+                .kind(t)
+                .filter(|_| ctx.topology.destinations(t).iter().any(|r| r == route))
+        };
+        if let Err(reason) = crate::limits::check_inbound(&d.envelope, &takes, ctx.max_message_size)
+        {
+            d.malformed = Some(reason);
+        }
+    }
+    if d.malformed.is_some() {
+        crate::limits::sanitize(&mut d.envelope);
+    }
 }
 
 /// Header a replayed message carries: the `trace-span` ids of its dead
@@ -186,7 +255,14 @@ impl Worker {
             instance: None,
             telemetry: Telemetry::off(),
             schemas: Arc::default(),
+            max_message_size: crate::limits::DEFAULT_MAX_MESSAGE_SIZE,
         }
+    }
+
+    /// Fails calls whose outputs have payloads larger than this.
+    pub fn with_max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
     }
 
     /// Starts with an instance made in advance (by a hot swap).
@@ -209,18 +285,21 @@ impl Worker {
         self
     }
 
-    fn attrs(&mut self, e: &Envelope) -> MessageAttrs {
+    /// The metric attributes of a message whose type label is `label`
+    /// (see [`type_label`]).
+    fn attrs(&mut self, label: &str) -> MessageAttrs {
         let [plugin, version] = self.plugin_attrs.clone();
-        [plugin, version, self.type_attr.of(&e.message_type)]
+        [plugin, version, self.type_attr.of(label)]
     }
 
     /// The `process {type}` span of a delivery: a child of the context in
     /// its headers, or, for a replay, the root of a new trace linked to the
     /// dead letter's; linked to the span of the attempt before it.
-    fn start_span(&self, e: &Envelope) -> Option<Context> {
+    fn start_span(&self, d: &Delivery) -> Option<Context> {
         if !self.telemetry.tracing() {
             return None;
         }
+        let e = &d.envelope;
         let mut links: Vec<SpanContext> = Vec::new();
         let replay_trace = e.headers.iter().find(|(n, _)| n == REPLAY_TRACE_HEADER);
         let parent = if let Some((_, original)) = replay_trace {
@@ -245,7 +324,7 @@ impl Worker {
         attributes.extend(self.plugin_span_attrs.iter().cloned());
         attributes.extend([
             KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.destination.name", e.message_type.clone()),
+            KeyValue::new("messaging.destination.name", type_label(d).to_owned()),
             KeyValue::new("messaging.message.id", e.id.clone()),
             KeyValue::new("switchyard.attempt", i64::from(e.attempt)),
         ]);
@@ -259,7 +338,7 @@ impl Worker {
             attributes.push(KeyValue::new("switchyard.replay_of", record.to_owned()));
         }
         self.telemetry.start_span(
-            format!("process {}", e.message_type),
+            format!("process {}", type_label(d)),
             SpanKind::Consumer,
             &parent,
             attributes,
@@ -325,7 +404,7 @@ impl Worker {
         if delivery.malformed.is_none() {
             self.ensure_instance()?;
         }
-        let span = self.start_span(&delivery.envelope);
+        let span = self.start_span(delivery);
         let verdict = self.attempt_all(delivery, span.as_ref())?;
         Ok((verdict, span))
     }
@@ -353,7 +432,7 @@ impl Worker {
                 span_id: ids.as_ref().map(|(_, s)| s.clone()),
             };
             delivery.envelope.history.push(attempt);
-            let attrs = self.attrs(&delivery.envelope);
+            let attrs = self.attrs(type_label(delivery));
             self.telemetry.metrics.failed.add(
                 1,
                 &and(&attrs, KeyValue::new("error.type", failure.kind.as_str())),
@@ -376,8 +455,11 @@ impl Worker {
             let started = Instant::now();
             let result = self
                 .handle_in(envelope, span, &mut span_budget)?
+                .and_then(|outputs| {
+                    check_output_sizes(&self.plugin, outputs, self.max_message_size)
+                })
                 .and_then(|outputs| crate::schemas::check_outputs(&self.schemas, outputs));
-            let attrs = self.attrs(envelope);
+            let attrs = self.attrs(&envelope.message_type);
             self.telemetry
                 .metrics
                 .handler_duration
@@ -732,7 +814,7 @@ fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) ->
         let attrs = [
             plugin_kv.clone(),
             version_kv.clone(),
-            type_attr.of(&e.message_type),
+            type_attr.of(type_label(&p.delivery)),
         ];
         let (trace_id, span_id) = p.span.as_ref().and_then(telemetry::ids).unwrap_or_default();
         let verdict = match p.verdict {
@@ -966,21 +1048,55 @@ async fn commit(
                 .cloned()
         })
         .collect();
-    if let Err(e) = subscription.settle(to_settle).await {
-        tracing::error!(
-            plugin = %plugin.name(),
-            error = %format!("{e:#}"),
-            "Cannot settle a batch; its messages stay queued and will be handled again"
-        );
-        state.dead_but_unsettled.extend(written);
-        // Their outputs were never stored: the spans say so.
-        for cx in &spans {
-            telemetry::set_error(
-                cx,
-                "the batch could not be settled; it will be handled again",
+    let receipts: Vec<u64> = to_settle.iter().map(|s| s.delivery.receipt).collect();
+    let refused = match subscription.settle(to_settle).await {
+        Ok(refused) => refused,
+        Err(e) => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot settle a batch; its messages stay queued and will be handled again"
             );
+            state.dead_but_unsettled.extend(written);
+            // Their outputs were never stored: the spans say so.
+            for cx in &spans {
+                telemetry::set_error(
+                    cx,
+                    "the batch could not be settled; it will be handled again",
+                );
+            }
+            return false;
         }
-        return false;
+    };
+    let metrics: Vec<Metric> = receipts
+        .into_iter()
+        .zip(metrics)
+        .filter(|(receipt, _)| {
+            !refused
+                .iter()
+                .any(|r| r.settlement.delivery.receipt == *receipt)
+        })
+        .map(|(_, m)| m)
+        .collect();
+    let recovered: Vec<String> = if refused.is_empty() {
+        recovered
+    } else {
+        recovered
+            .into_iter()
+            .filter(|record| {
+                !refused.iter().any(|r| {
+                    state
+                        .dead_but_unsettled
+                        .get(&r.settlement.delivery.envelope.id)
+                        == Some(record)
+                })
+            })
+            .collect()
+    };
+    if !refused.is_empty()
+        && !dead_letter_refused(ctx, plugin, subscription, refused, unhandled).await
+    {
+        ok = false;
     }
     Metric::apply_all(metrics, &ctx.telemetry.metrics);
     if !written.is_empty() {
@@ -1009,6 +1125,110 @@ async fn commit(
         }
     }
     ok
+}
+
+/// Dead-letters the settlements the broker refused for good, then settles
+/// them as dead letters. Returns whether that worked; what did not is given
+/// back, to be handled again (and refused again) later.
+async fn dead_letter_refused(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    subscription: &mut dyn Subscription,
+    refused: Vec<Refused>,
+    unhandled: &mut Vec<Delivery>,
+) -> bool {
+    let mut letters = Vec::with_capacity(refused.len());
+    let mut settlements = Vec::with_capacity(refused.len());
+    let label = format!("{}@{}", plugin.name(), plugin.info().version);
+    for Refused { settlement, reason } in refused {
+        // A refused retry's message carries the attempt that failed.
+        let mut message = match settlement.outcome {
+            Outcome::Retry { message, .. } => message,
+            _ => settlement.delivery.envelope.clone(),
+        };
+        let failure = Failure {
+            kind: FailureKind::Undeliverable,
+            message: reason,
+            code: None,
+            details: Vec::new(),
+            backtrace: None,
+            output: None,
+        };
+        message.history.push(Attempt {
+            number: message.attempt,
+            started_at_ms: now_ms(),
+            duration_us: 0,
+            error_kind: failure.kind.as_str().into(),
+            error: clip(&failure.message, MAX_ATTEMPT_ERROR),
+            plugin: label.clone(),
+            then: Decision::DeadLetter.as_str().into(),
+            trace_id: None,
+            span_id: None,
+        });
+        let letter = dead_letter(
+            ctx,
+            plugin,
+            &message,
+            settlement.delivery.origin.as_ref(),
+            &failure,
+            None,
+        );
+        tracing::warn!(
+            plugin = %plugin.name(),
+            message.r#type = %message.message_type,
+            message.id = %message.id,
+            error.kind = %failure.kind,
+            error = %failure.message,
+            fingerprint = %letter.fingerprint,
+            "Outcome refused by the broker; dead-lettered"
+        );
+        letters.push(letter);
+        settlements.push(Settlement {
+            delivery: settlement.delivery,
+            outcome: Outcome::DeadLettered { copy: None },
+        });
+    }
+    let types: Vec<String> = settlements
+        .iter()
+        .map(|s| s.delivery.envelope.message_type.clone())
+        .collect();
+    if let Err(e) = ctx.dead_letters.record(letters).await {
+        tracing::error!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Cannot write dead letters; those messages stay queued and will be handled again"
+        );
+        unhandled.extend(settlements.into_iter().map(|s| s.delivery));
+        return false;
+    }
+    match subscription.settle(settlements).await {
+        Ok(again) => {
+            let ok = again.is_empty();
+            unhandled.extend(again.into_iter().map(|r| r.settlement.delivery));
+            let metrics = &ctx.telemetry.metrics;
+            for t in types {
+                metrics.dead_lettered.add(
+                    1,
+                    &[
+                        KeyValue::new("plugin", plugin.name().to_string()),
+                        KeyValue::new("plugin.version", plugin.info().version.clone()),
+                        KeyValue::new("message.type", t),
+                        KeyValue::new("error.type", FailureKind::Undeliverable.as_str()),
+                    ],
+                );
+            }
+            record_store_size(ctx).await;
+            ok
+        }
+        Err(e) => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot settle dead-lettered messages; they stay queued and will be handled again"
+            );
+            false
+        }
+    }
 }
 
 /// Updates the dead-letter store size gauge.
@@ -1046,6 +1266,7 @@ pub async fn run_route(
         Worker::new(plugin.clone(), ctx.policy.clone())
             .with_telemetry(ctx.telemetry.clone())
             .with_schemas(ctx.schemas.clone())
+            .with_max_message_size(ctx.max_message_size)
             .with_instance(first.take_instance()),
     );
     drop(first);
@@ -1054,6 +1275,10 @@ pub async fn run_route(
     let mut state = RouteState::default();
     // The next batch, taken in while the plugin handled the one before.
     let mut ready: Vec<Delivery> = Vec::new();
+    let mut crashes = match &ctx.crash_guard {
+        Some(g) => Some(g.route(plugin.name().as_str())?),
+        None => None,
+    };
     loop {
         if *shutdown.borrow() {
             if !ready.is_empty() {
@@ -1081,6 +1306,24 @@ pub async fn run_route(
         if control.topology.has_changed().unwrap_or(false) {
             ctx.topology = control.topology.borrow_and_update().clone();
         }
+        let mut batch = batch;
+        for d in &mut batch {
+            admit(&ctx, plugin.name().as_str(), d);
+        }
+        // Messages that crashed the host before: dead-lettered if they did
+        // so too often, otherwise handled alone.
+        let mut doomed = Vec::new();
+        if let Some(g) = crashes.as_ref().filter(|g| g.any_suspects()) {
+            let (keep, later, gone) = isolate_suspects(g, batch);
+            batch = keep;
+            doomed = gone
+                .into_iter()
+                .map(|(d, n)| crash_looped(&plugin, d, n, g.limit()))
+                .collect();
+            if !later.is_empty() {
+                ready = later.into_iter().chain(ready).collect();
+            }
+        }
         // A new version is taken here, between batches: the batch before
         // ran on the old one, this one runs on the new one, and the
         // subscription never notices.
@@ -1090,6 +1333,7 @@ pub async fn run_route(
             let fresh = Worker::new(next.plugin.clone(), next.policy.clone())
                 .with_telemetry(ctx.telemetry.clone())
                 .with_schemas(ctx.schemas.clone())
+                .with_max_message_size(ctx.max_message_size)
                 .with_instance(next.take_instance());
             let old = worker.replace(fresh);
             plugin = next.plugin.clone();
@@ -1120,6 +1364,9 @@ pub async fn run_route(
             .metrics
             .in_flight
             .add(received, &in_flight_attrs);
+        if let Some(g) = crashes.as_mut() {
+            g.in_hand(batch.iter().map(|d| d.envelope.id.as_str()));
+        }
         let stop_flag = stop.clone();
         let handling = tokio::task::spawn_blocking(move || {
             let outcome = w.handle_batch(batch, &stop_flag);
@@ -1128,7 +1375,10 @@ pub async fn run_route(
         // Meanwhile, on this thread: what the transport already holds
         // (unless the route is stopping, when it would only go back).
         if !stop.load(Ordering::Relaxed) && !*shutdown.borrow() {
-            ready = subscription.take_ready(batch_size);
+            let room = batch_size.saturating_sub(ready.len());
+            if room > 0 {
+                ready.extend(subscription.take_ready(room));
+            }
         }
         let joined = handling.await;
         let Ok((w, outcome)) = joined else {
@@ -1143,10 +1393,18 @@ pub async fn run_route(
         };
         worker = Some(w);
         let BatchOutcome {
-            processed,
+            mut processed,
             mut unhandled,
             route_error,
         } = outcome;
+        processed.append(&mut doomed);
+        let suspects_settled: Vec<String> = match &crashes {
+            Some(g) if g.any_suspects() => processed
+                .iter()
+                .map(|p| p.delivery.envelope.id.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
         let committed = commit(
             &ctx,
             &plugin,
@@ -1164,6 +1422,16 @@ pub async fn run_route(
         // given back together, to be received again in order.
         if !unhandled.is_empty() || !committed {
             unhandled.append(&mut ready);
+        }
+        if let Some(g) = crashes.as_mut() {
+            if !suspects_settled.is_empty() {
+                let settled: Vec<String> = suspects_settled
+                    .into_iter()
+                    .filter(|id| !unhandled.iter().any(|d| &d.envelope.id == id))
+                    .collect();
+                g.settled(&settled).await;
+            }
+            g.none_in_hand();
         }
         if !unhandled.is_empty() {
             subscription.release(unhandled).await?;
@@ -1186,6 +1454,76 @@ pub async fn run_route(
         } else {
             backoff.wait(&mut shutdown).await;
         }
+    }
+}
+
+/// Splits a batch by what earlier crashes say of its messages: the part to
+/// handle now (up to the first suspect, or that suspect alone), the part to
+/// handle after it, and the messages at the crash-loop limit (with their
+/// crash counts).
+fn isolate_suspects(
+    guard: &crate::crash_loop::RouteGuard,
+    batch: Vec<Delivery>,
+) -> (Vec<Delivery>, Vec<Delivery>, Vec<(Delivery, u32)>) {
+    let mut now: Vec<Delivery> = Vec::new();
+    let mut later = Vec::new();
+    let mut doomed = Vec::new();
+    let mut leader_suspect = false;
+    for d in batch {
+        let n = guard.crashes(&d.envelope.id);
+        if n >= guard.limit() {
+            doomed.push((d, n));
+        } else if !later.is_empty() || leader_suspect || (n > 0 && !now.is_empty()) {
+            // After a suspect, or a suspect after others: the next batch.
+            later.push(d);
+        } else {
+            leader_suspect = n > 0;
+            now.push(d);
+        }
+    }
+    (now, later, doomed)
+}
+
+/// The verdict on a message that crashed the host `crashes` times in a row.
+fn crash_looped(
+    plugin: &LoadedPlugin,
+    mut delivery: Delivery,
+    crashes: u32,
+    limit: u32,
+) -> Processed {
+    let failure = Failure {
+        kind: FailureKind::CrashLoop,
+        message: format!(
+            "the host died {crashes} times in a row while this message was in hand ([host] crash_loop_limit is {limit}); it is not handled again"
+        ),
+        code: None,
+        details: Vec::new(),
+        backtrace: None,
+        output: None,
+    };
+    tracing::error!(
+        plugin = %plugin.name(),
+        message.r#type = %delivery.envelope.message_type,
+        message.id = %delivery.envelope.id,
+        crashes,
+        "Message crashed the host again and again; dead-lettering it"
+    );
+    delivery.envelope.history.push(Attempt {
+        number: delivery.envelope.attempt,
+        started_at_ms: now_ms(),
+        duration_us: 0,
+        error_kind: failure.kind.as_str().into(),
+        error: failure.message.clone(),
+        plugin: format!("{}@{}", plugin.name(), plugin.info().version),
+        then: Decision::DeadLetter.as_str().into(),
+        trace_id: None,
+        span_id: None,
+    });
+    Processed {
+        delivery,
+        verdict: Verdict::DeadLetter(failure),
+        took: Duration::ZERO,
+        span: None,
     }
 }
 

@@ -8,8 +8,12 @@
 //! |---|---|
 //! | [`config`] | pipeline TOML → validated, I/O-free [`config::Pipeline`]; every error at once |
 //! | [`envelope`] | the transport-neutral message |
+//! | [`files`] | files the host creates for itself, private to its user |
+//! | [`limits`] | the size and shape limits of a message arriving from outside |
+//! | [`text`] | outside text made safe to log and store (`clip`) |
 //! | [`transport`] | the [`transport::Transport`] contract and the embedded SQLite transport |
 //! | [`plugin`] | wasmtime engine, compile cache, sandbox, host imports, contract checks |
+//! | [`crash_loop`] | the crash-loop guard: messages in hand when the host died |
 //! | [`dispatch`] | the per-route loop: receive → invoke → outbox → settle |
 //! | [`recover`] | failure classification, retry policy, backoff, fingerprints |
 //! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
@@ -22,9 +26,12 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod crash_loop;
 pub mod dispatch;
 pub mod dlq;
 pub mod envelope;
+pub mod files;
+pub mod limits;
 pub mod plugin;
 pub mod recover;
 pub mod reload;
@@ -32,4 +39,5 @@ pub mod runtime;
 pub mod schemas;
 pub mod telemetry;
 pub mod testing;
+pub mod text;
 pub mod transport;

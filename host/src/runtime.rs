@@ -282,6 +282,14 @@ pub async fn run_with(
                 crate::dlq::describe(&pipeline.dead_letters)
             )
         })?;
+    let crash_guard = crate::crash_loop::CrashGuard::start(
+        &pipeline.state_dir,
+        &pipeline.name,
+        dead_letters.clone(),
+        pipeline.crash_loop_limit,
+    )
+    .await
+    .context("cannot start the crash-loop guard")?;
     let schemas = plugins.schemas.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let versions: Vec<Arc<Version>> = plugins
@@ -323,6 +331,7 @@ pub async fn run_with(
             telemetry: telemetry.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
             schemas,
+            crash_guard: Some(crash_guard),
         },
     )
     .await?;

@@ -57,7 +57,9 @@ use crate::dlq::DeadLetter;
 use crate::envelope::{Envelope, Kind, Reply};
 use crate::reload::Control;
 use crate::runtime::{self, RunMode, RunOptions};
-use crate::transport::{Delivery, Outcome, ReplyInbox, Settlement, Subscription, Transport};
+use crate::transport::{
+    Delivery, Outcome, Refused, ReplyInbox, Settlement, Subscription, Transport,
+};
 
 /// How long a wait lasts unless [`TestPipeline::with_deadline`] says
 /// otherwise: long enough for a cold compile of a large component.
@@ -697,13 +699,13 @@ impl Subscription for TapSubscription {
         self.inner.receive(max).await
     }
 
-    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
-        let seen: Vec<Settled> = batch
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>> {
+        let seen: Vec<(u64, Settled)> = batch
             .iter()
             .map(|s| {
                 let route = self.route.clone();
                 let message = s.delivery.envelope.clone();
-                match &s.outcome {
+                let settled = match &s.outcome {
                     Outcome::Handled { outputs, reply } => Settled::Handled {
                         route,
                         message,
@@ -712,13 +714,25 @@ impl Subscription for TapSubscription {
                     },
                     Outcome::Retry { .. } => Settled::Retried { route, message },
                     Outcome::DeadLettered { .. } => Settled::DeadLettered { route, message },
-                }
+                };
+                (s.delivery.receipt, settled)
             })
             .collect();
         self.journal.begin_settle();
         let result = self.inner.settle(batch).await;
-        self.journal
-            .finish_settle(if result.is_ok() { seen } else { Vec::new() });
+        let applied = match &result {
+            Ok(refused) => seen
+                .into_iter()
+                .filter(|(receipt, _)| {
+                    !refused
+                        .iter()
+                        .any(|r| r.settlement.delivery.receipt == *receipt)
+                })
+                .map(|(_, s)| s)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        self.journal.finish_settle(applied);
         result
     }
 

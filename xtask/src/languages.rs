@@ -14,9 +14,19 @@ const WIT_BINDGEN: &str = "0.61.1";
 /// wasm-tools (`component new`), from crates.io.
 const WASM_TOOLS: &str = "1.258.0";
 
-/// The plugins, each built into `dist/`.
-pub fn build(dist: &Path, target_dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(vec![python(dist)?, javascript(dist)?, c(dist, target_dir)?])
+/// The plugins, each built into `dist/`. `path` is the `PATH` the
+/// JavaScript tools run with (one where Node.js 20 comes first), if not the
+/// inherited one.
+pub fn build(
+    dist: &Path,
+    target_dir: &Path,
+    path: Option<std::ffi::OsString>,
+) -> Result<Vec<PathBuf>> {
+    Ok(vec![
+        python(dist)?,
+        javascript(dist, path)?,
+        c(dist, target_dir)?,
+    ])
 }
 
 fn home() -> PathBuf {
@@ -33,7 +43,7 @@ fn tools_dir() -> PathBuf {
 }
 
 /// The Python environment holding componentize-py (`SWITCHYARD_VENV`).
-fn venv() -> PathBuf {
+pub fn venv() -> PathBuf {
     std::env::var_os("SWITCHYARD_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".cache").join("switchyard-venv"))
@@ -78,9 +88,24 @@ fn python(dist: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn javascript(dist: &Path) -> Result<PathBuf> {
+fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf> {
     let dir = root().join("plugins").join("fraud");
-    let node = Command::new("node")
+    // Node.js from the given PATH when there is one.
+    let tool = |program: &str| {
+        let mut c = Command::new(program);
+        if let Some(p) = &path {
+            c.env("PATH", p);
+            let found = std::env::split_paths(p)
+                .map(|d| d.join(program))
+                .find(|f| f.exists());
+            if let Some(f) = found {
+                c = Command::new(f);
+                c.env("PATH", p);
+            }
+        }
+        c
+    };
+    let node = tool("node")
         .args(["-p", "process.versions.node"])
         .output()
         .ok()
@@ -92,7 +117,7 @@ fn javascript(dist: &Path) -> Result<PathBuf> {
         .and_then(|m| m.parse::<u32>().ok());
     if major.is_none_or(|m| m < 20) {
         return Err(format!(
-            "plugins/fraud (JavaScript) needs Node.js 20 or newer with npm; found {}",
+            "plugins/fraud (JavaScript) needs Node.js 20 or newer with npm; found {} (`cargo xtask test` installs one when the system has none)",
             node.as_deref().unwrap_or("no node")
         ));
     }
@@ -107,14 +132,18 @@ fn javascript(dist: &Path) -> Result<PathBuf> {
     let locked = modified(&dir.join("package-lock.json"));
     if !componentize.exists() || installed.is_none() || locked > installed {
         eprintln!("xtask: installing plugins/fraud's npm packages (npm ci)");
-        run(Command::new("npm")
+        run(tool("npm")
             .current_dir(&dir)
             .args(["ci", "--no-audit", "--no-fund"]))?;
     }
     let out = dist.join("fraud.wasm");
     eprintln!("xtask: building plugins/fraud (JavaScript) with componentize-js");
     // The host grants no HTTP: the engine is built without fetch().
-    run(Command::new(&componentize)
+    let mut componentize_js = Command::new(&componentize);
+    if let Some(p) = &path {
+        componentize_js.env("PATH", p);
+    }
+    run(componentize_js
         .current_dir(&dir)
         .args([
             "fraud.js",

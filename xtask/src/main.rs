@@ -5,7 +5,10 @@
 //!   and C with their languages' tools (installed on first use).
 //! - `demo`: build the plugins and the host, then run the example order
 //!   pipeline and send it a few commands.
-//! - `test [ARGS]`: build the plugins, then `cargo test --workspace [ARGS]`.
+//! - `setup`: what the tests need on the machine (system packages, Node.js
+//!   20, a Python with pika, the local RabbitMQ and PostgreSQL started).
+//! - `test [ARGS]`: `setup`, build the plugins, then `cargo test --workspace
+//!   [ARGS]`.
 //! - `ci`: formatting, clippy (host and wasm targets), then `test`.
 
 use std::path::{Path, PathBuf};
@@ -13,20 +16,24 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 
 mod languages;
+mod setup;
 
 type Result<T> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("build-plugins") => build_plugins().map(|_| ()),
+        Some("build-plugins") => setup::prepare()
+            .and_then(|env| build_plugins_with(env.path()))
+            .map(|_| ()),
+        Some("setup") => setup::prepare().map(drop),
         Some("build-rust-plugins") => build_rust_plugins().map(|_| ()),
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | ci>"
+                "usage: cargo xtask <setup | build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | ci>"
             );
             return ExitCode::from(2);
         }
@@ -129,11 +136,12 @@ const VARIANTS: [(&str, &str, &str, &str); 4] = [
     ("test-plugin-tally", "tally", "ballast", "tally_ballast"),
 ];
 
-/// Builds every plugin, in every language, into `dist/plugins/NAME.wasm`.
-fn build_plugins() -> Result<Vec<PathBuf>> {
+/// Builds every plugin, in every language, into `dist/plugins/NAME.wasm`,
+/// the JavaScript one with Node.js from `path` when given.
+fn build_plugins_with(path: Option<std::ffi::OsString>) -> Result<Vec<PathBuf>> {
     let mut built = build_rust_plugins()?;
     let dist = root().join("dist").join("plugins");
-    built.extend(languages::build(&dist, &metadata()?.target_dir)?);
+    built.extend(languages::build(&dist, &metadata()?.target_dir, path)?);
     Ok(built)
 }
 
@@ -216,8 +224,11 @@ fn build_rust_plugins() -> Result<Vec<PathBuf>> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    build_plugins()?;
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    let env = setup::prepare()?;
+    build_plugins_with(env.path())?;
+    let mut cmd = cargo();
+    cmd.env("SWITCHYARD_PYTHON", &env.python);
+    run(cmd.args(["test", "--workspace"]).args(extra))
 }
 
 fn ci() -> Result<()> {

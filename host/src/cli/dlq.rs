@@ -318,6 +318,7 @@ pub async fn run(command: DlqCommand) -> Result<ExitCode> {
                     .iter()
                     .map(|p| p.name.to_string())
                     .collect(),
+                claim_lease: replay::CLAIM_LEASE,
             };
             let total = records.len();
             let bar = progress_bar(total, dry_run);

@@ -47,6 +47,11 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_MEMORY: u64 = 4 << 30;
 const MIN_MEMORY: u64 = 1 << 20;
 const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The most `[host] max_message_size` may allow: a plugin's whole output
+/// for one message is capped at 64 MiB.
+const MAX_MESSAGE_SIZE: u64 = 64 << 20;
+/// Crashes in a row with a message in hand before it is dead-lettered.
+pub const DEFAULT_CRASH_LOOP_LIMIT: u32 = 3;
 
 /// A validated pipeline: what to run and how. Paths are absolute.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,8 +76,16 @@ pub struct Pipeline {
     pub watch: bool,
     /// How often watched files are looked at.
     pub watch_interval: Duration,
-    /// Where the host keeps state of its own (deployed plugin versions).
+    /// Where the host keeps state of its own (deployed plugin versions,
+    /// the messages in hand when it last stopped).
     pub state_dir: PathBuf,
+    /// `[host] max_message_size`: the largest payload a message may have,
+    /// arriving or emitted by a plugin.
+    pub max_message_size: u64,
+    /// `[host] crash_loop_limit`: a message in hand when the host died this
+    /// many times in a row is dead-lettered (`crash-loop`) instead of being
+    /// handled again.
+    pub crash_loop_limit: u32,
     /// `[schemas]`: the JSON Schema file each message type's payload must
     /// match when a plugin publishes or sends it.
     pub schemas: BTreeMap<MessageType, PathBuf>,
@@ -421,6 +434,8 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         watch: host.watch,
         watch_interval: host.watch_interval,
         state_dir: host.state_dir,
+        max_message_size: host.max_message_size,
+        crash_loop_limit: host.crash_loop_limit,
         schemas,
         plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
     };
@@ -434,6 +449,8 @@ struct HostSection {
     watch: bool,
     watch_interval: Duration,
     state_dir: PathBuf,
+    max_message_size: u64,
+    crash_loop_limit: u32,
 }
 
 /// A plugin as far as it could be read, plus the places its types were
@@ -950,7 +967,7 @@ impl Parser<'_> {
                     Some(kind) if kind.is_never_retried() => self.diags.push(
                         Diagnostic::error(format!("`{}` failures are never retried", k.value), k.span)
                             .with_label("not retryable")
-                            .with_note("note: a permanent failure, a contract violation or a malformed message cannot be fixed by trying again; it goes to the dead-letter store"),
+                            .with_note("note: a permanent failure, a contract violation, a malformed or undeliverable message, or one that crashed the host again and again cannot be fixed by trying again; it goes to the dead-letter store"),
                     ),
                     Some(kind) => retry_on.push(kind),
                     None => self.diags.push(
@@ -1067,6 +1084,8 @@ impl Parser<'_> {
             watch: false,
             watch_interval: DEFAULT_WATCH_INTERVAL,
             state_dir: self.base.join(".switchyard"),
+            max_message_size: crate::limits::DEFAULT_MAX_MESSAGE_SIZE,
+            crash_loop_limit: DEFAULT_CRASH_LOOP_LIMIT,
         };
         let Some(mut h) = root.table("host", self.diags) else {
             return host;
@@ -1087,6 +1106,36 @@ impl Parser<'_> {
         }
         if let Some(d) = self.duration(&mut h, "watch_interval") {
             host.watch_interval = d.value;
+        }
+        if let Some(m) = h.string_or_int("max_message_size", "a size like \"16 MiB\"", self.diags) {
+            match parse_size(&m.value) {
+                Ok(bytes) if (1..=MAX_MESSAGE_SIZE).contains(&bytes) => {
+                    host.max_message_size = bytes;
+                }
+                Ok(bytes) => self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "max_message_size {} is out of range: it must be between 1 byte and {}",
+                            format_size(bytes),
+                            format_size(MAX_MESSAGE_SIZE)
+                        ),
+                        m.span,
+                    )
+                    .with_label("out of range"),
+                ),
+                Err(e) => self
+                    .diags
+                    .push(Diagnostic::error(e, m.span).with_label("not a size")),
+            }
+        }
+        if let Some(n) = h.count("crash_loop_limit", self.diags) {
+            match u32::try_from(n.value) {
+                Ok(v) if v >= 1 => host.crash_loop_limit = v,
+                _ => self.diags.push(
+                    Diagnostic::error("`host.crash_loop_limit` must be at least 1", n.span)
+                        .with_label("out of range"),
+                ),
+            }
         }
         h.finish(self.diags);
         host
@@ -1503,24 +1552,135 @@ fn valid_identifier(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// Whether a URL carries a password (`scheme://user:password@host`).
+/// Whether a connection string carries a password: `user:password@` in a
+/// URL, a `password=` query parameter, or a `password=` key-value pair.
 fn has_password(url: &str) -> bool {
-    url.split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+    redact(url) != url
 }
 
-/// A URL with its password replaced, safe to print.
+/// Keys whose values are secrets, in URL queries and key-value connection
+/// strings (`host=db password=…`).
+const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
+
+/// A connection string as it may be shown: the password of
+/// `scheme://user:password@host`, and the value of every `password=` (or
+/// `sslpassword=`) query parameter or key-value pair, become `***`.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (before_query, query) = match rest.split_once('?') {
+                Some((b, q)) => (b, Some(q)),
+                None => (rest, None),
+            };
+            let mut out = format!("{scheme}://");
+            match before_query.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => out.push_str(&format!("{user}:***@{host}")),
+                    None => out.push_str(before_query),
+                },
+                None => out.push_str(before_query),
+            }
+            if let Some(q) = query {
+                out.push('?');
+                let pairs: Vec<String> = q
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((k, _)) if SECRET_KEYS.contains(&k.to_ascii_lowercase().as_str()) => {
+                            format!("{k}=***")
+                        }
+                        _ => pair.to_owned(),
+                    })
+                    .collect();
+                out.push_str(&pairs.join("&"));
+            }
+            out
+        }
+        None => redact_key_values(url),
+    }
+}
+
+/// `key=value key='quoted value'`, with secret values replaced.
+fn redact_key_values(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for part in key_values(s) {
+        match part {
+            KeyValuePart::Pair { key, value, text } => {
+                if SECRET_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+                    out.push_str(&text[..text.len() - value.len()]);
+                    out.push_str("***");
+                } else {
+                    out.push_str(text);
+                }
+            }
+            KeyValuePart::Other(text) => out.push_str(text),
+        }
+    }
+    out
+}
+
+/// A piece of a key-value connection string (libpq's
+/// `host=db password='a b'`), in order, so that the pieces put back
+/// together are the string.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyValuePart<'a> {
+    /// `key = value` as written (`text`); `value` as written, quotes and
+    /// escapes included, at the end of `text`.
+    Pair {
+        key: &'a str,
+        value: &'a str,
+        text: &'a str,
+    },
+    /// Spaces between pairs, or trailing text that is not a pair.
+    Other(&'a str),
+}
+
+/// Splits a key-value connection string into its pieces.
+pub fn key_values(s: &str) -> Vec<KeyValuePart<'_>> {
+    let mut parts = Vec::new();
+    let mut rest = s;
+    loop {
+        let trimmed = rest.trim_start();
+        if trimmed.len() < rest.len() {
+            parts.push(KeyValuePart::Other(&rest[..rest.len() - trimmed.len()]));
+        }
+        rest = trimmed;
+        if rest.is_empty() {
+            return parts;
+        }
+        let Some(eq) = rest.find('=') else {
+            parts.push(KeyValuePart::Other(rest));
+            return parts;
+        };
+        let key = rest[..eq].trim();
+        let after = &rest[eq + 1..];
+        let value_at = eq + 1 + (after.len() - after.trim_start().len());
+        let value = &rest[value_at..];
+        // The value: quoted (with `\'` and `\\` escapes) or up to a space.
+        let len = if value.starts_with('\'') {
+            let mut escaped = false;
+            let mut end = value.len();
+            for (i, c) in value.char_indices().skip(1) {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '\'' => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            end
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        let end = value_at + len;
+        parts.push(KeyValuePart::Pair {
+            key,
+            value: &rest[value_at..end],
+            text: &rest[..end],
+        });
+        rest = &rest[end..];
     }
 }
 
@@ -1645,5 +1805,53 @@ impl Pipeline {
     /// A one-line hint listing the types of a kind.
     pub fn hint_types(&self, kind: Kind) -> String {
         quote_list(&self.types_of_kind(kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{has_password, redact};
+
+    #[test]
+    fn every_form_of_password_is_redacted() {
+        let cases = [
+            (
+                "postgres://ada:s3cret@db:5432/shop",
+                "postgres://ada:***@db:5432/shop",
+            ),
+            (
+                "postgres://ada@db/shop?password=s3cret&sslmode=require",
+                "postgres://ada@db/shop?password=***&sslmode=require",
+            ),
+            (
+                "postgresql://db/shop?sslmode=require&PASSWORD=s3cret",
+                "postgresql://db/shop?sslmode=require&PASSWORD=***",
+            ),
+            (
+                "host=db user=ada password=s3cret dbname=shop",
+                "host=db user=ada password=*** dbname=shop",
+            ),
+            (
+                "host=db password = 's3cret \\' with a quote' dbname=shop",
+                "host=db password = *** dbname=shop",
+            ),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+        ];
+        for (given, shown) in cases {
+            assert_eq!(redact(given), shown, "{given}");
+            assert!(!redact(given).contains("s3cret"));
+            assert!(has_password(given), "{given}");
+        }
+        for plain in [
+            "postgres://db/shop?sslmode=require",
+            "host=db dbname=shop",
+            "amqp://127.0.0.1",
+        ] {
+            assert_eq!(redact(plain), plain);
+            assert!(!has_password(plain));
+        }
     }
 }

@@ -12,6 +12,7 @@
 pub mod postgres;
 pub mod replay;
 pub mod sqlite;
+pub mod tls;
 
 use std::fmt;
 use std::sync::Arc;
@@ -266,9 +267,18 @@ pub trait DeadLetterStore: Send + Sync {
     /// One record by id, or by a unique prefix of its id.
     async fn get(&self, id: &str) -> Result<Option<DeadLetter>>;
 
-    /// Marks records as being replayed (counting the replay) and returns
-    /// those that were `dead` or left `replaying` by an interrupted replay.
-    async fn begin_replay(&self, ids: &[String]) -> Result<Vec<DeadLetter>>;
+    /// Claims records for the replay `claim` (counting the replay) and
+    /// returns those it got: records `dead`, records this claim already
+    /// holds, and records another replay left `replaying` before
+    /// `stale_before_ms` (it was interrupted). A record another replay is
+    /// working on is not returned, so two replays never send one record
+    /// twice.
+    async fn begin_replay(
+        &self,
+        ids: &[String],
+        claim: &str,
+        stale_before_ms: u64,
+    ) -> Result<Vec<DeadLetter>>;
 
     /// Marks records whose replay reached the transport.
     async fn finish_replay(&self, ids: &[String]) -> Result<()>;
@@ -288,6 +298,17 @@ pub trait DeadLetterStore: Send + Sync {
 
     /// Records per status.
     async fn counts(&self) -> Result<Vec<(Status, u64)>>;
+
+    /// Counts one crash of a host that had these messages of `route` in
+    /// hand (the crash-loop guard).
+    async fn note_crash(&self, route: &str, message_ids: &[String]) -> Result<()>;
+
+    /// Every message in hand at recent crashes: (route, message id, crashes
+    /// in a row).
+    async fn crash_counts(&self) -> Result<Vec<(String, String, u32)>>;
+
+    /// Forgets the crashes of messages that were settled since.
+    async fn clear_crashes(&self, route: &str, message_ids: &[String]) -> Result<()>;
 }
 
 /// Opens the dead-letter store a pipeline names.

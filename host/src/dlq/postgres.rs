@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
+use super::tls::{self, TlsMode};
 use super::{
     COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
     merge_attempts, opt_u64, payload_digest, to_i64, where_clause,
@@ -21,7 +22,7 @@ use crate::envelope::{Attempt, Envelope, Kind, now_ms};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Each entry upgrades the schema by one version; `{schema}` is replaced.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 3] = ["
 CREATE TABLE {schema}.dead_letters (
     id                 TEXT PRIMARY KEY,
     pipeline           TEXT NOT NULL,
@@ -65,6 +66,17 @@ CREATE TABLE {schema}.dead_letters (
 CREATE UNIQUE INDEX dead_letters_by_message ON {schema}.dead_letters (pipeline, route, message_id, payload_sha256);
 CREATE INDEX dead_letters_by_fingerprint ON {schema}.dead_letters (pipeline, fingerprint);
 CREATE INDEX dead_letters_by_time ON {schema}.dead_letters (pipeline, last_failed_at_ms);
+", "
+ALTER TABLE {schema}.dead_letters ADD COLUMN replay_claim TEXT;
+", "
+CREATE TABLE {schema}.crash_counts (
+    pipeline         TEXT NOT NULL,
+    route            TEXT NOT NULL,
+    message_id       TEXT NOT NULL,
+    crashes          BIGINT NOT NULL,
+    last_crash_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (pipeline, route, message_id)
+);
 "];
 
 /// Dead letters in PostgreSQL.
@@ -86,11 +98,42 @@ fn boxed(p: &Param) -> Box<dyn ToSql + Sync + Send> {
     }
 }
 
+/// Connects with the TLS the connection string's `sslmode` asks for (see
+/// [`super::tls`]). `prefer` falls back to a plain connection when the TLS
+/// one fails, as libpq does.
 async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) =
-        tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(url, NoTls))
-            .await
-            .map_err(|_| anyhow!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))??;
+    let target = tls::target(url)?;
+    if target.tls == TlsMode::Disable {
+        return open(target.config.connect(NoTls)).await;
+    }
+    let config = tls::client_config(target.tls, target.roots.as_ref())?;
+    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+    match open(target.config.connect(connector)).await {
+        Err(e) if target.tls == TlsMode::Prefer => {
+            let mut plain = target.config.clone();
+            plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            open(plain.connect(NoTls))
+                .await
+                .map_err(|plain_error| anyhow!("{e:#}; without TLS: {plain_error:#}"))
+        }
+        other => other,
+    }
+}
+
+/// Waits for a connection within [`CONNECT_TIMEOUT`] and drives it in the
+/// background.
+async fn open<S, T>(
+    connecting: impl Future<
+        Output = Result<(Client, tokio_postgres::Connection<S, T>), tokio_postgres::Error>,
+    >,
+) -> Result<Client>
+where
+    tokio_postgres::Connection<S, T>:
+        Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "Dead-letter store connection closed");
@@ -475,7 +518,12 @@ impl DeadLetterStore for PostgresStore {
         }
     }
 
-    async fn begin_replay(&self, ids: &[String]) -> Result<Vec<DeadLetter>> {
+    async fn begin_replay(
+        &self,
+        ids: &[String],
+        claim: &str,
+        stale_before_ms: u64,
+    ) -> Result<Vec<DeadLetter>> {
         let table = self.table();
         let mut guard = self.client().await?;
         let client = guard.as_mut().context("no dead-letter store connection")?;
@@ -484,15 +532,23 @@ impl DeadLetterStore for PostgresStore {
             .prepare(&format!(
                 "UPDATE {table}
                  SET replay_count = replay_count + CASE WHEN status = 'dead' THEN 1 ELSE 0 END,
-                     status = 'replaying', replayed_at_ms = $3
-                 WHERE id = $1 AND pipeline = $2 AND status IN ('dead', 'replaying')
+                     status = 'replaying', replayed_at_ms = $3, replay_claim = $4
+                 WHERE id = $1 AND pipeline = $2
+                   AND (status = 'dead'
+                        OR (status = 'replaying'
+                            AND (replay_claim IS NOT DISTINCT FROM $4
+                                 OR COALESCE(replayed_at_ms, 0) < $5)))
                  RETURNING {COLUMNS}"
             ))
             .await?;
         let now = to_i64(now_ms());
+        let stale = to_i64(stale_before_ms);
         let mut out = Vec::new();
         for id in ids {
-            if let Some(row) = tx.query_opt(&stmt, &[id, &self.pipeline, &now]).await? {
+            if let Some(row) = tx
+                .query_opt(&stmt, &[id, &self.pipeline, &now, &claim, &stale])
+                .await?
+            {
                 out.push(read_letter(&row)?);
             }
         }
@@ -577,5 +633,62 @@ impl DeadLetterStore for PostgresStore {
             }
         }
         Ok(out)
+    }
+
+    async fn note_crash(&self, route: &str, message_ids: &[String]) -> Result<()> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no dead-letter store connection")?;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.crash_counts (pipeline, route, message_id, crashes, last_crash_at_ms)
+                     SELECT $1, $2, id, 1, $4 FROM UNNEST($3::TEXT[]) AS id
+                     ON CONFLICT (pipeline, route, message_id)
+                     DO UPDATE SET crashes = {}.crash_counts.crashes + 1, last_crash_at_ms = $4",
+                    self.schema, self.schema
+                ),
+                &[&self.pipeline, &route, &message_ids, &to_i64(now_ms())],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn crash_counts(&self) -> Result<Vec<(String, String, u32)>> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no dead-letter store connection")?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT route, message_id, crashes FROM {}.crash_counts WHERE pipeline = $1",
+                    self.schema
+                ),
+                &[&self.pipeline],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let n: i64 = r.try_get(2)?;
+            out.push((
+                r.try_get(0)?,
+                r.try_get(1)?,
+                u32::try_from(n).unwrap_or(u32::MAX),
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn clear_crashes(&self, route: &str, message_ids: &[String]) -> Result<()> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no dead-letter store connection")?;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {}.crash_counts WHERE pipeline = $1 AND route = $2 AND message_id = ANY($3)",
+                    self.schema
+                ),
+                &[&self.pipeline, &route, &message_ids],
+            )
+            .await?;
+        Ok(())
     }
 }

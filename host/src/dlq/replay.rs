@@ -1,12 +1,15 @@
 //! Replaying dead letters: back through the route that failed them, to the
 //! plugin version running now.
 //!
-//! Each batch is marked `replaying` (and counted) in the dead-letter store,
-//! enqueued on the transport, then marked `replayed`. A replay killed
-//! between the last two steps leaves records `replaying`; the next replay
-//! picks them up again and reports them, because their messages may now be
-//! delivered twice. No record is ever lost: it is either replayed (and
-//! marked) or still present.
+//! Each batch is claimed (marked `replaying`, counted, and stamped with the
+//! replay's own claim) in the dead-letter store, enqueued on the transport,
+//! then marked `replayed`. Two replays running at once (two operators, two
+//! hosts on one PostgreSQL store) never both claim a record: the second
+//! skips what the first holds. A replay killed between the last two steps
+//! leaves records `replaying` under its claim; once the claim is older than
+//! [`CLAIM_LEASE`], the next replay takes them over and reports them,
+//! because their messages may now be delivered twice. No record is ever
+//! lost: it is either replayed (and marked) or still present.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,8 +17,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use super::{DeadLetter, DeadLetterStore, Filter, Status};
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, new_id, now_ms};
 use crate::transport::Transport;
+
+/// How long a replay's claim on a record holds: longer than any one batch's
+/// enqueue takes (a broker confirm waits 30 s at most). A record still
+/// `replaying` after that was left by a replay that died.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(300);
 
 /// How a replay runs.
 #[derive(Clone, Debug)]
@@ -32,6 +40,9 @@ pub struct ReplayOptions {
     pub rate: Option<f64>,
     /// Routes the pipeline has; records of other routes are skipped.
     pub routes: Vec<String>,
+    /// How old another replay's claim must be before this one takes it
+    /// over ([`CLAIM_LEASE`]).
+    pub claim_lease: Duration,
 }
 
 /// Why a record was not replayed.
@@ -52,6 +63,8 @@ pub struct ReplayReport {
     /// Records found `replaying` from an interrupted replay and replayed
     /// again: their messages may be delivered twice.
     pub resumed: usize,
+    /// Records another replay was working on, left to it.
+    pub claimed_elsewhere: usize,
 }
 
 /// The records a filter selects that a replay may act on.
@@ -92,6 +105,7 @@ pub async fn replay(
     }
     let total = todo.len();
     let started = Instant::now();
+    let claim = new_id();
     let mut done = 0usize;
     for chunk in todo.chunks(options.batch_size.max(1)) {
         if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
@@ -102,10 +116,20 @@ pub async fn replay(
             }
         }
         let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
+        let stale_before = now_ms()
+            .saturating_sub(u64::try_from(options.claim_lease.as_millis()).unwrap_or(u64::MAX));
         let started_batch = store
-            .begin_replay(&ids)
+            .begin_replay(&ids, &claim, stale_before)
             .await
             .context("cannot mark records as replaying")?;
+        let taken = chunk.len() - started_batch.len();
+        if taken > 0 {
+            tracing::warn!(
+                records = taken,
+                "Records are being replayed by another replay right now; skipped"
+            );
+            report.claimed_elsewhere += taken;
+        }
         report.resumed += chunk
             .iter()
             .filter(|r| r.status == Status::Replaying && started_batch.iter().any(|s| s.id == r.id))

@@ -16,7 +16,7 @@ use super::{
 use crate::envelope::{Envelope, Kind, now_ms};
 
 /// Each entry upgrades the schema by one version; applied in order, once.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 3] = ["
 CREATE TABLE dead_letters (
     id                 TEXT PRIMARY KEY,
     pipeline           TEXT NOT NULL,
@@ -63,6 +63,17 @@ CREATE TABLE dead_letters (
 CREATE UNIQUE INDEX dead_letters_by_message ON dead_letters (pipeline, route, message_id, payload_sha256);
 CREATE INDEX dead_letters_by_fingerprint ON dead_letters (pipeline, fingerprint);
 CREATE INDEX dead_letters_by_time ON dead_letters (pipeline, last_failed_at_ms);
+", "
+ALTER TABLE dead_letters ADD COLUMN replay_claim TEXT;
+", "
+CREATE TABLE crash_counts (
+    pipeline         TEXT NOT NULL,
+    route            TEXT NOT NULL,
+    message_id       TEXT NOT NULL,
+    crashes          INTEGER NOT NULL,
+    last_crash_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, route, message_id)
+);
 "];
 
 /// Dead letters in a SQLite file.
@@ -97,10 +108,7 @@ impl SqliteStore {
     /// Opens (creating and migrating if needed) the store in `path`, scoped
     /// to one pipeline's records.
     pub fn open(path: &Path, pipeline: &str) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
+        crate::files::create_private_file(path)?;
         let mut conn = Connection::open(path)
             .with_context(|| format!("cannot open the dead-letter store {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
@@ -438,8 +446,15 @@ impl DeadLetterStore for SqliteStore {
         .await
     }
 
-    async fn begin_replay(&self, ids: &[String]) -> Result<Vec<DeadLetter>> {
+    async fn begin_replay(
+        &self,
+        ids: &[String],
+        claim: &str,
+        stale_before_ms: u64,
+    ) -> Result<Vec<DeadLetter>> {
         let ids = ids.to_vec();
+        let claim = claim.to_owned();
+        let stale = to_i64(stale_before_ms);
         self.blocking(move |s| {
             let mut conn = lock(&s.conn);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -449,13 +464,16 @@ impl DeadLetterStore for SqliteStore {
                 let mut update = tx.prepare_cached(
                     "UPDATE dead_letters
                      SET replay_count = replay_count + CASE WHEN status = 'dead' THEN 1 ELSE 0 END,
-                         status = 'replaying', replayed_at_ms = ?3
-                     WHERE id = ?1 AND pipeline = ?2 AND status IN ('dead', 'replaying')",
+                         status = 'replaying', replayed_at_ms = ?3, replay_claim = ?4
+                     WHERE id = ?1 AND pipeline = ?2
+                       AND (status = 'dead'
+                            OR (status = 'replaying'
+                                AND (replay_claim IS ?4 OR COALESCE(replayed_at_ms, 0) < ?5)))",
                 )?;
                 let mut select = tx
                     .prepare_cached(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1"))?;
                 for id in &ids {
-                    if update.execute(params![id, s.pipeline, now])? == 1 {
+                    if update.execute(params![id, s.pipeline, now, claim, stale])? == 1 {
                         let mut rows = select.query(params![id])?;
                         if let Some(row) = rows.next()? {
                             out.push(read_letter(row)?);
@@ -558,6 +576,63 @@ impl DeadLetterStore for SqliteStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn note_crash(&self, route: &str, message_ids: &[String]) -> Result<()> {
+        let (route, ids) = (route.to_owned(), message_ids.to_vec());
+        self.blocking(move |s| {
+            let mut conn = lock(&s.conn);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO crash_counts (pipeline, route, message_id, crashes, last_crash_at_ms)
+                     VALUES (?1, ?2, ?3, 1, ?4)
+                     ON CONFLICT (pipeline, route, message_id)
+                     DO UPDATE SET crashes = crashes + 1, last_crash_at_ms = ?4",
+                )?;
+                let now = to_i64(now_ms());
+                for id in &ids {
+                    upsert.execute(params![s.pipeline, route, id, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn crash_counts(&self) -> Result<Vec<(String, String, u32)>> {
+        self.blocking(|s| {
+            let conn = lock(&s.conn);
+            let mut stmt = conn.prepare_cached(
+                "SELECT route, message_id, crashes FROM crash_counts WHERE pipeline = ?1",
+            )?;
+            let rows = stmt.query_map(params![s.pipeline], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (route, id, n) = row?;
+                out.push((route, id, u32::try_from(n).unwrap_or(u32::MAX)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn clear_crashes(&self, route: &str, message_ids: &[String]) -> Result<()> {
+        let (route, ids) = (route.to_owned(), message_ids.to_vec());
+        self.blocking(move |s| {
+            let conn = lock(&s.conn);
+            let mut del = conn.prepare_cached(
+                "DELETE FROM crash_counts WHERE pipeline = ?1 AND route = ?2 AND message_id = ?3",
+            )?;
+            for id in &ids {
+                del.execute(params![s.pipeline, route, id])?;
+            }
+            Ok(())
         })
         .await
     }

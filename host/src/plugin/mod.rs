@@ -11,6 +11,7 @@ mod cache;
 mod clock;
 pub mod contract;
 mod sandbox;
+mod waits;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use wasmtime::{Config, Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use crate::recover::FailureKind;
+pub use crate::text::clip;
 pub use cache::{CacheOutcome, ComponentCache};
 pub use contract::{Contract, PluginInfo};
 pub use sandbox::{MemoryLimiter, OutputTail, Simulation};
@@ -134,6 +136,8 @@ impl PluginEngine {
         })
         .map_err(anyhow::Error::from)?;
         linker.allow_shadowing(false);
+        // Waits in WASI host calls end at the call's deadline (see `waits`).
+        waits::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
         bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)?;
 
@@ -383,7 +387,11 @@ impl LoadedPlugin {
             output,
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(inner.sandbox.limits.memory),
-            call: Call::default(),
+            // A start function's waits end too.
+            call: Call {
+                deadline: wait_deadline(Instant::now(), inner.sandbox.limits.timeout),
+                ..Call::default()
+            },
             plugin: self.inner.clone(),
         };
         let mut store = Store::new(&inner.engine, state);
@@ -405,9 +413,9 @@ impl LoadedPlugin {
 
     fn describe(&self) -> Result<PluginInfo> {
         let mut instance = self.instantiate()?;
-        instance
-            .store
-            .set_epoch_deadline(deadline_ticks(self.inner.sandbox.limits.timeout));
+        let timeout = self.inner.sandbox.limits.timeout;
+        instance.store.data_mut().call.deadline = wait_deadline(Instant::now(), timeout);
+        instance.store.set_epoch_deadline(deadline_ticks(timeout));
         let raw = instance
             .bindings
             .switchyard_plugin_handler()
@@ -789,35 +797,51 @@ impl State {
     }
 }
 
+/// What the host holds per header besides its text: two strings.
+const HEADER_COST: usize = std::mem::size_of::<(String, String)>();
+/// What the host holds per output besides its bytes: the output, the
+/// envelope made from it, and their bookkeeping.
+const OUTPUT_COST: usize = 256;
+
 fn headers_size(headers: &[(String, String)]) -> usize {
-    headers.iter().map(|(k, v)| k.len() + v.len()).sum()
+    headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + HEADER_COST)
+        .sum()
 }
 
-/// Bytes the host holds for an output.
+/// Bytes the host holds for an output. An empty header or an empty
+/// message still costs what the host allocates for it, so a flood of
+/// empty things is counted too.
 fn outgoing_size(o: &wit::Outgoing) -> usize {
-    o.message_type.len()
+    OUTPUT_COST
+        + o.message_type.len()
         + o.payload.len()
         + o.content_type.len()
         + headers_size(&o.headers)
         + o.partition_key.as_ref().map_or(0, String::len)
 }
 
-/// Cuts plugin-supplied text to `max` bytes (on a character boundary) and
-/// escapes control characters, so it cannot forge log lines or bloat records.
-pub fn clip(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max) + 16);
-    for c in text.chars() {
-        if out.len() >= max {
-            out.push_str(" …[truncated]");
-            break;
-        }
-        if c.is_control() && c != '\t' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+/// The limits a consumer applies to an arriving message, applied to what a
+/// plugin emits: what one plugin publishes, the next one must be able to
+/// take. The host's own headers (trace context) are added later, so a
+/// plugin gets a little less than the whole header allowance.
+fn check_outgoing(
+    headers: &[(String, String)],
+    content_type: &str,
+    partition_key: Option<&str>,
+) -> Result<(), String> {
+    use crate::limits::{self, MAX_CONTENT_TYPE, MAX_PARTITION_KEY};
+    limits::check_headers_within(
+        headers,
+        limits::MAX_PLUGIN_HEADERS,
+        limits::MAX_PLUGIN_HEADER_BYTES,
+    )?;
+    limits::check_text("content type", content_type, MAX_CONTENT_TYPE)?;
+    if let Some(k) = partition_key {
+        limits::check_text("partition key", k, MAX_PARTITION_KEY)?;
     }
-    out
+    Ok(())
 }
 
 fn outgoing(o: wit::Outgoing) -> Outgoing {
@@ -848,6 +872,18 @@ impl bindings::switchyard::plugin::host::Host for State {
             self.violate(v);
             return;
         }
+        if let Err(e) = check_outgoing(
+            &event.headers,
+            &event.content_type,
+            event.partition_key.as_deref(),
+        ) {
+            let (name, t) = (
+                self.plugin.sandbox.name.clone(),
+                clip(&event.message_type, MAX_TYPE_IN_ERRORS),
+            );
+            self.violate(format!("plugin {name} published {t}, but {e}"));
+            return;
+        }
         let bytes = outgoing_size(&event);
         self.push_output(Output::Event(outgoing(event)), bytes);
     }
@@ -855,6 +891,18 @@ impl bindings::switchyard::plugin::host::Host for State {
     fn send(&mut self, command: wit::Outgoing) {
         if let Err(v) = self.plugin.contract.check_send(&command.message_type) {
             self.violate(v);
+            return;
+        }
+        if let Err(e) = check_outgoing(
+            &command.headers,
+            &command.content_type,
+            command.partition_key.as_deref(),
+        ) {
+            let (name, t) = (
+                self.plugin.sandbox.name.clone(),
+                clip(&command.message_type, MAX_TYPE_IN_ERRORS),
+            );
+            self.violate(format!("plugin {name} sent {t}, but {e}"));
             return;
         }
         let bytes = outgoing_size(&command);
@@ -875,8 +923,15 @@ impl bindings::switchyard::plugin::host::Host for State {
             self.violate(v);
             return;
         }
-        let bytes =
-            answer.payload.len() + answer.content_type.len() + headers_size(&answer.headers);
+        if let Err(e) = check_outgoing(&answer.headers, &answer.content_type, None) {
+            let name = self.plugin.sandbox.name.clone();
+            self.violate(format!("plugin {name} replied, but {e}"));
+            return;
+        }
+        let bytes = OUTPUT_COST
+            + answer.payload.len()
+            + answer.content_type.len()
+            + headers_size(&answer.headers);
         self.push_output(
             Output::Reply(Response {
                 payload: answer.payload,

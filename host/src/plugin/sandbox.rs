@@ -32,6 +32,10 @@ pub struct MemoryLimiter {
 /// function pointers; the cap only stops table-growth bombs.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// What the host holds per table element (a pointer), counted against the
+/// same cap as linear memory: tables are memory too, allocated by the host.
+const TABLE_ELEMENT_BYTES: u64 = 8;
+
 impl MemoryLimiter {
     pub fn new(max_bytes: u64) -> Self {
         MemoryLimiter {
@@ -70,7 +74,7 @@ impl ResourceLimiter for MemoryLimiter {
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -79,6 +83,19 @@ impl ResourceLimiter for MemoryLimiter {
                 "table limit of {MAX_TABLE_ELEMENTS} elements exceeded: the plugin asked for {desired}"
             )));
         }
+        let growth = (desired as u64)
+            .saturating_sub(current as u64)
+            .saturating_mul(TABLE_ELEMENT_BYTES);
+        let total = self.used.saturating_add(growth);
+        if total > self.max_bytes {
+            self.exceeded = Some(total);
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit of {} exceeded: the plugin's memories and tables asked for {}",
+                format_size(self.max_bytes),
+                format_size(total)
+            )));
+        }
+        self.used = total;
         Ok(true)
     }
 }

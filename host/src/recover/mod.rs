@@ -21,12 +21,19 @@ pub enum FailureKind {
     OutOfMemory,
     /// The plugin emitted something its declaration does not allow.
     ContractViolation,
-    /// The stored message could not be decoded; no plugin saw it.
+    /// The stored message could not be decoded, or breaks one of the host's
+    /// limits; no plugin saw it.
     Malformed,
+    /// The broker refuses the outcome of the message for good (a record
+    /// over its size limit, a command no queue takes).
+    Undeliverable,
+    /// The host died while handling this message, again and again
+    /// (`[host] crash_loop_limit` times in a row); no plugin sees it again.
+    CrashLoop,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 7] = [
+    pub const ALL: [FailureKind; 9] = [
         FailureKind::Transient,
         FailureKind::Permanent,
         FailureKind::Trap,
@@ -34,6 +41,8 @@ impl FailureKind {
         FailureKind::OutOfMemory,
         FailureKind::ContractViolation,
         FailureKind::Malformed,
+        FailureKind::Undeliverable,
+        FailureKind::CrashLoop,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +54,8 @@ impl FailureKind {
             FailureKind::OutOfMemory => "out-of-memory",
             FailureKind::ContractViolation => "contract-violation",
             FailureKind::Malformed => "malformed",
+            FailureKind::Undeliverable => "undeliverable",
+            FailureKind::CrashLoop => "crash-loop",
         }
     }
 
@@ -57,7 +68,11 @@ impl FailureKind {
     pub fn is_never_retried(self) -> bool {
         matches!(
             self,
-            FailureKind::Permanent | FailureKind::ContractViolation | FailureKind::Malformed
+            FailureKind::Permanent
+                | FailureKind::ContractViolation
+                | FailureKind::Malformed
+                | FailureKind::Undeliverable
+                | FailureKind::CrashLoop
         )
     }
 }

@@ -79,8 +79,7 @@ impl Deployments {
     /// Stores a build and makes it the live deployment.
     pub fn push(&self, plugin: &str, bytes: &[u8], entry: Deployed) -> Result<PathBuf> {
         let dir = self.plugin_dir(plugin);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::files::create_private_dir(&dir)?;
         let wasm = self.wasm_path(plugin, &entry.digest);
         if !wasm.exists() {
             write_atomically(&wasm, bytes)?;

@@ -221,6 +221,7 @@ pub struct RouteBase {
     pub telemetry: Telemetry,
     pub fail_when_plugin_cannot_start: bool,
     pub schemas: Arc<crate::schemas::Schemas>,
+    pub crash_guard: Option<Arc<crate::crash_loop::CrashGuard>>,
 }
 
 struct Route {
@@ -349,6 +350,8 @@ impl Control {
             telemetry: self.base.telemetry.clone(),
             broker_dead_letters: state.pipeline.dead_letters.broker,
             schemas: self.base.schemas.clone(),
+            max_message_size: state.pipeline.max_message_size,
+            crash_guard: self.base.crash_guard.clone(),
         };
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;

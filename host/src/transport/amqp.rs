@@ -18,6 +18,7 @@
 //! channel they came from: if that channel dies, the broker redelivers them
 //! and their stale outcomes are dropped, never acked on a new channel.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -37,8 +38,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::{
-    Delivery, Outcome, ReplyInbox, RouteTable, Settlement, Subscription, Topology, Transport,
-    cloudevents,
+    Delivery, Outcome, Refused, ReplyInbox, RouteTable, Settlement, Subscription, Topology,
+    Transport, cloudevents,
 };
 use crate::config::{AmqpConfig, Pipeline, UrlSource, redact};
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
@@ -348,13 +349,22 @@ fn text(v: &AMQPValue) -> Option<String> {
 /// The AMQP properties of a message: CloudEvents binary mode, its
 /// attributes as `cloudEvents:*` application properties, and every header
 /// as an application property.
-pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
+///
+/// Never fails: a value longer than AMQP's short strings allow (an id, a
+/// type, a reply address) is left out of the basic properties and travels
+/// only as its `cloudEvents:*` attribute, which has no such limit. A message
+/// that got this far has an outcome that must be published; a property must
+/// never be the reason it is not.
+pub fn properties(e: &Envelope, source: &str) -> BasicProperties {
     let mut h = FieldTable::default();
     for (name, value) in cloudevents::attributes(e, source) {
-        h.insert(
-            short(&format!("{CE_PREFIX}{name}"))?,
-            AMQPValue::LongString(LongString::from(value.into_owned())),
-        );
+        // The attribute names are the binding's own, all short.
+        if let Ok(k) = short(&format!("{CE_PREFIX}{name}")) {
+            h.insert(
+                k,
+                AMQPValue::LongString(LongString::from(value.into_owned())),
+            );
+        }
     }
     for (name, value) in &e.headers {
         if name.starts_with(CE_PREFIX) {
@@ -373,9 +383,13 @@ pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
     let mut p = BasicProperties::default()
         .with_headers(h)
         .with_delivery_mode(2)
-        .with_message_id(short(&e.id)?)
-        .with_type(short(&e.message_type)?)
         .with_timestamp(e.created_at_ms / 1000);
+    if let Ok(id) = short(&e.id) {
+        p = p.with_message_id(id);
+    }
+    if let Ok(t) = short(&e.message_type) {
+        p = p.with_type(t);
+    }
     if let Ok(ct) = short(&e.content_type) {
         p = p.with_content_type(ct);
     }
@@ -385,7 +399,32 @@ pub fn properties(e: &Envelope, source: &str) -> Result<BasicProperties> {
     if let Some(r) = e.reply_to.as_deref().and_then(|r| short(r).ok()) {
         p = p.with_reply_to(r);
     }
-    Ok(p)
+    p
+}
+
+/// Where a reply may be sent: a queue name AMQP can carry, and not one of
+/// the pipeline's own queues (`<exchange>.…`): a command must not make the
+/// host write into a route's queue, its retry queues or its dead letters.
+/// Clients wait for replies on queues of their own: server-named
+/// (`amq.gen-…`), direct reply-to (`amq.rabbitmq.reply-to…`) or named.
+fn check_reply_to(address: &str, exchange: &str) -> Result<(), String> {
+    if ShortString::try_new(address.to_owned()).is_err() {
+        return Err(format!(
+            "its reply-to address is {} bytes, more than the 255 a queue name may have",
+            address.len()
+        ));
+    }
+    if address == exchange
+        || address
+            .strip_prefix(exchange)
+            .is_some_and(|rest| rest.starts_with('.'))
+    {
+        return Err(format!(
+            "its reply-to address `{}` names one of this pipeline's own queues",
+            crate::limits::quote(address)
+        ));
+    }
+    Ok(())
 }
 
 /// A message from its AMQP form. `kind_of` gives the kind of a type when
@@ -423,7 +462,17 @@ pub fn envelope(
         partition_key: None,
         content_type: text_of(props.content_type()),
     };
-    cloudevents::decode(attr, fallbacks, kind_of, d.data.clone(), headers)
+    // Only the host's retry queues (which dead-letter back through the
+    // default exchange) and its replays publish there.
+    let retry_state = d.exchange.as_str().is_empty();
+    cloudevents::decode(
+        attr,
+        fallbacks,
+        kind_of,
+        d.data.clone(),
+        headers,
+        retry_state,
+    )
 }
 
 /// Publishes (commands and named-queue publishes with the mandatory flag)
@@ -455,6 +504,7 @@ async fn publish(
 }
 
 /// What a publish must achieve to count.
+#[derive(Clone, Copy)]
 enum Expect {
     /// Routed somewhere (a command: its handler's queue must exist).
     Routed,
@@ -463,28 +513,171 @@ enum Expect {
     /// A reply: unroutable means the requester stopped waiting, which is
     /// worth a warning but not a failure of the command.
     Reply,
+    /// A dead letter's broker copy: the record is in the store, so a copy
+    /// the broker will not take is only worth a warning.
+    Copy,
 }
 
-/// Waits for every confirm; fails on a nack or on an unroutable publish
-/// that had to be routed.
-async fn confirmed(pending: Vec<(PublisherConfirm, Expect, String)>) -> Result<()> {
-    for (confirm, expect, what) in pending {
-        let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| anyhow!("no confirm for {what} within {CONFIRM_TIMEOUT:?}"))?
-            .with_context(|| format!("no confirm for {what}"))?;
-        if c.is_nack() {
-            bail!("the broker refused {what}");
+/// One message a settlement publishes, built before anything is sent.
+struct Publish<'a> {
+    exchange: &'a str,
+    routing_key: String,
+    message: Cow<'a, Envelope>,
+    props: BasicProperties,
+    expect: Expect,
+    /// What it is, for errors: "OrderPlaced 0193…".
+    what: String,
+}
+
+/// Everything a settlement publishes. An error refuses the settlement:
+/// something of its outcome cannot be carried by AMQP (nothing is sent).
+fn publishes<'a>(
+    shared: &'a Shared,
+    queues: &RouteQueues,
+    s: &'a Settlement,
+) -> Result<Vec<Publish<'a>>, String> {
+    let source = shared.source.as_str();
+    let mut out = Vec::new();
+    let mut add = |exchange: &'a str,
+                   routing_key: String,
+                   message: Cow<'a, Envelope>,
+                   props: BasicProperties,
+                   expect: Expect,
+                   what: String|
+     -> Result<(), String> {
+        if short(&routing_key).is_err() {
+            return Err(format!(
+                "{what} cannot be published: its routing key is longer than AMQP's 255 bytes"
+            ));
         }
-        match (c.take_message(), expect) {
-            (Some(returned), Expect::Routed) => bail!(
+        out.push(Publish {
+            exchange,
+            routing_key,
+            message,
+            props,
+            expect,
+            what,
+        });
+        Ok(())
+    };
+    match &s.outcome {
+        Outcome::Handled { outputs, reply } => {
+            for o in outputs {
+                let expect = if o.kind == Kind::Command {
+                    Expect::Routed
+                } else {
+                    Expect::Confirmed
+                };
+                add(
+                    &shared.config.exchange,
+                    o.message_type.clone(),
+                    Cow::Borrowed(o),
+                    properties(o, source),
+                    expect,
+                    format!("{} {}", o.message_type, o.id),
+                )?;
+            }
+            if let Some(r) = reply {
+                let e = r.envelope(&s.delivery.envelope.message_type);
+                let props = properties(&e, source);
+                add(
+                    "",
+                    r.address.clone(),
+                    Cow::Owned(e),
+                    props,
+                    Expect::Reply,
+                    format!("the reply to {}", r.in_reply_to),
+                )?;
+            }
+        }
+        Outcome::Retry {
+            message,
+            not_before_ms,
+        } => {
+            let level = u32::try_from(
+                message
+                    .history
+                    .iter()
+                    .filter(|a| a.then == "retry-later")
+                    .count(),
+            )
+            .unwrap_or(u32::MAX);
+            let delay = not_before_ms.saturating_sub(now_ms()).max(1);
+            let mut props = properties(message, source);
+            if let Ok(expiration) = short(&delay.to_string()) {
+                props = props.with_expiration(expiration);
+            }
+            add(
+                "",
+                queues.retry_queue(level),
+                Cow::Borrowed(message),
+                props,
+                Expect::Routed,
+                format!("the retry of {}", message.id),
+            )?;
+        }
+        Outcome::DeadLettered { copy: Some(copy) } => {
+            let what = format!("the dead-letter copy of {}", copy.id);
+            if let Err(e) = add(
+                "",
+                queues.dead_letter_queue(),
+                Cow::Borrowed(copy),
+                properties(copy, source),
+                Expect::Copy,
+                what,
+            ) {
+                tracing::warn!(error = %e, "Dead-letter copy not sent; the record is in the store");
+            }
+        }
+        Outcome::DeadLettered { copy: None } => {}
+    }
+    Ok(out)
+}
+
+/// Waits for one publish's confirm. `Ok(Some(problem))`: the broker refused
+/// it for good (a nack, or a publish that had to be routed and was not).
+/// An error means no answer came: the channel is in doubt.
+async fn confirmed(
+    confirm: PublisherConfirm,
+    expect: Expect,
+    what: &str,
+) -> Result<Option<String>> {
+    let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| anyhow!("no confirm for {what} within {CONFIRM_TIMEOUT:?}"))?
+        .with_context(|| format!("no confirm for {what}"))?;
+    let problem = if c.is_nack() {
+        format!("the broker refused {what}")
+    } else {
+        match c.take_message() {
+            Some(returned) if !matches!(expect, Expect::Confirmed) => format!(
                 "the broker could not route {what}: {}",
                 returned.reply_text.as_str()
             ),
-            (Some(_), Expect::Reply) => tracing::warn!(
-                "Nobody waits for {what} any more (its requester timed out or left); the reply is dropped"
-            ),
-            _ => {}
+            _ => return Ok(None),
+        }
+    };
+    match expect {
+        Expect::Routed | Expect::Confirmed => Ok(Some(problem)),
+        Expect::Reply => {
+            tracing::warn!(
+                "Nobody waits for {what} any more (its requester timed out or left, or the broker refused it); the reply is dropped: {problem}"
+            );
+            Ok(None)
+        }
+        Expect::Copy => {
+            tracing::warn!("{problem}; the dead letter is in the store");
+            Ok(None)
+        }
+    }
+}
+
+/// Waits for every confirm of messages created outside a route (sends,
+/// replays): any refusal fails the whole call, which the caller reports.
+async fn confirm_all(pending: Vec<(PublisherConfirm, Expect, String)>) -> Result<()> {
+    for (confirm, expect, what) in pending {
+        if let Some(problem) = confirmed(confirm, expect, &what).await? {
+            bail!(problem);
         }
     }
     Ok(())
@@ -522,7 +715,7 @@ impl Transport for AmqpTransport {
                     &shared.config.exchange,
                     &e.message_type,
                     e,
-                    properties(e, &shared.source)?,
+                    properties(e, &shared.source),
                 )
                 .await?;
                 let expect = if e.kind == Kind::Command {
@@ -532,7 +725,7 @@ impl Transport for AmqpTransport {
                 };
                 pending.push((confirm, expect, format!("{} {}", e.message_type, e.id)));
             }
-            confirmed(pending).await?;
+            confirm_all(pending).await?;
             Ok(deliveries)
         })
         .await
@@ -544,14 +737,14 @@ impl Transport for AmqpTransport {
         self.with_publisher(async move |channel| {
             let mut pending = Vec::new();
             for e in &messages {
-                let confirm = publish(channel, "", &queue, e, properties(e, &source)?).await?;
+                let confirm = publish(channel, "", &queue, e, properties(e, &source)).await?;
                 pending.push((
                     confirm,
                     Expect::Routed,
                     format!("{} {}", e.message_type, e.id),
                 ));
             }
-            confirmed(pending).await
+            confirm_all(pending).await
         })
         .await
     }
@@ -783,7 +976,12 @@ impl AmqpSubscription {
 
     fn accept(&mut self, d: AmqpDelivery) -> Delivery {
         let shared = &self.shared;
-        let (envelope, malformed) = match envelope(&d, |t| shared.routing.kind(t)) {
+        let decoded =
+            envelope(&d, |t| shared.routing.kind(t)).and_then(|e| match e.reply_to.as_deref() {
+                Some(r) => check_reply_to(r, &shared.config.exchange).map(|()| e),
+                None => Ok(e),
+            });
+        let (envelope, malformed) = match decoded {
             Ok(e) => (e, None),
             Err(reason) => {
                 let salvaged = cloudevents::salvage(
@@ -864,7 +1062,7 @@ impl Subscription for AmqpSubscription {
         Ok(batch)
     }
 
-    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>> {
         let current = self.generation;
         let (live_batch, stale): (Vec<_>, Vec<_>) = batch.into_iter().partition(|s| {
             self.ackers
@@ -877,124 +1075,81 @@ impl Subscription for AmqpSubscription {
             self.take_acker(s.delivery.receipt);
         }
         if live_batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let publisher = match &self.live {
             Some(l) => l.publisher.clone(),
             None => bail!("no broker connection"),
         };
-        let exchange = self.shared.config.exchange.clone();
-        let source = self.shared.source.clone();
-        let mut pending = Vec::new();
+        // Everything each settlement will publish is built before anything
+        // is published: what AMQP cannot carry refuses its settlement
+        // alone, with nothing of it sent.
+        let mut refused: Vec<Option<String>> = vec![None; live_batch.len()];
+        let mut planned: Vec<(usize, Publish<'_>)> = Vec::new();
+        let shared = self.shared.clone();
+        for (i, s) in live_batch.iter().enumerate() {
+            match publishes(&shared, &self.queues, s) {
+                Ok(p) => planned.extend(p.into_iter().map(|p| (i, p))),
+                Err(reason) => refused[i] = Some(reason),
+            }
+        }
         let result: Result<()> = async {
-            for s in &live_batch {
-                match &s.outcome {
-                    Outcome::Handled { outputs, reply } => {
-                        for o in outputs {
-                            let confirm = publish(
-                                &publisher,
-                                &exchange,
-                                &o.message_type,
-                                o,
-                                properties(o, &source)?,
-                            )
-                            .await?;
-                            let expect = if o.kind == Kind::Command {
-                                Expect::Routed
-                            } else {
-                                Expect::Confirmed
-                            };
-                            pending.push((confirm, expect, format!("{} {}", o.message_type, o.id)));
-                        }
-                        if let Some(r) = reply {
-                            let e = r.envelope(&s.delivery.envelope.message_type);
-                            let confirm =
-                                publish(&publisher, "", &r.address, &e, properties(&e, &source)?)
-                                    .await?;
-                            pending.push((
-                                confirm,
-                                Expect::Reply,
-                                format!("the reply to {}", r.in_reply_to),
-                            ));
-                        }
-                    }
-                    Outcome::Retry {
-                        message,
-                        not_before_ms,
-                    } => {
-                        let level = u32::try_from(
-                            message
-                                .history
-                                .iter()
-                                .filter(|a| a.then == "retry-later")
-                                .count(),
-                        )
-                        .unwrap_or(u32::MAX);
-                        let delay = not_before_ms.saturating_sub(now_ms()).max(1);
-                        let props = properties(message, &source)?
-                            .with_expiration(short(&delay.to_string())?);
-                        let queue = self.queues.retry_queue(level);
-                        let confirm = publish(&publisher, "", &queue, message, props).await?;
-                        pending.push((
-                            confirm,
-                            Expect::Routed,
-                            format!("the retry of {}", message.id),
-                        ));
-                    }
-                    Outcome::DeadLettered { copy: Some(copy) } => {
-                        let queue = self.queues.dead_letter_queue();
-                        let props = properties(copy, &source)?;
-                        let confirm = publish(&publisher, "", &queue, copy, props).await?;
-                        pending.push((
-                            confirm,
-                            Expect::Routed,
-                            format!("the dead-letter copy of {}", copy.id),
-                        ));
-                    }
-                    Outcome::DeadLettered { copy: None } => {}
+            let mut pending = Vec::with_capacity(planned.len());
+            for (i, p) in planned {
+                let confirm =
+                    publish(&publisher, p.exchange, &p.routing_key, &p.message, p.props).await?;
+                pending.push((i, confirm, p.expect, p.what));
+            }
+            for (i, confirm, expect, what) in pending {
+                if let Some(problem) = confirmed(confirm, expect, &what).await? {
+                    refused[i].get_or_insert(problem);
                 }
             }
-            confirmed(std::mem::take(&mut pending)).await
+            Ok(())
         }
         .await;
-        match result {
-            Ok(()) => {
-                let mut broken = false;
-                for s in &live_batch {
-                    let Some(acker) = self.take_acker(s.delivery.receipt) else {
-                        continue;
-                    };
-                    if broken {
-                        continue;
-                    }
-                    let acked =
-                        tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default()))
-                            .await;
-                    let error = match acked {
-                        Ok(Ok(_)) => continue,
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => format!("no answer within {ACK_TIMEOUT:?}"),
-                    };
-                    // The outcome is published; the broker will redeliver,
-                    // and the message is handled again.
-                    tracing::warn!(message.id = %s.delivery.envelope.id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
-                    broken = true;
-                }
-                if broken {
-                    self.drop_live();
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let deliveries: Vec<Delivery> =
-                    live_batch.into_iter().map(|s| s.delivery).collect();
-                self.release(deliveries).await?;
-                Err(e.context(format!(
-                    "cannot settle a batch of route {}",
-                    self.queues.route
-                )))
-            }
+        if let Err(e) = result {
+            let deliveries: Vec<Delivery> = live_batch.into_iter().map(|s| s.delivery).collect();
+            self.release(deliveries).await?;
+            return Err(e.context(format!(
+                "cannot settle a batch of route {}",
+                self.queues.route
+            )));
         }
+        let mut out = Vec::new();
+        let mut broken = false;
+        for (s, refusal) in live_batch.into_iter().zip(refused) {
+            if let Some(reason) = refusal {
+                // Still in hand: the route dead-letters it and settles it
+                // again.
+                out.push(Refused {
+                    settlement: s,
+                    reason,
+                });
+                continue;
+            }
+            let Some(acker) = self.take_acker(s.delivery.receipt) else {
+                continue;
+            };
+            if broken {
+                continue;
+            }
+            let acked =
+                tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default())).await;
+            let error = match acked {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {ACK_TIMEOUT:?}"),
+            };
+            // The outcome is published; the broker will redeliver, and the
+            // message is handled again.
+            tracing::warn!(message.id = %s.delivery.envelope.id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
+            broken = true;
+        }
+        if broken {
+            self.drop_live();
+        }
+        Ok(out)
     }
 
     async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {

@@ -13,6 +13,10 @@ use crate::envelope::{Attempt, Envelope, Kind, now_ms};
 /// in a retry topic.
 pub const NOT_BEFORE: &str = "synotbefore";
 
+/// The largest `syhistory` attribute read: each attempt's error is clipped
+/// to 2 KiB and a message carries at most 64 attempts.
+const MAX_HISTORY_BYTES: usize = 256 << 10;
+
 /// The attributes of a message, by attribute name, in a fixed order. Values
 /// the envelope holds are borrowed, not copied.
 pub fn attributes<'a>(e: &'a Envelope, source: &'a str) -> Vec<(&'static str, Cow<'a, str>)> {
@@ -63,12 +67,20 @@ pub struct Fallbacks {
 /// back to the binding's own properties. `kind_of` gives the kind of a type
 /// when the message does not say (a producer outside Switchyard). An error
 /// names what is missing or wrong; the payload is never touched.
+///
+/// `retry_state` says whether the message came the way only the host's own
+/// retries and replays come (a route's retry topic, RabbitMQ's default
+/// exchange): only then are its attempt number and history (`syattempt`,
+/// `syhistory`) believed. Anywhere else a sender could use them to skip a
+/// handler's retries or plant attempts that never happened, so a message
+/// from anywhere else starts at attempt 1 with no history.
 pub fn decode<'a>(
     attr: impl Fn(&str) -> Option<Cow<'a, str>>,
     fallbacks: Fallbacks,
     kind_of: impl Fn(&str) -> Option<Kind>,
     payload: Vec<u8>,
     headers: Vec<(String, String)>,
+    retry_state: bool,
 ) -> Result<Envelope, String> {
     let id = attr("id")
         .map(Cow::into_owned)
@@ -90,13 +102,19 @@ pub fn decode<'a>(
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .or(fallbacks.created_at_ms)
         .unwrap_or_else(now_ms);
-    let attempt = match attr("syattempt") {
+    let attempt = match attr("syattempt").filter(|_| retry_state) {
         Some(a) => a
             .parse::<u32>()
-            .map_err(|_| format!("syattempt `{a}` is not a number"))?,
+            .map_err(|_| format!("syattempt `{}` is not a number", crate::limits::quote(&a)))?,
         None => 1,
     };
-    let history: Vec<Attempt> = match attr("syhistory") {
+    let history: Vec<Attempt> = match attr("syhistory").filter(|_| retry_state) {
+        Some(h) if h.len() > MAX_HISTORY_BYTES => {
+            return Err(format!(
+                "syhistory is {} bytes, more than {MAX_HISTORY_BYTES}",
+                h.len()
+            ));
+        }
         Some(h) => serde_json::from_str(&h).map_err(|e| format!("syhistory is not valid: {e}"))?,
         None => Vec::new(),
     };
@@ -196,6 +214,7 @@ mod tests {
             |_| None,
             e.payload.clone(),
             Vec::new(),
+            true,
         )
         .unwrap();
         assert_eq!(back.id, e.id);
@@ -218,10 +237,63 @@ mod tests {
                 .find(|(k, _)| *k == n)
                 .map(|(_, v)| Cow::Borrowed(*v))
         };
-        let err = decode(get, Fallbacks::default(), |_| None, Vec::new(), Vec::new()).unwrap_err();
+        let err = decode(
+            get,
+            Fallbacks::default(),
+            |_| None,
+            Vec::new(),
+            Vec::new(),
+            true,
+        )
+        .unwrap_err();
         assert!(err.contains("syattempt `lots`"), "{err}");
         let none = |_: &str| None;
-        let err = decode(none, Fallbacks::default(), |_| None, Vec::new(), Vec::new()).unwrap_err();
+        let err = decode(
+            none,
+            Fallbacks::default(),
+            |_| None,
+            Vec::new(),
+            Vec::new(),
+            true,
+        )
+        .unwrap_err();
         assert!(err.contains("no CloudEvents id"), "{err}");
+    }
+
+    #[test]
+    fn attempts_and_history_are_believed_only_from_the_retry_path() {
+        let history = r#"[{"number":1,"started_at_ms":1,"duration_us":1,"error_kind":"transient","error":"planted","plugin":"x@1","then":"retry-later"}]"#;
+        let attrs = [
+            ("id", "1"),
+            ("type", "T"),
+            ("syattempt", "9"),
+            ("syhistory", history),
+        ];
+        let get = |n: &str| {
+            attrs
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| Cow::Borrowed(*v))
+        };
+        let outside = decode(
+            get,
+            Fallbacks::default(),
+            |_| None,
+            Vec::new(),
+            Vec::new(),
+            false,
+        )
+        .unwrap();
+        assert_eq!((outside.attempt, outside.history.len()), (1, 0));
+        let retried = decode(
+            get,
+            Fallbacks::default(),
+            |_| None,
+            Vec::new(),
+            Vec::new(),
+            true,
+        )
+        .unwrap();
+        assert_eq!((retried.attempt, retried.history.len()), (9, 1));
     }
 }

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::Notify;
 
-use super::{Delivery, Outcome, Settlement, Subscription, Topology, Transport};
+use super::{Delivery, Outcome, Refused, Settlement, Subscription, Topology, Transport};
 use crate::config::EmbeddedConfig;
 use crate::envelope::{Envelope, Kind, Reply, now_ms};
 
@@ -117,6 +117,12 @@ CREATE TABLE IF NOT EXISTS replies (
 CREATE INDEX IF NOT EXISTS replies_by_address ON replies (address);
 ";
 
+/// How long a reply waits in the store for its requester. A requester
+/// waits seconds; a reply nobody took in an hour never will be, and is
+/// removed (at most once a minute, when another reply is stored).
+pub const REPLY_TTL: Duration = Duration::from_secs(3600);
+const REPLY_PRUNE_EVERY_MS: u64 = 60_000;
+
 const ENVELOPE_COLUMNS: &str = "id, type, kind, payload, content_type, headers, correlation_id, causation_id, reply_to, partition_key, created_at_ms, attempt, history";
 
 /// The embedded transport over one SQLite file.
@@ -133,6 +139,8 @@ struct Shared {
     /// All writes go through this connection: SQLite has one writer anyway,
     /// and serializing here avoids busy-waiting inside SQLite.
     writer: Mutex<Connection>,
+    /// When replies nobody took were last removed (ms since the epoch).
+    replies_pruned_at_ms: std::sync::atomic::AtomicU64,
 }
 
 struct Routing {
@@ -190,10 +198,8 @@ impl EmbeddedTransport {
     /// Opens (creating if needed) the store of a pipeline.
     pub fn open(config: &EmbeddedConfig, topology: Topology) -> Result<Self> {
         let path = config.path.clone();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create the store directory {}", dir.display()))?;
-        }
+        crate::files::create_private_file(&path)
+            .with_context(|| format!("cannot create the embedded store {}", path.display()))?;
         let conn = open_connection(&path, config.fsync)?;
         migrate(&conn).with_context(|| format!("embedded store {}", path.display()))?;
         let legacy = legacy_failed(&conn)?;
@@ -210,6 +216,7 @@ impl EmbeddedTransport {
                 config: config.clone(),
                 routing: RwLock::new(Routing::new(topology, HashMap::new())),
                 writer: Mutex::new(conn),
+                replies_pruned_at_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -222,9 +229,8 @@ impl EmbeddedTransport {
     /// double-deliver from) the same store.
     pub fn lock_consumer(&self) -> Result<ConsumerLock> {
         let path = lock_path(&self.shared.path);
+        crate::files::create_private_file(&path)?;
         let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
@@ -564,6 +570,20 @@ fn next_due(conn: &Connection, route: &str) -> rusqlite::Result<Option<u64>> {
 }
 
 impl Shared {
+    /// Removes replies older than [`REPLY_TTL`], at most once a minute.
+    fn prune_replies(&self, tx: &rusqlite::Transaction<'_>, now: u64) -> rusqlite::Result<()> {
+        use std::sync::atomic::Ordering;
+        let last = self.replies_pruned_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < REPLY_PRUNE_EVERY_MS {
+            return Ok(());
+        }
+        self.replies_pruned_at_ms.store(now, Ordering::Relaxed);
+        let ttl = u64::try_from(REPLY_TTL.as_millis()).unwrap_or(u64::MAX);
+        tx.prepare_cached("DELETE FROM replies WHERE created_at_ms < ?1")?
+            .execute(params![to_i64(now.saturating_sub(ttl))])?;
+        Ok(())
+    }
+
     fn routing(&self) -> std::sync::RwLockReadGuard<'_, Routing> {
         // Routing is replaced whole under the lock; a panic cannot leave it
         // half-written.
@@ -857,9 +877,9 @@ impl Subscription for EmbeddedSubscription {
         Ok(())
     }
 
-    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let route = self.route.clone();
         let first = batch.iter().map(|s| s.delivery.receipt).min().unwrap_or(0);
@@ -900,6 +920,7 @@ impl Subscription for EmbeddedSubscription {
                                     headers_json(&r.headers),
                                     to_i64(r.created_at_ms),
                                 ])?;
+                                s.prune_replies(&tx, now)?;
                             }
                         }
                         Outcome::Retry { message, not_before_ms } => {
@@ -918,7 +939,8 @@ impl Subscription for EmbeddedSubscription {
                 if let Some(due) = earliest_retry {
                     self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
                 }
-                Ok(())
+                // The store takes whatever the limits let through.
+                Ok(Vec::new())
             }
             Err(e) => {
                 // Nothing was applied: hand the batch out again.

@@ -38,7 +38,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{
-    Delivery, Origin, Outcome, ReplyInbox, RouteTable, Settlement, Subscription, Topology,
+    Delivery, Origin, Outcome, Refused, ReplyInbox, RouteTable, Settlement, Subscription, Topology,
     Transport, cloudevents,
 };
 use crate::config::{KafkaConfig, Pipeline};
@@ -46,6 +46,8 @@ use crate::envelope::{Envelope, Kind, Reply, now_ms};
 
 /// The Kafka binding's prefix for CloudEvents attributes.
 pub const CE_PREFIX: &str = "ce_";
+/// What a route's retry topic is named, after the pipeline's prefix.
+const RETRY_TOPIC_PREFIX: &str = "switchyard.retry.";
 /// The Kafka binding's header for the payload's media type.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
 /// Delayed retries one route holds in memory before it pauses its retry
@@ -91,7 +93,20 @@ struct Shared {
     received_at_last_look: AtomicU64,
     /// Per group, a consumer that never joins it, to read its commits.
     offset_readers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+    /// Topics found missing, and when: a reply address naming a topic that
+    /// does not exist costs one look at the cluster a minute, not one per
+    /// message.
+    missing_topics: Mutex<HashMap<String, std::time::Instant>>,
+    /// The largest record the producer sends (librdkafka's
+    /// `message.max.bytes`): larger outcomes are refused before anything of
+    /// them is written.
+    max_record_bytes: usize,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
+/// How long a topic found missing is believed missing.
+const MISSING_TOPIC_TTL: Duration = Duration::from_secs(60);
 
 /// The Kafka transport of one pipeline.
 #[derive(Clone)]
@@ -158,7 +173,7 @@ fn route_topics(pipeline: &Pipeline, config: &KafkaConfig) -> Vec<RouteTopics> {
                 .subscriptions()
                 .map(|(t, _)| format!("{prefix}{t}"))
                 .collect(),
-            retry_topic: format!("{prefix}switchyard.retry.{}", p.name),
+            retry_topic: format!("{prefix}{RETRY_TOPIC_PREFIX}{}", p.name),
         })
         .collect()
 }
@@ -199,6 +214,13 @@ impl KafkaTransport {
                 received: AtomicU64::new(0),
                 received_at_last_look: AtomicU64::new(0),
                 offset_readers: Mutex::new(HashMap::new()),
+                missing_topics: Mutex::new(HashMap::new()),
+                max_record_bytes: config
+                    .properties
+                    .iter()
+                    .find(|(k, _)| k == "message.max.bytes")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(DEFAULT_MAX_RECORD_BYTES),
             }),
         })
     }
@@ -238,7 +260,7 @@ async fn ensure_topics(shared: &Shared, topics: &[String]) -> Result<()> {
     }
     if !shared.config.create_topics {
         for t in missing {
-            if !topic_exists(shared, t).await {
+            if !topic_exists(shared, t, 10).await {
                 bail!(
                     "topic {t} does not exist on the Kafka cluster {}; create it, or let the host create topics (`create_topics = true`)",
                     shared.config.bootstrap_servers
@@ -396,7 +418,12 @@ pub fn envelope<M: rdkafka::Message>(
         content_type,
     };
     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-    let result = cloudevents::decode(attr, fallbacks, kind_of, payload, own);
+    // Only the host writes a route's retry topic (delayed retries, replays).
+    let retry_state = m
+        .topic()
+        .strip_prefix(prefix)
+        .is_some_and(|t| t.starts_with(RETRY_TOPIC_PREFIX));
+    let result = cloudevents::decode(attr, fallbacks, kind_of, payload, own, retry_state);
     (result, not_before)
 }
 
@@ -405,18 +432,75 @@ fn record_id<M: rdkafka::Message>(m: &M) -> String {
     format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset())
 }
 
+/// A record to write: its topic, key, message and headers, and a tag the
+/// caller knows it by.
+struct Record<T> {
+    tag: T,
+    topic: String,
+    key: Option<String>,
+    message: Envelope,
+    headers: OwnedHeaders,
+}
+
+impl<T> Record<T> {
+    fn new(tag: T, topic: String, message: Envelope, headers: OwnedHeaders) -> Self {
+        Record {
+            tag,
+            topic,
+            key: message.partition_key.clone(),
+            message,
+            headers,
+        }
+    }
+
+    /// What librdkafka counts against `message.max.bytes`, with room for
+    /// its framing: payload, key and headers.
+    fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 16)
+            .sum();
+        self.message.payload.len() + self.key.as_ref().map_or(0, String::len) + headers + 128
+    }
+}
+
+/// Why a record was not written.
+struct ProduceError {
+    text: String,
+    /// Writing it again cannot succeed: the cluster refuses this record
+    /// (too large, not allowed, invalid), not the moment.
+    permanent: bool,
+}
+
+/// Errors a record gets for what it is, not for the state of the cluster.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidArgument
+    )
+}
+
 /// Sends every record and waits for all acknowledgements.
-async fn produce_all(
+async fn produce_all<T>(
     producer: &FutureProducer,
-    records: Vec<(String, Option<String>, Envelope, OwnedHeaders)>,
+    records: Vec<Record<T>>,
     timeout: Duration,
-) -> Vec<(Envelope, Result<(), String>)> {
-    let sends = records.iter().map(|(topic, key, e, h)| {
-        let mut record = FutureRecord::to(topic)
-            .payload(&e.payload)
-            .headers(h.clone())
-            .timestamp(i64::try_from(e.created_at_ms).unwrap_or(i64::MAX));
-        if let Some(k) = key {
+) -> Vec<(T, Envelope, Result<(), ProduceError>)> {
+    let sends = records.iter().map(|r| {
+        let mut record = FutureRecord::to(&r.topic)
+            .payload(&r.message.payload)
+            .headers(r.headers.clone())
+            .timestamp(i64::try_from(r.message.created_at_ms).unwrap_or(i64::MAX));
+        if let Some(k) = &r.key {
             record = record.key(k);
         }
         producer.send(record, timeout)
@@ -425,11 +509,16 @@ async fn produce_all(
     records
         .into_iter()
         .zip(results)
-        .map(|((topic, _, e, _), r)| {
-            let r = r.map(|_| ()).map_err(|(err, _)| {
-                format!("cannot write {} {} to {topic}: {err}", e.message_type, e.id)
+        .map(|(r, result)| {
+            let e = r.message;
+            let result = result.map(|_| ()).map_err(|(err, _)| ProduceError {
+                text: format!(
+                    "cannot write {} {} to {}: {err}",
+                    e.message_type, e.id, r.topic
+                ),
+                permanent: err.rdkafka_error_code().is_some_and(is_permanent),
             });
-            (e, r)
+            (r.tag, e, result)
         })
         .collect()
 }
@@ -485,6 +574,7 @@ impl Transport for KafkaTransport {
             pending: HashMap::new(),
             open: HashMap::new(),
             done: HashMap::new(),
+            finished: HashMap::new(),
             held: BTreeMap::new(),
             next_receipt: 0,
             paused: false,
@@ -507,14 +597,15 @@ impl Transport for KafkaTransport {
             let topic = self.topic_of(&e.message_type);
             topics.push(topic.clone());
             let h = headers(&e, &self.shared.source, None);
-            records.push((topic, e.partition_key.clone(), e, h));
+            records.push(Record::new((), topic, e, h));
         }
         topics.sort_unstable();
         topics.dedup();
         self.ensure_topics(&topics).await?;
-        for (_, r) in produce_all(&self.shared.producer, records, self.shared.config.timeout).await
+        for (_, _, r) in
+            produce_all(&self.shared.producer, records, self.shared.config.timeout).await
         {
-            r.map_err(|e| anyhow!(e))?;
+            r.map_err(|e| anyhow!(e.text))?;
         }
         Ok(deliveries)
     }
@@ -528,12 +619,13 @@ impl Transport for KafkaTransport {
             .into_iter()
             .map(|e| {
                 let h = headers(&e, &self.shared.source, Some(now));
-                (topic.clone(), e.partition_key.clone(), e, h)
+                Record::new((), topic.clone(), e, h)
             })
             .collect();
-        for (_, r) in produce_all(&self.shared.producer, records, self.shared.config.timeout).await
+        for (_, _, r) in
+            produce_all(&self.shared.producer, records, self.shared.config.timeout).await
         {
-            r.map_err(|e| anyhow!(e))?;
+            r.map_err(|e| anyhow!(e.text))?;
         }
         Ok(())
     }
@@ -720,13 +812,24 @@ impl KafkaTransport {
     }
 }
 
-/// Whether a topic exists, asking the cluster when it is not known yet (a
-/// cluster that creates topics on first use creates it then).
-async fn topic_exists(shared: &Shared, topic: &str) -> bool {
+/// Whether a topic exists, asking the cluster up to `looks` times 100 ms
+/// apart when it is not known yet (a cluster that creates topics on first
+/// use creates it then). A topic found missing is not asked about again for
+/// a minute.
+async fn topic_exists(shared: &Shared, topic: &str, looks: u32) -> bool {
     if shared.known_topics.lock().is_ok_and(|k| k.contains(topic)) {
         return true;
     }
-    for _ in 0..10 {
+    if shared.missing_topics.lock().is_ok_and(|m| {
+        m.get(topic)
+            .is_some_and(|t| t.elapsed() < MISSING_TOPIC_TTL)
+    }) {
+        return false;
+    }
+    for look in 0..looks {
+        if look > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let producer = shared.producer.clone();
         let (t, timeout) = (topic.to_owned(), shared.config.timeout);
         let found = tokio::task::spawn_blocking(move || {
@@ -747,9 +850,44 @@ async fn topic_exists(shared: &Shared, topic: &str) -> bool {
             }
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Ok(mut m) = shared.missing_topics.lock() {
+        m.retain(|_, t| t.elapsed() < MISSING_TOPIC_TTL);
+        m.insert(topic.to_owned(), std::time::Instant::now());
     }
     false
+}
+
+/// Where a reply may be written: a replies topic in the pipeline's own
+/// namespace, `<prefix>switchyard.replies` or any `<prefix><name>.replies`
+/// a requester reads, and never a topic of a message type this pipeline
+/// routes. A command can thus never make the host write into a type's
+/// topic, a route's retry topic, or another system's topics. The name must
+/// be one Kafka accepts (letters, digits, `.`, `_` and `-`, at most 249).
+fn check_reply_to(
+    address: &str,
+    prefix: &str,
+    routes_type: impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    let valid_name = address.len() <= 249
+        && address
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let in_namespace = address.strip_prefix(prefix).is_some_and(|name| {
+        (name == "switchyard.replies"
+            || name.ends_with(".replies")
+            || name.starts_with("switchyard.replies."))
+            && !name.starts_with(RETRY_TOPIC_PREFIX)
+            && !routes_type(name)
+    });
+    if valid_name && in_namespace {
+        Ok(())
+    } else {
+        Err(format!(
+            "its reply-to address `{}` is not a replies topic of this pipeline ({prefix}switchyard.replies or {prefix}<name>.replies)",
+            crate::limits::quote(address)
+        ))
+    }
 }
 
 fn offset_reader(shared: &Shared, group: &str) -> Result<Arc<BaseConsumer>> {
@@ -856,6 +994,55 @@ impl ConsumerContext for RouteContext {
 
 type Partition = (String, i32);
 
+/// A set of offsets kept as ranges: finished offsets come in long runs.
+#[derive(Debug, Default)]
+struct OffsetRanges {
+    /// First offset of each run → its last offset.
+    runs: BTreeMap<i64, i64>,
+}
+
+impl OffsetRanges {
+    fn contains(&self, offset: i64) -> bool {
+        self.runs
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, last)| *last >= offset)
+    }
+
+    fn insert(&mut self, offset: i64) {
+        if self.contains(offset) {
+            return;
+        }
+        let before = self
+            .runs
+            .range(..offset)
+            .next_back()
+            .filter(|(_, last)| **last == offset - 1)
+            .map(|(first, _)| *first);
+        let after = self.runs.remove(&(offset + 1));
+        let first = before.unwrap_or(offset);
+        self.runs.insert(first, after.unwrap_or(offset));
+    }
+
+    /// Forgets every offset below `offset`.
+    fn remove_below(&mut self, offset: i64) {
+        let kept = self.runs.split_off(&offset);
+        if let Some((_, last)) = self.runs.last_key_value()
+            && *last >= offset
+        {
+            let last = *last;
+            self.runs = kept;
+            self.runs.insert(offset, last);
+            return;
+        }
+        self.runs = kept;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+}
+
 /// A received delivery's place in its partition.
 #[derive(Clone, Debug)]
 struct Position {
@@ -877,6 +1064,11 @@ pub struct KafkaSubscription {
     open: HashMap<Partition, BTreeSet<i64>>,
     /// The highest finished offset, per partition.
     done: HashMap<Partition, i64>,
+    /// Offsets finished above one still open, per partition (empty when
+    /// everything finished in order). A partition given back is read again
+    /// from its lowest open offset; what was finished after it is skipped,
+    /// not handled again.
+    finished: HashMap<Partition, OffsetRanges>,
     /// Delayed retries waiting for their time: (due, receipt) → delivery.
     held: BTreeMap<(u64, u64), (Delivery, Position)>,
     next_receipt: u64,
@@ -903,6 +1095,7 @@ impl KafkaSubscription {
         for p in &gone {
             self.open.remove(p);
             self.done.remove(p);
+            self.finished.remove(p);
         }
     }
 
@@ -910,6 +1103,13 @@ impl KafkaSubscription {
         let shared = &self.shared;
         let (result, not_before) =
             envelope(m, &shared.config.topic_prefix, |t| shared.routing.kind(t));
+        let result = result.and_then(|e| match e.reply_to.as_deref() {
+            Some(r) => check_reply_to(r, &shared.config.topic_prefix, |t| {
+                shared.routing.kind(t).is_some()
+            })
+            .map(|()| e),
+            None => Ok(e),
+        });
         let (envelope, malformed) = match result {
             Ok(e) => (e, None),
             Err(reason) => {
@@ -960,8 +1160,18 @@ impl KafkaSubscription {
         )
     }
 
-    /// Hands a delivery to the route, or holds it until its time.
+    /// Hands a delivery to the route, or holds it until its time. A record
+    /// read again after a rewind whose outcome is already settled is
+    /// skipped.
     fn accept<M: rdkafka::Message>(&mut self, m: &M, batch: &mut Vec<Delivery>) {
+        if !self.finished.is_empty()
+            && self
+                .finished
+                .iter()
+                .any(|((t, p), f)| *p == m.partition() && t == m.topic() && f.contains(m.offset()))
+        {
+            return;
+        }
         let (d, position, not_before) = self.delivery_of(m);
         let from_retry = position.partition.0 == self.topics.retry_topic;
         match not_before {
@@ -1061,6 +1271,13 @@ impl KafkaSubscription {
             }
             let done = self.done.entry(p.partition.clone()).or_insert(p.offset);
             *done = (*done).max(p.offset);
+            let lowest_open = self.open.get(&p.partition).and_then(|o| o.first());
+            if lowest_open.is_some_and(|l| *l < p.offset) {
+                self.finished
+                    .entry(p.partition.clone())
+                    .or_default()
+                    .insert(p.offset);
+            }
             touched.insert(p.partition);
         }
         let mut tpl = TopicPartitionList::new();
@@ -1072,6 +1289,13 @@ impl KafkaSubscription {
                     None => continue,
                 },
             };
+            // Below the stored offset nothing is read again.
+            if let Some(f) = self.finished.get_mut(&partition) {
+                f.remove_below(next);
+                if f.is_empty() {
+                    self.finished.remove(&partition);
+                }
+            }
             if tpl
                 .add_partition_offset(&partition.0, partition.1, Offset::Offset(next))
                 .is_err()
@@ -1176,29 +1400,31 @@ impl Subscription for KafkaSubscription {
         batch
     }
 
-    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()> {
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>> {
         let source = &self.shared.source;
         let prefix = &self.shared.config.topic_prefix;
+        let max_bytes = self.shared.max_record_bytes;
         let mut records = Vec::new();
         let mut replies = Vec::new();
         let mut topics = Vec::new();
-        for s in &batch {
+        // Per settlement: why the cluster will not take its outcome.
+        let mut refused: Vec<Option<String>> = vec![None; batch.len()];
+        for (i, s) in batch.iter().enumerate() {
+            let mut own: Vec<Record<usize>> = Vec::new();
+            let mut copy = false;
             match &s.outcome {
                 Outcome::Handled { outputs, reply } => {
                     for o in outputs {
                         let topic = format!("{prefix}{}", o.message_type);
-                        topics.push(topic.clone());
-                        records.push((
-                            topic,
-                            o.partition_key.clone(),
-                            o.clone(),
-                            headers(o, source, None),
-                        ));
+                        let h = headers(o, source, None);
+                        own.push(Record::new(i, topic, o.clone(), h));
                     }
                     if let Some(r) = reply {
                         let e = r.envelope(&s.delivery.envelope.message_type);
                         let h = headers(&e, source, None);
-                        replies.push((r.address.clone(), Some(r.correlation_id.clone()), e, h));
+                        let mut record = Record::new((), r.address.clone(), e, h);
+                        record.key = Some(r.correlation_id.clone());
+                        replies.push(record);
                     }
                 }
                 Outcome::Retry {
@@ -1207,32 +1433,64 @@ impl Subscription for KafkaSubscription {
                 } => {
                     let topic = self.topics.retry_topic.clone();
                     let h = headers(message, source, Some(*not_before_ms));
-                    records.push((topic, message.partition_key.clone(), message.clone(), h));
+                    own.push(Record::new(i, topic, message.clone(), h));
                 }
-                Outcome::DeadLettered { copy: Some(copy) } => {
-                    let topic = format!("{prefix}{}.dlq", copy.message_type);
-                    topics.push(topic.clone());
-                    let h = headers(copy, source, None);
-                    records.push((topic, copy.partition_key.clone(), copy.clone(), h));
+                Outcome::DeadLettered { copy: Some(c) } => {
+                    let topic = format!("{prefix}{}.dlq", c.message_type);
+                    let h = headers(c, source, None);
+                    own.push(Record::new(i, topic, c.clone(), h));
+                    copy = true;
                 }
                 Outcome::DeadLettered { copy: None } => {}
             }
+            // Checked before anything of the settlement is written.
+            if let Some(big) = own.iter().find(|r| r.size() > max_bytes) {
+                let reason = format!(
+                    "{} {} would be a record of about {} bytes, more than the {max_bytes} the producer may send (message.max.bytes)",
+                    big.message.message_type,
+                    big.message.id,
+                    big.size()
+                );
+                if copy {
+                    tracing::warn!(error = %reason, "Dead-letter copy not sent; the record is in the store");
+                } else {
+                    refused[i] = Some(reason);
+                }
+                continue;
+            }
+            topics.extend(own.iter().map(|r| r.topic.clone()));
+            records.extend(own);
         }
         topics.sort_unstable();
         topics.dedup();
-        let receipts: Vec<u64> = batch.iter().map(|s| s.delivery.receipt).collect();
         let written: Result<()> = async {
             ensure_topics(&self.shared, &topics).await?;
-            for (_, r) in
+            let mut transient = None;
+            for (i, e, r) in
                 produce_all(&self.shared.producer, records, self.shared.config.timeout).await
             {
-                r.map_err(|e| anyhow!(e))?;
+                let Err(err) = r else { continue };
+                if !err.permanent {
+                    transient.get_or_insert(err.text);
+                    continue;
+                }
+                if matches!(batch[i].outcome, Outcome::DeadLettered { .. }) {
+                    tracing::warn!(message.id = %e.id, error = %err.text, "Dead-letter copy not written; the record is in the store");
+                } else {
+                    refused[i].get_or_insert(format!(
+                        "{} (the cluster refuses this record; other records of the same outcome may have been written)",
+                        err.text
+                    ));
+                }
             }
-            Ok(())
+            match transient {
+                Some(t) => Err(anyhow!(t)),
+                None => Ok(()),
+            }
         }
         .await;
         if let Err(e) = written {
-            self.rewind(receipts)?;
+            self.rewind(batch.iter().map(|s| s.delivery.receipt))?;
             return Err(e.context(format!(
                 "cannot settle a batch of route {}",
                 self.topics.route
@@ -1241,13 +1499,13 @@ impl Subscription for KafkaSubscription {
         // A reply that cannot be written fails the reply, not the command.
         let mut deliverable = Vec::with_capacity(replies.len());
         for reply in replies {
-            if topic_exists(&self.shared, &reply.0).await {
+            if topic_exists(&self.shared, &reply.topic, 1).await {
                 deliverable.push(reply);
             } else {
-                tracing::warn!(reply.to = %reply.0, in_reply_to = ?reply.2.causation_id, "The reply-to topic does not exist; the reply is dropped");
+                tracing::warn!(reply.to = %reply.topic, in_reply_to = ?reply.message.causation_id, "The reply-to topic does not exist; the reply is dropped");
             }
         }
-        for (e, r) in produce_all(
+        for (_, e, r) in produce_all(
             &self.shared.producer,
             deliverable,
             self.shared.config.timeout,
@@ -1255,11 +1513,24 @@ impl Subscription for KafkaSubscription {
         .await
         {
             if let Err(err) = r {
-                tracing::warn!(in_reply_to = ?e.causation_id, error = %err, "The reply is dropped");
+                tracing::warn!(in_reply_to = ?e.causation_id, error = %err.text, "The reply is dropped");
             }
         }
-        self.finish(receipts);
-        Ok(())
+        let mut out = Vec::new();
+        let mut finished = Vec::with_capacity(batch.len());
+        for (s, refusal) in batch.into_iter().zip(refused) {
+            match refusal {
+                // Still in hand: the route dead-letters it and settles it
+                // again.
+                Some(reason) => out.push(Refused {
+                    settlement: s,
+                    reason,
+                }),
+                None => finished.push(s.delivery.receipt),
+            }
+        }
+        self.finish(finished);
+        Ok(out)
     }
 
     async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {
@@ -1333,5 +1604,50 @@ mod tests {
             "the attribute wins over the record key"
         );
         assert_eq!(back.headers, vec![("tenant".to_owned(), "acme".to_owned())]);
+    }
+
+    #[test]
+    fn offset_ranges_merge_runs_and_forget_below_a_point() {
+        let mut r = OffsetRanges::default();
+        for o in [5, 7, 6, 10, 9, 1] {
+            r.insert(o);
+        }
+        assert_eq!(
+            r.runs.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+            [(1, 1), (5, 7), (9, 10)]
+        );
+        assert!(r.contains(6) && r.contains(10) && !r.contains(8) && !r.contains(2));
+        r.remove_below(6);
+        assert_eq!(
+            r.runs.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+            [(6, 7), (9, 10)]
+        );
+        r.remove_below(11);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn replies_go_only_to_replies_topics_of_the_pipeline() {
+        let types = |t: &str| t == "PlaceOrder" || t == "audit.replies";
+        for ok in [
+            "shop.switchyard.replies",
+            "shop.kcat.replies",
+            "shop.switchyard.replies.cli-7",
+        ] {
+            assert!(check_reply_to(ok, "shop.", types).is_ok(), "{ok}");
+        }
+        for refused in [
+            "shop.PlaceOrder",
+            "shop.audit.replies",
+            "shop.switchyard.retry.orders",
+            "billing.replies",
+            "payments.ChargeCard",
+            "shop.bad name.replies",
+        ] {
+            assert!(
+                check_reply_to(refused, "shop.", types).is_err(),
+                "{refused}"
+            );
+        }
     }
 }

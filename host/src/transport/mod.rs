@@ -161,6 +161,18 @@ pub struct Settlement {
     pub outcome: Outcome,
 }
 
+/// A settlement the transport did not apply because the broker refuses
+/// part of its outcome for good: a record over the broker's size limit, a
+/// command no queue takes, a publish the broker rejects. Handling the
+/// message again would be refused again, so the route dead-letters it
+/// (`undeliverable`) instead. Outputs of the same message written before
+/// the refusal stay written; `reason` says so.
+#[derive(Debug)]
+pub struct Refused {
+    pub settlement: Settlement,
+    pub reason: String,
+}
+
 /// A broker as the host sees it.
 #[async_trait]
 pub trait Transport: Send + Sync {
@@ -250,7 +262,11 @@ pub trait Subscription: Send {
 
     /// Makes the outcomes of received deliveries durable. On error nothing of
     /// the batch was applied and its deliveries will be received again.
-    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<()>;
+    /// Settlements the broker refuses for good are given back as
+    /// [`Refused`], unsettled; everything else of the batch is applied. A
+    /// dead letter's broker copy is never refused: a copy the broker will
+    /// not take is dropped with a warning (the record is in the store).
+    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>>;
 
     /// Gives back deliveries that were received but will not be settled now
     /// (shutdown, a plugin that cannot start): they are received again.

@@ -411,14 +411,14 @@ async fn foreign_messages_are_handled_and_malformed_ones_dead_lettered_intact() 
         b"{}",
     )
     .await;
-    // A Switchyard message whose attempt counter is garbage.
+    // A Switchyard message whose kind is garbage.
     let mut headers = FieldTable::default();
     headers.insert(
         short("cloudEvents:id"),
         AMQPValue::LongString(LongString::from("bad-1")),
     );
     headers.insert(
-        short("cloudEvents:syattempt"),
+        short("cloudEvents:sykind"),
         AMQPValue::LongString(LongString::from("many")),
     );
     publish_raw(
@@ -441,7 +441,7 @@ async fn foreign_messages_are_handled_and_malformed_ones_dead_lettered_intact() 
     assert_eq!(dead[0].message.payload, b"\x00\x01 not json");
     assert_eq!(dead[0].error.kind, "malformed");
     assert!(
-        dead[0].error.message.contains("syattempt"),
+        dead[0].error.message.contains("sykind `many`"),
         "{:?}",
         dead[0].error
     );
@@ -773,4 +773,133 @@ async fn a_consumer_added_while_running_gets_its_queue_and_messages() {
     .pipeline
     .plugins;
     clean_up(&with_second).await;
+}
+
+/// Every field at and past its limit, sent by pika as another team's
+/// service would: what is at the limit is handled exactly once, what is
+/// past it is dead-lettered as malformed without reaching the plugin, and
+/// nothing loops or holds the rest of its batch hostage. (Before the
+/// limits, a 300-byte reply address made the settle fail after the order's
+/// outputs were published, and the order was charged again on every
+/// redelivery.)
+#[test]
+fn a_foreign_client_at_every_field_limit_gets_each_order_handled_once_or_refused() {
+    let _broker = BROKER_IN_USE.blocking_read();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = example(dir.path());
+    let x = exchange(&p);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A queue of the test's own sees every OrderPlaced the orders plugin
+    // publishes: one per handled order.
+    let probe = format!("{x}.probe");
+    rt.block_on(async {
+        let transport = runtime::open(&p).await.unwrap();
+        transport.start_consuming().await.unwrap();
+        let c = connection().await;
+        let ch = c.create_channel().await.unwrap();
+        ch.queue_declare(
+            short(&probe),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            short(&probe),
+            short(&x),
+            short("OrderPlaced"),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    });
+    let script = crate::common::workspace_root()
+        .join("tests")
+        .join("interop")
+        .join("pika_limits.py");
+    let out = std::process::Command::new(python())
+        .arg(&script)
+        .args([BROKER, &x])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let handled: Vec<&str> = sent["handled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let refused = sent["refused"].as_object().unwrap();
+
+    rt.block_on(async {
+        // Drains within its deadline: nothing loops.
+        drain(&p).await;
+        let c = connection().await;
+        let ch = c.create_channel().await.unwrap();
+        let mut caused = Vec::new();
+        while let Some(m) = ch
+            .basic_get(short(&probe), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let h = m.properties.headers().clone().unwrap_or_default();
+            let cause = h
+                .inner()
+                .iter()
+                .find(|(k, _)| k.as_str() == "cloudEvents:causationid")
+                .and_then(|(_, v)| match v {
+                    AMQPValue::LongString(s) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                })
+                .unwrap();
+            caused.push(cause);
+        }
+        caused.sort();
+        let mut expected: Vec<String> = handled.iter().map(|s| (*s).to_owned()).collect();
+        expected.sort();
+        assert_eq!(
+            caused, expected,
+            "each order at a limit was handled exactly once"
+        );
+
+        let dead = dead_letters(&p).await;
+        assert_eq!(dead.len(), refused.len(), "{dead:#?}");
+        for d in &dead {
+            assert_eq!(d.error.kind, "malformed", "{d:#?}");
+            assert!(
+                d.message.id.len() <= 255 && !d.message.id.contains('\n'),
+                "a dead letter's id is safe to index and log: {:?}",
+                d.message.id
+            );
+            assert!(d.error.message.len() < 1024, "{}", d.error.message);
+        }
+        let reasons: Vec<&str> = dead.iter().map(|d| d.error.message.as_str()).collect();
+        for needle in [
+            "reply-to address is 300 bytes",
+            "names one of this pipeline's own queues",
+            "message id is 256 bytes",
+            "message id has control characters",
+            "is not a message type name",
+            "`Refund` is not one this route takes",
+            "takes as a command",
+            "129 headers",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r.contains(needle)),
+                "no dead letter says {needle:?}: {reasons:#?}"
+            );
+        }
+        ch.queue_delete(short(&probe), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        clean_up(&p).await;
+    });
 }

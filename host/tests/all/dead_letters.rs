@@ -355,22 +355,25 @@ fn replay_options(p: &Pipeline) -> ReplayOptions {
         batch_size: 100,
         rate: None,
         routes: p.plugins.iter().map(|s| s.name.to_string()).collect(),
+        claim_lease: replay::CLAIM_LEASE,
     }
 }
 
 async fn replay_all(p: &Pipeline, filter: &Filter) -> replay::ReplayReport {
+    replay_with(p, filter, replay_options(p)).await
+}
+
+async fn replay_with(
+    p: &Pipeline,
+    filter: &Filter,
+    options: ReplayOptions,
+) -> replay::ReplayReport {
     let store = store_of(p).await;
     let transport = runtime::open_transport(p).unwrap();
     let records = replay::candidates(store.as_ref(), filter).await.unwrap();
-    replay::replay(
-        store.as_ref(),
-        &transport,
-        records,
-        &replay_options(p),
-        |_, _| {},
-    )
-    .await
-    .unwrap()
+    replay::replay(store.as_ref(), &transport, records, &options, |_, _| {})
+        .await
+        .unwrap()
 }
 
 async fn replaying_a_group_after_a_fix_handles_every_record(store: Store) {
@@ -488,6 +491,8 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         telemetry: switchyard::telemetry::Telemetry::off(),
         broker_dead_letters: false,
         schemas: Default::default(),
+        max_message_size: switchyard::limits::DEFAULT_MAX_MESSAGE_SIZE,
+        crash_guard: None,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -625,6 +630,8 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         telemetry: switchyard::telemetry::Telemetry::off(),
         broker_dead_letters: false,
         schemas: Default::default(),
+        max_message_size: switchyard::limits::DEFAULT_MAX_MESSAGE_SIZE,
+        crash_guard: None,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,
@@ -650,7 +657,10 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
 
     // A replay that dies after enqueueing two records, before marking them.
     let transport = runtime::open_transport(&p).unwrap();
-    let started = s.begin_replay(&ids[..2]).await.unwrap();
+    let started = s
+        .begin_replay(&ids[..2], "the replay that died", 0)
+        .await
+        .unwrap();
     transport
         .enqueue_to(
             "tally",
@@ -659,8 +669,19 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         .await
         .unwrap();
 
+    // While its claim is fresh, another replay leaves those two alone: the
+    // replay holding them may still be running.
     let report = replay_all(&p, &Filter::default()).await;
-    assert_eq!(report.replayed.len(), 4);
+    assert_eq!(report.replayed.len(), 2);
+    assert_eq!((report.resumed, report.claimed_elsewhere), (0, 2));
+    // Once the claim is older than the lease, they are taken over.
+    let took_over = ReplayOptions {
+        claim_lease: Duration::ZERO,
+        ..replay_options(&p)
+    };
+    std::thread::sleep(Duration::from_millis(5));
+    let report = replay_with(&p, &Filter::default(), took_over).await;
+    assert_eq!(report.replayed.len(), 2);
     assert_eq!(
         report.resumed, 2,
         "the two records left mid-replay are reported"

@@ -170,10 +170,29 @@ async fn contract(store: Arc<dyn DeadLetterStore>, other_pipeline: Arc<dyn DeadL
 
     // Replay life cycle.
     let started = store
-        .begin_replay(&[a.id.clone(), c.id.clone()])
+        .begin_replay(&[a.id.clone(), c.id.clone()], "replay-1", 0)
         .await
         .unwrap();
     assert_eq!(started.len(), 2);
+    // A second replay running meanwhile gets neither record, and the
+    // first one's claim is not counted twice.
+    assert!(
+        store
+            .begin_replay(&[a.id.clone(), c.id.clone()], "replay-2", 0)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a record claimed by one replay is not claimed by another"
+    );
+    assert_eq!(
+        store
+            .begin_replay(std::slice::from_ref(&c.id), "replay-1", 0)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "a replay keeps its own claim"
+    );
     assert!(
         started
             .iter()
@@ -201,7 +220,7 @@ async fn contract(store: Arc<dyn DeadLetterStore>, other_pipeline: Arc<dyn DeadL
     // A handled record is not replayed again.
     assert!(
         store
-            .begin_replay(std::slice::from_ref(&a.id))
+            .begin_replay(std::slice::from_ref(&a.id), "replay-3", u64::MAX)
             .await
             .unwrap()
             .is_empty()
@@ -292,5 +311,88 @@ async fn an_unreachable_postgres_is_a_clear_error() {
     assert!(
         !text.contains("secret"),
         "the password is not shown: {text}"
+    );
+}
+
+/// Whether the server sees the connection named `application_name` as TLS.
+async fn uses_tls(application_name: &str) -> bool {
+    let (client, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+fn with_params(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_connections_are_encrypted_as_sslmode_asks() {
+    let scratch = Scratch::new();
+    let url = postgres_url();
+    let connect = |params: String| {
+        let url = with_params(&url, &params);
+        let schema = scratch.schema.clone();
+        async move { switchyard::dlq::postgres::PostgresStore::connect(&url, &schema, "shop").await }
+    };
+    let name = |mode: &str| format!("tls-{mode}-{}", &scratch.schema[2..]);
+
+    // The test server encrypts when asked (Debian's PostgreSQL has TLS on,
+    // with its own self-signed certificate).
+    let _require = connect(format!(
+        "sslmode=require&application_name={}",
+        name("require")
+    ))
+    .await
+    .unwrap();
+    assert!(uses_tls(&name("require")).await, "sslmode=require encrypts");
+    let _prefer = connect(format!("application_name={}", name("prefer")))
+        .await
+        .unwrap();
+    assert!(
+        uses_tls(&name("prefer")).await,
+        "the default, prefer, encrypts when it can"
+    );
+    let _plain = connect(format!(
+        "sslmode=disable&application_name={}",
+        name("disable")
+    ))
+    .await
+    .unwrap();
+    assert!(!uses_tls(&name("disable")).await);
+
+    // Verifying modes check the certificate against the roots given.
+    let err = connect("sslmode=verify-full".into()).await.err().unwrap();
+    let text = format!("{err:#}");
+    assert!(
+        text.to_lowercase().contains("certificate"),
+        "a self-signed certificate is not trusted by the built-in roots: {text}"
+    );
+    let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    if std::path::Path::new(snakeoil).exists() {
+        let _ca = connect(format!(
+            "sslmode=verify-ca&sslrootcert={snakeoil}&application_name={}",
+            name("verify-ca")
+        ))
+        .await
+        .unwrap();
+        assert!(uses_tls(&name("verify-ca")).await);
+    }
+    let err = connect("sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem".into())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("/nonexistent/ca.pem"),
+        "{err:#}"
     );
 }

@@ -122,3 +122,123 @@ async fn sigkill_mid_stream_loses_nothing() {
     assert!(transport.is_idle().await.unwrap());
     assert!(crate::common::dead_letters(&pipeline).await.is_empty());
 }
+
+/// Whether some host of the pipeline in `dir` records `id` as in hand.
+fn in_hand(dir: &Path, id: &str) -> bool {
+    let base = dir.join(".switchyard").join("in-flight");
+    let Ok(pipelines) = std::fs::read_dir(&base) else {
+        return false;
+    };
+    pipelines.flatten().any(|p| {
+        std::fs::read_dir(p.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|host| {
+                std::fs::read_dir(host.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| std::fs::read_to_string(f.path()).is_ok_and(|t| t.contains(id)))
+            })
+    })
+}
+
+/// A message whose handling takes the host down (here: a host killed while
+/// the plugin spins on it, as the kernel's OOM killer would) comes back
+/// after every restart. After `crash_loop_limit` crashes in a row it is
+/// dead-lettered as `crash-loop` and no plugin sees it again; the messages
+/// that shared its first batch are handled, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_keeps_killing_the_host_is_dead_lettered_as_a_crash_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "crashy",
+        r#"
+        [host]
+        cache_dir = "{cache}"
+        crash_loop_limit = 3
+        [admin]
+        listen = "off"
+        [transport]
+        poll_interval = "10ms"
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        timeout = "60s"
+        retry = { immediate = 0, delayed = 0 }
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Published"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    let killer = crate::common::misbehave("loop");
+    let innocent = [
+        crate::common::misbehave("publish"),
+        crate::common::misbehave("publish"),
+    ];
+    let mut all = vec![killer.clone()];
+    all.extend(innocent.iter().cloned());
+    transport.enqueue(all).await.unwrap();
+
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .arg("run")
+            .args(args)
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    for crash in 1..=3 {
+        let mut host = run(&[]);
+        let started = Instant::now();
+        while !in_hand(dir.path(), &killer.id) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "crash {crash}: the message never came into hand"
+            );
+            assert!(host.try_wait().unwrap().is_none(), "host exited early");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        host.kill().unwrap(); // What the OOM killer does.
+        host.wait().unwrap();
+    }
+    // The fourth host dead-letters it and finishes everything else.
+    let mut host = run(&["--drain"]);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = host.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            host.kill().unwrap();
+            panic!("the host after the crashes did not drain: the message was handled again");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let dead = crate::common::dead_letters(&pipeline).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].message.id, killer.id);
+    assert_eq!(dead[0].error.kind, "crash-loop");
+    assert!(
+        dead[0].error.message.contains("3 times"),
+        "{}",
+        dead[0].error.message
+    );
+    let published = handled_lines(&dir.path().join("out").join("tally.log"));
+    assert_eq!(
+        published.len(),
+        2,
+        "the two messages that shared the first batch were handled once each"
+    );
+}

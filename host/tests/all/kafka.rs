@@ -309,7 +309,7 @@ async fn foreign_records_are_handled_and_malformed_ones_dead_lettered_intact() {
         )
         .await
         .unwrap();
-    // A record whose attempt counter is garbage.
+    // A record whose kind is garbage.
     producer
         .send(
             FutureRecord::<(), _>::to(&topic)
@@ -321,7 +321,7 @@ async fn foreign_records_are_handled_and_malformed_ones_dead_lettered_intact() {
                             value: Some("bad-1"),
                         })
                         .insert(Header {
-                            key: "ce_syattempt",
+                            key: "ce_sykind",
                             value: Some("many"),
                         }),
                 ),
@@ -345,7 +345,7 @@ async fn foreign_records_are_handled_and_malformed_ones_dead_lettered_intact() {
     assert_eq!(dead[0].message.payload, b"\x00\x01 not json");
     assert_eq!(dead[0].error.kind, "malformed");
     assert!(
-        dead[0].error.message.contains("syattempt"),
+        dead[0].error.message.contains("sykind `many`"),
         "{:?}",
         dead[0].error
     );
@@ -753,4 +753,136 @@ async fn a_consumer_added_while_running_reads_its_topics() {
     let second: std::collections::HashSet<String> = log("out2").into_iter().collect();
     assert_eq!(second, ticks.iter().map(|m| m.id.clone()).collect());
     host.stop().await;
+}
+
+/// A `Misbehave` command with a count (`publish-bytes`, `headers`, ...).
+fn misbehave_n(action: &str, count: usize) -> switchyard::envelope::Envelope {
+    message(
+        Kind::Command,
+        "Misbehave",
+        json!({ "action": action, "count": count }),
+    )
+}
+
+/// An output the producer may not send (over `message.max.bytes`) is
+/// refused before anything of its outcome is written, and its input is
+/// dead-lettered as undeliverable; before, the batch was rewound and
+/// handled again for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_over_the_record_limit_is_dead_lettered_not_rewound_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [transport.properties]
+        "message.max.bytes" = "20000"
+        [defaults.retry]
+        immediate = 0
+        delayed = 0
+        [plugins.rogue]
+        wasm = "{dist}/rogue.wasm"
+        commands = ["Misbehave", "Sent"]
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Published"]
+        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let big = misbehave_n("publish-bytes", 50_000);
+    let small = misbehave_n("publish-bytes", 1_000);
+    transport
+        .enqueue(vec![big.clone(), small.clone()])
+        .await
+        .unwrap();
+
+    drain(&p).await;
+
+    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
+    assert_eq!(
+        tally.lines().count(),
+        1,
+        "only the small event went out: {tally}"
+    );
+    let dead = dead_letters(&p).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].message.id, big.id);
+    assert_eq!(dead[0].error.kind, "undeliverable");
+    assert!(
+        dead[0].error.message.contains("message.max.bytes"),
+        "{}",
+        dead[0].error.message
+    );
+}
+
+/// Records given back after a failed settle are read again from the lowest
+/// one; those already settled after it are skipped, not handled again (the
+/// dead-letter store being down used to make a whole batch run again on
+/// every cycle).
+#[tokio::test(flavor = "multi_thread")]
+async fn records_given_back_are_read_again_but_settled_ones_after_them_are_not() {
+    use switchyard::transport::{Outcome, Settlement};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = pipeline(
+        dir.path(),
+        r#"
+        [plugins.tally]
+        wasm = "{dist}/tally.wasm"
+        events = ["Tick"]
+        "#,
+    );
+    let transport = runtime::open(&p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let ticks: Vec<_> = (0..5)
+        .map(|i| {
+            let mut m = message(Kind::Event, "Tick", json!(i));
+            m.partition_key = Some("one-partition".into());
+            m
+        })
+        .collect();
+    transport.enqueue(ticks.clone()).await.unwrap();
+    let mut sub = transport.subscribe("tally").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while got.len() < 5 {
+            got.extend(sub.receive(10).await.unwrap());
+        }
+    })
+    .await
+    .expect("five records");
+    let ids: Vec<&str> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(ids, ticks.iter().map(|t| t.id.as_str()).collect::<Vec<_>>());
+    let mut got = got.into_iter();
+    let first = got.next().unwrap();
+    let settled: Vec<Settlement> = got
+        .map(|delivery| Settlement {
+            delivery,
+            outcome: Outcome::Handled {
+                outputs: Vec::new(),
+                reply: None,
+            },
+        })
+        .collect();
+    assert!(sub.settle(settled).await.unwrap().is_empty());
+    sub.release(vec![first.clone()]).await.unwrap();
+
+    let again = tokio::time::timeout(Duration::from_secs(30), sub.receive(10))
+        .await
+        .expect("the record given back comes again")
+        .unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| d.envelope.id.as_str())
+            .collect::<Vec<_>>(),
+        [first.envelope.id.as_str()]
+    );
+    let more = tokio::time::timeout(Duration::from_secs(2), sub.receive(10)).await;
+    assert!(
+        more.is_err(),
+        "records settled after it are not handed out again: {:?}",
+        more.map(|r| r.map(|b| b.into_iter().map(|d| d.envelope.id).collect::<Vec<_>>()))
+    );
 }

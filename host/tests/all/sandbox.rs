@@ -164,3 +164,179 @@ fn the_memory_cap_covers_all_memories_of_a_store_together() {
     assert_eq!(limiter.exceeded, Some(11 << 20));
     assert!(limiter.memory_growing(4 << 20, 6 << 20, None).unwrap());
 }
+
+/// A `Misbehave` command with more fields.
+fn misbehave_with(fields: serde_json::Value) -> switchyard::envelope::Envelope {
+    crate::common::message(switchyard::envelope::Kind::Command, "Misbehave", fields)
+}
+
+#[test]
+fn a_peer_that_never_answers_ends_at_the_deadline_not_never() {
+    // Accepts, then says nothing and reads nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let keep = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(2).flatten().collect();
+        std::thread::sleep(Duration::from_secs(8));
+        drop(conns);
+    });
+    let rogue = load_with(
+        "rogue",
+        limits(64, Duration::from_millis(300)),
+        Grants {
+            network: vec![addr],
+            ..Grants::default()
+        },
+    );
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
+    let started = Instant::now();
+    let failure = worker
+        .handle(&mut misbehave_with(
+            serde_json::json!({ "action": "connect-and-read", "to": addr.to_string() }),
+        ))
+        .unwrap()
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure}");
+    assert!(took < Duration::from_secs(3), "the read waited {took:?}");
+    let outputs = worker
+        .handle(&mut misbehave("ok"))
+        .unwrap()
+        .expect("served after the wait was cut");
+    assert_eq!(reply_json(&outputs), "ok");
+    drop(keep);
+}
+
+#[test]
+fn a_fifo_in_a_granted_directory_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(dir.path().join("plain.txt"), b"hello").unwrap();
+    let rogue = load_with(
+        "rogue",
+        limits(64, Duration::from_secs(2)),
+        Grants {
+            dirs: vec![DirGrant {
+                host: dir.path().to_owned(),
+                guest: "/data".into(),
+                writable: true,
+            }],
+            ..Grants::default()
+        },
+    );
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
+    let started = Instant::now();
+    let failure = worker
+        .handle(&mut misbehave_with(
+            serde_json::json!({ "action": "read-file", "path": "/data/pipe" }),
+        ))
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the open waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(failure.kind, FailureKind::Transient, "{failure}");
+    assert!(failure.message.contains("/data/pipe"), "{failure}");
+    // Ordinary files still open and read.
+    let outputs = worker
+        .handle(&mut misbehave_with(
+            serde_json::json!({ "action": "read-file", "path": "/data/plain.txt" }),
+        ))
+        .unwrap()
+        .expect("a regular file is read");
+    assert_eq!(reply_json(&outputs), serde_json::json!({ "read": 5 }));
+}
+
+#[test]
+fn empty_headers_cost_what_the_host_allocates_for_them() {
+    let rogue = load_with("rogue", Limits::default(), Grants::default());
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
+    // Nothing to measure by length, everything to allocate: refused.
+    let failure = worker
+        .handle(&mut misbehave_with(
+            serde_json::json!({ "action": "headers", "count": 100_000 }),
+        ))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(failure.kind, FailureKind::ContractViolation, "{failure}");
+    assert!(failure.message.contains("headers"), "{failure}");
+    // A handful of headers is fine... as long as their names are not empty.
+    let failure = worker
+        .handle(&mut misbehave_with(
+            serde_json::json!({ "action": "headers", "count": 3 }),
+        ))
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        failure.message.contains("header name is empty"),
+        "{failure}"
+    );
+    // Many outputs of empty payloads still count against the per-call budget.
+    let failure = worker
+        .handle(&mut misbehave_with(
+            serde_json::json!({ "action": "publish-many", "count": 5_000 }),
+        ))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(failure.kind, FailureKind::ContractViolation, "{failure}");
+}
+
+#[test]
+fn an_output_larger_than_a_message_may_be_fails_its_call() {
+    use switchyard::dispatch::Verdict;
+    use switchyard::transport::Delivery;
+    let rogue = load_with(
+        "rogue",
+        limits(128, Duration::from_secs(10)),
+        Grants::default(),
+    );
+    let policy = RetryPolicy {
+        immediate: 0,
+        delayed: 0,
+        ..RetryPolicy::default()
+    };
+    let mut worker = Worker::new(rogue, policy).with_max_message_size(1 << 20);
+    let mut process = |count: usize| {
+        let mut delivery = Delivery {
+            envelope: misbehave_with(
+                serde_json::json!({ "action": "publish-bytes", "count": count }),
+            ),
+            receipt: 1,
+            malformed: None,
+            origin: None,
+        };
+        worker.process(&mut delivery).unwrap()
+    };
+    match process((1 << 20) + 1) {
+        Verdict::DeadLetter(f) => {
+            assert_eq!(f.kind, FailureKind::ContractViolation, "{f}");
+            assert!(f.message.contains("max_message_size"), "{f}");
+        }
+        Verdict::Handled(_) => panic!("an output over the limit was accepted"),
+        Verdict::RetryLater(..) => panic!("a contract violation is never retried"),
+    }
+    assert!(
+        matches!(process(1 << 20), Verdict::Handled(_)),
+        "at the limit is fine"
+    );
+}
+
+#[test]
+fn a_stack_overflow_is_a_trap_and_the_next_message_is_served() {
+    let rogue = load_with("rogue", Limits::default(), Grants::default());
+    let mut worker = Worker::new(rogue, RetryPolicy::default());
+    let failure = worker
+        .handle(&mut misbehave("overflow"))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(failure.kind, FailureKind::Trap, "{failure}");
+    let outputs = worker.handle(&mut misbehave("ok")).unwrap().unwrap();
+    assert_eq!(reply_json(&outputs), "ok");
+}

@@ -268,7 +268,10 @@ async fn one_trace_follows_a_command_through_every_hop_retry_and_dead_letter() {
 
     // A replay starts a new trace, linked to the dead letter's span.
     let transport2 = runtime::open_transport(&p).unwrap();
-    let started = store.begin_replay(&[records[0].id.clone()]).await.unwrap();
+    let started = store
+        .begin_replay(&[records[0].id.clone()], "test", 0)
+        .await
+        .unwrap();
     transport2
         .enqueue_to(
             "orders",

@@ -10,9 +10,16 @@ use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
 #[derive(Deserialize)]
 struct Misbehave {
     action: String,
-    /// `connect`: the `host:port` to open a TCP connection to.
+    /// `connect`, `connect-and-read`: the `host:port` to open a TCP
+    /// connection to.
     #[serde(default)]
     to: String,
+    /// `read-file`: the file to read.
+    #[serde(default)]
+    path: String,
+    /// `headers`, `publish-many`: how many.
+    #[serde(default)]
+    count: usize,
 }
 
 pub struct Rogue;
@@ -35,7 +42,12 @@ impl Plugin for Rogue {
             "Sent" => return Ok(()),
             _ => {}
         }
-        let Misbehave { action, to } = msg.json()?;
+        let Misbehave {
+            action,
+            to,
+            path,
+            count,
+        } = msg.json()?;
         match action.as_str() {
             "ok" => ctx.reply(&"ok"),
             "publish" => ctx.publish("Published", &json!({"from": msg.id})),
@@ -98,6 +110,64 @@ impl Plugin for Rogue {
                 Err(e) => Err(HandlerError::transient(format!("cannot reach {to}: {e}"))
                     .with_code("upstream-unreachable")),
             },
+            // A peer that accepts and never answers: the read waits until
+            // the host ends the call.
+            "connect-and-read" => {
+                use std::io::Read as _;
+                let mut stream = std::net::TcpStream::connect(to.as_str())
+                    .map_err(|e| HandlerError::transient(format!("cannot reach {to}: {e}")))?;
+                let mut answer = Vec::new();
+                stream
+                    .read_to_end(&mut answer)
+                    .map_err(|e| HandlerError::transient(format!("cannot read {to}: {e}")))?;
+                ctx.reply(&json!({ "read": answer.len() }))
+            }
+            // A file in a granted directory, which may be a FIFO nobody
+            // writes to.
+            "read-file" => match std::fs::read(&path) {
+                Ok(bytes) => ctx.reply(&json!({ "read": bytes.len() })),
+                Err(e) => Err(HandlerError::transient(format!("cannot read {path}: {e}"))),
+            },
+            // One event with `count` empty headers: nothing to measure by
+            // length, everything to allocate.
+            "headers" => {
+                let mut event = switchyard_sdk::Outgoing::json("Published", &1)?;
+                for _ in 0..count {
+                    event = event.with_header("", "");
+                }
+                ctx.publish_message(event);
+                Ok(())
+            }
+            // One event whose payload is `count` bytes.
+            "publish-bytes" => {
+                ctx.publish_message(switchyard_sdk::Outgoing::raw(
+                    "Published",
+                    vec![b'x'; count],
+                    "application/octet-stream",
+                ));
+                Ok(())
+            }
+            // `count` events at once.
+            "publish-many" => {
+                for i in 0..count {
+                    ctx.publish("Published", &i)?;
+                }
+                Ok(())
+            }
+            // Logs as fast as it can until the call ends.
+            "flood-logs" => loop {
+                ctx.info("flooding the log");
+            },
+            // Recursion without end: the stack runs out.
+            "overflow" => {
+                fn down(n: u64) -> u64 {
+                    if n == u64::MAX {
+                        return n;
+                    }
+                    std::hint::black_box(down(n + 1)) + 1
+                }
+                ctx.reply(&down(0))
+            }
             other => Err(HandlerError::permanent(format!("unknown action {other}"))),
         }
     }

