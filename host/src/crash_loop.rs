@@ -18,13 +18,18 @@
 //!   messages that happened to share its batch are not;
 //! - a message settled (handled, retried or dead-lettered) loses its count.
 //!
+//! A crash is the whole process's, so while any route has a suspect in hand
+//! no other route hands a batch to its plugin: a message of another route
+//! that happens to be slow is not blamed with it. A host that was stopping
+//! (a second Ctrl-C, a SIGKILL after its grace period) did not crash, and
+//! its messages are not counted. Counts older than a week are forgotten.
+//!
 //! Writing the file costs three system calls per batch, not per message; a
 //! process that is killed leaves what it wrote in the page cache, which is
 //! all a crash of the process (not of the machine) needs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,6 +41,14 @@ use crate::files::{create_private_dir, create_private_file};
 
 /// The lock a running host holds in its own directory.
 const LOCK_FILE: &str = "lock";
+/// Written when a host begins to stop: what it then has in hand is not a
+/// crash's doing.
+const STOPPING_FILE: &str = "stopping";
+/// Held while a host looks for dead ones or sets up its own directory, so
+/// that two hosts starting at once never take each other for dead.
+const SCAN_LOCK: &str = ".scan";
+/// Crash counts older than this are forgotten.
+const COUNT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// One host process's view of past crashes, shared by its routes.
 pub struct CrashGuard {
@@ -44,8 +57,11 @@ pub struct CrashGuard {
     _lock: File,
     store: Arc<dyn DeadLetterStore>,
     limit: u32,
-    /// (route, message id) → crashes in a row with it in hand.
-    suspects: Mutex<HashMap<(String, String), u32>>,
+    /// Route → message id → crashes in a row with it in hand.
+    suspects: Mutex<HashMap<String, HashMap<String, u32>>>,
+    /// Taken for writing by a route handling a suspect, for reading by the
+    /// others while there are suspects at all.
+    gate: tokio::sync::RwLock<()>,
 }
 
 impl CrashGuard {
@@ -59,27 +75,17 @@ impl CrashGuard {
     ) -> Result<Arc<Self>> {
         let base = state_dir.join("in-flight").join(pipeline);
         create_private_dir(&base)?;
+        let scan_path = base.join(SCAN_LOCK);
+        create_private_file(&scan_path)?;
+        let scan = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&scan_path)
+            .with_context(|| format!("cannot open {}", scan_path.display()))?;
+        // Blocking, but only for as long as another starting host scans.
+        scan.lock()
+            .with_context(|| format!("cannot lock {}", scan_path.display()))?;
         for dead in dead_hosts(&base)? {
-            let in_hand = read_in_hand(&dead.dir);
-            let mut noted = true;
-            for (route, ids) in &in_hand {
-                tracing::warn!(
-                    route = %route,
-                    messages = ids.len(),
-                    first = %ids.first().map(String::as_str).unwrap_or_default(),
-                    "The host before this one died with these messages in hand; counting a crash for each"
-                );
-                if let Err(e) = store.note_crash(route, ids).await {
-                    tracing::warn!(route = %route, error = %format!("{e:#}"), "Cannot count the crash in the dead-letter store; trying again at the next start");
-                    noted = false;
-                }
-            }
-            if noted {
-                drop(dead.lock);
-                if let Err(e) = std::fs::remove_dir_all(&dead.dir) {
-                    tracing::warn!(dir = %dead.dir.display(), error = %e, "Cannot remove a dead host's in-flight record");
-                }
-            }
+            note_crashes(&dead, store.as_ref()).await;
         }
         let dir = base.join(crate::envelope::new_id());
         create_private_dir(&dir)?;
@@ -91,23 +97,35 @@ impl CrashGuard {
             .with_context(|| format!("cannot open {}", lock_path.display()))?;
         lock.try_lock()
             .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", lock_path.display()))?;
-        let suspects = match store.crash_counts().await {
-            Ok(counts) => counts
-                .into_iter()
-                .map(|(route, id, n)| ((route, id), n))
-                .collect(),
+        drop(scan);
+        let mut suspects: HashMap<String, HashMap<String, u32>> = HashMap::new();
+        let forget_before = crate::envelope::now_ms().saturating_sub(COUNT_TTL_MS);
+        match store.crash_counts(forget_before).await {
+            Ok(counts) => {
+                for (route, id, n) in counts {
+                    suspects.entry(route).or_default().insert(id, n);
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "Cannot read crash counts from the dead-letter store; the crash-loop guard starts empty");
-                HashMap::new()
             }
-        };
+        }
         Ok(Arc::new(CrashGuard {
             dir,
             _lock: lock,
             store,
             limit,
             suspects: Mutex::new(suspects),
+            gate: tokio::sync::RwLock::new(()),
         }))
+    }
+
+    /// This host begins to stop: whatever it then has in hand when it dies
+    /// was not the cause.
+    pub fn stopping(&self) {
+        if let Err(e) = create_private_file(&self.dir.join(STOPPING_FILE)) {
+            tracing::debug!(error = %e, "Cannot mark this host as stopping (crash-loop guard)");
+        }
     }
 
     /// The record of one route.
@@ -122,21 +140,52 @@ impl CrashGuard {
             guard: self.clone(),
             route: route.to_owned(),
             file,
-            empty: true,
+            empty: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
-    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), u32>> {
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, u32>>> {
         self.suspects
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
+/// Counts the crash of a dead host, route by route, and removes its record
+/// once every route is counted (a route counted is removed at once, so a
+/// start that fails half-way never counts it twice).
+async fn note_crashes(dead: &Dead, store: &dyn DeadLetterStore) {
+    if dead.dir.join(STOPPING_FILE).exists() {
+        tracing::info!(dir = %dead.dir.display(), "The host before this one was stopping when it ended; no crash counted");
+    } else {
+        for (route, path, ids) in read_in_hand(&dead.dir) {
+            tracing::warn!(
+                route = %route,
+                messages = ids.len(),
+                first = %ids.first().map(String::as_str).unwrap_or_default(),
+                "The host before this one died with these messages in hand; counting a crash for each"
+            );
+            match store.note_crash(&route, &ids).await {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => {
+                    tracing::warn!(route = %route, error = %format!("{e:#}"), "Cannot count the crash in the dead-letter store; trying again at the next start");
+                    return;
+                }
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(&dead.dir) {
+        tracing::warn!(dir = %dead.dir.display(), error = %e, "Cannot remove a dead host's in-flight record");
+    }
+}
+
 /// A dead host's directory, locked by this host while it reads it.
 struct Dead {
     dir: PathBuf,
-    lock: File,
+    /// Held while the record is read and removed.
+    _lock: File,
 }
 
 /// The directories under `base` whose host no longer holds their lock.
@@ -146,7 +195,7 @@ fn dead_hosts(base: &Path) -> Result<Vec<Dead>> {
         std::fs::read_dir(base).with_context(|| format!("cannot read {}", base.display()))?;
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !dir.is_dir() {
+        if !dir.is_dir() || entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
         let Ok(lock) = std::fs::OpenOptions::new()
@@ -158,33 +207,31 @@ fn dead_hosts(base: &Path) -> Result<Vec<Dead>> {
             continue;
         };
         if lock.try_lock().is_ok() {
-            out.push(Dead { dir, lock });
+            out.push(Dead { dir, _lock: lock });
         }
     }
     Ok(out)
 }
 
-/// What a dead host had in hand, per route.
-fn read_in_hand(dir: &Path) -> Vec<(String, Vec<String>)> {
+/// What a dead host had in hand, per route (with the route's file), each
+/// id once.
+fn read_in_hand(dir: &Path) -> Vec<(String, PathBuf, Vec<String>)> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == LOCK_FILE {
+        if name == LOCK_FILE || name == STOPPING_FILE {
             continue;
         }
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        let ids: Vec<String> = text
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let ids: BTreeSet<&str> = text.lines().filter(|l| !l.is_empty()).collect();
         if !ids.is_empty() {
-            out.push((name, ids));
+            let ids = ids.into_iter().map(str::to_owned).collect();
+            out.push((name, entry.path(), ids));
         }
     }
     out
@@ -196,20 +243,32 @@ pub struct RouteGuard {
     route: String,
     file: File,
     /// Whether the file is empty now.
-    empty: bool,
+    empty: std::sync::atomic::AtomicBool,
 }
 
 impl RouteGuard {
     /// Crashes in a row with this message in hand (0 for almost all).
     pub fn crashes(&self, message_id: &str) -> u32 {
-        let suspects = self.guard.suspects();
-        if suspects.is_empty() {
-            return 0;
-        }
-        suspects
-            .get(&(self.route.clone(), message_id.to_owned()))
+        self.guard
+            .suspects()
+            .get(&self.route)
+            .and_then(|ids| ids.get(message_id))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Waits until this route may hand a batch to its plugin: alone while
+    /// it holds a suspect, beside the others otherwise. `None` (no wait at
+    /// all) when there are no suspects.
+    pub async fn gate(&self, holds_suspect: bool) -> Option<Gate<'_>> {
+        if !self.any_suspects() {
+            return None;
+        }
+        Some(if holds_suspect {
+            Gate::Alone(self.guard.gate.write().await)
+        } else {
+            Gate::Shared(self.guard.gate.read().await)
+        })
     }
 
     /// Whether any message of this host is a suspect at all: the common
@@ -225,7 +284,7 @@ impl RouteGuard {
 
     /// Records the messages about to be handled. A failure to write is
     /// logged, not fatal: the guard is a safety net, not the message path.
-    pub fn in_hand<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+    pub fn in_hand<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         let mut text = Vec::with_capacity(64 * 40);
         for id in ids {
             text.extend_from_slice(id.as_bytes());
@@ -238,36 +297,36 @@ impl RouteGuard {
         if let Err(e) = written {
             tracing::warn!(route = %self.route, error = %e, "Cannot record the messages in hand (crash-loop guard)");
         }
-        self.empty = text.is_empty();
+        self.empty
+            .store(text.is_empty(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Nothing in hand any more.
-    pub fn none_in_hand(&mut self) {
-        if self.empty {
+    pub fn none_in_hand(&self) {
+        if self.empty.swap(true, std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if let Err(e) = self.file.set_len(0).and_then(|()| self.file.flush()) {
+        if let Err(e) = self.file.set_len(0) {
             tracing::warn!(route = %self.route, error = %e, "Cannot clear the messages in hand (crash-loop guard)");
         }
-        self.empty = true;
     }
 
     /// Settled messages lose their crash counts.
     pub async fn settled(&self, message_ids: &[String]) {
         let known: Vec<String> = {
             let mut suspects = self.guard.suspects();
-            if suspects.is_empty() {
+            let Some(ids) = suspects.get_mut(&self.route) else {
                 return;
-            }
-            message_ids
+            };
+            let known = message_ids
                 .iter()
-                .filter(|id| {
-                    suspects
-                        .remove(&(self.route.clone(), (*id).clone()))
-                        .is_some()
-                })
+                .filter(|id| ids.remove(id.as_str()).is_some())
                 .cloned()
-                .collect()
+                .collect();
+            if ids.is_empty() {
+                suspects.remove(&self.route);
+            }
+            known
         };
         if known.is_empty() {
             return;
@@ -275,5 +334,71 @@ impl RouteGuard {
         if let Err(e) = self.guard.store.clear_crashes(&self.route, &known).await {
             tracing::warn!(route = %self.route, error = %format!("{e:#}"), "Cannot clear crash counts in the dead-letter store");
         }
+    }
+}
+
+/// A route's turn to hand a batch to its plugin while there are suspects.
+pub enum Gate<'a> {
+    /// A suspect in hand: no other route runs.
+    Alone(tokio::sync::RwLockWriteGuard<'a, ()>),
+    /// No suspect in hand: other such routes run too.
+    Shared(tokio::sync::RwLockReadGuard<'a, ()>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dlq::sqlite::SqliteStore;
+
+    fn dead_host(base: &Path, name: &str, files: &[(&str, &str)]) {
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(LOCK_FILE), "").unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn crashes_are_counted_once_per_message_and_not_for_a_stopping_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn DeadLetterStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("dlq.db"), "shop").unwrap());
+        let base = dir.path().join("in-flight").join("shop");
+        // The same id twice (a redelivery in one batch) counts once.
+        dead_host(&base, "crashed", &[("orders", "a\na\nb\n")]);
+        dead_host(&base, "stopped", &[("orders", "c\n"), (STOPPING_FILE, "")]);
+        let first = CrashGuard::start(dir.path(), "shop", store.clone(), 3)
+            .await
+            .unwrap();
+        let mut counts = store.crash_counts(0).await.unwrap();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                ("orders".to_owned(), "a".to_owned(), 1),
+                ("orders".to_owned(), "b".to_owned(), 1)
+            ]
+        );
+        let route = first.route("orders").unwrap();
+        assert_eq!((route.crashes("a"), route.crashes("c")), (1, 0));
+        // A second host starting beside a live one leaves it alone.
+        route.in_hand(["a"]);
+        let second = CrashGuard::start(dir.path(), "shop", store.clone(), 3)
+            .await
+            .unwrap();
+        assert!(first.dir.exists(), "a live host is not taken for dead");
+        assert_eq!(
+            store.crash_counts(0).await.unwrap().len(),
+            2,
+            "nothing counted twice"
+        );
+        // Settled: the count goes.
+        route.settled(&["a".to_owned()]).await;
+        assert_eq!(route.crashes("a"), 0);
+        assert_eq!(store.crash_counts(0).await.unwrap().len(), 1);
+        drop(second);
+        // Old counts are forgotten.
+        assert!(store.crash_counts(u64::MAX).await.unwrap().is_empty());
     }
 }

@@ -29,8 +29,10 @@ use crate::transport::{Delivery, Outcome, Refused, Settlement, Subscription, Top
 /// Longest pause between attempts after store or plugin errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Error text kept per attempt in the history.
-const MAX_ATTEMPT_ERROR: usize = 2048;
+/// Error text kept per attempt in the history: a message carries at most
+/// 64 attempts, and on RabbitMQ its whole history travels in one header
+/// frame (128 KiB by default). The dead letter keeps the full last error.
+const MAX_ATTEMPT_ERROR: usize = 1024;
 
 /// Bytes of outputs a batch may hold before it is settled early, so a
 /// batch of large outputs does not hold `batch_size` times the per-call
@@ -1094,7 +1096,7 @@ async fn commit(
             .collect()
     };
     if !refused.is_empty()
-        && !dead_letter_refused(ctx, plugin, subscription, refused, unhandled).await
+        && !dead_letter_refused(ctx, plugin, state, subscription, refused, unhandled).await
     {
         ok = false;
     }
@@ -1133,6 +1135,7 @@ async fn commit(
 async fn dead_letter_refused(
     ctx: &RouteContext,
     plugin: &LoadedPlugin,
+    state: &mut RouteState,
     subscription: &mut dyn Subscription,
     refused: Vec<Refused>,
     unhandled: &mut Vec<Delivery>,
@@ -1192,15 +1195,19 @@ async fn dead_letter_refused(
         .iter()
         .map(|s| s.delivery.envelope.message_type.clone())
         .collect();
-    if let Err(e) = ctx.dead_letters.record(letters).await {
-        tracing::error!(
-            plugin = %plugin.name(),
-            error = %format!("{e:#}"),
-            "Cannot write dead letters; those messages stay queued and will be handled again"
-        );
-        unhandled.extend(settlements.into_iter().map(|s| s.delivery));
-        return false;
-    }
+    let message_ids: Vec<String> = letters.iter().map(|l| l.message.id.clone()).collect();
+    let written = match ctx.dead_letters.record(letters).await {
+        Ok(record_ids) => message_ids.into_iter().zip(record_ids),
+        Err(e) => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot write dead letters; those messages stay queued and will be handled again"
+            );
+            unhandled.extend(settlements.into_iter().map(|s| s.delivery));
+            return false;
+        }
+    };
     match subscription.settle(settlements).await {
         Ok(again) => {
             let ok = again.is_empty();
@@ -1226,6 +1233,8 @@ async fn dead_letter_refused(
                 error = %format!("{e:#}"),
                 "Cannot settle dead-lettered messages; they stay queued and will be handled again"
             );
+            // If one is handled when it comes again, its record is closed.
+            state.dead_but_unsettled.extend(written);
             false
         }
     }
@@ -1275,10 +1284,18 @@ pub async fn run_route(
     let mut state = RouteState::default();
     // The next batch, taken in while the plugin handled the one before.
     let mut ready: Vec<Delivery> = Vec::new();
-    let mut crashes = match &ctx.crash_guard {
-        Some(g) => Some(g.route(plugin.name().as_str())?),
-        None => None,
-    };
+    // A guard that cannot keep its record is a net missing, not a reason
+    // to stop the route.
+    let crashes = ctx
+        .crash_guard
+        .as_ref()
+        .and_then(|g| match g.route(plugin.name().as_str()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(plugin = %plugin.name(), error = %format!("{e:#}"), "The crash-loop guard cannot record this route's messages; running without it");
+                None
+            }
+        });
     loop {
         if *shutdown.borrow() {
             if !ready.is_empty() {
@@ -1364,7 +1381,15 @@ pub async fn run_route(
             .metrics
             .in_flight
             .add(received, &in_flight_attrs);
-        if let Some(g) = crashes.as_mut() {
+        // While any route holds a suspect, that route runs alone.
+        let holds_suspect = crashes.as_ref().is_some_and(|g| {
+            g.any_suspects() && batch.first().is_some_and(|d| g.crashes(&d.envelope.id) > 0)
+        });
+        let gate = match &crashes {
+            Some(g) => g.gate(holds_suspect).await,
+            None => None,
+        };
+        if let Some(g) = &crashes {
             g.in_hand(batch.iter().map(|d| d.envelope.id.as_str()));
         }
         let stop_flag = stop.clone();
@@ -1423,7 +1448,7 @@ pub async fn run_route(
         if !unhandled.is_empty() || !committed {
             unhandled.append(&mut ready);
         }
-        if let Some(g) = crashes.as_mut() {
+        if let Some(g) = &crashes {
             if !suspects_settled.is_empty() {
                 let settled: Vec<String> = suspects_settled
                     .into_iter()
@@ -1433,6 +1458,7 @@ pub async fn run_route(
             }
             g.none_in_hand();
         }
+        drop(gate);
         if !unhandled.is_empty() {
             subscription.release(unhandled).await?;
         }

@@ -37,8 +37,10 @@ pub const MAX_HEADER_NAME: usize = 255;
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Header bytes a plugin may use, leaving room for the host's own.
 pub const MAX_PLUGIN_HEADER_BYTES: usize = MAX_HEADER_BYTES - (4 << 10);
-/// Earlier attempts a message may carry in its history: far more than any
-/// retry policy makes, few enough to keep a record small.
+/// Earlier attempts a message may carry in its history, and so the most
+/// attempts a retry policy may make of one message (the pipeline refuses
+/// larger policies): few enough that the history, with each attempt's error
+/// clipped to 1 KiB, fits one AMQP header frame.
 pub const MAX_HISTORY: usize = 64;
 /// The default largest payload a message may have, in and out
 /// (`[host] max_message_size`). RabbitMQ 4 refuses larger messages by
@@ -137,9 +139,25 @@ pub fn check_type(t: &str) -> Result<(), String> {
         })
 }
 
-/// Headers: how many, how long their names, how large all together.
+/// Headers: how many, how long their names, how large all together. The
+/// host's own headers (trace context, a replay's link) are not counted: a
+/// message at the limit stays within it when the host retries it.
 pub fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
-    check_headers_within(headers, MAX_HEADERS, MAX_HEADER_BYTES)
+    let theirs: Vec<(String, String)> = if headers.iter().any(|(n, _)| is_host_header(n)) {
+        headers
+            .iter()
+            .filter(|(n, _)| !is_host_header(n))
+            .cloned()
+            .collect()
+    } else {
+        return check_headers_within(headers, MAX_HEADERS, MAX_HEADER_BYTES);
+    };
+    check_headers_within(&theirs, MAX_HEADERS, MAX_HEADER_BYTES)
+}
+
+/// Headers the host itself writes on what it publishes.
+fn is_host_header(name: &str) -> bool {
+    matches!(name, "traceparent" | "tracestate") || name.starts_with("switchyard-")
 }
 
 /// [`check_headers`] with other limits (a plugin's, which leave room for

@@ -282,14 +282,22 @@ pub async fn run_with(
                 crate::dlq::describe(&pipeline.dead_letters)
             )
         })?;
-    let crash_guard = crate::crash_loop::CrashGuard::start(
+    // A safety net, not the message path: a host whose state directory
+    // cannot be written (a read-only file system) runs without it.
+    let crash_guard = match crate::crash_loop::CrashGuard::start(
         &pipeline.state_dir,
         &pipeline.name,
         dead_letters.clone(),
         pipeline.crash_loop_limit,
     )
     .await
-    .context("cannot start the crash-loop guard")?;
+    {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "The crash-loop guard cannot start; running without it");
+            None
+        }
+    };
     let schemas = plugins.schemas.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let versions: Vec<Arc<Version>> = plugins
@@ -331,7 +339,7 @@ pub async fn run_with(
             telemetry: telemetry.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
             schemas,
-            crash_guard: Some(crash_guard),
+            crash_guard: crash_guard.clone(),
         },
     )
     .await?;
@@ -416,6 +424,9 @@ pub async fn run_with(
         }
         r = route_died => r,
     };
+    if let Some(g) = &crash_guard {
+        g.stopping();
+    }
     let _ = stop_tx.send(true);
     control.shutdown().await;
     while let Ok((route, result)) = exits.try_recv() {

@@ -163,6 +163,20 @@ fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf> 
 /// Installs a crates.io tool into the tools directory unless it is there at
 /// this version.
 fn cargo_tool(package: &str, version: &str, bin: &str, features: &str) -> Result<PathBuf> {
+    install_tool(package, version, bin, Some(features))
+}
+
+/// A crates.io tool with its default features, installed like [`cargo_tool`].
+pub fn cargo_tool_any(package: &str, version: &str, bin: &str) -> Result<PathBuf> {
+    install_tool(package, version, bin, None)
+}
+
+fn install_tool(
+    package: &str,
+    version: &str,
+    bin: &str,
+    features: Option<&str>,
+) -> Result<PathBuf> {
     let root_dir = tools_dir();
     let path = root_dir.join("bin").join(bin);
     let installed = version_of(&path).is_some_and(|v| v.split_whitespace().any(|w| w == version));
@@ -171,12 +185,16 @@ fn cargo_tool(package: &str, version: &str, bin: &str, features: &str) -> Result
             "xtask: installing {package} {version} into {} (once; a few minutes)",
             root_dir.display()
         );
-        run(crate::cargo()
+        let mut install = crate::cargo();
+        install
             .env_remove("CARGO_TARGET_DIR")
             .args(["install", "--locked", "--quiet", "--root"])
             .arg(&root_dir)
-            .arg(format!("{package}@{version}"))
-            .args(["--no-default-features", "--features", features]))?;
+            .arg(format!("{package}@{version}"));
+        if let Some(f) = features {
+            install.args(["--no-default-features", "--features", f]);
+        }
+        run(&mut install)?;
     }
     Ok(path)
 }

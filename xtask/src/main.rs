@@ -9,12 +9,18 @@
 //!   20, a Python with pika, the local RabbitMQ and PostgreSQL started).
 //! - `test [ARGS]`: `setup`, build the plugins, then `cargo test --workspace
 //!   [ARGS]`.
+//! - `fuzz [--seconds N] [TARGET...]`: run the fuzz targets in `fuzz/`
+//!   (every one by default) for N seconds each (default 60), from their
+//!   committed corpus; cargo-fuzz is installed on first use.
+//! - `chaos [--full]`: the chaos suite (`host/tests/chaos`), short or with
+//!   10 runs of 20,000 messages per scenario.
 //! - `ci`: formatting, clippy (host and wasm targets), then `test`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 
+mod fuzz;
 mod languages;
 mod setup;
 
@@ -31,9 +37,11 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
+        Some("fuzz") => fuzz::run(&args[1..]),
+        Some("chaos") => chaos(args.get(1).map(String::as_str) == Some("--full")),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | ci>"
+                "usage: cargo xtask <setup | build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | chaos [--full] | fuzz [--seconds N] [TARGET...] | ci>"
             );
             return ExitCode::from(2);
         }
@@ -229,6 +237,27 @@ fn test(extra: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.env("SWITCHYARD_PYTHON", &env.python);
     run(cmd.args(["test", "--workspace"]).args(extra))
+}
+
+/// The chaos suite, one scenario at a time, with what each saw printed.
+fn chaos(full: bool) -> Result<()> {
+    let env = setup::prepare()?;
+    build_plugins_with(env.path())?;
+    let mut cmd = cargo();
+    if full {
+        cmd.env("CHAOS_RUNS", "10").env("CHAOS_MESSAGES", "20000");
+    }
+    run(cmd.args([
+        "test",
+        "--package",
+        "switchyard",
+        "--test",
+        "chaos",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+        "--nocapture",
+    ]))
 }
 
 fn ci() -> Result<()> {

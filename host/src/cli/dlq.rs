@@ -200,7 +200,8 @@ fn parse_time(s: &str) -> Result<u64> {
 }
 
 impl FilterArgs {
-    fn to_filter(&self) -> Result<Filter> {
+    /// The store filter these options ask for; an error names the option at fault.
+    pub fn to_filter(&self) -> Result<Filter> {
         let mut statuses = Vec::new();
         for s in &self.status {
             statuses.push(Status::parse(s).with_context(|| {

@@ -1,6 +1,6 @@
 //! The `switchyard` command line.
 
-mod dlq;
+pub mod dlq;
 mod inspect;
 mod messages;
 mod remote;

@@ -936,6 +936,21 @@ impl Parser<'_> {
                 );
             }
         }
+        let attempts = (u64::from(policy.immediate) + 1) * (u64::from(policy.delayed) + 1);
+        if attempts > crate::limits::MAX_HISTORY as u64 {
+            self.diags.push(
+                Diagnostic::error(
+                    format!(
+                        "`{}` lets one message be tried {attempts} times, more than the {} attempts a message carries in its history",
+                        r.path(),
+                        crate::limits::MAX_HISTORY
+                    ),
+                    r.span(),
+                )
+                .with_label("too many attempts")
+                .with_note("help: each delayed retry makes `immediate + 1` attempts; lower `immediate` or `delayed`"),
+            );
+        }
         let backoff = self.duration(&mut r, "backoff");
         if let Some(d) = &backoff {
             policy.backoff = d.value;

@@ -304,8 +304,9 @@ pub trait DeadLetterStore: Send + Sync {
     async fn note_crash(&self, route: &str, message_ids: &[String]) -> Result<()>;
 
     /// Every message in hand at recent crashes: (route, message id, crashes
-    /// in a row).
-    async fn crash_counts(&self) -> Result<Vec<(String, String, u32)>>;
+    /// in a row). Counts whose last crash was before `forget_before_ms` are
+    /// removed first.
+    async fn crash_counts(&self, forget_before_ms: u64) -> Result<Vec<(String, String, u32)>>;
 
     /// Forgets the crashes of messages that were settled since.
     async fn clear_crashes(&self, route: &str, message_ids: &[String]) -> Result<()>;

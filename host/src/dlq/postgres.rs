@@ -445,7 +445,7 @@ impl DeadLetterStore for PostgresStore {
         let (clause, values) = self.select(filter);
         let limit = filter
             .limit
-            .map(|l| format!(" LIMIT {l}"))
+            .map(|l| format!(" LIMIT {}", to_i64(l)))
             .unwrap_or_default();
         let sql = format!(
             "SELECT {COLUMNS} FROM {} {clause} ORDER BY last_failed_at_ms DESC, id DESC{limit}",
@@ -469,7 +469,7 @@ impl DeadLetterStore for PostgresStore {
         let (clause, values) = self.select(filter);
         let limit = filter
             .limit
-            .map(|l| format!(" LIMIT {l}"))
+            .map(|l| format!(" LIMIT {}", to_i64(l)))
             .unwrap_or_default();
         let sql = format!(
             "SELECT fingerprint, COUNT(*), MIN(route), MIN(error_kind), MIN(cause), MIN(first_failed_at_ms), MAX(last_failed_at_ms)
@@ -653,9 +653,18 @@ impl DeadLetterStore for PostgresStore {
         Ok(())
     }
 
-    async fn crash_counts(&self) -> Result<Vec<(String, String, u32)>> {
+    async fn crash_counts(&self, forget_before_ms: u64) -> Result<Vec<(String, String, u32)>> {
         let guard = self.client().await?;
         let client = guard.as_ref().context("no dead-letter store connection")?;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {}.crash_counts WHERE pipeline = $1 AND last_crash_at_ms < $2",
+                    self.schema
+                ),
+                &[&self.pipeline, &to_i64(forget_before_ms)],
+            )
+            .await?;
         let rows = client
             .query(
                 &format!(

@@ -141,6 +141,24 @@ impl SqliteStore {
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
+    // A store already at this version is only read: a host can open it on
+    // a full disk (and then wait for room to write).
+    let known = MIGRATIONS.len() as i64;
+    let table_exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letter_migrations')",
+        [],
+        |r| r.get(0),
+    )?;
+    if table_exists {
+        let current: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM dead_letter_migrations",
+            [],
+            |r| r.get(0),
+        )?;
+        if current == known {
+            return Ok(());
+        }
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS dead_letter_migrations (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)",
@@ -150,7 +168,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         [],
         |r| r.get(0),
     )?;
-    let known = MIGRATIONS.len() as i64;
     if current > known {
         bail!(
             "the dead-letter schema is at version {current}, newer than this switchyard knows ({known}); upgrade switchyard"
@@ -384,7 +401,10 @@ impl DeadLetterStore for SqliteStore {
         let filter = filter.clone();
         self.blocking(move |s| {
             let (clause, values) = s.select(&filter);
-            let limit = filter.limit.map(|l| format!(" LIMIT {l}")).unwrap_or_default();
+            let limit = filter
+                .limit
+                .map(|l| format!(" LIMIT {}", to_i64(l)))
+                .unwrap_or_default();
             let conn = lock(&s.conn);
             let mut stmt = conn.prepare(&format!(
                 "SELECT {COLUMNS} FROM dead_letters {clause} ORDER BY last_failed_at_ms DESC, id DESC{limit}"
@@ -403,7 +423,10 @@ impl DeadLetterStore for SqliteStore {
         let filter = filter.clone();
         self.blocking(move |s| {
             let (clause, values) = s.select(&filter);
-            let limit = filter.limit.map(|l| format!(" LIMIT {l}")).unwrap_or_default();
+            let limit = filter
+                .limit
+                .map(|l| format!(" LIMIT {}", to_i64(l)))
+                .unwrap_or_default();
             let conn = lock(&s.conn);
             let mut stmt = conn.prepare(&format!(
                 "SELECT fingerprint, COUNT(*), MIN(route), MIN(error_kind), MIN(cause), MIN(first_failed_at_ms), MAX(last_failed_at_ms)
@@ -603,9 +626,13 @@ impl DeadLetterStore for SqliteStore {
         .await
     }
 
-    async fn crash_counts(&self) -> Result<Vec<(String, String, u32)>> {
-        self.blocking(|s| {
+    async fn crash_counts(&self, forget_before_ms: u64) -> Result<Vec<(String, String, u32)>> {
+        self.blocking(move |s| {
             let conn = lock(&s.conn);
+            conn.prepare_cached(
+                "DELETE FROM crash_counts WHERE pipeline = ?1 AND last_crash_at_ms < ?2",
+            )?
+            .execute(params![s.pipeline, to_i64(forget_before_ms)])?;
             let mut stmt = conn.prepare_cached(
                 "SELECT route, message_id, crashes FROM crash_counts WHERE pipeline = ?1",
             )?;

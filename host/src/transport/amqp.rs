@@ -434,7 +434,54 @@ pub fn envelope(
     d: &AmqpDelivery,
     kind_of: impl Fn(&str) -> Option<Kind>,
 ) -> Result<Envelope, String> {
-    let props = &d.properties;
+    decode(
+        &d.properties,
+        d.exchange.as_str(),
+        d.routing_key.as_str(),
+        &d.data,
+        kind_of,
+    )
+}
+
+/// A delivery as a route takes it: decoded, with its reply-to checked
+/// against `pipeline_exchange`, or, when either fails, what can be said of
+/// it (the payload untouched) with the reason it is malformed.
+pub fn receive(
+    props: &BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    data: &[u8],
+    delivery_tag: u64,
+    kind_of: impl Fn(&str) -> Option<Kind>,
+    pipeline_exchange: &str,
+) -> (Envelope, Option<String>) {
+    let decoded = decode(props, exchange, routing_key, data, kind_of).and_then(|e| {
+        match e.reply_to.as_deref() {
+            Some(r) => check_reply_to(r, pipeline_exchange).map(|()| e),
+            None => Ok(e),
+        }
+    });
+    match decoded {
+        Ok(e) => (e, None),
+        Err(reason) => {
+            let id = props
+                .message_id()
+                .as_ref()
+                .map_or_else(|| format!("amqp-{delivery_tag}"), |m| m.as_str().to_owned());
+            let salvaged = cloudevents::salvage(id, routing_key.to_owned(), data.to_vec());
+            (salvaged, Some(reason))
+        }
+    }
+}
+
+/// [`envelope`] from the parts of a delivery.
+pub fn decode(
+    props: &BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    data: &[u8],
+    kind_of: impl Fn(&str) -> Option<Kind>,
+) -> Result<Envelope, String> {
     let table: HashMap<&str, &AMQPValue> = props
         .headers()
         .as_ref()
@@ -455,7 +502,7 @@ pub fn envelope(
     headers.sort();
     let fallbacks = cloudevents::Fallbacks {
         id: text_of(props.message_id()),
-        message_type: text_of(props.kind()).or_else(|| Some(d.routing_key.as_str().to_owned())),
+        message_type: text_of(props.kind()).or_else(|| Some(routing_key.to_owned())),
         created_at_ms: props.timestamp().map(|s| s.saturating_mul(1000)),
         correlation_id: text_of(props.correlation_id()),
         reply_to: text_of(props.reply_to()),
@@ -464,12 +511,12 @@ pub fn envelope(
     };
     // Only the host's retry queues (which dead-letter back through the
     // default exchange) and its replays publish there.
-    let retry_state = d.exchange.as_str().is_empty();
+    let retry_state = exchange.is_empty();
     cloudevents::decode(
         attr,
         fallbacks,
         kind_of,
-        d.data.clone(),
+        data.to_vec(),
         headers,
         retry_state,
     )
@@ -976,25 +1023,15 @@ impl AmqpSubscription {
 
     fn accept(&mut self, d: AmqpDelivery) -> Delivery {
         let shared = &self.shared;
-        let decoded =
-            envelope(&d, |t| shared.routing.kind(t)).and_then(|e| match e.reply_to.as_deref() {
-                Some(r) => check_reply_to(r, &shared.config.exchange).map(|()| e),
-                None => Ok(e),
-            });
-        let (envelope, malformed) = match decoded {
-            Ok(e) => (e, None),
-            Err(reason) => {
-                let salvaged = cloudevents::salvage(
-                    d.properties.message_id().as_ref().map_or_else(
-                        || format!("amqp-{}", d.delivery_tag),
-                        |m| m.as_str().to_owned(),
-                    ),
-                    d.routing_key.as_str().to_owned(),
-                    d.data.clone(),
-                );
-                (salvaged, Some(reason))
-            }
-        };
+        let (envelope, malformed) = receive(
+            &d.properties,
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+            &d.data,
+            d.delivery_tag,
+            |t| shared.routing.kind(t),
+            &shared.config.exchange,
+        );
         self.next_receipt += 1;
         let receipt = self.next_receipt;
         self.ackers.insert(receipt, (self.generation, d.acker));
@@ -1093,16 +1130,28 @@ impl Subscription for AmqpSubscription {
                 Err(reason) => refused[i] = Some(reason),
             }
         }
+        // Replies go out once the rest of their outcome is confirmed: a
+        // command whose outcome the broker refuses is dead-lettered, and
+        // its requester must not hear that it succeeded.
+        let (replies, rest): (Vec<_>, Vec<_>) = planned
+            .into_iter()
+            .partition(|(_, p)| matches!(p.expect, Expect::Reply));
         let result: Result<()> = async {
-            let mut pending = Vec::with_capacity(planned.len());
-            for (i, p) in planned {
-                let confirm =
-                    publish(&publisher, p.exchange, &p.routing_key, &p.message, p.props).await?;
-                pending.push((i, confirm, p.expect, p.what));
-            }
-            for (i, confirm, expect, what) in pending {
-                if let Some(problem) = confirmed(confirm, expect, &what).await? {
-                    refused[i].get_or_insert(problem);
+            for round in [rest, replies] {
+                let mut pending = Vec::with_capacity(round.len());
+                for (i, p) in round {
+                    if refused[i].is_some() {
+                        continue;
+                    }
+                    let confirm =
+                        publish(&publisher, p.exchange, &p.routing_key, &p.message, p.props)
+                            .await?;
+                    pending.push((i, confirm, p.expect, p.what));
+                }
+                for (i, confirm, expect, what) in pending {
+                    if let Some(problem) = confirmed(confirm, expect, &what).await? {
+                        refused[i].get_or_insert(problem);
+                    }
                 }
             }
             Ok(())

@@ -252,8 +252,14 @@ impl EmbeddedTransport {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
-        file.set_len(0)?;
-        write!(file, "{}", std::process::id())?;
+        // The pid only tells a second host who holds the lock: a full disk
+        // must not keep this one from starting.
+        if let Err(e) = file
+            .set_len(0)
+            .and_then(|()| write!(file, "{}", std::process::id()))
+        {
+            tracing::warn!(lock = %path.display(), error = %e, "Cannot write this host's pid into the consumer lock");
+        }
         Ok(ConsumerLock { _file: file, path })
     }
 

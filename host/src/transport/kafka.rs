@@ -427,6 +427,38 @@ pub fn envelope<M: rdkafka::Message>(
     (result, not_before)
 }
 
+/// A record as a route takes it: decoded, with its reply-to checked against
+/// the pipeline's namespace, or, when either fails, what can be said of it
+/// (the value untouched) with the reason it is malformed; and the due time
+/// of a delayed retry.
+pub fn receive<M: rdkafka::Message>(
+    m: &M,
+    prefix: &str,
+    kind_of: impl Fn(&str) -> Option<Kind>,
+) -> (Envelope, Option<String>, Option<u64>) {
+    let (result, not_before) = envelope(m, prefix, &kind_of);
+    let result = result.and_then(|e| match e.reply_to.as_deref() {
+        Some(r) => check_reply_to(r, prefix, |t| kind_of(t).is_some()).map(|()| e),
+        None => Ok(e),
+    });
+    match result {
+        Ok(e) => (e, None, not_before),
+        Err(reason) => {
+            let message_type = m
+                .topic()
+                .strip_prefix(prefix)
+                .unwrap_or(m.topic())
+                .to_owned();
+            let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+            (
+                cloudevents::salvage(record_id(m), message_type, payload),
+                Some(reason),
+                not_before,
+            )
+        }
+    }
+}
+
 /// The id of a record that carries none: its place in the cluster.
 fn record_id<M: rdkafka::Message>(m: &M) -> String {
     format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset())
@@ -820,10 +852,14 @@ async fn topic_exists(shared: &Shared, topic: &str, looks: u32) -> bool {
     if shared.known_topics.lock().is_ok_and(|k| k.contains(topic)) {
         return true;
     }
-    if shared.missing_topics.lock().is_ok_and(|m| {
-        m.get(topic)
-            .is_some_and(|t| t.elapsed() < MISSING_TOPIC_TTL)
-    }) {
+    // Only a single look (a reply address) trusts an earlier miss: a topic
+    // an operator creates for outputs is found on the next look.
+    if looks == 1
+        && shared.missing_topics.lock().is_ok_and(|m| {
+            m.get(topic)
+                .is_some_and(|t| t.elapsed() < MISSING_TOPIC_TTL)
+        })
+    {
         return false;
     }
     for look in 0..looks {
@@ -1101,31 +1137,8 @@ impl KafkaSubscription {
 
     fn delivery_of<M: rdkafka::Message>(&mut self, m: &M) -> (Delivery, Position, Option<u64>) {
         let shared = &self.shared;
-        let (result, not_before) =
-            envelope(m, &shared.config.topic_prefix, |t| shared.routing.kind(t));
-        let result = result.and_then(|e| match e.reply_to.as_deref() {
-            Some(r) => check_reply_to(r, &shared.config.topic_prefix, |t| {
-                shared.routing.kind(t).is_some()
-            })
-            .map(|()| e),
-            None => Ok(e),
-        });
-        let (envelope, malformed) = match result {
-            Ok(e) => (e, None),
-            Err(reason) => {
-                let id = record_id(m);
-                let message_type = m
-                    .topic()
-                    .strip_prefix(&self.shared.config.topic_prefix)
-                    .unwrap_or(m.topic())
-                    .to_owned();
-                let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                (
-                    cloudevents::salvage(id, message_type, payload),
-                    Some(reason),
-                )
-            }
-        };
+        let (envelope, malformed, not_before) =
+            receive(m, &shared.config.topic_prefix, |t| shared.routing.kind(t));
         self.next_receipt += 1;
         let position = Position {
             partition: (m.topic().to_owned(), m.partition()),
@@ -1422,7 +1435,7 @@ impl Subscription for KafkaSubscription {
                     if let Some(r) = reply {
                         let e = r.envelope(&s.delivery.envelope.message_type);
                         let h = headers(&e, source, None);
-                        let mut record = Record::new((), r.address.clone(), e, h);
+                        let mut record = Record::new(i, r.address.clone(), e, h);
                         record.key = Some(r.correlation_id.clone());
                         replies.push(record);
                     }
@@ -1496,9 +1509,14 @@ impl Subscription for KafkaSubscription {
                 self.topics.route
             )));
         }
-        // A reply that cannot be written fails the reply, not the command.
+        // A reply that cannot be written fails the reply, not the command;
+        // a command whose outcome was refused gets no reply (it is
+        // dead-lettered, not done).
         let mut deliverable = Vec::with_capacity(replies.len());
         for reply in replies {
+            if refused[reply.tag].is_some() {
+                continue;
+            }
             if topic_exists(&self.shared, &reply.topic, 1).await {
                 deliverable.push(reply);
             } else {

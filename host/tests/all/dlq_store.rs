@@ -123,6 +123,13 @@ async fn contract(store: Arc<dyn DeadLetterStore>, other_pipeline: Arc<dyn DeadL
         .await
         .unwrap();
     assert_eq!(limited.len(), 1);
+    // Found by fuzzing: a limit past i64 was SQL SQLite refused.
+    let unlimited = Filter {
+        limit: Some(u64::MAX),
+        ..Filter::default()
+    };
+    assert_eq!(store.list(&unlimited).await.unwrap().len(), 3);
+    assert_eq!(store.groups(&unlimited).await.unwrap().len(), 2);
 
     // Groups: both time-outs share a cause despite different numbers.
     let groups = store.groups(&Filter::default()).await.unwrap();

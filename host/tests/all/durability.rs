@@ -123,7 +123,8 @@ async fn sigkill_mid_stream_loses_nothing() {
     assert!(crate::common::dead_letters(&pipeline).await.is_empty());
 }
 
-/// Whether some host of the pipeline in `dir` records `id` as in hand.
+/// Whether a running host of the pipeline in `dir` records `id` as in
+/// hand (a dead host's record, whose lock is free, does not count).
 fn in_hand(dir: &Path, id: &str) -> bool {
     let base = dir.join(".switchyard").join("in-flight");
     let Ok(pipelines) = std::fs::read_dir(&base) else {
@@ -135,11 +136,16 @@ fn in_hand(dir: &Path, id: &str) -> bool {
             .flatten()
             .flatten()
             .any(|host| {
-                std::fs::read_dir(host.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|f| std::fs::read_to_string(f.path()).is_ok_and(|t| t.contains(id)))
+                let lock = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(host.path().join("lock"));
+                let alive = lock.is_ok_and(|l| l.try_lock().is_err());
+                alive
+                    && std::fs::read_dir(host.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|f| std::fs::read_to_string(f.path()).is_ok_and(|t| t.contains(id)))
             })
     })
 }

@@ -141,19 +141,39 @@ pub fn random_below(n: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(Instant::now()) % n.max(1)
 }
 
+/// What a run with kills saw (the chaos suite reports it).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub struct KillRun {
+    /// Lines in the tally when each host was killed.
+    pub kills: Vec<usize>,
+    /// Messages handled more than once.
+    pub duplicates: usize,
+    pub took: Duration,
+}
+
 /// Kills hosts at three random points of a 20,000-message run, then drains
 /// with a last one. Returns the pipeline, for the caller to clean up.
 pub async fn sigkill_at_random_points(broker: &Broker) -> Pipeline {
+    sigkill_run(broker, MESSAGES).await.0
+}
+
+/// [`sigkill_at_random_points`] with `messages` messages; every one must be
+/// handled at least once (the run fails otherwise), and the duplicates are
+/// reported.
+pub async fn sigkill_run(broker: &Broker, messages: usize) -> (Pipeline, KillRun) {
+    let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let (path, p) = tally_pipeline(broker, dir.path());
-    let ids = enqueue_ticks(&p, MESSAGES).await;
+    let ids = enqueue_ticks(&p, messages).await;
     let log = tally(dir.path());
 
     // Three kills, each after a random share of what is left.
     let mut kills = Vec::new();
     for _ in 0..3 {
         let handled = lines(&log).len();
-        let target = handled + 500 + random_below(((MESSAGES - handled) / 4) as u64) as usize;
+        let step = (messages / 40).max(1);
+        let target = handled + step + random_below(((messages - handled) / 4) as u64) as usize;
         let mut h = host(&path, &[]);
         wait_until("progress", &mut [&mut h], Duration::from_secs(120), || {
             lines(&log).len() >= target
@@ -173,7 +193,7 @@ pub async fn sigkill_at_random_points(broker: &Broker) -> Pipeline {
 
     let duplicates = check_all_handled(&ids, &lines(&log));
     eprintln!(
-        "{} sigkill: killed after {kills:?} lines; all {MESSAGES} handled at least once, {duplicates} twice",
+        "{} sigkill: killed after {kills:?} lines; all {messages} handled at least once, {duplicates} twice",
         broker.name
     );
     // At most what each killed host had handled and not acknowledged.
@@ -181,7 +201,14 @@ pub async fn sigkill_at_random_points(broker: &Broker) -> Pipeline {
         duplicates <= kills.len() * broker.duplicates_per_kill,
         "{duplicates} duplicates"
     );
-    p
+    (
+        p,
+        KillRun {
+            kills,
+            duplicates,
+            took: started.elapsed(),
+        },
+    )
 }
 
 /// Two hosts share the work; one is killed and the other finishes it.

@@ -255,7 +255,7 @@ fn a_fifo_in_a_granted_directory_is_refused_at_once() {
 }
 
 #[test]
-fn empty_headers_cost_what_the_host_allocates_for_them() {
+fn a_flood_of_empty_headers_is_refused() {
     let rogue = load_with("rogue", Limits::default(), Grants::default());
     let mut worker = Worker::new(rogue, RetryPolicy::default());
     // Nothing to measure by length, everything to allocate: refused.
