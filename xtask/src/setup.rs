@@ -40,7 +40,7 @@ pub fn prepare() -> Result<Environment> {
     system_packages()?;
     let python = python_with_pika()?;
     let node_bin = node()?;
-    services();
+    services()?;
     Ok(Environment { python, node_bin })
 }
 
@@ -227,12 +227,17 @@ fn wait_for(port: u16) -> bool {
     false
 }
 
-/// Starts RabbitMQ and PostgreSQL when they are installed but stopped; says
-/// what is missing otherwise (the tests that need them then fail, naming
-/// the service).
-fn services() {
+/// Starts RabbitMQ and PostgreSQL when they are installed but stopped, and
+/// installs them (Debian's packages) when they are missing and the task
+/// may: a PostgreSQL installed here is set up as the tests expect (trust
+/// on 127.0.0.1, a database `test`). Otherwise says what is missing; the
+/// tests that need a service then fail, naming it.
+fn services() -> Result<()> {
     if !port_open(5672) {
-        if succeeds(Command::new("sh").args(["-c", "command -v rabbitmq-server"])) {
+        if !has("rabbitmq-server") && apt_get().is_some() {
+            install(&["rabbitmq-server".to_owned()])?;
+        }
+        if has("rabbitmq-server") {
             eprintln!("xtask: starting RabbitMQ");
             let _ = Command::new("rabbitmq-server").arg("-detached").status();
             if !wait_for(5672) {
@@ -245,19 +250,31 @@ fn services() {
         }
     }
     if !port_open(5432) {
-        let clusters = std::fs::read_dir("/etc/postgresql")
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned());
-        match clusters {
+        let mut fresh = false;
+        if postgres_version().is_none() && apt_get().is_some() {
+            install(&["postgresql".to_owned()])?;
+            fresh = true;
+        }
+        match postgres_version() {
             Some(version) => {
+                if fresh {
+                    trust_localhost(&version)?;
+                }
                 eprintln!("xtask: starting PostgreSQL {version}");
                 let _ = Command::new("pg_ctlcluster")
                     .args(["--skip-systemctl-redirect", &version, "main", "start"])
                     .status();
                 if !wait_for(5432) {
                     eprintln!("xtask: warning: PostgreSQL did not come up on 127.0.0.1:5432");
+                } else if fresh {
+                    crate::run(Command::new("psql").args([
+                        "-h",
+                        "127.0.0.1",
+                        "-U",
+                        "postgres",
+                        "-c",
+                        "CREATE DATABASE test",
+                    ]))?;
                 }
             }
             None => eprintln!(
@@ -265,4 +282,29 @@ fn services() {
             ),
         }
     }
+    Ok(())
+}
+
+fn has(program: &str) -> bool {
+    succeeds(Command::new("sh").args(["-c", &format!("command -v {program}")]))
+}
+
+/// The version of the installed PostgreSQL cluster, if any.
+fn postgres_version() -> Option<String> {
+    std::fs::read_dir("/etc/postgresql")
+        .ok()?
+        .flatten()
+        .next()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+}
+
+/// A PostgreSQL this task just installed lets local TCP connections in
+/// without a password, as the tests connect (`postgres@127.0.0.1`).
+fn trust_localhost(version: &str) -> Result<()> {
+    let hba = PathBuf::from(format!("/etc/postgresql/{version}/main/pg_hba.conf"));
+    let old =
+        std::fs::read_to_string(&hba).map_err(|e| format!("cannot read {}: {e}", hba.display()))?;
+    let trust = "host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n";
+    std::fs::write(&hba, format!("{trust}{old}"))
+        .map_err(|e| format!("cannot write {}: {e}", hba.display()))
 }
