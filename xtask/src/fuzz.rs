@@ -1,5 +1,7 @@
-//! `cargo xtask fuzz`: the fuzz targets in `fuzz/`, each for a while, from
-//! its corpus in `fuzz/corpus/<target>` (new finds are added there).
+//! `cargo xtask fuzz [--dev] [--seconds N] [TARGET...]`: the fuzz targets
+//! in `fuzz/`, each for a while, from its corpus in `fuzz/corpus/<target>`
+//! (new finds are added there). `--dev` builds them unoptimized, which a
+//! short run (CI) gains from.
 //!
 //! The targets build with the pinned toolchain (`RUSTC_BOOTSTRAP` lets it
 //! take the coverage flags cargo-fuzz passes) and without a sanitizer: the
@@ -24,10 +26,13 @@ pub const TARGETS: [&str; 5] = [
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut seconds = 60u64;
+    let mut dev = false;
     let mut targets: Vec<String> = Vec::new();
     let mut rest = args.iter();
     while let Some(a) = rest.next() {
-        if a == "--seconds" {
+        if a == "--dev" {
+            dev = true;
+        } else if a == "--seconds" {
             seconds = rest
                 .next()
                 .and_then(|s| s.parse().ok())
@@ -52,12 +57,18 @@ pub fn run(args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&corpus)
             .map_err(|e| format!("cannot create {}: {e}", corpus.display()))?;
         eprintln!("xtask: fuzzing {t} for {seconds} s");
+        let mut cmd = Command::new(&cargo_fuzz);
+        cmd.current_dir(&fuzz_dir)
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "--sanitizer", "none"]);
+        if dev {
+            // Unoptimized: a cold build takes a fraction of the time, which
+            // a short run (CI) gains from.
+            cmd.arg("--dev");
+        }
         crate::run(
-            Command::new(&cargo_fuzz)
-                .current_dir(&fuzz_dir)
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .env("RUSTC_BOOTSTRAP", "1")
-                .args(["fuzz", "run", "--sanitizer", "none", t])
+            cmd.arg(t)
                 .arg(&corpus)
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))

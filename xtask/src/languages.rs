@@ -15,7 +15,7 @@ const WIT_BINDGEN: &str = "0.61.1";
 const WASM_TOOLS: &str = "1.258.0";
 
 /// The plugins, each built into `dist/`. `path` is the `PATH` the
-/// JavaScript tools run with (one where Node.js 20 comes first), if not the
+/// JavaScript tools run with (one where a new enough Node.js comes first), if not the
 /// inherited one.
 pub fn build(
     dist: &Path,
@@ -111,13 +111,13 @@ fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf> 
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    let major = node
-        .as_deref()
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok());
-    if major.is_none_or(|m| m < 20) {
+    let version = node.as_deref().and_then(|v| {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    });
+    if !crate::setup::node_will_do(version) {
         return Err(format!(
-            "plugins/fraud (JavaScript) needs Node.js 20 or newer with npm; found {} (`cargo xtask test` installs one when the system has none)",
+            "plugins/fraud (JavaScript) needs Node.js 20.19, or 22.12 or newer, with npm; found {} (`cargo xtask setup` installs one when the system has none)",
             node.as_deref().unwrap_or("no node")
         ));
     }

