@@ -1,7 +1,7 @@
 //! The dead-letter filter options (`switchyard dlq list --plugin … --type …
 //! --kind … --status … --since … --until … --limit …`): any values are a
-//! filter or a clear error, and any filter is a query the store runs
-//! (here the SQLite store, holding one record).
+//! filter or a clear error, and any filter is a query the store runs (here
+//! the SQLite store).
 #![no_main]
 
 use std::sync::OnceLock;

@@ -47,6 +47,8 @@ const STOPPING_FILE: &str = "stopping";
 /// Held while a host looks for dead ones or sets up its own directory, so
 /// that two hosts starting at once never take each other for dead.
 const SCAN_LOCK: &str = ".scan";
+/// The directory of a host's per-route files, apart from its markers.
+const ROUTES_DIR: &str = "routes";
 /// Crash counts older than this are forgotten.
 const COUNT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -130,7 +132,7 @@ impl CrashGuard {
 
     /// The record of one route.
     pub fn route(self: &Arc<Self>, route: &str) -> Result<RouteGuard> {
-        let path = self.dir.join(route);
+        let path = self.dir.join(ROUTES_DIR).join(route);
         create_private_file(&path)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -217,14 +219,11 @@ fn dead_hosts(base: &Path) -> Result<Vec<Dead>> {
 /// id once.
 fn read_in_hand(dir: &Path) -> Vec<(String, PathBuf, Vec<String>)> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(entries) = std::fs::read_dir(dir.join(ROUTES_DIR)) else {
         return out;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == LOCK_FILE || name == STOPPING_FILE {
-            continue;
-        }
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
@@ -352,7 +351,7 @@ mod tests {
 
     fn dead_host(base: &Path, name: &str, files: &[(&str, &str)]) {
         let dir = base.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(dir.join(ROUTES_DIR)).unwrap();
         std::fs::write(dir.join(LOCK_FILE), "").unwrap();
         for (file, text) in files {
             std::fs::write(dir.join(file), text).unwrap();
@@ -366,8 +365,12 @@ mod tests {
             Arc::new(SqliteStore::open(&dir.path().join("dlq.db"), "shop").unwrap());
         let base = dir.path().join("in-flight").join("shop");
         // The same id twice (a redelivery in one batch) counts once.
-        dead_host(&base, "crashed", &[("orders", "a\na\nb\n")]);
-        dead_host(&base, "stopped", &[("orders", "c\n"), (STOPPING_FILE, "")]);
+        dead_host(&base, "crashed", &[("routes/orders", "a\na\nb\n")]);
+        dead_host(
+            &base,
+            "stopped",
+            &[("routes/orders", "c\n"), (STOPPING_FILE, "")],
+        );
         let first = CrashGuard::start(dir.path(), "shop", store.clone(), 3)
             .await
             .unwrap();
@@ -388,17 +391,18 @@ mod tests {
             .await
             .unwrap();
         assert!(first.dir.exists(), "a live host is not taken for dead");
-        assert_eq!(
-            store.crash_counts(0).await.unwrap().len(),
-            2,
-            "nothing counted twice"
-        );
+        let mut again = store.crash_counts(0).await.unwrap();
+        again.sort();
+        assert_eq!(again, counts, "nothing counted twice");
         // Settled: the count goes.
         route.settled(&["a".to_owned()]).await;
         assert_eq!(route.crashes("a"), 0);
         assert_eq!(store.crash_counts(0).await.unwrap().len(), 1);
         drop(second);
-        // Old counts are forgotten.
-        assert!(store.crash_counts(u64::MAX).await.unwrap().is_empty());
+        // Counts whose last crash is older than the cut-off are forgotten;
+        // newer ones stay.
+        let now = crate::envelope::now_ms();
+        assert_eq!(store.crash_counts(now - 60_000).await.unwrap().len(), 1);
+        assert!(store.crash_counts(now + 1).await.unwrap().is_empty());
     }
 }

@@ -140,24 +140,31 @@ pub fn check_type(t: &str) -> Result<(), String> {
 }
 
 /// Headers: how many, how long their names, how large all together. The
-/// host's own headers (trace context, a replay's link) are not counted: a
+/// headers the host itself writes (trace context, a replay's link, a
+/// malformed message's own id) have an allowance of their own, so that a
 /// message at the limit stays within it when the host retries it.
 pub fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
-    let theirs: Vec<(String, String)> = if headers.iter().any(|(n, _)| is_host_header(n)) {
-        headers
-            .iter()
-            .filter(|(n, _)| !is_host_header(n))
-            .cloned()
-            .collect()
-    } else {
+    if !headers.iter().any(|(n, _)| is_host_header(n)) {
         return check_headers_within(headers, MAX_HEADERS, MAX_HEADER_BYTES);
-    };
-    check_headers_within(&theirs, MAX_HEADERS, MAX_HEADER_BYTES)
+    }
+    let (host, theirs): (Vec<_>, Vec<_>) = headers
+        .iter()
+        .cloned()
+        .partition(|(n, _)| is_host_header(n));
+    check_headers_within(&theirs, MAX_HEADERS, MAX_HEADER_BYTES)?;
+    check_headers_within(
+        &host,
+        MAX_HEADERS - MAX_PLUGIN_HEADERS,
+        MAX_HEADER_BYTES - MAX_PLUGIN_HEADER_BYTES + MAX_HEADER_BYTES / 2,
+    )
 }
 
-/// Headers the host itself writes on what it publishes.
+/// The headers the host itself writes on what it publishes.
 fn is_host_header(name: &str) -> bool {
-    matches!(name, "traceparent" | "tracestate") || name.starts_with("switchyard-")
+    matches!(
+        name,
+        "traceparent" | "tracestate" | "switchyard-replay-trace" | ORIGINAL_ID_HEADER
+    )
 }
 
 /// [`check_headers`] with other limits (a plugin's, which leave room for

@@ -415,6 +415,11 @@ pub async fn run_with(
     let outcome: Result<()> = tokio::select! {
         () = shutdown => {
             tracing::info!("Shutting down: finishing messages in flight");
+            // Asked to stop: what is in hand if a second signal or the
+            // supervisor's SIGKILL ends the host is not a crash's doing.
+            if let Some(g) = &crash_guard {
+                g.stopping();
+            }
             Ok(())
         }
         r = drained => {
@@ -424,9 +429,6 @@ pub async fn run_with(
         }
         r = route_died => r,
     };
-    if let Some(g) = &crash_guard {
-        g.stopping();
-    }
     let _ = stop_tx.send(true);
     control.shutdown().await;
     while let Ok((route, result)) = exits.try_recv() {

@@ -73,6 +73,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))
                 .arg("-rss_limit_mb=2048")
+                // Up to the largest limits the decoders enforce (64 KiB of
+                // headers, 256 KiB of history), and beyond.
+                .arg("-max_len=300000")
                 .arg("-timeout=10")
                 .arg("-print_final_stats=1"),
         )?;

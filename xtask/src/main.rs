@@ -5,11 +5,11 @@
 //!   and C with their languages' tools (installed on first use).
 //! - `demo`: build the plugins and the host, then run the example order
 //!   pipeline and send it a few commands.
-//! - `setup`: what the tests need on the machine (system packages, Node.js
-//!   20, a Python with pika, the local RabbitMQ and PostgreSQL started).
+//! - `setup`: what the tests need on the machine (system packages, Node.js,
+//!   a Python with pika, the local RabbitMQ and PostgreSQL started).
 //! - `test [ARGS]`: `setup`, build the plugins, then `cargo test --workspace
 //!   [ARGS]`.
-//! - `fuzz [--seconds N] [TARGET...]`: run the fuzz targets in `fuzz/`
+//! - `fuzz [--dev] [--seconds N] [TARGET...]`: run the fuzz targets in `fuzz/`
 //!   (every one by default) for N seconds each (default 60), from their
 //!   committed corpus; cargo-fuzz is installed on first use.
 //! - `chaos [--full]`: the chaos suite (`host/tests/chaos`), short or with
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         Some("chaos") => chaos(args.get(1).map(String::as_str) == Some("--full")),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | chaos [--full] | fuzz [--seconds N] [TARGET...] | ci>"
+                "usage: cargo xtask <setup | build-plugins | build-rust-plugins | demo | test [CARGO TEST ARGS] | chaos [--full] | fuzz [--dev] [--seconds N] [TARGET...] | ci>"
             );
             return ExitCode::from(2);
         }

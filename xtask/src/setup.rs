@@ -96,11 +96,7 @@ fn installed(package: &str) -> bool {
 
 /// `apt-get` as root, through `sudo` when that needs no password, or `None`.
 fn apt_get() -> Option<Command> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if root {
+    if is_root() {
         return Some(Command::new("apt-get"));
     }
     if succeeds(Command::new("sudo").args(["-n", "true"])) {
@@ -250,9 +246,10 @@ fn wait_for(port: u16) -> bool {
 
 /// Starts RabbitMQ and PostgreSQL when they are installed but stopped, and
 /// installs them (Debian's packages) when they are missing and the task
-/// may: a PostgreSQL installed here is set up as the tests expect (trust
-/// on 127.0.0.1, a database `test`). Otherwise says what is missing; the
-/// tests that need a service then fail, naming it.
+/// may install packages. A PostgreSQL installed here lets `postgres` into
+/// the database `test` over loopback without a password, as the tests
+/// connect (and says so). Otherwise says what is missing; the tests that
+/// need a service then fail, naming it.
 fn services() -> Result<()> {
     if !port_open(5672) {
         if !has("rabbitmq-server") && apt_get().is_some() {
@@ -260,7 +257,7 @@ fn services() -> Result<()> {
         }
         if has("rabbitmq-server") {
             eprintln!("xtask: starting RabbitMQ");
-            let _ = Command::new("rabbitmq-server").arg("-detached").status();
+            let _ = as_root("rabbitmq-server").arg("-detached").status();
             if !wait_for(5672) {
                 eprintln!("xtask: warning: RabbitMQ did not come up on 127.0.0.1:5672");
             }
@@ -280,22 +277,33 @@ fn services() -> Result<()> {
             Some(version) => {
                 if fresh {
                     trust_localhost(&version)?;
+                    // Whether the package started it or not: started with
+                    // the line above in force.
+                    let _ = as_root("pg_ctlcluster")
+                        .args(["--skip-systemctl-redirect", &version, "main", "stop"])
+                        .stderr(Stdio::null())
+                        .status();
                 }
                 eprintln!("xtask: starting PostgreSQL {version}");
-                let _ = Command::new("pg_ctlcluster")
+                let _ = as_root("pg_ctlcluster")
                     .args(["--skip-systemctl-redirect", &version, "main", "start"])
                     .status();
                 if !wait_for(5432) {
                     eprintln!("xtask: warning: PostgreSQL did not come up on 127.0.0.1:5432");
                 } else if fresh {
-                    crate::run(Command::new("psql").args([
-                        "-h",
-                        "127.0.0.1",
-                        "-U",
-                        "postgres",
-                        "-c",
-                        "CREATE DATABASE test",
-                    ]))?;
+                    let mut createdb = if is_root() {
+                        let mut c = Command::new("runuser");
+                        c.args(["-u", "postgres", "--"]);
+                        c
+                    } else {
+                        let mut c = Command::new("sudo");
+                        c.args(["-n", "-u", "postgres"]);
+                        c
+                    };
+                    crate::run(createdb.args(["createdb", "test"]))?;
+                    eprintln!(
+                        "xtask: PostgreSQL {version} installed for the tests: the user postgres may connect to the database test on 127.0.0.1 and ::1 without a password (/etc/postgresql/{version}/main/pg_hba.conf)"
+                    );
                 }
             }
             None => eprintln!(
@@ -306,8 +314,29 @@ fn services() -> Result<()> {
     Ok(())
 }
 
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `program` as root: directly, or through `sudo` when that needs no
+/// password.
+fn as_root(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
+    }
+}
+
 fn has(program: &str) -> bool {
-    succeeds(Command::new("sh").args(["-c", &format!("command -v {program}")]))
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(program).exists())
 }
 
 /// The version of the installed PostgreSQL cluster, if any.
@@ -319,13 +348,15 @@ fn postgres_version() -> Option<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 
-/// A PostgreSQL this task just installed lets local TCP connections in
-/// without a password, as the tests connect (`postgres@127.0.0.1`).
+/// A PostgreSQL this task just installed lets `postgres` into the database
+/// `test` over loopback without a password, as the tests connect.
 fn trust_localhost(version: &str) -> Result<()> {
-    let hba = PathBuf::from(format!("/etc/postgresql/{version}/main/pg_hba.conf"));
-    let old =
-        std::fs::read_to_string(&hba).map_err(|e| format!("cannot read {}: {e}", hba.display()))?;
-    let trust = "host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n";
-    std::fs::write(&hba, format!("{trust}{old}"))
-        .map_err(|e| format!("cannot write {}: {e}", hba.display()))
+    let hba = format!("/etc/postgresql/{version}/main/pg_hba.conf");
+    for line in [
+        "host test postgres ::1/128 trust",
+        "host test postgres 127.0.0.1/32 trust",
+    ] {
+        crate::run(as_root("sed").args(["-i", &format!("1i {line}"), &hba]))?;
+    }
+    Ok(())
 }

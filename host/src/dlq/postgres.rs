@@ -656,7 +656,9 @@ impl DeadLetterStore for PostgresStore {
     async fn crash_counts(&self, forget_before_ms: u64) -> Result<Vec<(String, String, u32)>> {
         let guard = self.client().await?;
         let client = guard.as_ref().context("no dead-letter store connection")?;
-        client
+        // Forgetting is tidying: a store that cannot be written still says
+        // what it counted.
+        let _ = client
             .execute(
                 &format!(
                     "DELETE FROM {}.crash_counts WHERE pipeline = $1 AND last_crash_at_ms < $2",
@@ -664,14 +666,14 @@ impl DeadLetterStore for PostgresStore {
                 ),
                 &[&self.pipeline, &to_i64(forget_before_ms)],
             )
-            .await?;
+            .await;
         let rows = client
             .query(
                 &format!(
-                    "SELECT route, message_id, crashes FROM {}.crash_counts WHERE pipeline = $1",
+                    "SELECT route, message_id, crashes FROM {}.crash_counts WHERE pipeline = $1 AND last_crash_at_ms >= $2",
                     self.schema
                 ),
-                &[&self.pipeline],
+                &[&self.pipeline, &to_i64(forget_before_ms)],
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());

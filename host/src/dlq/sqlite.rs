@@ -629,14 +629,17 @@ impl DeadLetterStore for SqliteStore {
     async fn crash_counts(&self, forget_before_ms: u64) -> Result<Vec<(String, String, u32)>> {
         self.blocking(move |s| {
             let conn = lock(&s.conn);
-            conn.prepare_cached(
-                "DELETE FROM crash_counts WHERE pipeline = ?1 AND last_crash_at_ms < ?2",
-            )?
-            .execute(params![s.pipeline, to_i64(forget_before_ms)])?;
+            // Forgetting is tidying: a store that cannot be written (a full
+            // disk) still says what it counted.
+            let _ = conn
+                .prepare_cached(
+                    "DELETE FROM crash_counts WHERE pipeline = ?1 AND last_crash_at_ms < ?2",
+                )
+                .and_then(|mut d| d.execute(params![s.pipeline, to_i64(forget_before_ms)]));
             let mut stmt = conn.prepare_cached(
-                "SELECT route, message_id, crashes FROM crash_counts WHERE pipeline = ?1",
+                "SELECT route, message_id, crashes FROM crash_counts WHERE pipeline = ?1 AND last_crash_at_ms >= ?2",
             )?;
-            let rows = stmt.query_map(params![s.pipeline], |r| {
+            let rows = stmt.query_map(params![s.pipeline, to_i64(forget_before_ms)], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?))
             })?;
             let mut out = Vec::new();

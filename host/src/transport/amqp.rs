@@ -576,6 +576,22 @@ struct Publish<'a> {
     what: String,
 }
 
+/// The most a message's properties may take: they travel in one content
+/// header frame, and RabbitMQ's frames are 128 KiB by default. What is
+/// larger would close the channel, and the batch would come back for ever.
+const MAX_PROPERTIES_BYTES: usize = 120 << 10;
+
+/// About what a message's properties take on the wire.
+fn properties_size(p: &BasicProperties) -> usize {
+    let headers: usize = p.headers().as_ref().map_or(0, |t| {
+        t.inner()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + 8 + text(v).map_or(16, |s| s.len()))
+            .sum()
+    });
+    headers + 1024
+}
+
 /// Everything a settlement publishes. An error refuses the settlement:
 /// something of its outcome cannot be carried by AMQP (nothing is sent).
 fn publishes<'a>(
@@ -595,6 +611,12 @@ fn publishes<'a>(
         if short(&routing_key).is_err() {
             return Err(format!(
                 "{what} cannot be published: its routing key is longer than AMQP's 255 bytes"
+            ));
+        }
+        let size = properties_size(&props);
+        if size > MAX_PROPERTIES_BYTES {
+            return Err(format!(
+                "{what} cannot be published: its properties (headers and attributes, its attempt history included) take about {size} bytes, more than the {MAX_PROPERTIES_BYTES} one AMQP header frame carries"
             ));
         }
         out.push(Publish {

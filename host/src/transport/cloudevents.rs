@@ -91,9 +91,12 @@ pub fn decode<'a>(
         .or(fallbacks.message_type)
         .ok_or("it has no CloudEvents type")?;
     let kind = match attr("sykind").as_deref() {
-        Some(k) => {
-            Kind::parse(k).ok_or_else(|| format!("sykind `{k}` is neither command nor event"))?
-        }
+        Some(k) => Kind::parse(k).ok_or_else(|| {
+            format!(
+                "sykind `{}` is neither command nor event",
+                crate::limits::quote(k)
+            )
+        })?,
         None => kind_of(&message_type).unwrap_or(Kind::Event),
     };
     let created_at_ms = attr("time")
@@ -115,7 +118,12 @@ pub fn decode<'a>(
                 h.len()
             ));
         }
-        Some(h) => serde_json::from_str(&h).map_err(|e| format!("syhistory is not valid: {e}"))?,
+        Some(h) => serde_json::from_str(&h).map_err(|e| {
+            format!(
+                "syhistory is not valid: {}",
+                crate::text::clip(&e.to_string(), 512)
+            )
+        })?,
         None => Vec::new(),
     };
     Ok(Envelope {

@@ -141,7 +141,7 @@ fn in_hand(dir: &Path, id: &str) -> bool {
                     .open(host.path().join("lock"));
                 let alive = lock.is_ok_and(|l| l.try_lock().is_err());
                 alive
-                    && std::fs::read_dir(host.path())
+                    && std::fs::read_dir(host.path().join("routes"))
                         .into_iter()
                         .flatten()
                         .flatten()
