@@ -956,3 +956,51 @@ impl Subscription for EmbeddedSubscription {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_nobody_took_are_removed_after_an_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EmbeddedConfig {
+            path: dir.path().join("store.db"),
+            fsync: false,
+            batch_size: 16,
+            poll_interval: Duration::from_millis(10),
+        };
+        let t = EmbeddedTransport::open(&config, Topology::default()).unwrap();
+        let now = now_ms();
+        let hour = u64::try_from(REPLY_TTL.as_millis()).unwrap();
+        let mut conn = lock(&t.shared.writer);
+        let tx = conn.transaction().unwrap();
+        for (address, at) in [("old", now - hour - 1_000), ("new", now - 1_000)] {
+            tx.execute(
+                "INSERT INTO replies (address, in_reply_to, correlation_id, payload, content_type, headers, created_at_ms) VALUES (?1, 'c', 'k', x'', 'application/json', '[]', ?2)",
+                params![address, to_i64(at)],
+            )
+            .unwrap();
+        }
+        t.shared.prune_replies(&tx, now).unwrap();
+        let left: Vec<String> = tx
+            .prepare("SELECT address FROM replies")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(left, ["new"]);
+        // At most once a minute.
+        tx.execute(
+            "INSERT INTO replies (address, in_reply_to, correlation_id, payload, content_type, headers, created_at_ms) VALUES ('older', 'c', 'k', x'', 'application/json', '[]', 0)",
+            [],
+        )
+        .unwrap();
+        t.shared.prune_replies(&tx, now + 1).unwrap();
+        let n: i64 = tx
+            .query_row("SELECT COUNT(*) FROM replies", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+}
