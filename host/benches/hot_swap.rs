@@ -26,8 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::env_or;
 use switchyard::config;
 use switchyard::envelope::{Envelope, Kind};
-use switchyard::reload::Control;
 use switchyard::runtime::{self, RunMode, RunOptions};
+use switchyard::supervisor::Supervisor;
 use switchyard::transport::Transport as _;
 
 fn dist(name: &str) -> PathBuf {
@@ -79,7 +79,7 @@ fn replace(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn serving(control: &Control, digest: &str) -> bool {
+async fn serving(control: &Supervisor, digest: &str) -> bool {
     control
         .list()
         .await
@@ -88,7 +88,7 @@ async fn serving(control: &Control, digest: &str) -> bool {
 }
 
 /// Waits (polling every 200 µs) until the route serves `digest`.
-async fn until_serving(control: &Control, digest: &str) -> Duration {
+async fn until_serving(control: &Supervisor, digest: &str) -> Duration {
     let started = Instant::now();
     while !serving(control, digest).await {
         assert!(
@@ -164,7 +164,7 @@ grants = {{ clock = true, dirs = [{{ host = "out", guest = "/out", writable = tr
         .engine
         .load(
             &dist("tally_v2"),
-            switchyard::reload::sandbox_of(&p.plugins[0]),
+            switchyard::supervisor::sandbox_of(&p.plugins[0]),
         )
         .unwrap();
     let (started, control) = tokio::sync::oneshot::channel();

@@ -32,7 +32,7 @@ use axum::routing::{get, post, put};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tower_service::Service as _;
 
-use crate::reload::{ChangeError, Control};
+use crate::supervisor::{ChangeError, Supervisor};
 use crate::telemetry::Telemetry;
 
 /// The largest component a deploy may upload.
@@ -52,7 +52,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct Admin {
     listener: tokio::net::TcpListener,
     telemetry: Telemetry,
-    control: Option<Arc<Control>>,
+    control: Option<Arc<Supervisor>>,
     token: Option<String>,
     header_timeout: Duration,
 }
@@ -60,7 +60,7 @@ pub struct Admin {
 #[derive(Clone)]
 struct AppState {
     telemetry: Telemetry,
-    control: Option<Arc<Control>>,
+    control: Option<Arc<Supervisor>>,
     token: Option<Arc<str>>,
 }
 
@@ -87,7 +87,7 @@ impl Admin {
     }
 
     /// Serves the plugin endpoints of a running host; changes need `token`.
-    pub fn with_control(mut self, control: Arc<Control>, token: Option<String>) -> Self {
+    pub fn with_control(mut self, control: Arc<Supervisor>, token: Option<String>) -> Self {
         self.control = Some(control);
         self.token = token;
         self
@@ -192,7 +192,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-fn control(state: &AppState) -> Result<&Arc<Control>, Response> {
+fn control(state: &AppState) -> Result<&Arc<Supervisor>, Response> {
     state.control.as_ref().ok_or_else(|| {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -237,7 +237,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn change_response(result: Result<crate::reload::RouteInfo, ChangeError>) -> Response {
+fn change_response(result: Result<crate::supervisor::RouteInfo, ChangeError>) -> Response {
     match result {
         Ok(info) => (StatusCode::OK, axum::Json(info)).into_response(),
         Err(e @ ChangeError::UnknownPlugin(_)) => error(StatusCode::NOT_FOUND, e.to_string()),

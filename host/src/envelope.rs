@@ -2,6 +2,16 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::recover::{FailureKind, Then};
+
+/// Header a replayed message carries: the `trace-span` ids of its dead
+/// letter's last span, which the replay's span links to.
+pub const REPLAY_TRACE_HEADER: &str = "switchyard-replay-trace";
+
+/// The header a malformed message's own id is kept in when it is too long
+/// or unprintable to be its id in the dead-letter store.
+pub const ORIGINAL_ID_HEADER: &str = "switchyard-original-id";
+
 /// Command or event: decides routing (one handler vs. every consumer) and
 /// whether a reply is allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,12 +81,16 @@ pub struct Attempt {
     pub number: u32,
     pub started_at_ms: u64,
     pub duration_us: u64,
-    /// `transient`, `permanent`, `trap`, `timeout`, ...
+    /// The [`FailureKind`]'s name. Histories travel between hosts and
+    /// stores of different versions, so a name this host does not know
+    /// must not make a message or a record unreadable: stored as text,
+    /// read through [`Attempt::kind`].
     pub error_kind: String,
     pub error: String,
     /// `name@version` of the plugin that made the attempt.
     pub plugin: String,
-    /// What the host did next: `retry-now`, `retry-later`, `dead-letter`.
+    /// What the host did next: a [`Then`]'s name, read through
+    /// [`Attempt::then`] (text for the same reason as `error_kind`).
     pub then: String,
     /// The attempt's trace span, when tracing was on: the next attempt's span
     /// links to it.
@@ -86,7 +100,30 @@ pub struct Attempt {
     pub span_id: Option<String>,
 }
 
+impl Attempt {
+    /// How the attempt failed, if this host knows the kind.
+    pub fn kind(&self) -> Option<FailureKind> {
+        FailureKind::parse(&self.error_kind)
+    }
+
+    /// What the host did next, if this host knows the name.
+    pub fn then(&self) -> Option<Then> {
+        Then::parse(&self.then)
+    }
+}
+
 impl Envelope {
+    /// How many times the message was scheduled again after a delay: the
+    /// level of its next delayed retry.
+    pub fn delayed_retries(&self) -> u32 {
+        let n = self
+            .history
+            .iter()
+            .filter(|a| a.then() == Some(Then::RetryLater))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// A new message with a fresh id, created now.
     pub fn new(
         message_type: impl Into<String>,
@@ -133,6 +170,20 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// A reply as it arrived at `address` in a broker message: the command
+    /// it answers is the message's cause.
+    pub fn received(address: &str, e: Envelope) -> Reply {
+        Reply {
+            address: address.to_owned(),
+            in_reply_to: e.causation_id.unwrap_or_default(),
+            correlation_id: e.correlation_id.unwrap_or_default(),
+            payload: e.payload,
+            content_type: e.content_type,
+            headers: e.headers,
+            created_at_ms: e.created_at_ms,
+        }
+    }
+
     /// The reply as a message on a broker: an event named after the
     /// command (`<CommandType>.reply`), caused by the command and in its
     /// flow.

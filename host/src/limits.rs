@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::envelope::{Envelope, Kind};
+use crate::envelope::{Envelope, Kind, ORIGINAL_ID_HEADER, REPLAY_TRACE_HEADER};
 use crate::text::clip;
 
 /// Message, correlation and causation ids: AMQP carries them as short
@@ -37,18 +37,9 @@ pub const MAX_HEADER_NAME: usize = 255;
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Header bytes a plugin may use, leaving room for the host's own.
 pub const MAX_PLUGIN_HEADER_BYTES: usize = MAX_HEADER_BYTES - (4 << 10);
-/// Earlier attempts a message may carry in its history, and so the most
-/// attempts a retry policy may make of one message (the pipeline refuses
-/// larger policies): few enough that the history, with each attempt's error
-/// clipped to 1 KiB, fits one AMQP header frame.
-pub const MAX_HISTORY: usize = 64;
-/// The default largest payload a message may have, in and out
-/// (`[host] max_message_size`). RabbitMQ 4 refuses larger messages by
-/// default; a plugin's whole output per call is capped at 64 MiB.
-pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 16 << 20;
-/// The header a malformed message's own id is kept in when it is too long
-/// or unprintable to be its id in the dead-letter store.
-pub const ORIGINAL_ID_HEADER: &str = "switchyard-original-id";
+/// [`MAX_HISTORY`] and [`DEFAULT_MAX_MESSAGE_SIZE`] bound what a pipeline may
+/// set, so they live with its model in [`crate::config`].
+pub use crate::config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_HISTORY};
 /// The `message.type` metric label and span name part of a malformed
 /// message: its own type could be anything, and labels must stay few.
 pub const MALFORMED_TYPE_LABEL: &str = "(malformed)";
@@ -163,7 +154,7 @@ pub fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
 fn is_host_header(name: &str) -> bool {
     matches!(
         name,
-        "traceparent" | "tracestate" | "switchyard-replay-trace" | ORIGINAL_ID_HEADER
+        "traceparent" | "tracestate" | REPLAY_TRACE_HEADER | ORIGINAL_ID_HEADER
     )
 }
 

@@ -8,13 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Pipeline, TransportConfig};
+use crate::crash_loop::CrashGuard;
+use crate::dispatch::{Origin, Version};
+use crate::dlq::DeadLetterStore;
 use crate::plugin::contract::{self, Problem};
 use crate::plugin::{ComponentCache, LoadedPlugin, PluginEngine};
-use crate::reload::{Control, Deployments, RouteBase, Source, Version};
+use crate::supervisor::{Deployments, RouteExit, RouteServices, Supervisor};
 use crate::telemetry::Telemetry;
 use crate::transport::amqp::AmqpTransport;
 use crate::transport::embedded::EmbeddedTransport;
@@ -26,7 +29,7 @@ pub struct Plugins {
     pub engine: Arc<PluginEngine>,
     pub loaded: Vec<LoadedPlugin>,
     /// Where each plugin's component came from (same order as `loaded`).
-    pub sources: Vec<Source>,
+    pub origins: Vec<Origin>,
     /// Warnings found while checking (errors make loading fail).
     pub warnings: Vec<Problem>,
     /// The pipeline's `[schemas]`, compiled.
@@ -34,20 +37,20 @@ pub struct Plugins {
 }
 
 /// Why the plugins of a pipeline cannot run, every reason at once.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render_plugin_errors(.0))]
 pub struct PluginErrors(pub Vec<String>);
 
-impl std::fmt::Display for PluginErrors {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for e in &self.0 {
-            writeln!(f, "{e}")?;
-        }
-        let n = self.0.len();
-        write!(f, "{n} plugin error{}", if n == 1 { "" } else { "s" })
-    }
+/// Every reason on its own line, then how many there are.
+fn render_plugin_errors(errors: &[String]) -> String {
+    let n = errors.len();
+    let mut out: String = errors.iter().map(|e| format!("{e}\n")).collect();
+    out.push_str(&format!(
+        "{n} plugin error{}",
+        if n == 1 { "" } else { "s" }
+    ));
+    out
 }
-
-impl std::error::Error for PluginErrors {}
 
 /// The cache directory for a pipeline.
 pub fn cache_dir(pipeline: &Pipeline) -> Option<std::path::PathBuf> {
@@ -69,7 +72,7 @@ pub async fn load_plugins(pipeline: &Pipeline) -> Result<Plugins> {
 /// pipeline's.
 pub async fn load_plugins_from(
     pipeline: &Pipeline,
-    deployed: &BTreeMap<String, (PathBuf, Source)>,
+    deployed: &BTreeMap<String, (PathBuf, Origin)>,
 ) -> Result<Plugins> {
     use tracing::Instrument as _;
     let span = tracing::info_span!("load plugins", pipeline = %pipeline.name, plugins = pipeline.plugins.len());
@@ -80,7 +83,7 @@ pub async fn load_plugins_from(
 
 /// The versions deployed to this pipeline's host that a start must run
 /// instead of the pipeline's files.
-pub fn deployed_versions(pipeline: &Pipeline) -> Result<BTreeMap<String, (PathBuf, Source)>> {
+pub fn deployed_versions(pipeline: &Pipeline) -> Result<BTreeMap<String, (PathBuf, Origin)>> {
     let store = Deployments::new(&pipeline.state_dir, &pipeline.name);
     let mut out = BTreeMap::new();
     for spec in &pipeline.plugins {
@@ -88,7 +91,7 @@ pub fn deployed_versions(pipeline: &Pipeline) -> Result<BTreeMap<String, (PathBu
             tracing::info!(
                 plugin = %spec.name,
                 version = %d.version,
-                digest = %short_digest(&d.digest),
+                digest = %crate::plugin::short_digest(&d.digest),
                 file = %spec.wasm.display(),
                 "Running the version deployed to this host, not the pipeline's file (`switchyard plugins rollback` returns to it)"
             );
@@ -96,7 +99,7 @@ pub fn deployed_versions(pipeline: &Pipeline) -> Result<BTreeMap<String, (PathBu
                 spec.name.to_string(),
                 (
                     path,
-                    Source::Deployed {
+                    Origin::Deployed {
                         at_ms: d.deployed_at_ms,
                     },
                 ),
@@ -108,20 +111,20 @@ pub fn deployed_versions(pipeline: &Pipeline) -> Result<BTreeMap<String, (PathBu
 
 async fn load_plugins_inner(
     pipeline: &Pipeline,
-    deployed: &BTreeMap<String, (PathBuf, Source)>,
+    deployed: &BTreeMap<String, (PathBuf, Origin)>,
 ) -> Result<Plugins> {
     let engine = Arc::new(PluginEngine::new(cache_dir(pipeline))?);
     let mut tasks = JoinSet::new();
-    let mut sources = Vec::new();
+    let mut origins = Vec::new();
     for (i, spec) in pipeline.plugins.iter().enumerate() {
         let engine = engine.clone();
         let spec = spec.clone();
-        let (path, source) = deployed
+        let (path, origin) = deployed
             .get(spec.name.as_str())
             .cloned()
-            .unwrap_or_else(|| (spec.wasm.clone(), Source::File));
-        sources.push(source);
-        tasks.spawn_blocking(move || (i, engine.load(&path, crate::reload::sandbox_of(&spec))));
+            .unwrap_or_else(|| (spec.wasm.clone(), Origin::File));
+        origins.push(origin);
+        tasks.spawn_blocking(move || (i, engine.load(&path, crate::supervisor::sandbox_of(&spec))));
     }
     let mut results = Vec::new();
     while let Some(r) = tasks.join_next().await {
@@ -163,7 +166,7 @@ async fn load_plugins_inner(
     Ok(Plugins {
         engine,
         loaded,
-        sources,
+        origins,
         warnings,
         schemas,
     })
@@ -214,7 +217,7 @@ pub struct RunOptions {
     pub watch: bool,
     /// Handed the host's control once its routes run (tests and embedders
     /// use it to change the host while it runs).
-    pub on_started: Option<tokio::sync::oneshot::Sender<Arc<Control>>>,
+    pub on_started: Option<tokio::sync::oneshot::Sender<Arc<Supervisor>>>,
     /// Run on this transport instead of opening the pipeline's own (the
     /// test harness passes the embedded one, wrapped to watch it).
     pub transport: Option<Arc<dyn Transport>>,
@@ -274,103 +277,30 @@ pub async fn run_with(
     for warning in transport.startup_warnings().await? {
         tracing::warn!("{warning}");
     }
-    let dead_letters = crate::dlq::open(&pipeline.dead_letters, &pipeline.name)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open the {}",
-                crate::dlq::describe(&pipeline.dead_letters)
-            )
-        })?;
-    // A safety net, not the message path: a host whose state directory
-    // cannot be written (a read-only file system) runs without it.
-    let crash_guard = match crate::crash_loop::CrashGuard::start(
-        &pipeline.state_dir,
-        &pipeline.name,
-        dead_letters.clone(),
-        pipeline.crash_loop_limit,
-    )
-    .await
-    {
-        Ok(g) => Some(g),
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "The crash-loop guard cannot start; running without it");
-            None
-        }
-    };
-    let schemas = plugins.schemas.clone();
+    let (dead_letters, crash_guard) = open_stores(pipeline).await?;
+    let versions = versions_of(pipeline, &plugins)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let versions: Vec<Arc<Version>> = plugins
-        .loaded
-        .iter()
-        .zip(
-            plugins
-                .sources
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(Source::File)),
-        )
-        .map(|(plugin, source)| {
-            let policy = pipeline
-                .plugin(plugin.name().as_str())
-                .map(|s| s.retry.clone())
-                .unwrap_or_default();
-            Version::new(plugin.clone(), policy, source)
-        })
-        .collect();
-    if let Some(v) = versions
-        .iter()
-        .find(|v| pipeline.plugin(v.plugin.name().as_str()).is_none())
-    {
-        bail!(
-            "plugin {} is not part of pipeline {}",
-            v.plugin.name(),
-            pipeline.name
-        );
-    }
-    let (control, mut exits) = Control::start(
+    let (control, mut exits) = Supervisor::start(
         plugins.engine.clone(),
         transport.clone(),
         pipeline.clone(),
         versions,
-        RouteBase {
+        RouteServices {
             dead_letters,
             host: crate::dlq::host_name(),
             telemetry: telemetry.clone(),
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
-            schemas,
+            schemas: plugins.schemas.clone(),
             crash_guard: crash_guard.clone(),
         },
     )
     .await?;
     let admin_task = match admin {
-        Some(addr) => match crate::admin::Admin::bind(addr, telemetry.clone()).await {
-            Ok(admin) => {
-                let deploys = if admin_token.is_some() {
-                    "deploys on"
-                } else {
-                    "deploys off: no token"
-                };
-                tracing::info!(
-                    address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
-                    "Admin listener: /metrics, /healthz, /plugins ({deploys})"
-                );
-                let admin = admin.with_control(control.clone(), admin_token);
-                let mut stop = stop_rx.clone();
-                Some(tokio::spawn(admin.serve(async move {
-                    let _ = stop.changed().await;
-                })))
-            }
-            // Metrics are not worth failing the host for.
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "Admin listener not started");
-                None
-            }
-        },
+        Some(addr) => start_admin(addr, &telemetry, &control, admin_token, stop_rx.clone()).await,
         None => None,
     };
     let watcher = watch.then(|| {
-        tokio::spawn(crate::reload::watch::run(
+        tokio::spawn(crate::supervisor::watch::run(
             control.clone(),
             pipeline.watch_interval,
             stop_rx.clone(),
@@ -387,7 +317,119 @@ pub async fn run_with(
     if let Some(tx) = on_started {
         let _ = tx.send(control.clone());
     }
+    let outcome = until_done(
+        mode,
+        &*transport,
+        &mut exits,
+        crash_guard.as_deref(),
+        shutdown,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    stop(&control, &mut exits, watcher, admin_task).await;
+    outcome?;
+    if mode == RunMode::Drain && !transport.is_idle().await? {
+        bail!("stopped before every queue was empty");
+    }
+    Ok(())
+}
 
+/// The dead-letter store, and the crash-loop guard that records in it.
+async fn open_stores(
+    pipeline: &Pipeline,
+) -> Result<(Arc<dyn DeadLetterStore>, Option<Arc<CrashGuard>>)> {
+    let dead_letters = crate::dlq::open(&pipeline.dead_letters, &pipeline.name)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the {}",
+                crate::dlq::describe(&pipeline.dead_letters)
+            )
+        })?;
+    // A safety net, not the message path: a host whose state directory
+    // cannot be written (a read-only file system) runs without it.
+    let crash_guard = match CrashGuard::start(
+        &pipeline.state_dir,
+        &pipeline.name,
+        dead_letters.clone(),
+        pipeline.crash_loop_limit,
+    )
+    .await
+    {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "The crash-loop guard cannot start; running without it");
+            None
+        }
+    };
+    Ok((dead_letters, crash_guard))
+}
+
+/// One version per loaded plugin, each with its retry policy.
+fn versions_of(pipeline: &Pipeline, plugins: &Plugins) -> Result<Vec<Arc<Version>>> {
+    let origins = plugins
+        .origins
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(Origin::File));
+    plugins
+        .loaded
+        .iter()
+        .zip(origins)
+        .map(|(plugin, origin)| {
+            let Some(spec) = pipeline.plugin(plugin.name().as_str()) else {
+                bail!(
+                    "plugin {} is not part of pipeline {}",
+                    plugin.name(),
+                    pipeline.name
+                );
+            };
+            Ok(Version::new(plugin.clone(), spec.retry.clone(), origin))
+        })
+        .collect()
+}
+
+/// Starts the admin listener; a host runs without it if it cannot bind.
+async fn start_admin(
+    addr: std::net::SocketAddr,
+    telemetry: &Telemetry,
+    control: &Arc<Supervisor>,
+    token: Option<String>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<Result<()>>> {
+    match crate::admin::Admin::bind(addr, telemetry.clone()).await {
+        Ok(admin) => {
+            let deploys = if token.is_some() {
+                "deploys on"
+            } else {
+                "deploys off: no token"
+            };
+            tracing::info!(
+                address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
+                "Admin listener: /metrics, /healthz, /plugins ({deploys})"
+            );
+            let admin = admin.with_control(control.clone(), token);
+            Some(tokio::spawn(admin.serve(async move {
+                let _ = stop.changed().await;
+            })))
+        }
+        // Metrics are not worth failing the host for.
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "Admin listener not started");
+            None
+        }
+    }
+}
+
+/// Waits for the host's end: `shutdown`, every queue empty (drain mode),
+/// or a route that cannot go on.
+async fn until_done(
+    mode: RunMode,
+    transport: &dyn Transport,
+    exits: &mut mpsc::UnboundedReceiver<RouteExit>,
+    crash_guard: Option<&CrashGuard>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let drained = async {
         if mode == RunMode::Serve {
             return std::future::pending::<Result<()>>().await;
@@ -412,12 +454,12 @@ pub async fn run_with(
             }
         }
     };
-    let outcome: Result<()> = tokio::select! {
+    tokio::select! {
         () = shutdown => {
             tracing::info!("Shutting down: finishing messages in flight");
             // Asked to stop: what is in hand if a second signal or the
             // supervisor's SIGKILL ends the host is not a crash's doing.
-            if let Some(g) = &crash_guard {
+            if let Some(g) = crash_guard {
                 g.stopping();
             }
             Ok(())
@@ -428,8 +470,17 @@ pub async fn run_with(
             Ok(())
         }
         r = route_died => r,
-    };
-    let _ = stop_tx.send(true);
+    }
+}
+
+/// Stops the routes (each settles the batch in hand), the watcher and the
+/// admin listener.
+async fn stop(
+    control: &Supervisor,
+    exits: &mut mpsc::UnboundedReceiver<RouteExit>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    admin_task: Option<tokio::task::JoinHandle<Result<()>>>,
+) {
     control.shutdown().await;
     while let Ok((route, result)) = exits.try_recv() {
         if let Err(e) = result {
@@ -448,14 +499,4 @@ pub async fn run_with(
     {
         task.abort();
     }
-    outcome?;
-    if mode == RunMode::Drain && !transport.is_idle().await? {
-        bail!("stopped before every queue was empty");
-    }
-    Ok(())
-}
-
-/// `sha256:0123456789ab` — enough to tell versions apart in logs.
-pub fn short_digest(digest: &str) -> &str {
-    digest.get(..19).unwrap_or(digest)
 }

@@ -55,8 +55,8 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{DeadLetterStoreConfig, EmbeddedConfig, Pipeline, TransportConfig};
 use crate::dlq::DeadLetter;
 use crate::envelope::{Envelope, Kind, Reply};
-use crate::reload::Control;
 use crate::runtime::{self, RunMode, RunOptions};
+use crate::supervisor::Supervisor;
 use crate::transport::{
     Delivery, Outcome, Refused, ReplyInbox, Settlement, Subscription, Transport,
 };
@@ -133,7 +133,7 @@ pub struct TestPipeline {
     journal: Arc<Journal>,
     /// The pipeline's `[schemas]`, as its host compiled them.
     schemas: Arc<crate::schemas::Schemas>,
-    control: Arc<Control>,
+    control: Arc<Supervisor>,
     deadline: Duration,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
@@ -222,7 +222,7 @@ impl TestPipeline {
     }
 
     /// The running host's control: plugin versions, deploys, rollbacks.
-    pub fn control(&self) -> &Arc<Control> {
+    pub fn control(&self) -> &Arc<Supervisor> {
         &self.control
     }
 
@@ -479,7 +479,7 @@ fn relocate(pipeline: &mut Pipeline, dir: &Path) {
     pipeline.admin = None;
     pipeline.admin_token_env = None;
     pipeline.watch = false;
-    pipeline.telemetry = crate::telemetry::TelemetryConfig::default();
+    pipeline.telemetry = crate::config::TelemetryConfig::default();
 }
 
 fn json_message(message_type: &str, kind: Kind, payload: &Value) -> Result<Envelope> {
@@ -494,7 +494,7 @@ fn json_message(message_type: &str, kind: Kind, payload: &Value) -> Result<Envel
 /// Whether every field of `want` is in `got` with that value.
 fn subset_of(want: &Value, got: &Value) -> bool {
     let mut differences = Vec::new();
-    crate::cli::test::json_diff("$", want, got, true, &mut differences);
+    crate::json_diff::json_diff("$", want, got, true, &mut differences);
     differences.is_empty()
 }
 

@@ -616,8 +616,19 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&record_json(&d))?);
         return Ok(ExitCode::SUCCESS);
     }
-    let m = &d.message;
     let mut out = String::new();
+    show_summary(&mut out, &d);
+    show_error(&mut out, &d);
+    show_attempts(&mut out, &d);
+    show_extras(&mut out, &d);
+    show_payload(&mut out, &d);
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What failed, where it came from and when.
+fn show_summary(out: &mut String, d: &DeadLetter) {
+    let m = &d.message;
     let _ = writeln!(
         out,
         "dead letter {}  ({}, replayed {} times)",
@@ -669,6 +680,10 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
         d.attempts.len(),
         if d.attempts.len() == 1 { "" } else { "s" }
     );
+}
+
+/// The error, its cause and trace, and the operator's note.
+fn show_error(out: &mut String, d: &DeadLetter) {
     let code = d
         .error
         .code
@@ -700,6 +715,10 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
     if let Some(note) = &d.note {
         let _ = writeln!(out, "  note       {note}");
     }
+}
+
+/// One line per attempt.
+fn show_attempts(out: &mut String, d: &DeadLetter) {
     let _ = writeln!(out, "\nattempts");
     for a in &d.attempts {
         let _ = writeln!(
@@ -714,6 +733,11 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
             a.plugin
         );
     }
+}
+
+/// The wasm backtrace, what the plugin wrote, the message's headers.
+fn show_extras(out: &mut String, d: &DeadLetter) {
+    let m = &d.message;
     if let Some(bt) = &d.error.backtrace {
         let _ = writeln!(out, "\nwasm backtrace");
         for line in bt.lines() {
@@ -732,6 +756,11 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
             let _ = writeln!(out, "  {k}: {v}");
         }
     }
+}
+
+/// The payload: pretty JSON, text, or the first bytes in hex.
+fn show_payload(out: &mut String, d: &DeadLetter) {
+    let m = &d.message;
     let _ = writeln!(
         out,
         "\npayload ({}, {} bytes)",
@@ -759,6 +788,4 @@ async fn show(target: &Target, id: &str, as_json: bool) -> Result<ExitCode> {
             }
         },
     }
-    print!("{out}");
-    Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, bail};
 
 use super::MessageArgs;
-use crate::config::MessageType;
+use crate::config::{MessageType, Pipeline};
 use crate::envelope::{Envelope, Kind};
 use crate::runtime;
 
@@ -91,12 +91,88 @@ fn headers(args: &MessageArgs) -> Result<Vec<(String, String)>> {
 pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     let pipeline = super::load_pipeline(&args.pipeline)?;
     let t = MessageType::try_from(args.message_type.as_str()).map_err(anyhow::Error::msg)?;
-    let (verb, other_verb) = match kind {
-        Kind::Command => ("send", "publish"),
-        Kind::Event => ("publish", "send"),
+    check_kind(&pipeline, &t, kind)?;
+    if kind == Kind::Event && args.wait_reply.is_some() {
+        bail!("--wait-reply is for commands: events get no replies");
+    }
+    let payloads = payloads(&args)?;
+    check_payloads(&pipeline, &t, &payloads)?;
+    let headers = headers(&args)?;
+    if args.wait_reply.is_some() && payloads.len() > 1 {
+        bail!("--wait-reply waits for one reply; send one command at a time");
+    }
+
+    let transport = runtime::open(&pipeline).await?;
+    // The inbox exists before the command goes out, so the reply has
+    // somewhere to land however fast it comes.
+    let mut inbox = match args.wait_reply {
+        Some(_) => Some(transport.reply_inbox().await?),
+        None => None,
+    };
+    // Start the trace here when tracing is configured: the flow's first span
+    // is this `send`.
+    let telemetry = match pipeline.telemetry.resolve(&pipeline.name)? {
+        s if s.traces == crate::config::TraceExport::Otlp => {
+            Some(crate::telemetry::Telemetry::start(&s)?)
+        }
+        _ => None,
+    };
+    let template = Template {
+        message_type: &t,
+        kind,
+        content_type: &args.content_type,
+        headers,
+        correlation_id: args.correlation_id.clone(),
+        reply_to: inbox.as_ref().map(|i| i.address().to_owned()),
+        telemetry: telemetry.as_ref(),
+    };
+    let total = payloads.len();
+    let (first_id, stored) = enqueue_all(&*transport, &template, payloads).await?;
+    let to = pipeline
+        .subscribers(t.as_str())
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let past = if kind == Kind::Command {
+        "sent"
+    } else {
+        "published"
+    };
+    if total == 1 {
+        eprintln!("{past} {kind} {t} {first_id} → {to}");
+    } else {
+        eprintln!("{past} {total} {kind}s {t} → {to} ({stored} deliveries)");
+    }
+
+    if let Some(t) = telemetry {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    let (Some(inbox), Some(wait)) = (inbox.as_mut(), args.wait_reply) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    match inbox.wait(&first_id, wait).await? {
+        Some(reply) => {
+            print_reply(&reply.payload)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => bail!(
+            "no reply within {}; the command is queued and will be handled (or fail) when a host runs this pipeline (switchyard run {}); a failed command sends no reply",
+            humantime::format_duration(wait),
+            args.pipeline.display()
+        ),
+    }
+}
+
+/// Refuses a type the pipeline does not route as `kind`, naming what it
+/// does route.
+fn check_kind(pipeline: &Pipeline, t: &MessageType, kind: Kind) -> Result<()> {
+    let other_verb = match kind {
+        Kind::Command => "publish",
+        Kind::Event => "send",
     };
     match pipeline.kind_of(t.as_str()) {
-        Some(k) if k == kind => {}
+        Some(k) if k == kind => Ok(()),
         Some(k) => bail!(
             "`{t}` is {} in pipeline `{}`; use `switchyard {other_verb}`",
             k.with_article(),
@@ -113,13 +189,12 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
             pipeline.hint_types(kind)
         ),
     }
-    if kind == Kind::Event && args.wait_reply.is_some() {
-        bail!("--wait-reply is for commands: events get no replies");
-    }
-    let payloads = payloads(&args)?;
-    // The pipeline's contract for this type holds for messages from here
-    // too; nothing is sent unless every payload keeps it.
-    let schemas = crate::schemas::Schemas::load(&pipeline)?;
+}
+
+/// The pipeline's contract for this type holds for messages from here too;
+/// nothing is sent unless every payload keeps it.
+fn check_payloads(pipeline: &Pipeline, t: &MessageType, payloads: &[Vec<u8>]) -> Result<()> {
+    let schemas = crate::schemas::Schemas::load(pipeline)?;
     for (i, p) in payloads.iter().enumerate() {
         if let Err(why) = schemas.check(t.as_str(), p) {
             if payloads.len() == 1 {
@@ -132,43 +207,37 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
             );
         }
     }
-    let headers = headers(&args)?;
-    if args.wait_reply.is_some() && payloads.len() > 1 {
-        bail!("--wait-reply waits for one reply; send one command at a time");
-    }
+    Ok(())
+}
 
-    let transport = runtime::open(&pipeline).await?;
-    // The inbox exists before the command goes out, so the reply has
-    // somewhere to land however fast it comes.
-    let mut inbox = match args.wait_reply {
-        Some(_) => Some(transport.reply_inbox().await?),
-        None => None,
-    };
-    let reply_to = inbox.as_ref().map(|i| i.address().to_owned());
-    // Start the trace here when tracing is configured: the flow's first span
-    // is this `send`.
-    let telemetry = match pipeline.telemetry.resolve(&pipeline.name)? {
-        s if s.traces == crate::telemetry::TraceExport::Otlp => {
-            Some(crate::telemetry::Telemetry::start(&s)?)
-        }
-        _ => None,
-    };
-    let total = payloads.len();
-    let progress = total > CHUNK && std::io::stderr().is_terminal();
-    let mut first_id = None;
-    let mut stored = 0;
-    let mut sent = 0;
-    let mut chunk = Vec::with_capacity(CHUNK.min(total));
-    for payload in payloads {
-        let mut e = Envelope::new(t.as_str(), kind, payload, args.content_type.clone());
-        e.headers = headers.clone();
-        e.correlation_id = args.correlation_id.clone();
-        e.reply_to = reply_to.clone();
-        if let Some(t) = &telemetry
+/// What every message of one `send` or `publish` shares.
+struct Template<'a> {
+    message_type: &'a MessageType,
+    kind: Kind,
+    content_type: &'a str,
+    headers: Vec<(String, String)>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    telemetry: Option<&'a crate::telemetry::Telemetry>,
+}
+
+impl Template<'_> {
+    /// A message with this payload, its `send` span (when tracing) in its
+    /// headers; a trace the caller passed with `-H traceparent` continues.
+    fn message(&self, payload: Vec<u8>) -> Envelope {
+        let mut e = Envelope::new(
+            self.message_type.as_str(),
+            self.kind,
+            payload,
+            self.content_type.to_owned(),
+        );
+        e.headers = self.headers.clone();
+        e.correlation_id = self.correlation_id.clone();
+        e.reply_to = self.reply_to.clone();
+        if let Some(t) = self.telemetry
             && let Some(cx) = t.start_span(
-                format!("send {t_name}", t_name = e.message_type),
+                format!("send {}", e.message_type),
                 opentelemetry::trace::SpanKind::Producer,
-                // A trace the caller passed with -H traceparent continues.
                 &t.extract(&e.headers, &e.id),
                 vec![
                     opentelemetry::KeyValue::new("messaging.system", "switchyard"),
@@ -184,6 +253,30 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
         {
             t.inject(&cx, &mut e.headers);
         }
+        e
+    }
+}
+
+/// Enqueues one message per payload, in chunks, with progress on a
+/// terminal. Returns the first message's id and how many deliveries were
+/// stored.
+async fn enqueue_all(
+    transport: &dyn crate::transport::Transport,
+    template: &Template<'_>,
+    payloads: Vec<Vec<u8>>,
+) -> Result<(String, usize)> {
+    let verb = match template.kind {
+        Kind::Command => "send",
+        Kind::Event => "publish",
+    };
+    let total = payloads.len();
+    let progress = total > CHUNK && std::io::stderr().is_terminal();
+    let mut first_id = None;
+    let mut stored = 0;
+    let mut sent = 0;
+    let mut chunk = Vec::with_capacity(CHUNK.min(total));
+    for payload in payloads {
+        let e = template.message(payload);
         first_id.get_or_insert_with(|| e.id.clone());
         chunk.push(e);
         if chunk.len() == CHUNK {
@@ -200,53 +293,22 @@ pub async fn send(args: MessageArgs, kind: Kind) -> Result<ExitCode> {
     if progress {
         eprintln!();
     }
-    let to = pipeline
-        .subscribers(t.as_str())
-        .iter()
-        .map(|p| p.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let past = if kind == Kind::Command {
-        "sent"
-    } else {
-        "published"
-    };
-    if total == 1 {
-        eprintln!(
-            "{past} {kind} {t} {} → {to}",
-            first_id.as_deref().unwrap_or_default()
-        );
-    } else {
-        eprintln!("{past} {total} {kind}s {t} → {to} ({stored} deliveries)");
-    }
+    Ok((first_id.unwrap_or_default(), stored))
+}
 
-    if let Some(t) = telemetry {
-        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
-    }
-    let (Some(inbox), Some(wait)) = (inbox.as_mut(), args.wait_reply) else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    let command_id = first_id.unwrap_or_default();
-    match inbox.wait(&command_id, wait).await? {
-        Some(reply) => {
-            let mut out = std::io::stdout().lock();
-            match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
-                Ok(v) => writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&v).unwrap_or_default()
-                )?,
-                Err(_) => {
-                    out.write_all(&reply.payload)?;
-                    writeln!(out)?;
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+/// A reply's payload on stdout: pretty JSON, or as it came.
+fn print_reply(payload: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(v) => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        )?,
+        Err(_) => {
+            out.write_all(payload)?;
+            writeln!(out)?;
         }
-        None => bail!(
-            "no reply within {}; the command is queued and will be handled (or fail) when a host runs this pipeline (switchyard run {}); a failed command sends no reply",
-            humantime::format_duration(wait),
-            args.pipeline.display()
-        ),
     }
+    Ok(())
 }

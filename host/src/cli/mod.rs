@@ -412,7 +412,7 @@ async fn run(path: PathBuf, drain: bool, watch: bool, trace_stdout: bool) -> Res
     };
     let mut settings = pipeline.telemetry.resolve(&pipeline.name)?;
     if trace_stdout {
-        settings.traces = crate::telemetry::TraceExport::Stdout;
+        settings.traces = crate::config::TraceExport::Stdout;
     }
     let telemetry = crate::telemetry::Telemetry::start(&settings)?;
     crate::telemetry::logging::init_with("info", telemetry.sdk_tracer());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
-use crate::reload::RouteInfo;
+use crate::supervisor::RouteInfo;
 
 /// Where the host is and how to prove the right to change it.
 #[derive(Debug, Args)]
@@ -94,13 +94,13 @@ fn describe(info: &RouteInfo) -> String {
             "{} {} ({})",
             info.plugin,
             p.version,
-            crate::runtime::short_digest(&p.digest)
+            crate::plugin::short_digest(&p.digest)
         ),
         None => format!(
             "{} {} ({})",
             info.plugin,
             info.version,
-            crate::runtime::short_digest(&info.digest)
+            crate::plugin::short_digest(&info.digest)
         ),
     }
 }
@@ -172,13 +172,13 @@ pub async fn list(host: &HostArgs, json: bool) -> Result<()> {
     );
     for r in &routes {
         let pending = r.pending.as_ref().map_or("-".to_owned(), |p| {
-            format!("{} {}", p.version, crate::runtime::short_digest(&p.digest))
+            format!("{} {}", p.version, crate::plugin::short_digest(&p.digest))
         });
         println!(
             "{:<20} {:<12} {:<20} {:<9} {:<26} {pending}",
             r.plugin,
             r.version,
-            crate::runtime::short_digest(&r.digest),
+            crate::plugin::short_digest(&r.digest),
             r.source,
             crate::cli::dlq::time(r.loaded_at_ms),
         );

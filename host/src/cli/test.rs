@@ -182,7 +182,7 @@ pub async fn run(
         "testing {} {} ({})",
         info.name,
         info.version,
-        crate::runtime::short_digest(plugin.digest())
+        crate::plugin::short_digest(plugin.digest())
     );
 
     let mut outcomes = Vec::new();
@@ -473,7 +473,7 @@ fn compare_one(
         }
     };
     let mut diffs = Vec::new();
-    json_diff("$", want, &got, subset, &mut diffs);
+    crate::json_diff::json_diff("$", want, &got, subset, &mut diffs);
     if !diffs.is_empty() {
         let mut text = format!("{what}: payload differs");
         for d in diffs.iter().take(20) {
@@ -486,55 +486,9 @@ fn compare_one(
     }
 }
 
-/// The differences between `want` and `got`, each as `path: expected X, got
-/// Y`. With `subset`, fields of `got` that `want` does not name are fine.
-pub(crate) fn json_diff(
-    path: &str,
-    want: &Value,
-    got: &Value,
-    subset: bool,
-    out: &mut Vec<String>,
-) {
-    match (want, got) {
-        (Value::Object(w), Value::Object(g)) => {
-            for (k, wv) in w {
-                let p = format!("{path}.{k}");
-                match g.get(k) {
-                    Some(gv) => json_diff(&p, wv, gv, subset, out),
-                    None => out.push(format!("{p}: expected {wv}, missing")),
-                }
-            }
-            if !subset {
-                for (k, gv) in g {
-                    if !w.contains_key(k) {
-                        out.push(format!("{path}.{k}: not expected, got {gv}"));
-                    }
-                }
-            }
-        }
-        (Value::Array(w), Value::Array(g)) => {
-            if w.len() != g.len() {
-                out.push(format!(
-                    "{path}: expected {} items, got {}",
-                    w.len(),
-                    g.len()
-                ));
-            }
-            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
-                json_diff(&format!("{path}[{i}]"), wv, gv, subset, out);
-            }
-        }
-        // TOML has no null and writes every number it can as an integer:
-        // 1 and 1.0 are the same value here.
-        (Value::Number(w), Value::Number(g)) if w.as_f64() == g.as_f64() => {}
-        (w, g) if w == g => {}
-        (w, g) => out.push(format!("{path}: expected {w}, got {g}")),
-    }
-}
-
 fn show_payload(p: &[u8]) -> String {
     match std::str::from_utf8(p) {
-        Ok(s) => format!("{:?}", crate::plugin::clip(s, 400)),
+        Ok(s) => format!("{:?}", crate::text::clip(s, 400)),
         Err(_) => format!("{} bytes of binary", p.len()),
     }
 }
@@ -611,7 +565,7 @@ mod tests {
 
     fn diff(want: Value, got: Value, subset: bool) -> Vec<String> {
         let mut out = Vec::new();
-        json_diff("$", &want, &got, subset, &mut out);
+        crate::json_diff::json_diff("$", &want, &got, subset, &mut out);
         out
     }
 

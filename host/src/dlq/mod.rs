@@ -10,7 +10,9 @@
 //! of creating a second one.
 
 pub mod postgres;
+mod query;
 pub mod replay;
+mod row;
 pub mod sqlite;
 pub mod tls;
 
@@ -150,7 +152,7 @@ impl DeadLetter {
     /// header linking it to this record. Its attempts continue the count.
     pub fn replay_message(&self) -> Envelope {
         let mut m = self.message.clone();
-        let trace_header = crate::dispatch::REPLAY_TRACE_HEADER;
+        let trace_header = crate::envelope::REPLAY_TRACE_HEADER;
         m.headers
             .retain(|(n, _)| n != REPLAY_HEADER && n != trace_header);
         m.headers.push((REPLAY_HEADER.to_owned(), self.id.clone()));
@@ -186,7 +188,7 @@ impl DeadLetter {
         }
         add(
             "switchyard-error",
-            crate::plugin::clip(&self.error.message, BROKER_COPY_MAX_ERROR),
+            crate::text::clip(&self.error.message, BROKER_COPY_MAX_ERROR),
         );
         add("switchyard-fingerprint", self.fingerprint.clone());
         add("switchyard-attempts", self.attempts.len().to_string());
@@ -347,85 +349,16 @@ pub fn describe(config: &DeadLetterConfig) -> String {
     }
 }
 
-/// A parameter of a filter query.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Param {
-    Text(String),
-    Int(i64),
-}
-
-/// The `WHERE` clause (and its parameters) of a filter, with placeholders
-/// written by `ph` (`?1` for SQLite, `$1` for PostgreSQL).
-pub(crate) fn where_clause(filter: &Filter, ph: fn(usize) -> String) -> (String, Vec<Param>) {
-    let mut clauses = Vec::new();
-    let mut params = Vec::new();
-    // Adds a parameter and returns its placeholder.
-    let bind = |p: Param, params: &mut Vec<Param>| {
-        params.push(p);
-        ph(params.len())
-    };
-    if !filter.ids.is_empty() {
-        let alts: Vec<String> = filter
-            .ids
-            .iter()
-            .map(|id| bind(Param::Text(id.clone()), &mut params))
-            .collect();
-        clauses.push(format!("id IN ({})", alts.join(", ")));
-    }
-    let equal = [
-        ("route", &filter.route),
-        ("message_type", &filter.message_type),
-        ("error_kind", &filter.error_kind),
-        ("fingerprint", &filter.fingerprint),
-    ];
-    for (column, value) in equal {
-        if let Some(v) = value {
-            let p = bind(Param::Text(v.clone()), &mut params);
-            clauses.push(format!("{column} = {p}"));
-        }
-    }
-    if let Some(s) = filter.since_ms {
-        let p = bind(Param::Int(to_i64(s)), &mut params);
-        clauses.push(format!("last_failed_at_ms >= {p}"));
-    }
-    if let Some(u) = filter.until_ms {
-        let p = bind(Param::Int(to_i64(u)), &mut params);
-        clauses.push(format!("last_failed_at_ms < {p}"));
-    }
-    if !filter.statuses.is_empty() {
-        let alts: Vec<String> = filter
-            .statuses
-            .iter()
-            .map(|s| bind(Param::Text(s.as_str().to_owned()), &mut params))
-            .collect();
-        clauses.push(format!("status IN ({})", alts.join(", ")));
-    }
-    let sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
-    (sql, params)
-}
-
 pub(crate) fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The columns of a record, in the order every `SELECT` uses.
-pub(crate) const COLUMNS: &str = "id, pipeline, route, plugin_version, plugin_digest, \
-message_id, message_type, kind, payload, content_type, headers, correlation_id, causation_id, \
-reply_to, partition_key, created_at_ms, attempt, \
-error_kind, error_message, error_code, error_details, backtrace, output, \
-attempts, first_failed_at_ms, last_failed_at_ms, source, trace_id, span_id, host, \
-fingerprint, cause, status, replay_count, replayed_at_ms, resolved_at_ms, note";
-
-/// Serializes one of a record's JSON columns (plain data: cannot fail).
 /// A stored timestamp column (non-negative by construction).
 pub(crate) fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(i64::unsigned_abs)
 }
 
+/// Serializes one of a record's JSON columns (plain data: cannot fail).
 pub(crate) fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }

@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_trait::async_trait;
+use bytes::BytesMut;
 use tokio::sync::Mutex;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::tls::{self, TlsMode};
-use super::{
-    COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
-    merge_attempts, opt_u64, payload_digest, to_i64, where_clause,
+use super::query::{
+    claim_sql, groups_query, id_prefix_pattern, list_query, only_match, read_group,
 };
-use crate::envelope::{Attempt, Envelope, Kind, now_ms};
+use super::row::{self, StoredRow, Value};
+use super::tls::{self, TlsMode};
+use super::{DeadLetter, DeadLetterStore, Filter, Group, Status, to_i64};
+use crate::envelope::now_ms;
 
 /// How long to wait for the server before giving up on a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,10 +93,62 @@ fn ph(i: usize) -> String {
     format!("${i}")
 }
 
-fn boxed(p: &Param) -> Box<dyn ToSql + Sync + Send> {
-    match p {
-        Param::Text(s) => Box::new(s.clone()),
-        Param::Int(i) => Box::new(*i),
+/// The error a driver's conversion returns.
+type SqlError = Box<dyn std::error::Error + Sync + Send>;
+
+impl ToSql for Value {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, SqlError> {
+        match self {
+            Value::Text(s) => s.to_sql(ty, out),
+            Value::Int(i) => i.to_sql(ty, out),
+            Value::Bytes(b) => b.to_sql(ty, out),
+            Value::OptText(s) => s.to_sql(ty, out),
+            Value::OptInt(i) => i.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <String as ToSql>::accepts(ty)
+            || <i64 as ToSql>::accepts(ty)
+            || <Vec<u8> as ToSql>::accepts(ty)
+    }
+
+    // Checked against the type of the value it holds.
+    fn to_sql_checked(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, SqlError> {
+        match self {
+            Value::Text(s) => s.to_sql_checked(ty, out),
+            Value::Int(i) => i.to_sql_checked(ty, out),
+            Value::Bytes(b) => b.to_sql_checked(ty, out),
+            Value::OptText(s) => s.to_sql_checked(ty, out),
+            Value::OptInt(i) => i.to_sql_checked(ty, out),
+        }
+    }
+}
+
+/// Values as a query's parameters.
+fn params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+impl StoredRow for Row {
+    fn text(&self, index: usize) -> Result<String> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn opt_text(&self, index: usize) -> Result<Option<String>> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn int(&self, index: usize) -> Result<i64> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn opt_int(&self, index: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(index)?)
+    }
+
+    fn bytes(&self, index: usize) -> Result<Vec<u8>> {
+        Ok(self.try_get(index)?)
     }
 }
 
@@ -182,17 +236,22 @@ impl PostgresStore {
         format!("{}.dead_letters", self.schema)
     }
 
-    fn select(&self, filter: &Filter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
-        let (mut clause, params) = where_clause(filter, ph);
-        let mut values: Vec<Box<dyn ToSql + Sync + Send>> = params.iter().map(boxed).collect();
-        values.push(Box::new(self.pipeline.clone()));
-        let scope = format!("pipeline = ${}", values.len());
-        clause = if clause.is_empty() {
-            format!("WHERE {scope}")
-        } else {
-            format!("{clause} AND {scope}")
-        };
-        (clause, values)
+    /// Runs a query.
+    async fn rows(&self, sql: &str, values: &[Value]) -> Result<Vec<Row>> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no dead-letter store connection")?;
+        Ok(client.query(sql, &params(values)).await?)
+    }
+
+    /// Runs a query whose rows are read with `read`.
+    async fn query<T>(
+        &self,
+        sql: &str,
+        values: &[Value],
+        read: impl Fn(&dyn StoredRow) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let rows = self.rows(sql, values).await?;
+        rows.iter().map(|r| read(r)).collect()
     }
 
     async fn set_status(
@@ -271,57 +330,6 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<()> {
     Ok(())
 }
 
-fn read_letter(row: &Row) -> Result<DeadLetter> {
-    let id: String = row.try_get(0)?;
-    let kind: String = row.try_get(7)?;
-    let status: String = row.try_get(32)?;
-    Ok(DeadLetter {
-        pipeline: row.try_get(1)?,
-        route: row.try_get(2)?,
-        plugin_version: row.try_get(3)?,
-        plugin_digest: row.try_get(4)?,
-        message: Envelope {
-            id: row.try_get(5)?,
-            message_type: row.try_get(6)?,
-            kind: Kind::parse(&kind).unwrap_or(Kind::Event),
-            payload: row.try_get(8)?,
-            content_type: row.try_get(9)?,
-            headers: from_json(row.try_get(10)?, "headers", &id)?,
-            correlation_id: row.try_get(11)?,
-            causation_id: row.try_get(12)?,
-            reply_to: row.try_get(13)?,
-            partition_key: row.try_get(14)?,
-            created_at_ms: row.try_get::<_, i64>(15)?.unsigned_abs(),
-            attempt: u32::try_from(row.try_get::<_, i64>(16)?).unwrap_or(u32::MAX),
-            history: Vec::new(),
-        },
-        error: ErrorInfo {
-            kind: row.try_get(17)?,
-            message: row.try_get(18)?,
-            code: row.try_get(19)?,
-            details: from_json(row.try_get(20)?, "error_details", &id)?,
-            backtrace: row.try_get(21)?,
-            output: row.try_get(22)?,
-        },
-        attempts: from_json(row.try_get(23)?, "attempts", &id)?,
-        first_failed_at_ms: row.try_get::<_, i64>(24)?.unsigned_abs(),
-        last_failed_at_ms: row.try_get::<_, i64>(25)?.unsigned_abs(),
-        source: from_json(row.try_get(26)?, "source", &id)?,
-        trace_id: row.try_get(27)?,
-        span_id: row.try_get(28)?,
-        host: row.try_get(29)?,
-        fingerprint: row.try_get(30)?,
-        cause: row.try_get(31)?,
-        status: Status::parse(&status)
-            .ok_or_else(|| anyhow!("dead letter {id}: unknown status `{status}`"))?,
-        replay_count: u32::try_from(row.try_get::<_, i64>(33)?).unwrap_or(u32::MAX),
-        replayed_at_ms: opt_u64(row.try_get(34)?),
-        resolved_at_ms: opt_u64(row.try_get(35)?),
-        note: row.try_get(36)?,
-        id,
-    })
-}
-
 #[async_trait]
 impl DeadLetterStore for PostgresStore {
     async fn record(&self, letters: Vec<DeadLetter>) -> Result<Vec<String>> {
@@ -330,192 +338,56 @@ impl DeadLetterStore for PostgresStore {
         let client = guard.as_mut().context("no dead-letter store connection")?;
         let tx = client.transaction().await?;
         let find = tx
-            .prepare(&format!(
-                "SELECT id, attempts FROM {table}
-                 WHERE pipeline = $1 AND route = $2 AND message_id = $3 AND payload_sha256 = $4 FOR UPDATE"
-            ))
+            .prepare(&format!("{} FOR UPDATE", row::find_sql(&table, ph)))
             .await?;
-        let update = tx
-            .prepare(&format!(
-                "UPDATE {table} SET plugin_version = $2, plugin_digest = $3, error_kind = $4, error_message = $5,
-                     error_code = $6, error_details = $7, backtrace = $8, output = $9, attempts = $10,
-                     last_failed_at_ms = $11, source = $12, trace_id = $13, span_id = $14, host = $15,
-                     fingerprint = $16, cause = $17, status = 'dead'
-                 WHERE id = $1"
-            ))
-            .await?;
-        let placeholders: Vec<String> = (1..=38).map(ph).collect();
-        let insert = tx
-            .prepare(&format!(
-                "INSERT INTO {table} ({COLUMNS}, payload_sha256) VALUES ({})",
-                placeholders.join(", ")
-            ))
-            .await?;
+        let refail = tx.prepare(&row::refail_sql(&table, ph)).await?;
+        let insert = tx.prepare(&row::insert_sql(&table, ph)).await?;
         let mut ids = Vec::with_capacity(letters.len());
-        for d in &letters {
-            let digest = payload_digest(&d.message.payload);
-            let existing = tx
-                .query_opt(&find, &[&d.pipeline, &d.route, &d.message.id, &digest])
-                .await?;
-            match existing {
-                Some(row) => {
-                    let id: String = row.try_get(0)?;
-                    let stored: Vec<Attempt> = from_json(row.try_get(1)?, "attempts", &id)?;
-                    let all = merge_attempts(stored, &d.attempts);
-                    tx.execute(
-                        &update,
-                        &[
-                            &id,
-                            &d.plugin_version,
-                            &d.plugin_digest,
-                            &d.error.kind,
-                            &d.error.message,
-                            &d.error.code,
-                            &json(&d.error.details),
-                            &d.error.backtrace,
-                            &d.error.output,
-                            &json(&all),
-                            &to_i64(d.last_failed_at_ms),
-                            &json(&d.source),
-                            &d.trace_id,
-                            &d.span_id,
-                            &d.host,
-                            &d.fingerprint,
-                            &d.cause,
-                        ],
-                    )
-                    .await?;
-                    ids.push(id);
+        for d in letters {
+            let existing = tx.query_opt(&find, &params(&row::key_values(&d))).await?;
+            let id = match existing {
+                Some(found) => {
+                    let id: String = found.try_get(0)?;
+                    let values = row::refail_values(&id, found.try_get(1)?, d)?;
+                    tx.execute(&refail, &params(&values)).await?;
+                    id
                 }
                 None => {
-                    let m = &d.message;
-                    tx.execute(
-                        &insert,
-                        &[
-                            &d.id,
-                            &d.pipeline,
-                            &d.route,
-                            &d.plugin_version,
-                            &d.plugin_digest,
-                            &m.id,
-                            &m.message_type,
-                            &m.kind.as_str(),
-                            &m.payload,
-                            &m.content_type,
-                            &json(&m.headers),
-                            &m.correlation_id,
-                            &m.causation_id,
-                            &m.reply_to,
-                            &m.partition_key,
-                            &to_i64(m.created_at_ms),
-                            &i64::from(m.attempt),
-                            &d.error.kind,
-                            &d.error.message,
-                            &d.error.code,
-                            &json(&d.error.details),
-                            &d.error.backtrace,
-                            &d.error.output,
-                            &json(&d.attempts),
-                            &to_i64(d.first_failed_at_ms),
-                            &to_i64(d.last_failed_at_ms),
-                            &json(&d.source),
-                            &d.trace_id,
-                            &d.span_id,
-                            &d.host,
-                            &d.fingerprint,
-                            &d.cause,
-                            &d.status.as_str(),
-                            &i64::from(d.replay_count),
-                            &d.replayed_at_ms.map(to_i64),
-                            &d.resolved_at_ms.map(to_i64),
-                            &d.note,
-                            &digest,
-                        ],
-                    )
-                    .await?;
-                    ids.push(d.id.clone());
+                    tx.execute(&insert, &params(&row::insert_values(&d)))
+                        .await?;
+                    d.id
                 }
-            }
+            };
+            ids.push(id);
         }
         tx.commit().await?;
         Ok(ids)
     }
 
     async fn list(&self, filter: &Filter) -> Result<Vec<DeadLetter>> {
-        let (clause, values) = self.select(filter);
-        let limit = filter
-            .limit
-            .map(|l| format!(" LIMIT {}", to_i64(l)))
-            .unwrap_or_default();
-        let sql = format!(
-            "SELECT {COLUMNS} FROM {} {clause} ORDER BY last_failed_at_ms DESC, id DESC{limit}",
-            self.table()
-        );
-        let params: Vec<&(dyn ToSql + Sync)> = values
-            .iter()
-            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        let guard = self.client().await?;
-        let client = guard.as_ref().context("no dead-letter store connection")?;
-        client
-            .query(&sql, &params)
-            .await?
-            .iter()
-            .map(read_letter)
-            .collect()
+        let (sql, values) = list_query(&self.table(), &self.pipeline, filter, ph);
+        self.query(&sql, &values, row::read_letter).await
     }
 
     async fn groups(&self, filter: &Filter) -> Result<Vec<Group>> {
-        let (clause, values) = self.select(filter);
-        let limit = filter
-            .limit
-            .map(|l| format!(" LIMIT {}", to_i64(l)))
-            .unwrap_or_default();
-        let sql = format!(
-            "SELECT fingerprint, COUNT(*), MIN(route), MIN(error_kind), MIN(cause), MIN(first_failed_at_ms), MAX(last_failed_at_ms)
-             FROM {} {clause} GROUP BY fingerprint ORDER BY MAX(last_failed_at_ms) DESC{limit}",
-            self.table()
-        );
-        let params: Vec<&(dyn ToSql + Sync)> = values
-            .iter()
-            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        let guard = self.client().await?;
-        let client = guard.as_ref().context("no dead-letter store connection")?;
-        let mut out = Vec::new();
-        for r in client.query(&sql, &params).await? {
-            out.push(Group {
-                fingerprint: r.try_get(0)?,
-                count: r.try_get::<_, i64>(1)?.unsigned_abs(),
-                route: r.try_get(2)?,
-                error_kind: r.try_get(3)?,
-                cause: r.try_get(4)?,
-                first_failed_at_ms: r.try_get::<_, i64>(5)?.unsigned_abs(),
-                last_failed_at_ms: r.try_get::<_, i64>(6)?.unsigned_abs(),
-            });
-        }
-        Ok(out)
+        let (sql, values) = groups_query(&self.table(), &self.pipeline, filter, ph);
+        self.query(&sql, &values, read_group).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<DeadLetter>> {
-        let pattern = format!(
-            "{}%",
-            id.replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        let columns = row::column_list();
         let sql = format!(
-            "SELECT {COLUMNS} FROM {} WHERE pipeline = $1 AND id LIKE $2 LIMIT 2",
+            "SELECT {columns} FROM {} WHERE pipeline = $1 AND id LIKE $2 LIMIT 2",
             self.table()
         );
-        let guard = self.client().await?;
-        let client = guard.as_ref().context("no dead-letter store connection")?;
-        let rows = client.query(&sql, &[&self.pipeline, &pattern]).await?;
-        match rows.len() {
-            0 => Ok(None),
-            1 => Ok(Some(read_letter(&rows[0])?)),
-            _ => bail!("`{id}` matches several dead letters; give more of the id"),
-        }
+        let values = [
+            Value::Text(self.pipeline.clone()),
+            Value::Text(id_prefix_pattern(id)),
+        ];
+        let rows = self.rows(&sql, &values).await?;
+        only_match(rows, id)?
+            .map(|r| row::read_letter(&r))
+            .transpose()
     }
 
     async fn begin_replay(
@@ -528,28 +400,22 @@ impl DeadLetterStore for PostgresStore {
         let mut guard = self.client().await?;
         let client = guard.as_mut().context("no dead-letter store connection")?;
         let tx = client.transaction().await?;
+        let columns = row::column_list();
         let stmt = tx
             .prepare(&format!(
-                "UPDATE {table}
-                 SET replay_count = replay_count + CASE WHEN status = 'dead' THEN 1 ELSE 0 END,
-                     status = 'replaying', replayed_at_ms = $3, replay_claim = $4
-                 WHERE id = $1 AND pipeline = $2
-                   AND (status = 'dead'
-                        OR (status = 'replaying'
-                            AND (replay_claim IS NOT DISTINCT FROM $4
-                                 OR COALESCE(replayed_at_ms, 0) < $5)))
-                 RETURNING {COLUMNS}"
+                "{} RETURNING {columns}",
+                claim_sql(&table, ph, "IS NOT DISTINCT FROM")
             ))
             .await?;
         let now = to_i64(now_ms());
         let stale = to_i64(stale_before_ms);
         let mut out = Vec::new();
         for id in ids {
-            if let Some(row) = tx
+            if let Some(r) = tx
                 .query_opt(&stmt, &[id, &self.pipeline, &now, &claim, &stale])
                 .await?
             {
-                out.push(read_letter(&row)?);
+                out.push(row::read_letter(&r)?);
             }
         }
         tx.commit().await?;

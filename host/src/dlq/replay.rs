@@ -87,6 +87,29 @@ pub async fn replay(
     options: &ReplayOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ReplayReport> {
+    let (mut report, todo) = triage(records, options);
+    if options.dry_run {
+        report.replayed = todo;
+        return Ok(report);
+    }
+    let total = todo.len();
+    let started = Instant::now();
+    let claim = new_id();
+    let mut done = 0usize;
+    for chunk in todo.chunks(options.batch_size.max(1)) {
+        if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
+            pace(rate, done, started).await;
+        }
+        let sent = replay_batch(store, transport, chunk, &claim, options, &mut report).await?;
+        done += chunk.len();
+        report.replayed.extend(sent);
+        progress(done, total);
+    }
+    Ok(report)
+}
+
+/// The records to replay; the others go to the report's skipped ones.
+fn triage(records: Vec<DeadLetter>, options: &ReplayOptions) -> (ReplayReport, Vec<DeadLetter>) {
     let mut report = ReplayReport::default();
     let mut todo = Vec::new();
     for r in records {
@@ -99,70 +122,82 @@ pub async fn replay(
             todo.push(r);
         }
     }
-    if options.dry_run {
-        report.replayed = todo;
-        return Ok(report);
+    (report, todo)
+}
+
+/// Waits until the batch after `done` records is within `rate` records per
+/// second since `started`.
+async fn pace(rate: f64, done: usize, started: Instant) {
+    let due = Duration::try_from_secs_f64(done as f64 / rate).unwrap_or(Duration::MAX);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        tokio::time::sleep(wait).await;
     }
-    let total = todo.len();
-    let started = Instant::now();
-    let claim = new_id();
-    let mut done = 0usize;
-    for chunk in todo.chunks(options.batch_size.max(1)) {
-        if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
-            // Wait until this batch is within the allowed rate.
-            let due = Duration::try_from_secs_f64(done as f64 / rate).unwrap_or(Duration::MAX);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
+}
+
+/// Claims one batch under `claim`, enqueues what it got and marks that
+/// replayed; returns the records replayed. Records held by another replay
+/// and records taken over from an interrupted one are counted in `report`.
+async fn replay_batch(
+    store: &dyn DeadLetterStore,
+    transport: &dyn Transport,
+    chunk: &[DeadLetter],
+    claim: &str,
+    options: &ReplayOptions,
+    report: &mut ReplayReport,
+) -> Result<Vec<DeadLetter>> {
+    let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
+    let stale_before =
+        now_ms().saturating_sub(u64::try_from(options.claim_lease.as_millis()).unwrap_or(u64::MAX));
+    let started_batch = store
+        .begin_replay(&ids, claim, stale_before)
+        .await
+        .context("cannot mark records as replaying")?;
+    let taken = chunk.len() - started_batch.len();
+    if taken > 0 {
+        tracing::warn!(
+            records = taken,
+            "Records are being replayed by another replay right now; skipped"
+        );
+        report.claimed_elsewhere += taken;
+    }
+    report.resumed += chunk
+        .iter()
+        .filter(|r| r.status == Status::Replaying && started_batch.iter().any(|s| s.id == r.id))
+        .count();
+    enqueue_by_route(store, transport, &started_batch).await?;
+    Ok(started_batch)
+}
+
+/// Enqueues claimed records route by route: a record is marked replayed
+/// only once its own enqueue succeeded; on a failure the rest go back to
+/// `dead`.
+async fn enqueue_by_route(
+    store: &dyn DeadLetterStore,
+    transport: &dyn Transport,
+    claimed: &[DeadLetter],
+) -> Result<()> {
+    let mut by_route: BTreeMap<&str, Vec<&DeadLetter>> = BTreeMap::new();
+    for r in claimed {
+        by_route.entry(r.route.as_str()).or_default().push(r);
+    }
+    let mut routes = by_route.into_iter();
+    while let Some((route, records)) = routes.next() {
+        let messages: Vec<Envelope> = records.iter().map(|r| r.replay_message()).collect();
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        if let Err(e) = transport.enqueue_to(route, messages).await {
+            let mut unsent = ids;
+            for (_, rest) in routes {
+                unsent.extend(rest.iter().map(|r| r.id.clone()));
             }
+            if let Err(undo) = store.abort_replay(&unsent).await {
+                tracing::warn!(error = %format!("{undo:#}"), "Cannot put unsent replays back to dead; they stay `replaying`");
+            }
+            return Err(e.context(format!("cannot enqueue replays on route {route}")));
         }
-        let ids: Vec<String> = chunk.iter().map(|r| r.id.clone()).collect();
-        let stale_before = now_ms()
-            .saturating_sub(u64::try_from(options.claim_lease.as_millis()).unwrap_or(u64::MAX));
-        let started_batch = store
-            .begin_replay(&ids, &claim, stale_before)
+        store
+            .finish_replay(&ids)
             .await
-            .context("cannot mark records as replaying")?;
-        let taken = chunk.len() - started_batch.len();
-        if taken > 0 {
-            tracing::warn!(
-                records = taken,
-                "Records are being replayed by another replay right now; skipped"
-            );
-            report.claimed_elsewhere += taken;
-        }
-        report.resumed += chunk
-            .iter()
-            .filter(|r| r.status == Status::Replaying && started_batch.iter().any(|s| s.id == r.id))
-            .count();
-        let mut by_route: BTreeMap<&str, Vec<&DeadLetter>> = BTreeMap::new();
-        for r in &started_batch {
-            by_route.entry(r.route.as_str()).or_default().push(r);
-        }
-        // Route by route: a record is marked replayed only once its own
-        // enqueue succeeded; on a failure the rest go back to `dead`.
-        let mut routes = by_route.into_iter();
-        while let Some((route, records)) = routes.next() {
-            let messages: Vec<Envelope> = records.iter().map(|r| r.replay_message()).collect();
-            let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
-            if let Err(e) = transport.enqueue_to(route, messages).await {
-                let mut unsent = ids;
-                for (_, rest) in routes {
-                    unsent.extend(rest.iter().map(|r| r.id.clone()));
-                }
-                if let Err(undo) = store.abort_replay(&unsent).await {
-                    tracing::warn!(error = %format!("{undo:#}"), "Cannot put unsent replays back to dead; they stay `replaying`");
-                }
-                return Err(e.context(format!("cannot enqueue replays on route {route}")));
-            }
-            store
-                .finish_replay(&ids)
-                .await
-                .context("cannot mark records as replayed")?;
-        }
-        drop(routes);
-        done += chunk.len();
-        report.replayed.extend(started_batch);
-        progress(done, total);
+            .context("cannot mark records as replayed")?;
     }
-    Ok(report)
+    Ok(())
 }

@@ -2,18 +2,23 @@
 //! embedded transport's own store.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
-
-use super::{
-    COLUMNS, DeadLetter, DeadLetterStore, ErrorInfo, Filter, Group, Param, Status, from_json, json,
-    merge_attempts, opt_u64, payload_digest, to_i64, where_clause,
+use rusqlite::types::{ToSqlOutput, Value as SqlValue};
+use rusqlite::{
+    Connection, OptionalExtension, ToSql, Transaction, TransactionBehavior, params,
+    params_from_iter,
 };
-use crate::envelope::{Envelope, Kind, now_ms};
+
+use super::query::{
+    claim_sql, groups_query, id_prefix_pattern, list_query, only_match, read_group,
+};
+use super::row::{self, StoredRow, Value};
+use super::{DeadLetter, DeadLetterStore, Filter, Group, Status, to_i64};
+use crate::envelope::now_ms;
 
 /// Each entry upgrades the schema by one version; applied in order, once.
 const MIGRATIONS: [&str; 3] = ["
@@ -97,10 +102,41 @@ fn ph(i: usize) -> String {
     format!("?{i}")
 }
 
-fn to_sql(p: &Param) -> rusqlite::types::Value {
-    match p {
-        Param::Text(s) => rusqlite::types::Value::Text(s.clone()),
-        Param::Int(i) => rusqlite::types::Value::Integer(*i),
+/// The table, which the file has to itself.
+const TABLE: &str = "dead_letters";
+
+impl ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Value::Text(s) => ToSqlOutput::from(s.as_str()),
+            Value::Int(i) => ToSqlOutput::from(*i),
+            Value::Bytes(b) => ToSqlOutput::from(b.as_slice()),
+            Value::OptText(Some(s)) => ToSqlOutput::from(s.as_str()),
+            Value::OptInt(Some(i)) => ToSqlOutput::from(*i),
+            Value::OptText(None) | Value::OptInt(None) => ToSqlOutput::Owned(SqlValue::Null),
+        })
+    }
+}
+
+impl StoredRow for rusqlite::Row<'_> {
+    fn text(&self, index: usize) -> Result<String> {
+        Ok(self.get(index)?)
+    }
+
+    fn opt_text(&self, index: usize) -> Result<Option<String>> {
+        Ok(self.get(index)?)
+    }
+
+    fn int(&self, index: usize) -> Result<i64> {
+        Ok(self.get(index)?)
+    }
+
+    fn opt_int(&self, index: usize) -> Result<Option<i64>> {
+        Ok(self.get(index)?)
+    }
+
+    fn bytes(&self, index: usize) -> Result<Vec<u8>> {
+        Ok(self.get(index)?)
     }
 }
 
@@ -188,122 +224,50 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn read_letter(row: &rusqlite::Row<'_>) -> Result<DeadLetter> {
-    let id: String = row.get(0)?;
-    let kind: String = row.get(7)?;
-    let status: String = row.get(32)?;
-    Ok(DeadLetter {
-        pipeline: row.get(1)?,
-        route: row.get(2)?,
-        plugin_version: row.get(3)?,
-        plugin_digest: row.get(4)?,
-        message: Envelope {
-            id: row.get(5)?,
-            message_type: row.get(6)?,
-            kind: Kind::parse(&kind).unwrap_or(Kind::Event),
-            payload: row.get(8)?,
-            content_type: row.get(9)?,
-            headers: from_json(&row.get::<_, String>(10)?, "headers", &id)?,
-            correlation_id: row.get(11)?,
-            causation_id: row.get(12)?,
-            reply_to: row.get(13)?,
-            partition_key: row.get(14)?,
-            created_at_ms: row.get::<_, i64>(15)?.unsigned_abs(),
-            attempt: u32::try_from(row.get::<_, i64>(16)?).unwrap_or(u32::MAX),
-            history: Vec::new(),
-        },
-        error: ErrorInfo {
-            kind: row.get(17)?,
-            message: row.get(18)?,
-            code: row.get(19)?,
-            details: from_json(&row.get::<_, String>(20)?, "error_details", &id)?,
-            backtrace: row.get(21)?,
-            output: row.get(22)?,
-        },
-        attempts: from_json(&row.get::<_, String>(23)?, "attempts", &id)?,
-        first_failed_at_ms: row.get::<_, i64>(24)?.unsigned_abs(),
-        last_failed_at_ms: row.get::<_, i64>(25)?.unsigned_abs(),
-        source: from_json(&row.get::<_, String>(26)?, "source", &id)?,
-        trace_id: row.get(27)?,
-        span_id: row.get(28)?,
-        host: row.get(29)?,
-        fingerprint: row.get(30)?,
-        cause: row.get(31)?,
-        status: Status::parse(&status)
-            .ok_or_else(|| anyhow!("dead letter {id}: unknown status `{status}`"))?,
-        replay_count: u32::try_from(row.get::<_, i64>(33)?).unwrap_or(u32::MAX),
-        replayed_at_ms: opt_u64(row.get(34)?),
-        resolved_at_ms: opt_u64(row.get(35)?),
-        note: row.get(36)?,
-        id,
-    })
+/// Records one failure; returns the id of its record (an existing one if
+/// the message failed before).
+fn record_one(tx: &Transaction<'_>, d: DeadLetter) -> Result<String> {
+    static FIND: LazyLock<String> = LazyLock::new(|| row::find_sql(TABLE, ph));
+    static REFAIL: LazyLock<String> = LazyLock::new(|| row::refail_sql(TABLE, ph));
+    static INSERT: LazyLock<String> = LazyLock::new(|| row::insert_sql(TABLE, ph));
+    let existing: Option<(String, String)> = tx
+        .query_row(&FIND, params_from_iter(row::key_values(&d)), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    match existing {
+        Some((id, attempts)) => {
+            tx.execute(
+                &REFAIL,
+                params_from_iter(row::refail_values(&id, &attempts, d)?),
+            )?;
+            Ok(id)
+        }
+        None => {
+            tx.prepare_cached(&INSERT)?
+                .execute(params_from_iter(row::insert_values(&d)))?;
+            Ok(d.id)
+        }
+    }
 }
 
-fn insert(tx: &rusqlite::Transaction<'_>, d: &DeadLetter) -> rusqlite::Result<()> {
-    let placeholders: Vec<String> = (1..=38).map(ph).collect();
-    let mut stmt = tx.prepare_cached(&format!(
-        "INSERT INTO dead_letters ({COLUMNS}, payload_sha256) VALUES ({})",
-        placeholders.join(", ")
-    ))?;
-    let m = &d.message;
-    stmt.execute(params![
-        d.id,
-        d.pipeline,
-        d.route,
-        d.plugin_version,
-        d.plugin_digest,
-        m.id,
-        m.message_type,
-        m.kind.as_str(),
-        m.payload,
-        m.content_type,
-        json(&m.headers),
-        m.correlation_id,
-        m.causation_id,
-        m.reply_to,
-        m.partition_key,
-        to_i64(m.created_at_ms),
-        m.attempt,
-        d.error.kind,
-        d.error.message,
-        d.error.code,
-        json(&d.error.details),
-        d.error.backtrace,
-        d.error.output,
-        json(&d.attempts),
-        to_i64(d.first_failed_at_ms),
-        to_i64(d.last_failed_at_ms),
-        json(&d.source),
-        d.trace_id,
-        d.span_id,
-        d.host,
-        d.fingerprint,
-        d.cause,
-        d.status.as_str(),
-        d.replay_count,
-        d.replayed_at_ms.map(to_i64),
-        d.resolved_at_ms.map(to_i64),
-        d.note,
-        payload_digest(&m.payload),
-    ])?;
-    Ok(())
+/// Runs a query whose rows are read with `read`.
+fn query<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    read: impl Fn(&dyn StoredRow) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare(sql)?;
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(read(r)?);
+    }
+    Ok(out)
 }
 
 impl Inner {
-    /// The filter scoped to this store's pipeline.
-    fn select(&self, filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
-        let (mut clause, params) = where_clause(filter, ph);
-        let mut values: Vec<rusqlite::types::Value> = params.iter().map(to_sql).collect();
-        values.push(rusqlite::types::Value::Text(self.pipeline.clone()));
-        let scope = format!("pipeline = ?{}", values.len());
-        clause = if clause.is_empty() {
-            format!("WHERE {scope}")
-        } else {
-            format!("{clause} AND {scope}")
-        };
-        (clause, values)
-    }
-
     /// Updates the status of the given records; returns how many changed.
     fn set_status(
         &self,
@@ -344,53 +308,10 @@ impl DeadLetterStore for SqliteStore {
         self.blocking(move |s| {
             let mut conn = lock(&s.conn);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut ids = Vec::with_capacity(letters.len());
-            for d in &letters {
-                let existing: Option<(String, String)> = tx
-                    .query_row(
-                        "SELECT id, attempts FROM dead_letters
-                         WHERE pipeline = ?1 AND route = ?2 AND message_id = ?3 AND payload_sha256 = ?4",
-                        params![d.pipeline, d.route, d.message.id, payload_digest(&d.message.payload)],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                match existing {
-                    Some((id, attempts)) => {
-                        let all = merge_attempts(from_json(&attempts, "attempts", &id)?, &d.attempts);
-                        tx.execute(
-                            "UPDATE dead_letters SET plugin_version = ?2, plugin_digest = ?3, error_kind = ?4, error_message = ?5,
-                                 error_code = ?6, error_details = ?7, backtrace = ?8, output = ?9, attempts = ?10,
-                                 last_failed_at_ms = ?11, source = ?12, trace_id = ?13, span_id = ?14, host = ?15,
-                                 fingerprint = ?16, cause = ?17, status = 'dead'
-                             WHERE id = ?1",
-                            params![
-                                id,
-                                d.plugin_version,
-                                d.plugin_digest,
-                                d.error.kind,
-                                d.error.message,
-                                d.error.code,
-                                json(&d.error.details),
-                                d.error.backtrace,
-                                d.error.output,
-                                json(&all),
-                                to_i64(d.last_failed_at_ms),
-                                json(&d.source),
-                                d.trace_id,
-                                d.span_id,
-                                d.host,
-                                d.fingerprint,
-                                d.cause,
-                            ],
-                        )?;
-                        ids.push(id);
-                    }
-                    None => {
-                        insert(&tx, d)?;
-                        ids.push(d.id.clone());
-                    }
-                }
-            }
+            let ids = letters
+                .into_iter()
+                .map(|d| record_one(&tx, d))
+                .collect::<Result<Vec<_>>>()?;
             tx.commit()?;
             Ok(ids)
         })
@@ -398,52 +319,19 @@ impl DeadLetterStore for SqliteStore {
     }
 
     async fn list(&self, filter: &Filter) -> Result<Vec<DeadLetter>> {
-        let filter = filter.clone();
+        let (sql, params) = list_query(TABLE, &self.inner.pipeline, filter, ph);
         self.blocking(move |s| {
-            let (clause, values) = s.select(&filter);
-            let limit = filter
-                .limit
-                .map(|l| format!(" LIMIT {}", to_i64(l)))
-                .unwrap_or_default();
             let conn = lock(&s.conn);
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {COLUMNS} FROM dead_letters {clause} ORDER BY last_failed_at_ms DESC, id DESC{limit}"
-            ))?;
-            let mut rows = stmt.query(params_from_iter(values))?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                out.push(read_letter(row)?);
-            }
-            Ok(out)
+            query(&conn, &sql, params_from_iter(params), row::read_letter)
         })
         .await
     }
 
     async fn groups(&self, filter: &Filter) -> Result<Vec<Group>> {
-        let filter = filter.clone();
+        let (sql, params) = groups_query(TABLE, &self.inner.pipeline, filter, ph);
         self.blocking(move |s| {
-            let (clause, values) = s.select(&filter);
-            let limit = filter
-                .limit
-                .map(|l| format!(" LIMIT {}", to_i64(l)))
-                .unwrap_or_default();
             let conn = lock(&s.conn);
-            let mut stmt = conn.prepare(&format!(
-                "SELECT fingerprint, COUNT(*), MIN(route), MIN(error_kind), MIN(cause), MIN(first_failed_at_ms), MAX(last_failed_at_ms)
-                 FROM dead_letters {clause} GROUP BY fingerprint ORDER BY MAX(last_failed_at_ms) DESC{limit}"
-            ))?;
-            let rows = stmt.query_map(params_from_iter(values), |r| {
-                Ok(Group {
-                    fingerprint: r.get(0)?,
-                    count: r.get::<_, i64>(1)?.unsigned_abs(),
-                    route: r.get(2)?,
-                    error_kind: r.get(3)?,
-                    cause: r.get(4)?,
-                    first_failed_at_ms: r.get::<_, i64>(5)?.unsigned_abs(),
-                    last_failed_at_ms: r.get::<_, i64>(6)?.unsigned_abs(),
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            query(&conn, &sql, params_from_iter(params), read_group)
         })
         .await
     }
@@ -452,19 +340,13 @@ impl DeadLetterStore for SqliteStore {
         let id = id.to_owned();
         self.blocking(move |s| {
             let conn = lock(&s.conn);
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = ?1 AND id LIKE ?2 ESCAPE '\\' LIMIT 2"
-            ))?;
-            let pattern = format!("{}%", id.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
-            let mut rows = stmt.query(params![s.pipeline, pattern])?;
-            let mut found = Vec::new();
-            while let Some(row) = rows.next()? {
-                found.push(read_letter(row)?);
-            }
-            match found.len() {
-                0 | 1 => Ok(found.pop()),
-                _ => bail!("`{id}` matches several dead letters; give more of the id"),
-            }
+            let columns = row::column_list();
+            let sql = format!(
+                "SELECT {columns} FROM {TABLE} WHERE pipeline = ?1 AND id LIKE ?2 ESCAPE '\\' LIMIT 2"
+            );
+            let pattern = id_prefix_pattern(&id);
+            let found = query(&conn, &sql, params![s.pipeline, pattern], row::read_letter)?;
+            only_match(found, &id)
         })
         .await
     }
@@ -484,22 +366,15 @@ impl DeadLetterStore for SqliteStore {
             let now = to_i64(now_ms());
             let mut out = Vec::new();
             {
-                let mut update = tx.prepare_cached(
-                    "UPDATE dead_letters
-                     SET replay_count = replay_count + CASE WHEN status = 'dead' THEN 1 ELSE 0 END,
-                         status = 'replaying', replayed_at_ms = ?3, replay_claim = ?4
-                     WHERE id = ?1 AND pipeline = ?2
-                       AND (status = 'dead'
-                            OR (status = 'replaying'
-                                AND (replay_claim IS ?4 OR COALESCE(replayed_at_ms, 0) < ?5)))",
-                )?;
-                let mut select = tx
-                    .prepare_cached(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1"))?;
+                let mut update = tx.prepare_cached(&claim_sql(TABLE, ph, "IS"))?;
+                let columns = row::column_list();
+                let mut select =
+                    tx.prepare_cached(&format!("SELECT {columns} FROM {TABLE} WHERE id = ?1"))?;
                 for id in &ids {
                     if update.execute(params![id, s.pipeline, now, claim, stale])? == 1 {
                         let mut rows = select.query(params![id])?;
-                        if let Some(row) = rows.next()? {
-                            out.push(read_letter(row)?);
+                        if let Some(r) = rows.next()? {
+                            out.push(row::read_letter(r)?);
                         }
                     }
                 }

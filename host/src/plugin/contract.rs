@@ -23,10 +23,10 @@ pub struct PluginInfo {
 
 impl PluginInfo {
     pub(super) fn from_wit(info: wit::PluginInfo) -> Self {
-        let clip = |t: String| super::clip(&t, super::MAX_TYPE_IN_ERRORS);
+        let clip = |t: String| crate::text::clip(&t, super::MAX_TYPE_IN_ERRORS);
         PluginInfo {
-            name: super::clip(&info.name, super::MAX_NAME),
-            version: super::clip(&info.version, super::MAX_NAME),
+            name: crate::text::clip(&info.name, super::MAX_NAME),
+            version: crate::text::clip(&info.version, super::MAX_NAME),
             handles: info
                 .handles
                 .into_iter()
@@ -79,7 +79,7 @@ impl Contract {
             return Ok(());
         }
         let declared_as_command = self.sends.contains(t);
-        let t = super::clip(t, super::MAX_TYPE_IN_ERRORS);
+        let t = crate::text::clip(t, super::MAX_TYPE_IN_ERRORS);
         if declared_as_command {
             Err(format!(
                 "plugin {} published {t}, which it declares as a command; use send",
@@ -98,7 +98,7 @@ impl Contract {
             return Ok(());
         }
         let declared_as_event = self.publishes.contains(t);
-        let t = super::clip(t, super::MAX_TYPE_IN_ERRORS);
+        let t = crate::text::clip(t, super::MAX_TYPE_IN_ERRORS);
         if declared_as_event {
             Err(format!(
                 "plugin {} sent {t}, which it declares as an event; use publish",

@@ -26,7 +26,7 @@ use wasmtime::{Config, Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use crate::recover::FailureKind;
-pub use crate::text::clip;
+use crate::text::clip;
 pub use cache::{CacheOutcome, ComponentCache};
 pub use contract::{Contract, PluginInfo};
 pub use sandbox::{MemoryLimiter, OutputTail, Simulation};
@@ -95,19 +95,12 @@ impl Drop for PluginEngine {
 }
 
 /// Why a plugin could not be loaded. The message names the file.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {:#}", .path.display(), .error)]
 pub struct LoadError {
     pub path: PathBuf,
     pub error: anyhow::Error,
 }
-
-impl fmt::Display for LoadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {:#}", self.path.display(), self.error)
-    }
-}
-
-impl std::error::Error for LoadError {}
 
 impl PluginEngine {
     /// Creates the engine. `cache_dir` holds compiled components; `None`
@@ -280,6 +273,11 @@ impl PluginEngine {
 /// `sha256:<hex>` of a component's bytes: how versions are told apart.
 pub fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(cache::digest(bytes)))
+}
+
+/// `sha256:0123456789ab` — enough to tell versions apart in logs.
+pub fn short_digest(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
 }
 
 /// Refuses files that are not components with a message that says what they are.
@@ -486,7 +484,8 @@ impl WasiView for State {
     }
 }
 
-/// Per-call state: the outbox, the first contract violation, log accounting.
+/// Per-call state: the outputs buffered until the call returns `ok` (the
+/// outbox), the first contract violation, log accounting.
 #[derive(Default)]
 struct Call {
     message_id: String,
@@ -506,6 +505,29 @@ struct Call {
     /// Span attributes and events (log lines included) the plugin may still
     /// add to the span: shared by every attempt of a delivery.
     span_budget: u32,
+}
+
+impl Call {
+    /// Readies the call's state for `envelope`. Its buffers are reused: no
+    /// allocation per message for them.
+    fn begin(
+        &mut self,
+        envelope: &Envelope,
+        deadline: Option<tokio::time::Instant>,
+        span: Option<&opentelemetry::Context>,
+        span_budget: u32,
+    ) {
+        self.message_id.clone_from(&envelope.id);
+        self.message_type.clone_from(&envelope.message_type);
+        self.kind = Some(envelope.kind);
+        self.deadline = deadline;
+        self.span = span.cloned();
+        self.span_budget = span_budget;
+        self.outputs.clear();
+        self.output_bytes = 0;
+        self.violation = None;
+        self.log_lines = 0;
+    }
 }
 
 /// The envelope fields a plugin reads on demand (`host.metadata`).
@@ -557,7 +579,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Failure {
             kind,
             message: message.into(),
@@ -620,17 +642,12 @@ impl Instance {
         // One clock read serves the waits' deadline and the overrun check.
         let started = std::time::Instant::now();
         let call = &mut self.store.data_mut().call;
-        // The call's buffers are reused: no allocation per message for them.
-        call.message_id.clone_from(&envelope.id);
-        call.message_type.clone_from(&envelope.message_type);
-        call.kind = Some(envelope.kind);
-        call.deadline = wait_deadline(started, timeout);
-        call.span = span.cloned();
-        call.span_budget = *span_budget;
-        call.outputs.clear();
-        call.output_bytes = 0;
-        call.violation = None;
-        call.log_lines = 0;
+        call.begin(
+            envelope,
+            wait_deadline(started, timeout),
+            span,
+            *span_budget,
+        );
         let message = lend(envelope, &mut call.metadata);
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         self.store.data().output.clear();
@@ -666,25 +683,7 @@ impl Instance {
                 violation.unwrap_or_default(),
             )),
             Ok(Ok(())) => Ok(outputs),
-            Ok(Err(e)) => {
-                let (kind, d) = match e {
-                    wit::HandlerError::Transient(d) => (FailureKind::Transient, d),
-                    wit::HandlerError::Permanent(d) => (FailureKind::Permanent, d),
-                };
-                Err(Failure {
-                    kind,
-                    message: clip(&d.message, MAX_ERROR_TEXT),
-                    code: d.code.map(|c| clip(&c, MAX_NAME)),
-                    details: d
-                        .details
-                        .into_iter()
-                        .take(MAX_ERROR_DETAILS)
-                        .map(|(k, v)| (clip(&k, MAX_NAME), clip(&v, MAX_ERROR_TEXT)))
-                        .collect(),
-                    backtrace: None,
-                    output: None,
-                })
-            }
+            Ok(Err(e)) => Err(guest_failure(e)),
             Err(e) => {
                 self.broken = true;
                 Err(classify_trap(&self.store, e, timeout))
@@ -695,6 +694,27 @@ impl Instance {
             f.output = output;
         }
         outcome
+    }
+}
+
+/// A handler's own error, its texts clipped.
+fn guest_failure(e: wit::HandlerError) -> Failure {
+    let (kind, d) = match e {
+        wit::HandlerError::Transient(d) => (FailureKind::Transient, d),
+        wit::HandlerError::Permanent(d) => (FailureKind::Permanent, d),
+    };
+    Failure {
+        kind,
+        message: clip(&d.message, MAX_ERROR_TEXT),
+        code: d.code.map(|c| clip(&c, MAX_NAME)),
+        details: d
+            .details
+            .into_iter()
+            .take(MAX_ERROR_DETAILS)
+            .map(|(k, v)| (clip(&k, MAX_NAME), clip(&v, MAX_ERROR_TEXT)))
+            .collect(),
+        backtrace: None,
+        output: None,
     }
 }
 
@@ -973,21 +993,19 @@ impl bindings::switchyard::plugin::host::Host for State {
         }
         let plugin = self.plugin.sandbox.name.as_str();
         let id = self.call.message_id.as_str();
-        // Tracing is off when there is no span: the fields are then empty.
-        let (trace_id, span_id) = self
-            .call
-            .span
-            .as_ref()
-            .and_then(crate::telemetry::ids)
-            .unwrap_or_default();
+        // Tracing is off when there is no span: the line then carries no
+        // trace fields.
+        let ids = self.call.span.as_ref().and_then(crate::telemetry::ids);
+        let trace_id = ids.as_ref().map(|(t, _)| tracing::field::display(t));
+        let span_id = ids.as_ref().map(|(_, s)| tracing::field::display(s));
         macro_rules! log_at {
             ($level:ident) => {
                 tracing::$level!(
                     target: "plugin",
                     plugin = %plugin,
                     message.id = %id,
-                    trace_id = %trace_id,
-                    span_id = %span_id,
+                    trace_id,
+                    span_id,
                     "{text}"
                 )
             };

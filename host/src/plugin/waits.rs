@@ -104,199 +104,220 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
     expect_defined(linker, FS_TYPES, "[method]descriptor.open-at")?;
 
     linker.allow_shadowing(true);
-    {
-        let mut i = linker.instance(IO_POLL)?;
-        i.func_wrap(
-            "poll",
-            |mut store: StoreContextMut<'_, State>, (list,): (Vec<Resource<DynPollable>>,)| {
-                let s = store.data_mut();
-                let ready = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_poll::Host>::poll(&mut s.table, list),
-                )??;
-                Ok((ready,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]pollable.block",
-            |mut store: StoreContextMut<'_, State>, (p,): (Resource<DynPollable>,)| {
-                let s = store.data_mut();
-                wait(
-                    s.call.deadline,
-                    <ResourceTable as io_poll::HostPollable>::block(&mut s.table, p),
-                )??;
-                Ok(())
-            },
-        )?;
-    }
-    {
-        let mut i = linker.instance(IO_STREAMS)?;
-        i.func_wrap(
-            "[method]input-stream.blocking-read",
-            |mut store: StoreContextMut<'_, State>,
-             (stream, len): (Resource<DynInputStream>, u64)| {
-                let s = store.data_mut();
-                let r = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostInputStream>::blocking_read(
-                        &mut s.table,
-                        stream,
-                        len,
-                    ),
-                )?;
-                Ok((lower_stream(&mut s.table, r)?,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]input-stream.blocking-skip",
-            |mut store: StoreContextMut<'_, State>,
-             (stream, len): (Resource<DynInputStream>, u64)| {
-                let s = store.data_mut();
-                let r = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostInputStream>::blocking_skip(
-                        &mut s.table,
-                        stream,
-                        len,
-                    ),
-                )?;
-                Ok((lower_stream(&mut s.table, r)?,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]output-stream.blocking-write-and-flush",
-            |mut store: StoreContextMut<'_, State>,
-             (stream, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
-                let s = store.data_mut();
-                let r = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostOutputStream>::blocking_write_and_flush(
-                        &mut s.table,
-                        stream,
-                        bytes,
-                    ),
-                )?;
-                Ok((lower_stream(&mut s.table, r)?,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]output-stream.blocking-write-zeroes-and-flush",
-            |mut store: StoreContextMut<'_, State>,
-             (stream, len): (Resource<DynOutputStream>, u64)| {
-                let s = store.data_mut();
-                let r = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostOutputStream>::blocking_write_zeroes_and_flush(
-                        &mut s.table, stream, len,
-                    ),
-                )?;
-                Ok((lower_stream(&mut s.table, r)?,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]output-stream.blocking-flush",
-            |mut store: StoreContextMut<'_, State>, (stream,): (Resource<DynOutputStream>,)| {
-                let s = store.data_mut();
-                let r = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostOutputStream>::blocking_flush(
-                        &mut s.table,
-                        stream,
-                    ),
-                )?;
-                Ok((lower_stream(&mut s.table, r)?,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]output-stream.blocking-splice",
-            |mut store: StoreContextMut<'_, State>,
-             (dst, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
-                let s = store.data_mut();
-                let r = wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostOutputStream>::blocking_splice(
-                        &mut s.table, dst, src, len,
-                    ),
-                )?;
-                Ok((lower_stream(&mut s.table, r)?,))
-            },
-        )?;
-        // Dropping a stream waits for its in-flight operation (a TCP write
-        // to a peer that never reads: forever).
-        i.resource(
-            "input-stream",
-            ResourceType::host::<DynInputStream>(),
-            |mut store: StoreContextMut<'_, State>, rep: u32| -> wasmtime::Result<()> {
-                let s = store.data_mut();
-                wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostInputStream>::drop(
-                        &mut s.table,
-                        Resource::new_own(rep),
-                    ),
-                )?
-            },
-        )?;
-        i.resource(
-            "output-stream",
-            ResourceType::host::<DynOutputStream>(),
-            |mut store: StoreContextMut<'_, State>, rep: u32| -> wasmtime::Result<()> {
-                let s = store.data_mut();
-                wait(
-                    s.call.deadline,
-                    <ResourceTable as io_streams::HostOutputStream>::drop(
-                        &mut s.table,
-                        Resource::new_own(rep),
-                    ),
-                )?
-            },
-        )?;
-    }
-    {
-        let mut i = linker.instance(FS_TYPES)?;
-        i.func_wrap(
-            "[method]descriptor.open-at",
-            |mut store: StoreContextMut<'_, State>,
-             (fd, path_flags, path, oflags, flags): (
-                Resource<Descriptor>,
-                types::PathFlags,
-                String,
-                types::OpenFlags,
-                types::DescriptorFlags,
-            )| {
-                let opened = open_at(
-                    &mut store.data_mut().table,
-                    fd,
-                    path_flags,
-                    path,
-                    oflags,
-                    flags,
-                )?;
-                Ok((opened,))
-            },
-        )?;
-        i.func_wrap(
-            "[method]descriptor.set-times-at",
-            |mut store: StoreContextMut<'_, State>,
-             (fd, path_flags, path, atim, mtim): (
-                Resource<Descriptor>,
-                types::PathFlags,
-                String,
-                types::NewTimestamp,
-                types::NewTimestamp,
-            )| {
-                Ok((set_times_at(
-                    store.data_mut(),
-                    fd,
-                    path_flags,
-                    path,
-                    atim,
-                    mtim,
-                )?,))
-            },
-        )?;
-    }
+    add_poll(linker)?;
+    add_stream_waits(linker)?;
+    add_stream_drops(linker)?;
+    add_filesystem(linker)?;
     linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// `wasi:io/poll`: `poll` and `pollable.block`.
+fn add_poll(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    let mut i = linker.instance(IO_POLL)?;
+    i.func_wrap(
+        "poll",
+        |mut store: StoreContextMut<'_, State>, (list,): (Vec<Resource<DynPollable>>,)| {
+            let s = store.data_mut();
+            let ready = wait(
+                s.call.deadline,
+                <ResourceTable as io_poll::Host>::poll(&mut s.table, list),
+            )??;
+            Ok((ready,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]pollable.block",
+        |mut store: StoreContextMut<'_, State>, (p,): (Resource<DynPollable>,)| {
+            let s = store.data_mut();
+            wait(
+                s.call.deadline,
+                <ResourceTable as io_poll::HostPollable>::block(&mut s.table, p),
+            )??;
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// `wasi:io/streams`: the blocking reads, writes, flushes and splices.
+fn add_stream_waits(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    let mut i = linker.instance(IO_STREAMS)?;
+    i.func_wrap(
+        "[method]input-stream.blocking-read",
+        |mut store: StoreContextMut<'_, State>, (stream, len): (Resource<DynInputStream>, u64)| {
+            let s = store.data_mut();
+            let r = wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostInputStream>::blocking_read(
+                    &mut s.table,
+                    stream,
+                    len,
+                ),
+            )?;
+            Ok((lower_stream(&mut s.table, r)?,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]input-stream.blocking-skip",
+        |mut store: StoreContextMut<'_, State>, (stream, len): (Resource<DynInputStream>, u64)| {
+            let s = store.data_mut();
+            let r = wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostInputStream>::blocking_skip(
+                    &mut s.table,
+                    stream,
+                    len,
+                ),
+            )?;
+            Ok((lower_stream(&mut s.table, r)?,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]output-stream.blocking-write-and-flush",
+        |mut store: StoreContextMut<'_, State>,
+         (stream, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
+            let s = store.data_mut();
+            let r = wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostOutputStream>::blocking_write_and_flush(
+                    &mut s.table,
+                    stream,
+                    bytes,
+                ),
+            )?;
+            Ok((lower_stream(&mut s.table, r)?,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]output-stream.blocking-write-zeroes-and-flush",
+        |mut store: StoreContextMut<'_, State>, (stream, len): (Resource<DynOutputStream>, u64)| {
+            let s = store.data_mut();
+            let r = wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostOutputStream>::blocking_write_zeroes_and_flush(
+                    &mut s.table,
+                    stream,
+                    len,
+                ),
+            )?;
+            Ok((lower_stream(&mut s.table, r)?,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]output-stream.blocking-flush",
+        |mut store: StoreContextMut<'_, State>, (stream,): (Resource<DynOutputStream>,)| {
+            let s = store.data_mut();
+            let r = wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostOutputStream>::blocking_flush(
+                    &mut s.table,
+                    stream,
+                ),
+            )?;
+            Ok((lower_stream(&mut s.table, r)?,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]output-stream.blocking-splice",
+        |mut store: StoreContextMut<'_, State>,
+         (dst, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
+            let s = store.data_mut();
+            let r = wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostOutputStream>::blocking_splice(
+                    &mut s.table,
+                    dst,
+                    src,
+                    len,
+                ),
+            )?;
+            Ok((lower_stream(&mut s.table, r)?,))
+        },
+    )?;
+    Ok(())
+}
+
+/// `wasi:io/streams`: dropping a stream.
+fn add_stream_drops(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    let mut i = linker.instance(IO_STREAMS)?;
+    // Dropping a stream waits for its in-flight operation (a TCP write
+    // to a peer that never reads: forever).
+    i.resource(
+        "input-stream",
+        ResourceType::host::<DynInputStream>(),
+        |mut store: StoreContextMut<'_, State>, rep: u32| -> wasmtime::Result<()> {
+            let s = store.data_mut();
+            wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostInputStream>::drop(
+                    &mut s.table,
+                    Resource::new_own(rep),
+                ),
+            )?
+        },
+    )?;
+    i.resource(
+        "output-stream",
+        ResourceType::host::<DynOutputStream>(),
+        |mut store: StoreContextMut<'_, State>, rep: u32| -> wasmtime::Result<()> {
+            let s = store.data_mut();
+            wait(
+                s.call.deadline,
+                <ResourceTable as io_streams::HostOutputStream>::drop(
+                    &mut s.table,
+                    Resource::new_own(rep),
+                ),
+            )?
+        },
+    )?;
+    Ok(())
+}
+
+/// `wasi:filesystem/types`: `open-at` and `set-times-at`.
+fn add_filesystem(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    let mut i = linker.instance(FS_TYPES)?;
+    i.func_wrap(
+        "[method]descriptor.open-at",
+        |mut store: StoreContextMut<'_, State>,
+         (fd, path_flags, path, oflags, flags): (
+            Resource<Descriptor>,
+            types::PathFlags,
+            String,
+            types::OpenFlags,
+            types::DescriptorFlags,
+        )| {
+            let opened = open_at(
+                &mut store.data_mut().table,
+                fd,
+                path_flags,
+                path,
+                oflags,
+                flags,
+            )?;
+            Ok((opened,))
+        },
+    )?;
+    i.func_wrap(
+        "[method]descriptor.set-times-at",
+        |mut store: StoreContextMut<'_, State>,
+         (fd, path_flags, path, atim, mtim): (
+            Resource<Descriptor>,
+            types::PathFlags,
+            String,
+            types::NewTimestamp,
+            types::NewTimestamp,
+        )| {
+            Ok((set_times_at(
+                store.data_mut(),
+                fd,
+                path_flags,
+                path,
+                atim,
+                mtim,
+            )?,))
+        },
+    )?;
     Ok(())
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-/// How a message failed, as the host classifies it.
+/// How a message failed, as the host classifies it. Stored and sent by
+/// the names [`FailureKind::as_str`] gives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailureKind {
     /// The handler said: retry later.
@@ -129,11 +130,47 @@ pub enum Decision {
 impl Decision {
     /// The name recorded in the attempt history.
     pub fn as_str(self) -> &'static str {
+        self.then().as_str()
+    }
+
+    /// What a message's history records of this decision.
+    pub fn then(self) -> Then {
         match self {
-            Decision::RetryNow => "retry-now",
-            Decision::RetryLater(_) => "retry-later",
-            Decision::DeadLetter => "dead-letter",
+            Decision::RetryNow => Then::RetryNow,
+            Decision::RetryLater(_) => Then::RetryLater,
+            Decision::DeadLetter => Then::DeadLetter,
         }
+    }
+}
+
+/// What the host did after a failed attempt, as the attempt history
+/// records it (`retry-now`, `retry-later`, `dead-letter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    RetryNow,
+    RetryLater,
+    DeadLetter,
+}
+
+impl Then {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Then::RetryNow => "retry-now",
+            Then::RetryLater => "retry-later",
+            Then::DeadLetter => "dead-letter",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Then> {
+        [Then::RetryNow, Then::RetryLater, Then::DeadLetter]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+impl fmt::Display for Then {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -311,6 +348,22 @@ pub fn fingerprint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_and_decisions_are_read_back_by_their_names() {
+        for kind in FailureKind::ALL {
+            assert_eq!(FailureKind::parse(kind.as_str()), Some(kind));
+        }
+        for decision in [
+            Decision::RetryNow,
+            Decision::RetryLater(Duration::from_secs(1)),
+            Decision::DeadLetter,
+        ] {
+            assert_eq!(decision.as_str(), decision.then().as_str());
+            assert_eq!(Then::parse(decision.as_str()), Some(decision.then()));
+        }
+        assert_eq!(Then::parse("retry-someday"), None);
+    }
 
     #[test]
     fn permanent_failures_are_never_retried() {

@@ -33,33 +33,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExport
 
 pub use metrics::Metrics;
 
-/// Where spans go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum TraceExport {
-    /// No spans are made at all.
-    #[default]
-    Off,
-    /// OTLP over HTTP/protobuf to a collector or backend.
-    Otlp,
-    /// A tree per trace printed on stdout, for local debugging.
-    Stdout,
-}
-
-/// Telemetry settings from the pipeline, before the `OTEL_*` environment is
-/// applied.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct TelemetryConfig {
-    pub traces: Option<TraceExport>,
-    /// Push metrics over OTLP (they are always served at `/metrics`).
-    pub metrics_otlp: Option<bool>,
-    /// Base URL of an OTLP/HTTP endpoint, e.g. `http://127.0.0.1:4318`.
-    pub endpoint: Option<String>,
-    pub service_name: Option<String>,
-    /// Fraction of new traces to sample, 0.0 to 1.0 (a message whose parent
-    /// was sampled is always sampled).
-    pub sample_ratio: Option<f64>,
-    pub metrics_interval: Option<Duration>,
-}
+use crate::config::{TelemetryConfig, TraceExport};
 
 /// Which traces are recorded.
 #[derive(Clone, Debug, PartialEq)]
@@ -347,7 +321,7 @@ impl Telemetry {
         {
             tracing::warn!(
                 message.id = %message_id,
-                traceparent = %crate::plugin::clip(value, 128),
+                traceparent = %crate::text::clip(value, 128),
                 "Malformed traceparent header; the message starts a new trace"
             );
         }

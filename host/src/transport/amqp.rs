@@ -121,7 +121,7 @@ fn short(s: &str) -> Result<ShortString> {
     ShortString::try_new(s.to_owned()).map_err(|_| {
         anyhow!(
             "`{}` is longer than 255 bytes, the AMQP limit",
-            crate::plugin::clip(s, 64)
+            crate::text::clip(s, 64)
         )
     })
 }
@@ -368,7 +368,7 @@ pub fn properties(e: &Envelope, source: &str) -> BasicProperties {
     }
     for (name, value) in &e.headers {
         if name.starts_with(CE_PREFIX) {
-            tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is reserved for CloudEvents attributes; not sent");
+            tracing::warn!(message.id = %e.id, header = %crate::text::clip(name, 64), "Header name is reserved for CloudEvents attributes; not sent");
             continue;
         }
         match short(name) {
@@ -376,7 +376,7 @@ pub fn properties(e: &Envelope, source: &str) -> BasicProperties {
                 h.insert(k, AMQPValue::LongString(LongString::from(value.as_str())));
             }
             Err(_) => {
-                tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is longer than AMQP allows; not sent");
+                tracing::warn!(message.id = %e.id, header = %crate::text::clip(name, 64), "Header name is longer than AMQP allows; not sent");
             }
         }
     }
@@ -601,13 +601,86 @@ fn publishes<'a>(
 ) -> Result<Vec<Publish<'a>>, String> {
     let source = shared.source.as_str();
     let mut out = Vec::new();
-    let mut add = |exchange: &'a str,
-                   routing_key: String,
-                   message: Cow<'a, Envelope>,
-                   props: BasicProperties,
-                   expect: Expect,
-                   what: String|
-     -> Result<(), String> {
+    match &s.outcome {
+        Outcome::Handled { outputs, reply } => {
+            for o in outputs {
+                let expect = if o.kind == Kind::Command {
+                    Expect::Routed
+                } else {
+                    Expect::Confirmed
+                };
+                out.push(Publish::checked(
+                    &shared.config.exchange,
+                    o.message_type.clone(),
+                    Cow::Borrowed(o),
+                    properties(o, source),
+                    expect,
+                    format!("{} {}", o.message_type, o.id),
+                )?);
+            }
+            if let Some(r) = reply {
+                let e = r.envelope(&s.delivery.envelope.message_type);
+                let props = properties(&e, source);
+                out.push(Publish::checked(
+                    "",
+                    r.address.clone(),
+                    Cow::Owned(e),
+                    props,
+                    Expect::Reply,
+                    format!("the reply to {}", r.in_reply_to),
+                )?);
+            }
+        }
+        Outcome::Retry {
+            message,
+            not_before_ms,
+        } => {
+            let delay = not_before_ms.saturating_sub(now_ms()).max(1);
+            let mut props = properties(message, source);
+            if let Ok(expiration) = short(&delay.to_string()) {
+                props = props.with_expiration(expiration);
+            }
+            out.push(Publish::checked(
+                "",
+                queues.retry_queue(message.delayed_retries()),
+                Cow::Borrowed(message),
+                props,
+                Expect::Routed,
+                format!("the retry of {}", message.id),
+            )?);
+        }
+        Outcome::DeadLettered { copy: Some(copy) } => {
+            let copy = Publish::checked(
+                "",
+                queues.dead_letter_queue(),
+                Cow::Borrowed(copy),
+                properties(copy, source),
+                Expect::Copy,
+                format!("the dead-letter copy of {}", copy.id),
+            );
+            match copy {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Dead-letter copy not sent; the record is in the store");
+                }
+            }
+        }
+        Outcome::DeadLettered { copy: None } => {}
+    }
+    Ok(out)
+}
+
+impl<'a> Publish<'a> {
+    /// A publish, or why AMQP cannot carry it: a routing key over 255
+    /// bytes, or properties that do not fit one header frame.
+    fn checked(
+        exchange: &'a str,
+        routing_key: String,
+        message: Cow<'a, Envelope>,
+        props: BasicProperties,
+        expect: Expect,
+        what: String,
+    ) -> Result<Self, String> {
         if short(&routing_key).is_err() {
             return Err(format!(
                 "{what} cannot be published: its routing key is longer than AMQP's 255 bytes"
@@ -619,88 +692,61 @@ fn publishes<'a>(
                 "{what} cannot be published: its properties (headers and attributes, its attempt history included) take about {size} bytes, more than the {MAX_PROPERTIES_BYTES} one AMQP header frame carries"
             ));
         }
-        out.push(Publish {
+        Ok(Publish {
             exchange,
             routing_key,
             message,
             props,
             expect,
             what,
-        });
-        Ok(())
-    };
-    match &s.outcome {
-        Outcome::Handled { outputs, reply } => {
-            for o in outputs {
-                let expect = if o.kind == Kind::Command {
-                    Expect::Routed
-                } else {
-                    Expect::Confirmed
-                };
-                add(
-                    &shared.config.exchange,
-                    o.message_type.clone(),
-                    Cow::Borrowed(o),
-                    properties(o, source),
-                    expect,
-                    format!("{} {}", o.message_type, o.id),
-                )?;
-            }
-            if let Some(r) = reply {
-                let e = r.envelope(&s.delivery.envelope.message_type);
-                let props = properties(&e, source);
-                add(
-                    "",
-                    r.address.clone(),
-                    Cow::Owned(e),
-                    props,
-                    Expect::Reply,
-                    format!("the reply to {}", r.in_reply_to),
-                )?;
-            }
-        }
-        Outcome::Retry {
-            message,
-            not_before_ms,
-        } => {
-            let level = u32::try_from(
-                message
-                    .history
-                    .iter()
-                    .filter(|a| a.then == "retry-later")
-                    .count(),
-            )
-            .unwrap_or(u32::MAX);
-            let delay = not_before_ms.saturating_sub(now_ms()).max(1);
-            let mut props = properties(message, source);
-            if let Ok(expiration) = short(&delay.to_string()) {
-                props = props.with_expiration(expiration);
-            }
-            add(
-                "",
-                queues.retry_queue(level),
-                Cow::Borrowed(message),
-                props,
-                Expect::Routed,
-                format!("the retry of {}", message.id),
-            )?;
-        }
-        Outcome::DeadLettered { copy: Some(copy) } => {
-            let what = format!("the dead-letter copy of {}", copy.id);
-            if let Err(e) = add(
-                "",
-                queues.dead_letter_queue(),
-                Cow::Borrowed(copy),
-                properties(copy, source),
-                Expect::Copy,
-                what,
-            ) {
-                tracing::warn!(error = %e, "Dead-letter copy not sent; the record is in the store");
-            }
-        }
-        Outcome::DeadLettered { copy: None } => {}
+        })
     }
-    Ok(out)
+}
+
+/// Publishes the outcomes of a batch and waits for their confirms. Returns,
+/// per settlement, why it is refused (what AMQP cannot carry, or what the
+/// broker would not take), or `None`; an error means the channel is in
+/// doubt and nothing of the batch may be acknowledged.
+///
+/// Everything each settlement will publish is built before anything is
+/// published, so a refused settlement has nothing of it sent. Replies go
+/// out once the rest of their outcome is confirmed: a command whose
+/// outcome the broker refuses is dead-lettered, and its requester must not
+/// hear that it succeeded.
+async fn publish_outcomes(
+    publisher: &Channel,
+    shared: &Shared,
+    queues: &RouteQueues,
+    batch: &[Settlement],
+) -> Result<Vec<Option<String>>> {
+    let mut refused: Vec<Option<String>> = vec![None; batch.len()];
+    let mut planned: Vec<(usize, Publish<'_>)> = Vec::new();
+    for (i, s) in batch.iter().enumerate() {
+        match publishes(shared, queues, s) {
+            Ok(p) => planned.extend(p.into_iter().map(|p| (i, p))),
+            Err(reason) => refused[i] = Some(reason),
+        }
+    }
+    let (replies, rest): (Vec<_>, Vec<_>) = planned
+        .into_iter()
+        .partition(|(_, p)| matches!(p.expect, Expect::Reply));
+    for round in [rest, replies] {
+        let mut pending = Vec::with_capacity(round.len());
+        for (i, p) in round {
+            if refused[i].is_some() {
+                continue;
+            }
+            let confirm =
+                publish(publisher, p.exchange, &p.routing_key, &p.message, p.props).await?;
+            pending.push((i, confirm, p.expect, p.what));
+        }
+        for (i, confirm, expect, what) in pending {
+            if let Some(problem) = confirmed(confirm, expect, &what).await? {
+                refused[i].get_or_insert(problem);
+            }
+        }
+    }
+    Ok(refused)
 }
 
 /// Waits for one publish's confirm. `Ok(Some(problem))`: the broker refused
@@ -936,29 +982,15 @@ impl ReplyInbox for AmqpInbox {
         &self.address
     }
 
-    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
-            let Ok(Some(delivery)) = next else {
-                return Ok(None);
-            };
-            let d = delivery.context("the reply queue failed")?;
-            let e = envelope(&d, |_| Some(Kind::Event))
-                .map_err(|e| anyhow!("the reply is malformed: {e}"))?;
-            if e.causation_id.as_deref() != Some(command_id) {
-                continue;
-            }
-            return Ok(Some(Reply {
-                address: self.address.clone(),
-                in_reply_to: command_id.to_owned(),
-                correlation_id: e.correlation_id.clone().unwrap_or_default(),
-                payload: e.payload,
-                content_type: e.content_type,
-                headers: e.headers,
-                created_at_ms: e.created_at_ms,
-            }));
-        }
+    async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Option<Reply>> {
+        let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
+        let Ok(Some(delivery)) = next else {
+            return Ok(None);
+        };
+        let d = delivery.context("the reply queue failed")?;
+        let e = envelope(&d, |_| Some(Kind::Event))
+            .map_err(|e| anyhow!("the reply is malformed: {e}"))?;
+        Ok(Some(Reply::received(&self.address, e)))
     }
 }
 
@@ -983,6 +1015,50 @@ pub struct AmqpSubscription {
 }
 
 impl AmqpSubscription {
+    /// Acknowledges each settlement whose outcome was published; the
+    /// refused ones (`refused[i]` says why) are given back, still in hand,
+    /// for the route to dead-letter and settle again. After a failed
+    /// acknowledgement the connection is dropped and the rest of the batch
+    /// is redelivered.
+    async fn acknowledge(
+        &mut self,
+        batch: Vec<Settlement>,
+        refused: Vec<Option<String>>,
+    ) -> Vec<Refused> {
+        let mut out = Vec::new();
+        let mut broken = false;
+        for (s, refusal) in batch.into_iter().zip(refused) {
+            if let Some(reason) = refusal {
+                out.push(Refused {
+                    settlement: s,
+                    reason,
+                });
+                continue;
+            }
+            let Some(acker) = self.take_acker(s.delivery.receipt) else {
+                continue;
+            };
+            if broken {
+                continue;
+            }
+            let acked =
+                tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default())).await;
+            let error = match acked {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {ACK_TIMEOUT:?}"),
+            };
+            // The outcome is published; the broker will redeliver, and the
+            // message is handled again.
+            tracing::warn!(message.id = %s.delivery.envelope.id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
+            broken = true;
+        }
+        if broken {
+            self.drop_live();
+        }
+        out
+    }
+
     async fn ensure_live(&mut self) -> Result<&mut Live> {
         if self
             .live
@@ -1140,87 +1216,21 @@ impl Subscription for AmqpSubscription {
             Some(l) => l.publisher.clone(),
             None => bail!("no broker connection"),
         };
-        // Everything each settlement will publish is built before anything
-        // is published: what AMQP cannot carry refuses its settlement
-        // alone, with nothing of it sent.
-        let mut refused: Vec<Option<String>> = vec![None; live_batch.len()];
-        let mut planned: Vec<(usize, Publish<'_>)> = Vec::new();
         let shared = self.shared.clone();
-        for (i, s) in live_batch.iter().enumerate() {
-            match publishes(&shared, &self.queues, s) {
-                Ok(p) => planned.extend(p.into_iter().map(|p| (i, p))),
-                Err(reason) => refused[i] = Some(reason),
+        let result = publish_outcomes(&publisher, &shared, &self.queues, &live_batch).await;
+        let refused = match result {
+            Ok(refused) => refused,
+            Err(e) => {
+                let deliveries: Vec<Delivery> =
+                    live_batch.into_iter().map(|s| s.delivery).collect();
+                self.release(deliveries).await?;
+                return Err(e.context(format!(
+                    "cannot settle a batch of route {}",
+                    self.queues.route
+                )));
             }
-        }
-        // Replies go out once the rest of their outcome is confirmed: a
-        // command whose outcome the broker refuses is dead-lettered, and
-        // its requester must not hear that it succeeded.
-        let (replies, rest): (Vec<_>, Vec<_>) = planned
-            .into_iter()
-            .partition(|(_, p)| matches!(p.expect, Expect::Reply));
-        let result: Result<()> = async {
-            for round in [rest, replies] {
-                let mut pending = Vec::with_capacity(round.len());
-                for (i, p) in round {
-                    if refused[i].is_some() {
-                        continue;
-                    }
-                    let confirm =
-                        publish(&publisher, p.exchange, &p.routing_key, &p.message, p.props)
-                            .await?;
-                    pending.push((i, confirm, p.expect, p.what));
-                }
-                for (i, confirm, expect, what) in pending {
-                    if let Some(problem) = confirmed(confirm, expect, &what).await? {
-                        refused[i].get_or_insert(problem);
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            let deliveries: Vec<Delivery> = live_batch.into_iter().map(|s| s.delivery).collect();
-            self.release(deliveries).await?;
-            return Err(e.context(format!(
-                "cannot settle a batch of route {}",
-                self.queues.route
-            )));
-        }
-        let mut out = Vec::new();
-        let mut broken = false;
-        for (s, refusal) in live_batch.into_iter().zip(refused) {
-            if let Some(reason) = refusal {
-                // Still in hand: the route dead-letters it and settles it
-                // again.
-                out.push(Refused {
-                    settlement: s,
-                    reason,
-                });
-                continue;
-            }
-            let Some(acker) = self.take_acker(s.delivery.receipt) else {
-                continue;
-            };
-            if broken {
-                continue;
-            }
-            let acked =
-                tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default())).await;
-            let error = match acked {
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {ACK_TIMEOUT:?}"),
-            };
-            // The outcome is published; the broker will redeliver, and the
-            // message is handled again.
-            tracing::warn!(message.id = %s.delivery.envelope.id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
-            broken = true;
-        }
-        if broken {
-            self.drop_live();
-        }
-        Ok(out)
+        };
+        Ok(self.acknowledge(live_batch, refused).await)
     }
 
     async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {

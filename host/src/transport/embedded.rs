@@ -647,14 +647,9 @@ impl super::ReplyInbox for EmbeddedInbox {
         &self.address
     }
 
-    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+    async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Option<Reply>> {
         loop {
-            // The address is this inbox's alone; a reply to another command
-            // sent from it is not the one waited for.
-            if let Some(reply) = self.transport.take_reply(&self.address).await?
-                && reply.in_reply_to == command_id
-            {
+            if let Some(reply) = self.transport.take_reply(&self.address).await? {
                 return Ok(Some(reply));
             }
             if tokio::time::Instant::now() >= deadline {

@@ -343,7 +343,7 @@ fn headers(e: &Envelope, source: &str, not_before_ms: Option<u64>) -> OwnedHeade
     });
     for (name, value) in &e.headers {
         if name.starts_with(CE_PREFIX) || name == CONTENT_TYPE_HEADER {
-            tracing::warn!(message.id = %e.id, header = %crate::plugin::clip(name, 64), "Header name is reserved by the Kafka binding; not sent");
+            tracing::warn!(message.id = %e.id, header = %crate::text::clip(name, 64), "Header name is reserved by the Kafka binding; not sent");
             continue;
         }
         h = h.insert(Header {
@@ -464,6 +464,17 @@ fn record_id<M: rdkafka::Message>(m: &M) -> String {
     format!("kafka-{}-{}-{}", m.topic(), m.partition(), m.offset())
 }
 
+/// What a batch's outcomes write, per [`KafkaSubscription::outcome_records`].
+struct OutcomeRecords {
+    /// Records tagged with their settlement's index in the batch.
+    records: Vec<Record<usize>>,
+    replies: Vec<Record<usize>>,
+    /// The topics `records` go to, each once.
+    topics: Vec<String>,
+    /// Per settlement: why the cluster will not take its outcome.
+    refused: Vec<Option<String>>,
+}
+
 /// A record to write: its topic, key, message and headers, and a tag the
 /// caller knows it by.
 struct Record<T> {
@@ -560,12 +571,12 @@ impl Transport for KafkaTransport {
     async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
         let r = self.route(route)?.clone();
         self.ensure_topics(&r.all_topics()).await?;
-        let context = RouteContext {
+        let context = RebalanceContext {
             route: r.route.clone(),
             revoked: Arc::new(Mutex::new(Vec::new())),
         };
         let revoked = context.revoked.clone();
-        let consumer: StreamConsumer<RouteContext> = client_config(
+        let consumer: StreamConsumer<RebalanceContext> = client_config(
             &self.shared.config,
             &format!("switchyard-{}", r.group),
             &[
@@ -962,40 +973,29 @@ impl ReplyInbox for KafkaInbox {
         &self.address
     }
 
-    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+    async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Option<Reply>> {
         loop {
             let m = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => return Ok(None),
                 Ok(m) => m.context("cannot read replies")?.detach(),
             };
-            let (e, _) = envelope(&m, &self.prefix, |_| Some(Kind::Event));
-            let Ok(e) = e else { continue };
-            if e.causation_id.as_deref() != Some(command_id) {
-                continue;
+            // The replies topic is shared: what is not a reply is not ours.
+            if let (Ok(e), _) = envelope(&m, &self.prefix, |_| Some(Kind::Event)) {
+                return Ok(Some(Reply::received(&self.address, e)));
             }
-            return Ok(Some(Reply {
-                address: self.address.clone(),
-                in_reply_to: command_id.to_owned(),
-                correlation_id: e.correlation_id.clone().unwrap_or_default(),
-                payload: e.payload,
-                content_type: e.content_type,
-                headers: e.headers,
-                created_at_ms: e.created_at_ms,
-            }));
         }
     }
 }
 
 /// Commits on revocation and tells the route which partitions it lost.
-struct RouteContext {
+struct RebalanceContext {
     route: String,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
 }
 
-impl ClientContext for RouteContext {}
+impl ClientContext for RebalanceContext {}
 
-impl ConsumerContext for RouteContext {
+impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             // What is stored is final: commit it before another host takes
@@ -1092,7 +1092,7 @@ pub struct KafkaSubscription {
     topics: RouteTopics,
     /// Shared with [`Subscription::receive`], which reads records in place
     /// while it updates the books.
-    consumer: Arc<StreamConsumer<RouteContext>>,
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
     revoked: Arc<Mutex<Vec<Partition>>>,
     /// Receipt → position, for deliveries handed to the route.
     pending: HashMap<u64, Position>,
@@ -1113,6 +1113,146 @@ pub struct KafkaSubscription {
 }
 
 impl KafkaSubscription {
+    /// The records a batch's outcomes write, its replies apart, and the
+    /// settlements refused before anything is written (a record larger
+    /// than the producer may send).
+    fn outcome_records(&self, batch: &[Settlement]) -> OutcomeRecords {
+        let max_bytes = self.shared.max_record_bytes;
+        let mut planned = OutcomeRecords {
+            records: Vec::new(),
+            replies: Vec::new(),
+            topics: Vec::new(),
+            refused: vec![None; batch.len()],
+        };
+        for (i, s) in batch.iter().enumerate() {
+            let (own, reply) = self.records_of(i, s);
+            planned.replies.extend(reply);
+            // Checked before anything of the settlement is written.
+            if let Some(big) = own.iter().find(|r| r.size() > max_bytes) {
+                let reason = format!(
+                    "{} {} would be a record of about {} bytes, more than the {max_bytes} the producer may send (message.max.bytes)",
+                    big.message.message_type,
+                    big.message.id,
+                    big.size()
+                );
+                if matches!(s.outcome, Outcome::DeadLettered { .. }) {
+                    tracing::warn!(error = %reason, "Dead-letter copy not sent; the record is in the store");
+                } else {
+                    planned.refused[i] = Some(reason);
+                }
+                continue;
+            }
+            planned.topics.extend(own.iter().map(|r| r.topic.clone()));
+            planned.records.extend(own);
+        }
+        planned.topics.sort_unstable();
+        planned.topics.dedup();
+        planned
+    }
+
+    /// The records settlement `i` writes, and its reply.
+    fn records_of(&self, i: usize, s: &Settlement) -> (Vec<Record<usize>>, Option<Record<usize>>) {
+        let source = &self.shared.source;
+        let prefix = &self.shared.config.topic_prefix;
+        let mut own = Vec::new();
+        let mut reply_record = None;
+        match &s.outcome {
+            Outcome::Handled { outputs, reply } => {
+                for o in outputs {
+                    let topic = format!("{prefix}{}", o.message_type);
+                    let h = headers(o, source, None);
+                    own.push(Record::new(i, topic, o.clone(), h));
+                }
+                if let Some(r) = reply {
+                    let e = r.envelope(&s.delivery.envelope.message_type);
+                    let h = headers(&e, source, None);
+                    let mut record = Record::new(i, r.address.clone(), e, h);
+                    record.key = Some(r.correlation_id.clone());
+                    reply_record = Some(record);
+                }
+            }
+            Outcome::Retry {
+                message,
+                not_before_ms,
+            } => {
+                let topic = self.topics.retry_topic.clone();
+                let h = headers(message, source, Some(*not_before_ms));
+                own.push(Record::new(i, topic, message.clone(), h));
+            }
+            Outcome::DeadLettered { copy: Some(c) } => {
+                let topic = format!("{prefix}{}.dlq", c.message_type);
+                let h = headers(c, source, None);
+                own.push(Record::new(i, topic, c.clone(), h));
+            }
+            Outcome::DeadLettered { copy: None } => {}
+        }
+        (own, reply_record)
+    }
+
+    /// Writes the records of a batch. A record the cluster refuses for good
+    /// refuses its settlement (a dead-letter copy is only dropped); any
+    /// other failure fails the whole batch.
+    async fn write(
+        &self,
+        batch: &[Settlement],
+        records: Vec<Record<usize>>,
+        topics: &[String],
+        refused: &mut [Option<String>],
+    ) -> Result<()> {
+        ensure_topics(&self.shared, topics).await?;
+        let mut transient = None;
+        for (i, e, r) in
+            produce_all(&self.shared.producer, records, self.shared.config.timeout).await
+        {
+            let Err(err) = r else { continue };
+            if !err.permanent {
+                transient.get_or_insert(err.text);
+                continue;
+            }
+            if matches!(batch[i].outcome, Outcome::DeadLettered { .. }) {
+                tracing::warn!(message.id = %e.id, error = %err.text, "Dead-letter copy not written; the record is in the store");
+            } else {
+                refused[i].get_or_insert(format!(
+                    "{} (the cluster refuses this record; other records of the same outcome may have been written)",
+                    err.text
+                ));
+            }
+        }
+        match transient {
+            Some(t) => Err(anyhow!(t)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the replies of commands whose outcomes were written. A reply
+    /// that cannot be written fails the reply, not the command; a command
+    /// whose outcome was refused gets no reply (it is dead-lettered, not
+    /// done).
+    async fn send_replies(&self, replies: Vec<Record<usize>>, refused: &[Option<String>]) {
+        let mut deliverable = Vec::with_capacity(replies.len());
+        for reply in replies {
+            if refused[reply.tag].is_some() {
+                continue;
+            }
+            if topic_exists(&self.shared, &reply.topic, 1).await {
+                deliverable.push(reply);
+            } else {
+                tracing::warn!(reply.to = %reply.topic, in_reply_to = ?reply.message.causation_id, "The reply-to topic does not exist; the reply is dropped");
+            }
+        }
+        for (_, e, r) in produce_all(
+            &self.shared.producer,
+            deliverable,
+            self.shared.config.timeout,
+        )
+        .await
+        {
+            if let Err(err) = r {
+                tracing::warn!(in_reply_to = ?e.causation_id, error = %err.text, "The reply is dropped");
+            }
+        }
+    }
+
     /// Forgets what belongs to partitions this host no longer owns.
     fn apply_revocations(&mut self) {
         let revoked: Vec<Partition> = match self.revoked.lock() {
@@ -1205,7 +1345,7 @@ impl KafkaSubscription {
     /// lasting trouble again on the next wait.
     fn accept_ready(
         &mut self,
-        consumer: &StreamConsumer<RouteContext>,
+        consumer: &StreamConsumer<RebalanceContext>,
         batch: &mut Vec<Delivery>,
         max: usize,
     ) {
@@ -1414,126 +1554,20 @@ impl Subscription for KafkaSubscription {
     }
 
     async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>> {
-        let source = &self.shared.source;
-        let prefix = &self.shared.config.topic_prefix;
-        let max_bytes = self.shared.max_record_bytes;
-        let mut records = Vec::new();
-        let mut replies = Vec::new();
-        let mut topics = Vec::new();
-        // Per settlement: why the cluster will not take its outcome.
-        let mut refused: Vec<Option<String>> = vec![None; batch.len()];
-        for (i, s) in batch.iter().enumerate() {
-            let mut own: Vec<Record<usize>> = Vec::new();
-            let mut copy = false;
-            match &s.outcome {
-                Outcome::Handled { outputs, reply } => {
-                    for o in outputs {
-                        let topic = format!("{prefix}{}", o.message_type);
-                        let h = headers(o, source, None);
-                        own.push(Record::new(i, topic, o.clone(), h));
-                    }
-                    if let Some(r) = reply {
-                        let e = r.envelope(&s.delivery.envelope.message_type);
-                        let h = headers(&e, source, None);
-                        let mut record = Record::new(i, r.address.clone(), e, h);
-                        record.key = Some(r.correlation_id.clone());
-                        replies.push(record);
-                    }
-                }
-                Outcome::Retry {
-                    message,
-                    not_before_ms,
-                } => {
-                    let topic = self.topics.retry_topic.clone();
-                    let h = headers(message, source, Some(*not_before_ms));
-                    own.push(Record::new(i, topic, message.clone(), h));
-                }
-                Outcome::DeadLettered { copy: Some(c) } => {
-                    let topic = format!("{prefix}{}.dlq", c.message_type);
-                    let h = headers(c, source, None);
-                    own.push(Record::new(i, topic, c.clone(), h));
-                    copy = true;
-                }
-                Outcome::DeadLettered { copy: None } => {}
-            }
-            // Checked before anything of the settlement is written.
-            if let Some(big) = own.iter().find(|r| r.size() > max_bytes) {
-                let reason = format!(
-                    "{} {} would be a record of about {} bytes, more than the {max_bytes} the producer may send (message.max.bytes)",
-                    big.message.message_type,
-                    big.message.id,
-                    big.size()
-                );
-                if copy {
-                    tracing::warn!(error = %reason, "Dead-letter copy not sent; the record is in the store");
-                } else {
-                    refused[i] = Some(reason);
-                }
-                continue;
-            }
-            topics.extend(own.iter().map(|r| r.topic.clone()));
-            records.extend(own);
-        }
-        topics.sort_unstable();
-        topics.dedup();
-        let written: Result<()> = async {
-            ensure_topics(&self.shared, &topics).await?;
-            let mut transient = None;
-            for (i, e, r) in
-                produce_all(&self.shared.producer, records, self.shared.config.timeout).await
-            {
-                let Err(err) = r else { continue };
-                if !err.permanent {
-                    transient.get_or_insert(err.text);
-                    continue;
-                }
-                if matches!(batch[i].outcome, Outcome::DeadLettered { .. }) {
-                    tracing::warn!(message.id = %e.id, error = %err.text, "Dead-letter copy not written; the record is in the store");
-                } else {
-                    refused[i].get_or_insert(format!(
-                        "{} (the cluster refuses this record; other records of the same outcome may have been written)",
-                        err.text
-                    ));
-                }
-            }
-            match transient {
-                Some(t) => Err(anyhow!(t)),
-                None => Ok(()),
-            }
-        }
-        .await;
-        if let Err(e) = written {
+        let OutcomeRecords {
+            records,
+            replies,
+            topics,
+            mut refused,
+        } = self.outcome_records(&batch);
+        if let Err(e) = self.write(&batch, records, &topics, &mut refused).await {
             self.rewind(batch.iter().map(|s| s.delivery.receipt))?;
             return Err(e.context(format!(
                 "cannot settle a batch of route {}",
                 self.topics.route
             )));
         }
-        // A reply that cannot be written fails the reply, not the command;
-        // a command whose outcome was refused gets no reply (it is
-        // dead-lettered, not done).
-        let mut deliverable = Vec::with_capacity(replies.len());
-        for reply in replies {
-            if refused[reply.tag].is_some() {
-                continue;
-            }
-            if topic_exists(&self.shared, &reply.topic, 1).await {
-                deliverable.push(reply);
-            } else {
-                tracing::warn!(reply.to = %reply.topic, in_reply_to = ?reply.message.causation_id, "The reply-to topic does not exist; the reply is dropped");
-            }
-        }
-        for (_, e, r) in produce_all(
-            &self.shared.producer,
-            deliverable,
-            self.shared.config.timeout,
-        )
-        .await
-        {
-            if let Err(err) = r {
-                tracing::warn!(in_reply_to = ?e.causation_id, error = %err.text, "The reply is dropped");
-            }
-        }
+        self.send_replies(replies, &refused).await;
         let mut out = Vec::new();
         let mut finished = Vec::with_capacity(batch.len());
         for (s, refusal) in batch.into_iter().zip(refused) {

@@ -113,7 +113,10 @@ impl<R: Clone> RouteTable<R> {
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub envelope: Envelope,
-    /// Transport-specific position (the embedded queue's sequence number).
+    /// The transport's handle on the delivery, unique among what a
+    /// subscription has in hand: the embedded queue's sequence number; on
+    /// RabbitMQ and Kafka a counter of the subscription's own, which maps
+    /// to the delivery tag or the record's offset.
     pub receipt: u64,
     /// Set when the stored message could not be decoded: the envelope holds
     /// what could be read (the payload untouched), and this says what is
@@ -240,9 +243,26 @@ pub trait ReplyInbox: Send {
     /// The `reply-to` to send with the command.
     fn address(&self) -> &str;
 
+    /// The next reply that reaches this address, or `None` once `deadline`
+    /// has passed. What a transport cannot read as a reply is its own
+    /// business: skipped, or an error.
+    async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Option<Reply>>;
+
     /// The reply to the command `command_id`, or `None` if none came
-    /// within `timeout`.
-    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>>;
+    /// within `timeout`. Replies to other commands sent from the same
+    /// address are passed over.
+    async fn wait(&mut self, command_id: &str, timeout: Duration) -> Result<Option<Reply>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Some(reply) = self.next_reply(deadline).await? {
+            if reply.in_reply_to == command_id {
+                return Ok(Some(reply));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// The consuming side of one route.

@@ -17,7 +17,9 @@ use switchyard::config::{self, Pipeline};
 use switchyard::envelope::Kind;
 use switchyard::runtime::{self, RunMode};
 
+use crate::broker_contract;
 use crate::common::{dead_letters, message, misbehave, write_pipeline};
+use crate::reliability::{BATCH, Broker};
 
 /// No user in the URL: AMQP clients default to guest/guest.
 pub const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
@@ -25,6 +27,15 @@ pub const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
 /// Tests share the broker; the one that restarts it takes it alone.
 pub static BROKER_IN_USE: std::sync::LazyLock<tokio::sync::RwLock<()>> =
     std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
+
+/// RabbitMQ for the tests that run on every broker.
+pub const RABBITMQ: Broker = Broker {
+    name: "amqp",
+    pipeline,
+    batch_key: "prefetch",
+    // The unacknowledged deliveries of the killed host.
+    duplicates_per_kill: BATCH,
+};
 
 /// A pipeline on its own exchange; `body` is the rest of the TOML.
 pub fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
@@ -142,47 +153,11 @@ pub async fn drain(pipeline: &Pipeline) {
 async fn commands_and_events_flow_through_rabbitmq() {
     let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("out")).unwrap();
-    let (_, p) = pipeline(
-        dir.path(),
-        r#"
-        [defaults.retry]
-        immediate = 0
-        delayed = 0
-        [plugins.rogue]
-        wasm = "{dist}/rogue.wasm"
-        commands = ["Misbehave", "Sent"]
-        [plugins.tally]
-        wasm = "{dist}/tally.wasm"
-        events = ["Published", "Tick"]
-        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
-        "#,
-    );
-    let transport = runtime::open(&p).await.unwrap();
-    transport.start_consuming().await.unwrap();
-    let publish = misbehave("publish");
-    let tick = message(Kind::Event, "Tick", json!(1));
-    let stored = transport
-        .enqueue(vec![publish.clone(), misbehave("ok"), tick.clone()])
-        .await
-        .unwrap();
-    assert_eq!(stored, 3, "one delivery per destination route");
-    assert_eq!(depth(&format!("{}.rogue", exchange(&p))).await, 2);
-    assert_eq!(depth(&format!("{}.tally", exchange(&p))).await, 1);
-
-    drain(&p).await;
-
-    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
-    let mut ids: Vec<&str> = tally.lines().collect();
-    ids.sort_unstable();
-    assert_eq!(
-        ids.len(),
-        2,
-        "the Tick and the event `publish` made: {tally}"
-    );
-    assert!(ids.contains(&tick.id.as_str()));
-    assert!(dead_letters(&p).await.is_empty());
-    assert!(transport.is_idle().await.unwrap());
+    let queued = async |p: &Pipeline, _: &dyn switchyard::transport::Transport| {
+        assert_eq!(depth(&format!("{}.rogue", exchange(p))).await, 2);
+        assert_eq!(depth(&format!("{}.tally", exchange(p))).await, 1);
+    };
+    let p = broker_contract::commands_and_events_flow(&RABBITMQ, dir.path(), queued, drain).await;
     clean_up(&p).await;
 }
 
@@ -216,53 +191,12 @@ async fn a_command_for_no_handler_is_refused_not_lost() {
 async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
     let _broker = BROKER_IN_USE.read().await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, p) = pipeline(
+    let p = broker_contract::a_reply_reaches_the_requester_and_a_missing_one_times_out(
+        &RABBITMQ,
         dir.path(),
-        r#"
-        [plugins.echo]
-        wasm = "{dist}/echo.wasm"
-        commands = ["Echo"]
-        events = ["Tick"]
-        retry = { delayed = 0 }
-        "#,
-    );
-    let transport = runtime::open(&p).await.unwrap();
-
-    // No host yet: nobody answers.
-    let mut inbox = transport.reply_inbox().await.unwrap();
-    let mut cmd = message(Kind::Command, "Echo", json!({"hello": "rabbit"}));
-    cmd.reply_to = Some(inbox.address().to_owned());
-    cmd.correlation_id = Some("corr-7".into());
-    transport.start_consuming().await.unwrap();
-    transport.enqueue(vec![cmd.clone()]).await.unwrap();
-    assert!(
-        inbox
-            .wait(&cmd.id, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_none()
-    );
-
-    // A host comes up and handles the waiting command.
-    let plugins = runtime::load_plugins(&p).await.unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let host_pipeline = p.clone();
-    let host = tokio::spawn(async move {
-        runtime::run(&host_pipeline, plugins, RunMode::Serve, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    let reply = inbox
-        .wait(&cmd.id, Duration::from_secs(20))
-        .await
-        .unwrap()
-        .expect("a reply");
-    assert_eq!(reply.payload, cmd.payload);
-    assert_eq!(reply.in_reply_to, cmd.id);
-    assert_eq!(reply.correlation_id, "corr-7");
-    let _ = stop_tx.send(());
-    host.await.unwrap().unwrap();
+        Duration::from_secs(20),
+    )
+    .await;
     clean_up(&p).await;
 }
 

@@ -4,18 +4,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::amqp::{BROKER_IN_USE, clean_up, pipeline};
+use crate::amqp::{BROKER_IN_USE, RABBITMQ, clean_up};
 use crate::reliability::{
-    BATCH, Broker, MESSAGES, check_all_handled, enqueue_ticks, host, lines, tally, tally_pipeline,
+    BATCH, MESSAGES, check_all_handled, enqueue_ticks, host, lines, tally, tally_pipeline,
     wait_until,
-};
-
-const RABBITMQ: Broker = Broker {
-    name: "amqp",
-    pipeline,
-    batch_key: "prefetch",
-    // The unacknowledged deliveries of the killed host.
-    duplicates_per_kill: BATCH,
 };
 
 #[tokio::test(flavor = "multi_thread")]

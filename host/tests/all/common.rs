@@ -8,8 +8,8 @@ use switchyard::config::Pipeline;
 use switchyard::config::{Grants, Limits, PluginName};
 use switchyard::envelope::{Envelope, Kind};
 use switchyard::plugin::{LoadedPlugin, PluginEngine, Sandbox};
-use switchyard::reload::RouteInfo;
 use switchyard::runtime::{self, RunOptions};
+use switchyard::supervisor::RouteInfo;
 use tokio::sync::oneshot;
 
 pub fn workspace_root() -> PathBuf {
@@ -182,7 +182,7 @@ pub async fn dead_letters(
 
 /// A host running in this process.
 pub struct Running {
-    pub control: std::sync::Arc<switchyard::reload::Control>,
+    pub control: std::sync::Arc<switchyard::supervisor::Supervisor>,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -240,9 +240,11 @@ where
 }
 
 /// The reasons of a refused change, one per line; fails on anything else.
-pub fn refused<T: std::fmt::Debug>(result: Result<T, switchyard::reload::ChangeError>) -> String {
+pub fn refused<T: std::fmt::Debug>(
+    result: Result<T, switchyard::supervisor::ChangeError>,
+) -> String {
     match result {
-        Err(switchyard::reload::ChangeError::Refused(reasons)) => reasons.join("\n"),
+        Err(switchyard::supervisor::ChangeError::Refused(reasons)) => reasons.join("\n"),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }

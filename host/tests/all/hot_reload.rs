@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::json;
 use switchyard::config;
 use switchyard::envelope::Kind;
-use switchyard::reload::{ChangeError, RouteInfo};
 use switchyard::runtime::{self, RunMode, RunOptions};
+use switchyard::supervisor::{ChangeError, RouteInfo};
 use switchyard::transport::Transport as _;
 
 use crate::common::{Running, bin, eventually, message, refused, wasm, write_pipeline};

@@ -16,7 +16,9 @@ use switchyard::config::{self, Pipeline};
 use switchyard::envelope::Kind;
 use switchyard::runtime::{self, RunMode};
 
+use crate::broker_contract;
 use crate::common::{dead_letters, message, misbehave, write_pipeline};
+use crate::reliability::{BATCH, Broker};
 
 /// Whether the tests run on librdkafka's mock cluster. It has no
 /// CreateTopics API; it creates topics on first use instead.
@@ -48,6 +50,16 @@ pub fn bootstrap() -> String {
         })
         .clone()
 }
+
+/// Kafka for the tests that run on every broker.
+pub const KAFKA: Broker = Broker {
+    name: "kafka",
+    pipeline,
+    batch_key: "batch_size",
+    // The batch in hand, and the one before it if its commit had not
+    // reached the cluster yet.
+    duplicates_per_kill: 2 * BATCH,
+};
 
 /// A pipeline on its own topics and groups; `body` is the rest of the TOML.
 pub fn pipeline(dir: &Path, body: &str) -> (PathBuf, Pipeline) {
@@ -150,94 +162,21 @@ fn read_topic(topic: &str, want: usize) -> Vec<Record> {
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_and_events_flow_through_kafka() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("out")).unwrap();
-    let (_, p) = pipeline(
-        dir.path(),
-        r#"
-        [defaults.retry]
-        immediate = 0
-        delayed = 0
-        [plugins.rogue]
-        wasm = "{dist}/rogue.wasm"
-        commands = ["Misbehave", "Sent"]
-        [plugins.tally]
-        wasm = "{dist}/tally.wasm"
-        events = ["Published", "Tick"]
-        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
-        "#,
-    );
-    let transport = runtime::open(&p).await.unwrap();
-    transport.start_consuming().await.unwrap();
-    let tick = message(Kind::Event, "Tick", json!(1));
-    let stored = transport
-        .enqueue(vec![misbehave("publish"), misbehave("ok"), tick.clone()])
-        .await
-        .unwrap();
-    assert_eq!(stored, 3, "one delivery per destination route");
-    assert!(!transport.is_idle().await.unwrap());
-
-    drain(&p).await;
-
-    let tally = std::fs::read_to_string(dir.path().join("out").join("tally.log")).unwrap();
-    let ids: Vec<&str> = tally.lines().collect();
-    assert_eq!(
-        ids.len(),
-        2,
-        "the Tick and the event `publish` made: {tally}"
-    );
-    assert!(ids.contains(&tick.id.as_str()));
-    assert!(dead_letters(&p).await.is_empty());
-    assert!(transport.is_idle().await.unwrap());
+    let queued = async |_: &Pipeline, transport: &dyn switchyard::transport::Transport| {
+        assert!(!transport.is_idle().await.unwrap());
+    };
+    broker_contract::commands_and_events_flow(&KAFKA, dir.path(), queued, drain).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_reaches_the_requester_and_a_missing_one_times_out() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, p) = pipeline(
+    broker_contract::a_reply_reaches_the_requester_and_a_missing_one_times_out(
+        &KAFKA,
         dir.path(),
-        r#"
-        [plugins.echo]
-        wasm = "{dist}/echo.wasm"
-        commands = ["Echo"]
-        events = ["Tick"]
-        retry = { delayed = 0 }
-        "#,
-    );
-    let transport = runtime::open(&p).await.unwrap();
-    transport.start_consuming().await.unwrap();
-    let mut inbox = transport.reply_inbox().await.unwrap();
-    let mut cmd = message(Kind::Command, "Echo", json!({"hello": "kafka"}));
-    cmd.reply_to = Some(inbox.address().to_owned());
-    cmd.correlation_id = Some("corr-9".into());
-    transport.enqueue(vec![cmd.clone()]).await.unwrap();
-    assert!(
-        inbox
-            .wait(&cmd.id, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_none(),
-        "no host runs yet"
-    );
-
-    let plugins = runtime::load_plugins(&p).await.unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let host_pipeline = p.clone();
-    let host = tokio::spawn(async move {
-        runtime::run(&host_pipeline, plugins, RunMode::Serve, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    let reply = inbox
-        .wait(&cmd.id, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .expect("a reply");
-    assert_eq!(reply.payload, cmd.payload);
-    assert_eq!(reply.in_reply_to, cmd.id);
-    assert_eq!(reply.correlation_id, "corr-9");
-    let _ = stop_tx.send(());
-    host.await.unwrap().unwrap();
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,16 +1,6 @@
 //! At-least-once on Kafka: the shared reliability runs.
 
-use crate::kafka::pipeline;
-use crate::reliability::{BATCH, Broker};
-
-const KAFKA: Broker = Broker {
-    name: "kafka",
-    pipeline,
-    batch_key: "batch_size",
-    // The batch in hand, and the one before it if its commit had not
-    // reached the cluster yet.
-    duplicates_per_kill: 2 * BATCH,
-};
+use crate::kafka::KAFKA;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_points_loses_nothing() {

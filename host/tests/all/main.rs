@@ -8,6 +8,7 @@
 mod admin;
 mod amqp;
 mod amqp_reliability;
+mod broker_contract;
 mod cli;
 mod common;
 mod config_fixtures;
@@ -18,6 +19,7 @@ mod durability;
 mod hot_reload;
 mod kafka;
 mod kafka_reliability;
+mod layers;
 mod loading;
 mod outbox;
 mod polyglot;

@@ -11,11 +11,11 @@ use opentelemetry::trace::SpanKind;
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use serde_json::json;
-use switchyard::config::{self, Pipeline};
+use switchyard::config::{self, Pipeline, TraceExport};
 use switchyard::dlq::{self, Filter};
 use switchyard::envelope::{Envelope, Kind};
 use switchyard::runtime::{self, RunMode, RunOptions};
-use switchyard::telemetry::{Resolved, Telemetry, TraceExport};
+use switchyard::telemetry::{Resolved, Telemetry};
 use switchyard::transport::Transport;
 
 use crate::common::{message, write_pipeline};

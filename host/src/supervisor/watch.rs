@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use super::Control;
+use super::Supervisor;
 
 /// What is looked at to tell that a file changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ fn inode(_: &std::fs::Metadata) -> u64 {
 }
 
 /// Watches until `stop` turns true.
-pub async fn run(control: Arc<Control>, interval: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn run(control: Arc<Supervisor>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut seen: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     for f in control.watched_files() {
         let s = stamp(&f);

@@ -1,6 +1,7 @@
-//! Changing a running host without stopping it: a new build of a plugin, a
-//! changed pipeline file, a version deployed over the admin API, a
-//! rollback.
+//! The route supervisor: it starts one route per plugin, stops them, and
+//! is the one way to change a running host without stopping it: a new
+//! build of a plugin, a changed pipeline file, a version deployed over the
+//! admin API, a rollback.
 //!
 //! Every change is prepared off the message path: the component is compiled
 //! (or taken from the compile cache), its `describe()` is checked against
@@ -21,7 +22,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -30,115 +30,14 @@ use tokio::sync::{mpsc, watch as channel};
 pub use deployments::{Deployed, Deployments};
 
 use crate::config::{Pipeline, PluginSpec};
-use crate::dispatch::{self, RouteContext, RouteControl};
+use crate::dispatch::{self, Origin, RouteContext, RouteStatus, RouteUpdates, Version};
 use crate::dlq::DeadLetterStore;
 use crate::envelope::now_ms;
 use crate::plugin::contract::{self, PluginInfo};
-use crate::plugin::{Instance, LoadedPlugin, PluginEngine, Sandbox};
+use crate::plugin::{LoadedPlugin, PluginEngine, Sandbox};
 use crate::recover::RetryPolicy;
 use crate::telemetry::Telemetry;
 use crate::transport::{Topology, Transport};
-
-/// Where the component a route runs came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// The `.wasm` file the pipeline names.
-    File,
-    /// Deployed to this host (kept in its deployment store).
-    Deployed { at_ms: u64 },
-}
-
-/// One build of a plugin, ready for its route.
-pub struct Version {
-    pub plugin: LoadedPlugin,
-    pub policy: RetryPolicy,
-    pub source: Source,
-    /// An instance made while the version was prepared, so the route's
-    /// first message on it does not pay for instantiation.
-    warm: std::sync::Mutex<Option<Instance>>,
-}
-
-impl Version {
-    /// A version whose instance is made by the route when it first needs
-    /// one (at start-up, where a plugin that cannot start is retried).
-    pub fn new(plugin: LoadedPlugin, policy: RetryPolicy, source: Source) -> Arc<Self> {
-        Arc::new(Version {
-            plugin,
-            policy,
-            source,
-            warm: std::sync::Mutex::new(None),
-        })
-    }
-
-    /// A version with an instance made now: a build that cannot be
-    /// instantiated is refused here rather than on the route.
-    fn prepared(plugin: LoadedPlugin, policy: RetryPolicy, source: Source) -> Result<Arc<Self>> {
-        let instance = plugin.instantiate()?;
-        Ok(Arc::new(Version {
-            plugin,
-            policy,
-            source,
-            warm: std::sync::Mutex::new(Some(instance)),
-        }))
-    }
-
-    /// The instance made in advance, if it is still there.
-    pub fn take_instance(&self) -> Option<Instance> {
-        self.warm
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-}
-
-/// What a route is running, as the route itself reports it.
-#[derive(Clone)]
-pub struct Serving {
-    pub version: Arc<Version>,
-    /// When the route started running it.
-    pub since_ms: u64,
-    /// How long the route's swap to it took (none for the first version).
-    pub swap_took: Option<Duration>,
-    /// Swaps this route has made.
-    pub swaps: u64,
-}
-
-/// Shared between a route and the host's control.
-pub struct RouteStatus {
-    serving: std::sync::Mutex<Serving>,
-}
-
-impl RouteStatus {
-    pub fn new(version: Arc<Version>) -> Arc<Self> {
-        Arc::new(RouteStatus {
-            serving: std::sync::Mutex::new(Serving {
-                version,
-                since_ms: now_ms(),
-                swap_took: None,
-                swaps: 0,
-            }),
-        })
-    }
-
-    pub fn serving(&self) -> Serving {
-        self.serving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Called by the route when it has swapped.
-    pub fn swapped(&self, version: Arc<Version>, took: Duration) {
-        let mut s = self
-            .serving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.version = version;
-        s.since_ms = now_ms();
-        s.swap_took = Some(took);
-        s.swaps += 1;
-    }
-}
 
 /// One route as `switchyard plugins list` and `GET /plugins` show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,31 +67,20 @@ pub struct PendingInfo {
 }
 
 /// Why a change was not made.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
     /// No such plugin in the running pipeline.
+    #[error("the running pipeline has no plugin `{0}`")]
     UnknownPlugin(String),
     /// The change is wrong (it does not compile, breaks the contract,
     /// ...): nothing was changed, and these are the reasons.
+    #[error("{}", .0.join("\n"))]
     Refused(Vec<String>),
     /// The host could not carry it out (a disk error, say); nothing was
-    /// changed.
+    /// changed. Shown with its whole chain of causes.
+    #[error("{0:#}")]
     Failed(anyhow::Error),
 }
-
-impl std::fmt::Display for ChangeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ChangeError::UnknownPlugin(name) => {
-                write!(f, "the running pipeline has no plugin `{name}`")
-            }
-            ChangeError::Refused(reasons) => write!(f, "{}", reasons.join("\n")),
-            ChangeError::Failed(e) => write!(f, "{e:#}"),
-        }
-    }
-}
-
-impl std::error::Error for ChangeError {}
 
 /// What a pipeline change did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -215,7 +103,7 @@ impl ChangeReport {
 }
 
 /// What every route shares, besides its plugin.
-pub struct RouteBase {
+pub struct RouteServices {
     pub dead_letters: Arc<dyn DeadLetterStore>,
     pub host: String,
     pub telemetry: Telemetry,
@@ -255,17 +143,17 @@ struct State {
 pub type RouteExit = (String, Result<()>);
 
 /// The running host's routes, and the one way to change them.
-pub struct Control {
+pub struct Supervisor {
     engine: Arc<PluginEngine>,
     transport: Arc<dyn Transport>,
-    base: RouteBase,
+    base: RouteServices,
     deployments: Deployments,
     state: tokio::sync::Mutex<State>,
     view: std::sync::RwLock<View>,
     exits: mpsc::UnboundedSender<RouteExit>,
 }
 
-impl Control {
+impl Supervisor {
     /// Starts one route per plugin. Route ends are reported on the returned
     /// receiver.
     pub async fn start(
@@ -273,12 +161,12 @@ impl Control {
         transport: Arc<dyn Transport>,
         pipeline: Pipeline,
         versions: Vec<Arc<Version>>,
-        base: RouteBase,
-    ) -> Result<(Arc<Control>, mpsc::UnboundedReceiver<RouteExit>)> {
+        base: RouteServices,
+    ) -> Result<(Arc<Supervisor>, mpsc::UnboundedReceiver<RouteExit>)> {
         let (exits, exits_rx) = mpsc::unbounded_channel();
         let deployments = Deployments::new(&pipeline.state_dir, &pipeline.name);
         let (topology, _) = channel::channel(Arc::new(Topology::of(&pipeline)));
-        let control = Arc::new(Control {
+        let control = Arc::new(Supervisor {
             engine,
             transport,
             base,
@@ -297,9 +185,9 @@ impl Control {
             for version in versions {
                 // A version loaded from the pipeline's file has that file's
                 // digest; a deployed one says nothing about the file.
-                let file_digest = match version.source {
-                    Source::File => Some(version.plugin.digest().to_owned()),
-                    Source::Deployed { .. } => file_digest(
+                let file_digest = match version.origin {
+                    Origin::File => Some(version.plugin.digest().to_owned()),
+                    Origin::Deployed { .. } => file_digest(
                         state
                             .pipeline
                             .plugin(version.plugin.name().as_str())
@@ -359,15 +247,15 @@ impl Control {
         tracing::info!(
             plugin = %name,
             version = %version.plugin.info().version,
-            digest = %crate::runtime::short_digest(version.plugin.digest()),
-            source = source_name(version.source),
+            digest = %crate::plugin::short_digest(version.plugin.digest()),
+            source = origin_name(version.origin),
             "Route started"
         );
         let (versions, versions_rx) = channel::channel(version.clone());
         let status = RouteStatus::new(version);
         let (stop, stop_rx) = channel::channel(false);
         let stop_flag = Arc::new(AtomicBool::new(false));
-        let route_control = RouteControl {
+        let route_updates = RouteUpdates {
             versions: versions_rx,
             topology: state.topology.subscribe(),
             status: status.clone(),
@@ -379,7 +267,7 @@ impl Control {
         let task = tokio::spawn(async move {
             use futures_util::FutureExt as _;
             let run =
-                dispatch::run_route(ctx, route_control, subscription, batch_size, stop_rx, flag);
+                dispatch::run_route(ctx, route_updates, subscription, batch_size, stop_rx, flag);
             let result = std::panic::AssertUnwindSafe(run)
                 .catch_unwind()
                 .await
@@ -499,7 +387,16 @@ impl Control {
         if state.stopping {
             return Err(ChangeError::Refused(vec!["the host is stopping".into()]));
         }
-        let fixed = fixed_changes(&state.pipeline, &new);
+        self.needs_no_restart(&state, &new)?;
+        let fresh = self.load_changed(&state, &new).await?;
+        let prepared = prepare_all(fresh, &new).await?;
+        self.switch_to(&mut state, new, prepared).await
+    }
+
+    /// Refuses a change only a restart can make: the transport, the
+    /// dead-letter store, or a broker's retry layout.
+    fn needs_no_restart(&self, state: &State, new: &Pipeline) -> Result<(), ChangeError> {
+        let fixed = fixed_changes(&state.pipeline, new);
         if !fixed.is_empty() {
             return Err(ChangeError::Refused(vec![format!(
                 "{} changed: a running host cannot apply {}; restart it (nothing was applied)",
@@ -531,10 +428,15 @@ impl Control {
                 )]));
             }
         }
+        Ok(())
+    }
 
-        // Load what changed; keep what did not.
+    /// Loads the plugins of `new` whose spec or component changed (what did
+    /// not change is kept), and checks the new pipeline whole, with the
+    /// versions it would run.
+    async fn load_changed(&self, state: &State, new: &Pipeline) -> Result<Fresh, ChangeError> {
         let mut errors = Vec::new();
-        let mut fresh: BTreeMap<String, (LoadedPlugin, Source, Option<String>)> = BTreeMap::new();
+        let mut fresh = Fresh::new();
         for spec in &new.plugins {
             let name = spec.name.as_str();
             let deployed = match self.deployments.current(name) {
@@ -545,14 +447,14 @@ impl Control {
                 }
             };
             let file_now = file_digest(Some(&spec.wasm));
-            let (path, source) = match &deployed {
+            let (path, origin) = match &deployed {
                 Some((d, path)) => (
                     path.clone(),
-                    Source::Deployed {
+                    Origin::Deployed {
                         at_ms: d.deployed_at_ms,
                     },
                 ),
-                None => (spec.wasm.clone(), Source::File),
+                None => (spec.wasm.clone(), Origin::File),
             };
             if let Some(route) = state.routes.get(name) {
                 let assigned = route.versions.borrow().clone();
@@ -575,12 +477,11 @@ impl Control {
             }
             match self.load(spec, &path).await {
                 Ok(plugin) => {
-                    fresh.insert(name.to_owned(), (plugin, source, file_now));
+                    fresh.insert(name.to_owned(), (plugin, origin, file_now));
                 }
                 Err(e) => errors.push(e),
             }
         }
-        // Check the new pipeline whole, with the versions it would run.
         let kept: BTreeMap<&str, Arc<Version>> = state
             .routes
             .iter()
@@ -596,29 +497,24 @@ impl Control {
             }
         }
         if errors.is_empty() {
-            errors.extend(contract_errors(&new, &pairs));
+            errors.extend(contract_errors(new, &pairs));
         }
         drop(pairs);
         if !errors.is_empty() {
             return Err(ChangeError::Refused(errors));
         }
-        let mut prepared: BTreeMap<String, (Arc<Version>, Option<String>)> = BTreeMap::new();
-        for (name, (plugin, source, file_now)) in fresh {
-            let Some(spec) = new.plugin(&name) else {
-                continue;
-            };
-            match prepare(plugin, spec.retry.clone(), source).await {
-                Ok(v) => {
-                    prepared.insert(name, (v, file_now));
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(ChangeError::Refused(errors));
-        }
+        Ok(fresh)
+    }
 
-        // Apply: routing first (the only step that can still refuse).
+    /// Applies a change that passed every check: routing first (the only
+    /// step that can still refuse), then routes removed, given their new
+    /// versions, and added.
+    async fn switch_to(
+        &self,
+        state: &mut State,
+        new: Pipeline,
+        prepared: Prepared,
+    ) -> Result<ChangeReport, ChangeError> {
         let topology = Topology::of(&new);
         if **state.topology.borrow() != topology {
             self.transport
@@ -647,7 +543,7 @@ impl Control {
             }
         }
         state.pipeline = new;
-        self.publish_view(&state);
+        self.publish_view(state);
         for (name, (version, file_now)) in prepared {
             if let Some(route) = state.routes.get_mut(&name) {
                 log_handover(&version);
@@ -655,7 +551,7 @@ impl Control {
                 route.file_digest = file_now;
                 report.swapped.push(name);
             } else {
-                match self.spawn_route(&mut state, version, file_now).await {
+                match self.spawn_route(state, version, file_now).await {
                     Ok(()) => report.added.push(name),
                     Err(e) => {
                         tracing::error!(plugin = %name, error = %format!("{e:#}"), "Cannot start the new route");
@@ -664,7 +560,7 @@ impl Control {
                 }
             }
         }
-        self.publish_view(&state);
+        self.publish_view(state);
         Ok(report)
     }
 
@@ -692,7 +588,7 @@ impl Control {
         };
         let at_ms = now_ms();
         let version = self
-            .check_and_prepare(&state, &spec, plugin, Source::Deployed { at_ms })
+            .check_and_prepare(&state, &spec, plugin, Origin::Deployed { at_ms })
             .await?;
         let entry = Deployed {
             digest,
@@ -729,11 +625,11 @@ impl Control {
         let (path, source) = match history.len().checked_sub(2).and_then(|i| history.get(i)) {
             Some(previous) => (
                 self.deployments.wasm_path(name, &previous.digest),
-                Source::Deployed {
+                Origin::Deployed {
                     at_ms: previous.deployed_at_ms,
                 },
             ),
-            None => (spec.wasm.clone(), Source::File),
+            None => (spec.wasm.clone(), Origin::File),
         };
         let plugin = self
             .load(&spec, &path)
@@ -781,7 +677,7 @@ impl Control {
         state: &State,
         spec: &PluginSpec,
         plugin: LoadedPlugin,
-        source: Source,
+        origin: Origin,
     ) -> Result<Arc<Version>, ChangeError> {
         let others: Vec<(String, Arc<Version>)> = state
             .routes
@@ -800,7 +696,7 @@ impl Control {
         if !errors.is_empty() {
             return Err(ChangeError::Refused(errors));
         }
-        prepare(plugin, spec.retry.clone(), source)
+        prepare(plugin, spec.retry.clone(), origin)
             .await
             .map_err(|e| ChangeError::Refused(vec![e]))
     }
@@ -818,7 +714,7 @@ impl Control {
                 plugin: name.to_owned(),
                 version: version.plugin.info().version.clone(),
                 digest: version.plugin.digest().to_owned(),
-                source: source_name(version.source).into(),
+                source: origin_name(version.origin).into(),
                 path: version.plugin.path().display().to_string(),
                 loaded_at_ms: 0,
                 swaps: 0,
@@ -847,8 +743,8 @@ fn log_handover(version: &Version) {
     tracing::info!(
         plugin = %version.plugin.name(),
         version = %version.plugin.info().version,
-        digest = %crate::runtime::short_digest(version.plugin.digest()),
-        source = source_name(version.source),
+        digest = %crate::plugin::short_digest(version.plugin.digest()),
+        source = origin_name(version.origin),
         "New plugin version checked; the route takes it with its next batch"
     );
 }
@@ -862,10 +758,10 @@ fn log_change(what: &str, plugin: &str, result: &Result<RouteInfo, ChangeError>)
     }
 }
 
-fn source_name(source: Source) -> &'static str {
-    match source {
-        Source::File => "file",
-        Source::Deployed { .. } => "deployed",
+fn origin_name(origin: Origin) -> &'static str {
+    match origin {
+        Origin::File => "file",
+        Origin::Deployed { .. } => "deployed",
     }
 }
 
@@ -885,7 +781,7 @@ fn route_info(
         plugin: name.to_owned(),
         version: v.plugin.info().version.clone(),
         digest: v.plugin.digest().to_owned(),
-        source: source_name(v.source).into(),
+        source: origin_name(v.origin).into(),
         path: v.plugin.path().display().to_string(),
         loaded_at_ms: serving.since_ms,
         swaps: serving.swaps,
@@ -905,14 +801,42 @@ pub fn sandbox_of(spec: &PluginSpec) -> Sandbox {
     }
 }
 
+/// Plugins loaded for a change: component, origin, digest of the
+/// pipeline's file for it.
+type Fresh = BTreeMap<String, (LoadedPlugin, Origin, Option<String>)>;
+
+/// Versions ready to be handed to their routes, with their files' digests.
+type Prepared = BTreeMap<String, (Arc<Version>, Option<String>)>;
+
+/// Instantiates the versions of a change off the message path.
+async fn prepare_all(fresh: Fresh, new: &Pipeline) -> Result<Prepared, ChangeError> {
+    let mut errors = Vec::new();
+    let mut prepared = Prepared::new();
+    for (name, (plugin, origin, file_now)) in fresh {
+        let Some(spec) = new.plugin(&name) else {
+            continue;
+        };
+        match prepare(plugin, spec.retry.clone(), origin).await {
+            Ok(v) => {
+                prepared.insert(name, (v, file_now));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ChangeError::Refused(errors));
+    }
+    Ok(prepared)
+}
+
 /// Instantiates a new version off the message path.
 async fn prepare(
     plugin: LoadedPlugin,
     policy: RetryPolicy,
-    source: Source,
+    origin: Origin,
 ) -> Result<Arc<Version>, String> {
     let name = plugin.name().clone();
-    match tokio::task::spawn_blocking(move || Version::prepared(plugin, policy, source)).await {
+    match tokio::task::spawn_blocking(move || Version::prepared(plugin, policy, origin)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("plugin `{name}`: {e:#}")),
         Err(e) => Err(format!("plugin `{name}`: instantiation failed: {e}")),

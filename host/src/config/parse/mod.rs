@@ -1,0 +1,133 @@
+//! The section parsers: from the TOML document to the validated
+//! [`Pipeline`], one file per section of the pipeline file, each reading
+//! its table key by key through the [`reader`](super::reader) and recording
+//! every mistake as a [`Diagnostic`]. [`parse`] runs them in order, then the
+//! rules that span plugins ([`routing`]).
+
+mod dead_letters;
+mod defaults;
+mod grants;
+mod host;
+mod pipeline;
+mod plugins;
+mod retry;
+mod routing;
+mod schemas;
+mod telemetry;
+mod transport;
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::diagnostic::{Diagnostic, Diagnostics};
+use super::model::Pipeline;
+use super::names::parse_duration;
+use super::reader::{Section, Spanned};
+
+/// Parses pipeline text. `path` is the file's absolute location; relative
+/// paths inside the file are resolved against its directory. Performs no I/O.
+///
+/// Returns the pipeline when there are no errors, and every diagnostic found.
+pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
+    let mut diags = Diagnostics::default();
+    let doc = match toml_edit::Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    format!("invalid TOML: {}", e.message().trim_end()),
+                    e.span(),
+                )
+                .with_label("here"),
+            );
+            return (None, diags);
+        }
+    };
+    let base = path.parent().map(Path::to_owned).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pipeline".into());
+
+    let mut root = Section::new("", doc.as_table(), None);
+    let mut p = Parser {
+        diags: &mut diags,
+        base: &base,
+        pipeline_name: String::new(),
+    };
+
+    let name = p.pipeline_section(&mut root, &stem);
+    p.pipeline_name = name.clone();
+    let transport = p.transport_section(&mut root, &name);
+    let host = p.host_section(&mut root);
+    let defaults = p.defaults_section(&mut root);
+    let dead_letters = p.dead_letters_section(&mut root, &transport);
+    let telemetry = p.telemetry_section(&mut root);
+    let (admin, admin_token_env) = p.admin_section(&mut root);
+    let schemas = p.schemas_section(&mut root);
+    let plugins = p.plugins_section(&mut root, &defaults);
+    root.finish(p.diags);
+
+    routing::check_routing(&plugins, &mut diags);
+
+    if diags.has_errors() {
+        diags.sort();
+        return (None, diags);
+    }
+    let pipeline = Pipeline {
+        name,
+        source: path.to_owned(),
+        transport,
+        cache_dir: host.cache_dir,
+        dead_letters,
+        telemetry,
+        admin,
+        admin_token_env,
+        watch: host.watch,
+        watch_interval: host.watch_interval,
+        state_dir: host.state_dir,
+        max_message_size: host.max_message_size,
+        crash_loop_limit: host.crash_loop_limit,
+        schemas,
+        plugins: plugins.into_iter().filter_map(|p| p.spec).collect(),
+    };
+    diags.sort();
+    (Some(pipeline), diags)
+}
+
+/// What every section parser shares: where diagnostics go and where
+/// relative paths start.
+struct Parser<'a> {
+    diags: &'a mut Diagnostics,
+    base: &'a Path,
+    pipeline_name: String,
+}
+
+impl Parser<'_> {
+    /// A duration key of `section`, which must be more than zero.
+    fn duration(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Spanned<Duration>> {
+        let s = section.string(key, self.diags)?;
+        match parse_duration(&s.value) {
+            Ok(d) if d.is_zero() => {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!("`{}.{key}` must be more than zero", section.path()),
+                        s.span,
+                    )
+                    .with_label("zero"),
+                );
+                None
+            }
+            Ok(d) => Some(Spanned::new(d, s.span)),
+            Err(e) => {
+                self.diags
+                    .push(Diagnostic::error(e, s.span).with_label("not a duration"));
+                None
+            }
+        }
+    }
+}

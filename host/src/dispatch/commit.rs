@@ -1,0 +1,288 @@
+//! Making a processed batch durable, in the order the at-least-once
+//! argument needs: dead letters first, then the settlements, then the
+//! records of replays that were handled. What a broker refuses for good is
+//! dead-lettered on its own.
+
+use opentelemetry::KeyValue;
+
+use super::plan::{Metric, Plan, plan};
+use super::worker::final_attempt;
+use super::{Processed, RouteContext, RouteState, dead_letter};
+use crate::dlq::{DeadLetter, Status};
+use crate::plugin::{Failure, FailureKind, LoadedPlugin};
+use crate::telemetry;
+use crate::transport::{Delivery, Outcome, Refused, Settlement, Subscription};
+
+/// Makes a processed batch durable in the right order. Returns whether
+/// everything was applied; deliveries that were not are given back.
+pub(super) async fn commit(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    state: &mut RouteState,
+    subscription: &mut dyn Subscription,
+    processed: Vec<Processed>,
+    unhandled: &mut Vec<Delivery>,
+) -> bool {
+    let Plan {
+        letters,
+        settlements,
+        replays_handled,
+        spans,
+    } = plan(ctx, plugin, processed);
+    // Message id → record id of each dead letter written.
+    let written = write_letters(ctx, plugin, letters).await;
+    let mut ok = written.is_some();
+    let mut to_settle = Vec::with_capacity(settlements.len());
+    let mut metrics = Vec::with_capacity(settlements.len());
+    for p in settlements {
+        if p.dead && written.is_none() {
+            unhandled.push(p.settlement.delivery);
+        } else {
+            to_settle.push(p.settlement);
+            metrics.push(p.metric);
+        }
+    }
+    let written = written.unwrap_or_default();
+    // Messages handled now that were dead-lettered before a failed settle.
+    let recovered: Vec<String> = to_settle
+        .iter()
+        .filter(|s| matches!(s.outcome, Outcome::Handled { .. }))
+        .filter_map(|s| {
+            state
+                .dead_but_unsettled
+                .get(&s.delivery.envelope.id)
+                .cloned()
+        })
+        .collect();
+    let receipts: Vec<u64> = to_settle.iter().map(|s| s.delivery.receipt).collect();
+    let refused = match subscription.settle(to_settle).await {
+        Ok(refused) => refused,
+        Err(e) => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot settle a batch; its messages stay queued and will be handled again"
+            );
+            state.dead_but_unsettled.extend(written);
+            // Their outputs were never stored: the spans say so.
+            for cx in &spans {
+                telemetry::set_error(
+                    cx,
+                    "the batch could not be settled; it will be handled again",
+                );
+            }
+            return false;
+        }
+    };
+    let (metrics, recovered) = without_refused(state, &refused, receipts, metrics, recovered);
+    if !refused.is_empty()
+        && !dead_letter_refused(ctx, plugin, state, subscription, refused, unhandled).await
+    {
+        ok = false;
+    }
+    Metric::apply_all(metrics, &ctx.telemetry.metrics);
+    if !written.is_empty() {
+        record_store_size(ctx).await;
+    }
+    for (message_id, _) in &written {
+        state.dead_but_unsettled.remove(message_id);
+    }
+    state.handled_replays.extend(replays_handled);
+    state.handled_replays.extend(recovered);
+    mark_replays_handled(ctx, plugin, state).await;
+    ok
+}
+
+/// What the broker refused is neither counted nor a recovery: the metric
+/// updates (one per receipt) and recovered records that remain.
+fn without_refused(
+    state: &RouteState,
+    refused: &[Refused],
+    receipts: Vec<u64>,
+    metrics: Vec<Metric>,
+    recovered: Vec<String>,
+) -> (Vec<Metric>, Vec<String>) {
+    let is_refused = |receipt: u64| {
+        refused
+            .iter()
+            .any(|r| r.settlement.delivery.receipt == receipt)
+    };
+    let metrics = receipts
+        .into_iter()
+        .zip(metrics)
+        .filter(|(receipt, _)| !is_refused(*receipt))
+        .map(|(_, m)| m)
+        .collect();
+    let recovered = recovered
+        .into_iter()
+        .filter(|record| {
+            !refused.iter().any(|r| {
+                state
+                    .dead_but_unsettled
+                    .get(&r.settlement.delivery.envelope.id)
+                    == Some(record)
+            })
+        })
+        .collect();
+    (metrics, recovered)
+}
+
+/// Writes a batch's dead letters: the message id and record id of each, or
+/// `None` if the store failed (those messages stay queued).
+async fn write_letters(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    letters: Vec<DeadLetter>,
+) -> Option<Vec<(String, String)>> {
+    if letters.is_empty() {
+        return Some(Vec::new());
+    }
+    let message_ids: Vec<String> = letters.iter().map(|l| l.message.id.clone()).collect();
+    match ctx.dead_letters.record(letters).await {
+        Ok(record_ids) => Some(message_ids.into_iter().zip(record_ids).collect()),
+        Err(e) => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot write dead letters; those messages stay queued and will be handled again"
+            );
+            None
+        }
+    }
+}
+
+/// Closes the records of replayed (or recovered) messages that were
+/// handled; what cannot be closed now is tried again after the next batch.
+async fn mark_replays_handled(ctx: &RouteContext, plugin: &LoadedPlugin, state: &mut RouteState) {
+    if state.handled_replays.is_empty() {
+        return;
+    }
+    match ctx.dead_letters.mark_handled(&state.handled_replays).await {
+        Ok(_) => {
+            state
+                .dead_but_unsettled
+                .retain(|_, record| !state.handled_replays.contains(record));
+            state.handled_replays.clear();
+            record_store_size(ctx).await;
+        }
+        Err(e) => tracing::warn!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            pending = state.handled_replays.len(),
+            "Handled messages' dead letters could not be marked handled yet; trying again after the next batch"
+        ),
+    }
+}
+
+/// Dead-letters the settlements the broker refused for good, then settles
+/// them as dead letters. Returns whether that worked; what did not is given
+/// back, to be handled again (and refused again) later.
+async fn dead_letter_refused(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    state: &mut RouteState,
+    subscription: &mut dyn Subscription,
+    refused: Vec<Refused>,
+    unhandled: &mut Vec<Delivery>,
+) -> bool {
+    let (letters, settlements) = refused_letters(ctx, plugin, refused);
+    let types: Vec<String> = settlements
+        .iter()
+        .map(|s| s.delivery.envelope.message_type.clone())
+        .collect();
+    let Some(written) = write_letters(ctx, plugin, letters).await else {
+        unhandled.extend(settlements.into_iter().map(|s| s.delivery));
+        return false;
+    };
+    match subscription.settle(settlements).await {
+        Ok(again) => {
+            let ok = again.is_empty();
+            unhandled.extend(again.into_iter().map(|r| r.settlement.delivery));
+            let metrics = &ctx.telemetry.metrics;
+            for t in types {
+                metrics.dead_lettered.add(
+                    1,
+                    &[
+                        KeyValue::new("plugin", plugin.name().to_string()),
+                        KeyValue::new("plugin.version", plugin.info().version.clone()),
+                        KeyValue::new("message.type", t),
+                        KeyValue::new("error.type", FailureKind::Undeliverable.as_str()),
+                    ],
+                );
+            }
+            record_store_size(ctx).await;
+            ok
+        }
+        Err(e) => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot settle dead-lettered messages; they stay queued and will be handled again"
+            );
+            // If one is handled when it comes again, its record is closed.
+            state.dead_but_unsettled.extend(written);
+            false
+        }
+    }
+}
+
+/// The dead letters of refused settlements (as `undeliverable`), and the
+/// settlements that replace them.
+fn refused_letters(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    refused: Vec<Refused>,
+) -> (Vec<DeadLetter>, Vec<Settlement>) {
+    let mut letters = Vec::with_capacity(refused.len());
+    let mut settlements = Vec::with_capacity(refused.len());
+    for Refused { settlement, reason } in refused {
+        // A refused retry's message carries the attempt that failed.
+        let mut message = match settlement.outcome {
+            Outcome::Retry { message, .. } => message,
+            _ => settlement.delivery.envelope.clone(),
+        };
+        let failure = Failure::new(FailureKind::Undeliverable, reason);
+        message
+            .history
+            .push(final_attempt(plugin, message.attempt, &failure, None));
+        let letter = dead_letter(
+            ctx,
+            plugin,
+            &message,
+            settlement.delivery.origin.as_ref(),
+            &failure,
+            None,
+        );
+        tracing::warn!(
+            plugin = %plugin.name(),
+            message.r#type = %message.message_type,
+            message.id = %message.id,
+            error.kind = %failure.kind,
+            error = %failure.message,
+            fingerprint = %letter.fingerprint,
+            "Outcome refused by the broker; dead-lettered"
+        );
+        letters.push(letter);
+        settlements.push(Settlement {
+            delivery: settlement.delivery,
+            outcome: Outcome::DeadLettered { copy: None },
+        });
+    }
+    (letters, settlements)
+}
+
+/// Updates the dead-letter store size gauge.
+pub async fn record_store_size(ctx: &RouteContext) {
+    if let Ok(counts) = ctx.dead_letters.counts().await {
+        for status in Status::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            ctx.telemetry
+                .metrics
+                .dead_letters
+                .record(n, &[KeyValue::new("status", status.as_str())]);
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! From verdicts to durable steps: what each processed message means for
+//! the dead-letter store, the broker, the logs, its span and the metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::{SpanKind, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
+
+use super::worker::{MessageAttrs, TypeAttr, and, outcome_of, type_label};
+use super::{MAX_ATTEMPT_ERROR, Processed, RouteContext, Verdict};
+use crate::dlq::{DeadLetter, ErrorInfo, Source, Status};
+use crate::envelope::{Envelope, Kind, REPLAY_TRACE_HEADER, new_id, now_ms};
+use crate::plugin::{Failure, FailureKind, LoadedPlugin, Output};
+use crate::recover;
+use crate::telemetry::{self, Telemetry};
+use crate::text::clip;
+use crate::transport::{Delivery, Outcome, Settlement};
+
+fn summarize(outputs: &[Envelope], reply: bool) -> String {
+    let mut parts: Vec<String> = outputs
+        .iter()
+        .map(|o| match o.kind {
+            Kind::Event => o.message_type.clone(),
+            Kind::Command => format!("{} (command)", o.message_type),
+        })
+        .collect();
+    if reply {
+        parts.push("reply".into());
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The dead letter of a message that failed for good. `span` is the
+/// message's last `process` span, if traced.
+pub fn dead_letter(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    message: &Envelope,
+    origin: Option<&crate::transport::Origin>,
+    failure: &Failure,
+    span: Option<&Context>,
+) -> DeadLetter {
+    let route = plugin.name().as_str();
+    let (fingerprint, cause) = recover::fingerprint(
+        route,
+        failure.kind.as_str(),
+        &failure.message,
+        failure.backtrace.as_deref(),
+    );
+    let now = now_ms();
+    let mut stored = message.clone();
+    let attempts = std::mem::take(&mut stored.history);
+    let ids = span.and_then(telemetry::ids);
+    DeadLetter {
+        id: new_id(),
+        pipeline: ctx.pipeline.clone(),
+        route: route.to_owned(),
+        plugin_version: plugin.info().version.clone(),
+        plugin_digest: plugin.digest().to_owned(),
+        first_failed_at_ms: attempts.first().map_or(now, |a| a.started_at_ms),
+        last_failed_at_ms: now,
+        message: stored,
+        error: ErrorInfo {
+            kind: failure.kind.as_str().to_owned(),
+            message: failure.message.clone(),
+            code: failure.code.clone(),
+            details: failure.details.clone(),
+            backtrace: failure.backtrace.clone(),
+            output: failure.output.clone(),
+        },
+        attempts,
+        source: match origin {
+            Some(o) => Source {
+                queue: o.topic.clone(),
+                partition: Some(o.partition),
+                offset: Some(o.offset),
+                ..ctx.source.clone()
+            },
+            None => ctx.source.clone(),
+        },
+        trace_id: ids.as_ref().map(|(t, _)| t.clone()),
+        span_id: ids.map(|(_, s)| s),
+        host: ctx.host.clone(),
+        fingerprint,
+        cause,
+        status: Status::Dead,
+        replay_count: 0,
+        replayed_at_ms: None,
+        resolved_at_ms: None,
+        note: None,
+    }
+}
+
+/// A batch turned into durable steps: dead letters to write first, then
+/// settlements (the dead-lettered ones flagged), then replays to mark. The
+/// spans end when the plan is dropped, after the batch is settled.
+pub(super) struct Plan {
+    pub(super) letters: Vec<DeadLetter>,
+    pub(super) settlements: Vec<Planned>,
+    pub(super) replays_handled: Vec<String>,
+    pub(super) spans: Vec<Context>,
+}
+
+/// One settlement, whether it is a dead letter, and the metric it moves
+/// once it is durable.
+pub(super) struct Planned {
+    pub(super) settlement: Settlement,
+    pub(super) dead: bool,
+    pub(super) metric: Metric,
+}
+
+/// A metric update applied only after its settlement succeeded, so a batch
+/// handled again after a store error is not counted twice.
+pub(super) enum Metric {
+    Handled {
+        attrs: MessageAttrs,
+        age_s: f64,
+    },
+    RetriedLater {
+        attrs: MessageAttrs,
+    },
+    DeadLettered {
+        attrs: MessageAttrs,
+        kind: FailureKind,
+    },
+}
+
+impl Metric {
+    /// Applies a settled batch's updates. Consecutive messages handled with
+    /// the same attributes are counted in one step: each step looks its
+    /// attributes up in the instrument, which costs more than the count.
+    pub(super) fn apply_all(updates: Vec<Metric>, metrics: &crate::telemetry::Metrics) {
+        let mut handled: Option<(MessageAttrs, u64)> = None;
+        for update in updates {
+            match update {
+                Metric::Handled { attrs, age_s } => {
+                    metrics.latency.record(age_s, &attrs);
+                    match &mut handled {
+                        Some((last, n)) if *last == attrs => *n += 1,
+                        _ => {
+                            if let Some((last, n)) = handled.replace((attrs, 1)) {
+                                metrics.handled.add(n, &last);
+                            }
+                        }
+                    }
+                }
+                Metric::RetriedLater { attrs } => {
+                    metrics
+                        .retried
+                        .add(1, &and(&attrs, KeyValue::new("retry", "later")));
+                }
+                Metric::DeadLettered { attrs, kind } => {
+                    metrics
+                        .dead_lettered
+                        .add(1, &and(&attrs, KeyValue::new("error.type", kind.as_str())));
+                }
+            }
+        }
+        if let Some((last, n)) = handled {
+            metrics.handled.add(n, &last);
+        }
+    }
+}
+
+/// A `send {type}` PRODUCER span for an output, its context written into
+/// the output's headers. It ends when the batch is settled.
+fn send_span(telemetry: &Telemetry, parent: &Context, output: &mut Envelope) -> Option<Context> {
+    let attributes = vec![
+        KeyValue::new("messaging.system", "switchyard"),
+        KeyValue::new("messaging.operation.type", "send"),
+        KeyValue::new("messaging.operation.name", "send"),
+        KeyValue::new("messaging.destination.name", output.message_type.clone()),
+        KeyValue::new("messaging.message.id", output.id.clone()),
+        KeyValue::new("switchyard.message.kind", output.kind.as_str()),
+    ];
+    if let Some(cx) = telemetry.start_span(
+        format!("send {}", output.message_type),
+        SpanKind::Producer,
+        parent,
+        attributes,
+        Vec::new(),
+    ) {
+        telemetry.inject(&cx, &mut output.headers);
+        return Some(cx);
+    }
+    None
+}
+
+/// Turns a processed batch into durable steps, each verdict into its
+/// settlement, dead letter, log line, span events and metric.
+pub(super) fn plan(ctx: &RouteContext, plugin: &LoadedPlugin, processed: Vec<Processed>) -> Plan {
+    let mut planner = Planner::new(ctx, plugin);
+    for p in processed {
+        planner.add(p);
+    }
+    planner.plan
+}
+
+/// What planning a batch keeps from one message to the next.
+struct Planner<'a> {
+    ctx: &'a RouteContext,
+    plugin: &'a LoadedPlugin,
+    /// `plugin` and `plugin.version`, shared by every message of the
+    /// batch: cloned, not copied.
+    plugin_kv: KeyValue,
+    version_kv: KeyValue,
+    type_attr: TypeAttr,
+    plan: Plan,
+}
+
+/// The trace and span ids of a message's span, for its log lines: none
+/// when tracing is off, and the lines then carry no trace fields at all.
+fn log_ids(span: Option<&Context>) -> (Option<String>, Option<String>) {
+    span.and_then(telemetry::ids).unzip()
+}
+
+impl<'a> Planner<'a> {
+    fn new(ctx: &'a RouteContext, plugin: &'a LoadedPlugin) -> Self {
+        let shared = |v: &str| opentelemetry::Value::String(Arc::<str>::from(v).into());
+        Planner {
+            ctx,
+            plugin,
+            plugin_kv: KeyValue::new("plugin", shared(plugin.name().as_str())),
+            version_kv: KeyValue::new("plugin.version", shared(&plugin.info().version)),
+            type_attr: TypeAttr::default(),
+            plan: Plan {
+                letters: Vec::new(),
+                settlements: Vec::new(),
+                replays_handled: Vec::new(),
+                spans: Vec::new(),
+            },
+        }
+    }
+
+    fn add(&mut self, p: Processed) {
+        let attrs = [
+            self.plugin_kv.clone(),
+            self.version_kv.clone(),
+            self.type_attr.of(type_label(&p.delivery)),
+        ];
+        match p.verdict {
+            Verdict::Handled(outputs) => self.handled(p.delivery, outputs, p.took, p.span, attrs),
+            Verdict::RetryLater(delay, f) => self.retry_later(p.delivery, delay, f, p.span, attrs),
+            Verdict::DeadLetter(f) => self.dead_letter(p.delivery, f, p.span, attrs),
+        }
+    }
+
+    /// A handled message: its outputs (each with a `send` span) and reply
+    /// are settled with it. One that sent a command nobody handles is
+    /// dead-lettered instead: a command must not vanish.
+    fn handled(
+        &mut self,
+        delivery: Delivery,
+        outputs: Vec<Output>,
+        took: Duration,
+        span: Option<Context>,
+        attrs: MessageAttrs,
+    ) {
+        let name = self.plugin.name().as_str();
+        let e = &delivery.envelope;
+        let Outcome::Handled { mut outputs, reply } = outcome_of(e, outputs) else {
+            return;
+        };
+        // Validation makes this impossible for declared outputs.
+        let lost = outputs.iter().find(|o| {
+            o.kind == Kind::Command && self.ctx.topology.destinations(&o.message_type).is_empty()
+        });
+        if let Some(lost) = lost {
+            let failure = Failure {
+                kind: FailureKind::ContractViolation,
+                message: format!(
+                    "plugin {name} sent command {}, which no plugin in this pipeline handles",
+                    lost.message_type
+                ),
+                code: None,
+                details: Vec::new(),
+                backtrace: None,
+                output: None,
+            };
+            return self.dead_letter(delivery, failure, span, attrs);
+        }
+        if let Some(cx) = &span {
+            for o in &mut outputs {
+                self.plan
+                    .spans
+                    .extend(send_span(&self.ctx.telemetry, cx, o));
+            }
+        }
+        let (trace_id, span_id) = log_ids(span.as_ref());
+        tracing::info!(
+            plugin = %name,
+            message.r#type = %e.message_type,
+            message.id = %e.id,
+            attempt = e.attempt,
+            took = ?took,
+            emitted = %summarize(&outputs, reply.is_some()),
+            trace_id = trace_id.as_deref().map(tracing::field::display),
+            span_id = span_id.as_deref().map(tracing::field::display),
+            "Handled"
+        );
+        let age_ms = now_ms().saturating_sub(e.created_at_ms);
+        if let Some(record) = DeadLetter::replay_of(e) {
+            self.plan.replays_handled.push(record.to_owned());
+        }
+        self.plan.spans.extend(span);
+        self.plan.settlements.push(Planned {
+            settlement: Settlement {
+                delivery,
+                outcome: Outcome::Handled { outputs, reply },
+            },
+            dead: false,
+            metric: Metric::Handled {
+                attrs,
+                age_s: age_ms as f64 / 1000.0,
+            },
+        });
+    }
+
+    /// A message to be tried again after `delay`: scheduled with the
+    /// settlement of its delivery.
+    fn retry_later(
+        &mut self,
+        delivery: Delivery,
+        delay: Duration,
+        f: Failure,
+        span: Option<Context>,
+        attrs: MessageAttrs,
+    ) {
+        let e = &delivery.envelope;
+        let (trace_id, span_id) = log_ids(span.as_ref());
+        tracing::warn!(
+            plugin = %self.plugin.name(),
+            message.r#type = %e.message_type,
+            message.id = %e.id,
+            attempt = e.attempt.saturating_sub(1),
+            error.kind = %f.kind,
+            error = %f.message,
+            retry_in = ?delay,
+            trace_id = trace_id.as_deref().map(tracing::field::display),
+            span_id = span_id.as_deref().map(tracing::field::display),
+            "Attempt failed; retry scheduled"
+        );
+        let mut message = e.clone();
+        if let Some(cx) = &span {
+            cx.span().add_event(
+                "retry scheduled",
+                vec![KeyValue::new(
+                    "switchyard.retry_in_ms",
+                    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                )],
+            );
+            telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
+            // A replay's first attempt opened a new trace: its retries
+            // continue that trace, not the original one.
+            if message
+                .headers
+                .iter()
+                .any(|(n, _)| n == REPLAY_TRACE_HEADER)
+            {
+                message.headers.retain(|(n, _)| n != REPLAY_TRACE_HEADER);
+                self.ctx.telemetry.inject(cx, &mut message.headers);
+            }
+        }
+        let not_before_ms =
+            now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self.plan.spans.extend(span);
+        self.plan.settlements.push(Planned {
+            settlement: Settlement {
+                delivery,
+                outcome: Outcome::Retry {
+                    message,
+                    not_before_ms,
+                },
+            },
+            dead: false,
+            metric: Metric::RetriedLater { attrs },
+        });
+    }
+
+    /// A message that failed for good: its dead letter is written before
+    /// its delivery is settled (with a broker copy, if the pipeline asks).
+    fn dead_letter(
+        &mut self,
+        delivery: Delivery,
+        f: Failure,
+        span: Option<Context>,
+        attrs: MessageAttrs,
+    ) {
+        let e = &delivery.envelope;
+        let letter = dead_letter(
+            self.ctx,
+            self.plugin,
+            e,
+            delivery.origin.as_ref(),
+            &f,
+            span.as_ref(),
+        );
+        let name = self.plugin.name();
+        let (trace_id, span_id) = log_ids(span.as_ref());
+        tracing::warn!(
+            plugin = %name,
+            message.r#type = %e.message_type,
+            message.id = %e.id,
+            attempts = letter.attempts.len(),
+            error.kind = %f.kind,
+            error = %f.message,
+            fingerprint = %letter.fingerprint,
+            trace_id = trace_id.as_deref().map(tracing::field::display),
+            span_id = span_id.as_deref().map(tracing::field::display),
+            "Dead-lettered"
+        );
+        if let Some(bt) = &f.backtrace {
+            tracing::debug!(plugin = %name, message.id = %e.id, "wasm backtrace:\n{bt}");
+        }
+        if let Some(cx) = &span {
+            cx.span().add_event(
+                "dead-lettered",
+                vec![
+                    KeyValue::new("error.type", f.kind.as_str()),
+                    KeyValue::new(
+                        "switchyard.dead_letter.fingerprint",
+                        letter.fingerprint.clone(),
+                    ),
+                ],
+            );
+            telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
+        }
+        let copy = self.ctx.broker_dead_letters.then(|| letter.broker_copy());
+        self.plan.letters.push(letter);
+        self.plan.spans.extend(span);
+        self.plan.settlements.push(Planned {
+            settlement: Settlement {
+                delivery,
+                outcome: Outcome::DeadLettered { copy },
+            },
+            dead: true,
+            metric: Metric::DeadLettered {
+                attrs,
+                kind: f.kind,
+            },
+        });
+    }
+}
