@@ -105,7 +105,8 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
 
     linker.allow_shadowing(true);
     add_poll(linker)?;
-    add_stream_waits(linker)?;
+    add_stream_reads(linker)?;
+    add_stream_writes(linker)?;
     add_stream_drops(linker)?;
     add_filesystem(linker)?;
     linker.allow_shadowing(false);
@@ -140,8 +141,8 @@ fn add_poll(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// `wasi:io/streams`: the blocking reads, writes, flushes and splices.
-fn add_stream_waits(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+/// `wasi:io/streams`: the blocking reads and skips.
+fn add_stream_reads(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     let mut i = linker.instance(IO_STREAMS)?;
     i.func_wrap(
         "[method]input-stream.blocking-read",
@@ -173,6 +174,12 @@ fn add_stream_waits(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok((lower_stream(&mut s.table, r)?,))
         },
     )?;
+    Ok(())
+}
+
+/// `wasi:io/streams`: the blocking writes, flushes and splices.
+fn add_stream_writes(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    let mut i = linker.instance(IO_STREAMS)?;
     i.func_wrap(
         "[method]output-stream.blocking-write-and-flush",
         |mut store: StoreContextMut<'_, State>,
@@ -333,7 +340,7 @@ fn open_at(
     oflags: types::OpenFlags,
     flags: types::DescriptorFlags,
 ) -> wasmtime::Result<Result<Resource<Descriptor>, types::ErrorCode>> {
-    use types::{DescriptorFlags as F, ErrorCode, OpenFlags as O, PathFlags as P};
+    use types::{DescriptorFlags as F, ErrorCode, OpenFlags as O};
 
     // Like upstream: a bad handle traps, a file is not-directory.
     let dir = match table.get(&fd)? {
@@ -341,6 +348,42 @@ fn open_at(
         Descriptor::File(_) => return Ok(Err(ErrorCode::NotDirectory)),
     };
 
+    let (mut opts, open_mode, create) = open_options(path_flags, oflags, flags);
+    if flags.intersects(F::FILE_INTEGRITY_SYNC | F::DATA_INTEGRITY_SYNC | F::REQUESTED_WRITE_SYNC) {
+        return Ok(Err(ErrorCode::Unsupported));
+    }
+    if oflags.contains(O::DIRECTORY)
+        && (oflags.contains(O::CREATE)
+            || oflags.contains(O::EXCLUSIVE)
+            || oflags.contains(O::TRUNCATE))
+    {
+        return Ok(Err(ErrorCode::Invalid));
+    }
+    if dir.perms.write_not_permitted() && (create || open_mode.contains(OpenMode::WRITE)) {
+        return Ok(Err(ErrorCode::NotPermitted));
+    }
+
+    // Never wait in open(): a FIFO without a peer would block until one
+    // appears, a syscall no deadline can cut short.
+    opts.custom_flags(OFlags::NONBLOCK.bits() as i32);
+    let file = match cap_primitives::fs::open(&dir.dir, path.as_ref(), &opts) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(ErrorCode::from(e))),
+    };
+    match descriptor(file, &dir, open_mode, oflags) {
+        Ok(d) => Ok(Ok(table.push(d)?)),
+        Err(code) => Ok(Err(code)),
+    }
+}
+
+/// The OS open options for WASI's flags, as upstream sets them, with the
+/// mode the descriptor gets and whether the open may create a file.
+fn open_options(
+    path_flags: types::PathFlags,
+    oflags: types::OpenFlags,
+    flags: types::DescriptorFlags,
+) -> (OpenOptions, OpenMode, bool) {
+    use types::{DescriptorFlags as F, OpenFlags as O, PathFlags as P};
     let mut create = false;
     let mut open_mode = OpenMode::empty();
     let mut opts = OpenOptions::new();
@@ -375,49 +418,43 @@ fn open_at(
     } else {
         FollowSymlinks::No
     });
-    if flags.intersects(F::FILE_INTEGRITY_SYNC | F::DATA_INTEGRITY_SYNC | F::REQUESTED_WRITE_SYNC) {
-        return Ok(Err(ErrorCode::Unsupported));
-    }
-    if oflags.contains(O::DIRECTORY)
-        && (oflags.contains(O::CREATE)
-            || oflags.contains(O::EXCLUSIVE)
-            || oflags.contains(O::TRUNCATE))
-    {
-        return Ok(Err(ErrorCode::Invalid));
-    }
-    if dir.perms.write_not_permitted() && (create || open_mode.contains(OpenMode::WRITE)) {
-        return Ok(Err(ErrorCode::NotPermitted));
-    }
+    (opts, open_mode, create)
+}
 
-    // Never wait in open(): a FIFO without a peer would block until one
-    // appears, a syscall no deadline can cut short.
-    opts.custom_flags(OFlags::NONBLOCK.bits() as i32);
-    let file = match cap_primitives::fs::open(&dir.dir, path.as_ref(), &opts) {
-        Ok(f) => f,
-        Err(e) => return Ok(Err(ErrorCode::from(e))),
-    };
-    let kind = match file.metadata() {
-        Ok(m) => m.file_type(),
-        Err(e) => return Ok(Err(ErrorCode::from(e))),
-    };
-    let descriptor = if kind.is_dir() {
-        Descriptor::Dir(Dir::new(file, dir.perms, open_mode, BLOCK_CURRENT_THREAD))
+/// The descriptor of what was opened: a directory or a regular file. A
+/// FIFO, socket or device is refused (reads and writes on it could wait
+/// without end; `file` is closed here).
+fn descriptor(
+    file: std::fs::File,
+    dir: &Dir,
+    open_mode: OpenMode,
+    oflags: types::OpenFlags,
+) -> Result<Descriptor, types::ErrorCode> {
+    use types::{ErrorCode, OpenFlags as O};
+    let kind = file.metadata().map_err(ErrorCode::from)?.file_type();
+    if kind.is_dir() {
+        Ok(Descriptor::Dir(Dir::new(
+            file,
+            dir.perms,
+            open_mode,
+            BLOCK_CURRENT_THREAD,
+        )))
     } else if oflags.contains(O::DIRECTORY) {
-        return Ok(Err(ErrorCode::NotDirectory));
+        Err(ErrorCode::NotDirectory)
     } else if kind.is_file() {
         // Back to ordinary blocking I/O, as wasmtime-wasi expects.
-        let cleared = rustix::fs::fcntl_getfl(&file)
-            .and_then(|fl| rustix::fs::fcntl_setfl(&file, fl.difference(OFlags::NONBLOCK)));
-        if let Err(e) = cleared {
-            return Ok(Err(ErrorCode::from(std::io::Error::from(e))));
-        }
-        Descriptor::File(File::new(file, dir.perms, open_mode, BLOCK_CURRENT_THREAD))
+        rustix::fs::fcntl_getfl(&file)
+            .and_then(|fl| rustix::fs::fcntl_setfl(&file, fl.difference(OFlags::NONBLOCK)))
+            .map_err(|e| ErrorCode::from(std::io::Error::from(e)))?;
+        Ok(Descriptor::File(File::new(
+            file,
+            dir.perms,
+            open_mode,
+            BLOCK_CURRENT_THREAD,
+        )))
     } else {
-        // FIFO, socket, character or block device: reads and writes on it
-        // could wait without end. `file` is closed here.
-        return Ok(Err(ErrorCode::NotPermitted));
-    };
-    Ok(Ok(table.push(descriptor)?))
+        Err(ErrorCode::NotPermitted)
+    }
 }
 
 /// `set-times-at`. Without `symlink-follow` upstream never opens the target
