@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::recover::{FailureKind, Then};
+use crate::recover::Then;
 
 /// Header a replayed message carries: the `trace-span` ids of its dead
 /// letter's last span, which the replay's span links to.
@@ -81,10 +81,10 @@ pub struct Attempt {
     pub number: u32,
     pub started_at_ms: u64,
     pub duration_us: u64,
-    /// The [`FailureKind`]'s name. Histories travel between hosts and
-    /// stores of different versions, so a name this host does not know
-    /// must not make a message or a record unreadable: stored as text,
-    /// read through [`Attempt::kind`].
+    /// The name of the attempt's [`crate::recover::FailureKind`]. Histories
+    /// travel between hosts and stores of different versions, so a name
+    /// this host does not know must not make a message or a record
+    /// unreadable: it is kept as text.
     pub error_kind: String,
     pub error: String,
     /// `name@version` of the plugin that made the attempt.
@@ -101,11 +101,6 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    /// How the attempt failed, if this host knows the kind.
-    pub fn kind(&self) -> Option<FailureKind> {
-        FailureKind::parse(&self.error_kind)
-    }
-
     /// What the host did next, if this host knows the name.
     pub fn then(&self) -> Option<Then> {
         Then::parse(&self.then)

@@ -105,8 +105,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
 
     linker.allow_shadowing(true);
     add_poll(linker)?;
-    add_stream_reads(linker)?;
-    add_stream_writes(linker)?;
+    add_stream_waits(linker)?;
     add_stream_drops(linker)?;
     add_filesystem(linker)?;
     linker.allow_shadowing(false);
@@ -141,107 +140,56 @@ fn add_poll(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// `wasi:io/streams`: the blocking reads and skips.
-fn add_stream_reads(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    let mut i = linker.instance(IO_STREAMS)?;
-    i.func_wrap(
-        "[method]input-stream.blocking-read",
-        |mut store: StoreContextMut<'_, State>, (stream, len): (Resource<DynInputStream>, u64)| {
-            let s = store.data_mut();
-            let r = wait(
-                s.call.deadline,
-                <ResourceTable as io_streams::HostInputStream>::blocking_read(
-                    &mut s.table,
-                    stream,
-                    len,
-                ),
-            )?;
-            Ok((lower_stream(&mut s.table, r)?,))
-        },
-    )?;
-    i.func_wrap(
-        "[method]input-stream.blocking-skip",
-        |mut store: StoreContextMut<'_, State>, (stream, len): (Resource<DynInputStream>, u64)| {
-            let s = store.data_mut();
-            let r = wait(
-                s.call.deadline,
-                <ResourceTable as io_streams::HostInputStream>::blocking_skip(
-                    &mut s.table,
-                    stream,
-                    len,
-                ),
-            )?;
-            Ok((lower_stream(&mut s.table, r)?,))
-        },
-    )?;
-    Ok(())
+/// Registers a blocking `wasi:io/streams` method whose wait ends at the
+/// call's deadline: `$method` of `$host` on the store's table, its stream
+/// result lowered as WASI's own binding would.
+macro_rules! stream_wait {
+    ($i:ident, $name:literal, $host:path, $method:ident, ($($arg:ident: $ty:ty),+)) => {
+        $i.func_wrap(
+            $name,
+            |mut store: StoreContextMut<'_, State>, ($($arg,)+): ($($ty,)+)| {
+                let s = store.data_mut();
+                let r = wait(
+                    s.call.deadline,
+                    <ResourceTable as $host>::$method(&mut s.table, $($arg),+),
+                )?;
+                Ok((lower_stream(&mut s.table, r)?,))
+            },
+        )?;
+    };
 }
 
-/// `wasi:io/streams`: the blocking writes, flushes and splices.
-fn add_stream_writes(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+/// `wasi:io/streams`: the blocking reads, skips, writes, flushes and
+/// splices.
+fn add_stream_waits(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    use io_streams::{HostInputStream as In, HostOutputStream as Out};
+    type Input = Resource<DynInputStream>;
+    type Output = Resource<DynOutputStream>;
     let mut i = linker.instance(IO_STREAMS)?;
-    i.func_wrap(
+    stream_wait!(i, "[method]input-stream.blocking-read", In, blocking_read, (stream: Input, len: u64));
+    stream_wait!(i, "[method]input-stream.blocking-skip", In, blocking_skip, (stream: Input, len: u64));
+    stream_wait!(
+        i,
         "[method]output-stream.blocking-write-and-flush",
-        |mut store: StoreContextMut<'_, State>,
-         (stream, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
-            let s = store.data_mut();
-            let r = wait(
-                s.call.deadline,
-                <ResourceTable as io_streams::HostOutputStream>::blocking_write_and_flush(
-                    &mut s.table,
-                    stream,
-                    bytes,
-                ),
-            )?;
-            Ok((lower_stream(&mut s.table, r)?,))
-        },
-    )?;
-    i.func_wrap(
+        Out,
+        blocking_write_and_flush,
+        (stream: Output, bytes: Vec<u8>)
+    );
+    stream_wait!(
+        i,
         "[method]output-stream.blocking-write-zeroes-and-flush",
-        |mut store: StoreContextMut<'_, State>, (stream, len): (Resource<DynOutputStream>, u64)| {
-            let s = store.data_mut();
-            let r = wait(
-                s.call.deadline,
-                <ResourceTable as io_streams::HostOutputStream>::blocking_write_zeroes_and_flush(
-                    &mut s.table,
-                    stream,
-                    len,
-                ),
-            )?;
-            Ok((lower_stream(&mut s.table, r)?,))
-        },
-    )?;
-    i.func_wrap(
-        "[method]output-stream.blocking-flush",
-        |mut store: StoreContextMut<'_, State>, (stream,): (Resource<DynOutputStream>,)| {
-            let s = store.data_mut();
-            let r = wait(
-                s.call.deadline,
-                <ResourceTable as io_streams::HostOutputStream>::blocking_flush(
-                    &mut s.table,
-                    stream,
-                ),
-            )?;
-            Ok((lower_stream(&mut s.table, r)?,))
-        },
-    )?;
-    i.func_wrap(
+        Out,
+        blocking_write_zeroes_and_flush,
+        (stream: Output, len: u64)
+    );
+    stream_wait!(i, "[method]output-stream.blocking-flush", Out, blocking_flush, (stream: Output));
+    stream_wait!(
+        i,
         "[method]output-stream.blocking-splice",
-        |mut store: StoreContextMut<'_, State>,
-         (dst, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
-            let s = store.data_mut();
-            let r = wait(
-                s.call.deadline,
-                <ResourceTable as io_streams::HostOutputStream>::blocking_splice(
-                    &mut s.table,
-                    dst,
-                    src,
-                    len,
-                ),
-            )?;
-            Ok((lower_stream(&mut s.table, r)?,))
-        },
-    )?;
+        Out,
+        blocking_splice,
+        (dst: Output, src: Input, len: u64)
+    );
     Ok(())
 }
 

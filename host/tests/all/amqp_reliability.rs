@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::amqp::{BROKER_IN_USE, RABBITMQ, clean_up};
 use crate::reliability::{
-    BATCH, MESSAGES, check_all_handled, enqueue_ticks, host, lines, tally, tally_pipeline,
-    wait_until,
+    BATCH, MESSAGES, check_all_handled, distinct, enqueue_ticks, host, lines, tally,
+    tally_pipeline, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,12 +55,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         "the host to reconnect and finish",
         &mut [&mut h],
         Duration::from_secs(180),
-        || {
-            let mut all = lines(&log);
-            all.sort_unstable();
-            all.dedup();
-            all.len() >= ids.len()
-        },
+        || distinct(&[&log]) >= ids.len(),
     );
     h.kill().unwrap();
     h.wait().unwrap();

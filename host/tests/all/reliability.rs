@@ -99,6 +99,15 @@ pub fn lines(log: &Path) -> Vec<String> {
         .collect()
 }
 
+/// How many different ids the logs hold together: messages handled at
+/// least once.
+pub fn distinct(logs: &[&Path]) -> usize {
+    let mut all: Vec<String> = logs.iter().flat_map(|l| lines(l)).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.len()
+}
+
 pub fn tally(dir: &Path) -> PathBuf {
     dir.join("out").join("tally.log")
 }
@@ -236,13 +245,7 @@ pub async fn second_host_takes_over(broker: &Broker) -> Pipeline {
         "the survivor to finish",
         &mut [&mut b],
         Duration::from_secs(180),
-        || {
-            let mut all = lines(&log_a);
-            all.extend(lines(&log_b));
-            all.sort_unstable();
-            all.dedup();
-            all.len() >= MESSAGES
-        },
+        || distinct(&[&log_a, &log_b]) >= MESSAGES,
     );
     b.kill().unwrap();
     b.wait().unwrap();

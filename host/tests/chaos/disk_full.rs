@@ -14,7 +14,7 @@ use switchyard::transport::Transport as _;
 
 use crate::brokers::embedded_pipeline;
 use crate::common::message;
-use crate::reliability::{check_all_handled, host, lines, tally, wait_until};
+use crate::reliability::{check_all_handled, distinct, host, lines, tally, wait_until};
 
 /// A small tmpfs, unmounted however the scenario ends.
 struct SmallDisk(PathBuf);
@@ -126,12 +126,7 @@ async fn the_embedded_store_disk_fills_up() {
         "everything accepted to be handled",
         &mut [&mut h],
         Duration::from_secs(120),
-        || {
-            let mut all = lines(&log);
-            all.sort_unstable();
-            all.dedup();
-            all.len() >= accepted.len()
-        },
+        || distinct(&[&log]) >= accepted.len(),
     );
     let caught_up = room.elapsed();
     h.kill().unwrap();

@@ -13,7 +13,7 @@ use switchyard::transport::Transport as _;
 use crate::brokers::{RABBITMQ, clean_up_amqp, embedded_pipeline};
 use crate::common::message;
 use crate::reliability::{
-    check_all_handled, enqueue_ticks, host, lines, tally, tally_pipeline, wait_until,
+    check_all_handled, distinct, enqueue_ticks, host, lines, tally, tally_pipeline, wait_until,
 };
 
 fn run(program: &str, args: &[&str]) {
@@ -91,12 +91,7 @@ async fn rabbitmq_restarted_mid_run() {
             "the host to reconnect and finish",
             &mut [&mut h],
             Duration::from_secs(300),
-            || {
-                let mut all = lines(&log);
-                all.sort_unstable();
-                all.dedup();
-                all.len() >= ids.len()
-            },
+            || distinct(&[&log]) >= ids.len(),
         );
         h.kill().unwrap();
         h.wait().unwrap();
@@ -198,10 +193,7 @@ async fn the_postgres_dead_letter_store_stopped_mid_run() {
             &mut [&mut h],
             Duration::from_secs(300),
             || {
-                let mut all = lines(&log);
-                all.sort_unstable();
-                all.dedup();
-                if all.len() < good.len() {
+                if distinct(&[&log]) < good.len() {
                     return false;
                 }
                 dead.set(futures_block(dead_letter_count(
