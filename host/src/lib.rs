@@ -41,6 +41,8 @@
 //! | [`transport`] | the [`transport::Transport`] contract; the embedded SQLite transport, RabbitMQ and Kafka; CloudEvents bindings |
 //! | `schemas` | JSON Schema contracts of payloads |
 //! | [`plugin`] | wasmtime engine, compile cache, sandbox, host imports, deadline-bounded waits, contract checks |
+//! | [`state`] | plugin state: what a call reads (store, batch, call), what it changed, the SQLite and PostgreSQL stores |
+//! | `pg` | PostgreSQL connections of the host's own stores, with TLS |
 //! | [`telemetry`] | traces (OpenTelemetry), metrics, logging |
 //! | [`limits`] | the size and shape limits of a message arriving from outside |
 //! | [`config`] | pipeline TOML → validated, I/O-free [`config::Pipeline`]; every error at once |
@@ -58,10 +60,12 @@ pub mod envelope;
 mod files;
 mod json_diff;
 pub mod limits;
+mod pg;
 pub mod plugin;
 pub mod recover;
 pub mod runtime;
 mod schemas;
+pub mod state;
 pub mod supervisor;
 pub mod telemetry;
 #[cfg(feature = "testing")]

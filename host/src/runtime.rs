@@ -278,6 +278,7 @@ pub async fn run_with(
         tracing::warn!("{warning}");
     }
     let (dead_letters, crash_guard) = open_stores(pipeline).await?;
+    let state = open_state(pipeline, &*transport, &plugins).await?;
     let versions = versions_of(pipeline, &plugins)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (control, mut exits) = Supervisor::start(
@@ -292,6 +293,7 @@ pub async fn run_with(
             fail_when_plugin_cannot_start: mode == RunMode::Drain,
             schemas: plugins.schemas.clone(),
             crash_guard: crash_guard.clone(),
+            state,
         },
     )
     .await?;
@@ -363,6 +365,33 @@ async fn open_stores(
         }
     };
     Ok((dead_letters, crash_guard))
+}
+
+/// Where plugins' state is kept: in the transport's own store when it has
+/// one (the embedded transport), otherwise in `[state]`'s store, opened
+/// only when a plugin uses state.
+async fn open_state(
+    pipeline: &Pipeline,
+    transport: &dyn Transport,
+    plugins: &Plugins,
+) -> Result<Option<crate::state::Access>> {
+    if let Some(reader) = transport.state() {
+        return Ok(Some(crate::state::Access {
+            reader,
+            store: None,
+        }));
+    }
+    if !plugins.loaded.iter().any(LoadedPlugin::uses_state) {
+        return Ok(None);
+    }
+    let store = crate::state::open(&pipeline.state, &pipeline.name)
+        .await
+        .context("cannot open the state store ([state])")?;
+    tracing::info!(store = %store.location(), "State store open");
+    Ok(Some(crate::state::Access {
+        reader: store.clone(),
+        store: Some(store),
+    }))
 }
 
 /// One version per loaded plugin, each with its retry policy.

@@ -52,7 +52,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{DeadLetterStoreConfig, EmbeddedConfig, Pipeline, TransportConfig};
+use crate::config::{EmbeddedConfig, Pipeline, StoreConfig, TransportConfig};
 use crate::dlq::DeadLetter;
 use crate::envelope::{Envelope, Kind, Reply};
 use crate::runtime::{self, RunMode, RunOptions};
@@ -473,7 +473,7 @@ fn relocate(pipeline: &mut Pipeline, dir: &Path) {
         },
     };
     pipeline.transport = TransportConfig::Embedded(embedded);
-    pipeline.dead_letters.store = DeadLetterStoreConfig::Embedded { path: store };
+    pipeline.dead_letters.store = StoreConfig::Embedded { path: store };
     pipeline.dead_letters.broker = false;
     pipeline.state_dir = dir.join("state");
     pipeline.admin = None;
@@ -706,7 +706,7 @@ impl Subscription for TapSubscription {
                 let route = self.route.clone();
                 let message = s.delivery.envelope.clone();
                 let settled = match &s.outcome {
-                    Outcome::Handled { outputs, reply } => Settled::Handled {
+                    Outcome::Handled { outputs, reply, .. } => Settled::Handled {
                         route,
                         message,
                         outputs: outputs.clone(),

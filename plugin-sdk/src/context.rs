@@ -1,6 +1,7 @@
 //! What a handler can do while it handles a message.
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::{HandlerError, JSON, Outgoing, Response};
 
@@ -28,6 +29,11 @@ pub(crate) trait Outbox {
     fn log(&mut self, level: LogLevel, text: &str);
     fn span_attribute(&mut self, key: &str, value: &str);
     fn span_event(&mut self, name: &str, attributes: &[(String, String)]);
+    fn state_get(&mut self, key: &str) -> Option<Vec<u8>>;
+    fn state_set(&mut self, key: &str, value: Vec<u8>);
+    fn state_delete(&mut self, key: &str);
+    fn state_keys(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<String>;
+    fn state_increment(&mut self, key: &str, delta: i64) -> i64;
 }
 
 /// The handler's view of the host while one message is being handled.
@@ -120,6 +126,14 @@ impl<'a> Context<'a> {
         self.outbox.span_attribute(key, value);
     }
 
+    /// The plugin's own key-value state. What the handler writes here is
+    /// kept only if it returns `Ok`, together with its outputs.
+    pub fn state(&mut self) -> State<'_> {
+        State {
+            outbox: &mut *self.outbox,
+        }
+    }
+
     /// Records an event with attributes on the trace span of this message.
     pub fn add_span_event(&mut self, name: &str, attributes: &[(&str, &str)]) {
         let attributes: Vec<(String, String)> = attributes
@@ -127,5 +141,78 @@ impl<'a> Context<'a> {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         self.outbox.span_event(name, &attributes);
+    }
+}
+
+/// The plugin's key-value state, from [`Context::state`].
+///
+/// Reads see everything written before, including this handler's own
+/// writes; writes are committed with the message's outcome, once, and
+/// dropped if the handler fails. Values are JSON unless written with
+/// [`State::set_bytes`]. Counters kept with [`State::increment`] read back
+/// as integers.
+pub struct State<'a> {
+    outbox: &'a mut dyn Outbox,
+}
+
+impl State<'_> {
+    /// The value under `key`, parsed from JSON; `None` if there is none.
+    /// A value that does not parse as `T` is a permanent error.
+    pub fn get<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, HandlerError> {
+        match self.outbox.state_get(key) {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                HandlerError::permanent(format!(
+                    "state key {key:?} does not hold the expected JSON: {e}"
+                ))
+            }),
+        }
+    }
+
+    /// Stores `value` as JSON under `key`.
+    pub fn set<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), HandlerError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            HandlerError::permanent(format!("cannot serialize state key {key:?} as JSON: {e}"))
+        })?;
+        self.outbox.state_set(key, bytes);
+        Ok(())
+    }
+
+    /// The raw bytes under `key`.
+    pub fn get_bytes(&mut self, key: &str) -> Option<Vec<u8>> {
+        self.outbox.state_get(key)
+    }
+
+    /// Stores raw bytes under `key`.
+    pub fn set_bytes(&mut self, key: &str, value: Vec<u8>) {
+        self.outbox.state_set(key, value);
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: &str) {
+        self.outbox.state_delete(key);
+    }
+
+    /// Every key that starts with `prefix`, in byte order (fetched a page
+    /// at a time).
+    pub fn keys(&mut self, prefix: &str) -> Vec<String> {
+        const PAGE: u32 = 500;
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let page = self
+                .outbox
+                .state_keys(prefix, keys.last().map(String::as_str), PAGE);
+            let done = page.len() < PAGE as usize;
+            keys.extend(page);
+            if done {
+                return keys;
+            }
+        }
+    }
+
+    /// Adds `delta` to the integer under `key` (0 if there is none) and
+    /// returns the new value.
+    pub fn increment(&mut self, key: &str, delta: i64) -> i64 {
+        self.outbox.state_increment(key, delta)
     }
 }

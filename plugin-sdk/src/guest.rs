@@ -13,7 +13,7 @@ pub mod bindings {
     });
 }
 
-use bindings::switchyard::plugin::{host, types as wit};
+use bindings::switchyard::plugin::{host, state, types as wit};
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +68,26 @@ impl Outbox for HostImports {
 
     fn span_event(&mut self, name: &str, attributes: &[(String, String)]) {
         host::span_event(name, attributes);
+    }
+
+    fn state_get(&mut self, key: &str) -> Option<Vec<u8>> {
+        state::get(key)
+    }
+
+    fn state_set(&mut self, key: &str, value: Vec<u8>) {
+        state::set(key, &value);
+    }
+
+    fn state_delete(&mut self, key: &str) {
+        state::delete(key);
+    }
+
+    fn state_keys(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<String> {
+        state::list_keys(prefix, after, limit)
+    }
+
+    fn state_increment(&mut self, key: &str, delta: i64) -> i64 {
+        state::increment(key, delta)
     }
 }
 

@@ -7,6 +7,10 @@
 //! The host's resource limits (memory, CPU deadline, output counts) are not
 //! simulated: they depend on the pipeline.
 //!
+//! The plugin's state lives in the `TestHost` across messages, as it would
+//! in the host: set it before with [`TestHost::with_state`], read it after
+//! with [`TestHost::state`]. A failed message leaves it as it was.
+//!
 //! ```
 //! # use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
 //! # struct Echo;
@@ -26,9 +30,12 @@
 //! assert!(outcome.handler_error().is_some_and(|e| !e.is_transient()));
 //! ```
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::Outbox;
@@ -40,6 +47,8 @@ use crate::{
 pub struct TestHost<P> {
     info: PluginInfo,
     plugin: PhantomData<P>,
+    /// The plugin's committed state.
+    state: RefCell<BTreeMap<String, Vec<u8>>>,
 }
 
 impl<P: Plugin> Default for TestHost<P> {
@@ -54,7 +63,39 @@ impl<P: Plugin> TestHost<P> {
         TestHost {
             info: P::describe(),
             plugin: PhantomData,
+            state: RefCell::default(),
         }
+    }
+
+    /// Sets a state key (as JSON) before the next message.
+    ///
+    /// Panics if `value` cannot be serialized: that is the test's mistake.
+    #[track_caller]
+    pub fn with_state<T: Serialize + ?Sized>(self, key: &str, value: &T) -> Self {
+        let bytes = match serde_json::to_vec(value) {
+            Ok(b) => b,
+            Err(e) => panic!("cannot serialize state {key:?}: {e}"),
+        };
+        self.state.borrow_mut().insert(key.to_owned(), bytes);
+        self
+    }
+
+    /// A state key, parsed from JSON; `None` if it is not set.
+    ///
+    /// Panics if the value is not the expected JSON.
+    #[track_caller]
+    pub fn state<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let state = self.state.borrow();
+        let bytes = state.get(key)?;
+        match serde_json::from_slice(bytes) {
+            Ok(v) => Some(v),
+            Err(e) => panic!("state {key:?} is not the expected JSON: {e}"),
+        }
+    }
+
+    /// Every state key and its raw value.
+    pub fn state_bytes(&self) -> BTreeMap<String, Vec<u8>> {
+        self.state.borrow().clone()
     }
 
     /// What the plugin declared.
@@ -64,12 +105,17 @@ impl<P: Plugin> TestHost<P> {
 
     /// Feeds one message to the handler.
     pub fn handle(&self, message: Message) -> Outcome {
+        // A copy: the handler may be given the host's state again (nested
+        // tests), and this one is replaced only on success.
+        let committed = self.state.borrow().clone();
         let mut recorder = Recorder {
             info: &self.info,
             kind: message.kind,
             message_type: message.message_type.clone(),
             outcome: Outcome::default(),
             violation: None,
+            state: &committed,
+            writes: BTreeMap::new(),
         };
         let declared = self.info.handled_kind(&message.message_type);
         let result = if declared != Some(message.kind) {
@@ -87,7 +133,18 @@ impl<P: Plugin> TestHost<P> {
                 (None, Err(e)) => Err(Failure::Handler(e)),
             }
         };
+        let writes = std::mem::take(&mut recorder.writes);
         let mut outcome = recorder.outcome;
+        if result.is_ok() {
+            let mut state = self.state.borrow_mut();
+            for (k, v) in &writes {
+                match v {
+                    Some(v) => state.insert(k.clone(), v.clone()),
+                    None => state.remove(k),
+                };
+            }
+            outcome.state_writes = writes;
+        }
         if result.is_err() {
             // Outbox semantics: a failed attempt publishes nothing.
             outcome.published.clear();
@@ -136,6 +193,8 @@ pub struct Outcome {
     pub span_attributes: Vec<(String, String)>,
     /// Events recorded on the message's trace span: name and attributes.
     pub span_events: Vec<(String, Vec<(String, String)>)>,
+    /// State keys written (`None`: deleted), kept only on success.
+    pub state_writes: BTreeMap<String, Option<Vec<u8>>>,
 }
 
 impl Default for Outcome {
@@ -148,6 +207,7 @@ impl Default for Outcome {
             logs: Vec::new(),
             span_attributes: Vec::new(),
             span_events: Vec::new(),
+            state_writes: BTreeMap::new(),
         }
     }
 }
@@ -211,6 +271,10 @@ struct Recorder<'a> {
     outcome: Outcome,
     /// The first contract violation; later ones are usually consequences.
     violation: Option<String>,
+    /// The state before this message.
+    state: &'a BTreeMap<String, Vec<u8>>,
+    /// What this message wrote.
+    writes: BTreeMap<String, Option<Vec<u8>>>,
 }
 
 impl Recorder<'_> {
@@ -283,5 +347,54 @@ impl Outbox for Recorder<'_> {
         self.outcome
             .span_events
             .push((name.to_owned(), attributes.to_vec()));
+    }
+
+    fn state_get(&mut self, key: &str) -> Option<Vec<u8>> {
+        match self.writes.get(key) {
+            Some(v) => v.clone(),
+            None => self.state.get(key).cloned(),
+        }
+    }
+
+    fn state_set(&mut self, key: &str, value: Vec<u8>) {
+        self.writes.insert(key.to_owned(), Some(value));
+    }
+
+    fn state_delete(&mut self, key: &str) {
+        self.writes.insert(key.to_owned(), None);
+    }
+
+    fn state_keys(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<String> {
+        let mut keys: std::collections::BTreeSet<&String> = self.state.keys().collect();
+        for (k, v) in &self.writes {
+            if v.is_some() {
+                keys.insert(k);
+            } else {
+                keys.remove(k);
+            }
+        }
+        keys.into_iter()
+            .filter(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+            .take(limit as usize)
+            .cloned()
+            .collect()
+    }
+
+    fn state_increment(&mut self, key: &str, delta: i64) -> i64 {
+        let current = match self.state_get(key) {
+            None => Some(0),
+            Some(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok()),
+        };
+        let Some(next) = current.and_then(|c| c.checked_add(delta)) else {
+            self.violate(format!(
+                "plugin {} incremented state key {key}, whose value is not an integer or would overflow",
+                self.info.name
+            ));
+            return 0;
+        };
+        self.state_set(key, next.to_string().into_bytes());
+        next
     }
 }

@@ -9,7 +9,7 @@
 // `flaky` (a transient failure: the host retries); a payload that is not the
 // expected JSON is refused for good (a permanent failure: dead-lettered).
 
-import { log, publish, send, spanAttribute } from "switchyard:plugin/host@0.2.0";
+import { log, publish, send, spanAttribute } from "switchyard:plugin/host@0.2.1";
 
 // Orders of this many cents or more are held for a person to look at.
 const REVIEW_FROM_CENTS = 100000;

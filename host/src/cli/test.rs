@@ -7,6 +7,10 @@
 //! outputs not listed fail the case. A payload is compared whole (`exact`,
 //! the default) or as a JSON subset (`subset`: every field given must be
 //! there with that value; others may be too).
+//!
+//! A case may give the plugin's state before it runs (`[case.state]`, each
+//! key's value as JSON) and the whole state it must leave behind
+//! (`[case.expect.state]`): keys not listed must not be there.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -37,6 +41,9 @@ struct Case {
     /// How the host behaves towards the plugin in this case.
     #[serde(default)]
     host: HostBehaviour,
+    /// The plugin's state before the case: key → JSON value.
+    #[serde(default)]
+    state: std::collections::BTreeMap<String, Value>,
 }
 
 /// `[case.host]`: host behaviour a case simulates.
@@ -88,6 +95,8 @@ impl HostBehaviour {
 struct Input {
     #[serde(rename = "type")]
     message_type: String,
+    /// The message id; a new UUID by default.
+    id: Option<String>,
     /// `command` or `event`; by default what the plugin declares for the type.
     kind: Option<String>,
     /// A JSON payload, written as TOML.
@@ -120,6 +129,8 @@ struct Expect {
     error_contains: Option<String>,
     /// The failure's code.
     error_code: Option<String>,
+    /// The plugin's whole state after the case: key → JSON value.
+    state: Option<std::collections::BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,11 +273,72 @@ fn run_case(
         Ok(i) => i,
         Err(e) => return Some(format!("the plugin cannot start: {e:#}")),
     };
+    let store = std::sync::Arc::new(crate::state::Memory::default());
+    let name = plugin.name().as_str();
+    for (key, value) in &case.state {
+        store.put(name, key, value.to_string().into_bytes());
+    }
+    instance.set_state(crate::state::Scope::new(name, store.clone()));
     // Outputs are checked against the pipeline's contracts, as the host does.
     let result = instance
         .handle(&mut message)
         .and_then(|outputs| crate::schemas::check_outputs(schemas, outputs));
-    let expect = &case.expect;
+    if let Ok(outputs) = &result {
+        for o in outputs {
+            if let Output::State(changes) = o {
+                store.apply(name, changes);
+            }
+        }
+    }
+    let outcome = check_result(&case.expect, result);
+    let state = case
+        .expect
+        .state
+        .as_ref()
+        .and_then(|want| check_state(want, &store.all(name)));
+    match (outcome, state) {
+        (None, None) => None,
+        (Some(a), None) | (None, Some(a)) => Some(a),
+        (Some(a), Some(b)) => Some(format!("{a}\n{b}")),
+    }
+}
+
+/// Compares the state a case left with the state it expects, whole.
+fn check_state(
+    want: &std::collections::BTreeMap<String, Value>,
+    got: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Option<String> {
+    let mut why = Vec::new();
+    for (key, value) in want {
+        match got.get(key) {
+            None => why.push(format!(
+                "state {key:?}: expected {value}, but it is not set"
+            )),
+            Some(bytes) => match serde_json::from_slice::<Value>(bytes) {
+                Ok(actual) if &actual == value => {}
+                _ => why.push(format!(
+                    "state {key:?}: expected {value}, got {}",
+                    show_state(bytes)
+                )),
+            },
+        }
+    }
+    for (key, bytes) in got {
+        if !want.contains_key(key) {
+            why.push(format!(
+                "state {key:?}: not expected, but set to {}",
+                show_state(bytes)
+            ));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("\n"))
+}
+
+/// Compares a call's result with what a case expects of it.
+fn check_result(
+    expect: &Expect,
+    result: Result<Vec<Output>, crate::plugin::Failure>,
+) -> Option<String> {
     match (result, &expect.error) {
         (Ok(outputs), None) => check_outputs(expect, &outputs),
         (Ok(outputs), Some(kind)) => Some(format!(
@@ -345,6 +417,9 @@ fn input_message(plugin: &LoadedPlugin, input: &Input) -> Result<Envelope> {
     if let Some(a) = input.attempt {
         m.attempt = a.max(1);
     }
+    if let Some(id) = &input.id {
+        m.id.clone_from(id);
+    }
     m.correlation_id = input.correlation_id.clone();
     m.reply_to = input.reply_to.clone();
     Ok(m)
@@ -360,6 +435,7 @@ fn describe_outputs(outputs: &[Output]) -> String {
             Output::Event(o) => format!("event {}", o.message_type),
             Output::Command(o) => format!("command {}", o.message_type),
             Output::Reply(_) => "a reply".into(),
+            Output::State(c) => format!("{} state writes", c.writes.len()),
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -374,6 +450,8 @@ fn check_outputs(expect: &Expect, outputs: &[Output]) -> Option<String> {
             Output::Event(e) => published.push((Some(e.message_type.as_str()), &e.payload)),
             Output::Command(c) => sent.push((Some(c.message_type.as_str()), &c.payload)),
             Output::Reply(r) => reply = Some((None, &r.payload)),
+            // Compared with `expect.state` after the call.
+            Output::State(_) => {}
         }
     }
     let mut why = Vec::new();
@@ -483,6 +561,14 @@ fn compare_one(
             let _ = write!(text, "\n  ... and {} more", diffs.len() - 20);
         }
         why.push(text);
+    }
+}
+
+/// A state value: its JSON when it is JSON, like the case writes it.
+fn show_state(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => crate::text::clip(&v.to_string(), 400),
+        Err(_) => show_payload(bytes),
     }
 }
 

@@ -33,9 +33,9 @@ pub use model::{
     AmqpConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_AMQP_URL, DEFAULT_BATCH_SIZE, DEFAULT_CONTENT_TYPE,
     DEFAULT_CRASH_LOOP_LIMIT, DEFAULT_KAFKA_SERVERS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_OUTPUTS,
     DEFAULT_MAX_REPLAYS, DEFAULT_MEMORY, DEFAULT_POLL_INTERVAL, DEFAULT_RECYCLE_AFTER,
-    DEFAULT_TIMEOUT, DEFAULT_WATCH_INTERVAL, DeadLetterConfig, DeadLetterStoreConfig, DirGrant,
-    EmbeddedConfig, Grants, KAFKA_RESERVED_PROPERTIES, KafkaConfig, Limits, MAX_HISTORY, Pipeline,
-    PluginSpec, TelemetryConfig, TraceExport, TransportConfig, UrlSource,
+    DEFAULT_TIMEOUT, DEFAULT_WATCH_INTERVAL, DeadLetterConfig, DirGrant, EmbeddedConfig, Grants,
+    KAFKA_RESERVED_PROPERTIES, KafkaConfig, Limits, MAX_HISTORY, Pipeline, PluginSpec, StateConfig,
+    StoreConfig, TelemetryConfig, TraceExport, TransportConfig, UrlSource,
 };
 pub use names::{MessageType, PluginName, format_size, parse_duration, parse_size};
 pub use parse::parse;

@@ -53,6 +53,7 @@ pub struct Pipeline {
     /// directory.
     pub cache_dir: Option<PathBuf>,
     pub dead_letters: DeadLetterConfig,
+    pub state: StateConfig,
     pub telemetry: TelemetryConfig,
     /// Where the admin HTTP listener (`/metrics`, `/healthz`) binds; `None`
     /// when turned off.
@@ -151,7 +152,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 /// Where failed messages go and how often they may be replayed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetterConfig {
-    pub store: DeadLetterStoreConfig,
+    pub store: StoreConfig,
     /// The loop guard: a record replayed this many times is not replayed
     /// again without `--force`.
     pub max_replays: u32,
@@ -161,13 +162,27 @@ pub struct DeadLetterConfig {
     pub broker: bool,
 }
 
-/// The dead-letter store.
+/// Default of `max_state_value`: the largest value a plugin may store.
+pub const DEFAULT_MAX_STATE_VALUE: u64 = 1 << 20;
+/// Default of `max_state_keys`: state keys one call may write.
+pub const DEFAULT_MAX_STATE_KEYS: u64 = 1000;
+
+/// A store of the host's own: the dead-letter store, the state store.
 #[derive(Clone, Debug, PartialEq)]
-pub enum DeadLetterStoreConfig {
+pub enum StoreConfig {
     /// A SQLite file (by default the embedded transport's own store).
     Embedded { path: PathBuf },
     /// A PostgreSQL database shared by several hosts.
     Postgres { url: UrlSource, schema: String },
+}
+
+/// `[state]`: where plugins' state is kept. On the embedded transport it is
+/// always the transport's own file (its settle transaction writes it); on
+/// a broker, a SQLite file of its own by default, or PostgreSQL for hosts
+/// that share work.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateConfig {
+    pub store: StoreConfig,
 }
 
 /// Where a connection URL comes from: written in the file, or read from an
@@ -177,6 +192,19 @@ pub enum DeadLetterStoreConfig {
 pub enum UrlSource {
     Literal(String),
     Env(String),
+}
+
+impl UrlSource {
+    /// The URL, read from its variable if it lives in one; `what` names the
+    /// store in the error.
+    pub fn resolve(&self, what: &str) -> anyhow::Result<String> {
+        match self {
+            UrlSource::Literal(u) => Ok(u.clone()),
+            UrlSource::Env(name) => std::env::var(name).map_err(|_| {
+                anyhow::anyhow!("the {what} URL is read from ${name}, which is not set")
+            }),
+        }
+    }
 }
 
 /// Replays of one record before the loop guard stops it.
@@ -310,6 +338,10 @@ pub struct Limits {
     pub recycle_after: u64,
     /// Messages one `handle` call may emit.
     pub max_outputs: u64,
+    /// The largest value a plugin may store in its state, in bytes.
+    pub max_state_value: u64,
+    /// State keys one `handle` call may write.
+    pub max_state_keys: u64,
 }
 
 impl Default for Limits {
@@ -319,6 +351,8 @@ impl Default for Limits {
             timeout: DEFAULT_TIMEOUT,
             recycle_after: DEFAULT_RECYCLE_AFTER,
             max_outputs: DEFAULT_MAX_OUTPUTS,
+            max_state_value: DEFAULT_MAX_STATE_VALUE,
+            max_state_keys: DEFAULT_MAX_STATE_KEYS,
         }
     }
 }

@@ -54,6 +54,22 @@ pub(super) async fn commit(
                 .cloned()
         })
         .collect();
+    if let Err(e) = commit_state(ctx, plugin, &to_settle).await {
+        tracing::error!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Cannot commit the state a batch wrote; its messages go back and will be handled again"
+        );
+        state.dead_but_unsettled.extend(written);
+        for cx in &spans {
+            telemetry::set_error(
+                cx,
+                "the batch's state could not be committed; it will be handled again",
+            );
+        }
+        unhandled.extend(to_settle.into_iter().map(|s| s.delivery));
+        return false;
+    }
     let receipts: Vec<u64> = to_settle.iter().map(|s| s.delivery.receipt).collect();
     let refused = match subscription.settle(to_settle).await {
         Ok(refused) => refused,
@@ -285,4 +301,30 @@ pub async fn record_store_size(ctx: &RouteContext) {
                 .record(n, &[KeyValue::new("status", status.as_str())]);
         }
     }
+}
+
+/// On a broker, commits the state the batch's handled messages wrote to
+/// the state store, in one transaction, before the broker hears of them.
+/// (The embedded transport commits it in its settle transaction instead.)
+async fn commit_state(
+    ctx: &RouteContext,
+    plugin: &LoadedPlugin,
+    settlements: &[Settlement],
+) -> anyhow::Result<()> {
+    let Some(store) = ctx.state.as_ref().and_then(|a| a.store.as_ref()) else {
+        return Ok(());
+    };
+    let changes: Vec<(String, crate::state::Changes)> = settlements
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Outcome::Handled { state, .. } if !state.is_empty() => {
+                Some((plugin.name().to_string(), state.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    store.commit(changes).await
 }

@@ -72,6 +72,9 @@ pub struct RouteContext {
     /// What this host remembers of crashes (`None`: no guard, as in tests
     /// that drive a route by hand).
     pub crash_guard: Option<Arc<crate::crash_loop::CrashGuard>>,
+    /// Plugin state: where calls read it and, on a broker, the store the
+    /// route commits it to before settling (`None`: no state kept).
+    pub state: Option<crate::state::Access>,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -451,11 +454,15 @@ impl Route {
 
 /// A worker for a version of the route's plugin.
 fn worker_for(ctx: &RouteContext, version: &Version) -> Worker {
-    Worker::new(version.plugin.clone(), version.policy.clone())
+    let worker = Worker::new(version.plugin.clone(), version.policy.clone())
         .with_telemetry(ctx.telemetry.clone())
         .with_schemas(ctx.schemas.clone())
         .with_max_message_size(ctx.max_message_size)
-        .with_instance(version.take_instance())
+        .with_instance(version.take_instance());
+    match &ctx.state {
+        Some(access) => worker.with_state(access.reader.clone()),
+        None => worker,
+    }
 }
 
 /// Splits a batch by what earlier crashes say of its messages: the part to

@@ -263,7 +263,12 @@ impl<'a> Planner<'a> {
     ) {
         let name = self.plugin.name().as_str();
         let e = &delivery.envelope;
-        let Outcome::Handled { mut outputs, reply } = outcome_of(e, outputs) else {
+        let Outcome::Handled {
+            mut outputs,
+            reply,
+            state,
+        } = outcome_of(e, outputs)
+        else {
             return;
         };
         // Validation makes this impossible for declared outputs.
@@ -311,7 +316,11 @@ impl<'a> Planner<'a> {
         self.plan.settlements.push(Planned {
             settlement: Settlement {
                 delivery,
-                outcome: Outcome::Handled { outputs, reply },
+                outcome: Outcome::Handled {
+                    outputs,
+                    reply,
+                    state,
+                },
             },
             dead: false,
             metric: Metric::Handled {

@@ -23,6 +23,8 @@ pub struct Worker {
     plugin: LoadedPlugin,
     policy: RetryPolicy,
     instance: Option<Instance>,
+    /// Where the plugin's calls read their state; `None`: no state store.
+    state: Option<Arc<crate::state::Scope>>,
     telemetry: Telemetry,
     schemas: Arc<crate::schemas::Schemas>,
     /// `plugin` and `plugin.version`, attached to every message metric.
@@ -145,6 +147,8 @@ fn check_output_sizes(
             Output::Event(o) => (o.message_type.as_str(), o.payload.len()),
             Output::Command(o) => (o.message_type.as_str(), o.payload.len()),
             Output::Reply(r) => ("its reply", r.payload.len()),
+            // Checked against `max_state_value` as it was written.
+            Output::State(_) => return None,
         };
         (len as u64 > max).then(|| (what.to_owned(), len))
     });
@@ -170,6 +174,7 @@ fn output_bytes(outputs: &[Output]) -> usize {
         .map(|o| match o {
             Output::Event(o) | Output::Command(o) => o.payload.len(),
             Output::Reply(r) => r.payload.len(),
+            Output::State(c) => c.size(),
         })
         .sum()
 }
@@ -216,6 +221,7 @@ impl Worker {
             plugin,
             policy,
             instance: None,
+            state: None,
             telemetry: Telemetry::off(),
             schemas: Arc::default(),
             max_message_size: crate::limits::DEFAULT_MAX_MESSAGE_SIZE,
@@ -230,8 +236,23 @@ impl Worker {
 
     /// Starts with an instance made in advance (by a hot swap).
     pub fn with_instance(mut self, instance: Option<Instance>) -> Self {
-        if instance.is_some() {
-            self.instance = instance;
+        if let Some(mut instance) = instance {
+            if let Some(scope) = &self.state {
+                instance.set_state(scope.clone());
+            }
+            self.instance = Some(instance);
+        }
+        self
+    }
+
+    /// Gives the plugin's calls its state, read through `reader`.
+    pub fn with_state(mut self, reader: Arc<dyn crate::state::Reader>) -> Self {
+        self.state = Some(crate::state::Scope::new(
+            self.plugin.name().as_str(),
+            reader,
+        ));
+        if let (Some(instance), Some(scope)) = (&mut self.instance, &self.state) {
+            instance.set_state(scope.clone());
         }
         self
     }
@@ -324,7 +345,11 @@ impl Worker {
     /// A warm instance, created if there is none (or the last one is spent).
     fn ensure_instance(&mut self) -> Result<&mut Instance> {
         if self.instance.as_ref().is_none_or(Instance::is_spent) {
-            self.instance = Some(self.plugin.instantiate()?);
+            let mut instance = self.plugin.instantiate()?;
+            if let Some(scope) = &self.state {
+                instance.set_state(scope.clone());
+            }
+            self.instance = Some(instance);
         }
         self.instance
             .as_mut()
@@ -398,7 +423,15 @@ impl Worker {
                 .handler_duration
                 .record(started.at.elapsed().as_secs_f64(), &attrs);
             let failure = match result {
-                Ok(outputs) => return Ok(Verdict::Handled(outputs)),
+                Ok(outputs) => {
+                    // The rest of the batch reads what this message wrote.
+                    if let (Some(scope), Some(Output::State(changes))) =
+                        (&self.state, outputs.last())
+                    {
+                        scope.handled(changes);
+                    }
+                    return Ok(Verdict::Handled(outputs));
+                }
                 Err(f) => f,
             };
             let decision = self
@@ -503,6 +536,9 @@ impl Worker {
     pub fn handle_batch(&mut self, batch: Vec<Delivery>, stop: &AtomicBool) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         let mut bytes = 0usize;
+        if let Some(scope) = &self.state {
+            scope.begin_batch();
+        }
         let mut rest = batch.into_iter();
         for mut delivery in rest.by_ref() {
             if stop.load(Ordering::Relaxed) || bytes >= BATCH_OUTPUT_BUDGET {
@@ -544,11 +580,16 @@ impl Worker {
 pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
     let mut envelopes = Vec::new();
     let mut reply = None;
+    let mut state = crate::state::Changes::default();
     let now = now_ms();
     for output in outputs {
         let (kind, o) = match output {
             Output::Event(o) => (Kind::Event, o),
             Output::Command(o) => (Kind::Command, o),
+            Output::State(c) => {
+                state = c;
+                continue;
+            }
             Output::Reply(r) => {
                 match &input.reply_to {
                     Some(address) => {
@@ -589,5 +630,6 @@ pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
     Outcome::Handled {
         outputs: envelopes,
         reply,
+        state,
     }
 }

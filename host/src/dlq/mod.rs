@@ -14,7 +14,6 @@ mod query;
 pub mod replay;
 mod row;
 pub mod sqlite;
-pub mod tls;
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DeadLetterConfig, DeadLetterStoreConfig, UrlSource};
+use crate::config::{DeadLetterConfig, StoreConfig, UrlSource};
 use crate::envelope::{Attempt, Envelope};
 
 /// Header a replayed message carries: the id of its dead-letter record.
@@ -317,18 +316,9 @@ pub trait DeadLetterStore: Send + Sync {
 /// Opens the dead-letter store a pipeline names.
 pub async fn open(config: &DeadLetterConfig, pipeline: &str) -> Result<Arc<dyn DeadLetterStore>> {
     match &config.store {
-        DeadLetterStoreConfig::Embedded { path } => {
-            Ok(Arc::new(sqlite::SqliteStore::open(path, pipeline)?))
-        }
-        DeadLetterStoreConfig::Postgres { url, schema } => {
-            let url = match url {
-                UrlSource::Literal(u) => u.clone(),
-                UrlSource::Env(name) => std::env::var(name).map_err(|_| {
-                    anyhow::anyhow!(
-                        "the dead-letter store URL is read from ${name}, which is not set"
-                    )
-                })?,
-            };
+        StoreConfig::Embedded { path } => Ok(Arc::new(sqlite::SqliteStore::open(path, pipeline)?)),
+        StoreConfig::Postgres { url, schema } => {
+            let url = url.resolve("dead-letter store")?;
             Ok(Arc::new(
                 postgres::PostgresStore::connect(&url, schema, pipeline).await?,
             ))
@@ -339,8 +329,8 @@ pub async fn open(config: &DeadLetterConfig, pipeline: &str) -> Result<Arc<dyn D
 /// A describable name of the store for messages, without secrets.
 pub fn describe(config: &DeadLetterConfig) -> String {
     match &config.store {
-        DeadLetterStoreConfig::Embedded { path } => format!("embedded store {}", path.display()),
-        DeadLetterStoreConfig::Postgres { url, schema } => match url {
+        StoreConfig::Embedded { path } => format!("embedded store {}", path.display()),
+        StoreConfig::Postgres { url, schema } => match url {
             UrlSource::Literal(u) => {
                 format!("PostgreSQL {} (schema {schema})", crate::config::redact(u))
             }

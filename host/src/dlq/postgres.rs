@@ -3,25 +3,20 @@
 //! drops; migrations run under an advisory lock so hosts starting together
 //! do not race.
 
-use std::time::Duration;
-
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use async_trait::async_trait;
 use bytes::BytesMut;
 use tokio::sync::Mutex;
 use tokio_postgres::types::{IsNull, ToSql, Type};
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
 
 use super::query::{
     claim_sql, groups_query, id_prefix_pattern, list_query, only_match, read_group,
 };
 use super::row::{self, StoredRow, Value};
-use super::tls::{self, TlsMode};
 use super::{DeadLetter, DeadLetterStore, Filter, Group, Status, to_i64};
 use crate::envelope::now_ms;
-
-/// How long to wait for the server before giving up on a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::pg::connect;
 
 /// Each entry upgrades the schema by one version; `{schema}` is replaced.
 const MIGRATIONS: [&str; 3] = ["
@@ -152,55 +147,11 @@ impl StoredRow for Row {
     }
 }
 
-/// Connects with the TLS the connection string's `sslmode` asks for (see
-/// [`super::tls`]). `prefer` falls back to a plain connection when the TLS
-/// one fails, as libpq does.
-async fn connect(url: &str) -> Result<Client> {
-    let target = tls::target(url)?;
-    if target.tls == TlsMode::Disable {
-        return open(target.config.connect(NoTls)).await;
-    }
-    let config = tls::client_config(target.tls, target.roots.as_ref())?;
-    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
-    match open(target.config.connect(connector)).await {
-        Err(e) if target.tls == TlsMode::Prefer => {
-            let mut plain = target.config.clone();
-            plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            open(plain.connect(NoTls))
-                .await
-                .map_err(|plain_error| anyhow!("{e:#}; without TLS: {plain_error:#}"))
-        }
-        other => other,
-    }
-}
-
-/// Waits for a connection within [`CONNECT_TIMEOUT`] and drives it in the
-/// background.
-async fn open<S, T>(
-    connecting: impl Future<
-        Output = Result<(Client, tokio_postgres::Connection<S, T>), tokio_postgres::Error>,
-    >,
-) -> Result<Client>
-where
-    tokio_postgres::Connection<S, T>:
-        Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
-{
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| anyhow!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))??;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "Dead-letter store connection closed");
-        }
-    });
-    Ok(client)
-}
-
 impl PostgresStore {
     /// Connects, creates the schema if needed and runs migrations.
     pub async fn connect(url: &str, schema: &str, pipeline: &str) -> Result<Self> {
         let shown = crate::config::redact(url);
-        let mut client = connect(url)
+        let mut client = connect(url, "dead-letter store")
             .await
             .with_context(|| format!("cannot connect to the dead-letter store {shown}"))?;
         migrate(&mut client, schema)
@@ -222,12 +173,16 @@ impl PostgresStore {
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.url).await.with_context(|| {
-                format!(
-                    "cannot reconnect to the dead-letter store {}",
-                    crate::config::redact(&self.url)
-                )
-            })?);
+            *guard = Some(
+                connect(&self.url, "dead-letter store")
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot reconnect to the dead-letter store {}",
+                            crate::config::redact(&self.url)
+                        )
+                    })?,
+            );
         }
         Ok(guard)
     }

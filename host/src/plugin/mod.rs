@@ -11,6 +11,7 @@ mod cache;
 mod clock;
 pub mod contract;
 mod sandbox;
+mod state_host;
 mod waits;
 
 use std::fmt;
@@ -40,6 +41,12 @@ pub mod bindings {
         path: "../wit",
         world: "plugin",
         anyhow: true,
+        // State reads can fail (the store is down): the call is abandoned.
+        imports: {
+            "switchyard:plugin/state.get": trappable,
+            "switchyard:plugin/state.list-keys": trappable,
+            "switchyard:plugin/state.increment": trappable,
+        },
     });
 }
 
@@ -49,10 +56,18 @@ use bindings::switchyard::plugin::types as wit;
 pub const WIT: &str = include_str!("../../../wit/plugin.wit");
 
 /// The version of the contract (the WIT package) this host speaks.
-pub const CONTRACT_VERSION: &str = "switchyard:plugin@0.2.0";
+pub const CONTRACT_VERSION: &str = "switchyard:plugin@0.2.1";
 
 /// The interface every plugin must export.
-pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.2.0";
+pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.2.1";
+
+/// The versions of the handler export this host loads: every 0.2.x, which
+/// the component model treats as one API.
+fn speaks(export: &str) -> bool {
+    export
+        .strip_prefix("switchyard:plugin/handler@0.2.")
+        .is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit()))
+}
 
 /// How often the engine's epoch advances; CPU deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -216,15 +231,15 @@ impl PluginEngine {
             .exports(&self.engine)
             .map(|(n, _)| n.to_owned())
             .collect();
-        let exports_handler = ty.exports(&self.engine).any(|(n, item)| {
-            n == HANDLER_INTERFACE && matches!(item.ty, ComponentItem::ComponentInstance(_))
-        });
+        let exports_handler = ty
+            .exports(&self.engine)
+            .any(|(n, item)| speaks(n) && matches!(item.ty, ComponentItem::ComponentInstance(_)));
         if !exports_handler {
             // The handler of another contract version (the handler of this
             // one, exported as something other than an instance, is not).
             if let Some(other) = exports
                 .iter()
-                .filter(|n| *n != HANDLER_INTERFACE)
+                .filter(|n| !speaks(n))
                 .find_map(|n| n.strip_prefix("switchyard:plugin/handler@"))
             {
                 bail!(
@@ -367,6 +382,17 @@ impl LoadedPlugin {
             .collect()
     }
 
+    /// Whether the plugin imports the `state` interface.
+    pub fn uses_state(&self) -> bool {
+        self.inner
+            .pre
+            .instance_pre()
+            .component()
+            .component_type()
+            .imports(&self.inner.engine)
+            .any(|(name, _)| name.starts_with("switchyard:plugin/state@"))
+    }
+
     /// A fresh, warm instance.
     pub fn instantiate(&self) -> Result<Instance> {
         self.instantiate_simulated(&Simulation::default())
@@ -391,6 +417,7 @@ impl LoadedPlugin {
                 ..Call::default()
             },
             plugin: self.inner.clone(),
+            scope: None,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -473,6 +500,8 @@ pub struct State {
     /// Whether the monotonic clock moves (the `clock` grant, and no
     /// simulated clock).
     real_clock: bool,
+    /// Where the plugin's state is read; `None`: this host keeps none.
+    scope: Option<Arc<crate::state::Scope>>,
 }
 
 impl WasiView for State {
@@ -498,6 +527,10 @@ struct Call {
     deadline: Option<tokio::time::Instant>,
     outputs: Vec<Output>,
     output_bytes: usize,
+    /// What the call wrote to its state (read back by its own reads).
+    state: crate::state::Changes,
+    /// Why a state read failed: the call is abandoned and retried.
+    state_error: Option<String>,
     violation: Option<String>,
     log_lines: u32,
     /// The message's trace span, when tracing is on.
@@ -525,6 +558,8 @@ impl Call {
         self.span_budget = span_budget;
         self.outputs.clear();
         self.output_bytes = 0;
+        self.state.writes.clear();
+        self.state_error = None;
         self.violation = None;
         self.log_lines = 0;
     }
@@ -545,6 +580,8 @@ pub enum Output {
     Event(Outgoing),
     Command(Outgoing),
     Reply(Response),
+    /// What the call wrote to the plugin's state; at most one, last.
+    State(crate::state::Changes),
 }
 
 /// A published event or sent command as the plugin gave it.
@@ -602,6 +639,12 @@ impl fmt::Display for Failure {
 }
 
 impl Instance {
+    /// Reads and writes the plugin's state through `scope` (without one,
+    /// a plugin that uses state fails its messages).
+    pub fn set_state(&mut self, scope: Arc<crate::state::Scope>) {
+        self.store.data_mut().scope = Some(scope);
+    }
+
     /// Messages this instance has handled.
     pub fn handled(&self) -> u64 {
         self.handled
@@ -660,7 +703,11 @@ impl Instance {
         give_back(envelope, message, &mut self.store.data_mut().call.metadata);
         let state = self.store.data_mut();
         let call = &mut state.call;
-        let outputs = std::mem::take(&mut call.outputs);
+        let mut outputs = std::mem::take(&mut call.outputs);
+        if !call.state.is_empty() {
+            outputs.push(Output::State(std::mem::take(&mut call.state)));
+        }
+        let state_error = call.state_error.take();
         let violation = call.violation.take();
         let log_lines = call.log_lines;
         call.span = None;
@@ -674,6 +721,16 @@ impl Instance {
             );
         }
         let mut outcome = match result {
+            // The store failed the plugin, not the other way round.
+            _ if state_error.is_some() => {
+                if result.is_err() {
+                    self.broken = true;
+                }
+                Err(Failure::new(
+                    FailureKind::Transient,
+                    state_error.unwrap_or_default(),
+                ))
+            }
             // The call returned, but only after a wait cut at its deadline:
             // it is as late as if it had been interrupted.
             Ok(_) if overran => Err(timeout_failure(timeout)),

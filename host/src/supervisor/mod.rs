@@ -110,6 +110,7 @@ pub struct RouteServices {
     pub fail_when_plugin_cannot_start: bool,
     pub schemas: Arc<crate::schemas::Schemas>,
     pub crash_guard: Option<Arc<crate::crash_loop::CrashGuard>>,
+    pub state: Option<crate::state::Access>,
 }
 
 struct Route {
@@ -240,6 +241,7 @@ impl Supervisor {
             schemas: self.base.schemas.clone(),
             max_message_size: state.pipeline.max_message_size,
             crash_guard: self.base.crash_guard.clone(),
+            state: self.base.state.clone(),
         };
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;

@@ -602,7 +602,7 @@ fn publishes<'a>(
     let source = shared.source.as_str();
     let mut out = Vec::new();
     match &s.outcome {
-        Outcome::Handled { outputs, reply } => {
+        Outcome::Handled { outputs, reply, .. } => {
             for o in outputs {
                 let expect = if o.kind == Kind::Command {
                     Expect::Routed

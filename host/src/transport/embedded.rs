@@ -34,7 +34,8 @@ use crate::envelope::{Envelope, Kind, Reply, now_ms};
 /// 1: `queue`, `replies`, and `failed` for failed messages.
 /// 2: attempt history on `queue`, delayed retries in `scheduled`; failed
 ///    messages go to the dead-letter store and `failed` is no longer written.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: plugin state in `state` (see `crate::state::sqlite`).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Upgrades a version-1 store to version 2.
 const MIGRATE_1_TO_2: &str = "
@@ -139,6 +140,8 @@ struct Shared {
     /// All writes go through this connection: SQLite has one writer anyway,
     /// and serializing here avoids busy-waiting inside SQLite.
     writer: Mutex<Connection>,
+    /// Plugin calls read their state here; `settle` writes it.
+    state: Arc<crate::state::sqlite::SqliteState>,
     /// When replies nobody took were last removed (ms since the epoch).
     replies_pruned_at_ms: std::sync::atomic::AtomicU64,
 }
@@ -212,10 +215,11 @@ impl EmbeddedTransport {
         }
         Ok(EmbeddedTransport {
             shared: Arc::new(Shared {
-                path,
+                path: path.clone(),
                 config: config.clone(),
                 routing: RwLock::new(Routing::new(topology, HashMap::new())),
                 writer: Mutex::new(conn),
+                state: crate::state::sqlite::SqliteState::reader(&path),
                 replies_pruned_at_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         })
@@ -378,14 +382,23 @@ fn migrate(conn: &Connection) -> Result<()> {
             "the store has schema version {version}, but this switchyard understands up to {SCHEMA_VERSION}; upgrade switchyard"
         );
     }
-    match version {
-        0 => conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        ))?,
-        1 => conn.execute_batch(&format!(
+    if version == 0 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} {STATE} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+            STATE = crate::state::sqlite::SCHEMA
+        ))?;
+        return Ok(());
+    }
+    if version == 1 {
+        conn.execute_batch(&format!(
             "BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;"
-        ))?,
-        _ => {}
+        ))?;
+    }
+    if version <= 2 {
+        conn.execute_batch(&format!(
+            "BEGIN; {STATE} PRAGMA user_version = 3; COMMIT;",
+            STATE = crate::state::sqlite::SCHEMA
+        ))?;
     }
     Ok(())
 }
@@ -678,6 +691,10 @@ impl Transport for EmbeddedTransport {
         "embedded"
     }
 
+    fn state(&self) -> Option<Arc<dyn crate::state::Reader>> {
+        Some(self.shared.state.clone())
+    }
+
     fn location(&self) -> String {
         self.shared.path.display().to_string()
     }
@@ -904,7 +921,12 @@ impl Subscription for EmbeddedSubscription {
                         del.execute(params![to_i64(settlement.delivery.receipt)])?;
                     }
                     match &settlement.outcome {
-                        Outcome::Handled { outputs, reply } => {
+                        Outcome::Handled {
+                            outputs,
+                            reply,
+                            state,
+                        } => {
+                            crate::state::sqlite::apply(&tx, &route, state, now)?;
                             for out in outputs {
                                 s.route_into(&tx, out, now, &mut touched)?;
                             }

@@ -1157,7 +1157,7 @@ impl KafkaSubscription {
         let mut own = Vec::new();
         let mut reply_record = None;
         match &s.outcome {
-            Outcome::Handled { outputs, reply } => {
+            Outcome::Handled { outputs, reply, .. } => {
                 for o in outputs {
                     let topic = format!("{prefix}{}", o.message_type);
                     let h = headers(o, source, None);

@@ -143,6 +143,11 @@ pub enum Outcome {
     Handled {
         outputs: Vec<Envelope>,
         reply: Option<Reply>,
+        /// What the handler wrote to its plugin's state (the route's
+        /// plugin): the embedded transport commits it with the settlement;
+        /// for a broker the route has committed it to the state store
+        /// before settling.
+        state: crate::state::Changes,
     },
     /// Failed, to be tried again: the message (with its attempt count and
     /// history) is scheduled durably, and only then the delivery removed.
@@ -206,6 +211,13 @@ pub trait Transport: Send + Sync {
 
     /// `embedded` or `amqp`, for logs and dead-letter records.
     fn kind(&self) -> &'static str;
+
+    /// The plugin state this transport keeps in its own store and commits
+    /// in its settle transaction (`Outcome::Handled::state`), if it does;
+    /// `None`: the host keeps state in a store of its own.
+    fn state(&self) -> Option<std::sync::Arc<dyn crate::state::Reader>> {
+        None
+    }
 
     /// Where the messages are (a store file, a broker), without secrets.
     fn location(&self) -> String;

@@ -259,7 +259,7 @@ fn plugins_inspect_prints_the_declaration() {
     assert!(out.contains("publishes  event OrderPlaced"), "{out}");
     assert!(out.contains("sends      command ChargePayment"), "{out}");
     assert!(
-        out.contains("imports    switchyard:plugin/host@0.2.0"),
+        out.contains("imports    switchyard:plugin/host@0.2.1"),
         "{out}"
     );
 
@@ -513,6 +513,56 @@ fn the_example_plugins_pass_their_contract_tests() {
         );
         assert_eq!(junit_counts(&junit), (cases, 0), "{plugin}");
     }
+}
+
+#[test]
+fn cases_give_state_before_and_expect_the_whole_state_after() {
+    let tests = workspace_root()
+        .join("tests")
+        .join("plugins")
+        .join("counter")
+        .join("tests")
+        .join("contract.toml");
+    let out = switchyard(&[
+        "test",
+        wasm("counter").to_str().unwrap(),
+        tests.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("4 passed, 0 failed"), "{text}");
+
+    // A wrong expectation fails and says which key differs and how.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        r#"
+[[case]]
+name = "wrong"
+input = { type = "Count", id = "m-2", json = { key = "a" } }
+state = { "count:a" = 1, "extra" = true }
+[case.expect]
+published = [{ type = "Counted", json = { key = "a", count = 2 } }]
+state = { "count:a" = 3, "last:a" = "m-2" }
+"#,
+    )
+    .unwrap();
+    let out = switchyard(&[
+        "test",
+        wasm("counter").to_str().unwrap(),
+        wrong.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(r#"state "count:a": expected 3, got 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"state "extra": not expected, but set to true"#),
+        "{text}"
+    );
 }
 
 #[test]

@@ -493,6 +493,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         schemas: Default::default(),
         max_message_size: switchyard::limits::DEFAULT_MAX_MESSAGE_SIZE,
         crash_guard: None,
+        state: None,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -632,6 +633,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         schemas: Default::default(),
         max_message_size: switchyard::limits::DEFAULT_MAX_MESSAGE_SIZE,
         crash_guard: None,
+        state: None,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,

@@ -801,6 +801,7 @@ async fn records_given_back_are_read_again_but_settled_ones_after_them_are_not()
             outcome: Outcome::Handled {
                 outputs: Vec::new(),
                 reply: None,
+                state: Default::default(),
             },
         })
         .collect();

@@ -169,6 +169,8 @@ const LAYERS: &[&[&str]] = &[
     &["transport"],
     &["schemas"],
     &["plugin"],
+    &["state"],
+    &["pg"],
     &["telemetry"],
     &["limits"],
     &["config"],

@@ -57,7 +57,7 @@ fn a_component_of_another_world_is_refused() {
     // The smallest valid component: the preamble alone, exporting nothing.
     let e = load_error(&file_with(dir.path(), "empty.wasm", b"\0asm\x0d\0\x01\0"));
     assert!(
-        e.contains("does not export `switchyard:plugin/handler@0.2.0` (it exports nothing)"),
+        e.contains("does not export `switchyard:plugin/handler@0.2.1` (it exports nothing)"),
         "{e}"
     );
 }
@@ -77,9 +77,31 @@ fn a_plugin_built_against_another_contract_version_is_told_so() {
     bytes.extend_from_slice(&[0x05, 0x00, 0x00]);
     let e = load_error(&file_with(dir.path(), "old.wasm", &bytes));
     assert!(
-        e.contains("built against contract switchyard:plugin@0.1.0, but this host speaks switchyard:plugin@0.2.0"),
+        e.contains("built against contract switchyard:plugin@0.1.0, but this host speaks switchyard:plugin@0.2.1"),
         "{e}"
     );
+}
+
+#[test]
+fn a_plugin_built_for_contract_0_2_0_still_loads_and_runs() {
+    let plugin = crate::common::load("legacy");
+    assert!(!plugin.uses_state());
+    let mut instance = plugin.instantiate().unwrap();
+    let mut ping = crate::common::message(
+        switchyard::envelope::Kind::Event,
+        "Ping",
+        serde_json::json!({"n": 1}),
+    );
+    let outputs = instance.handle(&mut ping).unwrap();
+    match outputs.as_slice() {
+        [switchyard::plugin::Output::Event(pong)] => {
+            assert_eq!(pong.message_type, "Pong");
+            assert_eq!(pong.payload, br#"{"n":1}"#);
+        }
+        other => panic!("expected one Pong, got {other:?}"),
+    }
+    // Built with the SDK against 0.2.1, a plugin imports the state interface.
+    assert!(crate::common::load("counter").uses_state());
 }
 
 #[test]

@@ -26,5 +26,6 @@ mod polyglot;
 mod reliability;
 mod sandbox;
 mod schemas;
+mod state;
 mod telemetry;
 mod transport;

@@ -72,9 +72,14 @@ async fn a_store_of_the_first_version_is_upgraded_in_place() {
         transport.is_idle().await.unwrap(),
         "the old message and the new one were handled"
     );
-    let version: i64 = rusqlite::Connection::open(dir.path().join("old.db"))
-        .unwrap()
+    let db = rusqlite::Connection::open(dir.path().join("old.db")).unwrap();
+    let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+    // Version 3 keeps plugin state.
+    let state_rows: i64 = db
+        .query_row("SELECT count(*) FROM state", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state_rows, 0);
 }

@@ -1,11 +1,11 @@
 //! `[dead_letters]`: where failed messages go (the embedded store or
 //! PostgreSQL), how often they may be replayed, and whether they are copied
-//! to the broker.
+//! to the broker; `[state]`: where plugins' state is kept on a broker.
 
 use super::Parser;
 use crate::config::diagnostic::Diagnostic;
 use crate::config::model::{
-    DEFAULT_MAX_REPLAYS, DeadLetterConfig, DeadLetterStoreConfig, TransportConfig, UrlSource,
+    DEFAULT_MAX_REPLAYS, DeadLetterConfig, StateConfig, StoreConfig, TransportConfig, UrlSource,
 };
 use crate::config::reader::{Section, Spanned};
 use crate::config::redact::{has_password, redact};
@@ -17,15 +17,9 @@ impl Parser<'_> {
         root: &mut Section<'_>,
         transport: &TransportConfig,
     ) -> DeadLetterConfig {
-        let default_path = match transport {
-            TransportConfig::Embedded(embedded) => embedded.path.clone(),
-            TransportConfig::Amqp(_) | TransportConfig::Kafka(_) => self
-                .base
-                .join(".switchyard")
-                .join(format!("{}-dead-letters.db", self.pipeline_name)),
-        };
+        let default_path = self.default_store(transport, "dead-letters");
         let mut config = DeadLetterConfig {
-            store: DeadLetterStoreConfig::Embedded { path: default_path },
+            store: StoreConfig::Embedded { path: default_path },
             max_replays: DEFAULT_MAX_REPLAYS,
             broker: false,
         };
@@ -46,32 +40,84 @@ impl Parser<'_> {
                 config.broker = b.value;
             }
         }
-        let url = d.string("url", self.diags);
-        let url_env = d.string("url_env", self.diags);
-        let path = d.string("path", self.diags);
-        let schema = d.string("schema", self.diags);
         if let Some(n) = d.count("max_replays", self.diags) {
             config.max_replays = u32::try_from(n.value).unwrap_or(u32::MAX);
         }
-        let postgres = url.is_some() || url_env.is_some();
-        let source = self.dead_letters_url(url, url_env);
-        let store = if postgres {
-            self.postgres_store(path.as_ref(), schema, source)
-        } else {
-            self.embedded_store(path, schema.as_ref())
-        };
-        if let Some(store) = store {
+        if let Some(store) = self.store_keys(
+            &mut d,
+            "dead_letters",
+            "keep dead letters in the embedded store",
+        ) {
             config.store = store;
         }
         d.finish(self.diags);
         config
     }
 
+    /// Where a store lives by default: in the embedded transport's own
+    /// file, or for a broker `.switchyard/<pipeline>-<what>.db` next to the
+    /// pipeline file.
+    fn default_store(&self, transport: &TransportConfig, what: &str) -> std::path::PathBuf {
+        match transport {
+            TransportConfig::Embedded(embedded) => embedded.path.clone(),
+            TransportConfig::Amqp(_) | TransportConfig::Kafka(_) => self
+                .base
+                .join(".switchyard")
+                .join(format!("{}-{what}.db", self.pipeline_name)),
+        }
+    }
+
+    /// `[state]`: where plugins' state is kept on a broker transport.
+    pub(super) fn state_section(
+        &mut self,
+        root: &mut Section<'_>,
+        transport: &TransportConfig,
+    ) -> StateConfig {
+        let default_path = self.default_store(transport, "state");
+        let mut config = StateConfig {
+            store: StoreConfig::Embedded { path: default_path },
+        };
+        let Some(mut d) = root.table("state", self.diags) else {
+            return config;
+        };
+        if let TransportConfig::Embedded(_) = transport {
+            let span = d.span();
+            self.diags.push(
+                Diagnostic::error("`[state]` is for broker transports", span)
+                .with_label("the embedded transport keeps state in its own file")
+                .with_note("note: on the embedded transport, state commits in the same transaction as the message that wrote it; leave `[state]` out"),
+            );
+            return config;
+        }
+        if let Some(store) = self.store_keys(&mut d, "state", "keep state in a SQLite file") {
+            config.store = store;
+        }
+        d.finish(self.diags);
+        config
+    }
+
+    /// `url`, `url_env`, `path` and `schema` of a store's table.
+    fn store_keys(&mut self, d: &mut Section<'_>, table: &str, what: &str) -> Option<StoreConfig> {
+        let url = d.string("url", self.diags);
+        let url_env = d.string("url_env", self.diags);
+        let path = d.string("path", self.diags);
+        let schema = d.string("schema", self.diags);
+        let postgres = url.is_some() || url_env.is_some();
+        let source = self.store_url(url, url_env, table, what);
+        if postgres {
+            self.postgres_store(path.as_ref(), schema, source)
+        } else {
+            self.embedded_store(path, schema.as_ref())
+        }
+    }
+
     /// `url` or `url_env`: where a PostgreSQL store's URL comes from.
-    fn dead_letters_url(
+    fn store_url(
         &mut self,
         url: Option<Spanned<String>>,
         url_env: Option<Spanned<String>>,
+        table: &str,
+        what: &str,
     ) -> Option<UrlSource> {
         if let (Some(u), Some(e)) = (&url, &url_env) {
             self.diags.push(
@@ -87,14 +133,14 @@ impl Parser<'_> {
         if let Some(u) = url {
             if !(u.value.starts_with("postgres://") || u.value.starts_with("postgresql://")) {
                 self.diags.push(
-                    Diagnostic::error("`dead_letters.url` must be a PostgreSQL URL", u.span)
+                    Diagnostic::error(format!("`{table}.url` must be a PostgreSQL URL"), u.span)
                         .with_label("expected postgres://user@host:port/database")
-                        .with_note("help: leave `url` out to keep dead letters in the embedded store (`path`)"),
+                        .with_note(format!("help: leave `url` out to {what} (`path`)")),
                 );
             } else {
                 if has_password(&u.value) {
                     self.diags.push(
-                        Diagnostic::warning("the dead-letter URL contains a password", u.span.clone())
+                        Diagnostic::warning(format!("the `{table}.url` contains a password"), u.span.clone())
                             .with_label("password in clear text")
                             .with_note("help: put the URL in an environment variable and name it with `url_env`"),
                     );
@@ -105,7 +151,7 @@ impl Parser<'_> {
             if e.value.is_empty() || e.value.contains('=') {
                 self.diags.push(
                     Diagnostic::error(
-                        "`dead_letters.url_env` must name an environment variable",
+                        format!("`{table}.url_env` must name an environment variable"),
                         e.span,
                     )
                     .with_label("invalid name"),
@@ -123,7 +169,7 @@ impl Parser<'_> {
         path: Option<&Spanned<String>>,
         schema: Option<Spanned<String>>,
         source: Option<UrlSource>,
-    ) -> Option<DeadLetterStoreConfig> {
+    ) -> Option<StoreConfig> {
         if let Some(p) = path {
             self.diags.push(
                 Diagnostic::error(
@@ -150,7 +196,7 @@ impl Parser<'_> {
             }
             None => "switchyard".into(),
         };
-        source.map(|url| DeadLetterStoreConfig::Postgres { url, schema })
+        source.map(|url| StoreConfig::Postgres { url, schema })
     }
 
     /// The embedded store: its `path`, and no `schema`.
@@ -158,7 +204,7 @@ impl Parser<'_> {
         &mut self,
         path: Option<Spanned<String>>,
         schema: Option<&Spanned<String>>,
-    ) -> Option<DeadLetterStoreConfig> {
+    ) -> Option<StoreConfig> {
         if let Some(s) = schema {
             self.diags.push(
                 Diagnostic::error(
@@ -169,7 +215,7 @@ impl Parser<'_> {
             );
         }
         let p = path?;
-        Some(DeadLetterStoreConfig::Embedded {
+        Some(StoreConfig::Embedded {
             path: self.base.join(p.value),
         })
     }

@@ -1,5 +1,6 @@
 //! `[defaults]`, and the limit keys it shares with every plugin table
-//! (`memory`, `timeout`, `recycle_after`, `max_outputs`).
+//! (`memory`, `timeout`, `recycle_after`, `max_outputs`, `max_state_value`,
+//! `max_state_keys`).
 
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use crate::recover::RetryPolicy;
 /// Wasm linear memory is 32-bit: 4 GiB is the most any plugin can use.
 const MAX_MEMORY: u64 = 4 << 30;
 const MIN_MEMORY: u64 = 1 << 20;
+/// A state value travels in one row and one message's transaction.
+const MAX_STATE_VALUE: u64 = 64 << 20;
 const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 impl Parser<'_> {
@@ -65,6 +68,30 @@ impl Parser<'_> {
         }
         if let Some(n) = section.count("max_outputs", self.diags) {
             limits.max_outputs = n.value;
+        }
+        if let Some(m) =
+            section.string_or_int("max_state_value", "a size like \"64 KiB\"", self.diags)
+        {
+            match parse_size(&m.value) {
+                Ok(bytes) if bytes <= MAX_STATE_VALUE => limits.max_state_value = bytes,
+                Ok(bytes) => self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "max_state_value {} is over the {} maximum",
+                            format_size(bytes),
+                            format_size(MAX_STATE_VALUE)
+                        ),
+                        m.span,
+                    )
+                    .with_label("too large"),
+                ),
+                Err(e) => self
+                    .diags
+                    .push(Diagnostic::error(e, m.span).with_label("not a size")),
+            }
+        }
+        if let Some(n) = section.count("max_state_keys", self.diags) {
+            limits.max_state_keys = n.value;
         }
         limits
     }

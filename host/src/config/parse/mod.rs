@@ -62,6 +62,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let host = p.host_section(&mut root);
     let defaults = p.defaults_section(&mut root);
     let dead_letters = p.dead_letters_section(&mut root, &transport);
+    let state = p.state_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
     let (admin, admin_token_env) = p.admin_section(&mut root);
     let schemas = p.schemas_section(&mut root);
@@ -80,6 +81,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         transport,
         cache_dir: host.cache_dir,
         dead_letters,
+        state,
         telemetry,
         admin,
         admin_token_env,

@@ -1,0 +1,325 @@
+//! Plugin state: key-value pairs the host keeps for each plugin, written
+//! only together with the outcome of the message whose handler wrote them.
+//!
+//! A plugin call reads through a [`Scope`]: the store as last committed,
+//! then what the messages handled before it in the same batch wrote (not
+//! committed yet: the batch settles as one), then what the call itself
+//! wrote. The call's writes leave it as [`Changes`], one per handled
+//! message, carried by the message's outcome to the transaction that
+//! settles it: the embedded transport's own (same file, same commit), or,
+//! on a broker, a commit of the state store made before the broker ack.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use anyhow::{Context as _, Result};
+use async_trait::async_trait;
+
+use crate::config::{StateConfig, StoreConfig};
+
+/// Keys are at most this long, in bytes.
+pub const MAX_KEY: usize = 1024;
+/// Keys one `list-keys` call returns at most, whatever limit it asks for.
+pub const MAX_LIST: usize = 1000;
+
+/// What one handled message wrote: the final value of each key it set, or
+/// `None` for a key it deleted, in key order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// Bytes of keys and values, for memory accounting.
+    pub fn size(&self) -> usize {
+        self.writes
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+}
+
+/// Committed state, as plugin calls read it. Reads happen on the blocking
+/// thread a plugin runs on.
+pub trait Reader: Send + Sync {
+    /// The value of `key` in `plugin`'s state.
+    fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Keys of `plugin`'s state that start with `prefix`, in byte order,
+    /// after `after` when given, at most `limit`.
+    fn keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>>;
+}
+
+/// A state store that commits apart from the transport: the one hosts on
+/// RabbitMQ or Kafka use. (The embedded transport commits state in its own
+/// settle transaction instead.)
+#[async_trait]
+pub trait Store: Reader {
+    /// Applies the changes of a batch, in order, in one transaction: all or
+    /// nothing.
+    async fn commit(&self, changes: Vec<(String, Changes)>) -> Result<()>;
+
+    /// Where the state is kept, without secrets.
+    fn location(&self) -> String;
+}
+
+/// Opens the state store of a host on a broker: the SQLite file or the
+/// PostgreSQL schema of `[state]`.
+pub async fn open(config: &StateConfig, pipeline: &str) -> Result<Arc<dyn Store>> {
+    match &config.store {
+        StoreConfig::Embedded { path } => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || sqlite::SqliteState::open(&path))
+                .await
+                .context("the state store task failed")??;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres { url, schema } => {
+            let url = url.resolve("state store")?;
+            Ok(Arc::new(
+                postgres::PostgresState::connect(&url, schema, pipeline).await?,
+            ))
+        }
+    }
+}
+
+/// A host's state: where calls read it, and the store that commits it when
+/// the transport does not (`None`: the transport's settle writes it).
+#[derive(Clone)]
+pub struct Access {
+    pub reader: Arc<dyn Reader>,
+    pub store: Option<Arc<dyn Store>>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("store", &self.store.as_ref().map(|s| s.location()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a route's plugin calls read their state, shared by the route's
+/// worker and every instance it makes.
+pub struct Scope {
+    plugin: String,
+    reader: Arc<dyn Reader>,
+    /// What the messages handled so far in this batch wrote.
+    batch: Mutex<BTreeMap<String, Option<Vec<u8>>>>,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scope")
+            .field("plugin", &self.plugin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scope {
+    pub fn new(plugin: &str, reader: Arc<dyn Reader>) -> Arc<Self> {
+        Arc::new(Scope {
+            plugin: plugin.to_owned(),
+            reader,
+            batch: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn batch(&self) -> MutexGuard<'_, BTreeMap<String, Option<Vec<u8>>>> {
+        // Only whole inserts and clears happen under the lock.
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets what the last batch wrote: it is committed, or it was not
+    /// and its messages come again.
+    pub fn begin_batch(&self) {
+        self.batch().clear();
+    }
+
+    /// Makes a handled message's writes visible to the rest of the batch.
+    pub fn handled(&self, changes: &Changes) {
+        let mut batch = self.batch();
+        for (k, v) in &changes.writes {
+            batch.insert(k.clone(), v.clone());
+        }
+    }
+
+    /// The value of `key` as a call sees it, under `call`'s own writes.
+    pub fn get(&self, call: &Changes, key: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = call.writes.get(key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.batch().get(key) {
+            return Ok(v.clone());
+        }
+        self.reader.get(&self.plugin, key)
+    }
+
+    /// Keys as a call sees them: the store's, with what the batch and the
+    /// call set added and what they deleted taken away.
+    pub fn keys(
+        &self,
+        call: &Changes,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let limit = limit.min(MAX_LIST);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut overlay = self.batch().clone();
+        for (k, v) in &call.writes {
+            overlay.insert(k.clone(), v.clone());
+        }
+        let in_range = |k: &str| k.starts_with(prefix) && after.is_none_or(|a| k > a);
+        // Deleted keys may hide stored ones: ask for enough to still fill
+        // the page.
+        let hidden = overlay.values().filter(|v| v.is_none()).count();
+        let stored = self
+            .reader
+            .keys(&self.plugin, prefix, after, limit.saturating_add(hidden))?;
+        let mut keys: std::collections::BTreeSet<String> = stored
+            .into_iter()
+            .filter(|k| !matches!(overlay.get(k), Some(None)))
+            .collect();
+        keys.extend(
+            overlay
+                .iter()
+                .filter(|(k, v)| v.is_some() && in_range(k))
+                .map(|(k, _)| k.clone()),
+        );
+        Ok(keys.into_iter().take(limit).collect())
+    }
+}
+
+/// State held in memory: for `switchyard test` and
+/// [`crate::testing`], where cases set state before and check it after.
+#[derive(Debug, Default)]
+pub struct Memory {
+    values: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+}
+
+impl Memory {
+    fn values(&self) -> MutexGuard<'_, BTreeMap<(String, String), Vec<u8>>> {
+        self.values.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores a value, as a case's given state.
+    pub fn put(&self, plugin: &str, key: &str, value: Vec<u8>) {
+        self.values()
+            .insert((plugin.to_owned(), key.to_owned()), value);
+    }
+
+    /// Applies a handled message's changes.
+    pub fn apply(&self, plugin: &str, changes: &Changes) {
+        let mut values = self.values();
+        for (k, v) in &changes.writes {
+            let key = (plugin.to_owned(), k.clone());
+            match v {
+                Some(v) => values.insert(key, v.clone()),
+                None => values.remove(&key),
+            };
+        }
+    }
+
+    /// Every key and value of `plugin`'s state.
+    pub fn all(&self, plugin: &str) -> BTreeMap<String, Vec<u8>> {
+        self.values()
+            .iter()
+            .filter(|((p, _), _)| p == plugin)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl Reader for Memory {
+    fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .values()
+            .get(&(plugin.to_owned(), key.to_owned()))
+            .cloned())
+    }
+
+    fn keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .values()
+            .keys()
+            .filter(|(p, k)| {
+                p == plugin && k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a)
+            })
+            .map(|(_, k)| k.clone())
+            .take(limit)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(writes: &[(&str, Option<&str>)]) -> Changes {
+        Changes {
+            writes: writes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.map(|v| v.as_bytes().to_vec())))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_call_reads_its_writes_over_the_batch_over_the_store() {
+        let store = Arc::new(Memory::default());
+        store.put("p", "a", b"stored".to_vec());
+        store.put("p", "b", b"stored".to_vec());
+        store.put("other", "c", b"theirs".to_vec());
+        let scope = Scope::new("p", store);
+        scope.handled(&changes(&[("b", Some("batch")), ("c", Some("mine"))]));
+        let call = changes(&[("a", None)]);
+        assert_eq!(scope.get(&call, "a").unwrap(), None);
+        assert_eq!(scope.get(&call, "b").unwrap(), Some(b"batch".to_vec()));
+        assert_eq!(scope.get(&call, "c").unwrap(), Some(b"mine".to_vec()));
+        assert_eq!(scope.keys(&call, "", None, 10).unwrap(), ["b", "c"]);
+        assert_eq!(scope.keys(&call, "", Some("b"), 10).unwrap(), ["c"]);
+        scope.begin_batch();
+        assert_eq!(
+            scope.get(&Changes::default(), "b").unwrap(),
+            Some(b"stored".to_vec())
+        );
+        assert_eq!(scope.get(&Changes::default(), "c").unwrap(), None);
+    }
+
+    #[test]
+    fn deleted_keys_do_not_shorten_a_page() {
+        let store = Arc::new(Memory::default());
+        for k in ["k1", "k2", "k3", "k4"] {
+            store.put("p", k, b"1".to_vec());
+        }
+        let scope = Scope::new("p", store);
+        let call = changes(&[("k1", None), ("k2", None)]);
+        assert_eq!(scope.keys(&call, "k", None, 2).unwrap(), ["k3", "k4"]);
+    }
+}

@@ -1,0 +1,221 @@
+//! Plugin state on a running host: committed with the message's outcome,
+//! never what a failed attempt wrote, limits that fail the message, on the
+//! embedded store and on RabbitMQ with PostgreSQL.
+
+use serde_json::json;
+use switchyard::config;
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::runtime::{self, RunMode};
+use switchyard::state::Reader;
+use switchyard::transport::Transport;
+
+use crate::common::{dead_letters, message, write_pipeline};
+
+const COUNTER: &str = r#"
+    [plugins.counter]
+    wasm = "{dist}/counter.wasm"
+    events = ["Count", "Store", "Forget"]
+    commands = ["Total"]
+    retry = { immediate = 1, delayed = 0 }
+"#;
+
+fn count(key: &str, fail: Option<&str>) -> Envelope {
+    message(Kind::Event, "Count", json!({ "key": key, "fail": fail }))
+}
+
+fn text(value: Option<Vec<u8>>) -> Option<String> {
+    value.map(|v| String::from_utf8(v).unwrap())
+}
+
+/// Runs `messages` through an embedded pipeline with the counter until
+/// none is left; returns the pipeline.
+async fn run_embedded(
+    dir: &std::path::Path,
+    extra: &str,
+    messages: Vec<Envelope>,
+) -> config::Pipeline {
+    let path = write_pipeline(
+        dir,
+        "state",
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n{COUNTER}\n{extra}"),
+    );
+    let pipeline = config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    transport.enqueue(messages).await.unwrap();
+    drop(transport);
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+    pipeline
+}
+
+fn embedded_state(
+    pipeline: &config::Pipeline,
+) -> std::sync::Arc<switchyard::state::sqlite::SqliteState> {
+    let config::TransportConfig::Embedded(e) = &pipeline.transport else {
+        panic!("not embedded");
+    };
+    switchyard::state::sqlite::SqliteState::reader(&e.path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_commits_with_the_outcome_and_a_failed_attempt_leaves_none() {
+    let dir = tempfile::tempdir().unwrap();
+    // Many messages, so that batches see what earlier messages of the same
+    // batch wrote before it is committed.
+    let mut messages: Vec<Envelope> = (0..500).map(|_| count("a", None)).collect();
+    // Fails its first attempt after writing, succeeds on the retry.
+    messages.extend((0..3).map(|_| count("b", Some("first"))));
+    // Fails for good after writing.
+    let doomed = count("c", Some("always"));
+    messages.push(doomed.clone());
+    let last_a = messages[499].id.clone();
+    let pipeline = run_embedded(dir.path(), "", messages).await;
+
+    let state = embedded_state(&pipeline);
+    assert_eq!(
+        text(state.get("counter", "count:a").unwrap()).as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        text(state.get("counter", "last:a").unwrap()),
+        Some(format!("\"{last_a}\""))
+    );
+    // Written twice (once per attempt), counted once.
+    assert_eq!(
+        text(state.get("counter", "count:b").unwrap()).as_deref(),
+        Some("3")
+    );
+    assert_eq!(state.get("counter", "count:c").unwrap(), None);
+    assert_eq!(
+        state.keys("counter", "count:", None, 10).unwrap(),
+        ["count:a", "count:b"]
+    );
+    let failed = dead_letters(&pipeline).await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].message.id, doomed.id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_over_its_limits_fails_the_message_as_a_contract_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "    max_state_value = \"1 KiB\"\n    max_state_keys = 10\n";
+    let big = message(Kind::Event, "Store", json!({ "key": "big", "bytes": 1025 }));
+    let many = message(Kind::Event, "Store", json!({ "key": "", "keys": 11 }));
+    let fits = message(
+        Kind::Event,
+        "Store",
+        json!({ "key": "fits", "bytes": 1024 }),
+    );
+    let ten = message(Kind::Event, "Store", json!({ "key": "", "keys": 10 }));
+    let pipeline = run_embedded(
+        dir.path(),
+        &format!("[defaults]\n{limits}"),
+        vec![big.clone(), many.clone(), fits, ten],
+    )
+    .await;
+    let state = embedded_state(&pipeline);
+    assert_eq!(state.get("counter", "big").unwrap(), None);
+    assert_eq!(
+        state.get("counter", "fits").unwrap().map(|v| v.len()),
+        Some(1024)
+    );
+    assert_eq!(state.keys("counter", "bulk:", None, 100).unwrap().len(), 10);
+
+    let failed = dead_letters(&pipeline).await;
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    let of = |id: &str| failed.iter().find(|d| d.message.id == id).unwrap();
+    let big_error = &of(&big.id).error;
+    assert_eq!(big_error.kind, "contract-violation");
+    assert!(
+        big_error
+            .message
+            .contains("over its limit of 1 KiB (max_state_value)"),
+        "{}",
+        big_error.message
+    );
+    let many_error = &of(&many.id).error;
+    assert_eq!(many_error.kind, "contract-violation");
+    assert!(
+        many_error.message.contains("more than 10 state keys"),
+        "{}",
+        many_error.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_section_is_refused_on_the_embedded_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "state",
+        &format!("{COUNTER}\n[state]\nurl = \"postgres://127.0.0.1/test\"\n"),
+    );
+    let Err(e) = config::load(&path) else {
+        panic!("a [state] table on the embedded transport loaded");
+    };
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("`[state]` is for broker transports"),
+        "{text}"
+    );
+}
+
+/// A PostgreSQL schema of its own for one test.
+fn schema() -> String {
+    format!(
+        "state_test_{}",
+        switchyard::envelope::new_id().replace('-', "")[..12].to_owned()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_rabbitmq_state_commits_to_postgresql_before_the_ack() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let (_, pipeline) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "{COUNTER}\n[state]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\n"
+        ),
+    );
+    let transport = runtime::open(&pipeline).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let mut messages: Vec<Envelope> = (0..300)
+        .map(|i| count(if i % 2 == 0 { "even" } else { "odd" }, None))
+        .collect();
+    messages.push(count("odd", Some("first")));
+    transport.enqueue(messages).await.unwrap();
+    crate::amqp::drain(&pipeline).await;
+
+    let config::StoreConfig::Postgres { url, schema } = &pipeline.state.store else {
+        panic!("not a PostgreSQL state store");
+    };
+    let (client, connection) =
+        tokio_postgres::connect(&url.resolve("state").unwrap(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let rows = client
+        .query(
+            &format!("SELECT key, convert_from(value, 'UTF8') FROM {schema}.plugin_state WHERE pipeline = $1 AND plugin = 'counter' AND key LIKE 'count:%' ORDER BY key"),
+            &[&pipeline.name],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        [
+            ("count:even".to_owned(), "150".to_owned()),
+            ("count:odd".to_owned(), "151".to_owned())
+        ]
+    );
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+    crate::amqp::clean_up(&pipeline).await;
+}
