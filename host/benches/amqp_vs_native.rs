@@ -83,10 +83,7 @@ async fn switchyard(pipeline: &config::Pipeline) -> Round {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter that excludes us skips the run.
-    if let Some(filter) = std::env::args().skip(1).find(|a| !a.starts_with("--"))
-        && !"amqp_vs_native".contains(&filter)
-    {
+    if common::filtered_out("amqp_vs_native") {
         return;
     }
     let messages = env_or("AMQP_BENCH_MESSAGES", 50_000);

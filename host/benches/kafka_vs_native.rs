@@ -200,10 +200,7 @@ fn switchyard(go: &dyn Fn(), rt: &tokio::runtime::Runtime, pipeline: &Pipeline) 
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter that excludes us skips the run.
-    if let Some(filter) = std::env::args().skip(1).find(|a| !a.starts_with("--"))
-        && !"kafka_vs_native".contains(&filter)
-    {
+    if common::filtered_out("kafka_vs_native") {
         return;
     }
     let messages = env_or("KAFKA_BENCH_MESSAGES", 50_000);

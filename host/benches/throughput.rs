@@ -6,7 +6,10 @@
 //! and times until every queue is empty. The failure-path case makes 10% of
 //! the messages fail once (transiently) and succeed on their retry: an
 //! immediate retry, or a delayed one (scheduled durably, then moved back to
-//! the queue when due, 1 ms later). Needs `dist/plugins/echo.wasm`.
+//! the queue when due, 1 ms later). The state case runs the `counter` test
+//! plugin instead, whose `Bump` reads one key of its state and writes it
+//! back plus one (100 keys in turn), committed with each batch. Needs
+//! `dist/plugins/echo.wasm` and `dist/plugins/counter.wasm`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,15 +24,24 @@ use switchyard::transport::Transport;
 
 const MESSAGES: u64 = 20_000;
 
-fn pipeline(dir: &std::path::Path, name: &str, sync: &str, retry: &str) -> config::Pipeline {
-    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/plugins/echo.wasm");
+/// A pipeline of one plugin (`echo` taking `Flaky`, or `counter` taking
+/// `Bump`) on an embedded store of its own.
+fn pipeline(
+    dir: &std::path::Path,
+    name: &str,
+    sync: &str,
+    retry: &str,
+    (plugin, event): (&str, &str),
+) -> config::Pipeline {
+    let wasm =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../dist/plugins/{plugin}.wasm"));
     assert!(wasm.exists(), "run `cargo xtask build-plugins` first");
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
         format!(
             "[transport]\npath = \"{name}.db\"\nsync = \"{sync}\"\n\
-             [plugins.echo]\nwasm = \"{}\"\nevents = [\"Flaky\"]\nretry = {retry}\n",
+             [plugins.{plugin}]\nwasm = \"{}\"\nevents = [\"{event}\"]\nretry = {retry}\n",
             wasm.display()
         ),
     )
@@ -46,23 +58,34 @@ fn embedded(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(20));
     let immediate = "{ immediate = 1, delayed = 0 }";
     let delayed = "{ immediate = 0, delayed = 1, backoff = \"1ms\", max_backoff = \"1ms\" }";
-    for (name, sync, failing_every, retry) in [
-        ("all_succeed_sync_full", "full", None, immediate),
+    let echo = ("echo", "Flaky");
+    for (name, sync, failing_every, retry, plugin) in [
+        ("all_succeed_sync_full", "full", None, immediate, echo),
         (
             "10pct_fail_once_retry_now_sync_full",
             "full",
             Some(10),
             immediate,
+            echo,
         ),
         (
             "10pct_fail_once_retry_later_sync_full",
             "full",
             Some(10),
             delayed,
+            echo,
         ),
-        ("all_succeed_sync_normal", "normal", None, immediate),
+        ("all_succeed_sync_normal", "normal", None, immediate, echo),
+        (
+            "state_get_set_sync_full",
+            "full",
+            None,
+            immediate,
+            ("counter", "Bump"),
+        ),
     ] {
-        let pipeline = pipeline(dir.path(), name, sync, retry);
+        let pipeline = pipeline(dir.path(), name, sync, retry, plugin);
+        let message_type = plugin.1;
         let transport = runtime::open_transport(&pipeline).unwrap();
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -74,10 +97,17 @@ fn embedded(c: &mut Criterion) {
                                 let fail = failing_every.is_some_and(|n| i % n == 0);
                                 let body = if fail {
                                     format!("fail {i}")
+                                } else if message_type == "Bump" {
+                                    format!("key-{}", i % 100)
                                 } else {
                                     format!("ok {i}")
                                 };
-                                Envelope::new("Flaky", Kind::Event, body.into_bytes(), "text/plain")
+                                Envelope::new(
+                                    message_type,
+                                    Kind::Event,
+                                    body.into_bytes(),
+                                    "text/plain",
+                                )
                             })
                             .collect();
                         for chunk in batch.chunks(5_000) {

@@ -279,6 +279,10 @@ pub async fn run_with(
     }
     let (dead_letters, crash_guard) = open_stores(pipeline).await?;
     let state = open_state(pipeline, &*transport, &plugins).await?;
+    let pruner = state
+        .as_ref()
+        .and_then(|a| a.store.clone())
+        .map(|store| tokio::spawn(prune_done(store, pipeline.state.processed_retention)));
     let versions = versions_of(pipeline, &plugins)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (control, mut exits) = Supervisor::start(
@@ -329,6 +333,9 @@ pub async fn run_with(
     .await;
     let _ = stop_tx.send(true);
     stop(&control, &mut exits, watcher, admin_task).await;
+    if let Some(p) = pruner {
+        p.abort();
+    }
     outcome?;
     if mode == RunMode::Drain && !transport.is_idle().await? {
         bail!("stopped before every queue was empty");
@@ -392,6 +399,27 @@ async fn open_state(
         reader: store.clone(),
         store: Some(store),
     }))
+}
+
+/// Forgets, every hour, the done records of exactly-once plugins older than
+/// `retention`.
+async fn prune_done(store: Arc<dyn crate::state::Store>, retention: Duration) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let before = crate::envelope::now_ms()
+            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        match store.prune(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                records = n,
+                "Forgot the records of messages handled before the retention"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Cannot prune the records of handled messages")
+            }
+        }
+    }
 }
 
 /// One version per loaded plugin, each with its retry policy.

@@ -8,8 +8,13 @@
 // The risk service is "unavailable" on the first attempt for the customer
 // `flaky` (a transient failure: the host retries); a payload that is not the
 // expected JSON is refused for good (a permanent failure: dead-lettered).
+//
+// It counts each customer's screened orders in its state (`orders:<customer>`,
+// committed with the message's outcome, so a retried attempt does not count
+// twice) and puts the count on the trace span as `customer.orders`.
 
 import { log, publish, send, spanAttribute } from "switchyard:plugin/host@0.2.1";
+import { increment } from "switchyard:plugin/state@0.2.1";
 
 // Orders of this many cents or more are held for a person to look at.
 const REVIEW_FROM_CENTS = 100000;
@@ -72,6 +77,10 @@ export const handler = {
         order_id: order.order_id,
       });
     }
+
+    // s64 in the contract: a BigInt here.
+    const orders = increment(`orders:${order.customer}`, 1n);
+    spanAttribute("customer.orders", String(orders));
 
     const reasons = [];
     if (order.total_cents >= REVIEW_FROM_CENTS) reasons.push("large order");

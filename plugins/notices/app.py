@@ -11,6 +11,10 @@ the pipeline's grants say otherwise). The mail server is
 "busy" on the first attempt for the customer `flaky` (a transient failure:
 the host retries); a payload that is not the expected JSON is refused for
 good (a permanent failure: dead-lettered, never retried).
+
+It counts the notices each customer got in its state (`notices:<customer>`,
+committed with the message's outcome, so a retried attempt does not count
+twice) and says which one this is in its log line.
 """
 
 import json
@@ -20,7 +24,7 @@ from datetime import datetime, timezone
 
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import host
+from wit_world.imports import host, state
 from wit_world.imports.types import (
     ErrorDetails,
     HandlerError_Permanent,
@@ -70,7 +74,11 @@ def notify(message, order_id, customer, text):
     # Read per message: module-level code runs once, when the component is built.
     channel = os.environ.get("NOTICE_CHANNEL", "email")
     sent_at = datetime.fromtimestamp(time.time(), timezone.utc).isoformat()
-    host.log(LogLevel.INFO, f"{channel} to {customer} about order {order_id}: {text}")
+    count = state.increment(f"notices:{customer}", 1)
+    host.log(
+        LogLevel.INFO,
+        f"{channel} to {customer} about order {order_id} (notice {count} to them): {text}",
+    )
     notice = {
         "order_id": order_id,
         "customer": customer,

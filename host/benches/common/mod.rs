@@ -28,6 +28,15 @@ pub async fn fill(transport: &dyn Transport, n: usize) {
     }
 }
 
+/// Whether the filter `cargo bench` was given (after its own `--bench`)
+/// leaves out the benchmark `name`.
+pub fn filtered_out(name: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .is_some_and(|filter| !name.contains(&filter))
+}
+
 /// A number from the environment, or `default`.
 pub fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -4,6 +4,7 @@ pub mod dlq;
 mod inspect;
 mod messages;
 mod remote;
+mod state;
 pub(crate) mod test;
 mod validate;
 
@@ -171,6 +172,10 @@ Outputs not listed fail the case. Exits with status 1 if any case fails.")]
     /// Inspect, replay and close dead letters: messages the host gave up on.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+
+    /// Look at what plugins keep in their state.
+    #[command(subcommand)]
+    State(state::StateCommand),
 
     /// Print who sends, handles, publishes and consumes each message type, as
     /// a Mermaid flowchart.
@@ -348,6 +353,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Dlq(command) => dlq::run(command).await,
+            Command::State(command) => state::run(command).await,
             Command::Test {
                 wasm,
                 tests,

@@ -183,7 +183,13 @@ pub enum StoreConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StateConfig {
     pub store: StoreConfig,
+    /// How long the record of a message an exactly-once plugin handled is
+    /// kept: a redelivery later than this is handled again.
+    pub processed_retention: Duration,
 }
+
+/// Default of `[state] processed_retention`.
+pub const DEFAULT_PROCESSED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Where a connection URL comes from: written in the file, or read from an
 /// environment variable when the store is opened (keeps passwords out of
@@ -315,6 +321,12 @@ pub struct PluginSpec {
     pub limits: Limits,
     pub retry: RetryPolicy,
     pub grants: Grants,
+    /// On a broker, record each handled message with its outputs in the
+    /// state store, in the transaction of its state changes, and never
+    /// hand a redelivery of it to the plugin again (`exactly_once`). The
+    /// embedded transport settles a message and its effects in one commit
+    /// anyway.
+    pub exactly_once: bool,
 }
 
 impl PluginSpec {

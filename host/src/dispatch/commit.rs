@@ -34,6 +34,12 @@ pub(super) async fn commit(
     let mut ok = written.is_some();
     let mut to_settle = Vec::with_capacity(settlements.len());
     let mut metrics = Vec::with_capacity(settlements.len());
+    // Redeliveries of done messages: recorded already.
+    let redelivered: std::collections::HashSet<u64> = settlements
+        .iter()
+        .filter(|p| matches!(p.metric, Metric::Redelivered))
+        .map(|p| p.settlement.delivery.receipt)
+        .collect();
     for p in settlements {
         if p.dead && written.is_none() {
             unhandled.push(p.settlement.delivery);
@@ -54,7 +60,7 @@ pub(super) async fn commit(
                 .cloned()
         })
         .collect();
-    if let Err(e) = commit_state(ctx, plugin, &to_settle).await {
+    if let Err(e) = commit_state(ctx, plugin, &to_settle, &redelivered).await {
         tracing::error!(
             plugin = %plugin.name(),
             error = %format!("{e:#}"),
@@ -304,27 +310,43 @@ pub async fn record_store_size(ctx: &RouteContext) {
 }
 
 /// On a broker, commits the state the batch's handled messages wrote to
-/// the state store, in one transaction, before the broker hears of them.
-/// (The embedded transport commits it in its settle transaction instead.)
+/// the state store, in one transaction, before the broker hears of them;
+/// for an exactly-once plugin, with the record of each handled message and
+/// its outputs. (The embedded transport commits state in its settle
+/// transaction instead.)
 async fn commit_state(
     ctx: &RouteContext,
     plugin: &LoadedPlugin,
     settlements: &[Settlement],
+    redelivered: &std::collections::HashSet<u64>,
 ) -> anyhow::Result<()> {
     let Some(store) = ctx.state.as_ref().and_then(|a| a.store.as_ref()) else {
         return Ok(());
     };
-    let changes: Vec<(String, crate::state::Changes)> = settlements
-        .iter()
-        .filter_map(|s| match &s.outcome {
-            Outcome::Handled { state, .. } if !state.is_empty() => {
-                Some((plugin.name().to_string(), state.clone()))
-            }
-            _ => None,
-        })
-        .collect();
-    if changes.is_empty() {
+    let mut changes = Vec::new();
+    let mut done = Vec::new();
+    for s in settlements {
+        let Outcome::Handled {
+            outputs,
+            reply,
+            state,
+        } = &s.outcome
+        else {
+            continue;
+        };
+        if !state.is_empty() {
+            changes.push(state.clone());
+        }
+        if ctx.exactly_once && !redelivered.contains(&s.delivery.receipt) {
+            done.push(crate::state::Done {
+                message_id: s.delivery.envelope.id.clone(),
+                outputs: outputs.clone(),
+                reply: reply.clone(),
+            });
+        }
+    }
+    if changes.is_empty() && done.is_empty() {
         return Ok(());
     }
-    store.commit(changes).await
+    store.commit(plugin.name().as_str(), changes, done).await
 }

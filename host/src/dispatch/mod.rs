@@ -75,6 +75,10 @@ pub struct RouteContext {
     /// Plugin state: where calls read it and, on a broker, the store the
     /// route commits it to before settling (`None`: no state kept).
     pub state: Option<crate::state::Access>,
+    /// The plugin is `exactly_once` and the state store is the route's to
+    /// commit (a broker): handled messages are recorded as done with their
+    /// outputs, and a redelivery of one is not handed to the plugin again.
+    pub exactly_once: bool,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -240,7 +244,9 @@ impl Route {
 
     /// Handles one batch and settles it.
     async fn run_batch(&mut self, batch: Vec<Delivery>) -> Result<()> {
-        let (batch, doomed) = self.screen_suspects(batch);
+        let (batch, mut doomed) = self.screen_suspects(batch);
+        let (batch, mut done) = self.screen_done(batch).await;
+        doomed.append(&mut done);
         self.take_new_version();
         let Some(worker) = self.worker.take() else {
             anyhow::bail!("route {} lost its worker", self.plugin.name());
@@ -288,6 +294,51 @@ impl Route {
             self.ready = later.into_iter().chain(self.ready.drain(..)).collect();
         }
         (keep, doomed)
+    }
+
+    /// The deliveries an exactly-once plugin already handled (a host died
+    /// between the commit and the broker's ack): not handled again, but
+    /// settled with the outputs recorded when they were (the second part).
+    /// When the store cannot say, every delivery is handled; the commit
+    /// then refuses any that was done, and the batch comes again.
+    async fn screen_done(&mut self, batch: Vec<Delivery>) -> (Vec<Delivery>, Vec<Processed>) {
+        let store = match &self.ctx.state {
+            Some(crate::state::Access {
+                store: Some(store), ..
+            }) if self.ctx.exactly_once => store.clone(),
+            _ => return (batch, Vec::new()),
+        };
+        let ids: Vec<String> = batch.iter().map(|d| d.envelope.id.clone()).collect();
+        let done = match store.done(self.plugin.name().as_str(), &ids).await {
+            Ok(done) if done.is_empty() => return (batch, Vec::new()),
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(
+                    plugin = %self.plugin.name(),
+                    error = %format!("{e:#}"),
+                    "Cannot read which messages were handled already; handling the batch"
+                );
+                return (batch, Vec::new());
+            }
+        };
+        let mut done: std::collections::HashMap<String, crate::state::Done> = done
+            .into_iter()
+            .map(|d| (d.message_id.clone(), d))
+            .collect();
+        let mut keep = Vec::with_capacity(batch.len());
+        let mut settled = Vec::new();
+        for delivery in batch {
+            match done.remove(&delivery.envelope.id) {
+                Some(record) => settled.push(Processed {
+                    delivery,
+                    verdict: Verdict::Done(record),
+                    took: Duration::ZERO,
+                    span: None,
+                }),
+                None => keep.push(delivery),
+            }
+        }
+        (keep, settled)
     }
 
     /// Takes a new version here, between batches: the batch before ran on

@@ -128,6 +128,8 @@ pub(super) enum Metric {
         attrs: MessageAttrs,
         kind: FailureKind,
     },
+    /// A redelivery of a done message: nothing to count as handled.
+    Redelivered,
 }
 
 impl Metric {
@@ -159,6 +161,7 @@ impl Metric {
                         .dead_lettered
                         .add(1, &and(&attrs, KeyValue::new("error.type", kind.as_str())));
                 }
+                Metric::Redelivered => {}
             }
         }
         if let Some((last, n)) = handled {
@@ -247,7 +250,33 @@ impl<'a> Planner<'a> {
             Verdict::Handled(outputs) => self.handled(p.delivery, outputs, p.took, p.span, attrs),
             Verdict::RetryLater(delay, f) => self.retry_later(p.delivery, delay, f, p.span, attrs),
             Verdict::DeadLetter(f) => self.dead_letter(p.delivery, f, p.span, attrs),
+            Verdict::Done(record) => self.done(p.delivery, record),
         }
+    }
+
+    /// A redelivery of a message an exactly-once plugin handled: settled
+    /// with the outputs recorded then, unhandled and uncounted.
+    fn done(&mut self, delivery: Delivery, record: crate::state::Done) {
+        let e = &delivery.envelope;
+        tracing::info!(
+            plugin = %self.plugin.name(),
+            message.r#type = %e.message_type,
+            message.id = %e.id,
+            emitted = %summarize(&record.outputs, record.reply.is_some()),
+            "Handled before (exactly once); sending what it emitted again"
+        );
+        self.plan.settlements.push(Planned {
+            settlement: Settlement {
+                delivery,
+                outcome: Outcome::Handled {
+                    outputs: record.outputs,
+                    reply: record.reply,
+                    state: crate::state::Changes::default(),
+                },
+            },
+            dead: false,
+            metric: Metric::Redelivered,
+        });
     }
 
     /// A handled message: its outputs (each with a `send` span) and reply

@@ -66,6 +66,9 @@ pub enum Verdict {
     RetryLater(Duration, Failure),
     /// Failed for good.
     DeadLetter(Failure),
+    /// Handled before (an exactly-once plugin's record says so): not
+    /// handled again; its recorded outputs go out again with their ids.
+    Done(crate::state::Done),
 }
 
 /// What handling one delivery produced. The delivery's envelope carries the

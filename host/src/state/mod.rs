@@ -9,8 +9,11 @@
 //! settles it: the embedded transport's own (same file, same commit), or,
 //! on a broker, a commit of the state store made before the broker ack.
 
+pub mod done;
 pub mod postgres;
 pub mod sqlite;
+
+pub use done::Done;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,6 +38,17 @@ pub struct Changes {
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+
+    /// The changes of messages applied in order, as one: the last write of
+    /// each key wins. A batch is committed as one transaction, so writing
+    /// each key once gives the same state with fewer writes.
+    pub fn merge(all: Vec<Changes>) -> Changes {
+        let mut merged = Changes::default();
+        for c in all {
+            merged.writes.extend(c.writes);
+        }
+        merged
     }
 
     /// Bytes of keys and values, for memory accounting.
@@ -68,9 +82,19 @@ pub trait Reader: Send + Sync {
 /// settle transaction instead.)
 #[async_trait]
 pub trait Store: Reader {
-    /// Applies the changes of a batch, in order, in one transaction: all or
-    /// nothing.
-    async fn commit(&self, changes: Vec<(String, Changes)>) -> Result<()>;
+    /// Applies the state changes of a batch of `plugin`'s messages, in
+    /// order, and records the `done` messages of an exactly-once plugin, in
+    /// one transaction: all or nothing. A message already recorded as done
+    /// fails the whole commit (another host got there first).
+    async fn commit(&self, plugin: &str, changes: Vec<Changes>, done: Vec<Done>) -> Result<()>;
+
+    /// The records of `plugin`'s messages among `ids` that are done. A
+    /// record that cannot be read comes back without outputs, with an
+    /// error logged: the message is not handled again.
+    async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>>;
+
+    /// Forgets the done records older than `before_ms`; returns how many.
+    async fn prune(&self, before_ms: u64) -> Result<u64>;
 
     /// Where the state is kept, without secrets.
     fn location(&self) -> String;
@@ -98,6 +122,23 @@ pub async fn open(config: &StateConfig, pipeline: &str) -> Result<Arc<dyn Store>
             ))
         }
     }
+}
+
+/// A done record read back, or, when it is corrupt, one without outputs.
+fn read_done(plugin: &str, message_id: String, bytes: &[u8]) -> Done {
+    Done::decode(&message_id, bytes).unwrap_or_else(|e| {
+        tracing::error!(
+            plugin,
+            message.id = %message_id,
+            error = %format!("{e:#}"),
+            "A done record cannot be read; the message is not handled again and its outputs are not sent again"
+        );
+        Done {
+            message_id,
+            outputs: Vec::new(),
+            reply: None,
+        }
+    })
 }
 
 /// A host's state: where calls read it, and the store that commits it when

@@ -8,7 +8,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::Client;
 
-use super::{Changes, Reader, Store};
+use super::{Changes, Done, Reader, Store};
 use crate::envelope::now_ms;
 use crate::pg::connect;
 
@@ -25,6 +25,15 @@ CREATE TABLE IF NOT EXISTS {schema}.plugin_state (
     updated_at_ms BIGINT NOT NULL,
     PRIMARY KEY (pipeline, plugin, key)
 );
+CREATE TABLE IF NOT EXISTS {schema}.processed_messages (
+    pipeline        TEXT NOT NULL,
+    plugin          TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    processed_at_ms BIGINT NOT NULL,
+    outcome         BYTEA NOT NULL,
+    PRIMARY KEY (pipeline, plugin, message_id)
+);
+CREATE INDEX IF NOT EXISTS processed_messages_by_age ON {schema}.processed_messages (processed_at_ms);
 ";
 
 pub struct PostgresState {
@@ -150,41 +159,95 @@ impl Reader for PostgresState {
 
 #[async_trait]
 impl Store for PostgresState {
-    async fn commit(&self, changes: Vec<(String, Changes)>) -> Result<()> {
+    async fn commit(&self, plugin: &str, changes: Vec<Changes>, done: Vec<Done>) -> Result<()> {
+        // One statement per kind of write, whatever the batch's size: the
+        // rows travel as arrays.
+        let merged = Changes::merge(changes);
+        let (mut set_keys, mut set_values, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, value) in merged.writes {
+            match value {
+                Some(v) => {
+                    set_keys.push(key);
+                    set_values.push(v);
+                }
+                None => deleted.push(key),
+            }
+        }
+        let done_ids: Vec<&str> = done.iter().map(|d| d.message_id.as_str()).collect();
+        let done_outcomes: Vec<Vec<u8>> = done.iter().map(Done::encode).collect();
+        let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
         let result = async {
             let mut guard = self.client().await?;
             let client = guard.as_mut().ok_or_else(|| anyhow!("no state store connection"))?;
-            let upsert = format!(
-                "INSERT INTO {} AS s (pipeline, plugin, key, value, version, updated_at_ms) VALUES ($1, $2, $3, $4, 1, $5)
-                 ON CONFLICT (pipeline, plugin, key) DO UPDATE SET value = excluded.value, version = s.version + 1, updated_at_ms = excluded.updated_at_ms",
-                self.table()
-            );
-            let delete = format!(
-                "DELETE FROM {} WHERE pipeline = $1 AND plugin = $2 AND key = $3",
-                self.table()
-            );
-            let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
             let tx = client.transaction().await?;
-            let upsert = tx.prepare(&upsert).await?;
-            let delete = tx.prepare(&delete).await?;
-            for (plugin, c) in &changes {
-                for (key, value) in &c.writes {
-                    match value {
-                        Some(v) => {
-                            tx.execute(&upsert, &[&self.pipeline, plugin, key, v, &now])
-                                .await?;
-                        }
-                        None => {
-                            tx.execute(&delete, &[&self.pipeline, plugin, key]).await?;
-                        }
-                    }
-                }
+            if !done_ids.is_empty() {
+                let sql = format!(
+                    "INSERT INTO {}.processed_messages (pipeline, plugin, message_id, processed_at_ms, outcome)
+                     SELECT $1, $2, m, $4, o FROM unnest($3::text[], $5::bytea[]) AS u(m, o)",
+                    self.schema
+                );
+                tx.execute(&sql, &[&self.pipeline, &plugin, &done_ids, &now, &done_outcomes])
+                    .await
+                    .context("cannot record the batch's messages as handled (was one handled already?)")?;
+            }
+            if !set_keys.is_empty() {
+                let sql = format!(
+                    "INSERT INTO {} AS s (pipeline, plugin, key, value, version, updated_at_ms)
+                     SELECT $1, $2, k, v, 1, $5 FROM unnest($3::text[], $4::bytea[]) AS u(k, v)
+                     ON CONFLICT (pipeline, plugin, key) DO UPDATE SET value = excluded.value, version = s.version + 1, updated_at_ms = excluded.updated_at_ms",
+                    self.table()
+                );
+                tx.execute(&sql, &[&self.pipeline, &plugin, &set_keys, &set_values, &now])
+                    .await?;
+            }
+            if !deleted.is_empty() {
+                let sql = format!(
+                    "DELETE FROM {} WHERE pipeline = $1 AND plugin = $2 AND key = ANY($3)",
+                    self.table()
+                );
+                tx.execute(&sql, &[&self.pipeline, &plugin, &deleted]).await?;
             }
             tx.commit().await?;
             Ok::<_, anyhow::Error>(())
         }
         .await;
         result.with_context(|| format!("cannot commit to the state store {}", self.shown()))
+    }
+
+    async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>> {
+        let result = async {
+            let guard = self.client().await?;
+            let client = guard.as_ref().context("no state store connection")?;
+            let sql = format!(
+                "SELECT message_id, outcome FROM {}.processed_messages WHERE pipeline = $1 AND plugin = $2 AND message_id = ANY($3)",
+                self.schema
+            );
+            let rows = client.query(&sql, &[&self.pipeline, &plugin, &ids]).await?;
+            let mut found = Vec::with_capacity(rows.len());
+            for row in rows {
+                let id: String = row.try_get(0)?;
+                let bytes: Vec<u8> = row.try_get(1)?;
+                found.push(super::read_done(plugin, id, &bytes));
+            }
+            Ok::<_, anyhow::Error>(found)
+        }
+        .await;
+        result.with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
+
+    async fn prune(&self, before_ms: u64) -> Result<u64> {
+        let result = async {
+            let guard = self.client().await?;
+            let client = guard.as_ref().context("no state store connection")?;
+            let sql = format!(
+                "DELETE FROM {}.processed_messages WHERE pipeline = $1 AND processed_at_ms < $2",
+                self.schema
+            );
+            let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+            Ok::<_, anyhow::Error>(client.execute(&sql, &[&self.pipeline, &before]).await?)
+        }
+        .await;
+        result.with_context(|| format!("cannot prune the state store {}", self.shown()))
     }
 
     fn location(&self) -> String {

@@ -10,10 +10,10 @@ use anyhow::{Context as _, Result, anyhow};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
-use super::{Changes, Reader, Store};
+use super::{Changes, Done, Reader, Store};
 
-/// The `state` table. `version` counts the writes of a key, for the
-/// optimistic checks of concurrent writers.
+/// The `state` table. `version` counts the commits that wrote a key, for
+/// the optimistic checks of concurrent writers.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS state (
     plugin        TEXT NOT NULL,
@@ -23,6 +23,19 @@ CREATE TABLE IF NOT EXISTS state (
     updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (plugin, key)
 ) WITHOUT ROWID;
+";
+
+/// The done records of exactly-once plugins (a host on a broker only: the
+/// embedded transport settles a message and its effects in one commit).
+const DONE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS processed (
+    plugin          TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    processed_at_ms INTEGER NOT NULL,
+    outcome         BLOB NOT NULL,
+    PRIMARY KEY (plugin, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS processed_by_age ON processed (processed_at_ms);
 ";
 
 /// Writes one message's changes to `plugin`'s state inside `tx`.
@@ -97,8 +110,8 @@ impl SqliteState {
             .with_context(|| format!("cannot open the state store {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("cannot create the state table in {}", path.display()))?;
+        conn.execute_batch(&format!("{SCHEMA}{DONE_SCHEMA}"))
+            .with_context(|| format!("cannot create the state tables in {}", path.display()))?;
         Ok(SqliteState {
             path: path.to_owned(),
             readers: Mutex::new(Vec::new()),
@@ -144,6 +157,25 @@ impl SqliteState {
     }
 }
 
+impl SqliteState {
+    /// Runs `f` on the writer connection, off the async threads.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let conn = writer
+                .as_mut()
+                .ok_or_else(|| anyhow!("this state is written by its transport"))?;
+            f(conn)
+        })
+        .await
+        .map_err(|e| anyhow!("state store task failed: {e}"))?
+    }
+}
+
 impl Reader for SqliteState {
     fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
         self.read(|c| get(c, plugin, key))
@@ -162,24 +194,57 @@ impl Reader for SqliteState {
 
 #[async_trait]
 impl Store for SqliteState {
-    async fn commit(&self, changes: Vec<(String, Changes)>) -> Result<()> {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
-            let conn = writer
-                .as_mut()
-                .ok_or_else(|| anyhow!("this state is written by its transport"))?;
+    async fn commit(&self, plugin: &str, changes: Vec<Changes>, done: Vec<Done>) -> Result<()> {
+        let plugin = plugin.to_owned();
+        self.write(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let now = crate::envelope::now_ms();
-            for (plugin, c) in &changes {
-                apply(&tx, plugin, c, now)?;
+            apply(&tx, &plugin, &Changes::merge(changes), now)?;
+            for d in &done {
+                tx.prepare_cached(
+                    "INSERT INTO processed (plugin, message_id, processed_at_ms, outcome) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![plugin, d.message_id, i64::try_from(now).unwrap_or(i64::MAX), d.encode()])
+                .with_context(|| format!("message {} of plugin {plugin}", d.message_id))?;
             }
             tx.commit()?;
-            Ok::<_, anyhow::Error>(())
+            Ok(())
         })
         .await
-        .map_err(|e| anyhow!("state store task failed: {e}"))?
         .with_context(|| format!("cannot commit to the state store {}", self.path.display()))
+    }
+
+    async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>> {
+        let plugin = plugin.to_owned();
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT outcome FROM processed WHERE plugin = ?1 AND message_id = ?2",
+            )?;
+            let mut found = Vec::new();
+            for id in ids {
+                let outcome: Option<Vec<u8>> = stmt
+                    .query_row(params![plugin, id], |r| r.get(0))
+                    .optional()?;
+                if let Some(bytes) = outcome {
+                    found.push(super::read_done(&plugin, id, &bytes));
+                }
+            }
+            Ok(found)
+        })
+        .await
+        .with_context(|| format!("cannot read the state store {}", self.path.display()))
+    }
+
+    async fn prune(&self, before_ms: u64) -> Result<u64> {
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM processed WHERE processed_at_ms < ?1")?
+                .execute(params![i64::try_from(before_ms).unwrap_or(i64::MAX)])?;
+            Ok(n as u64)
+        })
+        .await
+        .with_context(|| format!("cannot prune the state store {}", self.path.display()))
     }
 
     fn location(&self) -> String {
@@ -199,7 +264,7 @@ mod tests {
         for k in ["b:1", "a:2", "a:1", "a:"] {
             c.writes.insert(k.into(), Some(k.as_bytes().to_vec()));
         }
-        store.commit(vec![("p".into(), c)]).await.unwrap();
+        store.commit("p", vec![c], Vec::new()).await.unwrap();
         assert_eq!(store.get("p", "a:1").unwrap(), Some(b"a:1".to_vec()));
         assert_eq!(store.get("q", "a:1").unwrap(), None);
         assert_eq!(
@@ -210,7 +275,28 @@ mod tests {
         assert_eq!(store.keys("p", "", None, 2).unwrap(), ["a:", "a:1"]);
         let mut d = Changes::default();
         d.writes.insert("a:1".into(), None);
-        store.commit(vec![("p".into(), d)]).await.unwrap();
+        let done = Done {
+            message_id: "m-1".into(),
+            outputs: Vec::new(),
+            reply: None,
+        };
+        store
+            .commit("p", vec![d], vec![done.clone()])
+            .await
+            .unwrap();
         assert_eq!(store.get("p", "a:1").unwrap(), None);
+        let ids = ["m-1".to_owned(), "m-2".to_owned()];
+        assert_eq!(
+            store.done("p", &ids).await.unwrap(),
+            std::slice::from_ref(&done)
+        );
+        assert!(store.done("q", &ids).await.unwrap().is_empty());
+        // Done twice: the whole commit fails, its changes too.
+        let mut again = Changes::default();
+        again.writes.insert("a:9".into(), Some(b"9".to_vec()));
+        assert!(store.commit("p", vec![again], vec![done]).await.is_err());
+        assert_eq!(store.get("p", "a:9").unwrap(), None);
+        assert_eq!(store.prune(crate::envelope::now_ms() + 1).await.unwrap(), 1);
+        assert!(store.done("p", &ids).await.unwrap().is_empty());
     }
 }

@@ -242,6 +242,12 @@ impl Supervisor {
             max_message_size: state.pipeline.max_message_size,
             crash_guard: self.base.crash_guard.clone(),
             state: self.base.state.clone(),
+            exactly_once: self.base.state.as_ref().is_some_and(|a| a.store.is_some())
+                && state
+                    .pipeline
+                    .plugins
+                    .iter()
+                    .any(|p| p.name.as_str() == name && p.exactly_once),
         };
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;

@@ -488,9 +488,9 @@ fn the_example_plugins_pass_their_contract_tests() {
         ("inventory", 1),
         ("notifications", 3),
         // JavaScript, C and Python.
-        ("fraud", 6),
+        ("fraud", 7),
         ("receipts", 8),
-        ("notices", 7),
+        ("notices", 8),
     ] {
         let tests = workspace_root()
             .join("plugins")

@@ -494,6 +494,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         max_message_size: switchyard::limits::DEFAULT_MAX_MESSAGE_SIZE,
         crash_guard: None,
         state: None,
+        exactly_once: false,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -634,6 +635,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         max_message_size: switchyard::limits::DEFAULT_MAX_MESSAGE_SIZE,
         crash_guard: None,
         state: None,
+        exactly_once: false,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,

@@ -34,16 +34,24 @@ pub struct Broker {
 
 /// The tally pipeline on a broker, with its batch bound set to [`BATCH`].
 pub fn tally_pipeline(broker: &Broker, dir: &Path) -> (PathBuf, Pipeline) {
+    tally_pipeline_with(broker, dir, "")
+}
+
+/// [`tally_pipeline`] with more of the pipeline (`extra`, more plugins).
+pub fn tally_pipeline_with(broker: &Broker, dir: &Path, extra: &str) -> (PathBuf, Pipeline) {
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let (path, p) = (broker.pipeline)(
         dir,
-        r#"
+        &format!(
+            r#"
         [plugins.tally]
-        wasm = "{dist}/tally.wasm"
+        wasm = "{{dist}}/tally.wasm"
         events = ["Tick"]
-        grants = { dirs = [{ host = "out", guest = "/out", writable = true }] }
-        retry = { delayed = 0 }
-        "#,
+        grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
+        retry = {{ delayed = 0 }}
+        {extra}
+        "#
+        ),
     );
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "[transport]\n",
@@ -171,9 +179,20 @@ pub async fn sigkill_at_random_points(broker: &Broker) -> Pipeline {
 /// handled at least once (the run fails otherwise), and the duplicates are
 /// reported.
 pub async fn sigkill_run(broker: &Broker, messages: usize) -> (Pipeline, KillRun) {
+    sigkill_run_with(broker, messages, "", |_| {}).await
+}
+
+/// [`sigkill_run`] with more plugins in the pipeline (`extra`), and a
+/// last look at what the pipeline left (`check`) before its directory goes.
+pub async fn sigkill_run_with(
+    broker: &Broker,
+    messages: usize,
+    extra: &str,
+    check: impl FnOnce(&Pipeline),
+) -> (Pipeline, KillRun) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let (path, p) = tally_pipeline(broker, dir.path());
+    let (path, p) = tally_pipeline_with(broker, dir.path(), extra);
     let ids = enqueue_ticks(&p, messages).await;
     let log = tally(dir.path());
 
@@ -210,6 +229,7 @@ pub async fn sigkill_run(broker: &Broker, messages: usize) -> (Pipeline, KillRun
         duplicates <= kills.len() * broker.duplicates_per_kill,
         "{duplicates} duplicates"
     );
+    check(&p);
     (
         p,
         KillRun {

@@ -14,7 +14,7 @@ use crate::common::{dead_letters, message, write_pipeline};
 const COUNTER: &str = r#"
     [plugins.counter]
     wasm = "{dist}/counter.wasm"
-    events = ["Count", "Store", "Forget"]
+    events = ["Count", "Store", "Forget", "Bump"]
     commands = ["Total"]
     retry = { immediate = 1, delayed = 0 }
 "#;
@@ -95,6 +95,24 @@ async fn state_commits_with_the_outcome_and_a_failed_attempt_leaves_none() {
     let failed = dead_letters(&pipeline).await;
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].message.id, doomed.id);
+
+    // What the operator sees.
+    let source = pipeline.source.to_str().unwrap();
+    let out = std::process::Command::new(crate::common::bin())
+        .args([
+            "state", "list", "-p", source, "counter", "--prefix", "count:",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text, "count:a  500\ncount:b  3\n");
+    let out = std::process::Command::new(crate::common::bin())
+        .args(["state", "get", "-p", source, "counter", "count:c"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key \"count:c\""));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -218,4 +236,79 @@ async fn on_rabbitmq_state_commits_to_postgresql_before_the_ack() {
         .await
         .unwrap();
     crate::amqp::clean_up(&pipeline).await;
+}
+
+/// The same message delivered twice (as a producer's retry or a broker's
+/// redelivery after a lost ack does): handled twice by a plain plugin, once
+/// by an exactly-once one, whose recorded output goes out again with its
+/// id and is itself not handled twice.
+async fn duplicate_on_rabbitmq(exactly_once: bool, store: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pipeline) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            r#"
+    [plugins.counter]
+    wasm = "{{dist}}/counter.wasm"
+    events = ["Count", "Counted"]
+    exactly_once = {exactly_once}
+    {store}
+"#
+        ),
+    );
+    let transport = runtime::open(&pipeline).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let m = count("a", None);
+    for _ in 0..2 {
+        transport.enqueue(vec![m.clone()]).await.unwrap();
+        crate::amqp::drain(&pipeline).await;
+    }
+    let state = switchyard::state::open(&pipeline.state, &pipeline.name)
+        .await
+        .unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        let read = |key: &str| text(state.get("counter", key).unwrap()).unwrap_or_default();
+        (read("count:a"), read("seen"))
+    })
+    .await
+    .unwrap();
+    if let config::StoreConfig::Postgres { url, schema } = &pipeline.state.store {
+        let (client, connection) =
+            tokio_postgres::connect(&url.resolve("state").unwrap(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let done: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {schema}.processed_messages WHERE pipeline = $1 AND message_id = $2"),
+                &[&pipeline.name, &m.id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(done, 1, "the message is recorded as done once");
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+    crate::amqp::clean_up(&pipeline).await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exactly_once_plugin_does_not_handle_a_redelivery_again() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let postgres = format!(
+        "[state]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{}\"",
+        schema()
+    );
+    let (count, seen) = duplicate_on_rabbitmq(true, &postgres).await;
+    assert_eq!((count.as_str(), seen.as_str()), ("1", "1"));
+    // The same on the default SQLite state file.
+    let (count, seen) = duplicate_on_rabbitmq(true, "").await;
+    assert_eq!((count.as_str(), seen.as_str()), ("1", "1"));
+    // A plain plugin handles it twice, and its output twice (two ids).
+    let (count, seen) = duplicate_on_rabbitmq(false, "").await;
+    assert_eq!((count.as_str(), seen.as_str()), ("2", "2"));
 }

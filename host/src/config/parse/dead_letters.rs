@@ -5,7 +5,8 @@
 use super::Parser;
 use crate::config::diagnostic::Diagnostic;
 use crate::config::model::{
-    DEFAULT_MAX_REPLAYS, DeadLetterConfig, StateConfig, StoreConfig, TransportConfig, UrlSource,
+    DEFAULT_MAX_REPLAYS, DEFAULT_PROCESSED_RETENTION, DeadLetterConfig, StateConfig, StoreConfig,
+    TransportConfig, UrlSource,
 };
 use crate::config::reader::{Section, Spanned};
 use crate::config::redact::{has_password, redact};
@@ -76,6 +77,7 @@ impl Parser<'_> {
         let default_path = self.default_store(transport, "state");
         let mut config = StateConfig {
             store: StoreConfig::Embedded { path: default_path },
+            processed_retention: DEFAULT_PROCESSED_RETENTION,
         };
         let Some(mut d) = root.table("state", self.diags) else {
             return config;
@@ -91,6 +93,9 @@ impl Parser<'_> {
         }
         if let Some(store) = self.store_keys(&mut d, "state", "keep state in a SQLite file") {
             config.store = store;
+        }
+        if let Some(t) = self.duration(&mut d, "processed_retention") {
+            config.processed_retention = t.value;
         }
         d.finish(self.diags);
         config

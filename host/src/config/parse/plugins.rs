@@ -81,6 +81,9 @@ impl Parser<'_> {
             Some(g) => self.grants(g),
             None => Grants::default(),
         };
+        let exactly_once = section
+            .bool("exactly_once", self.diags)
+            .is_some_and(|b| b.value);
         self.check_handles_something(
             &section,
             &name,
@@ -102,6 +105,7 @@ impl Parser<'_> {
                 limits,
                 retry,
                 grants,
+                exactly_once,
             }),
             _ => None,
         };

@@ -8,6 +8,12 @@
 //! - `Store {"key": k, "bytes": n}` stores `n` bytes under `k` (to reach
 //!   the value limit); `"keys": n` writes `n` keys `bulk:<i>` instead.
 //! - `Forget {"prefix": p}` deletes every key that starts with `p`.
+//! - `Counted` (its own event, when the pipeline routes it back) adds one
+//!   to `seen`: how often its outputs were handled.
+//! - `Tick` (any payload) adds one to `ticks`: the SIGKILL tests compare
+//!   it with the number of messages sent.
+//! - `Bump` (payload: a key as text) reads the integer under the key and
+//!   stores it plus one: one `get` and one `set`, for the benchmarks.
 //! - `Total {"prefix": p}` (a command) replies with the sum of the counters
 //!   whose keys start with `count:<p>`, and their keys.
 
@@ -44,6 +50,9 @@ impl Plugin for Counter {
             .consumes_event("Count")
             .consumes_event("Store")
             .consumes_event("Forget")
+            .consumes_event("Bump")
+            .consumes_event("Tick")
+            .consumes_event("Counted")
             .handles_command("Total")
             .publishes("Counted")
     }
@@ -73,6 +82,19 @@ impl Plugin for Counter {
                     ctx.state().set_bytes(&s.key, vec![b'x'; s.bytes]);
                 }
                 Ok(())
+            }
+            "Counted" => {
+                ctx.state().increment("seen", 1);
+                Ok(())
+            }
+            "Tick" => {
+                ctx.state().increment("ticks", 1);
+                Ok(())
+            }
+            "Bump" => {
+                let key = String::from_utf8_lossy(&msg.payload);
+                let n: i64 = ctx.state().get(&key)?.unwrap_or(0);
+                ctx.state().set(&key, &(n + 1))
             }
             "Forget" => {
                 let p: Prefix = msg.json()?;
