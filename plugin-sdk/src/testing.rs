@@ -283,6 +283,19 @@ impl Recorder<'_> {
             self.violation = Some(text);
         }
     }
+
+    /// Whether the host would take `key`: non-empty, at most 1,024 bytes.
+    fn key_ok(&mut self, key: &str) -> bool {
+        if key.is_empty() || key.len() > 1024 {
+            self.violate(format!(
+                "plugin {} used a state key of {} bytes (1 to 1,024)",
+                self.info.name,
+                key.len()
+            ));
+            return false;
+        }
+        true
+    }
 }
 
 impl Outbox for Recorder<'_> {
@@ -350,6 +363,9 @@ impl Outbox for Recorder<'_> {
     }
 
     fn state_get(&mut self, key: &str) -> Option<Vec<u8>> {
+        if !self.key_ok(key) {
+            return None;
+        }
         match self.writes.get(key) {
             Some(v) => v.clone(),
             None => self.state.get(key).cloned(),
@@ -357,11 +373,15 @@ impl Outbox for Recorder<'_> {
     }
 
     fn state_set(&mut self, key: &str, value: Vec<u8>) {
-        self.writes.insert(key.to_owned(), Some(value));
+        if self.key_ok(key) {
+            self.writes.insert(key.to_owned(), Some(value));
+        }
     }
 
     fn state_delete(&mut self, key: &str) {
-        self.writes.insert(key.to_owned(), None);
+        if self.key_ok(key) {
+            self.writes.insert(key.to_owned(), None);
+        }
     }
 
     fn state_keys(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<String> {
@@ -375,7 +395,7 @@ impl Outbox for Recorder<'_> {
         }
         keys.into_iter()
             .filter(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
-            .take(limit as usize)
+            .take((limit as usize).min(1000))
             .cloned()
             .collect()
     }

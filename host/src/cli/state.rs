@@ -154,9 +154,19 @@ async fn open(path: &Path, plugin: &str) -> Result<(Arc<dyn Reader>, String)> {
             }
             crate::state::sqlite::SqliteState::reader(&e.path)
         }
-        _ => crate::state::open(&pipeline.state, &pipeline.name)
-            .await
-            .context("cannot open the state store ([state])")?,
+        _ => {
+            if let config::StoreConfig::Embedded { path } = &pipeline.state.store
+                && !path.exists()
+            {
+                bail!(
+                    "the state store {} does not exist yet: no plugin of the pipeline has kept state",
+                    path.display()
+                );
+            }
+            crate::state::open(&pipeline.state, &pipeline.name)
+                .await
+                .context("cannot open the state store ([state])")?
+        }
     };
     Ok((reader, plugin.to_owned()))
 }

@@ -257,7 +257,19 @@ fn refused_letters(
 ) -> (Vec<DeadLetter>, Vec<Settlement>) {
     let mut letters = Vec::with_capacity(refused.len());
     let mut settlements = Vec::with_capacity(refused.len());
-    for Refused { settlement, reason } in refused {
+    for Refused {
+        settlement,
+        mut reason,
+    } in refused
+    {
+        // On a broker the state store committed before the broker refused.
+        let state_committed = ctx.state.as_ref().is_some_and(|a| a.store.is_some())
+            && matches!(&settlement.outcome, Outcome::Handled { state, .. } if !state.is_empty());
+        if state_committed {
+            reason.push_str(
+                "; the state changes it made were committed before the broker refused it",
+            );
+        }
         // A refused retry's message carries the attempt that failed.
         let mut message = match settlement.outcome {
             Outcome::Retry { message, .. } => message,

@@ -297,8 +297,10 @@ impl Route {
     }
 
     /// The deliveries an exactly-once plugin already handled (a host died
-    /// between the commit and the broker's ack): not handled again, but
-    /// settled with the outputs recorded when they were (the second part).
+    /// between the commit and the broker's ack, a producer sent a message
+    /// twice): not handled again, but settled with the outputs recorded
+    /// when they were (the second part). A second copy of an id in the
+    /// batch waits for the next batch, which finds the first copy's record.
     /// When the store cannot say, every delivery is handled; the commit
     /// then refuses any that was done, and the batch comes again.
     async fn screen_done(&mut self, batch: Vec<Delivery>) -> (Vec<Delivery>, Vec<Processed>) {
@@ -310,7 +312,6 @@ impl Route {
         };
         let ids: Vec<String> = batch.iter().map(|d| d.envelope.id.clone()).collect();
         let done = match store.done(self.plugin.name().as_str(), &ids).await {
-            Ok(done) if done.is_empty() => return (batch, Vec::new()),
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(
@@ -318,25 +319,33 @@ impl Route {
                     error = %format!("{e:#}"),
                     "Cannot read which messages were handled already; handling the batch"
                 );
-                return (batch, Vec::new());
+                Vec::new()
             }
         };
-        let mut done: std::collections::HashMap<String, crate::state::Done> = done
+        let done: std::collections::HashMap<String, crate::state::Done> = done
             .into_iter()
             .map(|d| (d.message_id.clone(), d))
             .collect();
         let mut keep = Vec::with_capacity(batch.len());
+        let mut later = Vec::new();
         let mut settled = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(batch.len());
         for delivery in batch {
-            match done.remove(&delivery.envelope.id) {
-                Some(record) => settled.push(Processed {
+            if let Some(record) = done.get(&delivery.envelope.id) {
+                settled.push(Processed {
                     delivery,
-                    verdict: Verdict::Done(record),
+                    verdict: Verdict::Done(record.clone()),
                     took: Duration::ZERO,
                     span: None,
-                }),
-                None => keep.push(delivery),
+                });
+            } else if seen.insert(delivery.envelope.id.clone()) {
+                keep.push(delivery);
+            } else {
+                later.push(delivery);
             }
+        }
+        if !later.is_empty() {
+            self.ready = later.into_iter().chain(self.ready.drain(..)).collect();
         }
         (keep, settled)
     }

@@ -258,6 +258,9 @@ impl<'a> Planner<'a> {
     /// with the outputs recorded then, unhandled and uncounted.
     fn done(&mut self, delivery: Delivery, record: crate::state::Done) {
         let e = &delivery.envelope;
+        if let Some(replayed) = DeadLetter::replay_of(e) {
+            self.plan.replays_handled.push(replayed.to_owned());
+        }
         tracing::info!(
             plugin = %self.plugin.name(),
             message.r#type = %e.message_type,

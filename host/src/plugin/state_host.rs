@@ -75,7 +75,18 @@ impl State {
             ));
             return;
         }
-        writes.insert(key, value);
+        // State the host holds until the batch settles counts with the
+        // call's outputs.
+        let bytes = key.len() + value.as_ref().map_or(0, Vec::len);
+        if self.call.output_bytes.saturating_add(bytes) > super::MAX_OUTPUT_BYTES {
+            self.violate(format!(
+                "plugin {name} wrote more than {} of outputs and state for one message",
+                format_size(super::MAX_OUTPUT_BYTES as u64)
+            ));
+            return;
+        }
+        self.call.output_bytes += bytes;
+        self.call.state.writes.insert(key, value);
     }
 }
 

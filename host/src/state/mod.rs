@@ -226,25 +226,32 @@ impl Scope {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut overlay = self.batch().clone();
-        for (k, v) in &call.writes {
-            overlay.insert(k.clone(), v.clone());
-        }
         let in_range = |k: &str| k.starts_with(prefix) && after.is_none_or(|a| k > a);
+        // Which keys of the range the batch and the call set (`true`) or
+        // deleted (`false`); the values stay where they are.
+        let mut overlay: BTreeMap<String, bool> = self
+            .batch()
+            .iter()
+            .filter(|(k, _)| in_range(k))
+            .map(|(k, v)| (k.clone(), v.is_some()))
+            .collect();
+        for (k, v) in call.writes.iter().filter(|(k, _)| in_range(k)) {
+            overlay.insert(k.clone(), v.is_some());
+        }
         // Deleted keys may hide stored ones: ask for enough to still fill
         // the page.
-        let hidden = overlay.values().filter(|v| v.is_none()).count();
+        let hidden = overlay.values().filter(|set| !**set).count();
         let stored = self
             .reader
             .keys(&self.plugin, prefix, after, limit.saturating_add(hidden))?;
         let mut keys: std::collections::BTreeSet<String> = stored
             .into_iter()
-            .filter(|k| !matches!(overlay.get(k), Some(None)))
+            .filter(|k| overlay.get(k) != Some(&false))
             .collect();
         keys.extend(
             overlay
                 .iter()
-                .filter(|(k, v)| v.is_some() && in_range(k))
+                .filter(|(_, set)| **set)
                 .map(|(k, _)| k.clone()),
         );
         Ok(keys.into_iter().take(limit).collect())

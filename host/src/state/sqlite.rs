@@ -12,8 +12,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{Changes, Done, Reader, Store};
 
-/// The `state` table. `version` counts the commits that wrote a key, for
-/// the optimistic checks of concurrent writers.
+/// The `state` table. `version` counts the commits that wrote a key (no
+/// writer checks it yet: concurrent writers are last-writer-wins).
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS state (
     plugin        TEXT NOT NULL,
