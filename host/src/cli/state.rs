@@ -71,9 +71,9 @@ pub async fn run(command: StateCommand) -> Result<ExitCode> {
                     let keys = reader.keys(&plugin, &prefix, after.as_deref(), page)?;
                     let done = keys.len() < page;
                     for key in keys {
+                        after = Some(key.clone());
                         // A key deleted since it was listed is passed over.
                         if let Some(value) = reader.get(&plugin, &key)? {
-                            after = Some(key.clone());
                             entries.push((key, value));
                         }
                     }

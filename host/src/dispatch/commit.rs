@@ -335,7 +335,7 @@ async fn commit_state(
     let Some(store) = ctx.state.as_ref().and_then(|a| a.store.as_ref()) else {
         return Ok(());
     };
-    let mut changes = Vec::new();
+    let mut changes = crate::state::Changes::default();
     let mut done = Vec::new();
     for s in settlements {
         let Outcome::Handled {
@@ -346,9 +346,7 @@ async fn commit_state(
         else {
             continue;
         };
-        if !state.is_empty() {
-            changes.push(state.clone());
-        }
+        changes.then(state);
         if ctx.exactly_once && !redelivered.contains(&s.delivery.receipt) {
             done.push(crate::state::Done {
                 message_id: s.delivery.envelope.id.clone(),

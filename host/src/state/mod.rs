@@ -40,15 +40,13 @@ impl Changes {
         self.writes.is_empty()
     }
 
-    /// The changes of messages applied in order, as one: the last write of
-    /// each key wins. A batch is committed as one transaction, so writing
-    /// each key once gives the same state with fewer writes.
-    pub fn merge(all: Vec<Changes>) -> Changes {
-        let mut merged = Changes::default();
-        for c in all {
-            merged.writes.extend(c.writes);
+    /// Adds the changes of a later message: its write of a key replaces
+    /// this one's. A batch commits as one transaction, so its messages'
+    /// changes folded into one give the same state with fewer writes.
+    pub fn then(&mut self, later: &Changes) {
+        for (k, v) in &later.writes {
+            self.writes.insert(k.clone(), v.clone());
         }
-        merged
     }
 
     /// Bytes of keys and values, for memory accounting.
@@ -82,11 +80,11 @@ pub trait Reader: Send + Sync {
 /// settle transaction instead.)
 #[async_trait]
 pub trait Store: Reader {
-    /// Applies the state changes of a batch of `plugin`'s messages, in
-    /// order, and records the `done` messages of an exactly-once plugin, in
-    /// one transaction: all or nothing. A message already recorded as done
+    /// Applies the state changes of a batch of `plugin`'s messages (folded
+    /// into one, see [`Changes::then`]) and records the `done` messages of
+    /// an exactly-once plugin, in one transaction: all or nothing. A message already recorded as done
     /// fails the whole commit (another host got there first).
-    async fn commit(&self, plugin: &str, changes: Vec<Changes>, done: Vec<Done>) -> Result<()>;
+    async fn commit(&self, plugin: &str, changes: Changes, done: Vec<Done>) -> Result<()>;
 
     /// The records of `plugin`'s messages among `ids` that are done. A
     /// record that cannot be read comes back without outputs, with an

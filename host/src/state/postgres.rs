@@ -159,12 +159,11 @@ impl Reader for PostgresState {
 
 #[async_trait]
 impl Store for PostgresState {
-    async fn commit(&self, plugin: &str, changes: Vec<Changes>, done: Vec<Done>) -> Result<()> {
+    async fn commit(&self, plugin: &str, changes: Changes, done: Vec<Done>) -> Result<()> {
         // One statement per kind of write, whatever the batch's size: the
         // rows travel as arrays.
-        let merged = Changes::merge(changes);
         let (mut set_keys, mut set_values, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, value) in merged.writes {
+        for (key, value) in changes.writes {
             match value {
                 Some(v) => {
                     set_keys.push(key);

@@ -194,12 +194,12 @@ impl Reader for SqliteState {
 
 #[async_trait]
 impl Store for SqliteState {
-    async fn commit(&self, plugin: &str, changes: Vec<Changes>, done: Vec<Done>) -> Result<()> {
+    async fn commit(&self, plugin: &str, changes: Changes, done: Vec<Done>) -> Result<()> {
         let plugin = plugin.to_owned();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let now = crate::envelope::now_ms();
-            apply(&tx, &plugin, &Changes::merge(changes), now)?;
+            apply(&tx, &plugin, &changes, now)?;
             for d in &done {
                 tx.prepare_cached(
                     "INSERT INTO processed (plugin, message_id, processed_at_ms, outcome) VALUES (?1, ?2, ?3, ?4)",
@@ -264,7 +264,7 @@ mod tests {
         for k in ["b:1", "a:2", "a:1", "a:"] {
             c.writes.insert(k.into(), Some(k.as_bytes().to_vec()));
         }
-        store.commit("p", vec![c], Vec::new()).await.unwrap();
+        store.commit("p", c, Vec::new()).await.unwrap();
         assert_eq!(store.get("p", "a:1").unwrap(), Some(b"a:1".to_vec()));
         assert_eq!(store.get("q", "a:1").unwrap(), None);
         assert_eq!(
@@ -280,10 +280,7 @@ mod tests {
             outputs: Vec::new(),
             reply: None,
         };
-        store
-            .commit("p", vec![d], vec![done.clone()])
-            .await
-            .unwrap();
+        store.commit("p", d, vec![done.clone()]).await.unwrap();
         assert_eq!(store.get("p", "a:1").unwrap(), None);
         let ids = ["m-1".to_owned(), "m-2".to_owned()];
         assert_eq!(
@@ -294,7 +291,7 @@ mod tests {
         // Done twice: the whole commit fails, its changes too.
         let mut again = Changes::default();
         again.writes.insert("a:9".into(), Some(b"9".to_vec()));
-        assert!(store.commit("p", vec![again], vec![done]).await.is_err());
+        assert!(store.commit("p", again, vec![done]).await.is_err());
         assert_eq!(store.get("p", "a:9").unwrap(), None);
         assert_eq!(store.prune(crate::envelope::now_ms() + 1).await.unwrap(), 1);
         assert!(store.done("p", &ids).await.unwrap().is_empty());
