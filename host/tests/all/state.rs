@@ -127,10 +127,27 @@ async fn state_over_its_limits_fails_the_message_as_a_contract_violation() {
         json!({ "key": "fits", "bytes": 1024 }),
     );
     let ten = message(Kind::Event, "Store", json!({ "key": "", "keys": 10 }));
+    // Keys at their limits: 1 to 1,024 bytes.
+    let longest = "k".repeat(1024);
+    let long_key = message(Kind::Event, "Store", json!({ "key": longest, "bytes": 1 }));
+    let too_long = message(
+        Kind::Event,
+        "Store",
+        json!({ "key": "k".repeat(1025), "bytes": 1 }),
+    );
+    let empty = message(Kind::Event, "Store", json!({ "key": "", "bytes": 1 }));
     let pipeline = run_embedded(
         dir.path(),
         &format!("[defaults]\n{limits}"),
-        vec![big.clone(), many.clone(), fits, ten],
+        vec![
+            big.clone(),
+            many.clone(),
+            fits,
+            ten,
+            long_key,
+            too_long.clone(),
+            empty.clone(),
+        ],
     )
     .await;
     let state = embedded_state(&pipeline);
@@ -141,8 +158,9 @@ async fn state_over_its_limits_fails_the_message_as_a_contract_violation() {
     );
     assert_eq!(state.keys("counter", "bulk:", None, 100).unwrap().len(), 10);
 
+    assert_eq!(state.get("counter", &longest).unwrap(), Some(b"x".to_vec()));
     let failed = dead_letters(&pipeline).await;
-    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert_eq!(failed.len(), 4, "{failed:?}");
     let of = |id: &str| failed.iter().find(|d| d.message.id == id).unwrap();
     let big_error = &of(&big.id).error;
     assert_eq!(big_error.kind, "contract-violation");
@@ -159,6 +177,22 @@ async fn state_over_its_limits_fails_the_message_as_a_contract_violation() {
         many_error.message.contains("more than 10 state keys"),
         "{}",
         many_error.message
+    );
+    let too_long_error = &of(&too_long.id).error;
+    assert_eq!(too_long_error.kind, "contract-violation");
+    assert!(
+        too_long_error
+            .message
+            .contains("a state key of 1025 bytes (at most 1024)"),
+        "{}",
+        too_long_error.message
+    );
+    let empty_error = &of(&empty.id).error;
+    assert_eq!(empty_error.kind, "contract-violation");
+    assert!(
+        empty_error.message.contains("an empty state key"),
+        "{}",
+        empty_error.message
     );
 }
 
