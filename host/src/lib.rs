@@ -35,7 +35,7 @@
 //! | [`runtime`] | loading a pipeline's plugins, starting its transport, stores, routes and admin listener, and stopping them |
 //! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz`, `/plugins` |
 //! | [`supervisor`] | the route supervisor: one route per plugin, and every change to a running host (swaps, pipeline edits, deploys, rollbacks, the file watcher) |
-//! | [`dispatch`] | one route: the loop (`mod.rs`), the worker and its immediate retries (`worker.rs`), verdicts to durable steps (`plan.rs`), the order of writes (`commit.rs`), the versions a route runs (`version.rs`) |
+//! | [`dispatch`] | one route: the loop (`mod.rs`), the worker and its immediate retries (`worker.rs`), a saga message's instance and step (`saga.rs`), verdicts to durable steps (`plan.rs`), the order of writes (`commit.rs`), the versions a route runs (`version.rs`) |
 //! | `crash_loop` | the crash-loop guard: messages in hand when the host died |
 //! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
 //! | [`transport`] | the [`transport::Transport`] contract; the embedded SQLite transport, RabbitMQ and Kafka; CloudEvents bindings |
@@ -46,6 +46,7 @@
 //! | [`telemetry`] | traces (OpenTelemetry), metrics, logging |
 //! | [`limits`] | the size and shape limits of a message arriving from outside |
 //! | [`config`] | pipeline TOML → validated, I/O-free [`config::Pipeline`]; every error at once |
+//! | [`saga`] | sagas: how a message finds its instance, instances and their steps, conflicts |
 //! | [`envelope`] | the transport-neutral message, its attempt history, the host's own headers |
 //! | [`recover`] | failure kinds, the retry policy, backoff, fingerprints |
 //! | `text`, `files`, `json_diff` | leaves: outside text made safe to log, private files, JSON differences |
@@ -64,6 +65,7 @@ mod pg;
 pub mod plugin;
 pub mod recover;
 pub mod runtime;
+pub mod saga;
 mod schemas;
 pub mod state;
 pub mod supervisor;

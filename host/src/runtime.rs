@@ -376,7 +376,7 @@ async fn open_stores(
 
 /// Where plugins' state is kept: in the transport's own store when it has
 /// one (the embedded transport), otherwise in `[state]`'s store, opened
-/// only when a plugin uses state or is `exactly_once`.
+/// only when a plugin uses state, is `exactly_once` or is a saga.
 async fn open_state(
     pipeline: &Pipeline,
     transport: &dyn Transport,
@@ -388,7 +388,7 @@ async fn open_state(
             store: None,
         }));
     }
-    let exactly_once = pipeline.plugins.iter().any(|p| p.exactly_once);
+    let exactly_once = pipeline.plugins.iter().any(|p| p.is_exactly_once());
     if !exactly_once && !plugins.loaded.iter().any(LoadedPlugin::uses_state) {
         return Ok(None);
     }

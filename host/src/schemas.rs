@@ -109,7 +109,7 @@ pub fn check_outputs(schemas: &Schemas, outputs: Vec<Output>) -> Result<Vec<Outp
         let (what, out) = match o {
             Output::Event(e) => ("event", e),
             Output::Command(c) => ("command", c),
-            Output::Reply(_) | Output::State(_) => continue,
+            Output::Reply(_) | Output::State(_) | Output::Saga(_) => continue,
         };
         if let Err(why) = schemas.check(&out.message_type, &out.payload) {
             return Err(Failure {

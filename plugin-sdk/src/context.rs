@@ -34,6 +34,26 @@ pub(crate) trait Outbox {
     fn state_delete(&mut self, key: &str);
     fn state_keys(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<String>;
     fn state_increment(&mut self, key: &str, delta: i64) -> i64;
+    fn saga_current(&mut self) -> Option<SagaInstance>;
+    fn saga_complete(&mut self);
+}
+
+/// The saga instance of the message being handled, from [`Context::saga`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SagaInstance {
+    /// The instance id the host found from the message (an order id, say).
+    pub id: String,
+    /// Steps committed for the instance before this message.
+    pub version: u64,
+    /// When the instance started, in milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+}
+
+impl SagaInstance {
+    /// Whether this message starts the instance.
+    pub fn is_new(&self) -> bool {
+        self.version == 0
+    }
 }
 
 /// The handler's view of the host while one message is being handled.
@@ -132,6 +152,20 @@ impl<'a> Context<'a> {
         State {
             outbox: &mut *self.outbox,
         }
+    }
+
+    /// The saga instance this message belongs to, when the pipeline runs
+    /// the plugin as a saga (`[plugins.NAME.saga]`); `None` otherwise. A
+    /// saga's [`Context::state`] is its instance's.
+    pub fn saga(&mut self) -> Option<SagaInstance> {
+        self.outbox.saga_current()
+    }
+
+    /// Marks the saga instance complete once this message is handled:
+    /// later messages no longer find it. Dropped if the handler fails. A
+    /// plugin not run as a saga that calls it breaks the contract.
+    pub fn complete_saga(&mut self) {
+        self.outbox.saga_complete();
     }
 
     /// Records an event with attributes on the trace span of this message.

@@ -13,7 +13,7 @@ pub mod bindings {
     });
 }
 
-use bindings::switchyard::plugin::{host, state, types as wit};
+use bindings::switchyard::plugin::{host, saga, state, types as wit};
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,6 +88,18 @@ impl Outbox for HostImports {
 
     fn state_increment(&mut self, key: &str, delta: i64) -> i64 {
         state::increment(key, delta)
+    }
+
+    fn saga_current(&mut self) -> Option<crate::SagaInstance> {
+        saga::current().map(|i| crate::SagaInstance {
+            id: i.id,
+            version: i.version,
+            started_at_ms: i.started_at_ms,
+        })
+    }
+
+    fn saga_complete(&mut self) {
+        saga::complete();
     }
 }
 

@@ -47,8 +47,10 @@ use crate::{
 pub struct TestHost<P> {
     info: PluginInfo,
     plugin: PhantomData<P>,
-    /// The plugin's committed state.
+    /// The plugin's committed state (a saga's: its instance's).
     state: RefCell<BTreeMap<String, Vec<u8>>>,
+    /// The saga instance every message belongs to, when run as a saga.
+    saga: RefCell<Option<(crate::SagaInstance, bool)>>,
 }
 
 impl<P: Plugin> Default for TestHost<P> {
@@ -64,7 +66,29 @@ impl<P: Plugin> TestHost<P> {
             info: P::describe(),
             plugin: PhantomData,
             state: RefCell::default(),
+            saga: RefCell::default(),
         }
+    }
+
+    /// Runs the plugin as a saga whose messages all belong to instance
+    /// `id`, which has `version` steps already (0: the next message starts
+    /// it). The state is that instance's.
+    pub fn with_saga(self, id: &str, version: u64) -> Self {
+        *self.saga.borrow_mut() = Some((
+            crate::SagaInstance {
+                id: id.to_owned(),
+                version,
+                started_at_ms: 0,
+            },
+            false,
+        ));
+        self
+    }
+
+    /// Whether the saga instance is complete (a handled message called
+    /// [`Context::complete_saga`]).
+    pub fn saga_completed(&self) -> bool {
+        self.saga.borrow().as_ref().is_some_and(|(_, done)| *done)
     }
 
     /// Sets a state key (as JSON) before the next message.
@@ -116,6 +140,8 @@ impl<P: Plugin> TestHost<P> {
             violation: None,
             state: &committed,
             writes: BTreeMap::new(),
+            saga: self.saga.borrow().as_ref().map(|(i, _)| i.clone()),
+            completed: false,
         };
         let declared = self.info.handled_kind(&message.message_type);
         let result = if declared != Some(message.kind) {
@@ -134,7 +160,15 @@ impl<P: Plugin> TestHost<P> {
             }
         };
         let writes = std::mem::take(&mut recorder.writes);
+        let completed = recorder.completed;
         let mut outcome = recorder.outcome;
+        if result.is_ok()
+            && let Some((instance, done)) = self.saga.borrow_mut().as_mut()
+        {
+            instance.version += 1;
+            *done |= completed;
+            outcome.saga_completed = completed;
+        }
         if result.is_ok() {
             let mut state = self.state.borrow_mut();
             for (k, v) in &writes {
@@ -195,6 +229,8 @@ pub struct Outcome {
     pub span_events: Vec<(String, Vec<(String, String)>)>,
     /// State keys written (`None`: deleted), kept only on success.
     pub state_writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// The handler completed its saga instance (only on success).
+    pub saga_completed: bool,
 }
 
 impl Default for Outcome {
@@ -208,6 +244,7 @@ impl Default for Outcome {
             span_attributes: Vec::new(),
             span_events: Vec::new(),
             state_writes: BTreeMap::new(),
+            saga_completed: false,
         }
     }
 }
@@ -275,6 +312,10 @@ struct Recorder<'a> {
     state: &'a BTreeMap<String, Vec<u8>>,
     /// What this message wrote.
     writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// The saga instance of the message, when run as a saga.
+    saga: Option<crate::SagaInstance>,
+    /// The handler completed its saga instance.
+    completed: bool,
 }
 
 impl Recorder<'_> {
@@ -398,6 +439,21 @@ impl Outbox for Recorder<'_> {
             .take((limit as usize).min(1000))
             .cloned()
             .collect()
+    }
+
+    fn saga_current(&mut self) -> Option<crate::SagaInstance> {
+        self.saga.clone()
+    }
+
+    fn saga_complete(&mut self) {
+        if self.saga.is_some() {
+            self.completed = true;
+        } else {
+            self.violate(format!(
+                "plugin {} completed a saga instance, but it is not run as a saga (TestHost::with_saga)",
+                self.info.name
+            ));
+        }
     }
 
     fn state_increment(&mut self, key: &str, delta: i64) -> i64 {

@@ -13,8 +13,8 @@
 // committed with the message's outcome, so a retried attempt does not count
 // twice) and puts the count on the trace span as `customer.orders`.
 
-import { log, publish, send, spanAttribute } from "switchyard:plugin/host@0.2.1";
-import { increment } from "switchyard:plugin/state@0.2.1";
+import { log, publish, send, spanAttribute } from "switchyard:plugin/host@0.2.2";
+import { increment } from "switchyard:plugin/state@0.2.2";
 
 // Orders of this many cents or more are held for a person to look at.
 const REVIEW_FROM_CENTS = 100000;

@@ -4,6 +4,7 @@ pub mod dlq;
 mod inspect;
 mod messages;
 mod remote;
+mod sagas;
 mod state;
 pub(crate) mod test;
 mod validate;
@@ -176,6 +177,10 @@ Outputs not listed fail the case. Exits with status 1 if any case fails.")]
     /// Look at what plugins keep in their state.
     #[command(subcommand)]
     State(state::StateCommand),
+
+    /// Look at saga instances: their state, status and every step.
+    #[command(subcommand)]
+    Sagas(sagas::SagasCommand),
 
     /// Print who sends, handles, publishes and consumes each message type, as
     /// a Mermaid flowchart.
@@ -354,6 +359,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             }
             Command::Dlq(command) => dlq::run(command).await,
             Command::State(command) => state::run(command).await,
+            Command::Sagas(command) => sagas::run(command).await,
             Command::Test {
                 wasm,
                 tests,

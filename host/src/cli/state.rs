@@ -131,7 +131,13 @@ pub async fn run(command: StateCommand) -> Result<ExitCode> {
 
 /// The pipeline's state, and the plugin's name checked against it.
 async fn open(path: &Path, plugin: &str) -> Result<(Arc<dyn Reader>, String)> {
-    let pipeline = config::load(path)?.pipeline;
+    let (reader, pipeline) = open_store(path).await?;
+    check_plugin(path, &pipeline, plugin)?;
+    Ok((reader, plugin.to_owned()))
+}
+
+/// Fails unless `pipeline` has the plugin `plugin`.
+pub(super) fn check_plugin(path: &Path, pipeline: &config::Pipeline, plugin: &str) -> Result<()> {
     if !pipeline.plugins.iter().any(|p| p.name.as_str() == plugin) {
         bail!(
             "{} has no plugin {plugin:?} (it has {})",
@@ -144,6 +150,13 @@ async fn open(path: &Path, plugin: &str) -> Result<(Arc<dyn Reader>, String)> {
                 .join(", ")
         );
     }
+    Ok(())
+}
+
+/// The state store of the pipeline in `path` (the embedded transport's
+/// file, or `[state]`'s store), and the pipeline.
+pub(super) async fn open_store(path: &Path) -> Result<(Arc<dyn Reader>, config::Pipeline)> {
+    let pipeline = config::load(path)?.pipeline;
     let reader: Arc<dyn Reader> = match &pipeline.transport {
         TransportConfig::Embedded(e) => {
             if !e.path.exists() {
@@ -168,11 +181,11 @@ async fn open(path: &Path, plugin: &str) -> Result<(Arc<dyn Reader>, String)> {
                 .context("cannot open the state store ([state])")?
         }
     };
-    Ok((reader, plugin.to_owned()))
+    Ok((reader, pipeline))
 }
 
 /// A value as JSON when it is JSON, else as a string or a byte count.
-fn shown(v: &[u8]) -> Value {
+pub(super) fn shown(v: &[u8]) -> Value {
     match serde_json::from_slice::<Value>(v) {
         Ok(j) => j,
         Err(_) => match std::str::from_utf8(v) {
@@ -183,7 +196,7 @@ fn shown(v: &[u8]) -> Value {
 }
 
 /// A value on one line: compact JSON, text, or a byte count.
-fn text(v: &[u8]) -> String {
+pub(super) fn text(v: &[u8]) -> String {
     let line = match serde_json::from_slice::<Value>(v) {
         Ok(j) => j.to_string(),
         Err(_) => match std::str::from_utf8(v) {

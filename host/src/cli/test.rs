@@ -11,6 +11,14 @@
 //! A case may give the plugin's state before it runs (`[case.state]`, each
 //! key's value as JSON) and the whole state it must leave behind
 //! (`[case.expect.state]`): keys not listed must not be there.
+//!
+//! A file with a `[saga]` table (the keys of a pipeline's
+//! `[plugins.NAME.saga]`) runs the plugin as a saga: the host finds each
+//! input's instance as a pipeline would. A case gives the instance that
+//! exists before it (`[case.saga]`; none: no instance exists), whose state
+//! `[case.state]` is, and expects what becomes of it (`expect.saga`:
+//! `running`, `completed`, or `ignored` when the message found no instance
+//! and `not_found = "ignore"`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,8 +35,74 @@ use crate::plugin::{ComponentCache, LoadedPlugin, Output, PluginEngine, Sandbox,
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TestFile {
+    /// Run the plugin as a saga, as a pipeline's `[plugins.NAME.saga]`.
+    saga: Option<SagaSection>,
     #[serde(rename = "case", default)]
     cases: Vec<Case>,
+}
+
+/// `[saga]`: the keys of a pipeline's `[plugins.NAME.saga]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SagaSection {
+    starts: Vec<String>,
+    instance_key: Option<String>,
+    #[serde(default)]
+    instance_keys: std::collections::BTreeMap<String, String>,
+    not_found: Option<String>,
+}
+
+impl SagaSection {
+    /// The saga as a pipeline would run it, for a plugin that handles
+    /// `handled`.
+    fn spec(&self, handled: &[String]) -> Result<crate::saga::SagaSpec> {
+        use crate::saga::{InstanceKey, NotFound, SagaSpec};
+        for t in self.starts.iter().chain(self.instance_keys.keys()) {
+            if !handled.contains(t) {
+                bail!("[saga] names {t}, which the plugin does not handle");
+            }
+        }
+        let default = self
+            .instance_key
+            .as_deref()
+            .map(InstanceKey::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let mut keys = std::collections::BTreeMap::new();
+        for t in handled {
+            let key = match (self.instance_keys.get(t), &default) {
+                (Some(k), _) => InstanceKey::parse(k).map_err(anyhow::Error::msg)?,
+                (None, Some(k)) => k.clone(),
+                (None, None) => bail!(
+                    "[saga] does not say how {t} finds its instance: add instance_key or instance_keys.{t}"
+                ),
+            };
+            keys.insert(t.clone(), key);
+        }
+        let not_found = match self.not_found.as_deref() {
+            None | Some("ignore") => NotFound::Ignore,
+            Some("dead-letter") => NotFound::DeadLetter,
+            Some(other) => {
+                bail!("[saga] not_found is \"ignore\" or \"dead-letter\", not {other:?}")
+            }
+        };
+        Ok(SagaSpec {
+            starts: self.starts.clone(),
+            keys,
+            not_found,
+        })
+    }
+}
+
+/// `[case.saga]`: the instance that exists before a saga case.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GivenInstance {
+    instance: String,
+    /// Steps committed so far (1 by default).
+    version: Option<u64>,
+    /// `running` (default) or `completed`.
+    status: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +118,8 @@ struct Case {
     /// The plugin's state before the case: key → JSON value.
     #[serde(default)]
     state: std::collections::BTreeMap<String, Value>,
+    /// For a saga: the instance that exists before the case.
+    saga: Option<GivenInstance>,
 }
 
 /// `[case.host]`: host behaviour a case simulates.
@@ -129,8 +205,12 @@ struct Expect {
     error_contains: Option<String>,
     /// The failure's code.
     error_code: Option<String>,
-    /// The plugin's whole state after the case: key → JSON value.
+    /// The plugin's whole state after the case: key → JSON value. For a
+    /// saga, the state of the input's instance.
     state: Option<std::collections::BTreeMap<String, Value>>,
+    /// For a saga: `running` or `completed` (the instance after the case),
+    /// or `ignored` (no instance, and `not_found = "ignore"`).
+    saga: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,15 +299,26 @@ pub async fn run(
         if parsed.cases.is_empty() {
             bail!("{}: no [[case]] in this file", file.display());
         }
+        let handled: Vec<String> = info.handles.iter().map(|(t, _)| t.clone()).collect();
+        let saga = parsed
+            .saga
+            .as_ref()
+            .map(|s| s.spec(&handled))
+            .transpose()
+            .with_context(|| file.display().to_string())?
+            .map(std::sync::Arc::new);
         let shown = file.display().to_string();
         for case in parsed.cases {
             let plugin = plugin.clone();
             let schemas = schemas.clone();
+            let saga = saga.clone();
             let name = case.name.clone();
             let started = Instant::now();
-            let failure = tokio::task::spawn_blocking(move || run_case(&plugin, &schemas, &case))
-                .await
-                .context("a test task failed")?;
+            let failure = tokio::task::spawn_blocking(move || {
+                run_case(&plugin, &schemas, saga.as_deref(), &case)
+            })
+            .await
+            .context("a test task failed")?;
             let outcome = Outcome {
                 file: shown.clone(),
                 name,
@@ -255,23 +346,42 @@ pub async fn run(
     Ok(failed == 0)
 }
 
+/// A case's input message, and a fresh instance that sees the host as
+/// the case says; why not, when the case is wrong or the plugin cannot
+/// start.
+fn start_case(
+    plugin: &LoadedPlugin,
+    case: &Case,
+) -> Result<(Envelope, crate::plugin::Instance), String> {
+    let message = input_message(plugin, &case.input).map_err(|e| format!("bad input: {e}"))?;
+    let simulation = case
+        .host
+        .simulation()
+        .map_err(|e| format!("bad host behaviour: {e:#}"))?;
+    let instance = plugin
+        .instantiate_simulated(&simulation)
+        .map_err(|e| format!("the plugin cannot start: {e:#}"))?;
+    Ok((message, instance))
+}
+
 /// Runs one case on a fresh instance; `Some(reason)` when it fails.
 fn run_case(
     plugin: &LoadedPlugin,
     schemas: &crate::schemas::Schemas,
+    saga: Option<&crate::saga::SagaSpec>,
     case: &Case,
 ) -> Option<String> {
-    let mut message = match input_message(plugin, &case.input) {
-        Ok(m) => m,
-        Err(e) => return Some(format!("bad input: {e}")),
-    };
-    let simulation = match case.host.simulation() {
-        Ok(s) => s,
-        Err(e) => return Some(format!("bad host behaviour: {e:#}")),
-    };
-    let mut instance = match plugin.instantiate_simulated(&simulation) {
-        Ok(i) => i,
-        Err(e) => return Some(format!("the plugin cannot start: {e:#}")),
+    if let Some(spec) = saga {
+        return run_saga_case(plugin, schemas, spec, case);
+    }
+    if case.saga.is_some() || case.expect.saga.is_some() {
+        return Some(
+            "the case gives or expects a saga instance, but the file has no [saga] table".into(),
+        );
+    }
+    let (mut message, mut instance) = match start_case(plugin, case) {
+        Ok(started) => started,
+        Err(why) => return Some(why),
     };
     let store = std::sync::Arc::new(crate::state::Memory::default());
     let name = plugin.name().as_str();
@@ -301,6 +411,113 @@ fn run_case(
         (Some(a), None) | (None, Some(a)) => Some(a),
         (Some(a), Some(b)) => Some(format!("{a}\n{b}")),
     }
+}
+
+/// Runs one case of a saga: the instance is found as a pipeline would
+/// find it, and the case's state is that instance's.
+fn run_saga_case(
+    plugin: &LoadedPlugin,
+    schemas: &crate::schemas::Schemas,
+    spec: &crate::saga::SagaSpec,
+    case: &Case,
+) -> Option<String> {
+    use crate::dispatch::saga::Prep;
+    use crate::saga::{Instance, Status};
+    let (mut message, mut instance) = match start_case(plugin, case) {
+        Ok(started) => started,
+        Err(why) => return Some(why),
+    };
+    let store = std::sync::Arc::new(crate::state::Memory::default());
+    let name = plugin.name().as_str();
+    if let Some(given) = &case.saga {
+        let status = match given.status.as_deref() {
+            None | Some("running") => Status::Running,
+            Some("completed") => Status::Completed,
+            Some(other) => {
+                return Some(format!(
+                    "bad saga: status is running or completed, not {other:?}"
+                ));
+            }
+        };
+        store.put_instance(
+            name,
+            &given.instance,
+            Instance {
+                status,
+                version: given.version.unwrap_or(1),
+                plugin_version: plugin.info().version.clone(),
+                started_at_ms: message.created_at_ms,
+                updated_at_ms: message.created_at_ms,
+                last_type: String::new(),
+            },
+        );
+        for (key, value) in &case.state {
+            store.put(
+                name,
+                &crate::saga::stored_key(&given.instance, key),
+                value.to_string().into_bytes(),
+            );
+        }
+    } else if !case.state.is_empty() {
+        return Some(
+            "bad case: [case.state] of a saga is its instance's, so it needs [case.saga]".into(),
+        );
+    }
+    instance.set_state(crate::state::Scope::new(name, store.clone()));
+    let scope = crate::state::Scope::new(name, store.clone());
+    let (result, became, found) =
+        match crate::dispatch::saga::prepare(spec, Some(&scope), name, &message) {
+            Err(f) => (Err(f), None, None),
+            Ok(Prep::NotSaga) => (Ok(Vec::new()), None, None),
+            Ok(Prep::Skip(_)) => (Ok(Vec::new()), Some("ignored"), None),
+            Ok(Prep::Run(call)) => {
+                instance.set_saga(Some(call.clone()));
+                let result = instance
+                    .handle(&mut message)
+                    .and_then(|outputs| crate::schemas::check_outputs(schemas, outputs));
+                let completed = instance.saga_completed();
+                let mut became = None;
+                if let Ok(outputs) = &result {
+                    let step = crate::dispatch::saga::step_of(
+                        &call,
+                        &message,
+                        outputs,
+                        plugin.info().version.clone(),
+                        completed,
+                    );
+                    for o in outputs {
+                        if let Output::State(changes) = o {
+                            store.apply(name, changes);
+                        }
+                    }
+                    became = Some(if completed { "completed" } else { "running" });
+                    if let Err(e) = store.apply_step(name, &step) {
+                        return Some(format!("{e:#}"));
+                    }
+                }
+                (result, became, Some(call.id))
+            }
+        };
+    let mut why: Vec<String> = check_result(&case.expect, result).into_iter().collect();
+    if let Some(want) = &case.expect.saga {
+        let got = became.unwrap_or("not handled");
+        if want != got {
+            why.push(format!("saga: expected {want}, got {got}"));
+        }
+    }
+    if let Some(want) = &case.expect.state {
+        let id = found.or_else(|| case.saga.as_ref().map(|g| g.instance.clone()));
+        let got: std::collections::BTreeMap<String, Vec<u8>> = match &id {
+            Some(id) => store
+                .all(name)
+                .into_iter()
+                .filter_map(|(k, v)| crate::saga::instance_key(id, &k).map(|k| (k.to_owned(), v)))
+                .collect(),
+            None => Default::default(),
+        };
+        why.extend(check_state(want, &got));
+    }
+    (!why.is_empty()).then(|| why.join("\n"))
 }
 
 /// Compares the state a case left with the state it expects, whole.
@@ -436,6 +653,7 @@ fn describe_outputs(outputs: &[Output]) -> String {
             Output::Command(o) => format!("command {}", o.message_type),
             Output::Reply(_) => "a reply".into(),
             Output::State(c) => format!("{} state writes", c.writes.len()),
+            Output::Saga(_) => "a saga step".into(),
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -450,8 +668,8 @@ fn check_outputs(expect: &Expect, outputs: &[Output]) -> Option<String> {
             Output::Event(e) => published.push((Some(e.message_type.as_str()), &e.payload)),
             Output::Command(c) => sent.push((Some(c.message_type.as_str()), &c.payload)),
             Output::Reply(r) => reply = Some((None, &r.payload)),
-            // Compared with `expect.state` after the call.
-            Output::State(_) => {}
+            // Compared with `expect.state` and `expect.saga` after the call.
+            Output::State(_) | Output::Saga(_) => {}
         }
     }
     let mut why = Vec::new();

@@ -327,9 +327,19 @@ pub struct PluginSpec {
     /// embedded transport settles a message and its effects in one commit
     /// anyway.
     pub exactly_once: bool,
+    /// The plugin is a saga (`[plugins.NAME.saga]`): its messages belong
+    /// to instances, each with state of its own. A saga on a broker is
+    /// exactly-once whatever `exactly_once` says.
+    pub saga: Option<std::sync::Arc<crate::saga::SagaSpec>>,
 }
 
 impl PluginSpec {
+    /// Whether handled messages are recorded so a redelivery is not
+    /// handled again (on a broker).
+    pub fn is_exactly_once(&self) -> bool {
+        self.exactly_once || self.saga.is_some()
+    }
+
     /// Every type routed to this plugin, with its kind.
     pub fn subscriptions(&self) -> impl Iterator<Item = (&MessageType, Kind)> {
         self.commands

@@ -61,11 +61,24 @@ pub(super) async fn commit(
         })
         .collect();
     if let Err(e) = commit_state(ctx, plugin, &to_settle, &redelivered).await {
-        tracing::error!(
-            plugin = %plugin.name(),
-            error = %format!("{e:#}"),
-            "Cannot commit the state a batch wrote; its messages go back and will be handled again"
-        );
+        if crate::saga::is_conflict(&e) {
+            // Not a failure: the batch runs again on the instance as it is.
+            tracing::info!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Saga conflict; the batch is handled again"
+            );
+            ctx.telemetry
+                .metrics
+                .saga_conflicts
+                .add(1, &[KeyValue::new("plugin", plugin.name().to_string())]);
+        } else {
+            tracing::error!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot commit the state a batch wrote; its messages go back and will be handled again"
+            );
+        }
         state.dead_but_unsettled.extend(written);
         for cx in &spans {
             telemetry::set_error(
@@ -336,17 +349,20 @@ async fn commit_state(
         return Ok(());
     };
     let mut changes = crate::state::Changes::default();
+    let mut steps = Vec::new();
     let mut done = Vec::new();
     for s in settlements {
         let Outcome::Handled {
             outputs,
             reply,
             state,
+            saga,
         } = &s.outcome
         else {
             continue;
         };
         changes.then(state);
+        steps.extend(saga.iter().cloned());
         if ctx.exactly_once && !redelivered.contains(&s.delivery.receipt) {
             done.push(crate::state::Done {
                 message_id: s.delivery.envelope.id.clone(),
@@ -355,8 +371,10 @@ async fn commit_state(
             });
         }
     }
-    if changes.is_empty() && done.is_empty() {
+    if changes.is_empty() && steps.is_empty() && done.is_empty() {
         return Ok(());
     }
-    store.commit(plugin.name().as_str(), changes, done).await
+    store
+        .commit(plugin.name().as_str(), changes, steps, done)
+        .await
 }

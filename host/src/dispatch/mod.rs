@@ -11,6 +11,7 @@
 
 mod commit;
 mod plan;
+pub mod saga;
 mod version;
 mod worker;
 
@@ -79,6 +80,8 @@ pub struct RouteContext {
     /// commit (a broker): handled messages are recorded as done with their
     /// outputs, and a redelivery of one is not handed to the plugin again.
     pub exactly_once: bool,
+    /// The plugin is a saga: how its messages find their instances.
+    pub saga: Option<Arc<crate::saga::SagaSpec>>,
 }
 
 /// What a route remembers between batches so that no dead-letter status is
@@ -519,10 +522,11 @@ fn worker_for(ctx: &RouteContext, version: &Version) -> Worker {
         .with_schemas(ctx.schemas.clone())
         .with_max_message_size(ctx.max_message_size)
         .with_instance(version.take_instance());
-    match &ctx.state {
+    let worker = match &ctx.state {
         Some(access) => worker.with_state(access.reader.clone()),
         None => worker,
-    }
+    };
+    worker.with_saga(ctx.saga.clone())
 }
 
 /// Splits a batch by what earlier crashes say of its messages: the part to

@@ -120,6 +120,9 @@ pub(super) enum Metric {
     Handled {
         attrs: MessageAttrs,
         age_s: f64,
+        /// The saga step made: whether it started, whether it completed
+        /// its instance.
+        saga: Option<(bool, bool)>,
     },
     RetriedLater {
         attrs: MessageAttrs,
@@ -140,8 +143,17 @@ impl Metric {
         let mut handled: Option<(MessageAttrs, u64)> = None;
         for update in updates {
             match update {
-                Metric::Handled { attrs, age_s } => {
+                Metric::Handled { attrs, age_s, saga } => {
                     metrics.latency.record(age_s, &attrs);
+                    if let Some((started, completed)) = saga {
+                        let plugin = [attrs[0].clone()];
+                        if started {
+                            metrics.saga_started.add(1, &plugin);
+                        }
+                        if completed {
+                            metrics.saga_completed.add(1, &plugin);
+                        }
+                    }
                     match &mut handled {
                         Some((last, n)) if *last == attrs => *n += 1,
                         _ => {
@@ -275,6 +287,7 @@ impl<'a> Planner<'a> {
                     outputs: record.outputs,
                     reply: record.reply,
                     state: crate::state::Changes::default(),
+                    saga: None,
                 },
             },
             dead: false,
@@ -299,6 +312,7 @@ impl<'a> Planner<'a> {
             mut outputs,
             reply,
             state,
+            saga,
         } = outcome_of(e, outputs)
         else {
             return;
@@ -344,6 +358,7 @@ impl<'a> Planner<'a> {
         if let Some(record) = DeadLetter::replay_of(e) {
             self.plan.replays_handled.push(record.to_owned());
         }
+        let saga_marks = saga.as_ref().map(|s| (s.read_version == 0, s.completed));
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
@@ -352,12 +367,14 @@ impl<'a> Planner<'a> {
                     outputs,
                     reply,
                     state,
+                    saga,
                 },
             },
             dead: false,
             metric: Metric::Handled {
                 attrs,
                 age_s: age_ms as f64 / 1000.0,
+                saga: saga_marks,
             },
         });
     }

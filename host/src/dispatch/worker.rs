@@ -9,6 +9,7 @@ use anyhow::Result;
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt as _};
 use opentelemetry::{Context, KeyValue};
 
+use super::saga::Prep as SagaPrep;
 use super::{BATCH_OUTPUT_BUDGET, MAX_ATTEMPT_ERROR};
 use crate::dlq::DeadLetter;
 use crate::envelope::{Attempt, Envelope, Kind, REPLAY_TRACE_HEADER, Reply, new_id, now_ms};
@@ -25,6 +26,8 @@ pub struct Worker {
     instance: Option<Instance>,
     /// Where the plugin's calls read their state; `None`: no state store.
     state: Option<Arc<crate::state::Scope>>,
+    /// The plugin is a saga: how its messages find their instances.
+    saga: Option<Arc<crate::saga::SagaSpec>>,
     telemetry: Telemetry,
     schemas: Arc<crate::schemas::Schemas>,
     /// `plugin` and `plugin.version`, attached to every message metric.
@@ -151,7 +154,7 @@ fn check_output_sizes(
             Output::Command(o) => (o.message_type.as_str(), o.payload.len()),
             Output::Reply(r) => ("its reply", r.payload.len()),
             // Checked against `max_state_value` as it was written.
-            Output::State(_) => return None,
+            Output::State(_) | Output::Saga(_) => return None,
         };
         (len as u64 > max).then(|| (what.to_owned(), len))
     });
@@ -178,6 +181,7 @@ fn output_bytes(outputs: &[Output]) -> usize {
             Output::Event(o) | Output::Command(o) => o.payload.len(),
             Output::Reply(r) => r.payload.len(),
             Output::State(c) => c.size(),
+            Output::Saga(_) => 0,
         })
         .sum()
 }
@@ -225,6 +229,7 @@ impl Worker {
             policy,
             instance: None,
             state: None,
+            saga: None,
             telemetry: Telemetry::off(),
             schemas: Arc::default(),
             max_message_size: crate::limits::DEFAULT_MAX_MESSAGE_SIZE,
@@ -257,6 +262,12 @@ impl Worker {
         if let (Some(instance), Some(scope)) = (&mut self.instance, &self.state) {
             instance.set_state(scope.clone());
         }
+        self
+    }
+
+    /// Runs the plugin as a saga (`None`: as a plain plugin).
+    pub fn with_saga(mut self, saga: Option<Arc<crate::saga::SagaSpec>>) -> Self {
+        self.saga = saga;
         self
     }
 
@@ -379,6 +390,73 @@ impl Worker {
         plugin_label(&self.plugin)
     }
 
+    /// For a saga plugin, what `envelope` runs on (see
+    /// [`super::saga::prepare`]).
+    fn saga_call(&self, envelope: &Envelope) -> Result<SagaPrep, Failure> {
+        match &self.saga {
+            None => Ok(SagaPrep::NotSaga),
+            Some(spec) => super::saga::prepare(
+                spec,
+                self.state.as_deref(),
+                self.plugin.name().as_str(),
+                envelope,
+            ),
+        }
+    }
+
+    /// A saga message whose instance is not there, settled without the
+    /// plugin (`not_found = "ignore"`).
+    fn skip_not_found(&mut self, envelope: &Envelope, why: &str) {
+        tracing::info!(
+            plugin = %self.plugin.name(),
+            message.r#type = %envelope.message_type,
+            message.id = %envelope.id,
+            "{why}; the message is ignored (not_found = \"ignore\")"
+        );
+        let [plugin, _] = self.plugin_attrs.clone();
+        self.telemetry.metrics.saga_not_found.add(1, &[plugin]);
+    }
+
+    /// [`Worker::handle_in`] on saga instance `saga` when there is one:
+    /// the call reads and writes that instance's state, and on success
+    /// leaves a step as its last output. A failure names the instance.
+    fn handle_saga_in(
+        &mut self,
+        envelope: &mut Envelope,
+        saga: Option<crate::plugin::SagaCall>,
+        span: Option<&Context>,
+        span_budget: &mut u32,
+    ) -> Result<Result<Vec<Output>, Failure>> {
+        let Some(call) = saga else {
+            return self.handle_in(envelope, span, span_budget);
+        };
+        if let Some(cx) = span {
+            cx.span()
+                .set_attribute(KeyValue::new("switchyard.saga.instance", call.id.clone()));
+        }
+        let plugin_version = self.plugin.info().version.clone();
+        let instance = self.ensure_instance()?;
+        instance.set_saga(Some(call.clone()));
+        let result = instance.handle_traced(envelope, span, span_budget);
+        let completed = instance.saga_completed();
+        instance.set_saga(None);
+        if instance.is_spent() {
+            self.instance = None;
+        }
+        Ok(match result {
+            Ok(mut outputs) => {
+                let step =
+                    super::saga::step_of(&call, envelope, &outputs, plugin_version, completed);
+                outputs.push(Output::Saga(step));
+                Ok(outputs)
+            }
+            Err(mut f) => {
+                f.details.push(("saga.instance".into(), call.id));
+                Err(f)
+            }
+        })
+    }
+
     /// Handles one delivery, with the immediate retries its policy allows,
     /// recording each failed attempt in the envelope's history.
     pub fn process(&mut self, delivery: &mut Delivery) -> Result<Verdict> {
@@ -414,12 +492,24 @@ impl Worker {
         let mut span_budget = crate::plugin::MAX_PLUGIN_SPAN_EVENTS;
         loop {
             let started = Started::now();
-            let result = self
-                .handle_in(envelope, span, &mut span_budget)?
-                .and_then(|outputs| {
-                    check_output_sizes(&self.plugin, outputs, self.max_message_size)
-                })
-                .and_then(|outputs| crate::schemas::check_outputs(&self.schemas, outputs));
+            let saga = match self.saga_call(envelope) {
+                Ok(SagaPrep::NotSaga) => Ok(None),
+                Ok(SagaPrep::Run(call)) => Ok(Some(call)),
+                Ok(SagaPrep::Skip(why)) => {
+                    self.skip_not_found(envelope, &why);
+                    return Ok(Verdict::Handled(Vec::new()));
+                }
+                Err(failure) => Err(failure),
+            };
+            let result = match saga {
+                Err(failure) => Err(failure),
+                Ok(saga) => self
+                    .handle_saga_in(envelope, saga, span, &mut span_budget)?
+                    .and_then(|outputs| {
+                        check_output_sizes(&self.plugin, outputs, self.max_message_size)
+                    })
+                    .and_then(|outputs| crate::schemas::check_outputs(&self.schemas, outputs)),
+            };
             let attrs = self.attrs(&envelope.message_type);
             self.telemetry
                 .metrics
@@ -428,10 +518,14 @@ impl Worker {
             let failure = match result {
                 Ok(outputs) => {
                     // The rest of the batch reads what this message wrote.
-                    if let (Some(scope), Some(Output::State(changes))) =
-                        (&self.state, outputs.last())
-                    {
-                        scope.handled(changes);
+                    if let Some(scope) = &self.state {
+                        for o in outputs.iter().rev().take(2) {
+                            match o {
+                                Output::State(changes) => scope.handled(changes),
+                                Output::Saga(step) => scope.stepped(step),
+                                _ => {}
+                            }
+                        }
                     }
                     return Ok(Verdict::Handled(outputs));
                 }
@@ -584,6 +678,7 @@ pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
     let mut envelopes = Vec::new();
     let mut reply = None;
     let mut state = crate::state::Changes::default();
+    let mut saga = None;
     let now = now_ms();
     for output in outputs {
         let (kind, o) = match output {
@@ -591,6 +686,10 @@ pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
             Output::Command(o) => (Kind::Command, o),
             Output::State(c) => {
                 state = c;
+                continue;
+            }
+            Output::Saga(step) => {
+                saga = Some(step);
                 continue;
             }
             Output::Reply(r) => {
@@ -630,9 +729,20 @@ pub fn outcome_of(input: &Envelope, outputs: Vec<Output>) -> Outcome {
             history: Vec::new(),
         });
     }
+    if let Some(step) = &mut saga {
+        step.outputs = envelopes
+            .iter()
+            .map(|e| crate::saga::StepOutput {
+                message_type: e.message_type.clone(),
+                id: e.id.clone(),
+                command: e.kind == Kind::Command,
+            })
+            .collect();
+    }
     Outcome::Handled {
         outputs: envelopes,
         reply,
         state,
+        saga,
     }
 }

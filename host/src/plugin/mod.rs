@@ -10,6 +10,7 @@
 mod cache;
 mod clock;
 pub mod contract;
+mod saga_host;
 mod sandbox;
 mod state_host;
 mod waits;
@@ -56,10 +57,10 @@ use bindings::switchyard::plugin::types as wit;
 pub const WIT: &str = include_str!("../../../wit/plugin.wit");
 
 /// The version of the contract (the WIT package) this host speaks.
-pub const CONTRACT_VERSION: &str = "switchyard:plugin@0.2.1";
+pub const CONTRACT_VERSION: &str = "switchyard:plugin@0.2.2";
 
 /// The interface every plugin must export.
-pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.2.1";
+pub const HANDLER_INTERFACE: &str = "switchyard:plugin/handler@0.2.2";
 
 /// The versions of the handler export this host loads: every 0.2.x, which
 /// the component model treats as one API.
@@ -418,6 +419,7 @@ impl LoadedPlugin {
             },
             plugin: self.inner.clone(),
             scope: None,
+            saga: None,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -502,6 +504,18 @@ pub struct State {
     real_clock: bool,
     /// Where the plugin's state is read; `None`: this host keeps none.
     scope: Option<Arc<crate::state::Scope>>,
+    /// The saga instance of the message being handled, set by the route
+    /// before each call of a saga plugin.
+    saga: Option<SagaCall>,
+}
+
+/// The saga instance a call works on.
+#[derive(Clone, Debug)]
+pub struct SagaCall {
+    pub id: String,
+    /// Steps committed before this one (0: this message starts it).
+    pub version: u64,
+    pub started_at_ms: u64,
 }
 
 impl WasiView for State {
@@ -531,6 +545,8 @@ struct Call {
     state: crate::state::Changes,
     /// Why a state read failed: the call is abandoned and retried.
     state_error: Option<String>,
+    /// The plugin marked its saga instance complete.
+    saga_completed: bool,
     violation: Option<String>,
     log_lines: u32,
     /// The message's trace span, when tracing is on.
@@ -560,6 +576,7 @@ impl Call {
         self.output_bytes = 0;
         self.state.writes.clear();
         self.state_error = None;
+        self.saga_completed = false;
         self.violation = None;
         self.log_lines = 0;
     }
@@ -580,8 +597,11 @@ pub enum Output {
     Event(Outgoing),
     Command(Outgoing),
     Reply(Response),
-    /// What the call wrote to the plugin's state; at most one, last.
+    /// What the call wrote to the plugin's state; at most one, after the
+    /// messages.
     State(crate::state::Changes),
+    /// The saga step a saga plugin's call made; added by the route, last.
+    Saga(crate::saga::Step),
 }
 
 /// A published event or sent command as the plugin gave it.
@@ -643,6 +663,17 @@ impl Instance {
     /// a plugin that uses state fails its messages).
     pub fn set_state(&mut self, scope: Arc<crate::state::Scope>) {
         self.store.data_mut().scope = Some(scope);
+    }
+
+    /// Runs the next calls on saga instance `saga` (`None`: not a saga
+    /// call).
+    pub fn set_saga(&mut self, saga: Option<SagaCall>) {
+        self.store.data_mut().saga = saga;
+    }
+
+    /// Whether the last call marked its saga instance complete.
+    pub fn saga_completed(&self) -> bool {
+        self.store.data().call.saga_completed
     }
 
     /// Messages this instance has handled.

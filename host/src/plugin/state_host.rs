@@ -39,6 +39,14 @@ impl State {
         false
     }
 
+    /// Where `key` is kept: a saga call's keys are its instance's.
+    fn stored(&self, key: &str) -> String {
+        match &self.saga {
+            Some(s) => crate::saga::stored_key(&s.id, key),
+            None => key.to_owned(),
+        }
+    }
+
     /// Reads `key` as the call sees it; a store error abandons the call.
     fn read(&mut self, scope: &Scope, key: &str) -> Result<Option<Vec<u8>>> {
         scope
@@ -98,17 +106,20 @@ impl Host for State {
         if !self.key_ok(&key) {
             return Ok(None);
         }
+        let key = self.stored(&key);
         self.read(&scope, &key)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) {
         if self.scope().is_some() && self.key_ok(&key) {
+            let key = self.stored(&key);
             self.write(key, Some(value));
         }
     }
 
     fn delete(&mut self, key: String) {
         if self.scope().is_some() && self.key_ok(&key) {
+            let key = self.stored(&key);
             self.write(key, None);
         }
     }
@@ -123,9 +134,21 @@ impl Host for State {
             return Ok(Vec::new());
         };
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        scope
+        let Some(saga) = self.saga.as_ref().map(|s| s.id.clone()) else {
+            return scope
+                .keys(&self.call.state, &prefix, after.as_deref(), limit)
+                .map_err(|e| self.store_failed(&e));
+        };
+        // A saga lists its instance's keys, named as it wrote them.
+        let prefix = crate::saga::stored_key(&saga, &prefix);
+        let after = after.map(|a| crate::saga::stored_key(&saga, &a));
+        let keys = scope
             .keys(&self.call.state, &prefix, after.as_deref(), limit)
-            .map_err(|e| self.store_failed(&e))
+            .map_err(|e| self.store_failed(&e))?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| crate::saga::instance_key(&saga, k).map(str::to_owned))
+            .collect())
     }
 
     fn increment(&mut self, key: String, delta: i64) -> Result<i64> {
@@ -135,6 +158,7 @@ impl Host for State {
         if !self.key_ok(&key) {
             return Ok(0);
         }
+        let key = self.stored(&key);
         let current = match self.read(&scope, &key)? {
             None => 0,
             Some(bytes) => match std::str::from_utf8(&bytes)

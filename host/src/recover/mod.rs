@@ -31,10 +31,14 @@ pub enum FailureKind {
     /// The host died while handling this message, again and again
     /// (`[host] crash_loop_limit` times in a row); no plugin sees it again.
     CrashLoop,
+    /// A saga's message found no instance: its instance key does not
+    /// resolve, the instance does not exist or has completed
+    /// (`not_found = "dead-letter"`), or its stored instance is corrupt.
+    NoInstance,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 9] = [
+    pub const ALL: [FailureKind; 10] = [
         FailureKind::Transient,
         FailureKind::Permanent,
         FailureKind::Trap,
@@ -44,6 +48,7 @@ impl FailureKind {
         FailureKind::Malformed,
         FailureKind::Undeliverable,
         FailureKind::CrashLoop,
+        FailureKind::NoInstance,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +62,7 @@ impl FailureKind {
             FailureKind::Malformed => "malformed",
             FailureKind::Undeliverable => "undeliverable",
             FailureKind::CrashLoop => "crash-loop",
+            FailureKind::NoInstance => "no-instance",
         }
     }
 
@@ -74,6 +80,7 @@ impl FailureKind {
                 | FailureKind::Malformed
                 | FailureKind::Undeliverable
                 | FailureKind::CrashLoop
+                | FailureKind::NoInstance
         )
     }
 }

@@ -15,6 +15,8 @@ pub mod sqlite;
 
 pub use done::Done;
 
+use crate::saga::{Instance, Step};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -73,6 +75,16 @@ pub trait Reader: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>>;
+
+    /// The saga instance `id` of `plugin`. A stored instance that cannot
+    /// be read is a [`crate::saga::Corrupt`] error.
+    fn instance(&self, plugin: &str, id: &str) -> Result<Option<Instance>>;
+
+    /// Saga instances that match `query`, the most recently changed first.
+    fn instances(&self, query: &crate::saga::Query) -> Result<Vec<crate::saga::Listed>>;
+
+    /// The steps of a saga instance, oldest first.
+    fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>>;
 }
 
 /// A state store that commits apart from the transport: the one hosts on
@@ -81,10 +93,21 @@ pub trait Reader: Send + Sync {
 #[async_trait]
 pub trait Store: Reader {
     /// Applies the state changes of a batch of `plugin`'s messages (folded
-    /// into one, see [`Changes::then`]) and records the `done` messages of
-    /// an exactly-once plugin, in one transaction: all or nothing. A message already recorded as done
-    /// fails the whole commit (another host got there first).
-    async fn commit(&self, plugin: &str, changes: Changes, done: Vec<Done>) -> Result<()>;
+    /// into one, see [`Changes::then`]) and its saga steps, and records the
+    /// `done` messages of an exactly-once plugin, in one transaction: all
+    /// or nothing. A message already recorded as done fails the whole
+    /// commit (another host got there first).
+    ///
+    /// The saga `steps` are applied in order; one whose instance is not at
+    /// the version the step read fails the commit with a
+    /// [`crate::saga::Conflict`].
+    async fn commit(
+        &self,
+        plugin: &str,
+        changes: Changes,
+        steps: Vec<Step>,
+        done: Vec<Done>,
+    ) -> Result<()>;
 
     /// The records of `plugin`'s messages among `ids` that are done. A
     /// record that cannot be read comes back without outputs, with an
@@ -119,6 +142,42 @@ pub async fn open(config: &StateConfig, pipeline: &str) -> Result<Arc<dyn Store>
                 postgres::PostgresState::connect(&url, schema, pipeline).await?,
             ))
         }
+    }
+}
+
+/// An instance read from a store (`Err`: why its row cannot be read) as
+/// the reader returns it: a row that cannot be read is [`crate::saga::Corrupt`].
+fn found_instance(
+    plugin: &str,
+    id: &str,
+    row: Option<std::result::Result<Instance, String>>,
+) -> Result<Option<Instance>> {
+    match row {
+        None => Ok(None),
+        Some(Ok(i)) => Ok(Some(i)),
+        Some(Err(why)) => Err(crate::saga::Corrupt {
+            plugin: plugin.to_owned(),
+            instance: id.to_owned(),
+            why,
+        }
+        .into()),
+    }
+}
+
+/// Adds a listed instance to `out`, or logs why its row cannot be read.
+fn push_listed(
+    out: &mut Vec<crate::saga::Listed>,
+    plugin: String,
+    id: String,
+    row: std::result::Result<Instance, String>,
+) {
+    match row {
+        Ok(instance) => out.push(crate::saga::Listed {
+            plugin,
+            id,
+            instance,
+        }),
+        Err(why) => tracing::warn!(plugin, instance = id, why, "A saga instance cannot be read"),
     }
 }
 
@@ -162,6 +221,8 @@ pub struct Scope {
     reader: Arc<dyn Reader>,
     /// What the messages handled so far in this batch wrote.
     batch: Mutex<BTreeMap<String, Option<Vec<u8>>>>,
+    /// Saga instances as the steps handled so far in this batch left them.
+    instances: Mutex<BTreeMap<String, Instance>>,
 }
 
 impl std::fmt::Debug for Scope {
@@ -178,6 +239,7 @@ impl Scope {
             plugin: plugin.to_owned(),
             reader,
             batch: Mutex::new(BTreeMap::new()),
+            instances: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -190,6 +252,33 @@ impl Scope {
     /// and its messages come again.
     pub fn begin_batch(&self) {
         self.batch().clear();
+        self.instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The saga instance `id` as the next message sees it: as the batch's
+    /// steps left it, or as stored.
+    pub fn instance(&self, id: &str) -> Result<Option<Instance>> {
+        if let Some(i) = self
+            .instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+        {
+            return Ok(Some(i.clone()));
+        }
+        self.reader.instance(&self.plugin, id)
+    }
+
+    /// Makes a handled message's saga step visible to the rest of the
+    /// batch.
+    pub fn stepped(&self, step: &Step) {
+        self.instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(step.instance.clone(), step.instance());
     }
 
     /// Makes a handled message's writes visible to the rest of the batch.
@@ -256,11 +345,16 @@ impl Scope {
     }
 }
 
+/// Saga instances by plugin and id, each with its steps.
+type Sagas = BTreeMap<(String, String), (Instance, Vec<Step>)>;
+
 /// State held in memory: for `switchyard test` and
 /// [`crate::testing`], where cases set state before and check it after.
 #[derive(Debug, Default)]
 pub struct Memory {
     values: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+    /// Saga instances by plugin and id, with their steps.
+    sagas: Mutex<Sagas>,
 }
 
 impl Memory {
@@ -284,6 +378,37 @@ impl Memory {
                 None => values.remove(&key),
             };
         }
+    }
+
+    fn sagas(&self) -> MutexGuard<'_, Sagas> {
+        self.sagas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores a saga instance, as a case's given instance.
+    pub fn put_instance(&self, plugin: &str, id: &str, instance: Instance) {
+        self.sagas()
+            .insert((plugin.to_owned(), id.to_owned()), (instance, Vec::new()));
+    }
+
+    /// Applies a handled message's saga step, checking its version as a
+    /// store does.
+    pub fn apply_step(&self, plugin: &str, step: &Step) -> Result<()> {
+        let mut sagas = self.sagas();
+        let key = (plugin.to_owned(), step.instance.clone());
+        let before = sagas.get(&key);
+        if before.map_or(0, |(i, _)| i.version) != step.read_version {
+            return Err(crate::saga::Conflict {
+                plugin: plugin.to_owned(),
+                instance: step.instance.clone(),
+                expected: step.read_version,
+            }
+            .into());
+        }
+        let after = step.instance();
+        let mut steps = before.map(|(_, s)| s.clone()).unwrap_or_default();
+        steps.push(step.clone());
+        sagas.insert(key, (after, steps));
+        Ok(())
     }
 
     /// Every key and value of `plugin`'s state.
@@ -320,6 +445,37 @@ impl Reader for Memory {
             .map(|(_, k)| k.clone())
             .take(limit)
             .collect())
+    }
+
+    fn instance(&self, plugin: &str, id: &str) -> Result<Option<Instance>> {
+        Ok(self
+            .sagas()
+            .get(&(plugin.to_owned(), id.to_owned()))
+            .map(|(i, _)| i.clone()))
+    }
+
+    fn instances(&self, query: &crate::saga::Query) -> Result<Vec<crate::saga::Listed>> {
+        let mut found: Vec<crate::saga::Listed> = self
+            .sagas()
+            .iter()
+            .filter(|((p, _), (i, _))| crate::saga::matches(query, p, i))
+            .map(|((p, id), (i, _))| crate::saga::Listed {
+                plugin: p.clone(),
+                id: id.clone(),
+                instance: i.clone(),
+            })
+            .collect();
+        found.sort_by_key(|l| std::cmp::Reverse(l.instance.updated_at_ms));
+        found.truncate(query.limit);
+        Ok(found)
+    }
+
+    fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
+        Ok(self
+            .sagas()
+            .get(&(plugin.to_owned(), id.to_owned()))
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default())
     }
 }
 

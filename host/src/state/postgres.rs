@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 use super::{Changes, Done, Reader, Store};
 use crate::envelope::now_ms;
 use crate::pg::connect;
+use crate::saga::{Conflict, Instance, Listed, Query, Status, Step};
 
 /// The table, created if missing; `{schema}` is replaced. Keys compare byte
 /// by byte (`C`), as in the SQLite store, so listing by prefix is a range.
@@ -34,7 +35,52 @@ CREATE TABLE IF NOT EXISTS {schema}.processed_messages (
     PRIMARY KEY (pipeline, plugin, message_id)
 );
 CREATE INDEX IF NOT EXISTS processed_messages_by_age ON {schema}.processed_messages (processed_at_ms);
+CREATE TABLE IF NOT EXISTS {schema}.saga_instances (
+    pipeline       TEXT NOT NULL,
+    plugin         TEXT NOT NULL,
+    instance       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    version        BIGINT NOT NULL,
+    plugin_version TEXT NOT NULL,
+    started_at_ms  BIGINT NOT NULL,
+    updated_at_ms  BIGINT NOT NULL,
+    last_type      TEXT NOT NULL,
+    PRIMARY KEY (pipeline, plugin, instance)
+);
+CREATE INDEX IF NOT EXISTS saga_instances_by_update ON {schema}.saga_instances (updated_at_ms);
+CREATE TABLE IF NOT EXISTS {schema}.saga_steps (
+    pipeline TEXT NOT NULL,
+    plugin   TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    version  BIGINT NOT NULL,
+    record   BYTEA NOT NULL,
+    PRIMARY KEY (pipeline, plugin, instance, version)
+);
 ";
+
+const INSTANCE_COLUMNS: &str =
+    "status, version, plugin_version, started_at_ms, updated_at_ms, last_type";
+
+/// An instance row (its columns in [`INSTANCE_COLUMNS`] order from
+/// `first`), or why it cannot be read.
+fn instance_row(row: &tokio_postgres::Row, first: usize) -> Result<Result<Instance, String>> {
+    let status: String = row.try_get(first)?;
+    let version: i64 = row.try_get(first + 1)?;
+    let Some(status) = Status::parse(&status) else {
+        return Ok(Err(format!("unknown status {status:?}")));
+    };
+    let Ok(version) = u64::try_from(version) else {
+        return Ok(Err(format!("negative version {version}")));
+    };
+    Ok(Ok(Instance {
+        status,
+        version,
+        plugin_version: row.try_get(first + 2)?,
+        started_at_ms: row.try_get::<_, i64>(first + 3)?.unsigned_abs(),
+        updated_at_ms: row.try_get::<_, i64>(first + 4)?.unsigned_abs(),
+        last_type: row.try_get(first + 5)?,
+    }))
+}
 
 pub struct PostgresState {
     url: String,
@@ -135,6 +181,160 @@ impl PostgresState {
     fn shown(&self) -> String {
         crate::config::redact(&self.url)
     }
+
+    async fn instance_async(
+        &self,
+        plugin: &str,
+        id: &str,
+    ) -> Result<Option<Result<Instance, String>>> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no state store connection")?;
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM {}.saga_instances WHERE pipeline = $1 AND plugin = $2 AND instance = $3",
+            self.schema
+        );
+        let row = client
+            .query_opt(&sql, &[&self.pipeline, &plugin, &id])
+            .await?;
+        row.map(|r| instance_row(&r, 0)).transpose()
+    }
+
+    async fn instances_async(&self, q: &Query) -> Result<Vec<Listed>> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no state store connection")?;
+        let sql = format!(
+            "SELECT plugin, instance, {INSTANCE_COLUMNS} FROM {}.saga_instances
+             WHERE pipeline = $1 AND ($2::text IS NULL OR plugin = $2) AND ($3::text IS NULL OR status = $3)
+               AND ($4::bigint IS NULL OR updated_at_ms < $4) AND ($5::bigint IS NULL OR started_at_ms < $5)
+             ORDER BY updated_at_ms DESC LIMIT $6",
+            self.schema
+        );
+        let ms = |t: Option<u64>| t.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &self.pipeline,
+                    &q.plugin,
+                    &q.status.map(Status::as_str),
+                    &ms(q.updated_before_ms),
+                    &ms(q.started_before_ms),
+                    &limit,
+                ],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let plugin: String = row.try_get(0)?;
+            let id: String = row.try_get(1)?;
+            super::push_listed(&mut out, plugin, id, instance_row(&row, 2)?);
+        }
+        Ok(out)
+    }
+
+    async fn steps_async(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no state store connection")?;
+        let sql = format!(
+            "SELECT version, record FROM {}.saga_steps WHERE pipeline = $1 AND plugin = $2 AND instance = $3 ORDER BY version",
+            self.schema
+        );
+        let rows = client.query(&sql, &[&self.pipeline, &plugin, &id]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let version: i64 = row.try_get(0)?;
+            let record: Vec<u8> = row.try_get(1)?;
+            out.push(
+                Step::decode(&record).with_context(|| {
+                    format!("step {version} of saga instance {id} cannot be read")
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Applies one saga step inside `tx`: the instance must be at the
+    /// version the step read. The row update waits for a concurrent
+    /// writer of the same instance and then finds its version moved on.
+    async fn apply_step(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        plugin: &str,
+        step: &Step,
+    ) -> Result<()> {
+        let after = step.instance();
+        let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        let version = i64::try_from(after.version).unwrap_or(i64::MAX);
+        let read = i64::try_from(step.read_version).unwrap_or(i64::MAX);
+        let rows = if step.read_version == 0 {
+            let sql = format!(
+                "INSERT INTO {}.saga_instances (pipeline, plugin, instance, {INSTANCE_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                self.schema
+            );
+            tx.execute(
+                &sql,
+                &[
+                    &self.pipeline,
+                    &plugin,
+                    &step.instance,
+                    &after.status.as_str(),
+                    &version,
+                    &after.plugin_version,
+                    &ms(after.started_at_ms),
+                    &ms(after.updated_at_ms),
+                    &after.last_type,
+                ],
+            )
+            .await?
+        } else {
+            let sql = format!(
+                "UPDATE {}.saga_instances SET status = $4, version = $5, plugin_version = $6, updated_at_ms = $7, last_type = $8
+                 WHERE pipeline = $1 AND plugin = $2 AND instance = $3 AND version = $9",
+                self.schema
+            );
+            tx.execute(
+                &sql,
+                &[
+                    &self.pipeline,
+                    &plugin,
+                    &step.instance,
+                    &after.status.as_str(),
+                    &version,
+                    &after.plugin_version,
+                    &ms(after.updated_at_ms),
+                    &after.last_type,
+                    &read,
+                ],
+            )
+            .await?
+        };
+        if rows == 0 {
+            return Err(Conflict {
+                plugin: plugin.to_owned(),
+                instance: step.instance.clone(),
+                expected: step.read_version,
+            }
+            .into());
+        }
+        let sql = format!(
+            "INSERT INTO {}.saga_steps (pipeline, plugin, instance, version, record) VALUES ($1, $2, $3, $4, $5)",
+            self.schema
+        );
+        tx.execute(
+            &sql,
+            &[
+                &self.pipeline,
+                &plugin,
+                &step.instance,
+                &version,
+                &step.encode(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 impl Reader for PostgresState {
@@ -155,11 +355,37 @@ impl Reader for PostgresState {
             .block_on(self.keys_async(plugin, prefix, after, limit))
             .with_context(|| format!("cannot read the state store {}", self.shown()))
     }
+
+    fn instance(&self, plugin: &str, id: &str) -> Result<Option<Instance>> {
+        let row = self
+            .runtime
+            .block_on(self.instance_async(plugin, id))
+            .with_context(|| format!("cannot read the state store {}", self.shown()))?;
+        super::found_instance(plugin, id, row)
+    }
+
+    fn instances(&self, query: &Query) -> Result<Vec<Listed>> {
+        self.runtime
+            .block_on(self.instances_async(query))
+            .with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
+
+    fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
+        self.runtime
+            .block_on(self.steps_async(plugin, id))
+            .with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
 }
 
 #[async_trait]
 impl Store for PostgresState {
-    async fn commit(&self, plugin: &str, changes: Changes, done: Vec<Done>) -> Result<()> {
+    async fn commit(
+        &self,
+        plugin: &str,
+        changes: Changes,
+        steps: Vec<Step>,
+        done: Vec<Done>,
+    ) -> Result<()> {
         // One statement per kind of write, whatever the batch's size: the
         // rows travel as arrays.
         let (mut set_keys, mut set_values, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
@@ -205,6 +431,9 @@ impl Store for PostgresState {
                     self.table()
                 );
                 tx.execute(&sql, &[&self.pipeline, &plugin, &deleted]).await?;
+            }
+            for step in &steps {
+                self.apply_step(&tx, plugin, step).await?;
             }
             tx.commit().await?;
             Ok::<_, anyhow::Error>(())

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{Changes, Done, Reader, Store};
+use crate::saga::{Conflict, Instance, Listed, Query, Status, Step};
 
 /// The `state` table. `version` counts the commits that wrote a key (no
 /// writer checks it yet: concurrent writers are last-writer-wins).
@@ -37,6 +38,151 @@ CREATE TABLE IF NOT EXISTS processed (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS processed_by_age ON processed (processed_at_ms);
 ";
+
+/// Saga instances and the steps that made them (see [`crate::saga`]).
+pub const SAGA_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS saga_instances (
+    plugin         TEXT NOT NULL,
+    instance       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    version        INTEGER NOT NULL,
+    plugin_version TEXT NOT NULL,
+    started_at_ms  INTEGER NOT NULL,
+    updated_at_ms  INTEGER NOT NULL,
+    last_type      TEXT NOT NULL,
+    PRIMARY KEY (plugin, instance)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS saga_instances_by_update ON saga_instances (updated_at_ms);
+CREATE TABLE IF NOT EXISTS saga_steps (
+    plugin   TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    version  INTEGER NOT NULL,
+    record   BLOB NOT NULL,
+    PRIMARY KEY (plugin, instance, version)
+) WITHOUT ROWID;
+";
+
+const INSTANCE_COLUMNS: &str =
+    "status, version, plugin_version, started_at_ms, updated_at_ms, last_type";
+
+/// An instance row (its columns in [`INSTANCE_COLUMNS`] order from
+/// `first`), or why it cannot be read.
+fn instance_row(
+    row: &rusqlite::Row<'_>,
+    first: usize,
+) -> rusqlite::Result<Result<Instance, String>> {
+    let status: String = row.get(first)?;
+    let version: i64 = row.get(first + 1)?;
+    let instance = Status::parse(&status)
+        .ok_or_else(|| format!("unknown status {status:?}"))
+        .and_then(|status| {
+            Ok(Instance {
+                status,
+                version: u64::try_from(version)
+                    .map_err(|_| format!("negative version {version}"))?,
+                plugin_version: String::new(),
+                started_at_ms: 0,
+                updated_at_ms: 0,
+                last_type: String::new(),
+            })
+        });
+    let Ok(mut instance) = instance else {
+        return Ok(instance);
+    };
+    instance.plugin_version = row.get(first + 2)?;
+    instance.started_at_ms = row.get::<_, i64>(first + 3)?.unsigned_abs();
+    instance.updated_at_ms = row.get::<_, i64>(first + 4)?.unsigned_abs();
+    instance.last_type = row.get(first + 5)?;
+    Ok(Ok(instance))
+}
+
+fn instance(conn: &Connection, plugin: &str, id: &str) -> Result<Option<Instance>> {
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM saga_instances WHERE plugin = ?1 AND instance = ?2"
+        ))?
+        .query_row(params![plugin, id], |r| instance_row(r, 0))
+        .optional()?;
+    super::found_instance(plugin, id, row)
+}
+
+fn instances(conn: &Connection, q: &Query) -> Result<Vec<Listed>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT plugin, instance, {INSTANCE_COLUMNS} FROM saga_instances
+         WHERE (?1 IS NULL OR plugin = ?1) AND (?2 IS NULL OR status = ?2)
+           AND (?3 IS NULL OR updated_at_ms < ?3) AND (?4 IS NULL OR started_at_ms < ?4)
+         ORDER BY updated_at_ms DESC LIMIT ?5"
+    ))?;
+    let ms = |t: Option<u64>| t.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    let mut rows = stmt.query(params![
+        q.plugin,
+        q.status.map(Status::as_str),
+        ms(q.updated_before_ms),
+        ms(q.started_before_ms),
+        i64::try_from(q.limit).unwrap_or(i64::MAX)
+    ])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let plugin: String = row.get(0)?;
+        let id: String = row.get(1)?;
+        super::push_listed(&mut out, plugin, id, instance_row(row, 2)?);
+    }
+    Ok(out)
+}
+
+fn steps(conn: &Connection, plugin: &str, id: &str) -> Result<Vec<Step>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, record FROM saga_steps WHERE plugin = ?1 AND instance = ?2 ORDER BY version",
+    )?;
+    let mut rows = stmt.query(params![plugin, id])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let version: i64 = row.get(0)?;
+        let record: Vec<u8> = row.get(1)?;
+        out.push(
+            Step::decode(&record)
+                .with_context(|| format!("step {version} of saga instance {id} cannot be read"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Applies one saga step of `plugin` inside `tx`: the instance must be at
+/// the version the step read ([`Conflict`] otherwise).
+pub fn apply_step(tx: &Transaction<'_>, plugin: &str, step: &Step) -> Result<()> {
+    let before = instance(tx, plugin, &step.instance)?;
+    if before.as_ref().map_or(0, |i| i.version) != step.read_version {
+        return Err(Conflict {
+            plugin: plugin.to_owned(),
+            instance: step.instance.clone(),
+            expected: step.read_version,
+        }
+        .into());
+    }
+    let after = step.instance();
+    let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+    let version = i64::try_from(after.version).unwrap_or(i64::MAX);
+    tx.prepare_cached(&format!(
+        "INSERT INTO saga_instances (plugin, instance, {INSTANCE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (plugin, instance) DO UPDATE SET status = excluded.status, version = excluded.version,
+           plugin_version = excluded.plugin_version, updated_at_ms = excluded.updated_at_ms, last_type = excluded.last_type"
+    ))?
+    .execute(params![
+        plugin,
+        step.instance,
+        after.status.as_str(),
+        version,
+        after.plugin_version,
+        ms(after.started_at_ms),
+        ms(after.updated_at_ms),
+        after.last_type
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO saga_steps (plugin, instance, version, record) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![plugin, step.instance, version, step.encode()])?;
+    Ok(())
+}
 
 /// Writes one message's changes to `plugin`'s state inside `tx`.
 pub fn apply(tx: &Transaction<'_>, plugin: &str, changes: &Changes, now_ms: u64) -> Result<()> {
@@ -110,7 +256,7 @@ impl SqliteState {
             .with_context(|| format!("cannot open the state store {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(&format!("{SCHEMA}{DONE_SCHEMA}"))
+        conn.execute_batch(&format!("{SCHEMA}{DONE_SCHEMA}{SAGA_SCHEMA}"))
             .with_context(|| format!("cannot create the state tables in {}", path.display()))?;
         Ok(SqliteState {
             path: path.to_owned(),
@@ -190,16 +336,39 @@ impl Reader for SqliteState {
     ) -> Result<Vec<String>> {
         self.read(|c| keys(c, plugin, prefix, after, limit))
     }
+
+    fn instance(&self, plugin: &str, id: &str) -> Result<Option<Instance>> {
+        // A corrupt instance is its own error, not a store failure: the
+        // connection goes back to the pool.
+        self.read(|c| Ok(instance(c, plugin, id)))?
+    }
+
+    fn instances(&self, query: &Query) -> Result<Vec<Listed>> {
+        self.read(|c| instances(c, query))
+    }
+
+    fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
+        self.read(|c| steps(c, plugin, id))
+    }
 }
 
 #[async_trait]
 impl Store for SqliteState {
-    async fn commit(&self, plugin: &str, changes: Changes, done: Vec<Done>) -> Result<()> {
+    async fn commit(
+        &self,
+        plugin: &str,
+        changes: Changes,
+        steps: Vec<Step>,
+        done: Vec<Done>,
+    ) -> Result<()> {
         let plugin = plugin.to_owned();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let now = crate::envelope::now_ms();
             apply(&tx, &plugin, &changes, now)?;
+            for step in &steps {
+                apply_step(&tx, &plugin, step)?;
+            }
             for d in &done {
                 tx.prepare_cached(
                     "INSERT INTO processed (plugin, message_id, processed_at_ms, outcome) VALUES (?1, ?2, ?3, ?4)",
@@ -264,7 +433,7 @@ mod tests {
         for k in ["b:1", "a:2", "a:1", "a:"] {
             c.writes.insert(k.into(), Some(k.as_bytes().to_vec()));
         }
-        store.commit("p", c, Vec::new()).await.unwrap();
+        store.commit("p", c, Vec::new(), Vec::new()).await.unwrap();
         assert_eq!(store.get("p", "a:1").unwrap(), Some(b"a:1".to_vec()));
         assert_eq!(store.get("q", "a:1").unwrap(), None);
         assert_eq!(
@@ -280,7 +449,10 @@ mod tests {
             outputs: Vec::new(),
             reply: None,
         };
-        store.commit("p", d, vec![done.clone()]).await.unwrap();
+        store
+            .commit("p", d, Vec::new(), vec![done.clone()])
+            .await
+            .unwrap();
         assert_eq!(store.get("p", "a:1").unwrap(), None);
         let ids = ["m-1".to_owned(), "m-2".to_owned()];
         assert_eq!(
@@ -291,7 +463,12 @@ mod tests {
         // Done twice: the whole commit fails, its changes too.
         let mut again = Changes::default();
         again.writes.insert("a:9".into(), Some(b"9".to_vec()));
-        assert!(store.commit("p", again, vec![done]).await.is_err());
+        assert!(
+            store
+                .commit("p", again, Vec::new(), vec![done])
+                .await
+                .is_err()
+        );
         assert_eq!(store.get("p", "a:9").unwrap(), None);
         assert_eq!(store.prune(crate::envelope::now_ms() + 1).await.unwrap(), 1);
         assert!(store.done("p", &ids).await.unwrap().is_empty());

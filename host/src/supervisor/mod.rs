@@ -247,7 +247,13 @@ impl Supervisor {
                     .pipeline
                     .plugins
                     .iter()
-                    .any(|p| p.name.as_str() == name && p.exactly_once),
+                    .any(|p| p.name.as_str() == name && p.is_exactly_once()),
+            saga: state
+                .pipeline
+                .plugins
+                .iter()
+                .find(|p| p.name.as_str() == name)
+                .and_then(|p| p.saga.clone()),
         };
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub dead_letters: Gauge<u64>,
     /// How long a route took to swap to a new plugin version.
     pub swap_duration: Histogram<f64>,
+    /// Saga instances started, completed; messages whose instance was not
+    /// found; commits refused because an instance moved on.
+    pub saga_started: Counter<u64>,
+    pub saga_completed: Counter<u64>,
+    pub saga_not_found: Counter<u64>,
+    pub saga_conflicts: Counter<u64>,
 }
 
 /// Shares the manual reader between the meter provider and `/metrics`.
@@ -130,6 +136,22 @@ impl Metrics {
                 .with_unit("s")
                 .with_description("Time a route took to swap to a new plugin version")
                 .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .build(),
+            saga_started: meter
+                .u64_counter("switchyard.saga.started")
+                .with_description("Saga instances started")
+                .build(),
+            saga_completed: meter
+                .u64_counter("switchyard.saga.completed")
+                .with_description("Saga instances completed")
+                .build(),
+            saga_not_found: meter
+                .u64_counter("switchyard.saga.not_found")
+                .with_description("Messages whose saga instance does not exist or has completed")
+                .build(),
+            saga_conflicts: meter
+                .u64_counter("switchyard.saga.conflicts")
+                .with_description("Batches handled again because a saga instance changed meanwhile")
                 .build(),
             provider,
             reader,

@@ -35,7 +35,8 @@ use crate::envelope::{Envelope, Kind, Reply, now_ms};
 /// 2: attempt history on `queue`, delayed retries in `scheduled`; failed
 ///    messages go to the dead-letter store and `failed` is no longer written.
 /// 3: plugin state in `state` (see `crate::state::sqlite`).
-const SCHEMA_VERSION: i64 = 3;
+/// 4: saga instances and their steps in `saga_instances`, `saga_steps`.
+const SCHEMA_VERSION: i64 = 4;
 
 /// Upgrades a version-1 store to version 2.
 const MIGRATE_1_TO_2: &str = "
@@ -384,8 +385,9 @@ fn migrate(conn: &Connection) -> Result<()> {
     }
     if version == 0 {
         conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA} {STATE} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
-            STATE = crate::state::sqlite::SCHEMA
+            "BEGIN; {SCHEMA} {STATE} {SAGAS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+            STATE = crate::state::sqlite::SCHEMA,
+            SAGAS = crate::state::sqlite::SAGA_SCHEMA
         ))?;
         return Ok(());
     }
@@ -398,6 +400,12 @@ fn migrate(conn: &Connection) -> Result<()> {
         conn.execute_batch(&format!(
             "BEGIN; {STATE} PRAGMA user_version = 3; COMMIT;",
             STATE = crate::state::sqlite::SCHEMA
+        ))?;
+    }
+    if version <= 3 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SAGAS} PRAGMA user_version = 4; COMMIT;",
+            SAGAS = crate::state::sqlite::SAGA_SCHEMA
         ))?;
     }
     Ok(())
@@ -925,8 +933,12 @@ impl Subscription for EmbeddedSubscription {
                             outputs,
                             reply,
                             state,
+                            saga,
                         } => {
                             crate::state::sqlite::apply(&tx, &route, state, now)?;
+                            if let Some(step) = saga {
+                                crate::state::sqlite::apply_step(&tx, &route, step)?;
+                            }
                             for out in outputs {
                                 s.route_into(&tx, out, now, &mut touched)?;
                             }

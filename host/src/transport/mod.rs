@@ -148,6 +148,9 @@ pub enum Outcome {
         /// for a broker the route has committed it to the state store
         /// before settling.
         state: crate::state::Changes,
+        /// The saga step the message made, when the route's plugin is a
+        /// saga: committed with `state`, where `state` is.
+        saga: Option<crate::saga::Step>,
     },
     /// Failed, to be tried again: the message (with its attempt count and
     /// history) is scheduled durably, and only then the delivery removed.

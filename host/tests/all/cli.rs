@@ -259,7 +259,7 @@ fn plugins_inspect_prints_the_declaration() {
     assert!(out.contains("publishes  event OrderPlaced"), "{out}");
     assert!(out.contains("sends      command ChargePayment"), "{out}");
     assert!(
-        out.contains("imports    switchyard:plugin/host@0.2.1"),
+        out.contains("imports    switchyard:plugin/host@0.2.2"),
         "{out}"
     );
 
@@ -513,6 +513,69 @@ fn the_example_plugins_pass_their_contract_tests() {
         );
         assert_eq!(junit_counts(&junit), (cases, 0), "{plugin}");
     }
+}
+
+#[test]
+fn saga_cases_find_their_instance_as_a_pipeline_would() {
+    let tests = workspace_root()
+        .join("tests")
+        .join("plugins")
+        .join("ledger")
+        .join("tests")
+        .join("contract.toml");
+    let out = switchyard(&[
+        "test",
+        wasm("ledger").to_str().unwrap(),
+        tests.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("8 passed, 0 failed"), "{text}");
+
+    // A wrong expectation of the instance fails and says what it became.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        r#"
+[saga]
+starts = ["Open"]
+instance_key = "$.id"
+
+[[case]]
+name = "closing is expected to leave it running"
+input = { type = "Close", json = { id = "L-1" } }
+saga = { instance = "L-1" }
+[case.expect]
+published = [{ type = "Closed", json = { id = "L-1", total = 0, steps = 2 } }]
+saga = "running"
+
+[[case]]
+name = "a missing instance is ignored by default"
+input = { type = "Add", json = { id = "L-2", n = 1 } }
+[case.expect]
+saga = "ignored"
+
+[[case]]
+name = "a saga file's state needs its instance"
+input = { type = "Add", json = { id = "L-2", n = 1 } }
+state = { total = 1 }
+"#,
+    )
+    .unwrap();
+    let out = switchyard(&[
+        "test",
+        wasm("ledger").to_str().unwrap(),
+        wrong.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("1 passed, 2 failed"), "{text}");
+    assert!(
+        text.contains("saga: expected running, got completed"),
+        "{text}"
+    );
+    assert!(text.contains("needs [case.saga]"), "{text}");
 }
 
 #[test]

@@ -90,6 +90,36 @@ pub fn write_pipeline(dir: &Path, name: &str, toml: &str) -> PathBuf {
     path
 }
 
+/// Writes an embedded pipeline (`[host]` with the test cache, then
+/// `body`), queues `messages` and runs it until none is left.
+pub async fn drain_embedded(
+    dir: &Path,
+    name: &str,
+    body: &str,
+    messages: Vec<Envelope>,
+) -> (PathBuf, Pipeline) {
+    use switchyard::transport::Transport as _;
+    let path = write_pipeline(
+        dir,
+        name,
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n{body}"),
+    );
+    let pipeline = switchyard::config::load(&path).unwrap().pipeline;
+    let transport = runtime::open_transport(&pipeline).unwrap();
+    transport.enqueue(messages).await.unwrap();
+    drop(transport);
+    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
+    runtime::run(
+        &pipeline,
+        plugins,
+        runtime::RunMode::Drain,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    (path, pipeline)
+}
+
 /// The switchyard binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))

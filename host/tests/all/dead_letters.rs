@@ -495,6 +495,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         crash_guard: None,
         state: None,
         exactly_once: false,
+        saga: None,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -636,6 +637,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         crash_guard: None,
         state: None,
         exactly_once: false,
+        saga: None,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,

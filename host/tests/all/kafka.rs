@@ -802,6 +802,7 @@ async fn records_given_back_are_read_again_but_settled_ones_after_them_are_not()
                 outputs: Vec::new(),
                 reply: None,
                 state: Default::default(),
+                saga: None,
             },
         })
         .collect();

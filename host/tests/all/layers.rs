@@ -174,6 +174,7 @@ const LAYERS: &[&[&str]] = &[
     &["telemetry"],
     &["limits"],
     &["config"],
+    &["saga"],
     &["envelope"],
     &["recover"],
     &["text", "files", "json_diff"],

@@ -57,7 +57,7 @@ fn a_component_of_another_world_is_refused() {
     // The smallest valid component: the preamble alone, exporting nothing.
     let e = load_error(&file_with(dir.path(), "empty.wasm", b"\0asm\x0d\0\x01\0"));
     assert!(
-        e.contains("does not export `switchyard:plugin/handler@0.2.1` (it exports nothing)"),
+        e.contains("does not export `switchyard:plugin/handler@0.2.2` (it exports nothing)"),
         "{e}"
     );
 }
@@ -77,7 +77,7 @@ fn a_plugin_built_against_another_contract_version_is_told_so() {
     bytes.extend_from_slice(&[0x05, 0x00, 0x00]);
     let e = load_error(&file_with(dir.path(), "old.wasm", &bytes));
     assert!(
-        e.contains("built against contract switchyard:plugin@0.1.0, but this host speaks switchyard:plugin@0.2.1"),
+        e.contains("built against contract switchyard:plugin@0.1.0, but this host speaks switchyard:plugin@0.2.2"),
         "{e}"
     );
 }

@@ -24,6 +24,7 @@ mod loading;
 mod outbox;
 mod polyglot;
 mod reliability;
+mod sagas;
 mod sandbox;
 mod schemas;
 mod state;

@@ -5,9 +5,8 @@
 use serde_json::json;
 use switchyard::config;
 use switchyard::envelope::{Envelope, Kind};
-use switchyard::runtime::{self, RunMode};
+use switchyard::runtime;
 use switchyard::state::Reader;
-use switchyard::transport::Transport;
 
 use crate::common::{dead_letters, message, write_pipeline};
 
@@ -34,20 +33,9 @@ async fn run_embedded(
     extra: &str,
     messages: Vec<Envelope>,
 ) -> config::Pipeline {
-    let path = write_pipeline(
-        dir,
-        "state",
-        &format!("[host]\ncache_dir = \"{{cache}}\"\n{COUNTER}\n{extra}"),
-    );
-    let pipeline = config::load(&path).unwrap().pipeline;
-    let transport = runtime::open_transport(&pipeline).unwrap();
-    transport.enqueue(messages).await.unwrap();
-    drop(transport);
-    let plugins = runtime::load_plugins(&pipeline).await.unwrap();
-    runtime::run(&pipeline, plugins, RunMode::Drain, std::future::pending())
+    crate::common::drain_embedded(dir, "state", &format!("{COUNTER}\n{extra}"), messages)
         .await
-        .unwrap();
-    pipeline
+        .1
 }
 
 fn embedded_state(
@@ -215,7 +203,7 @@ async fn a_state_section_is_refused_on_the_embedded_transport() {
 }
 
 /// A PostgreSQL schema of its own for one test.
-fn schema() -> String {
+pub(crate) fn schema() -> String {
     format!(
         "state_test_{}",
         switchyard::envelope::new_id().replace('-', "")[..12].to_owned()

@@ -76,10 +76,12 @@ async fn a_store_of_the_first_version_is_upgraded_in_place() {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
-    // Version 3 keeps plugin state.
-    let state_rows: i64 = db
-        .query_row("SELECT count(*) FROM state", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(state_rows, 0);
+    assert_eq!(version, 4);
+    // Version 3 keeps plugin state, version 4 saga instances and steps.
+    for table in ["state", "saga_instances", "saga_steps"] {
+        let rows: i64 = db
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "{table}");
+    }
 }

@@ -12,6 +12,7 @@ mod pipeline;
 mod plugins;
 mod retry;
 mod routing;
+mod saga;
 mod schemas;
 mod telemetry;
 mod transport;

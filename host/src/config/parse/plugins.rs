@@ -84,6 +84,10 @@ impl Parser<'_> {
         let exactly_once = section
             .bool("exactly_once", self.diags)
             .is_some_and(|b| b.value);
+        let handled: Vec<MessageType> = commands.iter().chain(&events).cloned().collect();
+        let saga = section
+            .table("saga", self.diags)
+            .map(|s| self.saga(s, &name.value, &handled));
         self.check_handles_something(
             &section,
             &name,
@@ -106,6 +110,7 @@ impl Parser<'_> {
                 retry,
                 grants,
                 exactly_once,
+                saga: saga.flatten().map(std::sync::Arc::new),
             }),
             _ => None,
         };

@@ -1,0 +1,455 @@
+//! Sagas on a running host: instances found from their messages, their
+//! state and steps committed with the outcome, completion, messages that
+//! find no instance, and two hosts that handle one instance's messages at
+//! once (on RabbitMQ with PostgreSQL), where no step is lost.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use switchyard::config;
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::runtime;
+use switchyard::saga::{Status, Step};
+use switchyard::state::{Reader, Store};
+
+use crate::common::{bin, dead_letters, message, write_pipeline};
+
+fn ledger(not_found: &str) -> String {
+    format!(
+        r#"
+    [plugins.ledger]
+    wasm = "{{dist}}/ledger.wasm"
+    events = ["Open", "Add", "Close", "Reject", "Peek"]
+    retry = {{ immediate = 0, delayed = 0 }}
+    [plugins.ledger.saga]
+    starts = ["Open"]
+    instance_key = "$.id"
+    instance_keys = {{ Peek = "correlation-id" }}
+    not_found = "{not_found}"
+"#
+    )
+}
+
+fn open(id: &str) -> Envelope {
+    message(Kind::Event, "Open", json!({ "id": id }))
+}
+
+fn add(id: &str, n: i64) -> Envelope {
+    message(Kind::Event, "Add", json!({ "id": id, "n": n }))
+}
+
+fn close(id: &str) -> Envelope {
+    message(Kind::Event, "Close", json!({ "id": id }))
+}
+
+/// Runs `messages` through an embedded pipeline with the ledger saga until
+/// none is left; returns the pipeline file and the pipeline.
+async fn run_embedded(
+    dir: &std::path::Path,
+    not_found: &str,
+    messages: Vec<Envelope>,
+) -> (std::path::PathBuf, config::Pipeline) {
+    crate::common::drain_embedded(dir, "sagas", &ledger(not_found), messages).await
+}
+
+fn embedded_state(pipeline: &config::Pipeline) -> std::sync::Arc<dyn Reader> {
+    let config::TransportConfig::Embedded(e) = &pipeline.transport else {
+        panic!("not embedded");
+    };
+    switchyard::state::sqlite::SqliteState::reader(&e.path)
+}
+
+/// An instance's state as JSON values, by its own keys.
+fn instance_state(r: &dyn Reader, id: &str) -> BTreeMap<String, serde_json::Value> {
+    let prefix = switchyard::saga::stored_prefix(id);
+    r.keys("ledger", &prefix, None, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|k| {
+            let v = r.get("ledger", &k).unwrap().unwrap();
+            (
+                switchyard::saga::instance_key(id, &k).unwrap().to_owned(),
+                serde_json::from_slice(&v).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saga_keeps_each_instance_and_every_step_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peek = message(Kind::Event, "Peek", json!("anything"));
+    peek.correlation_id = Some("L-2".into());
+    let opening = open("L-1");
+    let reject = message(Kind::Event, "Reject", json!({ "id": "L-2" }));
+    let after_close = add("L-1", 100);
+    let nowhere = add("L-404", 1);
+    let unresolvable = message(Kind::Event, "Add", json!({ "ledger": "L-1", "n": 1 }));
+    // One enqueue, so that one batch holds several steps of one instance.
+    let messages = vec![
+        opening.clone(),
+        open("L-2"),
+        add("L-1", 2),
+        add("L-1", 3),
+        add("L-2", 10),
+        peek,
+        reject.clone(),
+        close("L-1"),
+        after_close.clone(),
+        nowhere.clone(),
+        unresolvable.clone(),
+    ];
+    let (path, pipeline) = run_embedded(dir.path(), "dead-letter", messages).await;
+
+    let state = embedded_state(&pipeline);
+    let l1 = state.instance("ledger", "L-1").unwrap().unwrap();
+    assert_eq!(l1.status, Status::Completed);
+    assert_eq!(l1.version, 4);
+    assert_eq!(l1.last_type, "Close");
+    let l2 = state.instance("ledger", "L-2").unwrap().unwrap();
+    assert_eq!((l2.status, l2.version), (Status::Running, 3));
+    assert_eq!(
+        instance_state(state.as_ref(), "L-1"),
+        BTreeMap::from([
+            ("total".to_owned(), json!(5)),
+            ("adds".to_owned(), json!(2)),
+            ("opened_by".to_owned(), json!(opening.id)),
+        ])
+    );
+    assert_eq!(instance_state(state.as_ref(), "L-2")["peeked"], json!(true));
+
+    let steps: Vec<Step> = state.steps("ledger", "L-1").unwrap();
+    let types: Vec<&str> = steps.iter().map(|s| s.message_type.as_str()).collect();
+    assert_eq!(types, ["Open", "Add", "Add", "Close"]);
+    assert_eq!(steps[0].message_id, opening.id);
+    assert_eq!(steps[0].outputs.len(), 1);
+    assert_eq!(steps[0].outputs[0].message_type, "Opened");
+    assert_eq!(steps[1].changes["total"].as_deref(), Some("2"));
+    assert!(steps[3].completed && !steps[2].completed);
+    assert_eq!(
+        steps.iter().map(Step::version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+
+    // Every message that found no instance is dead-lettered, saying why;
+    // a failed step names its instance.
+    let letters = dead_letters(&pipeline).await;
+    let by_id = |id: &str| {
+        letters
+            .iter()
+            .find(|l| l.message.id == id)
+            .unwrap_or_else(|| panic!("no dead letter for {id}: {letters:#?}"))
+    };
+    assert_eq!(letters.len(), 4, "{letters:#?}");
+    let completed = by_id(&after_close.id);
+    assert_eq!(completed.error.kind, "no-instance");
+    assert!(completed.error.message.contains("has completed"));
+    assert!(
+        completed
+            .error
+            .details
+            .contains(&("saga.instance".into(), "L-1".into()))
+    );
+    assert!(
+        by_id(&nowhere.id)
+            .error
+            .message
+            .contains("has no instance L-404")
+    );
+    assert!(
+        by_id(&unresolvable.id)
+            .error
+            .message
+            .contains("$.id does not resolve")
+    );
+    let rejected = by_id(&reject.id);
+    assert_eq!(rejected.error.kind, "permanent");
+    assert!(
+        rejected
+            .error
+            .details
+            .contains(&("saga.instance".into(), "L-2".into()))
+    );
+
+    // What the CLI shows of them.
+    let out = std::process::Command::new(bin())
+        .args(["sagas", "list", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("L-1") && text.contains("completed"), "{text}");
+    assert!(text.contains("L-2") && text.contains("running"), "{text}");
+    let out = std::process::Command::new(bin())
+        .args(["sagas", "list", "--status", "running", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("L-2") && !text.contains("L-1"), "{text}");
+    let out = std::process::Command::new(bin())
+        .args(["sagas", "show", "ledger", "L-1", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "status    completed",
+        "total      5",
+        "set      total = 5",
+        "published Opened",
+        "completed the instance",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    let out = std::process::Command::new(bin())
+        .args(["sagas", "show", "ledger", "L-1", "--json", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["state"]["total"], json!(5));
+    assert_eq!(shown["steps"].as_array().unwrap().len(), 4);
+    let out = std::process::Command::new(bin())
+        .args(["sagas", "show", "ledger", "L-404", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_without_an_instance_is_ignored_when_the_pipeline_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pipeline) = run_embedded(dir.path(), "ignore", vec![add("L-404", 1)]).await;
+    assert!(dead_letters(&pipeline).await.is_empty());
+    let state = embedded_state(&pipeline);
+    assert_eq!(state.instance("ledger", "L-404").unwrap(), None);
+}
+
+#[test]
+fn a_saga_table_that_cannot_work_is_refused_with_every_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "bad-saga",
+        r#"
+    [plugins.ledger]
+    wasm = "{dist}/ledger.wasm"
+    events = ["Open", "Add"]
+    [plugins.ledger.saga]
+    starts = ["Begin"]
+    instance_keys = { Open = "order_id", Close = "$.id" }
+    not_found = "drop"
+"#,
+    );
+    let Err(e) = config::load(&path) else {
+        panic!("a broken saga table loaded");
+    };
+    let text = format!("{e:#}");
+    for want in [
+        "saga ledger starts on `Begin`, which it does not handle",
+        "`order_id` is not a JSON path",
+        "instance key for `Close`, which it does not handle",
+        "must be \"ignore\" or \"dead-letter\", found \"drop\"",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    let path = write_pipeline(
+        dir.path(),
+        "keyless",
+        r#"
+    [plugins.ledger]
+    wasm = "{dist}/ledger.wasm"
+    events = ["Open", "Add"]
+    [plugins.ledger.saga]
+    starts = ["Open"]
+    instance_keys = { Open = "$.id" }
+"#,
+    );
+    let Err(e) = config::load(&path) else {
+        panic!("a saga without an instance key for Add loaded");
+    };
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("saga ledger does not say how `Add` finds its instance"),
+        "{text}"
+    );
+}
+
+fn step(instance: &str, read_version: u64) -> Step {
+    Step {
+        instance: instance.into(),
+        read_version,
+        message_id: switchyard::envelope::new_id(),
+        message_type: "Add".into(),
+        at_ms: switchyard::envelope::now_ms(),
+        started_at_ms: 1,
+        plugin_version: "1.0.0".into(),
+        completed: false,
+        changes: BTreeMap::new(),
+        outputs: Vec::new(),
+    }
+}
+
+/// Steps that read the same version: one commits, the other is a conflict
+/// and changes nothing, whichever store.
+async fn conflicts_are_refused(store: &dyn Store) {
+    let commit = |s: Step| {
+        let mut changes = switchyard::state::Changes::default();
+        changes.writes.insert(
+            switchyard::saga::stored_key(&s.instance, "by"),
+            Some(s.message_id.clone().into_bytes()),
+        );
+        store.commit("ledger", changes, vec![s], Vec::new())
+    };
+    commit(step("C-1", 0)).await.unwrap();
+    let e = commit(step("C-1", 0)).await.unwrap_err();
+    assert!(switchyard::saga::is_conflict(&e), "{e:#}");
+    let second = step("C-1", 1);
+    commit(second.clone()).await.unwrap();
+    let e = commit(step("C-1", 1)).await.unwrap_err();
+    assert!(switchyard::saga::is_conflict(&e), "{e:#}");
+    let key = switchyard::saga::stored_key("C-1", "by");
+    let (instance, by) = {
+        let store_ref = store;
+        (
+            tokio::task::block_in_place(|| store_ref.instance("ledger", "C-1"))
+                .unwrap()
+                .unwrap(),
+            tokio::task::block_in_place(|| store_ref.get("ledger", &key)).unwrap(),
+        )
+    };
+    assert_eq!(instance.version, 2);
+    assert_eq!(by, Some(second.message_id.into_bytes()));
+    let steps = tokio::task::block_in_place(|| store.steps("ledger", "C-1")).unwrap();
+    assert_eq!(steps.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_on_a_moved_instance_is_a_conflict_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = switchyard::state::sqlite::SqliteState::open(&dir.path().join("s.db")).unwrap();
+    conflicts_are_refused(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_on_a_moved_instance_is_a_conflict_in_postgresql() {
+    let schema = crate::state::schema();
+    let store = switchyard::state::postgres::PostgresState::connect(
+        "postgres://postgres@127.0.0.1:5432/test",
+        &schema,
+        "sagas",
+    )
+    .await
+    .unwrap();
+    conflicts_are_refused(&store).await;
+    // Twenty hosts start one instance at the same moment: one wins.
+    let store = std::sync::Arc::new(store);
+    let starts: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .commit(
+                        "ledger",
+                        switchyard::state::Changes::default(),
+                        vec![step("race", 0)],
+                        Vec::new(),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for start in starts {
+        results.push(start.await);
+    }
+    let won = results.iter().filter(|r| matches!(r, Ok(Ok(())))).count();
+    assert_eq!(won, 1);
+    for r in results {
+        if let Ok(Err(e)) = r {
+            assert!(switchyard::saga::is_conflict(&e), "{e:#}");
+        }
+    }
+    drop_schema(&schema).await;
+}
+
+async fn drop_schema(schema: &str) {
+    let (client, connection) = tokio_postgres::connect(
+        "postgres://postgres@127.0.0.1:5432/test",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// Two hosts share a saga's queue on RabbitMQ, with PostgreSQL as the
+/// store: both handle adds to the same ledgers at once. Every add counts
+/// exactly once, whatever conflicts there were.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hosts_never_both_win_a_step_on_rabbitmq_with_postgresql() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = crate::state::schema();
+    let (_, pipeline) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "prefetch = 20\n{}\n[state]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\n",
+            ledger("dead-letter")
+        ),
+    );
+    let transport = runtime::open(&pipeline).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let ledgers: Vec<String> = (0..5).map(|i| format!("L-{i}")).collect();
+    transport
+        .enqueue(ledgers.iter().map(|l| open(l)).collect())
+        .await
+        .unwrap();
+    crate::amqp::drain(&pipeline).await;
+    let adds: Vec<Envelope> = (0..300i64)
+        .map(|i| add(&ledgers[(i % 5) as usize], i))
+        .collect();
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for i in 0..300i64 {
+        *want.entry(ledgers[(i % 5) as usize].clone()).or_default() += i;
+    }
+    transport.enqueue(adds).await.unwrap();
+    tokio::join!(crate::amqp::drain(&pipeline), crate::amqp::drain(&pipeline));
+    // A batch given back by a conflict after one host stopped.
+    crate::amqp::drain(&pipeline).await;
+
+    assert!(dead_letters(&pipeline).await.is_empty());
+    let store = switchyard::state::open(&pipeline.state, &pipeline.name)
+        .await
+        .unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        ledgers
+            .iter()
+            .map(|l| {
+                let total = store
+                    .get("ledger", &switchyard::saga::stored_key(l, "total"))
+                    .unwrap()
+                    .map(|v| String::from_utf8(v).unwrap().parse::<i64>().unwrap())
+                    .unwrap_or_default();
+                let version = store.instance("ledger", l).unwrap().unwrap().version;
+                (l.clone(), (total, version))
+            })
+            .collect::<BTreeMap<_, _>>()
+    })
+    .await
+    .unwrap();
+    for (l, total) in want {
+        // Each of its 60 adds is one step after the opening one.
+        assert_eq!(got[&l], (total, 61), "{l}");
+    }
+    drop_schema(&schema).await;
+    crate::amqp::clean_up(&pipeline).await;
+}

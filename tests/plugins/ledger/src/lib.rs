@@ -1,0 +1,102 @@
+//! A saga, for the tests of sagas: one ledger per id.
+//!
+//! - `Open {"id": k}` starts ledger `k`: `total` = 0, `opened_by` = the
+//!   message id; publishes `Opened {"id"}`.
+//! - `Add {"id": k, "n": n}` adds `n` to `total` (a read and a write, so
+//!   two concurrent adds to one ledger conflict) and counts `adds`.
+//! - `Close {"id": k}` publishes `Closed {"id", "total", "steps"}` and
+//!   completes the ledger.
+//! - `Reject {"id": k}` fails permanently (its dead letter names the
+//!   instance).
+//! - `Peek` (an event of another plugin's, found by correlation id) records
+//!   the correlation under `peeked`.
+
+use serde::Deserialize;
+use serde_json::json;
+use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
+
+pub struct Ledger;
+
+#[derive(Deserialize)]
+struct Add {
+    n: i64,
+}
+
+impl Plugin for Ledger {
+    fn describe() -> PluginInfo {
+        PluginInfo::new("ledger", env!("CARGO_PKG_VERSION"))
+            .consumes_event("Open")
+            .consumes_event("Add")
+            .consumes_event("Close")
+            .consumes_event("Reject")
+            .consumes_event("Peek")
+            .publishes("Opened")
+            .publishes("Closed")
+    }
+
+    fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
+        let Some(saga) = ctx.saga() else {
+            return Err(HandlerError::permanent("ledger runs only as a saga"));
+        };
+        match msg.message_type.as_str() {
+            "Open" => {
+                ctx.state().set("total", &0)?;
+                ctx.state().set("opened_by", &msg.id)?;
+                ctx.publish("Opened", &json!({ "id": saga.id }))?;
+            }
+            "Add" => {
+                let add: Add = msg.json()?;
+                let total: i64 = ctx.state().get("total")?.unwrap_or(0);
+                ctx.state().set("total", &(total + add.n))?;
+                ctx.state().increment("adds", 1);
+            }
+            "Close" => {
+                let total: i64 = ctx.state().get("total")?.unwrap_or(0);
+                ctx.publish(
+                    "Closed",
+                    &json!({ "id": saga.id, "total": total, "steps": saga.version + 1 }),
+                )?;
+                ctx.complete_saga();
+            }
+            "Reject" => return Err(HandlerError::permanent("the ledger rejects this")),
+            "Peek" => ctx.state().set("peeked", &true)?,
+            other => return Err(HandlerError::permanent(format!("unexpected {other}"))),
+        }
+        Ok(())
+    }
+}
+
+switchyard_sdk::export_plugin!(Ledger);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_sdk::testing::TestHost;
+
+    #[test]
+    fn a_ledger_opens_adds_and_closes() {
+        let host = TestHost::<Ledger>::new().with_saga("L-1", 0);
+        host.handle(Message::event("Open").with_json(&json!({"id": "L-1"})))
+            .assert_ok();
+        host.handle(Message::event("Add").with_json(&json!({"id": "L-1", "n": 5})))
+            .assert_ok();
+        assert!(!host.saga_completed());
+        let closed = host.handle(Message::event("Close").with_json(&json!({"id": "L-1"})));
+        closed.assert_ok();
+        assert!(closed.saga_completed);
+        assert!(host.saga_completed());
+        assert_eq!(
+            closed.published[0]
+                .json_payload::<serde_json::Value>()
+                .unwrap(),
+            json!({"id": "L-1", "total": 5, "steps": 3})
+        );
+    }
+
+    #[test]
+    fn outside_a_saga_it_refuses() {
+        let out = TestHost::<Ledger>::new()
+            .handle(Message::event("Open").with_json(&json!({"id": "L-1"})));
+        assert!(out.handler_error().is_some());
+    }
+}
