@@ -283,6 +283,13 @@ pub async fn run_with(
         .as_ref()
         .and_then(|a| a.store.clone())
         .map(|store| tokio::spawn(prune_done(store, pipeline.state.processed_retention)));
+    // On a broker, due saga timeouts are sent from the state store; the
+    // embedded transport schedules them itself.
+    let timer = state
+        .as_ref()
+        .and_then(|a| a.store.clone())
+        .filter(|_| pipeline.plugins.iter().any(|p| p.saga.is_some()))
+        .map(|store| tokio::spawn(fire_timeouts(store, transport.clone())));
     let versions = versions_of(pipeline, &plugins)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (control, mut exits) = Supervisor::start(
@@ -333,8 +340,8 @@ pub async fn run_with(
     .await;
     let _ = stop_tx.send(true);
     stop(&control, &mut exits, watcher, admin_task).await;
-    if let Some(p) = pruner {
-        p.abort();
+    for task in [pruner, timer].into_iter().flatten() {
+        task.abort();
     }
     outcome?;
     if mode == RunMode::Drain && !transport.is_idle().await? {
@@ -400,6 +407,58 @@ async fn open_state(
         reader: store.clone(),
         store: Some(store),
     }))
+}
+
+/// How often a host on a broker looks for due saga timeouts.
+const TIMEOUT_POLL: Duration = Duration::from_secs(1);
+
+/// How long a sent timeout waits to be handled before it is sent again (its
+/// message lost with a broker, say). A second copy has the same message id,
+/// and a saga handles a timeout once.
+const TIMEOUT_LEASE: Duration = Duration::from_secs(300);
+
+/// Sends due saga timeouts to their sagas' routes, every second. Hosts
+/// sharing the store each claim different ones.
+async fn fire_timeouts(
+    store: Arc<dyn crate::state::Store>,
+    transport: Arc<dyn crate::transport::Transport>,
+) {
+    let mut every = tokio::time::interval(TIMEOUT_POLL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lease = u64::try_from(TIMEOUT_LEASE.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        every.tick().await;
+        let due = match store
+            .claim_timeouts(crate::envelope::now_ms(), lease, 100)
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Cannot look for due saga timeouts");
+                continue;
+            }
+        };
+        let mut by_route: std::collections::BTreeMap<String, Vec<crate::envelope::Envelope>> =
+            std::collections::BTreeMap::new();
+        for (plugin, instance, timeout) in due {
+            by_route
+                .entry(plugin)
+                .or_default()
+                .push(timeout.message(&instance));
+        }
+        for (route, messages) in by_route {
+            let n = messages.len();
+            match transport.enqueue_to(&route, messages).await {
+                Ok(()) => tracing::debug!(plugin = %route, timeouts = n, "Saga timeouts sent"),
+                Err(e) => tracing::warn!(
+                    plugin = %route,
+                    timeouts = n,
+                    error = %format!("{e:#}"),
+                    "Cannot send due saga timeouts; they are sent again after their lease"
+                ),
+            }
+        }
+    }
 }
 
 /// Forgets, every hour, the done records of exactly-once plugins older than

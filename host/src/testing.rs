@@ -367,6 +367,14 @@ impl TestPipeline {
             })
     }
 
+    /// Moves the pipeline's clock `by` forward for what it has scheduled:
+    /// delayed retries and saga timeouts come due that much sooner, at
+    /// once, so a test reaches a 30-minute timeout without waiting 30
+    /// minutes.
+    pub async fn advance_time(&self, by: Duration) -> Result<()> {
+        self.transport.advance_time(by).await
+    }
+
     /// Everything settled so far, in order.
     pub fn settled(&self) -> Vec<Settled> {
         self.journal.snapshot()
@@ -656,6 +664,10 @@ impl Transport for Tap {
 
     async fn set_routing(&self, pipeline: &Pipeline) -> Result<()> {
         self.inner.set_routing(pipeline).await
+    }
+
+    async fn advance_time(&self, by: Duration) -> Result<()> {
+        self.inner.advance_time(by).await
     }
 
     fn kind(&self) -> &'static str {

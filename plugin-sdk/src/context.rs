@@ -36,6 +36,7 @@ pub(crate) trait Outbox {
     fn state_increment(&mut self, key: &str, delta: i64) -> i64;
     fn saga_current(&mut self) -> Option<SagaInstance>;
     fn saga_complete(&mut self);
+    fn saga_request_timeout(&mut self, after_ms: u64, message_type: &str, payload: Vec<u8>);
 }
 
 /// The saga instance of the message being handled, from [`Context::saga`].
@@ -166,6 +167,28 @@ impl<'a> Context<'a> {
     /// plugin not run as a saga that calls it breaks the contract.
     pub fn complete_saga(&mut self) {
         self.outbox.saga_complete();
+    }
+
+    /// Asks the host to deliver a message of `message_type` (a type this
+    /// saga handles) with `value` as its JSON payload to this instance once
+    /// `after` has passed. Requested only if the handler returns `Ok`;
+    /// dropped if the instance completes first. Outside a saga it breaks
+    /// the contract.
+    pub fn request_timeout<T: Serialize + ?Sized>(
+        &mut self,
+        after: std::time::Duration,
+        message_type: &str,
+        value: &T,
+    ) -> Result<(), HandlerError> {
+        let payload = serde_json::to_vec(value).map_err(|e| {
+            HandlerError::permanent(format!(
+                "cannot serialize timeout {message_type} as JSON: {e}"
+            ))
+        })?;
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.outbox
+            .saga_request_timeout(after_ms, message_type, payload);
+        Ok(())
     }
 
     /// Records an event with attributes on the trace span of this message.

@@ -101,6 +101,10 @@ impl Outbox for HostImports {
     fn saga_complete(&mut self) {
         saga::complete();
     }
+
+    fn saga_request_timeout(&mut self, after_ms: u64, message_type: &str, payload: Vec<u8>) {
+        saga::request_timeout(after_ms, message_type, &payload);
+    }
 }
 
 fn outgoing_to_wit(o: Outgoing) -> wit::Outgoing {

@@ -184,6 +184,7 @@ impl<P: Plugin> TestHost<P> {
             outcome.published.clear();
             outcome.sent.clear();
             outcome.replies.clear();
+            outcome.timeouts.clear();
         }
         outcome.result = result;
         outcome
@@ -231,6 +232,8 @@ pub struct Outcome {
     pub state_writes: BTreeMap<String, Option<Vec<u8>>>,
     /// The handler completed its saga instance (only on success).
     pub saga_completed: bool,
+    /// Timeouts the saga requested, with how long after (empty on failure).
+    pub timeouts: Vec<(std::time::Duration, Outgoing)>,
 }
 
 impl Default for Outcome {
@@ -245,6 +248,7 @@ impl Default for Outcome {
             span_events: Vec::new(),
             state_writes: BTreeMap::new(),
             saga_completed: false,
+            timeouts: Vec::new(),
         }
     }
 }
@@ -454,6 +458,33 @@ impl Outbox for Recorder<'_> {
                 self.info.name
             ));
         }
+    }
+
+    fn saga_request_timeout(&mut self, after_ms: u64, message_type: &str, payload: Vec<u8>) {
+        if self.saga.is_none() {
+            self.violate(format!(
+                "plugin {} requested a timeout, but it is not run as a saga (TestHost::with_saga)",
+                self.info.name
+            ));
+            return;
+        }
+        if self.info.handled_kind(message_type).is_none() {
+            self.violate(format!(
+                "saga {} requested a timeout of type {message_type}, which it does not handle",
+                self.info.name
+            ));
+            return;
+        }
+        self.outcome.timeouts.push((
+            std::time::Duration::from_millis(after_ms),
+            Outgoing {
+                message_type: message_type.to_owned(),
+                payload,
+                content_type: crate::JSON.to_owned(),
+                headers: Vec::new(),
+                partition_key: None,
+            },
+        ));
     }
 
     fn state_increment(&mut self, key: &str, delta: i64) -> i64 {

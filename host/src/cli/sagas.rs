@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::dlq::time;
 use super::state::{check_plugin, open_store, shown, text};
 use crate::envelope::now_ms;
-use crate::saga::{Instance, Listed, Query, Status, Step};
+use crate::saga::{Instance, Listed, Pending, Query, Status, Step};
 use crate::state::Reader;
 
 #[derive(Debug, Subcommand)]
@@ -49,7 +49,8 @@ pub enum SagasCommand {
         json: bool,
     },
 
-    /// Show one saga instance: its state, its version and every step.
+    /// Show one saga instance: its state, its version, every step and its
+    /// pending timeouts.
     #[command(after_help = "Examples:
   switchyard sagas show -p pipelines/orders.toml fulfilment A-1001
   switchyard sagas show -p pipelines/orders.toml fulfilment A-1001 --json
@@ -145,10 +146,11 @@ pub async fn run(command: SagasCommand) -> Result<ExitCode> {
                 };
                 let state = instance_state(r, &name, &key)?;
                 let steps = r.steps(&name, &key)?;
-                Ok(Some((instance, state, steps)))
+                let timeouts = r.timeouts(&name, &key)?;
+                Ok(Some((instance, state, steps, timeouts)))
             })
             .await?;
-            let Some((instance, state, steps)) = shown_instance else {
+            let Some((instance, state, steps, timeouts)) = shown_instance else {
                 eprintln!("saga {plugin} has no instance {id:?}");
                 return Ok(ExitCode::FAILURE);
             };
@@ -157,9 +159,23 @@ pub async fn run(command: SagasCommand) -> Result<ExitCode> {
                 v["state"] =
                     Value::Object(state.iter().map(|(k, v)| (k.clone(), shown(v))).collect());
                 v["steps"] = serde_json::to_value(&steps)?;
+                v["timeouts"] = Value::Array(
+                    timeouts
+                        .iter()
+                        .map(|t| {
+                            json!({
+                                "id": t.id,
+                                "type": t.message_type,
+                                "due_at": time(t.due_ms),
+                                "sent_at": t.fired_at_ms.map(time),
+                            })
+                        })
+                        .collect(),
+                );
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_instance(&plugin, &id, &instance, &state, &steps);
+                print_timeouts(&timeouts);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -258,6 +274,21 @@ fn ago(ms: u64) -> String {
     }
 }
 
+fn print_timeouts(timeouts: &[Pending]) {
+    println!();
+    println!("pending timeouts");
+    if timeouts.is_empty() {
+        println!("  (none)");
+    }
+    for t in timeouts {
+        let sent = t
+            .fired_at_ms
+            .map(|at| format!(", sent {}", time(at)))
+            .unwrap_or_default();
+        println!("  {}  {}  {}{sent}", time(t.due_ms), t.message_type, t.id);
+    }
+}
+
 fn print_instance(
     plugin: &str,
     id: &str,
@@ -320,6 +351,17 @@ fn print_instance(
         for o in &s.outputs {
             let verb = if o.command { "sent" } else { "published" };
             println!("         {verb:<8} {} {}", o.message_type, o.id);
+        }
+        for t in &s.timeouts {
+            println!(
+                "         timeout  {} due {} ({})",
+                t.message_type,
+                time(t.due_ms),
+                t.id
+            );
+        }
+        if let Some(fired) = &s.fired {
+            println!("         handled timeout {fired}");
         }
         if s.completed {
             println!("         completed the instance");

@@ -188,6 +188,9 @@ struct Input {
     /// Where a reply should go: a command handler that replies only when
     /// asked sees that it was.
     reply_to: Option<String>,
+    /// For a saga: the input is a timeout of its instance firing.
+    #[serde(default)]
+    timeout: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +214,9 @@ struct Expect {
     /// For a saga: `running` or `completed` (the instance after the case),
     /// or `ignored` (no instance, and `not_found = "ignore"`).
     saga: Option<String>,
+    /// For a saga: the timeouts it must request, in order, like `published`
+    /// (type and payload).
+    timeouts: Option<Vec<Expected>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,7 +380,11 @@ fn run_case(
     if let Some(spec) = saga {
         return run_saga_case(plugin, schemas, spec, case);
     }
-    if case.saga.is_some() || case.expect.saga.is_some() {
+    if case.saga.is_some()
+        || case.expect.saga.is_some()
+        || case.expect.timeouts.is_some()
+        || case.input.timeout
+    {
         return Some(
             "the case gives or expects a saga instance, but the file has no [saga] table".into(),
         );
@@ -458,10 +468,32 @@ fn run_saga_case(
                 value.to_string().into_bytes(),
             );
         }
+        if case.input.timeout {
+            // The input is a pending timeout of the instance, firing.
+            message
+                .headers
+                .push((crate::saga::TIMEOUT_HEADER.to_owned(), message.id.clone()));
+            store.put_timeout(
+                name,
+                &given.instance,
+                crate::saga::Timeout {
+                    id: message.id.clone(),
+                    due_ms: message.created_at_ms,
+                    message_type: message.message_type.clone(),
+                    command: message.kind == Kind::Command,
+                    payload: message.payload.clone(),
+                },
+            );
+        }
     } else if !case.state.is_empty() {
         return Some(
             "bad case: [case.state] of a saga is its instance's, so it needs [case.saga]".into(),
         );
+    } else if case.input.timeout {
+        // A timeout of an instance that is gone: it no longer fires.
+        message
+            .headers
+            .push((crate::saga::TIMEOUT_HEADER.to_owned(), message.id.clone()));
     }
     instance.set_state(crate::state::Scope::new(name, store.clone()));
     let scope = crate::state::Scope::new(name, store.clone());
@@ -469,13 +501,14 @@ fn run_saga_case(
         match crate::dispatch::saga::prepare(spec, Some(&scope), name, &message) {
             Err(f) => (Err(f), None, None),
             Ok(Prep::NotSaga) => (Ok(Vec::new()), None, None),
-            Ok(Prep::Skip(_)) => (Ok(Vec::new()), Some("ignored"), None),
+            Ok(Prep::Skip(_) | Prep::Drop(_)) => (Ok(Vec::new()), Some("ignored"), None),
             Ok(Prep::Run(call)) => {
                 instance.set_saga(Some(call.clone()));
                 let result = instance
                     .handle(&mut message)
                     .and_then(|outputs| crate::schemas::check_outputs(schemas, outputs));
                 let completed = instance.saga_completed();
+                let timeouts = instance.take_timeouts();
                 let mut became = None;
                 if let Ok(outputs) = &result {
                     let step = crate::dispatch::saga::step_of(
@@ -484,6 +517,7 @@ fn run_saga_case(
                         outputs,
                         plugin.info().version.clone(),
                         completed,
+                        timeouts,
                     );
                     for o in outputs {
                         if let Output::State(changes) = o {
@@ -499,6 +533,16 @@ fn run_saga_case(
             }
         };
     let mut why: Vec<String> = check_result(&case.expect, result).into_iter().collect();
+    if let Some(want) = &case.expect.timeouts {
+        let pending = store.all_timeouts(name);
+        // What the case requested: not the timeout that fired.
+        let requested: Vec<(Option<&str>, &Vec<u8>)> = pending
+            .iter()
+            .filter(|(_, t)| !(case.input.timeout && t.id == message.id))
+            .map(|(_, t)| (Some(t.message_type.as_str()), &t.payload))
+            .collect();
+        compare_list("timeout", want, &requested, &mut why);
+    }
     if let Some(want) = &case.expect.saga {
         let got = became.unwrap_or("not handled");
         if want != got {

@@ -29,17 +29,37 @@ pub(super) async fn commit(
         replays_handled,
         spans,
     } = plan(ctx, plugin, processed);
-    // Message id → record id of each dead letter written.
-    let written = write_letters(ctx, plugin, letters).await;
-    let mut ok = written.is_some();
-    let mut to_settle = Vec::with_capacity(settlements.len());
-    let mut metrics = Vec::with_capacity(settlements.len());
     // Redeliveries of done messages: recorded already.
     let redelivered: std::collections::HashSet<u64> = settlements
         .iter()
         .filter(|p| matches!(p.metric, Metric::Redelivered))
         .map(|p| p.settlement.delivery.receipt)
         .collect();
+    // State first: a batch given back (a saga conflict, a store error) must
+    // not leave dead letters behind that its next run writes again.
+    if let Err(e) = commit_state(
+        ctx,
+        plugin,
+        settlements.iter().map(|p| &p.settlement),
+        &redelivered,
+    )
+    .await
+    {
+        state_not_committed(ctx, plugin, &e);
+        for cx in &spans {
+            telemetry::set_error(
+                cx,
+                "the batch's state could not be committed; it will be handled again",
+            );
+        }
+        unhandled.extend(settlements.into_iter().map(|p| p.settlement.delivery));
+        return false;
+    }
+    // Message id → record id of each dead letter written.
+    let written = write_letters(ctx, plugin, letters).await;
+    let mut ok = written.is_some();
+    let mut to_settle = Vec::with_capacity(settlements.len());
+    let mut metrics = Vec::with_capacity(settlements.len());
     for p in settlements {
         if p.dead && written.is_none() {
             unhandled.push(p.settlement.delivery);
@@ -60,35 +80,6 @@ pub(super) async fn commit(
                 .cloned()
         })
         .collect();
-    if let Err(e) = commit_state(ctx, plugin, &to_settle, &redelivered).await {
-        if crate::saga::is_conflict(&e) {
-            // Not a failure: the batch runs again on the instance as it is.
-            tracing::info!(
-                plugin = %plugin.name(),
-                error = %format!("{e:#}"),
-                "Saga conflict; the batch is handled again"
-            );
-            ctx.telemetry
-                .metrics
-                .saga_conflicts
-                .add(1, &[KeyValue::new("plugin", plugin.name().to_string())]);
-        } else {
-            tracing::error!(
-                plugin = %plugin.name(),
-                error = %format!("{e:#}"),
-                "Cannot commit the state a batch wrote; its messages go back and will be handled again"
-            );
-        }
-        state.dead_but_unsettled.extend(written);
-        for cx in &spans {
-            telemetry::set_error(
-                cx,
-                "the batch's state could not be committed; it will be handled again",
-            );
-        }
-        unhandled.extend(to_settle.into_iter().map(|s| s.delivery));
-        return false;
-    }
     let receipts: Vec<u64> = to_settle.iter().map(|s| s.delivery.receipt).collect();
     let refused = match subscription.settle(to_settle).await {
         Ok(refused) => refused,
@@ -126,6 +117,28 @@ pub(super) async fn commit(
     state.handled_replays.extend(recovered);
     mark_replays_handled(ctx, plugin, state).await;
     ok
+}
+
+/// Logs why a batch's state was not committed: a saga conflict (counted; the
+/// batch runs again on the instances as they are) or a store error.
+fn state_not_committed(ctx: &RouteContext, plugin: &LoadedPlugin, e: &anyhow::Error) {
+    if crate::saga::is_conflict(e) {
+        tracing::info!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Saga conflict; the batch is handled again"
+        );
+        ctx.telemetry
+            .metrics
+            .saga_conflicts
+            .add(1, &[KeyValue::new("plugin", plugin.name().to_string())]);
+    } else {
+        tracing::error!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Cannot commit the state a batch wrote; its messages go back and will be handled again"
+        );
+    }
 }
 
 /// What the broker refused is neither counted nor a recovery: the metric
@@ -342,7 +355,7 @@ pub async fn record_store_size(ctx: &RouteContext) {
 async fn commit_state(
     ctx: &RouteContext,
     plugin: &LoadedPlugin,
-    settlements: &[Settlement],
+    settlements: impl Iterator<Item = &Settlement>,
     redelivered: &std::collections::HashSet<u64>,
 ) -> anyhow::Result<()> {
     let Some(store) = ctx.state.as_ref().and_then(|a| a.store.as_ref()) else {
@@ -374,6 +387,10 @@ async fn commit_state(
     if changes.is_empty() && steps.is_empty() && done.is_empty() {
         return Ok(());
     }
+    // Instances in one order on every host, so two commits of the same
+    // instances lock their rows in the same order (each instance's steps
+    // keep theirs: the sort is stable).
+    steps.sort_by(|a, b| a.instance.cmp(&b.instance));
     store
         .commit(plugin.name().as_str(), changes, steps, done)
         .await

@@ -13,6 +13,9 @@ pub enum Prep {
     Run(SagaCall),
     /// No instance, and the pipeline says to ignore that: why.
     Skip(String),
+    /// A timeout that is no longer pending: settled without the plugin,
+    /// whatever `not_found` says.
+    Drop(String),
 }
 
 /// The instance `envelope` belongs to, as `scope` (the batch, then the
@@ -65,6 +68,27 @@ pub fn prepare(
             ));
         }
     };
+    // A timeout fires only while it is pending: one whose instance
+    // completed, or that was handled already (fired twice), is dropped.
+    if let Some(timeout) = crate::saga::fired_timeout(envelope) {
+        let pending = instance
+            .as_ref()
+            .is_some_and(|i| i.status == Status::Running)
+            && match scope.timeout_pending(timeout) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Err(Failure::new(
+                        FailureKind::Transient,
+                        format!("the state store cannot be read: {e:#}"),
+                    ));
+                }
+            };
+        if !pending {
+            return Ok(Prep::Drop(format!(
+                "timeout {timeout} of saga instance {id} is no longer pending (the instance completed, or the timeout was handled)"
+            )));
+        }
+    }
     let why = match instance {
         Some(i) if i.status == Status::Running => {
             return Ok(Prep::Run(SagaCall {
@@ -100,6 +124,7 @@ pub fn step_of(
     outputs: &[Output],
     plugin_version: String,
     completed: bool,
+    timeouts: Vec<crate::saga::Timeout>,
 ) -> Step {
     let changes = outputs
         .iter()
@@ -128,5 +153,7 @@ pub fn step_of(
         completed,
         changes,
         outputs: Vec::new(),
+        timeouts,
+        fired: crate::saga::fired_timeout(envelope).map(str::to_owned),
     }
 }

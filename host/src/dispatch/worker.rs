@@ -439,21 +439,25 @@ impl Worker {
         instance.set_saga(Some(call.clone()));
         let result = instance.handle_traced(envelope, span, span_budget);
         let completed = instance.saga_completed();
+        let timeouts = instance.take_timeouts();
         instance.set_saga(None);
         if instance.is_spent() {
             self.instance = None;
         }
         Ok(match result {
             Ok(mut outputs) => {
-                let step =
-                    super::saga::step_of(&call, envelope, &outputs, plugin_version, completed);
+                let step = super::saga::step_of(
+                    &call,
+                    envelope,
+                    &outputs,
+                    plugin_version,
+                    completed,
+                    timeouts,
+                );
                 outputs.push(Output::Saga(step));
                 Ok(outputs)
             }
-            Err(mut f) => {
-                f.details.push(("saga.instance".into(), call.id));
-                Err(f)
-            }
+            Err(f) => Err(f),
         })
     }
 
@@ -499,8 +503,20 @@ impl Worker {
                     self.skip_not_found(envelope, &why);
                     return Ok(Verdict::Handled(Vec::new()));
                 }
+                Ok(SagaPrep::Drop(why)) => {
+                    tracing::info!(
+                        plugin = %self.plugin.name(),
+                        message.id = %envelope.id,
+                        "{why}; dropped"
+                    );
+                    return Ok(Verdict::Handled(Vec::new()));
+                }
                 Err(failure) => Err(failure),
             };
+            let instance = saga
+                .as_ref()
+                .ok()
+                .and_then(|s| s.as_ref().map(|c| c.id.clone()));
             let result = match saga {
                 Err(failure) => Err(failure),
                 Ok(saga) => self
@@ -510,6 +526,13 @@ impl Worker {
                     })
                     .and_then(|outputs| crate::schemas::check_outputs(&self.schemas, outputs)),
             };
+            // A failed saga step's dead letter names its instance.
+            let result = result.map_err(|mut f| {
+                if let Some(id) = instance {
+                    f.details.push(("saga.instance".into(), id));
+                }
+                f
+            });
             let attrs = self.attrs(&envelope.message_type);
             self.telemetry
                 .metrics

@@ -547,6 +547,8 @@ struct Call {
     state_error: Option<String>,
     /// The plugin marked its saga instance complete.
     saga_completed: bool,
+    /// Timeouts the saga asked for.
+    timeouts: Vec<crate::saga::Timeout>,
     violation: Option<String>,
     log_lines: u32,
     /// The message's trace span, when tracing is on.
@@ -577,6 +579,7 @@ impl Call {
         self.state.writes.clear();
         self.state_error = None;
         self.saga_completed = false;
+        self.timeouts.clear();
         self.violation = None;
         self.log_lines = 0;
     }
@@ -674,6 +677,12 @@ impl Instance {
     /// Whether the last call marked its saga instance complete.
     pub fn saga_completed(&self) -> bool {
         self.store.data().call.saga_completed
+    }
+
+    /// The timeouts the last call asked for (taken: a second call gets
+    /// none).
+    pub fn take_timeouts(&mut self) -> Vec<crate::saga::Timeout> {
+        std::mem::take(&mut self.store.data_mut().call.timeouts)
     }
 
     /// Messages this instance has handled.

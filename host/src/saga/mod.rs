@@ -222,6 +222,60 @@ pub struct Step {
     pub changes: BTreeMap<String, Option<String>>,
     /// What the step emitted: type and id of each message.
     pub outputs: Vec<StepOutput>,
+    /// Timeouts the step asked for.
+    #[serde(default)]
+    pub timeouts: Vec<Timeout>,
+    /// The timeout this step handled (its message was that timeout firing).
+    #[serde(default)]
+    pub fired: Option<String>,
+}
+
+/// A message a saga asked to be delivered to its instance later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeout {
+    /// Also the id of the message it becomes, so a timeout fired twice is
+    /// one message.
+    pub id: String,
+    pub due_ms: u64,
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub command: bool,
+    /// Kept in the timeout's own row, not in the step's record.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+}
+
+/// The header a fired timeout's message carries: the timeout's id.
+pub const TIMEOUT_HEADER: &str = "switchyard-saga-timeout";
+
+impl Timeout {
+    /// The message the timeout becomes when it fires, for `instance`.
+    pub fn message(&self, instance: &str) -> Envelope {
+        let mut e = Envelope::new(
+            self.message_type.clone(),
+            if self.command {
+                crate::envelope::Kind::Command
+            } else {
+                crate::envelope::Kind::Event
+            },
+            self.payload.clone(),
+            "application/json",
+        );
+        e.id.clone_from(&self.id);
+        e.correlation_id = Some(instance.to_owned());
+        e.headers.push((TIMEOUT_HEADER.to_owned(), self.id.clone()));
+        e.created_at_ms = self.due_ms;
+        e
+    }
+}
+
+/// The timeout a message is the firing of, if it is one.
+pub fn fired_timeout(envelope: &Envelope) -> Option<&str> {
+    envelope
+        .headers
+        .iter()
+        .find(|(n, _)| n == TIMEOUT_HEADER)
+        .map(|(_, v)| v.as_str())
 }
 
 /// A message a step emitted.
@@ -265,6 +319,18 @@ impl Step {
             last_type: self.message_type.clone(),
         }
     }
+}
+
+/// A timeout waiting to fire, as `switchyard sagas show` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Pending {
+    pub id: String,
+    pub due_ms: u64,
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// When a host last sent it to the broker (it fires again if it is not
+    /// handled within the lease).
+    pub fired_at_ms: Option<u64>,
 }
 
 /// A value as a step records it.
@@ -333,9 +399,19 @@ pub fn matches(query: &Query, plugin: &str, i: &Instance) -> bool {
         && query.started_before_ms.is_none_or(|t| i.started_at_ms < t)
 }
 
-/// Whether `e` (or what it wraps) is a [`Conflict`].
+/// Two hosts' commits got in each other's way (a deadlock between their
+/// row locks, say): like a [`Conflict`], the batch runs again.
+#[derive(Debug, thiserror::Error)]
+#[error("the commit of plugin {plugin} ran into another host's: {why}; the batch is handled again")]
+pub struct Contention {
+    pub plugin: String,
+    pub why: String,
+}
+
+/// Whether `e` (or what it wraps) is a [`Conflict`] or a [`Contention`].
 pub fn is_conflict(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<Conflict>().is_some())
+    e.chain()
+        .any(|c| c.downcast_ref::<Conflict>().is_some() || c.downcast_ref::<Contention>().is_some())
 }
 
 #[cfg(test)]

@@ -86,7 +86,13 @@ impl JsonPath {
         }
         match at {
             Value::String(s) => Ok(s.clone()),
-            Value::Number(n) => Ok(n.to_string()),
+            // Integers only: a float could name two ids as one (and 17.0
+            // and 17 as two).
+            Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+            Value::Number(n) => Err(format!(
+                "{} is {n} in the payload, which is not an integer",
+                self.text
+            )),
             Value::Bool(b) => Ok(b.to_string()),
             Value::Null => Err(format!("{} is null in the payload", self.text)),
             Value::Array(_) | Value::Object(_) => Err(format!(

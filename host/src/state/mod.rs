@@ -85,6 +85,12 @@ pub trait Reader: Send + Sync {
 
     /// The steps of a saga instance, oldest first.
     fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>>;
+
+    /// Whether timeout `id` of `plugin` is still waiting to be handled.
+    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool>;
+
+    /// The pending timeouts of a saga instance, the first due first.
+    fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<crate::saga::Pending>>;
 }
 
 /// A state store that commits apart from the transport: the one hosts on
@@ -113,6 +119,18 @@ pub trait Store: Reader {
     /// record that cannot be read comes back without outputs, with an
     /// error logged: the message is not handled again.
     async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>>;
+
+    /// Takes up to `limit` saga timeouts that are due at `now_ms` and not
+    /// sent within the last `lease_ms`, and marks them sent now: plugin,
+    /// instance and timeout of each. A timeout stays until the step that
+    /// handles it (or its instance's completion) deletes it, so one whose
+    /// message was lost is sent again after the lease.
+    async fn claim_timeouts(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, String, crate::saga::Timeout)>>;
 
     /// Forgets the done records older than `before_ms`; returns how many.
     async fn prune(&self, before_ms: u64) -> Result<u64>;
@@ -223,6 +241,8 @@ pub struct Scope {
     batch: Mutex<BTreeMap<String, Option<Vec<u8>>>>,
     /// Saga instances as the steps handled so far in this batch left them.
     instances: Mutex<BTreeMap<String, Instance>>,
+    /// Timeouts the steps handled so far in this batch handled.
+    fired: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Scope {
@@ -240,6 +260,7 @@ impl Scope {
             reader,
             batch: Mutex::new(BTreeMap::new()),
             instances: Mutex::new(BTreeMap::new()),
+            fired: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -256,6 +277,23 @@ impl Scope {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.fired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Whether timeout `id` is still pending as the next message sees it.
+    pub fn timeout_pending(&self, id: &str) -> Result<bool> {
+        if self
+            .fired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(id)
+        {
+            return Ok(false);
+        }
+        self.reader.timeout_pending(&self.plugin, id)
     }
 
     /// The saga instance `id` as the next message sees it: as the batch's
@@ -275,6 +313,12 @@ impl Scope {
     /// Makes a handled message's saga step visible to the rest of the
     /// batch.
     pub fn stepped(&self, step: &Step) {
+        if let Some(fired) = &step.fired {
+            self.fired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(fired.clone());
+        }
         self.instances
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -355,6 +399,8 @@ pub struct Memory {
     values: Mutex<BTreeMap<(String, String), Vec<u8>>>,
     /// Saga instances by plugin and id, with their steps.
     sagas: Mutex<Sagas>,
+    /// Pending saga timeouts by plugin and id, with their instance.
+    timeouts: Mutex<BTreeMap<(String, String), (String, crate::saga::Timeout)>>,
 }
 
 impl Memory {
@@ -408,7 +454,43 @@ impl Memory {
         let mut steps = before.map(|(_, s)| s.clone()).unwrap_or_default();
         steps.push(step.clone());
         sagas.insert(key, (after, steps));
+        let mut timeouts = self.timeouts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(fired) = &step.fired {
+            timeouts.remove(&(plugin.to_owned(), fired.clone()));
+        }
+        if step.completed {
+            timeouts.retain(|(p, _), (i, _)| !(p == plugin && *i == step.instance));
+        } else {
+            for t in &step.timeouts {
+                timeouts.insert(
+                    (plugin.to_owned(), t.id.clone()),
+                    (step.instance.clone(), t.clone()),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Stores a pending timeout, as a case's given one.
+    pub fn put_timeout(&self, plugin: &str, instance: &str, timeout: crate::saga::Timeout) {
+        self.timeouts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                (plugin.to_owned(), timeout.id.clone()),
+                (instance.to_owned(), timeout),
+            );
+    }
+
+    /// The pending timeouts of `plugin`, with their instances.
+    pub fn all_timeouts(&self, plugin: &str) -> Vec<(String, crate::saga::Timeout)> {
+        self.timeouts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|((p, _), _)| p == plugin)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Every key and value of `plugin`'s state.
@@ -476,6 +558,30 @@ impl Reader for Memory {
             .get(&(plugin.to_owned(), id.to_owned()))
             .map(|(_, s)| s.clone())
             .unwrap_or_default())
+    }
+
+    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool> {
+        Ok(self
+            .timeouts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&(plugin.to_owned(), id.to_owned())))
+    }
+
+    fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<crate::saga::Pending>> {
+        let mut pending: Vec<crate::saga::Pending> = self
+            .all_timeouts(plugin)
+            .into_iter()
+            .filter(|(i, _)| i == instance)
+            .map(|(_, t)| crate::saga::Pending {
+                id: t.id,
+                due_ms: t.due_ms,
+                message_type: t.message_type,
+                fired_at_ms: None,
+            })
+            .collect();
+        pending.sort_by_key(|p| p.due_ms);
+        Ok(pending)
     }
 }
 

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use super::{Changes, Done, Reader, Store};
 use crate::envelope::now_ms;
 use crate::pg::connect;
-use crate::saga::{Conflict, Instance, Listed, Query, Status, Step};
+use crate::saga::{Conflict, Instance, Listed, Pending, Query, Status, Step, Timeout};
 
 /// The table, created if missing; `{schema}` is replaced. Keys compare byte
 /// by byte (`C`), as in the SQLite store, so listing by prefix is a range.
@@ -56,6 +56,20 @@ CREATE TABLE IF NOT EXISTS {schema}.saga_steps (
     record   BYTEA NOT NULL,
     PRIMARY KEY (pipeline, plugin, instance, version)
 );
+CREATE TABLE IF NOT EXISTS {schema}.saga_timeouts (
+    pipeline     TEXT NOT NULL,
+    plugin       TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    instance     TEXT NOT NULL,
+    due_at_ms    BIGINT NOT NULL,
+    message_type TEXT NOT NULL,
+    command      BOOLEAN NOT NULL,
+    payload      BYTEA NOT NULL,
+    fired_at_ms  BIGINT,
+    PRIMARY KEY (pipeline, plugin, id)
+);
+CREATE INDEX IF NOT EXISTS saga_timeouts_by_instance ON {schema}.saga_timeouts (pipeline, plugin, instance);
+CREATE INDEX IF NOT EXISTS saga_timeouts_by_due ON {schema}.saga_timeouts (due_at_ms);
 ";
 
 const INSTANCE_COLUMNS: &str =
@@ -80,6 +94,28 @@ fn instance_row(row: &tokio_postgres::Row, first: usize) -> Result<Result<Instan
         updated_at_ms: row.try_get::<_, i64>(first + 4)?.unsigned_abs(),
         last_type: row.try_get(first + 5)?,
     }))
+}
+
+/// A deadlock or serialization failure between two hosts' commits is a
+/// conflict like any other: the batch runs again.
+fn contention_as_conflict(plugin: &str, e: anyhow::Error) -> anyhow::Error {
+    use tokio_postgres::error::SqlState;
+    let contended = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|pg| {
+            pg.code().is_some_and(|c| {
+                *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            })
+        });
+    if contended {
+        anyhow::Error::new(crate::saga::Contention {
+            plugin: plugin.to_owned(),
+            why: format!("{e:#}"),
+        })
+    } else {
+        e
+    }
 }
 
 pub struct PostgresState {
@@ -319,7 +355,8 @@ impl PostgresState {
             .into());
         }
         let sql = format!(
-            "INSERT INTO {}.saga_steps (pipeline, plugin, instance, version, record) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO {}.saga_steps (pipeline, plugin, instance, version, record) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (pipeline, plugin, instance, version) DO UPDATE SET record = excluded.record",
             self.schema
         );
         tx.execute(
@@ -333,7 +370,77 @@ impl PostgresState {
             ],
         )
         .await?;
+        let timeouts = format!("{}.saga_timeouts", self.schema);
+        if let Some(fired) = &step.fired {
+            let sql =
+                format!("DELETE FROM {timeouts} WHERE pipeline = $1 AND plugin = $2 AND id = $3");
+            tx.execute(&sql, &[&self.pipeline, &plugin, fired]).await?;
+        }
+        if step.completed {
+            let sql = format!(
+                "DELETE FROM {timeouts} WHERE pipeline = $1 AND plugin = $2 AND instance = $3"
+            );
+            tx.execute(&sql, &[&self.pipeline, &plugin, &step.instance])
+                .await?;
+        } else {
+            let sql = format!(
+                "INSERT INTO {timeouts} (pipeline, plugin, id, instance, due_at_ms, message_type, command, payload)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            );
+            for t in &step.timeouts {
+                tx.execute(
+                    &sql,
+                    &[
+                        &self.pipeline,
+                        &plugin,
+                        &t.id,
+                        &step.instance,
+                        &ms(t.due_ms),
+                        &t.message_type,
+                        &t.command,
+                        &t.payload,
+                    ],
+                )
+                .await?;
+            }
+        }
         Ok(())
+    }
+
+    async fn timeout_pending_async(&self, plugin: &str, id: &str) -> Result<bool> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no state store connection")?;
+        let sql = format!(
+            "SELECT 1 FROM {}.saga_timeouts WHERE pipeline = $1 AND plugin = $2 AND id = $3",
+            self.schema
+        );
+        Ok(client
+            .query_opt(&sql, &[&self.pipeline, &plugin, &id])
+            .await?
+            .is_some())
+    }
+
+    async fn timeouts_async(&self, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no state store connection")?;
+        let sql = format!(
+            "SELECT id, due_at_ms, message_type, fired_at_ms FROM {}.saga_timeouts
+             WHERE pipeline = $1 AND plugin = $2 AND instance = $3 ORDER BY due_at_ms, id",
+            self.schema
+        );
+        let rows = client
+            .query(&sql, &[&self.pipeline, &plugin, &instance])
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(Pending {
+                id: row.try_get(0)?,
+                due_ms: row.try_get::<_, i64>(1)?.unsigned_abs(),
+                message_type: row.try_get(2)?,
+                fired_at_ms: row.try_get::<_, Option<i64>>(3)?.map(i64::unsigned_abs),
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -373,6 +480,18 @@ impl Reader for PostgresState {
     fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
         self.runtime
             .block_on(self.steps_async(plugin, id))
+            .with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
+
+    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool> {
+        self.runtime
+            .block_on(self.timeout_pending_async(plugin, id))
+            .with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
+
+    fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
+        self.runtime
+            .block_on(self.timeouts_async(plugin, instance))
             .with_context(|| format!("cannot read the state store {}", self.shown()))
     }
 }
@@ -439,7 +558,9 @@ impl Store for PostgresState {
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        result.with_context(|| format!("cannot commit to the state store {}", self.shown()))
+        result
+            .map_err(|e| contention_as_conflict(plugin, e))
+            .with_context(|| format!("cannot commit to the state store {}", self.shown()))
     }
 
     async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>> {
@@ -461,6 +582,51 @@ impl Store for PostgresState {
         }
         .await;
         result.with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
+
+    async fn claim_timeouts(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Timeout)>> {
+        let result = async {
+            let guard = self.client().await?;
+            let client = guard.as_ref().context("no state store connection")?;
+            // Rows another host is claiming are skipped, not waited for.
+            let sql = format!(
+                "UPDATE {s}.saga_timeouts AS t SET fired_at_ms = $2
+                 FROM (SELECT plugin, id FROM {s}.saga_timeouts
+                       WHERE pipeline = $1 AND due_at_ms <= $2 AND (fired_at_ms IS NULL OR fired_at_ms <= $3)
+                       ORDER BY due_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED) AS due
+                 WHERE t.pipeline = $1 AND t.plugin = due.plugin AND t.id = due.id
+                 RETURNING t.plugin, t.id, t.instance, t.due_at_ms, t.message_type, t.command, t.payload",
+                s = self.schema
+            );
+            let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+            let stale = i64::try_from(now_ms.saturating_sub(lease_ms)).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(&sql, &[&self.pipeline, &now, &stale, &limit])
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push((
+                    row.try_get::<_, String>(0)?,
+                    row.try_get::<_, String>(2)?,
+                    Timeout {
+                        id: row.try_get(1)?,
+                        due_ms: row.try_get::<_, i64>(3)?.unsigned_abs(),
+                        message_type: row.try_get(4)?,
+                        command: row.try_get(5)?,
+                        payload: row.try_get(6)?,
+                    },
+                ));
+            }
+            Ok::<_, anyhow::Error>(out)
+        }
+        .await;
+        result.with_context(|| format!("cannot claim due timeouts in {}", self.shown()))
     }
 
     async fn prune(&self, before_ms: u64) -> Result<u64> {

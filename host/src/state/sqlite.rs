@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{Changes, Done, Reader, Store};
-use crate::saga::{Conflict, Instance, Listed, Query, Status, Step};
+use crate::saga::{Conflict, Instance, Listed, Pending, Query, Status, Step, Timeout};
 
 /// The `state` table. `version` counts the commits that wrote a key (no
 /// writer checks it yet: concurrent writers are last-writer-wins).
@@ -60,6 +60,19 @@ CREATE TABLE IF NOT EXISTS saga_steps (
     record   BLOB NOT NULL,
     PRIMARY KEY (plugin, instance, version)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS saga_timeouts (
+    plugin       TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    instance     TEXT NOT NULL,
+    due_at_ms    INTEGER NOT NULL,
+    message_type TEXT NOT NULL,
+    command      INTEGER NOT NULL,
+    payload      BLOB NOT NULL,
+    fired_at_ms  INTEGER,
+    PRIMARY KEY (plugin, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS saga_timeouts_by_instance ON saga_timeouts (plugin, instance);
+CREATE INDEX IF NOT EXISTS saga_timeouts_by_due ON saga_timeouts (due_at_ms);
 ";
 
 const INSTANCE_COLUMNS: &str =
@@ -178,10 +191,60 @@ pub fn apply_step(tx: &Transaction<'_>, plugin: &str, step: &Step) -> Result<()>
         after.last_type
     ])?;
     tx.prepare_cached(
-        "INSERT INTO saga_steps (plugin, instance, version, record) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR REPLACE INTO saga_steps (plugin, instance, version, record) VALUES (?1, ?2, ?3, ?4)",
     )?
     .execute(params![plugin, step.instance, version, step.encode()])?;
+    if let Some(fired) = &step.fired {
+        tx.prepare_cached("DELETE FROM saga_timeouts WHERE plugin = ?1 AND id = ?2")?
+            .execute(params![plugin, fired])?;
+    }
+    if step.completed {
+        tx.prepare_cached("DELETE FROM saga_timeouts WHERE plugin = ?1 AND instance = ?2")?
+            .execute(params![plugin, step.instance])?;
+    } else {
+        for t in &step.timeouts {
+            tx.prepare_cached(
+                "INSERT INTO saga_timeouts (plugin, id, instance, due_at_ms, message_type, command, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                plugin,
+                t.id,
+                step.instance,
+                ms(t.due_ms),
+                t.message_type,
+                t.command,
+                t.payload
+            ])?;
+        }
+    }
     Ok(())
+}
+
+fn timeout_pending(conn: &Connection, plugin: &str, id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM saga_timeouts WHERE plugin = ?1 AND id = ?2")?
+        .query_row(params![plugin, id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn timeouts(conn: &Connection, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, due_at_ms, message_type, fired_at_ms FROM saga_timeouts
+         WHERE plugin = ?1 AND instance = ?2 ORDER BY due_at_ms, id",
+    )?;
+    let mut rows = stmt.query(params![plugin, instance])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(Pending {
+            id: row.get(0)?,
+            due_ms: row.get::<_, i64>(1)?.unsigned_abs(),
+            message_type: row.get(2)?,
+            fired_at_ms: row.get::<_, Option<i64>>(3)?.map(i64::unsigned_abs),
+        });
+    }
+    Ok(out)
 }
 
 /// Writes one message's changes to `plugin`'s state inside `tx`.
@@ -350,6 +413,14 @@ impl Reader for SqliteState {
     fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
         self.read(|c| steps(c, plugin, id))
     }
+
+    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool> {
+        self.read(|c| timeout_pending(c, plugin, id))
+    }
+
+    fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
+        self.read(|c| timeouts(c, plugin, instance))
+    }
 }
 
 #[async_trait]
@@ -403,6 +474,52 @@ impl Store for SqliteState {
         })
         .await
         .with_context(|| format!("cannot read the state store {}", self.path.display()))
+    }
+
+    async fn claim_timeouts(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Timeout)>> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+            let stale = i64::try_from(now_ms.saturating_sub(lease_ms)).unwrap_or(i64::MAX);
+            let mut claimed = Vec::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT plugin, id, instance, due_at_ms, message_type, command, payload FROM saga_timeouts
+                     WHERE due_at_ms <= ?1 AND (fired_at_ms IS NULL OR fired_at_ms <= ?2)
+                     ORDER BY due_at_ms LIMIT ?3",
+                )?;
+                let mut rows =
+                    stmt.query(params![now, stale, i64::try_from(limit).unwrap_or(i64::MAX)])?;
+                while let Some(row) = rows.next()? {
+                    claimed.push((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(2)?,
+                        Timeout {
+                            id: row.get(1)?,
+                            due_ms: row.get::<_, i64>(3)?.unsigned_abs(),
+                            message_type: row.get(4)?,
+                            command: row.get(5)?,
+                            payload: row.get(6)?,
+                        },
+                    ));
+                }
+            }
+            for (plugin, _, t) in &claimed {
+                tx.prepare_cached(
+                    "UPDATE saga_timeouts SET fired_at_ms = ?3 WHERE plugin = ?1 AND id = ?2",
+                )?
+                .execute(params![plugin, t.id, now])?;
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+        .with_context(|| format!("cannot claim due timeouts in {}", self.path.display()))
     }
 
     async fn prune(&self, before_ms: u64) -> Result<u64> {

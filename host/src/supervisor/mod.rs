@@ -419,6 +419,26 @@ impl Supervisor {
             )]));
         }
 
+        // A route reads whether its plugin is a saga or exactly-once when it
+        // starts, and the host opens its state store (on a broker) only for
+        // plugins that need it at start-up.
+        let remade: Vec<String> = new
+            .plugins
+            .iter()
+            .filter(|p| {
+                state.pipeline.plugin(p.name.as_str()).is_some_and(|old| {
+                    old.saga != p.saga || old.is_exactly_once() != p.is_exactly_once()
+                }) || (p.is_exactly_once() && self.base.state.is_none())
+            })
+            .map(|p| format!("`{}`", p.name))
+            .collect();
+        if !remade.is_empty() {
+            return Err(ChangeError::Refused(vec![format!(
+                "the saga or exactly_once settings of {} changed: a running host applies them only when it starts; restart it (nothing was applied)",
+                remade.join(", ")
+            )]));
+        }
+
         // A broker's retry queues and topics are laid out per route when it
         // is subscribed; a changed number of delayed retries needs them
         // laid out again.

@@ -145,6 +145,9 @@ struct Shared {
     state: Arc<crate::state::sqlite::SqliteState>,
     /// When replies nobody took were last removed (ms since the epoch).
     replies_pruned_at_ms: std::sync::atomic::AtomicU64,
+    /// Bumped when scheduled rows are made due sooner
+    /// ([`Transport::advance_time`]): subscriptions then look again.
+    rescheduled: std::sync::atomic::AtomicU64,
 }
 
 struct Routing {
@@ -222,6 +225,7 @@ impl EmbeddedTransport {
                 writer: Mutex::new(conn),
                 state: crate::state::sqlite::SqliteState::reader(&path),
                 replies_pruned_at_ms: std::sync::atomic::AtomicU64::new(0),
+                rescheduled: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -695,6 +699,30 @@ impl Transport for EmbeddedTransport {
         Ok(())
     }
 
+    async fn advance_time(&self, by: Duration) -> Result<()> {
+        let by = to_i64(u64::try_from(by.as_millis()).unwrap_or(u64::MAX));
+        self.blocking(move |s| {
+            let mut conn = lock(&s.writer);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE scheduled SET due_at_ms = max(due_at_ms - ?1, 0)",
+                params![by],
+            )?;
+            tx.execute(
+                "UPDATE saga_timeouts SET due_at_ms = max(due_at_ms - ?1, 0)",
+                params![by],
+            )?;
+            tx.commit()?;
+            s.rescheduled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        })
+        .await?;
+        let routes: Vec<String> = self.shared.routing().wakers.keys().cloned().collect();
+        self.wake(routes);
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "embedded"
     }
@@ -745,6 +773,10 @@ impl Transport for EmbeddedTransport {
             reader: Arc::new(Mutex::new(reader)),
             cursor: 0,
             next_due,
+            rescheduled: self
+                .shared
+                .rescheduled
+                .load(std::sync::atomic::Ordering::Relaxed),
             waker,
         }))
     }
@@ -833,6 +865,8 @@ pub struct EmbeddedSubscription {
     /// When this route's earliest delayed retry is due. Only this route
     /// schedules its retries, so it always knows.
     next_due: Option<u64>,
+    /// The store's `rescheduled` count this subscription last saw.
+    rescheduled: u64,
     waker: Arc<Notify>,
 }
 
@@ -841,6 +875,15 @@ impl Subscription for EmbeddedSubscription {
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let poll = self.transport.shared.config.poll_interval;
         loop {
+            let rescheduled = self
+                .transport
+                .shared
+                .rescheduled
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if rescheduled != self.rescheduled {
+                self.rescheduled = rescheduled;
+                self.next_due = Some(0);
+            }
             if self.next_due.is_some_and(|due| due <= now_ms()) {
                 let route = self.route.clone();
                 self.next_due = self
@@ -909,11 +952,15 @@ impl Subscription for EmbeddedSubscription {
         }
         let route = self.route.clone();
         let first = batch.iter().map(|s| s.delivery.receipt).min().unwrap_or(0);
+        // Delayed retries and saga timeouts both wait in `scheduled`.
         let earliest_retry = batch
             .iter()
-            .filter_map(|s| match &s.outcome {
-                Outcome::Retry { not_before_ms, .. } => Some(*not_before_ms),
-                _ => None,
+            .flat_map(|s| match &s.outcome {
+                Outcome::Retry { not_before_ms, .. } => vec![*not_before_ms],
+                Outcome::Handled {
+                    saga: Some(step), ..
+                } if !step.completed => step.timeouts.iter().map(|t| t.due_ms).collect(),
+                _ => Vec::new(),
             })
             .min();
         let result = self
@@ -938,6 +985,19 @@ impl Subscription for EmbeddedSubscription {
                             crate::state::sqlite::apply(&tx, &route, state, now)?;
                             if let Some(step) = saga {
                                 crate::state::sqlite::apply_step(&tx, &route, step)?;
+                                // A timeout fires as a delayed message to
+                                // this route; one whose instance completed
+                                // meanwhile is dropped when it arrives.
+                                if !step.completed {
+                                    for t in &step.timeouts {
+                                        insert_scheduled(
+                                            &tx,
+                                            &route,
+                                            &t.message(&step.instance),
+                                            t.due_ms,
+                                        )?;
+                                    }
+                                }
                             }
                             for out in outputs {
                                 s.route_into(&tx, out, now, &mut touched)?;

@@ -212,6 +212,16 @@ pub trait Transport: Send + Sync {
         )
     }
 
+    /// Makes everything scheduled (delayed retries, saga timeouts) come
+    /// due `by` sooner, as if that much time had passed: for tests that
+    /// must reach a timeout without waiting for it.
+    async fn advance_time(&self, _by: std::time::Duration) -> Result<()> {
+        anyhow::bail!(
+            "the {} transport cannot advance time; only the embedded transport can",
+            self.kind()
+        )
+    }
+
     /// `embedded` or `amqp`, for logs and dead-letter records.
     fn kind(&self) -> &'static str;
 

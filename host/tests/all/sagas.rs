@@ -19,7 +19,7 @@ fn ledger(not_found: &str) -> String {
         r#"
     [plugins.ledger]
     wasm = "{{dist}}/ledger.wasm"
-    events = ["Open", "Add", "Close", "Reject", "Peek"]
+    events = ["Open", "Add", "Close", "Reject", "Peek", "Remind", "Expire"]
     retry = {{ immediate = 0, delayed = 0 }}
     [plugins.ledger.saga]
     starts = ["Open"]
@@ -40,6 +40,14 @@ fn add(id: &str, n: i64) -> Envelope {
 
 fn close(id: &str) -> Envelope {
     message(Kind::Event, "Close", json!({ "id": id }))
+}
+
+fn remind(id: &str, after: std::time::Duration) -> Envelope {
+    message(
+        Kind::Event,
+        "Remind",
+        json!({ "id": id, "after_ms": after.as_millis() as u64 }),
+    )
 }
 
 /// Runs `messages` through an embedded pipeline with the ledger saga until
@@ -291,6 +299,8 @@ fn step(instance: &str, read_version: u64) -> Step {
         completed: false,
         changes: BTreeMap::new(),
         outputs: Vec::new(),
+        timeouts: Vec::new(),
+        fired: None,
     }
 }
 
@@ -450,6 +460,137 @@ async fn two_hosts_never_both_win_a_step_on_rabbitmq_with_postgresql() {
         // Each of its 60 adds is one step after the opening one.
         assert_eq!(got[&l], (total, 61), "{l}");
     }
+    drop_schema(&schema).await;
+    crate::amqp::clean_up(&pipeline).await;
+}
+
+/// A saga's timeouts on the embedded store, driven by a test that moves
+/// time forward instead of sleeping: a timeout fires once, into its
+/// instance; one whose instance completed first never fires.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_fires_into_its_instance_when_time_is_advanced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(dir.path(), "timeouts", &ledger("dead-letter"));
+    let p = switchyard::testing::TestPipeline::start(&path)
+        .await
+        .unwrap();
+    let half_an_hour = std::time::Duration::from_secs(1800);
+    let mut ids = Vec::new();
+    for m in [
+        open("L-1"),
+        add("L-1", 7),
+        remind("L-1", half_an_hour),
+        open("L-2"),
+        remind("L-2", half_an_hour),
+        close("L-2"),
+    ] {
+        ids.push(p.enqueue(m).await.unwrap());
+    }
+    for id in &ids {
+        p.handled("ledger", id).await.unwrap();
+    }
+    let store = switchyard::state::sqlite::SqliteState::reader(match &p.pipeline().transport {
+        config::TransportConfig::Embedded(e) => &e.path,
+        _ => panic!("not embedded"),
+    });
+    let pending = store.timeouts("ledger", "L-1").unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].message_type, "Expire");
+    // The completed instance's timeout is gone with it.
+    assert!(store.timeouts("ledger", "L-2").unwrap().is_empty());
+    // Not due yet: nothing fires.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(store.instance("ledger", "L-1").unwrap().unwrap().version, 3);
+
+    p.advance_time(half_an_hour).await.unwrap();
+    p.published("Expired", json!({ "id": "L-1", "total": 7 }))
+        .await
+        .unwrap();
+    p.idle().await.unwrap();
+    assert!(store.timeouts("ledger", "L-1").unwrap().is_empty());
+    let steps = store.steps("ledger", "L-1").unwrap();
+    assert_eq!(steps.len(), 4);
+    assert_eq!(steps[3].message_type, "Expire");
+    assert_eq!(steps[3].fired.as_deref(), Some(pending[0].id.as_str()));
+    assert_eq!(steps[2].timeouts[0].id, pending[0].id);
+    // L-2's timeout message (scheduled before L-2 completed) was dropped,
+    // not handled and not dead-lettered.
+    assert_eq!(store.instance("ledger", "L-2").unwrap().unwrap().version, 3);
+    assert!(dead_letters(p.pipeline()).await.is_empty());
+    p.stop().await.unwrap();
+}
+
+/// On RabbitMQ with PostgreSQL, due timeouts are sent from the store by
+/// whichever of two hosts claims them: each fires once.
+#[tokio::test(flavor = "multi_thread")]
+async fn timeouts_fire_once_from_postgresql_with_two_hosts_on_rabbitmq() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = crate::state::schema();
+    let (_, pipeline) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "{}\n[state]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\n",
+            ledger("dead-letter")
+        ),
+    );
+    let transport = runtime::open(&pipeline).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    let ledgers: Vec<String> = (0..10).map(|i| format!("T-{i}")).collect();
+    transport
+        .enqueue(ledgers.iter().map(|l| open(l)).collect())
+        .await
+        .unwrap();
+    crate::amqp::drain(&pipeline).await;
+    transport
+        .enqueue(
+            ledgers
+                .iter()
+                .map(|l| remind(l, std::time::Duration::from_millis(500)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let options = || runtime::RunOptions::quiet(runtime::RunMode::Serve);
+    let a = crate::common::Running::start(&pipeline, options()).await;
+    let b = crate::common::Running::start(&pipeline, options()).await;
+    let store = switchyard::state::open(&pipeline.state, &pipeline.name)
+        .await
+        .unwrap();
+    let versions = |store: std::sync::Arc<dyn Store>, ledgers: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            ledgers
+                .iter()
+                .map(|l| {
+                    store
+                        .instance("ledger", l)
+                        .unwrap()
+                        .map_or(0, |i| i.version)
+                })
+                .collect::<Vec<u64>>()
+        })
+        .await
+        .unwrap()
+    };
+    crate::common::eventually(
+        "every timeout handled",
+        std::time::Duration::from_secs(30),
+        || {
+            let handled = versions(store.clone(), ledgers.clone());
+            async move { handled.await.iter().all(|n| *n >= 3) }
+        },
+    )
+    .await;
+    // Two more polls of both hosts: nothing fires twice.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(versions(store.clone(), ledgers.clone()).await, vec![3; 10]);
+    a.stop().await;
+    b.stop().await;
+    let pending = tokio::task::spawn_blocking(move || store.timeouts("ledger", "T-0").unwrap())
+        .await
+        .unwrap();
+    assert!(pending.is_empty(), "{pending:?}");
+    assert!(dead_letters(&pipeline).await.is_empty());
     drop_schema(&schema).await;
     crate::amqp::clean_up(&pipeline).await;
 }

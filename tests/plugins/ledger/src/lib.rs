@@ -10,6 +10,9 @@
 //!   instance).
 //! - `Peek` (an event of another plugin's, found by correlation id) records
 //!   the correlation under `peeked`.
+//! - `Remind {"id": k, "after_ms": n}` asks for an `Expire {"id": k}`
+//!   timeout after `n` ms; `Expire` sets `expired` and publishes
+//!   `Expired {"id", "total"}`.
 
 use serde::Deserialize;
 use serde_json::json;
@@ -22,6 +25,11 @@ struct Add {
     n: i64,
 }
 
+#[derive(Deserialize)]
+struct Remind {
+    after_ms: u64,
+}
+
 impl Plugin for Ledger {
     fn describe() -> PluginInfo {
         PluginInfo::new("ledger", env!("CARGO_PKG_VERSION"))
@@ -30,8 +38,11 @@ impl Plugin for Ledger {
             .consumes_event("Close")
             .consumes_event("Reject")
             .consumes_event("Peek")
+            .consumes_event("Remind")
+            .consumes_event("Expire")
             .publishes("Opened")
             .publishes("Closed")
+            .publishes("Expired")
     }
 
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
@@ -60,6 +71,19 @@ impl Plugin for Ledger {
             }
             "Reject" => return Err(HandlerError::permanent("the ledger rejects this")),
             "Peek" => ctx.state().set("peeked", &true)?,
+            "Remind" => {
+                let r: Remind = msg.json()?;
+                ctx.request_timeout(
+                    std::time::Duration::from_millis(r.after_ms),
+                    "Expire",
+                    &json!({ "id": saga.id }),
+                )?;
+            }
+            "Expire" => {
+                let total: i64 = ctx.state().get("total")?.unwrap_or(0);
+                ctx.state().set("expired", &true)?;
+                ctx.publish("Expired", &json!({ "id": saga.id, "total": total }))?;
+            }
             other => return Err(HandlerError::permanent(format!("unexpected {other}"))),
         }
         Ok(())
@@ -91,6 +115,17 @@ mod tests {
                 .unwrap(),
             json!({"id": "L-1", "total": 5, "steps": 3})
         );
+    }
+
+    #[test]
+    fn a_reminder_requests_a_timeout() {
+        let host = TestHost::<Ledger>::new().with_saga("L-1", 1);
+        let out = host
+            .handle(Message::event("Remind").with_json(&json!({"id": "L-1", "after_ms": 1800000})));
+        out.assert_ok();
+        assert_eq!(out.timeouts.len(), 1);
+        assert_eq!(out.timeouts[0].0, std::time::Duration::from_secs(1800));
+        assert_eq!(out.timeouts[0].1.message_type, "Expire");
     }
 
     #[test]
