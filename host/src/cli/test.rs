@@ -72,6 +72,7 @@ impl SagaSection {
         for t in handled {
             let key = match (self.instance_keys.get(t), &default) {
                 (Some(k), _) => InstanceKey::parse(k).map_err(anyhow::Error::msg)?,
+                (None, _) if t.ends_with(".Fault") => InstanceKey::fault(),
                 (None, Some(k)) => k.clone(),
                 (None, None) => bail!(
                     "[saga] does not say how {t} finds its instance: add instance_key or instance_keys.{t}"

@@ -325,7 +325,10 @@ fn refused_letters(
         letters.push(letter);
         settlements.push(Settlement {
             delivery: settlement.delivery,
-            outcome: Outcome::DeadLettered { copy: None },
+            outcome: Outcome::DeadLettered {
+                copy: None,
+                fault: None,
+            },
         });
     }
     (letters, settlements)

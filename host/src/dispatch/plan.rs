@@ -440,6 +440,44 @@ impl<'a> Planner<'a> {
         });
     }
 
+    /// The fault of a command a saga sent that failed for good, when that
+    /// saga handles the command's faults.
+    fn fault_for(&self, e: &Envelope, f: &Failure, record: &str) -> Option<Envelope> {
+        if e.kind != Kind::Command {
+            return None;
+        }
+        let (saga, instance) = crate::saga::sender(e)?;
+        let fault_type = crate::saga::fault_type(&e.message_type);
+        if !self
+            .ctx
+            .topology
+            .destinations(&fault_type)
+            .iter()
+            .any(|r| r == saga)
+        {
+            return None;
+        }
+        tracing::info!(
+            plugin = %self.plugin.name(),
+            message.id = %e.id,
+            saga,
+            saga.instance = instance,
+            "The command's fault goes back to the saga that sent it"
+        );
+        Some(crate::saga::fault(
+            e,
+            saga,
+            instance,
+            &crate::saga::FaultInfo {
+                plugin: self.plugin.name().as_str(),
+                kind: f.kind.as_str(),
+                code: f.code.as_deref(),
+                message: &f.message,
+                dead_letter: record,
+            },
+        ))
+    }
+
     /// A message that failed for good: its dead letter is written before
     /// its delivery is settled (with a broker copy, if the pipeline asks).
     fn dead_letter(
@@ -489,12 +527,13 @@ impl<'a> Planner<'a> {
             telemetry::set_error(cx, &clip(&f.message, MAX_ATTEMPT_ERROR));
         }
         let copy = self.ctx.broker_dead_letters.then(|| letter.broker_copy());
+        let fault = self.fault_for(e, &f, &letter.id);
         self.plan.letters.push(letter);
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
                 delivery,
-                outcome: Outcome::DeadLettered { copy },
+                outcome: Outcome::DeadLettered { copy, fault },
             },
             dead: true,
             metric: Metric::DeadLettered {

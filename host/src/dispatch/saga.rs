@@ -68,6 +68,17 @@ pub fn prepare(
             ));
         }
     };
+    // A fault goes to every consumer of its type; it is this saga's only
+    // if this saga sent the command.
+    if envelope.message_type.ends_with(".Fault")
+        && let Some((saga, _)) = crate::saga::sender(envelope)
+        && saga != plugin
+    {
+        return Ok(Prep::Drop(format!(
+            "{} is the fault of a command saga {saga} sent, not {plugin}",
+            envelope.message_type
+        )));
+    }
     // A timeout fires only while it is pending: one whose instance
     // completed, or that was handled already (fired twice), is dropped.
     if let Some(timeout) = crate::saga::fired_timeout(envelope) {

@@ -446,6 +446,18 @@ impl Worker {
         }
         Ok(match result {
             Ok(mut outputs) => {
+                // A command the step sends names its saga and instance, so
+                // its fault can find the way back.
+                for o in &mut outputs {
+                    if let Output::Command(c) = o {
+                        c.headers.push((
+                            crate::saga::SAGA_HEADER.to_owned(),
+                            self.plugin.name().to_string(),
+                        ));
+                        c.headers
+                            .push((crate::saga::INSTANCE_HEADER.to_owned(), call.id.clone()));
+                    }
+                }
                 let step = super::saga::step_of(
                     &call,
                     envelope,

@@ -39,6 +39,12 @@ pub enum InstanceKey {
 }
 
 impl InstanceKey {
+    /// How a fault (`<command>.Fault`) finds its instance: `$.instance`.
+    pub fn fault() -> Self {
+        // A constant path: it parses.
+        JsonPath::parse("$.instance").map_or(InstanceKey::CorrelationId, InstanceKey::Path)
+    }
+
     /// Parses `correlation-id` or a JSON path such as `$.order.id`.
     pub fn parse(text: &str) -> Result<Self, String> {
         if text == "correlation-id" {
@@ -267,6 +273,80 @@ impl Timeout {
         e.created_at_ms = self.due_ms;
         e
     }
+}
+
+/// The header of a command a saga sent: the saga's plugin name.
+pub const SAGA_HEADER: &str = "switchyard-saga";
+/// The header of a command a saga sent: the instance that sent it.
+pub const INSTANCE_HEADER: &str = "switchyard-saga-instance";
+
+/// The type of the fault of command type `command`.
+pub fn fault_type(command: &str) -> String {
+    format!("{command}.Fault")
+}
+
+/// The saga (plugin, instance) that sent `command`, when a saga did.
+pub fn sender(command: &Envelope) -> Option<(&str, &str)> {
+    let header = |name: &str| {
+        command
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    Some((header(SAGA_HEADER)?, header(INSTANCE_HEADER)?))
+}
+
+/// Why a command failed for good, as its fault tells the saga that sent it.
+pub struct FaultInfo<'a> {
+    /// The plugin that failed it.
+    pub plugin: &'a str,
+    pub kind: &'a str,
+    pub code: Option<&'a str>,
+    pub message: &'a str,
+    pub dead_letter: &'a str,
+}
+
+/// The fault of a command a saga sent, for the saga: an event of type
+/// `<command type>.Fault` whose JSON payload says which command failed,
+/// where and why, and names the instance (`instance`). Its id is derived
+/// from the command's, so a fault made twice is one message.
+pub fn fault(command: &Envelope, saga: &str, instance: &str, why: &FaultInfo<'_>) -> Envelope {
+    let original =
+        serde_json::from_slice::<serde_json::Value>(&command.payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&command.payload).into_owned())
+        });
+    let payload = serde_json::json!({
+        "instance": instance,
+        "command": {
+            "type": command.message_type,
+            "id": command.id,
+            "payload": original,
+        },
+        "plugin": why.plugin,
+        "error": {
+            "kind": why.kind,
+            "code": why.code,
+            "message": crate::text::clip(why.message, 4096),
+        },
+        "dead_letter": why.dead_letter,
+    });
+    let mut e = Envelope::new(
+        fault_type(&command.message_type),
+        crate::envelope::Kind::Event,
+        serde_json::to_vec(&payload).unwrap_or_default(),
+        "application/json",
+    );
+    let id = format!("{}.fault", command.id);
+    if id.len() <= 255 {
+        e.id = id;
+    }
+    e.correlation_id = Some(command.flow_id().to_owned());
+    e.causation_id = Some(command.id.clone());
+    e.headers.push((SAGA_HEADER.to_owned(), saga.to_owned()));
+    e.headers
+        .push((INSTANCE_HEADER.to_owned(), instance.to_owned()));
+    e
 }
 
 /// The timeout a message is the firing of, if it is one.

@@ -649,7 +649,20 @@ fn publishes<'a>(
                 format!("the retry of {}", message.id),
             )?);
         }
-        Outcome::DeadLettered { copy: Some(copy) } => {
+        Outcome::DeadLettered { copy, fault } => {
+            if let Some(f) = fault {
+                out.push(Publish::checked(
+                    &shared.config.exchange,
+                    f.message_type.clone(),
+                    Cow::Borrowed(f),
+                    properties(f, source),
+                    Expect::Confirmed,
+                    format!("the fault {}", f.id),
+                )?);
+            }
+            let Some(copy) = copy else {
+                return Ok(out);
+            };
             let copy = Publish::checked(
                 "",
                 queues.dead_letter_queue(),
@@ -665,7 +678,6 @@ fn publishes<'a>(
                 }
             }
         }
-        Outcome::DeadLettered { copy: None } => {}
     }
     Ok(out)
 }

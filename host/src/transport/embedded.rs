@@ -1021,7 +1021,11 @@ impl Subscription for EmbeddedSubscription {
                         Outcome::Retry { message, not_before_ms } => {
                             insert_scheduled(&tx, &route, message, *not_before_ms)?;
                         }
-                        Outcome::DeadLettered { .. } => {}
+                        Outcome::DeadLettered { fault, .. } => {
+                            if let Some(f) = fault {
+                                s.route_into(&tx, f, now, &mut touched)?;
+                            }
+                        }
                     }
                 }
                 tx.commit()?;

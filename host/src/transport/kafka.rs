@@ -1179,12 +1179,18 @@ impl KafkaSubscription {
                 let h = headers(message, source, Some(*not_before_ms));
                 own.push(Record::new(i, topic, message.clone(), h));
             }
-            Outcome::DeadLettered { copy: Some(c) } => {
-                let topic = format!("{prefix}{}.dlq", c.message_type);
-                let h = headers(c, source, None);
-                own.push(Record::new(i, topic, c.clone(), h));
+            Outcome::DeadLettered { copy, fault } => {
+                if let Some(f) = fault {
+                    let topic = format!("{prefix}{}", f.message_type);
+                    let h = headers(f, source, None);
+                    own.push(Record::new(i, topic, f.clone(), h));
+                }
+                if let Some(c) = copy {
+                    let topic = format!("{prefix}{}.dlq", c.message_type);
+                    let h = headers(c, source, None);
+                    own.push(Record::new(i, topic, c.clone(), h));
+                }
             }
-            Outcome::DeadLettered { copy: None } => {}
         }
         (own, reply_record)
     }

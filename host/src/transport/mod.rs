@@ -162,7 +162,13 @@ pub enum Outcome {
     /// removed. With `copy`, the transport first publishes it to the
     /// route's dead-letter destination on the broker (`[dead_letters]
     /// broker = true`).
-    DeadLettered { copy: Option<Envelope> },
+    ///
+    /// With `fault`, the message was a command a saga sent: the fault is
+    /// published like an output (to the saga that handles its type).
+    DeadLettered {
+        copy: Option<Envelope>,
+        fault: Option<Envelope>,
+    },
 }
 
 /// One settled delivery.

@@ -530,7 +530,7 @@ fn saga_cases_find_their_instance_as_a_pipeline_would() {
     ]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}{}", stderr(&out));
-    assert!(text.contains("11 passed, 0 failed"), "{text}");
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
 
     // A wrong expectation of the instance fails and says what it became.
     let dir = tempfile::tempdir().unwrap();

@@ -19,13 +19,18 @@ fn ledger(not_found: &str) -> String {
         r#"
     [plugins.ledger]
     wasm = "{{dist}}/ledger.wasm"
-    events = ["Open", "Add", "Close", "Reject", "Peek", "Remind", "Expire"]
+    events = ["Open", "Add", "Close", "Reject", "Peek", "Remind", "Expire", "Charge", "Debit.Fault"]
     retry = {{ immediate = 0, delayed = 0 }}
     [plugins.ledger.saga]
     starts = ["Open"]
     instance_key = "$.id"
     instance_keys = {{ Peek = "correlation-id" }}
     not_found = "{not_found}"
+
+    [plugins.bank]
+    wasm = "{{dist}}/bank.wasm"
+    commands = ["Debit"]
+    retry = {{ immediate = 0, delayed = 0 }}
 "#
     )
 }
@@ -591,6 +596,91 @@ async fn timeouts_fire_once_from_postgresql_with_two_hosts_on_rabbitmq() {
         .unwrap();
     assert!(pending.is_empty(), "{pending:?}");
     assert!(dead_letters(&pipeline).await.is_empty());
+    drop_schema(&schema).await;
+    crate::amqp::clean_up(&pipeline).await;
+}
+
+fn charge(id: &str, amount: i64) -> Envelope {
+    message(Kind::Event, "Charge", json!({ "id": id, "amount": amount }))
+}
+
+/// A command a saga sent that fails for good comes back to the instance
+/// that sent it as a fault, naming the command, the error and the dead
+/// letter: the saga undoes what it did.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_lettered_command_comes_back_to_its_saga_as_a_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(dir.path(), "faults", &ledger("dead-letter"));
+    let p = switchyard::testing::TestPipeline::start(&path)
+        .await
+        .unwrap();
+    p.enqueue(open("L-1")).await.unwrap();
+    p.enqueue(charge("L-1", 50)).await.unwrap();
+    p.published("Debited", json!({ "id": "L-1", "amount": 50 }))
+        .await
+        .unwrap();
+    p.enqueue(charge("L-1", 500)).await.unwrap();
+    let debit = p.sent("Debit", json!({ "amount": 500 })).await.unwrap();
+    let letter = p.dead_letter(&debit.id).await.unwrap();
+    assert_eq!(letter.route, "bank");
+    let compensated = p
+        .published("Compensated", json!({ "id": "L-1" }))
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&compensated.payload).unwrap();
+    assert_eq!(body["code"], json!("insufficient-funds"));
+    assert_eq!(body["dead_letter"], json!(letter.id));
+    p.idle().await.unwrap();
+    let store = switchyard::state::sqlite::SqliteState::reader(match &p.pipeline().transport {
+        config::TransportConfig::Embedded(e) => &e.path,
+        _ => panic!("not embedded"),
+    });
+    let state = instance_state(store.as_ref(), "L-1");
+    assert_eq!(state.get("compensated"), Some(&json!("insufficient-funds")));
+    assert_eq!(state.get("charged"), None);
+    let steps = store.steps("ledger", "L-1").unwrap();
+    let types: Vec<&str> = steps.iter().map(|s| s.message_type.as_str()).collect();
+    assert_eq!(types, ["Open", "Charge", "Charge", "Debit.Fault"]);
+    assert_eq!(steps[2].outputs[0].id, debit.id);
+    p.stop().await.unwrap();
+}
+
+/// The same on RabbitMQ with PostgreSQL: the fault is published with the
+/// dead-lettered command's settlement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fault_comes_back_on_rabbitmq() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = crate::state::schema();
+    let (_, pipeline) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "{}\n[state]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\n",
+            ledger("dead-letter")
+        ),
+    );
+    let transport = runtime::open(&pipeline).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    transport.enqueue(vec![open("F-1")]).await.unwrap();
+    crate::amqp::drain(&pipeline).await;
+    transport.enqueue(vec![charge("F-1", 500)]).await.unwrap();
+    crate::amqp::drain(&pipeline).await;
+    let store = switchyard::state::open(&pipeline.state, &pipeline.name)
+        .await
+        .unwrap();
+    let (state, version) = tokio::task::spawn_blocking(move || {
+        (
+            instance_state(store.as_ref(), "F-1"),
+            store.instance("ledger", "F-1").unwrap().unwrap().version,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(state.get("compensated"), Some(&json!("insufficient-funds")));
+    assert_eq!(version, 3);
+    let letters = dead_letters(&pipeline).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].message.message_type, "Debit");
     drop_schema(&schema).await;
     crate::amqp::clean_up(&pipeline).await;
 }

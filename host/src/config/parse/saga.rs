@@ -110,6 +110,11 @@ impl Parser<'_> {
             if keys.contains_key(t.as_str()) {
                 continue;
             }
+            // The fault of a command the saga sent names its instance.
+            if t.as_str().ends_with(".Fault") {
+                keys.insert(t.as_str().to_owned(), InstanceKey::fault());
+                continue;
+            }
             match &default_key {
                 Some(k) => {
                     keys.insert(t.as_str().to_owned(), k.clone());

@@ -13,6 +13,10 @@
 //! - `Remind {"id": k, "after_ms": n}` asks for an `Expire {"id": k}`
 //!   timeout after `n` ms; `Expire` sets `expired` and publishes
 //!   `Expired {"id", "total"}`.
+//! - `Charge {"id": k, "amount": n}` sends the command `Debit {"id",
+//!   "amount"}` and records `charged`; `Debit.Fault` (the debit failed for
+//!   good) undoes it: deletes `charged`, records the error code under
+//!   `compensated` and publishes `Compensated {"id", "code", "dead_letter"}`.
 
 use serde::Deserialize;
 use serde_json::json;
@@ -40,6 +44,10 @@ impl Plugin for Ledger {
             .consumes_event("Peek")
             .consumes_event("Remind")
             .consumes_event("Expire")
+            .consumes_event("Charge")
+            .consumes_event("Debit.Fault")
+            .sends("Debit")
+            .publishes("Compensated")
             .publishes("Opened")
             .publishes("Closed")
             .publishes("Expired")
@@ -77,6 +85,22 @@ impl Plugin for Ledger {
                     std::time::Duration::from_millis(r.after_ms),
                     "Expire",
                     &json!({ "id": saga.id }),
+                )?;
+            }
+            "Charge" => {
+                let c: serde_json::Value = msg.json()?;
+                let amount = c.get("amount").cloned().unwrap_or(json!(0));
+                ctx.send("Debit", &json!({ "id": saga.id, "amount": amount }))?;
+                ctx.state().set("charged", &amount)?;
+            }
+            "Debit.Fault" => {
+                let fault: serde_json::Value = msg.json()?;
+                let code = fault["error"]["code"].clone();
+                ctx.state().delete("charged");
+                ctx.state().set("compensated", &code)?;
+                ctx.publish(
+                    "Compensated",
+                    &json!({ "id": saga.id, "code": code, "dead_letter": fault["dead_letter"] }),
                 )?;
             }
             "Expire" => {
