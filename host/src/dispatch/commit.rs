@@ -28,7 +28,9 @@ pub(super) async fn commit(
         settlements,
         replays_handled,
         spans,
+        give_back,
     } = plan(ctx, plugin, processed);
+    unhandled.extend(give_back);
     // Redeliveries of done messages: recorded already.
     let redelivered: std::collections::HashSet<u64> = settlements
         .iter()

@@ -104,6 +104,10 @@ pub(super) struct Plan {
     pub(super) settlements: Vec<Planned>,
     pub(super) replays_handled: Vec<String>,
     pub(super) spans: Vec<Context>,
+    /// Handled messages of saga instances whose earlier step in this batch
+    /// was dead-lettered here after all: they read a version that will not
+    /// be committed, so they go back to run again on the instance as it is.
+    pub(super) give_back: Vec<Delivery>,
 }
 
 /// One settlement, whether it is a dead letter, and the metric it moves
@@ -226,6 +230,8 @@ struct Planner<'a> {
     version_kv: KeyValue,
     type_attr: TypeAttr,
     plan: Plan,
+    /// Saga instances a step of which was dead-lettered in planning.
+    dropped_instances: std::collections::HashSet<String>,
 }
 
 /// The trace and span ids of a message's span, for its log lines: none
@@ -248,7 +254,9 @@ impl<'a> Planner<'a> {
                 settlements: Vec::new(),
                 replays_handled: Vec::new(),
                 spans: Vec::new(),
+                give_back: Vec::new(),
             },
+            dropped_instances: std::collections::HashSet::new(),
         }
     }
 
@@ -317,6 +325,13 @@ impl<'a> Planner<'a> {
         else {
             return;
         };
+        if let Some(step) = &saga
+            && self.dropped_instances.contains(&step.instance)
+        {
+            self.plan.spans.extend(span);
+            self.plan.give_back.push(delivery);
+            return;
+        }
         // Validation makes this impossible for declared outputs.
         let lost = outputs.iter().find(|o| {
             o.kind == Kind::Command && self.ctx.topology.destinations(&o.message_type).is_empty()
@@ -333,6 +348,9 @@ impl<'a> Planner<'a> {
                 backtrace: None,
                 output: None,
             };
+            if let Some(step) = saga {
+                self.dropped_instances.insert(step.instance);
+            }
             return self.dead_letter(delivery, failure, span, attrs);
         }
         if let Some(cx) = &span {
