@@ -35,6 +35,7 @@ pub const RABBITMQ: Broker = Broker {
     batch_key: "prefetch",
     // The unacknowledged deliveries of the killed host.
     duplicates_per_kill: BATCH,
+    joined: None,
 };
 
 /// A pipeline on its own exchange; `body` is the rest of the TOML.

@@ -59,6 +59,7 @@ pub const KAFKA: Broker = Broker {
     // The batch in hand, and the one before it if its commit had not
     // reached the cluster yet.
     duplicates_per_kill: 2 * BATCH,
+    joined: Some("Partitions assigned"),
 };
 
 /// A pipeline on its own topics and groups; `body` is the rest of the TOML.

@@ -30,6 +30,9 @@ pub struct Broker {
     pub batch_key: &'static str,
     /// Messages one killed host can leave handled but not acknowledged.
     pub duplicates_per_kill: usize,
+    /// What a host logs once it takes part in sharing the work, where
+    /// joining takes a while (a Kafka group's rebalance).
+    pub joined: Option<&'static str>,
 }
 
 /// The tally pipeline on a broker, with its batch bound set to [`BATCH`].
@@ -95,6 +98,19 @@ pub fn host(path: &Path, args: &[&str]) -> Child {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// [`host`] with its log (warnings, and the transport's news of joining)
+/// written to `log`.
+fn logging_host(path: &Path, log: &Path) -> Child {
+    Command::new(bin())
+        .arg("run")
+        .arg(path)
+        .env("RUST_LOG", "warn,switchyard::transport=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
 }
@@ -247,11 +263,29 @@ pub async fn second_host_takes_over(broker: &Broker) -> Pipeline {
     let dir_b = tempfile::tempdir().unwrap();
     let (path_a, p) = tally_pipeline(broker, dir_a.path());
     let path_b = twin(dir_b.path(), &path_a);
-    let ids = enqueue_ticks(&p, MESSAGES).await;
     let (log_a, log_b) = (tally(dir_a.path()), tally(dir_b.path()));
 
-    let mut a = host(&path_a, &[]);
-    let mut b = host(&path_b, &[]);
+    // Both hosts join before the work arrives: a host that joins a Kafka
+    // group late makes it rebalance, and librdkafka's mock cluster refuses
+    // every commit while the group rebalances (a Kafka broker accepts those
+    // of the current generation), so what the first host handled meanwhile
+    // would be handled again. This test is about a killed host.
+    let (err_a, err_b) = (dir_a.path().join("host.log"), dir_b.path().join("host.log"));
+    let mut a = logging_host(&path_a, &err_a);
+    let mut b = logging_host(&path_b, &err_b);
+    if let Some(joined) = broker.joined {
+        wait_until(
+            "both hosts to join",
+            &mut [&mut a, &mut b],
+            Duration::from_secs(120),
+            || {
+                [&err_a, &err_b]
+                    .iter()
+                    .all(|f| std::fs::read_to_string(f).is_ok_and(|log| log.contains(joined)))
+            },
+        );
+    }
+    let ids = enqueue_ticks(&p, MESSAGES).await;
     wait_until(
         "both hosts to share the work",
         &mut [&mut a, &mut b],

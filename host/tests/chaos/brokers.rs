@@ -71,6 +71,7 @@ pub const EMBEDDED: Broker = Broker {
     batch_key: "batch_size",
     // The batch in hand when the host died.
     duplicates_per_kill: BATCH,
+    joined: None,
 };
 
 pub const RABBITMQ: Broker = Broker {
@@ -78,6 +79,7 @@ pub const RABBITMQ: Broker = Broker {
     pipeline: amqp_pipeline,
     batch_key: "prefetch",
     duplicates_per_kill: BATCH,
+    joined: None,
 };
 
 pub const KAFKA: Broker = Broker {
@@ -85,6 +87,7 @@ pub const KAFKA: Broker = Broker {
     pipeline: kafka_pipeline,
     batch_key: "batch_size",
     duplicates_per_kill: 2 * BATCH,
+    joined: Some("Partitions assigned"),
 };
 
 /// Removes a RabbitMQ pipeline's exchange and queues.
