@@ -168,6 +168,7 @@ pub async fn run(command: SagasCommand) -> Result<ExitCode> {
                                 "type": t.message_type,
                                 "due_at": time(t.due_ms),
                                 "sent_at": t.fired_at_ms.map(time),
+                                "sends": t.sends,
                             })
                         })
                         .collect(),
@@ -283,7 +284,7 @@ fn print_timeouts(timeouts: &[Pending]) {
     for t in timeouts {
         let sent = t
             .fired_at_ms
-            .map(|at| format!(", sent {}", time(at)))
+            .map(|at| format!(", sent {} time(s), last {}", t.sends, time(at)))
             .unwrap_or_default();
         println!("  {}  {}  {}{sent}", time(t.due_ms), t.message_type, t.id);
     }

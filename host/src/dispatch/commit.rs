@@ -1,6 +1,7 @@
 //! Making a processed batch durable, in the order the at-least-once
-//! argument needs: dead letters first, then the settlements, then the
-//! records of replays that were handled. What a broker refuses for good is
+//! argument needs: the state store's commit (on a broker), then dead
+//! letters, then the settlements, then the records of replays that were
+//! handled. What a broker refuses for good is
 //! dead-lettered on its own.
 
 use opentelemetry::KeyValue;
@@ -83,6 +84,7 @@ pub(super) async fn commit(
         })
         .collect();
     let receipts: Vec<u64> = to_settle.iter().map(|s| s.delivery.receipt).collect();
+    let settled_timeouts = settled_timeouts(ctx, &to_settle);
     let refused = match subscription.settle(to_settle).await {
         Ok(refused) => refused,
         Err(e) => {
@@ -109,6 +111,7 @@ pub(super) async fn commit(
         ok = false;
     }
     Metric::apply_all(metrics, &ctx.telemetry.metrics);
+    forget_timeouts(ctx, plugin, settled_timeouts).await;
     if !written.is_empty() {
         record_store_size(ctx).await;
     }
@@ -119,6 +122,42 @@ pub(super) async fn commit(
     state.handled_replays.extend(recovered);
     mark_replays_handled(ctx, plugin, state).await;
     ok
+}
+
+/// On a broker, the saga timeouts whose messages this batch settles for
+/// good without a step (dropped, or dead-lettered): forgotten once settled,
+/// so no host sends them again. (A step deletes its own timeout in its
+/// commit; the embedded settle forgets the rest itself.)
+fn settled_timeouts(ctx: &RouteContext, settlements: &[Settlement]) -> Vec<String> {
+    if ctx.saga.is_none() || ctx.state.as_ref().is_none_or(|a| a.store.is_none()) {
+        return Vec::new();
+    }
+    settlements
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.outcome,
+                Outcome::Handled { saga: None, .. } | Outcome::DeadLettered { .. }
+            )
+        })
+        .filter_map(|s| crate::saga::fired_timeout(&s.delivery.envelope).map(str::to_owned))
+        .collect()
+}
+
+async fn forget_timeouts(ctx: &RouteContext, plugin: &LoadedPlugin, ids: Vec<String>) {
+    let Some(store) = ctx.state.as_ref().and_then(|a| a.store.as_ref()) else {
+        return;
+    };
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = store.forget_timeouts(plugin.name().as_str(), ids).await {
+        tracing::warn!(
+            plugin = %plugin.name(),
+            error = %format!("{e:#}"),
+            "Cannot forget settled saga timeouts; they may be sent again"
+        );
+    }
 }
 
 /// Logs why a batch's state was not committed: a saga conflict (counted; the

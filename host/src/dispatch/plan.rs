@@ -493,6 +493,7 @@ impl<'a> Planner<'a> {
                 message: &f.message,
                 dead_letter: record,
             },
+            self.ctx.max_message_size,
         ))
     }
 

@@ -35,38 +35,11 @@ pub fn prepare(
         }
         f
     };
-    let located = spec.locate(envelope).map_err(|why| {
-        no_instance(
-            format!(
-                "saga {plugin} cannot find the instance of this {} message: {why}",
-                envelope.message_type
-            ),
-            None,
+    let read_failed = |e: anyhow::Error| {
+        Failure::new(
+            FailureKind::Transient,
+            format!("the state store cannot be read: {e:#}"),
         )
-    })?;
-    let id = located.instance.as_str();
-    let Some(scope) = scope else {
-        return Err(no_instance(
-            format!("saga {plugin} runs on a host that keeps no state"),
-            Some(id),
-        ));
-    };
-    let instance = match scope.instance(id) {
-        Ok(i) => i,
-        Err(e) if e.chain().any(|c| c.is::<Corrupt>()) => {
-            return Err(no_instance(
-                format!(
-                    "{e:#}; the instance is quarantined: its messages are dead-lettered until it is repaired"
-                ),
-                Some(id),
-            ));
-        }
-        Err(e) => {
-            return Err(Failure::new(
-                FailureKind::Transient,
-                format!("the state store cannot be read: {e:#}"),
-            ));
-        }
     };
     // A fault goes to every consumer of its type; it is this saga's only
     // if this saga sent the command.
@@ -79,27 +52,43 @@ pub fn prepare(
             envelope.message_type
         )));
     }
-    // A timeout fires only while it is pending: one whose instance
+    let Some(scope) = scope else {
+        return Err(no_instance(
+            format!("saga {plugin} runs on a host that keeps no state"),
+            None,
+        ));
+    };
+    // A timeout belongs to the instance that asked for it, whatever its
+    // payload says, and fires only while it is pending: one whose instance
     // completed, or that was handled already (fired twice), is dropped.
     if let Some(timeout) = crate::saga::fired_timeout(envelope) {
-        let pending = instance
-            .as_ref()
-            .is_some_and(|i| i.status == Status::Running)
-            && match scope.timeout_pending(timeout) {
-                Ok(p) => p,
-                Err(e) => {
-                    return Err(Failure::new(
-                        FailureKind::Transient,
-                        format!("the state store cannot be read: {e:#}"),
-                    ));
-                }
-            };
-        if !pending {
-            return Ok(Prep::Drop(format!(
-                "timeout {timeout} of saga instance {id} is no longer pending (the instance completed, or the timeout was handled)"
-            )));
-        }
+        let owner = scope.timeout_instance(timeout).map_err(read_failed)?;
+        let instance = match &owner {
+            Some(id) => read_instance(scope, id, &no_instance)?,
+            None => None,
+        };
+        return Ok(match (owner, instance) {
+            (Some(id), Some(i)) if i.status == Status::Running => Prep::Run(SagaCall {
+                id,
+                version: i.version,
+                started_at_ms: i.started_at_ms,
+            }),
+            _ => Prep::Drop(format!(
+                "timeout {timeout} of saga {plugin} is no longer pending (its instance completed, or the timeout was handled)"
+            )),
+        });
     }
+    let located = spec.locate(envelope).map_err(|why| {
+        no_instance(
+            format!(
+                "saga {plugin} cannot find the instance of this {} message: {why}",
+                envelope.message_type
+            ),
+            None,
+        )
+    })?;
+    let id = located.instance.as_str();
+    let instance = read_instance(scope, id, &no_instance)?;
     let why = match instance {
         Some(i) if i.status == Status::Running => {
             return Ok(Prep::Run(SagaCall {
@@ -166,5 +155,27 @@ pub fn step_of(
         outputs: Vec::new(),
         timeouts,
         fired: crate::saga::fired_timeout(envelope).map(str::to_owned),
+    }
+}
+
+/// Instance `id` as the scope sees it; a corrupt one is a `no-instance`
+/// failure (quarantined), a store that cannot be read a transient one.
+fn read_instance(
+    scope: &crate::state::Scope,
+    id: &str,
+    no_instance: &dyn Fn(String, Option<&str>) -> Failure,
+) -> Result<Option<crate::saga::Instance>, Failure> {
+    match scope.instance(id) {
+        Ok(i) => Ok(i),
+        Err(e) if e.chain().any(|c| c.is::<Corrupt>()) => Err(no_instance(
+            format!(
+                "{e:#}; the instance is quarantined: its messages are dead-lettered until it is repaired"
+            ),
+            Some(id),
+        )),
+        Err(e) => Err(Failure::new(
+            FailureKind::Transient,
+            format!("the state store cannot be read: {e:#}"),
+        )),
     }
 }

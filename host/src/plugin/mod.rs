@@ -961,7 +961,13 @@ fn check_outgoing(
     Ok(())
 }
 
-fn outgoing(o: wit::Outgoing) -> Outgoing {
+/// An output as the host keeps it. Headers naming a saga, an instance or
+/// a timeout are the host's to set: a plugin's own are dropped, so it can
+/// neither pass them through by accident nor aim a fault or a timeout at
+/// another saga's instance.
+fn outgoing(mut o: wit::Outgoing) -> Outgoing {
+    o.headers
+        .retain(|(name, _)| !name.starts_with(crate::saga::SAGA_HEADER));
     Outgoing {
         message_type: o.message_type,
         payload: o.payload,

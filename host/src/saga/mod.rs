@@ -23,7 +23,7 @@ pub use path::JsonPath;
 use crate::envelope::Envelope;
 
 /// Instance ids are at most this long, in bytes.
-pub const MAX_INSTANCE_ID: usize = 256;
+pub const MAX_INSTANCE_ID: usize = 255;
 
 /// Separates an instance id from a key in the state store: instance ids
 /// may not contain control characters, so the split is unambiguous.
@@ -310,13 +310,21 @@ pub struct FaultInfo<'a> {
 /// The fault of a command a saga sent, for the saga: an event of type
 /// `<command type>.Fault` whose JSON payload says which command failed,
 /// where and why, and names the instance (`instance`). Its id is derived
-/// from the command's, so a fault made twice is one message.
-pub fn fault(command: &Envelope, saga: &str, instance: &str, why: &FaultInfo<'_>) -> Envelope {
+/// from the command's, so a fault made twice is one message. The
+/// command's payload is left out (`payload_omitted`) when the fault would
+/// be over `max` bytes, the largest message a route takes.
+pub fn fault(
+    command: &Envelope,
+    saga: &str,
+    instance: &str,
+    why: &FaultInfo<'_>,
+    max: u64,
+) -> Envelope {
     let original =
         serde_json::from_slice::<serde_json::Value>(&command.payload).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&command.payload).into_owned())
         });
-    let payload = serde_json::json!({
+    let mut payload = serde_json::json!({
         "instance": instance,
         "command": {
             "type": command.message_type,
@@ -331,10 +339,16 @@ pub fn fault(command: &Envelope, saga: &str, instance: &str, why: &FaultInfo<'_>
         },
         "dead_letter": why.dead_letter,
     });
+    let mut bytes = serde_json::to_vec(&payload).unwrap_or_default();
+    if bytes.len() as u64 > max / 2 {
+        payload["command"]["payload"] = serde_json::Value::Null;
+        payload["command"]["payload_omitted"] = serde_json::Value::Bool(true);
+        bytes = serde_json::to_vec(&payload).unwrap_or_default();
+    }
     let mut e = Envelope::new(
         fault_type(&command.message_type),
         crate::envelope::Kind::Event,
-        serde_json::to_vec(&payload).unwrap_or_default(),
+        bytes,
         "application/json",
     );
     let id = format!("{}.fault", command.id);
@@ -408,9 +422,11 @@ pub struct Pending {
     pub due_ms: u64,
     #[serde(rename = "type")]
     pub message_type: String,
-    /// When a host last sent it to the broker (it fires again if it is not
-    /// handled within the lease).
+    /// When a host last sent it to the broker (it is sent again, waiting
+    /// twice as long each time, if it is not handled).
     pub fired_at_ms: Option<u64>,
+    /// How often hosts sent it.
+    pub sends: u32,
 }
 
 /// A value as a step records it.

@@ -25,6 +25,12 @@ use async_trait::async_trait;
 
 use crate::config::{StateConfig, StoreConfig};
 
+/// Times a host on a broker sends a due saga timeout that is not handled
+/// (each send waits twice as long as the one before for its handling);
+/// after that it stays, listed by `switchyard sagas show`, until its
+/// instance completes.
+pub const MAX_TIMEOUT_SENDS: i64 = 5;
+
 /// Keys are at most this long, in bytes.
 pub const MAX_KEY: usize = 1024;
 /// Keys one `list-keys` call returns at most, whatever limit it asks for.
@@ -86,8 +92,9 @@ pub trait Reader: Send + Sync {
     /// The steps of a saga instance, oldest first.
     fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>>;
 
-    /// Whether timeout `id` of `plugin` is still waiting to be handled.
-    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool>;
+    /// The instance of timeout `id` of `plugin`, while it is still waiting
+    /// to be handled.
+    fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>>;
 
     /// The pending timeouts of a saga instance, the first due first.
     fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<crate::saga::Pending>>;
@@ -131,6 +138,10 @@ pub trait Store: Reader {
         lease_ms: u64,
         limit: usize,
     ) -> Result<Vec<(String, String, crate::saga::Timeout)>>;
+
+    /// Forgets timeouts of `plugin` whose messages were settled for good
+    /// (handled without a step, or dead-lettered): they are not sent again.
+    async fn forget_timeouts(&self, plugin: &str, ids: Vec<String>) -> Result<()>;
 
     /// Forgets the done records older than `before_ms`; returns how many.
     async fn prune(&self, before_ms: u64) -> Result<u64>;
@@ -283,17 +294,18 @@ impl Scope {
             .clear();
     }
 
-    /// Whether timeout `id` is still pending as the next message sees it.
-    pub fn timeout_pending(&self, id: &str) -> Result<bool> {
+    /// The instance of timeout `id` while it is pending, as the next
+    /// message sees it.
+    pub fn timeout_instance(&self, id: &str) -> Result<Option<String>> {
         if self
             .fired
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(id)
         {
-            return Ok(false);
+            return Ok(None);
         }
-        self.reader.timeout_pending(&self.plugin, id)
+        self.reader.timeout_instance(&self.plugin, id)
     }
 
     /// The saga instance `id` as the next message sees it: as the batch's
@@ -560,12 +572,13 @@ impl Reader for Memory {
             .unwrap_or_default())
     }
 
-    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool> {
+    fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>> {
         Ok(self
             .timeouts
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(&(plugin.to_owned(), id.to_owned())))
+            .get(&(plugin.to_owned(), id.to_owned()))
+            .map(|(instance, _)| instance.clone()))
     }
 
     fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<crate::saga::Pending>> {
@@ -578,6 +591,7 @@ impl Reader for Memory {
                 due_ms: t.due_ms,
                 message_type: t.message_type,
                 fired_at_ms: None,
+                sends: 0,
             })
             .collect();
         pending.sort_by_key(|p| p.due_ms);

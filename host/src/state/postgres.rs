@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS {schema}.saga_timeouts (
     command      BOOLEAN NOT NULL,
     payload      BYTEA NOT NULL,
     fired_at_ms  BIGINT,
+    sends        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (pipeline, plugin, id)
 );
 CREATE INDEX IF NOT EXISTS saga_timeouts_by_instance ON {schema}.saga_timeouts (pipeline, plugin, instance);
@@ -407,24 +408,25 @@ impl PostgresState {
         Ok(())
     }
 
-    async fn timeout_pending_async(&self, plugin: &str, id: &str) -> Result<bool> {
+    async fn timeout_instance_async(&self, plugin: &str, id: &str) -> Result<Option<String>> {
         let guard = self.client().await?;
         let client = guard.as_ref().context("no state store connection")?;
         let sql = format!(
-            "SELECT 1 FROM {}.saga_timeouts WHERE pipeline = $1 AND plugin = $2 AND id = $3",
+            "SELECT instance FROM {}.saga_timeouts WHERE pipeline = $1 AND plugin = $2 AND id = $3",
             self.schema
         );
         Ok(client
             .query_opt(&sql, &[&self.pipeline, &plugin, &id])
             .await?
-            .is_some())
+            .map(|r| r.try_get(0))
+            .transpose()?)
     }
 
     async fn timeouts_async(&self, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
         let guard = self.client().await?;
         let client = guard.as_ref().context("no state store connection")?;
         let sql = format!(
-            "SELECT id, due_at_ms, message_type, fired_at_ms FROM {}.saga_timeouts
+            "SELECT id, due_at_ms, message_type, fired_at_ms, sends FROM {}.saga_timeouts
              WHERE pipeline = $1 AND plugin = $2 AND instance = $3 ORDER BY due_at_ms, id",
             self.schema
         );
@@ -438,6 +440,7 @@ impl PostgresState {
                 due_ms: row.try_get::<_, i64>(1)?.unsigned_abs(),
                 message_type: row.try_get(2)?,
                 fired_at_ms: row.try_get::<_, Option<i64>>(3)?.map(i64::unsigned_abs),
+                sends: u32::try_from(row.try_get::<_, i32>(4)?).unwrap_or(0),
             });
         }
         Ok(out)
@@ -483,9 +486,9 @@ impl Reader for PostgresState {
             .with_context(|| format!("cannot read the state store {}", self.shown()))
     }
 
-    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool> {
+    fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>> {
         self.runtime
-            .block_on(self.timeout_pending_async(plugin, id))
+            .block_on(self.timeout_instance_async(plugin, id))
             .with_context(|| format!("cannot read the state store {}", self.shown()))
     }
 
@@ -595,19 +598,21 @@ impl Store for PostgresState {
             let client = guard.as_ref().context("no state store connection")?;
             // Rows another host is claiming are skipped, not waited for.
             let sql = format!(
-                "UPDATE {s}.saga_timeouts AS t SET fired_at_ms = $2
+                "UPDATE {s}.saga_timeouts AS t SET fired_at_ms = $2, sends = t.sends + 1
                  FROM (SELECT plugin, id FROM {s}.saga_timeouts
-                       WHERE pipeline = $1 AND due_at_ms <= $2 AND (fired_at_ms IS NULL OR fired_at_ms <= $3)
+                       WHERE pipeline = $1 AND due_at_ms <= $2 AND sends < $5
+                         AND (fired_at_ms IS NULL OR fired_at_ms + $3 * (1::bigint << (sends - 1)) <= $2)
                        ORDER BY due_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED) AS due
                  WHERE t.pipeline = $1 AND t.plugin = due.plugin AND t.id = due.id
                  RETURNING t.plugin, t.id, t.instance, t.due_at_ms, t.message_type, t.command, t.payload",
                 s = self.schema
             );
             let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
-            let stale = i64::try_from(now_ms.saturating_sub(lease_ms)).unwrap_or(i64::MAX);
+            let lease = i64::try_from(lease_ms).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let max_sends = i32::try_from(super::MAX_TIMEOUT_SENDS).unwrap_or(i32::MAX);
             let rows = client
-                .query(&sql, &[&self.pipeline, &now, &stale, &limit])
+                .query(&sql, &[&self.pipeline, &now, &lease, &limit, &max_sends])
                 .await?;
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
@@ -627,6 +632,23 @@ impl Store for PostgresState {
         }
         .await;
         result.with_context(|| format!("cannot claim due timeouts in {}", self.shown()))
+    }
+
+    async fn forget_timeouts(&self, plugin: &str, ids: Vec<String>) -> Result<()> {
+        let result = async {
+            let guard = self.client().await?;
+            let client = guard.as_ref().context("no state store connection")?;
+            let sql = format!(
+                "DELETE FROM {}.saga_timeouts WHERE pipeline = $1 AND plugin = $2 AND id = ANY($3)",
+                self.schema
+            );
+            client
+                .execute(&sql, &[&self.pipeline, &plugin, &ids])
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        result.with_context(|| format!("cannot forget timeouts in {}", self.shown()))
     }
 
     async fn prune(&self, before_ms: u64) -> Result<u64> {

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS saga_timeouts (
     command      INTEGER NOT NULL,
     payload      BLOB NOT NULL,
     fired_at_ms  INTEGER,
+    sends        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (plugin, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS saga_timeouts_by_instance ON saga_timeouts (plugin, instance);
@@ -221,17 +222,23 @@ pub fn apply_step(tx: &Transaction<'_>, plugin: &str, step: &Step) -> Result<()>
     Ok(())
 }
 
-fn timeout_pending(conn: &Connection, plugin: &str, id: &str) -> Result<bool> {
+fn timeout_instance(conn: &Connection, plugin: &str, id: &str) -> Result<Option<String>> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM saga_timeouts WHERE plugin = ?1 AND id = ?2")?
-        .query_row(params![plugin, id], |_| Ok(()))
-        .optional()?
-        .is_some())
+        .prepare_cached("SELECT instance FROM saga_timeouts WHERE plugin = ?1 AND id = ?2")?
+        .query_row(params![plugin, id], |r| r.get(0))
+        .optional()?)
+}
+
+/// Forgets timeout `id` of `plugin` (its message was settled for good).
+pub fn forget_timeout(tx: &Transaction<'_>, plugin: &str, id: &str) -> Result<()> {
+    tx.prepare_cached("DELETE FROM saga_timeouts WHERE plugin = ?1 AND id = ?2")?
+        .execute(params![plugin, id])?;
+    Ok(())
 }
 
 fn timeouts(conn: &Connection, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, due_at_ms, message_type, fired_at_ms FROM saga_timeouts
+        "SELECT id, due_at_ms, message_type, fired_at_ms, sends FROM saga_timeouts
          WHERE plugin = ?1 AND instance = ?2 ORDER BY due_at_ms, id",
     )?;
     let mut rows = stmt.query(params![plugin, instance])?;
@@ -242,6 +249,7 @@ fn timeouts(conn: &Connection, plugin: &str, instance: &str) -> Result<Vec<Pendi
             due_ms: row.get::<_, i64>(1)?.unsigned_abs(),
             message_type: row.get(2)?,
             fired_at_ms: row.get::<_, Option<i64>>(3)?.map(i64::unsigned_abs),
+            sends: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
         });
     }
     Ok(out)
@@ -414,8 +422,8 @@ impl Reader for SqliteState {
         self.read(|c| steps(c, plugin, id))
     }
 
-    fn timeout_pending(&self, plugin: &str, id: &str) -> Result<bool> {
-        self.read(|c| timeout_pending(c, plugin, id))
+    fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>> {
+        self.read(|c| timeout_instance(c, plugin, id))
     }
 
     fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<Pending>> {
@@ -485,16 +493,21 @@ impl Store for SqliteState {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
-            let stale = i64::try_from(now_ms.saturating_sub(lease_ms)).unwrap_or(i64::MAX);
+            let lease = i64::try_from(lease_ms).unwrap_or(i64::MAX);
             let mut claimed = Vec::new();
             {
                 let mut stmt = tx.prepare_cached(
                     "SELECT plugin, id, instance, due_at_ms, message_type, command, payload FROM saga_timeouts
-                     WHERE due_at_ms <= ?1 AND (fired_at_ms IS NULL OR fired_at_ms <= ?2)
+                     WHERE due_at_ms <= ?1 AND sends < ?4
+                       AND (fired_at_ms IS NULL OR fired_at_ms + ?2 * (1 << (sends - 1)) <= ?1)
                      ORDER BY due_at_ms LIMIT ?3",
                 )?;
-                let mut rows =
-                    stmt.query(params![now, stale, i64::try_from(limit).unwrap_or(i64::MAX)])?;
+                let mut rows = stmt.query(params![
+                    now,
+                    lease,
+                    i64::try_from(limit).unwrap_or(i64::MAX),
+                    super::MAX_TIMEOUT_SENDS
+                ])?;
                 while let Some(row) = rows.next()? {
                     claimed.push((
                         row.get::<_, String>(0)?,
@@ -511,7 +524,7 @@ impl Store for SqliteState {
             }
             for (plugin, _, t) in &claimed {
                 tx.prepare_cached(
-                    "UPDATE saga_timeouts SET fired_at_ms = ?3 WHERE plugin = ?1 AND id = ?2",
+                    "UPDATE saga_timeouts SET fired_at_ms = ?3, sends = sends + 1 WHERE plugin = ?1 AND id = ?2",
                 )?
                 .execute(params![plugin, t.id, now])?;
             }
@@ -520,6 +533,20 @@ impl Store for SqliteState {
         })
         .await
         .with_context(|| format!("cannot claim due timeouts in {}", self.path.display()))
+    }
+
+    async fn forget_timeouts(&self, plugin: &str, ids: Vec<String>) -> Result<()> {
+        let plugin = plugin.to_owned();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for id in &ids {
+                forget_timeout(&tx, &plugin, id)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("cannot forget timeouts in {}", self.path.display()))
     }
 
     async fn prune(&self, before_ms: u64) -> Result<u64> {

@@ -1027,6 +1027,14 @@ impl Subscription for EmbeddedSubscription {
                             }
                         }
                     }
+                    // A timeout whose message is settled for good is no
+                    // longer pending (a step that handled it deleted it
+                    // already).
+                    if !matches!(settlement.outcome, Outcome::Retry { .. })
+                        && let Some(id) = crate::saga::fired_timeout(&settlement.delivery.envelope)
+                    {
+                        crate::state::sqlite::forget_timeout(&tx, &route, id)?;
+                    }
                 }
                 tx.commit()?;
                 Ok(touched)

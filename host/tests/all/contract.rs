@@ -218,6 +218,19 @@ fn a_declared_publish_is_allowed() {
 }
 
 #[test]
+fn a_plugin_cannot_set_the_saga_headers_of_the_host() {
+    let rogue = load("rogue");
+    let mut instance = rogue.instantiate().unwrap();
+    let outputs = instance
+        .handle(&mut misbehave("forge-saga-headers"))
+        .unwrap();
+    let [Output::Event(e)] = &outputs[..] else {
+        panic!("{outputs:?}");
+    };
+    assert_eq!(e.headers, [("x-kept".to_owned(), "yes".to_owned())]);
+}
+
+#[test]
 fn a_broken_contract_wins_over_the_error_the_handler_returns() {
     let m = violation("publish-undeclared-then-fail");
     assert!(m.contains("published Undeclared"), "{m}");

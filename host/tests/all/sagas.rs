@@ -522,6 +522,28 @@ async fn a_timeout_fires_into_its_instance_when_time_is_advanced() {
     // not handled and not dead-lettered.
     assert_eq!(store.instance("ledger", "L-2").unwrap().unwrap().version, 3);
     assert!(dead_letters(p.pipeline()).await.is_empty());
+
+    // A timeout whose handling fails for good is dead-lettered, and no
+    // longer pending.
+    p.enqueue(open("L-3")).await.unwrap();
+    let failing = message(
+        Kind::Event,
+        "Remind",
+        json!({ "id": "L-3", "after_ms": 1_800_000u64, "fail": true }),
+    );
+    let failing_id = p.enqueue(failing).await.unwrap();
+    p.handled("ledger", &failing_id).await.unwrap();
+    let pending = store.timeouts("ledger", "L-3").unwrap();
+    assert_eq!(pending.len(), 1);
+    p.advance_time(half_an_hour).await.unwrap();
+    let letter = p.dead_letter(&pending[0].id).await.unwrap();
+    assert!(
+        letter
+            .error
+            .details
+            .contains(&("saga.instance".into(), "L-3".into()))
+    );
+    assert!(store.timeouts("ledger", "L-3").unwrap().is_empty());
     p.stop().await.unwrap();
 }
 
@@ -547,15 +569,19 @@ async fn timeouts_fire_once_from_postgresql_with_two_hosts_on_rabbitmq() {
         .await
         .unwrap();
     crate::amqp::drain(&pipeline).await;
-    transport
-        .enqueue(
-            ledgers
-                .iter()
-                .map(|l| remind(l, std::time::Duration::from_millis(500)))
-                .collect(),
-        )
-        .await
-        .unwrap();
+    let mut reminders: Vec<Envelope> = ledgers
+        .iter()
+        .map(|l| remind(l, std::time::Duration::from_millis(500)))
+        .collect();
+    // One whose expiry fails for good: dead-lettered once, then forgotten.
+    transport.enqueue(vec![open("T-F")]).await.unwrap();
+    crate::amqp::drain(&pipeline).await;
+    reminders.push(message(
+        Kind::Event,
+        "Remind",
+        json!({ "id": "T-F", "after_ms": 500, "fail": true }),
+    ));
+    transport.enqueue(reminders).await.unwrap();
     let options = || runtime::RunOptions::quiet(runtime::RunMode::Serve);
     let a = crate::common::Running::start(&pipeline, options()).await;
     let b = crate::common::Running::start(&pipeline, options()).await;
@@ -591,11 +617,22 @@ async fn timeouts_fire_once_from_postgresql_with_two_hosts_on_rabbitmq() {
     assert_eq!(versions(store.clone(), ledgers.clone()).await, vec![3; 10]);
     a.stop().await;
     b.stop().await;
-    let pending = tokio::task::spawn_blocking(move || store.timeouts("ledger", "T-0").unwrap())
-        .await
-        .unwrap();
-    assert!(pending.is_empty(), "{pending:?}");
-    assert!(dead_letters(&pipeline).await.is_empty());
+    let pending = tokio::task::spawn_blocking(move || {
+        (
+            store.timeouts("ledger", "T-0").unwrap(),
+            store.timeouts("ledger", "T-F").unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(pending.0.is_empty(), "{pending:?}");
+    assert!(
+        pending.1.is_empty(),
+        "the dead-lettered timeout is forgotten: {pending:?}"
+    );
+    let letters = dead_letters(&pipeline).await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].message.message_type, "Expire");
     drop_schema(&schema).await;
     crate::amqp::clean_up(&pipeline).await;
 }

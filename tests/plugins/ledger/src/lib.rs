@@ -32,6 +32,9 @@ struct Add {
 #[derive(Deserialize)]
 struct Remind {
     after_ms: u64,
+    /// The `Expire` it asks for fails for good.
+    #[serde(default)]
+    fail: bool,
 }
 
 impl Plugin for Ledger {
@@ -81,6 +84,9 @@ impl Plugin for Ledger {
             "Peek" => ctx.state().set("peeked", &true)?,
             "Remind" => {
                 let r: Remind = msg.json()?;
+                if r.fail {
+                    ctx.state().set("expire_fails", &true)?;
+                }
                 ctx.request_timeout(
                     std::time::Duration::from_millis(r.after_ms),
                     "Expire",
@@ -104,6 +110,9 @@ impl Plugin for Ledger {
                 )?;
             }
             "Expire" => {
+                if ctx.state().get::<bool>("expire_fails")?.unwrap_or(false) {
+                    return Err(HandlerError::permanent("this ledger's expiry fails"));
+                }
                 let total: i64 = ctx.state().get("total")?.unwrap_or(0);
                 ctx.state().set("expired", &true)?;
                 ctx.publish("Expired", &json!({ "id": saga.id, "total": total }))?;

@@ -130,6 +130,17 @@ impl Plugin for Rogue {
             },
             // One event with `count` empty headers: nothing to measure by
             // length, everything to allocate.
+            // An event carrying the host's saga headers, as a plugin
+            // forging a fault or a timeout would set them.
+            "forge-saga-headers" => {
+                let event = switchyard_sdk::Outgoing::json("Published", &1)?
+                    .with_header("switchyard-saga", "someone-else")
+                    .with_header("switchyard-saga-instance", "A-1")
+                    .with_header("switchyard-saga-timeout", "t-1")
+                    .with_header("x-kept", "yes");
+                ctx.publish_message(event);
+                Ok(())
+            }
             "headers" => {
                 let mut event = switchyard_sdk::Outgoing::json("Published", &1)?;
                 for _ in 0..count {
