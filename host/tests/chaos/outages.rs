@@ -71,7 +71,9 @@ impl Drop for RabbitBack {
 #[ignore = "the chaos suite stops services and mounts a disk: cargo xtask chaos"]
 async fn rabbitmq_restarted_mid_run() {
     let _one = crate::one_at_a_time().await;
-    let (runs, messages) = (crate::runs().min(3), crate::messages());
+    // At least 20,000: a host drains 2,000 in less time than `rabbitmqctl
+    // stop_app` takes to stop the broker, and the outage would miss the run.
+    let (runs, messages) = (crate::runs().min(3), crate::messages().max(20_000));
     let mut duplicates = Vec::new();
     for _ in 0..runs {
         let dir = tempfile::tempdir().unwrap();
