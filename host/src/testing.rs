@@ -381,7 +381,9 @@ impl TestPipeline {
     }
 
     /// Waits until no message is waiting, scheduled or in flight on any
-    /// route, and every settlement is in [`TestPipeline::settled`]. It is
+    /// route, and every settlement is in [`TestPipeline::settled`]; saga
+    /// timeouts not due yet do not count (reach them with
+    /// [`TestPipeline::advance_time`]). It is
     /// woken by each settlement; a retry scheduled for later comes due
     /// without one, so it also looks again every 50 ms.
     pub async fn idle(&self) -> Result<()> {
@@ -672,6 +674,10 @@ impl Transport for Tap {
 
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+
+    fn state(&self) -> Option<Arc<dyn crate::state::Reader>> {
+        self.inner.state()
     }
 
     fn location(&self) -> String {
