@@ -272,4 +272,117 @@ impl State<'_> {
     pub fn increment(&mut self, key: &str, delta: i64) -> i64 {
         self.outbox.state_increment(key, delta)
     }
+
+    /// The [`Shaped`] value under `key`, in this build's shape: a value
+    /// stored by an older shape goes through [`Shaped::migrate`] (and is
+    /// kept in the new shape once this handler succeeds). A value stored
+    /// by a newer shape than this build's (a rollback, or an old version
+    /// still running during a deploy) is a transient error with code
+    /// `state-shape-newer`: retried, then dead-lettered to be replayed
+    /// once the newer version runs everywhere.
+    pub fn load<T: Shaped>(&mut self, key: &str) -> Result<Option<T>, HandlerError> {
+        let Some(stored) = self.get::<serde_json::Value>(key)? else {
+            return Ok(None);
+        };
+        let (shape, data) = match stored {
+            serde_json::Value::Object(mut o)
+                if o.len() == 2 && o.contains_key(SHAPE_FIELD) && o.contains_key(DATA_FIELD) =>
+            {
+                let shape = o
+                    .get(SHAPE_FIELD)
+                    .and_then(serde_json::Value::as_u64)
+                    .and_then(|s| u32::try_from(s).ok())
+                    .ok_or_else(|| {
+                        HandlerError::permanent(format!(
+                            "state key {key:?} has a shape that is not a number"
+                        ))
+                    })?;
+                (shape, o.remove(DATA_FIELD).unwrap_or_default())
+            }
+            // Written before the plugin kept shapes.
+            other => (0, other),
+        };
+        if shape > T::SHAPE {
+            return Err(HandlerError::transient(format!(
+                "state key {key:?} was stored in shape {shape}, newer than this build's shape {}: a newer version of the plugin wrote it",
+                T::SHAPE
+            ))
+            .with_code("state-shape-newer")
+            .with_detail("state.key", key));
+        }
+        let value = if shape == T::SHAPE {
+            serde_json::from_value(data).map_err(|e| {
+                HandlerError::permanent(format!(
+                    "state key {key:?} (shape {shape}) does not hold the expected JSON: {e}"
+                ))
+            })?
+        } else {
+            let migrated = T::migrate(shape, data)?;
+            self.store(key, &migrated)?;
+            migrated
+        };
+        Ok(Some(value))
+    }
+
+    /// Stores `value` under `key` with this build's shape, for
+    /// [`State::load`]: `{"shape": N, "data": ...}`.
+    pub fn store<T: Shaped>(&mut self, key: &str, value: &T) -> Result<(), HandlerError> {
+        let data = serde_json::to_value(value).map_err(|e| {
+            HandlerError::permanent(format!("cannot serialize state key {key:?} as JSON: {e}"))
+        })?;
+        self.set(
+            key,
+            &serde_json::json!({ SHAPE_FIELD: T::SHAPE, DATA_FIELD: data }),
+        )
+    }
+}
+
+const SHAPE_FIELD: &str = "shape";
+const DATA_FIELD: &str = "data";
+
+/// A value kept in state with the version of its shape, so that a plugin
+/// (a saga, most of all) can change what it keeps while instances stored by
+/// its older versions are still running: [`State::load`] hands older data
+/// to [`Shaped::migrate`].
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use switchyard_sdk::{HandlerError, Shaped};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Order {
+///     customer: String,
+///     // Shape 2 keeps cents; shape 1 kept a float amount.
+///     total_cents: u64,
+/// }
+///
+/// impl Shaped for Order {
+///     const SHAPE: u32 = 2;
+///     fn migrate(from: u32, old: serde_json::Value) -> Result<Self, HandlerError> {
+///         match from {
+///             1 => Ok(Order {
+///                 customer: old["customer"].as_str().unwrap_or_default().to_owned(),
+///                 total_cents: (old["total"].as_f64().unwrap_or(0.0) * 100.0).round() as u64,
+///             }),
+///             _ => Err(HandlerError::permanent(format!("no way from order shape {from}"))),
+///         }
+///     }
+/// }
+/// ```
+pub trait Shaped: Serialize + DeserializeOwned {
+    /// The shape this build reads and writes. Start at 1, and raise it
+    /// when old data no longer reads as the new type.
+    const SHAPE: u32;
+
+    /// Turns data stored in shape `from` (older than [`Shaped::SHAPE`]; 0
+    /// for a value stored without a shape) into this shape. By default,
+    /// data that already reads as this type is taken as it is.
+    fn migrate(from: u32, old: serde_json::Value) -> Result<Self, HandlerError> {
+        serde_json::from_value(old).map_err(|e| {
+            HandlerError::permanent(format!(
+                "state stored in shape {from} cannot be read as shape {}: {e}; implement Shaped::migrate",
+                Self::SHAPE
+            ))
+        })
+    }
 }

@@ -52,7 +52,7 @@ pub mod testing;
 #[cfg(target_family = "wasm")]
 mod guest;
 
-pub use context::{Context, LogLevel, SagaInstance, State};
+pub use context::{Context, LogLevel, SagaInstance, Shaped, State};
 pub use error::{ErrorKind, HandlerError};
 pub use message::{JSON, Kind, Message, Outgoing, PluginInfo, Response, Subscription};
 

@@ -335,6 +335,10 @@ fn demo() -> Result<()> {
         say("show one dead letter");
         run(switchyard(&bin).args(["dlq", "show", "-p", pipeline, &id]))?;
     }
+    say("the fulfilment saga: one instance per order");
+    run(switchyard(&bin).args(["sagas", "list", "-p", pipeline]))?;
+    say("the order no carrier takes: shipping failed for good, so the saga undid it");
+    run(switchyard(&bin).args(["sagas", "show", "-p", pipeline, "fulfilment", "A-1004"]))?;
     Ok(())
 }
 
@@ -371,7 +375,20 @@ fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
         "--data",
         r#"{"order_id":42}"#,
     ]))?;
-    std::thread::sleep(Duration::from_millis(1500));
+    say(
+        "send an order of 150 lamps, more than a parcel takes (shipping fails for good; the fulfilment saga refunds, releases and cancels)",
+    );
+    run(switchyard(bin).args([
+        "send",
+        "PlaceOrder",
+        "-p",
+        pipeline,
+        "--data",
+        r#"{"order_id":"A-1004","customer":"alan","items":[{"sku":"lamp","quantity":150,"unit_price_cents":4500}]}"#,
+    ]))?;
+    // Long enough for the retried payment of A-1002 (about a second) and
+    // the saga steps after it.
+    std::thread::sleep(Duration::from_millis(3000));
     Ok(())
 }
 

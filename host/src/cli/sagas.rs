@@ -23,6 +23,7 @@ pub enum SagasCommand {
   switchyard sagas list -p pipelines/orders.toml
   switchyard sagas list -p pipelines/orders.toml --plugin fulfilment --status running
   switchyard sagas list -p pipelines/orders.toml --stuck 15m     # running, no step for 15 minutes
+  switchyard sagas list -p pipelines/orders.toml --status failed # a step was dead-lettered
   switchyard sagas list -p pipelines/orders.toml --older-than 7d --json")]
     List {
         /// The pipeline TOML file.
@@ -31,7 +32,8 @@ pub enum SagasCommand {
         /// Only this saga plugin's instances.
         #[arg(long)]
         plugin: Option<String>,
-        /// Only instances in this status.
+        /// Only instances in this status: running, completed or failed (a
+        /// step of it was dead-lettered).
         #[arg(long, value_parser = parse_status)]
         status: Option<Status>,
         /// Only running instances whose last step is older than this
@@ -73,7 +75,7 @@ status 1 when the instance does not exist.")]
 }
 
 fn parse_status(s: &str) -> Result<Status, String> {
-    Status::parse(s).ok_or_else(|| format!("{s:?} is not a status: running or completed"))
+    Status::parse(s).ok_or_else(|| format!("{s:?} is not a status: running, completed or failed"))
 }
 
 pub async fn run(command: SagasCommand) -> Result<ExitCode> {
@@ -105,9 +107,12 @@ pub async fn run(command: SagasCommand) -> Result<ExitCode> {
                 started_before_ms: older_than.map(ago),
                 limit,
             };
-            if stuck.is_some() && status == Some(Status::Completed) {
+            if let (Some(_), Some(s)) = (stuck, status)
+                && s != Status::Running
+            {
                 bail!(
-                    "--stuck lists running instances; it cannot be combined with --status completed"
+                    "--stuck lists running instances; it cannot be combined with --status {}",
+                    s.as_str()
                 );
             }
             let found = blocking(reader, move |r| r.instances(&query)).await?;

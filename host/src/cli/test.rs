@@ -102,7 +102,7 @@ struct GivenInstance {
     instance: String,
     /// Steps committed so far (1 by default).
     version: Option<u64>,
-    /// `running` (default) or `completed`.
+    /// `running` (default), `completed` or `failed`.
     status: Option<String>,
 }
 
@@ -444,9 +444,10 @@ fn run_saga_case(
         let status = match given.status.as_deref() {
             None | Some("running") => Status::Running,
             Some("completed") => Status::Completed,
+            Some("failed") => Status::Failed,
             Some(other) => {
                 return Some(format!(
-                    "bad saga: status is running or completed, not {other:?}"
+                    "bad saga: status is running, completed or failed, not {other:?}"
                 ));
             }
         };

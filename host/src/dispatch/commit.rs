@@ -110,10 +110,14 @@ pub(super) async fn commit(
     {
         ok = false;
     }
+    let saga_count_moved = metrics.iter().any(Metric::moves_saga_count);
     Metric::apply_all(metrics, &ctx.telemetry.metrics);
     forget_timeouts(ctx, plugin, settled_timeouts).await;
     if !written.is_empty() {
         record_store_size(ctx).await;
+    }
+    if saga_count_moved {
+        record_saga_count(ctx, plugin.name().as_str()).await;
     }
     for (message_id, _) in &written {
         state.dead_but_unsettled.remove(message_id);
@@ -369,10 +373,37 @@ fn refused_letters(
             outcome: Outcome::DeadLettered {
                 copy: None,
                 fault: None,
+                saga_failed: None,
             },
         });
     }
     (letters, settlements)
+}
+
+/// Updates the gauge of the saga's active instances (running or failed)
+/// from the state store.
+/// A store that cannot be read leaves the gauge as it was.
+pub async fn record_saga_count(ctx: &RouteContext, plugin: &str) {
+    let (Some(_), Some(access)) = (&ctx.saga, &ctx.state) else {
+        return;
+    };
+    let reader = access.reader.clone();
+    let name = plugin.to_owned();
+    // A store's reads block (PostgreSQL's on a runtime of its own).
+    let counted = tokio::task::spawn_blocking(move || reader.active(&name)).await;
+    match counted {
+        Ok(Ok(n)) => ctx
+            .telemetry
+            .metrics
+            .saga_active
+            .record(n, &[KeyValue::new("plugin", plugin.to_owned())]),
+        Ok(Err(e)) => tracing::debug!(
+            plugin = %plugin,
+            error = %format!("{e:#}"),
+            "Cannot count the saga's active instances"
+        ),
+        Err(_) => {}
+    }
 }
 
 /// Updates the dead-letter store size gauge.
@@ -408,15 +439,23 @@ async fn commit_state(
     let mut changes = crate::state::Changes::default();
     let mut steps = Vec::new();
     let mut done = Vec::new();
+    let mut failed = Vec::new();
     for s in settlements {
-        let Outcome::Handled {
-            outputs,
-            reply,
-            state,
-            saga,
-        } = &s.outcome
-        else {
-            continue;
+        let (outputs, reply, state, saga) = match &s.outcome {
+            Outcome::Handled {
+                outputs,
+                reply,
+                state,
+                saga,
+            } => (outputs, reply, state, saga),
+            Outcome::DeadLettered {
+                saga_failed: Some(failure),
+                ..
+            } => {
+                failed.push(failure.clone());
+                continue;
+            }
+            _ => continue,
         };
         changes.then(state);
         steps.extend(saga.iter().cloned());
@@ -428,14 +467,27 @@ async fn commit_state(
             });
         }
     }
-    if changes.is_empty() && steps.is_empty() && done.is_empty() {
-        return Ok(());
+    if !(changes.is_empty() && steps.is_empty() && done.is_empty()) {
+        // Instances in one order on every host, so two commits of the same
+        // instances lock their rows in the same order (each instance's
+        // steps keep theirs: the sort is stable).
+        steps.sort_by(|a, b| a.instance.cmp(&b.instance));
+        store
+            .commit(plugin.name().as_str(), changes, steps, done)
+            .await?;
     }
-    // Instances in one order on every host, so two commits of the same
-    // instances lock their rows in the same order (each instance's steps
-    // keep theirs: the sort is stable).
-    steps.sort_by(|a, b| a.instance.cmp(&b.instance));
-    store
-        .commit(plugin.name().as_str(), changes, steps, done)
-        .await
+    if !failed.is_empty() {
+        // A status to look at, not part of the outcome: a store that
+        // cannot take it leaves the instances running, and says so.
+        failed.sort();
+        failed.dedup();
+        if let Err(e) = store.mark_failed(plugin.name().as_str(), failed).await {
+            tracing::warn!(
+                plugin = %plugin.name(),
+                error = %format!("{e:#}"),
+                "Cannot mark the saga instances of dead-lettered steps failed"
+            );
+        }
+    }
+    Ok(())
 }

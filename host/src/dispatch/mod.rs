@@ -31,7 +31,7 @@ use crate::transport::{Delivery, Subscription, Topology};
 use commit::commit;
 use worker::final_attempt;
 
-pub use commit::record_store_size;
+pub use commit::{record_saga_count, record_store_size};
 pub use plan::dead_letter;
 pub use version::{Origin, RouteStatus, Serving, Version};
 pub use worker::{BatchOutcome, Processed, Verdict, Worker, outcome_of};

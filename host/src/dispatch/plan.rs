@@ -118,15 +118,32 @@ pub(super) struct Planned {
     pub(super) metric: Metric,
 }
 
+/// What a saga step did, for the saga metrics.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SagaMarks {
+    /// It started its instance.
+    pub(super) started: bool,
+    /// It completed its instance.
+    pub(super) completed: bool,
+    /// Its message was a timeout of the instance firing.
+    pub(super) timed_out: bool,
+}
+
+impl Metric {
+    /// Whether the update started or completed a saga instance.
+    pub(super) fn moves_saga_count(&self) -> bool {
+        matches!(self, Metric::Handled { saga: Some(m), .. } if m.started || m.completed)
+    }
+}
+
 /// A metric update applied only after its settlement succeeded, so a batch
 /// handled again after a store error is not counted twice.
 pub(super) enum Metric {
     Handled {
         attrs: MessageAttrs,
         age_s: f64,
-        /// The saga step made: whether it started, whether it completed
-        /// its instance.
-        saga: Option<(bool, bool)>,
+        /// The saga step made.
+        saga: Option<SagaMarks>,
     },
     RetriedLater {
         attrs: MessageAttrs,
@@ -149,13 +166,16 @@ impl Metric {
             match update {
                 Metric::Handled { attrs, age_s, saga } => {
                     metrics.latency.record(age_s, &attrs);
-                    if let Some((started, completed)) = saga {
+                    if let Some(marks) = saga {
                         let plugin = [attrs[0].clone()];
-                        if started {
+                        if marks.started {
                             metrics.saga_started.add(1, &plugin);
                         }
-                        if completed {
+                        if marks.completed {
                             metrics.saga_completed.add(1, &plugin);
+                        }
+                        if marks.timed_out {
+                            metrics.saga_timed_out.add(1, &plugin);
                         }
                     }
                     match &mut handled {
@@ -376,7 +396,11 @@ impl<'a> Planner<'a> {
         if let Some(record) = DeadLetter::replay_of(e) {
             self.plan.replays_handled.push(record.to_owned());
         }
-        let saga_marks = saga.as_ref().map(|s| (s.read_version == 0, s.completed));
+        let saga_marks = saga.as_ref().map(|s| SagaMarks {
+            started: s.read_version == 0,
+            completed: s.completed,
+            timed_out: s.fired.is_some(),
+        });
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
@@ -547,12 +571,32 @@ impl<'a> Planner<'a> {
         }
         let copy = self.ctx.broker_dead_letters.then(|| letter.broker_copy());
         let fault = self.fault_for(e, &f, &letter.id);
+        // A failed step of a saga names its instance and the version it
+        // read (a message that found no instance names no version).
+        let detail = |name: &str| {
+            f.details
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let saga_failed = match (
+            &self.ctx.saga,
+            detail("saga.instance"),
+            detail("saga.version"),
+        ) {
+            (Some(_), Some(id), Some(v)) => v.parse().ok().map(|v| (id.to_owned(), v)),
+            _ => None,
+        };
         self.plan.letters.push(letter);
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
                 delivery,
-                outcome: Outcome::DeadLettered { copy, fault },
+                outcome: Outcome::DeadLettered {
+                    copy,
+                    fault,
+                    saga_failed,
+                },
             },
             dead: true,
             metric: Metric::DeadLettered {

@@ -3,7 +3,7 @@
 
 use crate::envelope::Envelope;
 use crate::plugin::{Failure, FailureKind, Output, SagaCall};
-use crate::saga::{Corrupt, NotFound, SagaSpec, Status, Step, instance_key, shown_value};
+use crate::saga::{Corrupt, NotFound, SagaSpec, Step, instance_key, shown_value};
 
 /// What a saga plugin's message runs on.
 #[derive(Debug)]
@@ -63,12 +63,17 @@ pub fn prepare(
     // completed, or that was handled already (fired twice), is dropped.
     if let Some(timeout) = crate::saga::fired_timeout(envelope) {
         let owner = scope.timeout_instance(timeout).map_err(read_failed)?;
+        // A timeout that was dead-lettered is forgotten; a replay of it
+        // goes to the instance it was for (its correlation id).
+        let owner = owner.or_else(|| {
+            crate::dlq::DeadLetter::replay_of(envelope).and(envelope.correlation_id.clone())
+        });
         let instance = match &owner {
             Some(id) => read_instance(scope, id, &no_instance)?,
             None => None,
         };
         return Ok(match (owner, instance) {
-            (Some(id), Some(i)) if i.status == Status::Running => Prep::Run(SagaCall {
+            (Some(id), Some(i)) if i.status.is_open() => Prep::Run(SagaCall {
                 id,
                 version: i.version,
                 started_at_ms: i.started_at_ms,
@@ -90,7 +95,7 @@ pub fn prepare(
     let id = located.instance.as_str();
     let instance = read_instance(scope, id, &no_instance)?;
     let why = match instance {
-        Some(i) if i.status == Status::Running => {
+        Some(i) if i.status.is_open() => {
             return Ok(Prep::Run(SagaCall {
                 id: located.instance,
                 version: i.version,

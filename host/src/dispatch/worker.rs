@@ -528,7 +528,7 @@ impl Worker {
             let instance = saga
                 .as_ref()
                 .ok()
-                .and_then(|s| s.as_ref().map(|c| c.id.clone()));
+                .and_then(|s| s.as_ref().map(|c| (c.id.clone(), c.version)));
             let result = match saga {
                 Err(failure) => Err(failure),
                 Ok(saga) => self
@@ -538,10 +538,12 @@ impl Worker {
                     })
                     .and_then(|outputs| crate::schemas::check_outputs(&self.schemas, outputs)),
             };
-            // A failed saga step's dead letter names its instance.
+            // A failed saga step's dead letter names its instance and the
+            // version the step read.
             let result = result.map_err(|mut f| {
-                if let Some(id) = instance {
+                if let Some((id, version)) = instance {
                     f.details.push(("saga.instance".into(), id));
+                    f.details.push(("saga.version".into(), version.to_string()));
                 }
                 f
             });

@@ -173,13 +173,24 @@ pub enum Status {
     /// The plugin marked it complete: its messages no longer find it, its
     /// state and history are kept to be looked at.
     Completed,
+    /// A message of it was dead-lettered (its step failed for good): it
+    /// waits for someone to act. Its messages still find it, and the next
+    /// step that succeeds (a replay of that dead letter, say) makes it
+    /// running again.
+    Failed,
 }
 
 impl Status {
+    /// Whether messages still find the instance: it is not completed.
+    pub fn is_open(self) -> bool {
+        self != Status::Completed
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Running => "running",
             Status::Completed => "completed",
+            Status::Failed => "failed",
         }
     }
 
@@ -187,6 +198,7 @@ impl Status {
         match s {
             "running" => Some(Status::Running),
             "completed" => Some(Status::Completed),
+            "failed" => Some(Status::Failed),
             _ => None,
         }
     }

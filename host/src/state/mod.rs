@@ -92,6 +92,10 @@ pub trait Reader: Send + Sync {
     /// The steps of a saga instance, oldest first.
     fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>>;
 
+    /// How many saga instances of `plugin` are active: not completed
+    /// (running or failed).
+    fn active(&self, plugin: &str) -> Result<u64>;
+
     /// The instance of timeout `id` of `plugin`, while it is still waiting
     /// to be handled.
     fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>>;
@@ -121,6 +125,11 @@ pub trait Store: Reader {
         steps: Vec<Step>,
         done: Vec<Done>,
     ) -> Result<()>;
+
+    /// Marks instances of saga `plugin` failed: a step of each, which read
+    /// it at the version given, was dead-lettered. Only an instance still
+    /// running at that version changes.
+    async fn mark_failed(&self, plugin: &str, instances: Vec<(String, u64)>) -> Result<()>;
 
     /// The records of `plugin`'s messages among `ids` that are done. A
     /// record that cannot be read comes back without outputs, with an
@@ -562,6 +571,14 @@ impl Reader for Memory {
         found.sort_by_key(|l| std::cmp::Reverse(l.instance.updated_at_ms));
         found.truncate(query.limit);
         Ok(found)
+    }
+
+    fn active(&self, plugin: &str) -> Result<u64> {
+        Ok(self
+            .sagas()
+            .iter()
+            .filter(|((p, _), (i, _))| p == plugin && i.status.is_open())
+            .count() as u64)
     }
 
     fn steps(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {

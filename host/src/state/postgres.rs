@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS {schema}.saga_instances (
     PRIMARY KEY (pipeline, plugin, instance)
 );
 CREATE INDEX IF NOT EXISTS saga_instances_by_update ON {schema}.saga_instances (updated_at_ms);
+CREATE INDEX IF NOT EXISTS saga_instances_by_status ON {schema}.saga_instances (pipeline, plugin, status);
 CREATE TABLE IF NOT EXISTS {schema}.saga_steps (
     pipeline TEXT NOT NULL,
     plugin   TEXT NOT NULL,
@@ -270,6 +271,17 @@ impl PostgresState {
         Ok(out)
     }
 
+    async fn active_async(&self, plugin: &str) -> Result<u64> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no state store connection")?;
+        let sql = format!(
+            "SELECT COUNT(*) FROM {}.saga_instances WHERE pipeline = $1 AND plugin = $2 AND status IN ('running', 'failed')",
+            self.schema
+        );
+        let row = client.query_one(&sql, &[&self.pipeline, &plugin]).await?;
+        Ok(row.try_get::<_, i64>(0)?.unsigned_abs())
+    }
+
     async fn steps_async(&self, plugin: &str, id: &str) -> Result<Vec<Step>> {
         let guard = self.client().await?;
         let client = guard.as_ref().context("no state store connection")?;
@@ -486,6 +498,12 @@ impl Reader for PostgresState {
             .with_context(|| format!("cannot read the state store {}", self.shown()))
     }
 
+    fn active(&self, plugin: &str) -> Result<u64> {
+        self.runtime
+            .block_on(self.active_async(plugin))
+            .with_context(|| format!("cannot read the state store {}", self.shown()))
+    }
+
     fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>> {
         self.runtime
             .block_on(self.timeout_instance_async(plugin, id))
@@ -564,6 +582,31 @@ impl Store for PostgresState {
         result
             .map_err(|e| contention_as_conflict(plugin, e))
             .with_context(|| format!("cannot commit to the state store {}", self.shown()))
+    }
+
+    async fn mark_failed(&self, plugin: &str, instances: Vec<(String, u64)>) -> Result<()> {
+        let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        let (ids, versions): (Vec<String>, Vec<i64>) = instances
+            .into_iter()
+            .map(|(id, v)| (id, i64::try_from(v).unwrap_or(i64::MAX)))
+            .unzip();
+        let result = async {
+            let guard = self.client().await?;
+            let client = guard.as_ref().context("no state store connection")?;
+            let sql = format!(
+                "UPDATE {s}.saga_instances AS i SET status = 'failed', updated_at_ms = $5
+                 FROM unnest($3::text[], $4::bigint[]) AS f(instance, version)
+                 WHERE i.pipeline = $1 AND i.plugin = $2 AND i.instance = f.instance
+                   AND i.version = f.version AND i.status = 'running'",
+                s = self.schema
+            );
+            client
+                .execute(&sql, &[&self.pipeline, &plugin, &ids, &versions, &now])
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        result.with_context(|| format!("cannot write to the state store {}", self.shown()))
     }
 
     async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>> {

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS saga_instances (
     PRIMARY KEY (plugin, instance)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS saga_instances_by_update ON saga_instances (updated_at_ms);
+CREATE INDEX IF NOT EXISTS saga_instances_by_status ON saga_instances (plugin, status);
 CREATE TABLE IF NOT EXISTS saga_steps (
     plugin   TEXT NOT NULL,
     instance TEXT NOT NULL,
@@ -144,6 +145,15 @@ fn instances(conn: &Connection, q: &Query) -> Result<Vec<Listed>> {
     Ok(out)
 }
 
+fn active(conn: &Connection, plugin: &str) -> Result<u64> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM saga_instances WHERE plugin = ?1 AND status IN ('running', 'failed')",
+        )?
+        .query_row(params![plugin], |r| r.get(0))?;
+    Ok(n.unsigned_abs())
+}
+
 fn steps(conn: &Connection, plugin: &str, id: &str) -> Result<Vec<Step>> {
     let mut stmt = conn.prepare_cached(
         "SELECT version, record FROM saga_steps WHERE plugin = ?1 AND instance = ?2 ORDER BY version",
@@ -227,6 +237,30 @@ fn timeout_instance(conn: &Connection, plugin: &str, id: &str) -> Result<Option<
         .prepare_cached("SELECT instance FROM saga_timeouts WHERE plugin = ?1 AND id = ?2")?
         .query_row(params![plugin, id], |r| r.get(0))
         .optional()?)
+}
+
+/// Marks instance `instance` of `plugin` failed: a step that read it at
+/// `version` was dead-lettered. Only while it is running at that version:
+/// a later step (of this batch, or another host's) has moved it on, and a
+/// completed or missing one stays as it is.
+pub fn mark_failed(
+    tx: &Transaction<'_>,
+    plugin: &str,
+    instance: &str,
+    version: u64,
+    now_ms: u64,
+) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE saga_instances SET status = 'failed', updated_at_ms = ?4
+         WHERE plugin = ?1 AND instance = ?2 AND version = ?3 AND status = 'running'",
+    )?
+    .execute(params![
+        plugin,
+        instance,
+        i64::try_from(version).unwrap_or(i64::MAX),
+        i64::try_from(now_ms).unwrap_or(i64::MAX)
+    ])?;
+    Ok(())
 }
 
 /// Forgets timeout `id` of `plugin` (its message was settled for good).
@@ -422,6 +456,10 @@ impl Reader for SqliteState {
         self.read(|c| steps(c, plugin, id))
     }
 
+    fn active(&self, plugin: &str) -> Result<u64> {
+        self.read(|c| active(c, plugin))
+    }
+
     fn timeout_instance(&self, plugin: &str, id: &str) -> Result<Option<String>> {
         self.read(|c| timeout_instance(c, plugin, id))
     }
@@ -460,6 +498,21 @@ impl Store for SqliteState {
         })
         .await
         .with_context(|| format!("cannot commit to the state store {}", self.path.display()))
+    }
+
+    async fn mark_failed(&self, plugin: &str, instances: Vec<(String, u64)>) -> Result<()> {
+        let plugin = plugin.to_owned();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now = crate::envelope::now_ms();
+            for (instance, version) in &instances {
+                mark_failed(&tx, &plugin, instance, *version, now)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("cannot write to the state store {}", self.path.display()))
     }
 
     async fn done(&self, plugin: &str, ids: &[String]) -> Result<Vec<Done>> {

@@ -258,6 +258,7 @@ impl Supervisor {
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;
         }
+        dispatch::record_saga_count(&ctx, &name).await;
         tracing::info!(
             plugin = %name,
             version = %version.plugin.info().version,

@@ -37,10 +37,13 @@ pub struct Metrics {
     pub dead_letters: Gauge<u64>,
     /// How long a route took to swap to a new plugin version.
     pub swap_duration: Histogram<f64>,
-    /// Saga instances started, completed; messages whose instance was not
-    /// found; commits refused because an instance moved on.
+    /// Saga instances started, completed; timeouts handled by their
+    /// instance; messages whose instance was not found; commits refused
+    /// because an instance moved on; instances not completed.
     pub saga_started: Counter<u64>,
     pub saga_completed: Counter<u64>,
+    pub saga_timed_out: Counter<u64>,
+    pub saga_active: Gauge<u64>,
     pub saga_not_found: Counter<u64>,
     pub saga_conflicts: Counter<u64>,
 }
@@ -144,6 +147,14 @@ impl Metrics {
             saga_completed: meter
                 .u64_counter("switchyard.saga.completed")
                 .with_description("Saga instances completed")
+                .build(),
+            saga_timed_out: meter
+                .u64_counter("switchyard.saga.timed_out")
+                .with_description("Saga timeouts fired and handled by their instance")
+                .build(),
+            saga_active: meter
+                .u64_gauge("switchyard.saga.active")
+                .with_description("Saga instances not completed (running or failed), as the state store last counted them")
                 .build(),
             saga_not_found: meter
                 .u64_counter("switchyard.saga.not_found")

@@ -649,7 +649,7 @@ fn publishes<'a>(
                 format!("the retry of {}", message.id),
             )?);
         }
-        Outcome::DeadLettered { copy, fault } => {
+        Outcome::DeadLettered { copy, fault, .. } => {
             if let Some(f) = fault {
                 out.push(Publish::checked(
                     &shared.config.exchange,

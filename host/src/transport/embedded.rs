@@ -36,7 +36,10 @@ use crate::envelope::{Envelope, Kind, Reply, now_ms};
 ///    messages go to the dead-letter store and `failed` is no longer written.
 /// 3: plugin state in `state` (see `crate::state::sqlite`).
 /// 4: saga instances and their steps in `saga_instances`, `saga_steps`.
-const SCHEMA_VERSION: i64 = 4;
+/// 5: saga instances may be `failed`, counted by `(plugin, status)`; a
+///    switchyard that knows only 4 would take a failed instance for a
+///    corrupt one.
+const SCHEMA_VERSION: i64 = 5;
 
 /// Upgrades a version-1 store to version 2.
 const MIGRATE_1_TO_2: &str = "
@@ -409,6 +412,14 @@ fn migrate(conn: &Connection) -> Result<()> {
     if version <= 3 {
         conn.execute_batch(&format!(
             "BEGIN; {SAGAS} PRAGMA user_version = 4; COMMIT;",
+            SAGAS = crate::state::sqlite::SAGA_SCHEMA
+        ))?;
+    }
+    if version <= 4 {
+        // The saga schema's new index (its other statements find their
+        // tables there already).
+        conn.execute_batch(&format!(
+            "BEGIN; {SAGAS} PRAGMA user_version = 5; COMMIT;",
             SAGAS = crate::state::sqlite::SAGA_SCHEMA
         ))?;
     }
@@ -824,11 +835,19 @@ impl Transport for EmbeddedTransport {
     async fn is_idle(&self) -> Result<bool> {
         self.blocking(|s| {
             let conn = lock(&s.writer);
+            // A saga timeout that is not due yet is not work waiting: it
+            // fires when it is due, whoever runs then (a retry of its
+            // message, attempt 2 on, is).
             let mut stmt = conn.prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1) OR EXISTS (SELECT 1 FROM scheduled WHERE route = ?1)",
+                "SELECT EXISTS (SELECT 1 FROM queue WHERE route = ?1)
+                     OR EXISTS (SELECT 1 FROM scheduled s WHERE s.route = ?1
+                                AND (s.due_at_ms <= ?2 OR s.attempt > 1
+                                     OR NOT EXISTS (SELECT 1 FROM saga_timeouts t
+                                                    WHERE t.plugin = s.route AND t.id = s.id)))",
             )?;
+            let now = to_i64(now_ms());
             for route in s.route_names() {
-                let busy: bool = stmt.query_row(params![route], |r| r.get(0))?;
+                let busy: bool = stmt.query_row(params![route, now], |r| r.get(0))?;
                 if busy {
                     return Ok(false);
                 }
@@ -984,10 +1003,20 @@ impl Subscription for EmbeddedSubscription {
                         } => {
                             crate::state::sqlite::apply(&tx, &route, state, now)?;
                             if let Some(step) = saga {
+                                if step.completed {
+                                    // Its pending timeouts will not fire:
+                                    // they wait no longer.
+                                    tx.prepare_cached(
+                                        "DELETE FROM scheduled WHERE route = ?1 AND attempt <= 1 AND id IN
+                                           (SELECT id FROM saga_timeouts WHERE plugin = ?1 AND instance = ?2)",
+                                    )?
+                                    .execute(params![route, step.instance])?;
+                                }
                                 crate::state::sqlite::apply_step(&tx, &route, step)?;
                                 // A timeout fires as a delayed message to
                                 // this route; one whose instance completed
-                                // meanwhile is dropped when it arrives.
+                                // before it came due is taken out above,
+                                // or dropped when it arrives.
                                 if !step.completed {
                                     for t in &step.timeouts {
                                         insert_scheduled(
@@ -1021,9 +1050,16 @@ impl Subscription for EmbeddedSubscription {
                         Outcome::Retry { message, not_before_ms } => {
                             insert_scheduled(&tx, &route, message, *not_before_ms)?;
                         }
-                        Outcome::DeadLettered { fault, .. } => {
+                        Outcome::DeadLettered {
+                            fault, saga_failed, ..
+                        } => {
                             if let Some(f) = fault {
                                 s.route_into(&tx, f, now, &mut touched)?;
+                            }
+                            if let Some((instance, version)) = saga_failed {
+                                crate::state::sqlite::mark_failed(
+                                    &tx, &route, instance, *version, now,
+                                )?;
                             }
                         }
                     }

@@ -1179,7 +1179,7 @@ impl KafkaSubscription {
                 let h = headers(message, source, Some(*not_before_ms));
                 own.push(Record::new(i, topic, message.clone(), h));
             }
-            Outcome::DeadLettered { copy, fault } => {
+            Outcome::DeadLettered { copy, fault, .. } => {
                 if let Some(f) = fault {
                     let topic = format!("{prefix}{}", f.message_type);
                     let h = headers(f, source, None);

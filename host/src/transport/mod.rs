@@ -165,9 +165,16 @@ pub enum Outcome {
     ///
     /// With `fault`, the message was a command a saga sent: the fault is
     /// published like an output (to the saga that handles its type).
+    ///
+    /// With `saga_failed`, the message was a step of that instance of the
+    /// route's saga, which read that version of it: the instance is marked
+    /// failed (`saga::Status::Failed`) if it is still running at that
+    /// version, with the settlement where state commits with it (the
+    /// embedded transport), just before it otherwise.
     DeadLettered {
         copy: Option<Envelope>,
         fault: Option<Envelope>,
+        saga_failed: Option<(String, u64)>,
     },
 }
 
@@ -205,7 +212,8 @@ pub trait Transport: Send + Sync {
     async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()>;
 
     /// True when no message is waiting, scheduled for a retry, or in flight
-    /// on any route of the pipeline.
+    /// on any route of the pipeline. A saga timeout that is not due yet
+    /// does not count: it is kept, and fires when it is due.
     async fn is_idle(&self) -> Result<bool>;
 
     /// Routes messages as `pipeline` says from now on, for a running host

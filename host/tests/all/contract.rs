@@ -13,7 +13,13 @@ fn describe_reports_what_the_plugin_declares() {
     let info = orders.info();
     assert_eq!(info.name, "orders");
     assert_eq!(info.version, "1.0.0");
-    assert_eq!(info.handles, vec![("PlaceOrder".to_owned(), Kind::Command)]);
+    assert_eq!(
+        info.handles,
+        vec![
+            ("PlaceOrder".to_owned(), Kind::Command),
+            ("CancelOrder".to_owned(), Kind::Command)
+        ]
+    );
     assert_eq!(info.publishes, vec!["OrderPlaced"]);
     assert_eq!(info.sends, vec!["ChargePayment"]);
     assert!(orders.digest().starts_with("sha256:") && orders.digest().len() == 7 + 64);

@@ -146,7 +146,7 @@ async fn describe_must_agree_with_the_pipeline() {
     .await;
     let all = errors.join("\n");
     assert!(
-        all.contains("plugin `orders`: the pipeline routes command `PlaceOrders` to it, but its describe() does not list `PlaceOrders` (it handles command PlaceOrder)"),
+        all.contains("plugin `orders`: the pipeline routes command `PlaceOrders` to it, but its describe() does not list `PlaceOrders` (it handles command PlaceOrder, command CancelOrder)"),
         "{all}"
     );
     assert!(

@@ -119,8 +119,9 @@ async fn a_saga_keeps_each_instance_and_every_step_on_the_embedded_store() {
     assert_eq!(l1.status, Status::Completed);
     assert_eq!(l1.version, 4);
     assert_eq!(l1.last_type, "Close");
+    // Its last message was dead-lettered: failed, its steps as they were.
     let l2 = state.instance("ledger", "L-2").unwrap().unwrap();
-    assert_eq!((l2.status, l2.version), (Status::Running, 3));
+    assert_eq!((l2.status, l2.version), (Status::Failed, 3));
     assert_eq!(
         instance_state(state.as_ref(), "L-1"),
         BTreeMap::from([
@@ -193,14 +194,21 @@ async fn a_saga_keeps_each_instance_and_every_step_on_the_embedded_store() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("L-1") && text.contains("completed"), "{text}");
-    assert!(text.contains("L-2") && text.contains("running"), "{text}");
+    assert!(text.contains("L-2") && text.contains("failed"), "{text}");
+    let out = std::process::Command::new(bin())
+        .args(["sagas", "list", "--status", "failed", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("L-2") && !text.contains("L-1"), "{text}");
     let out = std::process::Command::new(bin())
         .args(["sagas", "list", "--status", "running", "-p"])
         .arg(&path)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("L-2") && !text.contains("L-1"), "{text}");
+    assert!(!text.contains("L-2") && !text.contains("L-1"), "{text}");
     let out = std::process::Command::new(bin())
         .args(["sagas", "show", "ledger", "L-1", "-p"])
         .arg(&path)
@@ -231,6 +239,13 @@ async fn a_saga_keeps_each_instance_and_every_step_on_the_embedded_store() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+
+    // A failed instance still gets its messages; the next step that
+    // succeeds makes it running again.
+    run_embedded(dir.path(), "dead-letter", vec![add("L-2", 1)]).await;
+    let l2 = state.instance("ledger", "L-2").unwrap().unwrap();
+    assert_eq!((l2.status, l2.version), (Status::Running, 4));
+    assert_eq!(instance_state(state.as_ref(), "L-2")["total"], json!(11));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -465,6 +480,33 @@ async fn two_hosts_never_both_win_a_step_on_rabbitmq_with_postgresql() {
         // Each of its 60 adds is one step after the opening one.
         assert_eq!(got[&l], (total, 61), "{l}");
     }
+
+    // A step dead-lettered on a broker marks its instance failed in the
+    // store; the next step that succeeds makes it running again.
+    let status = |id: &'static str| {
+        let pipeline = pipeline.clone();
+        async move {
+            let store = switchyard::state::open(&pipeline.state, &pipeline.name)
+                .await
+                .unwrap();
+            tokio::task::spawn_blocking(move || store.instance("ledger", id).unwrap().unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    transport
+        .enqueue(vec![message(Kind::Event, "Reject", json!({ "id": "L-0" }))])
+        .await
+        .unwrap();
+    crate::amqp::drain(&pipeline).await;
+    assert_eq!(dead_letters(&pipeline).await.len(), 1);
+    let l0 = status("L-0").await;
+    assert_eq!((l0.status, l0.version), (Status::Failed, 61));
+    assert_eq!(status("L-1").await.status, Status::Running);
+    transport.enqueue(vec![add("L-0", 1)]).await.unwrap();
+    crate::amqp::drain(&pipeline).await;
+    let l0 = status("L-0").await;
+    assert_eq!((l0.status, l0.version), (Status::Running, 62));
     drop_schema(&schema).await;
     crate::amqp::clean_up(&pipeline).await;
 }
@@ -544,7 +586,39 @@ async fn a_timeout_fires_into_its_instance_when_time_is_advanced() {
             .contains(&("saga.instance".into(), "L-3".into()))
     );
     assert!(store.timeouts("ledger", "L-3").unwrap().is_empty());
+    assert_eq!(
+        store.instance("ledger", "L-3").unwrap().unwrap().status,
+        Status::Failed
+    );
+    // Its replay goes to the instance though the timeout is forgotten: it
+    // fails again here (the ledger's state says so), which it could not if
+    // it were dropped.
+    let replayed = p.enqueue(letter.replay_message()).await.unwrap();
+    let settled_as = |id: &str| {
+        p.settled()
+            .into_iter()
+            .filter(|s| s.message().id == id)
+            .map(|s| matches!(s, switchyard::testing::Settled::DeadLettered { .. }))
+            .collect::<Vec<bool>>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while settled_as(&replayed).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay was not settled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Dead-lettered twice: the replay ran on the instance, not dropped.
+    assert_eq!(settled_as(&replayed), [true, true]);
+    assert_eq!(store.steps("ledger", "L-3").unwrap().len(), 2);
     p.stop().await.unwrap();
+    // Everything was kept in the test's own store: nothing was written
+    // beside the pipeline file.
+    let beside: Vec<_> = std::fs::read_dir(dir.path().join(".switchyard"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(beside.is_empty(), "written beside the pipeline: {beside:?}");
 }
 
 /// On RabbitMQ with PostgreSQL, due timeouts are sent from the store by
@@ -720,4 +794,130 @@ async fn a_fault_comes_back_on_rabbitmq() {
     assert_eq!(letters[0].message.message_type, "Debit");
     drop_schema(&schema).await;
     crate::amqp::clean_up(&pipeline).await;
+}
+
+/// The example pipeline's fulfilment saga (`pipelines/orders.toml`): an
+/// order that ships completes its instance; one no carrier takes is
+/// refunded, released and cancelled through the fault of its `ShipOrder`;
+/// one whose payment fails for good is released and cancelled when its
+/// timeout passes, with nothing to refund.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_fulfilment_saga_ships_or_undoes_each_order() {
+    let path = crate::common::workspace_root()
+        .join("pipelines")
+        .join("orders.toml");
+    let p = switchyard::testing::TestPipeline::start(&path)
+        .await
+        .unwrap();
+    let order = |id: &str, quantity: u32, price: u64| {
+        json!({"order_id": id, "customer": "ada",
+               "items": [{"sku": "lamp", "quantity": quantity, "unit_price_cents": price}]})
+    };
+
+    p.send("PlaceOrder", order("S-1", 2, 1250)).await.unwrap();
+    p.published(
+        "OrderShipped",
+        json!({"order_id": "S-1", "tracking": "SY-S-1"}),
+    )
+    .await
+    .unwrap();
+
+    p.send("PlaceOrder", order("S-2", 150, 1000)).await.unwrap();
+    let ship = p
+        .sent("ShipOrder", json!({"order_id": "S-2", "units": 150}))
+        .await
+        .unwrap();
+    let letter = p.dead_letter(&ship.id).await.unwrap();
+    assert_eq!(letter.error.code.as_deref(), Some("parcel-too-large"));
+    p.sent(
+        "RefundPayment",
+        json!({"order_id": "S-2", "amount_cents": 150_000}),
+    )
+    .await
+    .unwrap();
+    p.sent("ReleaseStock", json!({"order_id": "S-2", "units": 150}))
+        .await
+        .unwrap();
+    let cancel = p
+        .sent("CancelOrder", json!({"order_id": "S-2"}))
+        .await
+        .unwrap();
+    let reason: serde_json::Value = serde_json::from_slice(&cancel.payload).unwrap();
+    let reason = reason["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("parcel-too-large") && reason.contains(&letter.id),
+        "{reason}"
+    );
+
+    // Nothing to charge: the payment fails for good, and the saga waits
+    // for its timeout with the stock reserved.
+    p.send("PlaceOrder", order("S-3", 1, 0)).await.unwrap();
+    let charge = p
+        .sent("ChargePayment", json!({"order_id": "S-3"}))
+        .await
+        .unwrap();
+    p.dead_letter(&charge.id).await.unwrap();
+    let reserved = p
+        .published("StockReserved", json!({"order_id": "S-3"}))
+        .await
+        .unwrap();
+    p.handled("fulfilment", &reserved.id).await.unwrap();
+    p.advance_time(std::time::Duration::from_secs(31))
+        .await
+        .unwrap();
+    p.sent(
+        "CancelOrder",
+        json!({"order_id": "S-3", "reason": "not reserved and paid within 30 s"}),
+    )
+    .await
+    .unwrap();
+    p.sent("ReleaseStock", json!({"order_id": "S-3", "units": 1}))
+        .await
+        .unwrap();
+    p.idle().await.unwrap();
+    let store = switchyard::state::sqlite::SqliteState::reader(match &p.pipeline().transport {
+        config::TransportConfig::Embedded(e) => &e.path,
+        _ => panic!("not embedded"),
+    });
+    // Cancelled, but open for a payment still on its way until its grace
+    // period is over.
+    let s3 = store.instance("fulfilment", "S-3").unwrap().unwrap();
+    assert_eq!(s3.status, Status::Running);
+    assert_eq!(store.timeouts("fulfilment", "S-3").unwrap().len(), 1);
+    p.advance_time(std::time::Duration::from_secs(601))
+        .await
+        .unwrap();
+    p.idle().await.unwrap();
+    let refunds: Vec<String> = p
+        .settled()
+        .iter()
+        .filter_map(|s| match s {
+            switchyard::testing::Settled::Handled { outputs, .. } => Some(outputs.clone()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|o| o.message_type == "RefundPayment")
+        .map(|o| String::from_utf8_lossy(&o.payload).into_owned())
+        .collect();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert!(refunds[0].contains("S-2"), "{refunds:?}");
+
+    let outcome = |id: &str| -> String {
+        let key = switchyard::saga::stored_key(id, "outcome");
+        serde_json::from_slice(&store.get("fulfilment", &key).unwrap().unwrap()).unwrap()
+    };
+    for id in ["S-1", "S-2", "S-3"] {
+        let i = store.instance("fulfilment", id).unwrap().unwrap();
+        assert_eq!(i.status, Status::Completed, "{id}");
+    }
+    assert_eq!(outcome("S-1"), "shipped");
+    assert!(outcome("S-2").starts_with("cancelled: shipping failed for good (parcel-too-large)"));
+    assert_eq!(
+        outcome("S-3"),
+        "cancelled: not reserved and paid within 30 s"
+    );
+    let steps = store.steps("fulfilment", "S-2").unwrap();
+    let types: Vec<&str> = steps.iter().map(|s| s.message_type.as_str()).collect();
+    assert_eq!(types.last(), Some(&"ShipOrder.Fault"), "{types:?}");
+    p.stop().await.unwrap();
 }

@@ -484,6 +484,16 @@ async fn spans_and_metrics_are_exported_over_otlp_to_a_real_receiver() {
     }
 }
 
+/// An admin listener on a free port serving `telemetry`'s metrics.
+async fn serve_metrics(telemetry: &Telemetry) -> SocketAddr {
+    let admin = switchyard::admin::Admin::bind("127.0.0.1:0".parse().unwrap(), telemetry.clone())
+        .await
+        .unwrap();
+    let addr = admin.local_addr().unwrap();
+    tokio::spawn(admin.serve(std::future::pending()));
+    addr
+}
+
 fn scrape(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
@@ -514,11 +524,7 @@ async fn metrics_move_as_messages_succeed_retry_and_dead_letter() {
         .unwrap()
         .pipeline;
     let telemetry = Telemetry::off();
-    let admin = switchyard::admin::Admin::bind("127.0.0.1:0".parse().unwrap(), telemetry.clone())
-        .await
-        .unwrap();
-    let addr = admin.local_addr().unwrap();
-    tokio::spawn(admin.serve(std::future::pending()));
+    let addr = serve_metrics(&telemetry).await;
 
     let before = scrape(addr);
     assert_eq!(
@@ -620,4 +626,62 @@ async fn metrics_move_as_messages_succeed_retry_and_dead_letter() {
         "all settled"
     );
     assert!(m.contains("# TYPE switchyard_handler_duration_seconds histogram"));
+}
+
+/// The saga metrics of a running host: instances started, completed, the
+/// timeouts that fired, and the running instances the store counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn saga_metrics_count_instances_and_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"
+[host]
+cache_dir = "{cache}"
+[plugins.ledger]
+wasm = "{dist}/ledger.wasm"
+events = ["Open", "Add", "Close", "Remind", "Expire"]
+[plugins.ledger.saga]
+starts = ["Open"]
+instance_key = "$.id"
+[plugins.bank]
+wasm = "{dist}/bank.wasm"
+commands = ["Debit"]
+"#;
+    let p = config::load(&write_pipeline(dir.path(), "sagas", body))
+        .unwrap()
+        .pipeline;
+    let telemetry = Telemetry::off();
+    let addr = serve_metrics(&telemetry).await;
+
+    let transport = runtime::open_transport(&p).unwrap();
+    transport
+        .enqueue(vec![
+            message(Kind::Event, "Open", json!({"id": "L-1"})),
+            message(Kind::Event, "Open", json!({"id": "L-2"})),
+            message(Kind::Event, "Open", json!({"id": "L-3"})),
+            message(Kind::Event, "Close", json!({"id": "L-3"})),
+            // Due at once: fires while the host drains.
+            message(Kind::Event, "Remind", json!({"id": "L-1", "after_ms": 0})),
+        ])
+        .await
+        .unwrap();
+    drain(&p, &telemetry).await;
+
+    let m = scrape(addr);
+    let v = |s: &str| value(&m, s);
+    assert_eq!(
+        v(r#"switchyard_saga_started_total{plugin="ledger"}"#),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        v(r#"switchyard_saga_completed_total{plugin="ledger"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        v(r#"switchyard_saga_timed_out_total{plugin="ledger"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(v(r#"switchyard_saga_active{plugin="ledger"}"#), 2.0, "{m}");
 }

@@ -76,8 +76,17 @@ async fn a_store_of_the_first_version_is_upgraded_in_place() {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
-    // Version 3 keeps plugin state, version 4 saga instances and steps.
+    assert_eq!(version, 5);
+    // Version 3 keeps plugin state, version 4 saga instances and steps,
+    // version 5 counts them by status.
+    let index: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'saga_instances_by_status'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 1);
     for table in ["state", "saga_instances", "saga_steps"] {
         let rows: i64 = db
             .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))

@@ -1,4 +1,5 @@
-//! Consumes `OrderPlaced` and reserves stock, publishing `StockReserved`.
+//! Consumes `OrderPlaced` and reserves stock, publishing `StockReserved`;
+//! handles `ReleaseStock`, the fulfilment saga's undoing of a reservation.
 
 use serde::{Deserialize, Serialize};
 use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
@@ -17,6 +18,13 @@ pub struct Line {
     pub quantity: u32,
 }
 
+/// `ReleaseStock` command payload.
+#[derive(Debug, Deserialize)]
+pub struct ReleaseStock {
+    pub order_id: String,
+    pub units: u64,
+}
+
 /// `StockReserved` event payload.
 #[derive(Debug, Deserialize, Serialize, PartialEq)]
 pub struct StockReserved {
@@ -30,10 +38,19 @@ impl Plugin for Inventory {
     fn describe() -> PluginInfo {
         PluginInfo::new("inventory", env!("CARGO_PKG_VERSION"))
             .consumes_event("OrderPlaced")
+            .handles_command("ReleaseStock")
             .publishes("StockReserved")
     }
 
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
+        if msg.message_type == "ReleaseStock" {
+            let release: ReleaseStock = msg.json()?;
+            ctx.info(&format!(
+                "released {} units of order {}",
+                release.units, release.order_id
+            ));
+            return Ok(());
+        }
         let order: OrderPlaced = msg.json()?;
         let units = order.items.iter().map(|l| u64::from(l.quantity)).sum();
         for line in &order.items {
@@ -75,6 +92,20 @@ mod tests {
                 order_id: "A-1".into(),
                 units: 5
             }]
+        );
+    }
+
+    #[test]
+    fn releases_stock() {
+        let out = TestHost::<Inventory>::new().handle(
+            Message::command("ReleaseStock").with_json(&json!({"order_id": "A-1", "units": 5})),
+        );
+        out.assert_ok();
+        assert!(out.published.is_empty());
+        assert!(
+            out.logs.iter().any(|(_, l)| l.contains("released 5 units")),
+            "{:?}",
+            out.logs
         );
     }
 

@@ -1,6 +1,7 @@
 //! Handles the `PlaceOrder` command: checks it, publishes `OrderPlaced`, asks
 //! payments to charge the customer with a `ChargePayment` command, and replies
-//! with the accepted order.
+//! with the accepted order. Handles `CancelOrder`, the fulfilment saga's
+//! last word on an order it had to undo.
 
 use serde::{Deserialize, Serialize};
 use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
@@ -38,6 +39,13 @@ pub struct ChargePayment {
     pub amount_cents: u64,
 }
 
+/// `CancelOrder` command payload.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct CancelOrder {
+    pub order_id: String,
+    pub reason: String,
+}
+
 /// The reply to `PlaceOrder`.
 #[derive(Debug, Deserialize, Serialize, PartialEq)]
 pub struct Accepted {
@@ -51,11 +59,21 @@ impl Plugin for Orders {
     fn describe() -> PluginInfo {
         PluginInfo::new("orders", env!("CARGO_PKG_VERSION"))
             .handles_command("PlaceOrder")
+            .handles_command("CancelOrder")
             .publishes("OrderPlaced")
             .sends("ChargePayment")
     }
 
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
+        if msg.message_type == "CancelOrder" {
+            let cancel: CancelOrder = msg.json()?;
+            ctx.set_span_attribute("order.id", &cancel.order_id);
+            ctx.warn(&format!(
+                "cancelled order {}: {}",
+                cancel.order_id, cancel.reason
+            ));
+            return Ok(());
+        }
         let order: PlaceOrder = msg.json()?;
         // Lets an operator find this order's trace by its id.
         ctx.set_span_attribute("order.id", &order.order_id);
@@ -153,6 +171,23 @@ mod tests {
         assert!(!err.is_transient());
         assert_eq!(err.code.as_deref(), Some("empty-order"));
         assert!(out.published.is_empty() && out.sent.is_empty() && out.replies.is_empty());
+    }
+
+    #[test]
+    fn cancels() {
+        let out = TestHost::<Orders>::new().handle(
+            Message::command("CancelOrder")
+                .with_json(&json!({"order_id": "A-1", "reason": "payment failed"})),
+        );
+        out.assert_ok();
+        assert!(out.published.is_empty() && out.sent.is_empty());
+        assert!(
+            out.logs
+                .iter()
+                .any(|(_, l)| l.contains("cancelled order A-1: payment failed")),
+            "{:?}",
+            out.logs
+        );
     }
 
     #[test]

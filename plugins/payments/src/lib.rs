@@ -1,4 +1,5 @@
-//! Handles the `ChargePayment` command and publishes `PaymentCaptured`.
+//! Handles the `ChargePayment` command and publishes `PaymentCaptured`;
+//! handles `RefundPayment`, the fulfilment saga's undoing of a charge.
 //!
 //! It stands in for a call to a payment gateway that is sometimes down: an
 //! amount whose cents end in 13 makes the "gateway" time out on the first two
@@ -23,6 +24,13 @@ pub struct PaymentCaptured {
     pub amount_cents: u64,
 }
 
+/// `RefundPayment` command payload.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct RefundPayment {
+    pub order_id: String,
+    pub amount_cents: u64,
+}
+
 /// Attempts on which the simulated gateway times out.
 const FLAKY_ATTEMPTS: u32 = 2;
 
@@ -32,10 +40,19 @@ impl Plugin for Payments {
     fn describe() -> PluginInfo {
         PluginInfo::new("payments", env!("CARGO_PKG_VERSION"))
             .handles_command("ChargePayment")
+            .handles_command("RefundPayment")
             .publishes("PaymentCaptured")
     }
 
     fn handle(ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
+        if msg.message_type == "RefundPayment" {
+            let refund: RefundPayment = msg.json()?;
+            ctx.info(&format!(
+                "refunded {} cents for order {}",
+                refund.amount_cents, refund.order_id
+            ));
+            return Ok(());
+        }
         let charge: ChargePayment = msg.json()?;
         if charge.amount_cents == 0 {
             return Err(HandlerError::permanent(format!(
@@ -99,6 +116,23 @@ mod tests {
         assert!(first.published.is_empty());
         host.handle(charge(1013).with_attempt(FLAKY_ATTEMPTS + 1))
             .assert_ok();
+    }
+
+    #[test]
+    fn refunds() {
+        let out = TestHost::<Payments>::new().handle(
+            Message::command("RefundPayment")
+                .with_json(&json!({"order_id": "A-1", "amount_cents": 2500})),
+        );
+        out.assert_ok();
+        assert!(out.published.is_empty());
+        assert!(
+            out.logs
+                .iter()
+                .any(|(_, l)| l.contains("refunded 2500 cents")),
+            "{:?}",
+            out.logs
+        );
     }
 
     #[test]
