@@ -1,18 +1,27 @@
 //! Switchyard on RabbitMQ against a native lapin consumer doing the same
 //! work, on the same broker, in one run.
 //!
-//! Both consume the same queue of MESSAGES persistent events with the same
+//! Each consumes the same queue of MESSAGES persistent events with the same
 //! client settings: one connection, prefetch PREFETCH, manual
-//! acknowledgement of every message after it is handled. The native
-//! consumer's handling is nothing (it acks); Switchyard's is a call into the
-//! trivial `echo` plugin, which does nothing with the event. Switchyard runs
-//! in drain mode and its time includes noticing that the queues are empty
-//! (at most about 125 ms per round).
+//! acknowledgement after handling. Two native lapin consumers do nothing
+//! with a delivery but acknowledge it: the reference acknowledges every
+//! BATCHED_ACKS-th delivery with `multiple = true` (what a competent user
+//! of the library writes), the other each delivery on its own. Switchyard's
+//! handling is a call into the trivial `echo` plugin, which does nothing
+//! with the event. Switchyard runs in drain mode and its time includes
+//! noticing that the queues are empty (at most about 125 ms per round).
 //!
-//! Prints messages per second and CPU time per message (this process: user
-//! plus system; the broker's CPU is not counted) for each round, then the
-//! medians and the ratio. Needs RabbitMQ at 127.0.0.1:5672 and
-//! `dist/plugins/echo.wasm`.
+//! FastStream (Python) is quoted beside them: `peers/faststream_consumer.py`
+//! consumes the same queue with FastStream's defaults (each message
+//! acknowledged after its handler) and the same prefetch. The bench
+//! installs FastStream into the project's Python environment
+//! (`SWITCHYARD_PYTHON`, or `~/.cache/switchyard-venv` that `cargo xtask
+//! setup` makes) when it is missing, and says so when it cannot.
+//!
+//! Prints messages per second and CPU time per message (the consumer's
+//! process: user plus system; the broker's CPU is not counted) for each
+//! round, then the medians and the ratios. Needs RabbitMQ at
+//! 127.0.0.1:5672 and `dist/plugins/echo.wasm`.
 //!
 //! Run: `cargo bench -p switchyard --bench amqp_vs_native`
 //! (`AMQP_BENCH_MESSAGES` and `AMQP_BENCH_ROUNDS` override the defaults).
@@ -36,13 +45,17 @@ use switchyard::runtime::{self, RunMode};
 use crate::common::{Comparison, Round, Timer, env_or, fill};
 
 const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
-const PREFETCH: u16 = 64;
+const PREFETCH: u16 = 200;
+/// The reference consumer acknowledges every this many deliveries at once.
+const BATCHED_ACKS: usize = 20;
 
 fn short(s: &str) -> ShortString {
     ShortString::try_new(s.to_owned()).unwrap()
 }
 
-async fn native(queue: &str, n: usize) -> Round {
+/// A native consumer of `n` deliveries acknowledging every `ack_every`
+/// with `multiple = true` (1: each on its own), and the last.
+async fn native(queue: &str, n: usize, ack_every: usize) -> Round {
     let connection = Connection::connect(BROKER, ConnectionProperties::default())
         .await
         .unwrap();
@@ -65,12 +78,78 @@ async fn native(queue: &str, n: usize) -> Round {
     while handled < n {
         let delivery = consumer.next().await.unwrap().unwrap();
         std::hint::black_box(&delivery.data);
-        delivery.ack(BasicAckOptions::default()).await.unwrap();
         handled += 1;
+        if handled % ack_every == 0 || handled == n {
+            delivery
+                .ack(BasicAckOptions {
+                    multiple: ack_every > 1,
+                })
+                .await
+                .unwrap();
+        }
     }
     let round = timer.stop();
     let _ = connection.close(200, "done".into()).await;
     round
+}
+
+/// The project's Python, with FastStream installed into it if it was not;
+/// `Err` says why there is none.
+fn python_with_faststream() -> Result<PathBuf, String> {
+    let python = std::env::var_os("SWITCHYARD_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/switchyard-venv/bin/python"))
+        })
+        .filter(|p| p.exists())
+        .ok_or("no project Python environment (run `cargo xtask setup`)")?;
+    let has = |python: &PathBuf| {
+        std::process::Command::new(python)
+            .args(["-c", "import faststream.rabbit"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has(&python) {
+        println!(
+            "amqp_vs_native: installing FastStream into {}",
+            python.display()
+        );
+        let installed = std::process::Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "faststream[rabbit]>=0.6,<0.7"])
+            .status()
+            .map_err(|e| format!("cannot run pip: {e}"))?;
+        if !installed.success() || !has(&python) {
+            return Err("pip could not install faststream[rabbit]".into());
+        }
+    }
+    Ok(python)
+}
+
+/// FastStream consuming `n` messages of `queue`: its own time and CPU.
+fn faststream(python: &PathBuf, queue: &str, n: usize) -> Result<Round, String> {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers/faststream_consumer.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args([BROKER, queue, &n.to_string(), &PREFETCH.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let figures: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    match (out.status.success(), figures.as_slice()) {
+        (true, [elapsed, cpu]) => Ok(Round {
+            elapsed: std::time::Duration::from_secs_f64(*elapsed),
+            cpu: std::time::Duration::from_secs_f64(*cpu),
+        }),
+        _ => Err(format!(
+            "FastStream failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
 }
 
 async fn switchyard(pipeline: &config::Pipeline) -> Round {
@@ -113,16 +192,46 @@ fn main() {
         fill(transport.as_ref(), 2_000).await;
         switchyard(&pipeline).await;
 
-        let mut comparison = Comparison::default();
-        println!("amqp_vs_native: {messages} messages per round, prefetch {PREFETCH}, ack each");
+        let python = python_with_faststream();
+        if let Err(why) = &python {
+            println!("amqp_vs_native: FastStream left out: {why}");
+        }
+        let mut batched = Comparison::default();
+        let mut each = Comparison::default();
+        let mut fast_stream = Comparison::default();
+        println!(
+            "amqp_vs_native: {messages} messages per round, prefetch {PREFETCH}; native acknowledges every {BATCHED_ACKS}th with multiple (reference), then each on its own"
+        );
         for round in 1..=rounds {
             fill(transport.as_ref(), messages).await;
-            let n = native(&queue, messages).await;
+            let reference = native(&queue, messages, BATCHED_ACKS).await;
+            fill(transport.as_ref(), messages).await;
+            let naive = native(&queue, messages, 1).await;
             fill(transport.as_ref(), messages).await;
             let s = switchyard(&pipeline).await;
-            comparison.round(round, messages, &n, &s);
+            print!("batched acks: ");
+            batched.round(round, messages, &reference, &s);
+            print!("ack each:     ");
+            each.round(round, messages, &naive, &s);
+            if let Ok(python) = &python {
+                fill(transport.as_ref(), messages).await;
+                match faststream(python, &queue, messages) {
+                    Ok(f) => {
+                        print!("FastStream:   ");
+                        fast_stream.round(round, messages, &f, &s);
+                    }
+                    Err(why) => println!("{why}"),
+                }
+            }
         }
-        comparison.summary();
+        print!("batched acks (the reference): ");
+        batched.summary();
+        print!("ack each: ");
+        each.summary();
+        if !fast_stream.is_empty() {
+            print!("FastStream in the place of native: ");
+            fast_stream.summary();
+        }
 
         let connection = Connection::connect(BROKER, ConnectionProperties::default())
             .await

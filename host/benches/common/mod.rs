@@ -128,6 +128,11 @@ impl Comparison {
             .push(switchyard.cpu_per_message_us(messages));
     }
 
+    /// No round recorded.
+    pub fn is_empty(&self) -> bool {
+        self.native_rates.is_empty()
+    }
+
     /// Prints the medians and the ratio.
     pub fn summary(self) {
         let nr = median(self.native_rates);

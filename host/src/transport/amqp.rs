@@ -1022,8 +1022,17 @@ pub struct AmqpSubscription {
     /// Bumped on every reconnect; a receipt from an older generation belongs
     /// to a dead channel.
     generation: u64,
-    ackers: HashMap<u64, (u64, Acker)>,
+    /// Deliveries in hand: receipt → generation, delivery tag, acker.
+    ackers: HashMap<u64, InHand>,
     next_receipt: u64,
+}
+
+/// A delivery the route holds: the channel generation it came on, its
+/// delivery tag there, and its acker.
+struct InHand {
+    generation: u64,
+    tag: u64,
+    acker: Acker,
 }
 
 impl AmqpSubscription {
@@ -1038,7 +1047,8 @@ impl AmqpSubscription {
         refused: Vec<Option<String>>,
     ) -> Vec<Refused> {
         let mut out = Vec::new();
-        let mut broken = false;
+        // (delivery tag, acker, message id) of each delivery to acknowledge.
+        let mut to_ack = Vec::with_capacity(batch.len());
         for (s, refusal) in batch.into_iter().zip(refused) {
             if let Some(reason) = refusal {
                 out.push(Refused {
@@ -1047,14 +1057,38 @@ impl AmqpSubscription {
                 });
                 continue;
             }
-            let Some(acker) = self.take_acker(s.delivery.receipt) else {
-                continue;
-            };
-            if broken {
-                continue;
+            if let Some((tag, acker)) = self.take_acker(s.delivery.receipt) {
+                to_ack.push((tag, acker, s.delivery.envelope.id));
             }
+        }
+        to_ack.sort_by_key(|(tag, _, _)| *tag);
+        // One `multiple` acknowledgement covers every delivery up to its
+        // tag that is still unacknowledged on the channel: it may stand for
+        // the run of this batch's tags below the lowest one still in hand
+        // (given back, refused, or not settled yet), never past it.
+        let held_from = self
+            .ackers
+            .values()
+            .filter(|h| h.generation == self.generation)
+            .map(|h| h.tag)
+            .min()
+            .unwrap_or(u64::MAX);
+        let run = to_ack
+            .iter()
+            .take_while(|(tag, _, _)| *tag < held_from)
+            .count();
+        let mut acks: Vec<(&Acker, bool, &str)> = Vec::with_capacity(to_ack.len());
+        if let Some((_, acker, id)) = run.checked_sub(1).and_then(|last| to_ack.get(last)) {
+            acks.push((acker, run > 1, id.as_str()));
+        }
+        acks.extend(
+            to_ack[run..]
+                .iter()
+                .map(|(_, a, id)| (a, false, id.as_str())),
+        );
+        for (acker, multiple, id) in acks {
             let acked =
-                tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default())).await;
+                tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions { multiple })).await;
             let error = match acked {
                 Ok(Ok(_)) => continue,
                 Ok(Err(e)) => e.to_string(),
@@ -1062,11 +1096,9 @@ impl AmqpSubscription {
             };
             // The outcome is published; the broker will redeliver, and the
             // message is handled again.
-            tracing::warn!(message.id = %s.delivery.envelope.id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
-            broken = true;
-        }
-        if broken {
+            tracing::warn!(message.id = %id, error = %error, "Cannot acknowledge; the rest of the batch will be redelivered");
             self.drop_live();
+            break;
         }
         out
     }
@@ -1125,7 +1157,7 @@ impl AmqpSubscription {
     /// Forgets a dead connection: its deliveries are redelivered by the
     /// broker, so their ackers are dropped, never used on a new channel.
     fn drop_live(&mut self) {
-        let stale = self.ackers.len() as i64;
+        let stale = i64::try_from(self.ackers.len()).unwrap_or(i64::MAX);
         self.shared.in_flight.fetch_sub(stale, Ordering::SeqCst);
         self.ackers.clear();
         self.live = None;
@@ -1144,7 +1176,14 @@ impl AmqpSubscription {
         );
         self.next_receipt += 1;
         let receipt = self.next_receipt;
-        self.ackers.insert(receipt, (self.generation, d.acker));
+        self.ackers.insert(
+            receipt,
+            InHand {
+                generation: self.generation,
+                tag: d.delivery_tag,
+                acker: d.acker,
+            },
+        );
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         self.shared.received.fetch_add(1, Ordering::SeqCst);
         Delivery {
@@ -1155,11 +1194,13 @@ impl AmqpSubscription {
         }
     }
 
-    /// Removes a delivery's acker if it belongs to the live channel.
-    fn take_acker(&mut self, receipt: u64) -> Option<Acker> {
-        let (generation, acker) = self.ackers.remove(&receipt)?;
+    /// Removes a delivery's acker, with its delivery tag, if it belongs to
+    /// the live channel.
+    fn take_acker(&mut self, receipt: u64) -> Option<(u64, Acker)> {
+        let held = self.ackers.remove(&receipt)?;
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        (generation == self.generation && self.live.is_some()).then_some(acker)
+        (held.generation == self.generation && self.live.is_some())
+            .then_some((held.tag, held.acker))
     }
 }
 
@@ -1214,7 +1255,7 @@ impl Subscription for AmqpSubscription {
         let (live_batch, stale): (Vec<_>, Vec<_>) = batch.into_iter().partition(|s| {
             self.ackers
                 .get(&s.delivery.receipt)
-                .is_some_and(|(g, _)| *g == current && self.live.is_some())
+                .is_some_and(|h| h.generation == current && self.live.is_some())
         });
         for s in &stale {
             // The channel died: the broker redelivers these; their outcome
@@ -1248,7 +1289,7 @@ impl Subscription for AmqpSubscription {
     async fn release(&mut self, unsettled: Vec<Delivery>) -> Result<()> {
         let mut broken = false;
         for d in unsettled {
-            let Some(acker) = self.take_acker(d.receipt) else {
+            let Some((_, acker)) = self.take_acker(d.receipt) else {
                 continue;
             };
             if broken {
