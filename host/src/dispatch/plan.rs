@@ -154,6 +154,10 @@ pub(super) enum Metric {
     },
     /// A redelivery of a done message: nothing to count as handled.
     Redelivered,
+    /// A saga's message whose instance was not there, ignored.
+    SagaNotFound {
+        attrs: MessageAttrs,
+    },
 }
 
 impl Metric {
@@ -198,6 +202,9 @@ impl Metric {
                         .add(1, &and(&attrs, KeyValue::new("error.type", kind.as_str())));
                 }
                 Metric::Redelivered => {}
+                Metric::SagaNotFound { attrs } => {
+                    metrics.saga_not_found.add(1, &[attrs[0].clone()]);
+                }
             }
         }
         if let Some((last, n)) = handled {
@@ -291,7 +298,31 @@ impl<'a> Planner<'a> {
             Verdict::RetryLater(delay, f) => self.retry_later(p.delivery, delay, f, p.span, attrs),
             Verdict::DeadLetter(f) => self.dead_letter(p.delivery, f, p.span, attrs),
             Verdict::Done(record) => self.done(p.delivery, record),
+            Verdict::NotFound => self.not_found(p.delivery, p.span, attrs),
         }
+    }
+
+    /// A saga's message whose instance is not there, ignored as the
+    /// pipeline says: settled with nothing, and counted when settled (a
+    /// batch handled again after a conflict does not count it twice).
+    fn not_found(&mut self, delivery: Delivery, span: Option<Context>, attrs: MessageAttrs) {
+        if let Some(replayed) = DeadLetter::replay_of(&delivery.envelope) {
+            self.plan.replays_handled.push(replayed.to_owned());
+        }
+        self.plan.spans.extend(span);
+        self.plan.settlements.push(Planned {
+            settlement: Settlement {
+                delivery,
+                outcome: Outcome::Handled {
+                    outputs: Vec::new(),
+                    reply: None,
+                    state: crate::state::Changes::default(),
+                    saga: None,
+                },
+            },
+            dead: false,
+            metric: Metric::SagaNotFound { attrs },
+        });
     }
 
     /// A redelivery of a message an exactly-once plugin handled: settled

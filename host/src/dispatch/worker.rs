@@ -72,6 +72,10 @@ pub enum Verdict {
     /// Handled before (an exactly-once plugin's record says so): not
     /// handled again; its recorded outputs go out again with their ids.
     Done(crate::state::Done),
+    /// A saga's message whose instance is not there (`not_found =
+    /// "ignore"`): settled without calling the plugin, and counted once it
+    /// is settled.
+    NotFound,
 }
 
 /// What handling one delivery produced. The delivery's envelope carries the
@@ -413,8 +417,6 @@ impl Worker {
             message.id = %envelope.id,
             "{why}; the message is ignored (not_found = \"ignore\")"
         );
-        let [plugin, _] = self.plugin_attrs.clone();
-        self.telemetry.metrics.saga_not_found.add(1, &[plugin]);
     }
 
     /// [`Worker::handle_in`] on saga instance `saga` when there is one:
@@ -513,7 +515,7 @@ impl Worker {
                 Ok(SagaPrep::Run(call)) => Ok(Some(call)),
                 Ok(SagaPrep::Skip(why)) => {
                     self.skip_not_found(envelope, &why);
-                    return Ok(Verdict::Handled(Vec::new()));
+                    return Ok(Verdict::NotFound);
                 }
                 Ok(SagaPrep::Drop(why)) => {
                     tracing::info!(

@@ -322,6 +322,7 @@ fn an_output_larger_than_a_message_may_be_fails_its_call() {
         Verdict::Handled(_) => panic!("an output over the limit was accepted"),
         Verdict::RetryLater(..) => panic!("a contract violation is never retried"),
         Verdict::Done(_) => panic!("the worker never decides a message was done"),
+        Verdict::NotFound => panic!("echo is no saga"),
     }
     assert!(
         matches!(process(1 << 20), Verdict::Handled(_)),

@@ -629,7 +629,8 @@ async fn metrics_move_as_messages_succeed_retry_and_dead_letter() {
 }
 
 /// The saga metrics of a running host: instances started, completed, the
-/// timeouts that fired, and the running instances the store counts.
+/// timeouts that fired, messages without an instance, and the active
+/// instances the store counts.
 #[tokio::test(flavor = "multi_thread")]
 async fn saga_metrics_count_instances_and_timeouts() {
     let dir = tempfile::tempdir().unwrap();
@@ -661,6 +662,8 @@ commands = ["Debit"]
             message(Kind::Event, "Close", json!({"id": "L-3"})),
             // Due at once: fires while the host drains.
             message(Kind::Event, "Remind", json!({"id": "L-1", "after_ms": 0})),
+            // No such instance: ignored, and counted.
+            message(Kind::Event, "Add", json!({"id": "L-9", "n": 1})),
         ])
         .await
         .unwrap();
@@ -684,4 +687,9 @@ commands = ["Debit"]
         "{m}"
     );
     assert_eq!(v(r#"switchyard_saga_active{plugin="ledger"}"#), 2.0, "{m}");
+    assert_eq!(
+        v(r#"switchyard_saga_not_found_total{plugin="ledger"}"#),
+        1.0,
+        "{m}"
+    );
 }
