@@ -343,49 +343,35 @@ fn demo() -> Result<()> {
 }
 
 fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
+    // `switchyard send PlaceOrder` with this payload, and these arguments.
+    let place = |data: &str, extra: &[&str]| {
+        run(switchyard(bin)
+            .args(["send", "PlaceOrder", "-p", pipeline])
+            .args(extra)
+            .args(["--data", data]))
+    };
     std::thread::sleep(Duration::from_millis(500));
     say("send PlaceOrder and wait for the orders plugin's reply");
-    run(switchyard(bin).args([
-        "send",
-        "PlaceOrder",
-        "-p",
-        pipeline,
-        "--wait-reply",
-        "10s",
-        "--data",
+    place(
         r#"{"order_id":"A-1001","customer":"ada","items":[{"sku":"book","quantity":2,"unit_price_cents":1250},{"sku":"pen","quantity":1,"unit_price_cents":300}]}"#,
-    ]))?;
+        &["--wait-reply", "10s"],
+    )?;
     say(
         "send an order whose payment gateway times out twice (transient failures: retried, then handled)",
     );
-    run(switchyard(bin).args([
-        "send",
-        "PlaceOrder",
-        "-p",
-        pipeline,
-        "--data",
+    place(
         r#"{"order_id":"A-1002","customer":"grace","items":[{"sku":"lamp","quantity":1,"unit_price_cents":4513}]}"#,
-    ]))?;
+        &[],
+    )?;
     say("send a malformed order (poison: a permanent failure)");
-    run(switchyard(bin).args([
-        "send",
-        "PlaceOrder",
-        "-p",
-        pipeline,
-        "--data",
-        r#"{"order_id":42}"#,
-    ]))?;
+    place(r#"{"order_id":42}"#, &[])?;
     say(
         "send an order of 150 lamps, more than a parcel takes (shipping fails for good; the fulfilment saga refunds, releases and cancels)",
     );
-    run(switchyard(bin).args([
-        "send",
-        "PlaceOrder",
-        "-p",
-        pipeline,
-        "--data",
+    place(
         r#"{"order_id":"A-1004","customer":"alan","items":[{"sku":"lamp","quantity":150,"unit_price_cents":4500}]}"#,
-    ]))?;
+        &[],
+    )?;
     // Long enough for the retried payment of A-1002 (about a second) and
     // the saga steps after it.
     std::thread::sleep(Duration::from_millis(3000));

@@ -129,13 +129,6 @@ pub(super) struct SagaMarks {
     pub(super) timed_out: bool,
 }
 
-impl Metric {
-    /// Whether the update started or completed a saga instance.
-    pub(super) fn moves_saga_count(&self) -> bool {
-        matches!(self, Metric::Handled { saga: Some(m), .. } if m.started || m.completed)
-    }
-}
-
 /// A metric update applied only after its settlement succeeded, so a batch
 /// handled again after a store error is not counted twice.
 pub(super) enum Metric {
@@ -161,6 +154,11 @@ pub(super) enum Metric {
 }
 
 impl Metric {
+    /// Whether the update started or completed a saga instance.
+    pub(super) fn moves_saga_count(&self) -> bool {
+        matches!(self, Metric::Handled { saga: Some(m), .. } if m.started || m.completed)
+    }
+
     /// Applies a settled batch's updates. Consecutive messages handled with
     /// the same attributes are counted in one step: each step looks its
     /// attributes up in the instrument, which costs more than the count.

@@ -1073,19 +1073,17 @@ impl AmqpSubscription {
             .map(|h| h.tag)
             .min()
             .unwrap_or(u64::MAX);
-        let run = to_ack
-            .iter()
-            .take_while(|(tag, _, _)| *tag < held_from)
-            .count();
-        let mut acks: Vec<(&Acker, bool, &str)> = Vec::with_capacity(to_ack.len());
-        if let Some((_, acker, id)) = run.checked_sub(1).and_then(|last| to_ack.get(last)) {
-            acks.push((acker, run > 1, id.as_str()));
-        }
-        acks.extend(
-            to_ack[run..]
+        let (run, rest) = to_ack.split_at(
+            to_ack
                 .iter()
-                .map(|(_, a, id)| (a, false, id.as_str())),
+                .take_while(|(tag, _, _)| *tag < held_from)
+                .count(),
         );
+        let acks = run
+            .last()
+            .map(|(_, acker, id)| (acker, run.len() > 1, id))
+            .into_iter()
+            .chain(rest.iter().map(|(_, acker, id)| (acker, false, id)));
         for (acker, multiple, id) in acks {
             let acked =
                 tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions { multiple })).await;

@@ -108,6 +108,8 @@ impl Plugin for Fulfilment {
                 &json!({ "order_id": order_id }),
             )?;
         }
+        // Once cancelled, an instance only undoes what still arrives.
+        let cancelled = ctx.state().get::<bool>("cancelled")?.unwrap_or(false);
         match msg.message_type.as_str() {
             "OrderPlaced" => {
                 let order: Order = msg.json()?;
@@ -116,7 +118,7 @@ impl Plugin for Fulfilment {
             "StockReserved" => {
                 let r: StockReserved = msg.json()?;
                 ctx.state().set("reserved_units", &r.units)?;
-                if cancelled(ctx)? {
+                if cancelled {
                     ctx.send(
                         "ReleaseStock",
                         &json!({ "order_id": order_id, "units": r.units }),
@@ -126,7 +128,7 @@ impl Plugin for Fulfilment {
             "PaymentCaptured" => {
                 let p: PaymentCaptured = msg.json()?;
                 ctx.state().set("paid_cents", &p.amount_cents)?;
-                if cancelled(ctx)? {
+                if cancelled {
                     ctx.send(
                         "RefundPayment",
                         &json!({ "order_id": order_id, "amount_cents": p.amount_cents }),
@@ -154,7 +156,7 @@ impl Plugin for Fulfilment {
                 return compensate(ctx, &order_id, &why);
             }
             "FulfilmentOverdue" => {
-                if cancelled(ctx)? {
+                if cancelled {
                     ctx.info(&format!(
                         "order {order_id}: nothing more came within {} s of its cancellation",
                         GRACE.as_secs()
@@ -178,17 +180,11 @@ impl Plugin for Fulfilment {
                 )));
             }
         }
-        if cancelled(ctx)? {
+        if cancelled {
             return close_when_settled(ctx);
         }
         ship_when_ready(ctx, &order_id)
     }
-}
-
-/// Whether the order was cancelled (and the instance waits for late
-/// arrivals to undo them).
-fn cancelled(ctx: &mut Context<'_>) -> Result<bool, HandlerError> {
-    Ok(ctx.state().get::<bool>("cancelled")?.unwrap_or(false))
 }
 
 /// Completes a cancelled order's instance once its reservation and its
