@@ -35,7 +35,7 @@
 //! | [`runtime`] | loading a pipeline's plugins, starting its transport, stores, routes and admin listener, and stopping them |
 //! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz`, `/plugins` |
 //! | [`supervisor`] | the route supervisor: one route per plugin, and every change to a running host (swaps, pipeline edits, deploys, rollbacks, the file watcher) |
-//! | [`dispatch`] | one route: the loop (`mod.rs`), the worker and its immediate retries (`worker.rs`), a saga message's instance and step (`saga.rs`), verdicts to durable steps (`plan.rs`), the order of writes (`commit.rs`), the versions a route runs (`version.rs`) |
+//! | [`dispatch`] | one route: the loop (`mod.rs`), the worker and its immediate retries (`worker.rs`), lanes of a route with `concurrency` above 1 (`lanes.rs`), a saga message's instance and step (`saga.rs`), verdicts to durable steps (`plan.rs`), the order of writes (`commit.rs`), the versions a route runs (`version.rs`) |
 //! | `crash_loop` | the crash-loop guard: messages in hand when the host died |
 //! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
 //! | [`transport`] | the [`transport::Transport`] contract; the embedded SQLite transport, RabbitMQ and Kafka; CloudEvents bindings |

@@ -21,6 +21,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A warm instance is replaced after this many messages, so state or memory
 /// a plugin leaks between messages cannot grow without bound.
 pub const DEFAULT_RECYCLE_AFTER: u64 = 10_000;
+/// The most warm instances one route may run side by side.
+pub const MAX_CONCURRENCY: usize = 64;
 /// Most messages one handler call may emit; a plugin stuck in an emit loop
 /// must not exhaust the host's memory.
 pub const DEFAULT_MAX_OUTPUTS: u64 = 1_000;
@@ -131,7 +133,10 @@ impl Pipeline {
     pub fn batch_size(&self) -> usize {
         match &self.transport {
             TransportConfig::Embedded(e) => e.batch_size,
-            TransportConfig::Amqp(a) => usize::from(a.prefetch),
+            // Half the window: while one batch is handled and settled,
+            // the broker fills the other half, so the route never waits
+            // for deliveries after an ack.
+            TransportConfig::Amqp(a) => usize::from(a.prefetch).div_ceil(2),
             TransportConfig::Kafka(k) => k.batch_size,
         }
     }
@@ -364,6 +369,8 @@ pub struct Limits {
     pub max_state_value: u64,
     /// State keys one `handle` call may write.
     pub max_state_keys: u64,
+    /// Warm instances the plugin's route runs side by side (`concurrency`).
+    pub concurrency: usize,
 }
 
 impl Default for Limits {
@@ -375,6 +382,7 @@ impl Default for Limits {
             max_outputs: DEFAULT_MAX_OUTPUTS,
             max_state_value: DEFAULT_MAX_STATE_VALUE,
             max_state_keys: DEFAULT_MAX_STATE_KEYS,
+            concurrency: 1,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! the delivery. A failed write leaves the delivery to be received again.
 
 mod commit;
+mod lanes;
 mod plan;
 pub mod saga;
 mod version;
@@ -145,8 +146,12 @@ struct Route {
     shutdown: watch::Receiver<bool>,
     stop: Arc<AtomicBool>,
     plugin: LoadedPlugin,
-    /// Runs the plugin; on a blocking thread while a batch is handled.
-    worker: Option<Worker>,
+    /// Run the plugin, one per lane (`concurrency`); on blocking threads
+    /// while a batch is handled.
+    workers: Vec<Worker>,
+    /// The last batch had messages given back because a lane read what
+    /// another wrote: the next one runs on one lane.
+    serial_next: bool,
     in_flight_attrs: [KeyValue; 1],
     backoff: Backoff,
     state: RouteState,
@@ -176,7 +181,7 @@ impl Route {
         let first = updates.versions.borrow_and_update().clone();
         let plugin = first.plugin.clone();
         ctx.policy = first.policy.clone();
-        let worker = worker_for(&ctx, &first);
+        let workers = workers_for(&ctx, &first);
         // A guard that cannot keep its record is a net missing, not a
         // reason to stop the route.
         let crashes =
@@ -198,7 +203,8 @@ impl Route {
             shutdown,
             stop,
             plugin,
-            worker: Some(worker),
+            workers,
+            serial_next: false,
             backoff: Backoff::default(),
             state: RouteState::default(),
             ready: Vec::new(),
@@ -251,9 +257,10 @@ impl Route {
         let (batch, mut done) = self.screen_done(batch).await;
         doomed.append(&mut done);
         self.take_new_version();
-        let Some(worker) = self.worker.take() else {
-            anyhow::bail!("route {} lost its worker", self.plugin.name());
-        };
+        let workers = std::mem::take(&mut self.workers);
+        if workers.is_empty() {
+            anyhow::bail!("route {} lost its workers", self.plugin.name());
+        }
         let received = i64::try_from(batch.len()).unwrap_or(i64::MAX);
         self.ctx
             .telemetry
@@ -272,7 +279,7 @@ impl Route {
         if let Some(g) = &crashes {
             g.in_hand(batch.iter().map(|d| d.envelope.id.as_str()));
         }
-        let outcome = self.handle(worker, batch, received).await?;
+        let outcome = self.handle(workers, batch, received).await?;
         let handled = Handled {
             outcome,
             doomed,
@@ -362,7 +369,7 @@ impl Route {
         }
         let started = Instant::now();
         let next = self.updates.versions.borrow_and_update().clone();
-        let old = self.worker.replace(worker_for(&self.ctx, &next));
+        let old = std::mem::replace(&mut self.workers, workers_for(&self.ctx, &next));
         self.plugin = next.plugin.clone();
         self.ctx.policy = next.policy.clone();
         let took = started.elapsed();
@@ -379,33 +386,69 @@ impl Route {
             took = ?took,
             "Plugin version swapped"
         );
-        // The old instance's memory is released off this task.
-        if let Some(old) = old {
+        // The old instances' memory is released off this task.
+        if !old.is_empty() {
             tokio::task::spawn_blocking(move || drop(old));
         }
     }
 
-    /// Runs the batch through the plugin on a blocking thread while this
-    /// one takes in what the transport already holds (unless the route is
-    /// stopping, when it would only go back).
+    /// Runs the batch through the plugin on blocking threads, one per lane
+    /// (see [`lanes`]), while this one takes in what the transport already
+    /// holds (unless the route is stopping, when it would only go back).
     async fn handle(
         &mut self,
-        mut w: Worker,
+        workers: Vec<Worker>,
         batch: Vec<Delivery>,
         received: i64,
     ) -> Result<BatchOutcome> {
-        let stop_flag = self.stop.clone();
-        let handling = tokio::task::spawn_blocking(move || {
-            let outcome = w.handle_batch(batch, &stop_flag);
-            (w, outcome)
-        });
+        let serial = std::mem::take(&mut self.serial_next);
+        let (parts, split) = if workers.len() > 1 && batch.len() > 1 && !serial {
+            let mut split = lanes::split(batch, workers.len(), self.ctx.saga.as_deref());
+            (std::mem::take(&mut split.lanes), Some(split))
+        } else {
+            (vec![batch], None)
+        };
+        // The lanes share the batch's output budget.
+        let budget = BATCH_OUTPUT_BUDGET / parts.len().max(1);
+        let mut parts = parts.into_iter();
+        let mut running = Vec::with_capacity(workers.len());
+        for mut w in workers {
+            let part = parts.next().unwrap_or_default();
+            if part.is_empty() {
+                running.push(Lane::Idle(Box::new(w)));
+                continue;
+            }
+            w.record_reads(split.is_some());
+            let stop_flag = self.stop.clone();
+            running.push(Lane::Busy(tokio::task::spawn_blocking(move || {
+                let outcome = w.handle_batch_within(part, &stop_flag, budget);
+                (w, outcome)
+            })));
+        }
         if !self.stop.load(Ordering::Relaxed) && !*self.shutdown.borrow() {
             let room = self.batch_size.saturating_sub(self.ready.len());
             if room > 0 {
                 self.ready.extend(self.subscription.take_ready(room));
             }
         }
-        let Ok((w, outcome)) = handling.await else {
+        let mut outcomes = Vec::with_capacity(running.len());
+        let mut panicked = false;
+        for lane in running {
+            match lane {
+                Lane::Idle(w) => {
+                    self.workers.push(*w);
+                    outcomes.push(BatchOutcome::default());
+                }
+                Lane::Busy(task) => match task.await {
+                    Ok((w, outcome)) => {
+                        self.workers.push(w);
+                        outcomes.push(outcome);
+                    }
+                    Err(_) => panicked = true,
+                },
+            }
+        }
+        if panicked {
             self.ctx
                 .telemetry
                 .metrics
@@ -417,9 +460,25 @@ impl Route {
                     .await?;
             }
             anyhow::bail!("route {} worker panicked", self.plugin.name());
+        }
+        let Some(split) = split else {
+            return Ok(outcomes.into_iter().next().unwrap_or_default());
         };
-        self.worker = Some(w);
-        Ok(outcome)
+        let merged = lanes::merge(split, outcomes);
+        if merged.rerun > 0 {
+            self.serial_next = true;
+            self.ctx
+                .telemetry
+                .metrics
+                .rerun
+                .add(merged.rerun as u64, &self.in_flight_attrs);
+            tracing::debug!(
+                plugin = %self.plugin.name(),
+                rerun = merged.rerun,
+                "A message read what a message on another lane wrote; it and the rest of the batch go back, and the next batch runs on one lane"
+            );
+        }
+        Ok(merged.outcome)
     }
 
     /// Commits what was processed and gives back what was not (with what
@@ -437,6 +496,7 @@ impl Route {
                     mut processed,
                     mut unhandled,
                     route_error,
+                    reads: _,
                 },
             mut doomed,
             received,
@@ -513,6 +573,20 @@ impl Route {
         }
         Ok(())
     }
+}
+
+/// A lane of a batch being handled: its worker waiting, or running it.
+enum Lane {
+    Idle(Box<Worker>),
+    Busy(tokio::task::JoinHandle<(Worker, BatchOutcome)>),
+}
+
+/// The workers of a version of the route's plugin, one per lane
+/// (`concurrency`); the first takes the instance made in advance.
+fn workers_for(ctx: &RouteContext, version: &Version) -> Vec<Worker> {
+    (0..version.plugin.limits().concurrency.max(1))
+        .map(|_| worker_for(ctx, version))
+        .collect()
 }
 
 /// A worker for a version of the route's plugin.

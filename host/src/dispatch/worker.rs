@@ -39,6 +39,9 @@ pub struct Worker {
     /// `[host] max_message_size`: an output with a larger payload fails
     /// its call as a contract violation.
     max_message_size: u64,
+    /// Whether what each message reads is recorded (see
+    /// [`Worker::record_reads`]).
+    recording: bool,
 }
 
 /// The `message.type` metric attribute of the last type seen: a run of
@@ -98,6 +101,9 @@ pub struct BatchOutcome {
     /// The plugin could not run at all (it failed to instantiate): no
     /// message is at fault, so none is failed.
     pub route_error: Option<anyhow::Error>,
+    /// What each processed message read, in the order of `processed`,
+    /// when the worker records reads (see [`Worker::record_reads`]).
+    pub reads: Vec<crate::state::Reads>,
 }
 
 /// `name@version`, as attempts name the plugin that made them.
@@ -237,6 +243,7 @@ impl Worker {
             telemetry: Telemetry::off(),
             schemas: Arc::default(),
             max_message_size: crate::limits::DEFAULT_MAX_MESSAGE_SIZE,
+            recording: false,
         }
     }
 
@@ -666,18 +673,40 @@ impl Worker {
         }
     }
 
+    /// Records what each message of a batch reads from its state (for a
+    /// route whose lanes run side by side), in [`BatchOutcome::reads`].
+    pub fn record_reads(&mut self, on: bool) {
+        self.recording = on && self.state.is_some();
+        if let Some(scope) = &self.state {
+            scope.record_reads(self.recording);
+        }
+    }
+
     /// Handles a batch in order, stopping early (and leaving the rest
     /// unhandled) when `stop` is set, when the batch's outputs reach their
     /// memory budget, or when the plugin cannot be instantiated.
     pub fn handle_batch(&mut self, batch: Vec<Delivery>, stop: &AtomicBool) -> BatchOutcome {
+        self.handle_batch_within(batch, stop, BATCH_OUTPUT_BUDGET)
+    }
+
+    /// [`Worker::handle_batch`] with a budget of `budget` bytes of outputs.
+    pub fn handle_batch_within(
+        &mut self,
+        batch: Vec<Delivery>,
+        stop: &AtomicBool,
+        budget: usize,
+    ) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         let mut bytes = 0usize;
         if let Some(scope) = &self.state {
             scope.begin_batch();
+            if self.recording {
+                scope.take_reads();
+            }
         }
         let mut rest = batch.into_iter();
         for mut delivery in rest.by_ref() {
-            if stop.load(Ordering::Relaxed) || bytes >= BATCH_OUTPUT_BUDGET {
+            if stop.load(Ordering::Relaxed) || bytes >= budget {
                 out.unhandled.push(delivery);
                 break;
             }
@@ -690,6 +719,9 @@ impl Worker {
                 Ok((verdict, span)) => {
                     if let Verdict::Handled(outputs) = &verdict {
                         bytes += output_bytes(outputs);
+                    }
+                    if let Some(scope) = self.state.as_ref().filter(|_| self.recording) {
+                        out.reads.push(scope.take_reads());
                     }
                     out.processed.push(Processed {
                         delivery,

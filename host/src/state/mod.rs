@@ -263,6 +263,33 @@ pub struct Scope {
     instances: Mutex<BTreeMap<String, Instance>>,
     /// Timeouts the steps handled so far in this batch handled.
     fired: Mutex<std::collections::BTreeSet<String>>,
+    /// What the message in hand read, while reads are recorded (`None`:
+    /// they are not).
+    reads: Mutex<Option<Reads>>,
+}
+
+/// What one message read through its route's [`Scope`]: enough to tell
+/// whether it read something a message handled beside it (on another lane
+/// of a route with `concurrency` above 1) wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// State keys read (as stored: a saga's keys carry their instance).
+    pub keys: Vec<String>,
+    /// Key ranges listed: prefix, and the key the page started after.
+    pub ranges: Vec<(String, Option<String>)>,
+    /// Saga instances read.
+    pub instances: Vec<String>,
+    /// Saga timeouts whose owner was read.
+    pub timeouts: Vec<String>,
+}
+
+impl Reads {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.ranges.is_empty()
+            && self.instances.is_empty()
+            && self.timeouts.is_empty()
+    }
 }
 
 impl std::fmt::Debug for Scope {
@@ -281,7 +308,37 @@ impl Scope {
             batch: Mutex::new(BTreeMap::new()),
             instances: Mutex::new(BTreeMap::new()),
             fired: Mutex::new(std::collections::BTreeSet::new()),
+            reads: Mutex::new(None),
         })
+    }
+
+    /// Starts (or stops) recording what each message reads; see
+    /// [`Scope::take_reads`].
+    pub fn record_reads(&self, on: bool) {
+        *self.reads.lock().unwrap_or_else(PoisonError::into_inner) = on.then(Reads::default);
+    }
+
+    /// What was read since the last call (empty when reads are not
+    /// recorded).
+    pub fn take_reads(&self) -> Reads {
+        self.reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Records a read, when reads are recorded.
+    fn read(&self, add: impl FnOnce(&mut Reads)) {
+        if let Some(r) = self
+            .reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            add(r);
+        }
     }
 
     fn batch(&self) -> MutexGuard<'_, BTreeMap<String, Option<Vec<u8>>>> {
@@ -306,6 +363,7 @@ impl Scope {
     /// The instance of timeout `id` while it is pending, as the next
     /// message sees it.
     pub fn timeout_instance(&self, id: &str) -> Result<Option<String>> {
+        self.read(|r| r.timeouts.push(id.to_owned()));
         if self
             .fired
             .lock()
@@ -320,6 +378,7 @@ impl Scope {
     /// The saga instance `id` as the next message sees it: as the batch's
     /// steps left it, or as stored.
     pub fn instance(&self, id: &str) -> Result<Option<Instance>> {
+        self.read(|r| r.instances.push(id.to_owned()));
         if let Some(i) = self
             .instances
             .lock()
@@ -359,6 +418,7 @@ impl Scope {
         if let Some(v) = call.writes.get(key) {
             return Ok(v.clone());
         }
+        self.read(|r| r.keys.push(key.to_owned()));
         if let Some(v) = self.batch().get(key) {
             return Ok(v.clone());
         }
@@ -378,6 +438,9 @@ impl Scope {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        self.read(|r| {
+            r.ranges.push((prefix.to_owned(), after.map(str::to_owned)));
+        });
         let in_range = |k: &str| k.starts_with(prefix) && after.is_none_or(|a| k > a);
         // Which keys of the range the batch and the call set (`true`) or
         // deleted (`false`); the values stay where they are.

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub saga_active: Gauge<u64>,
     pub saga_not_found: Counter<u64>,
     pub saga_conflicts: Counter<u64>,
+    /// Messages a route with `concurrency` above 1 handled beside one that
+    /// wrote what they read, given back to be handled again.
+    pub rerun: Counter<u64>,
 }
 
 /// Shares the manual reader between the meter provider and `/metrics`.
@@ -163,6 +166,10 @@ impl Metrics {
             saga_conflicts: meter
                 .u64_counter("switchyard.saga.conflicts")
                 .with_description("Batches handled again because a saga instance changed meanwhile")
+                .build(),
+            rerun: meter
+                .u64_counter("switchyard.messages.rerun")
+                .with_description("Messages handled beside one that wrote what they read (concurrency above 1), given back to be handled again")
                 .build(),
             provider,
             reader,

@@ -151,7 +151,16 @@ struct Shared {
     /// Bumped when scheduled rows are made due sooner
     /// ([`Transport::advance_time`]): subscriptions then look again.
     rescheduled: std::sync::atomic::AtomicU64,
+    /// Wakes this process's reply inboxes when a settle wrote a reply.
+    replied: Notify,
 }
+
+/// How often an idle route asks SQLite whether another process wrote to
+/// the store (`PRAGMA data_version`), and how often a reply inbox looks for
+/// a reply another process wrote: what a message from `switchyard send`
+/// waits, at most, before a running host sees it, and its reply before
+/// `send --wait-reply` does.
+const WATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 struct Routing {
     topology: Topology,
@@ -229,6 +238,7 @@ impl EmbeddedTransport {
                 state: crate::state::sqlite::SqliteState::reader(&path),
                 replies_pruned_at_ms: std::sync::atomic::AtomicU64::new(0),
                 rescheduled: std::sync::atomic::AtomicU64::new(0),
+                replied: Notify::new(),
             }),
         })
     }
@@ -337,6 +347,14 @@ impl EmbeddedTransport {
         let address = address.to_owned();
         self.blocking(move |s| {
             let mut conn = lock(&s.writer);
+            // Looked for first without taking the write lock: inboxes look
+            // often, and most looks find nothing.
+            let waiting: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM replies WHERE address = ?1)")?
+                .query_row(params![address], |r| r.get(0))?;
+            if !waiting {
+                return Ok(None);
+            }
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let reply = tx
                 .query_row(
@@ -684,14 +702,26 @@ impl super::ReplyInbox for EmbeddedInbox {
     }
 
     async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Option<Reply>> {
+        let shared = self.transport.shared.clone();
         loop {
+            // Armed before looking, so a reply settled in between still
+            // wakes this wait.
+            let replied = shared.replied.notified();
+            tokio::pin!(replied);
+            replied.as_mut().enable();
             if let Some(reply) = self.transport.take_reply(&self.address).await? {
                 return Ok(Some(reply));
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Ok(None);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // A host in this process wakes the wait; one in another
+            // process is seen at the next look.
+            tokio::select! {
+                () = &mut replied => {}
+                () = tokio::time::sleep_until(deadline.min(now + WATCH_INTERVAL)) => {}
+            }
         }
     }
 }
@@ -873,6 +903,38 @@ impl EmbeddedTransport {
     }
 }
 
+impl EmbeddedSubscription {
+    /// Waits up to `wait` for something to read: a write to this route by
+    /// this process (its waker), or a commit by another process (`PRAGMA
+    /// data_version` changes; asked every [`WATCH_INTERVAL`]).
+    async fn wait_for_work(&mut self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let seen = self.data_version();
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::select! {
+                () = self.waker.notified() => return,
+                () = tokio::time::sleep_until(until.min(now + WATCH_INTERVAL)) => {}
+            }
+            if self.data_version() != seen {
+                return;
+            }
+        }
+    }
+
+    /// The reader's `PRAGMA data_version`: it changes when a connection
+    /// other than the reader commits. `None` when it cannot be read (the
+    /// route then waits out its poll interval).
+    fn data_version(&self) -> Option<i64> {
+        lock(&self.reader)
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .ok()
+    }
+}
+
 /// The consuming side of one route of the embedded store.
 pub struct EmbeddedSubscription {
     transport: EmbeddedTransport,
@@ -951,10 +1013,7 @@ impl Subscription for EmbeddedSubscription {
                 Some(due) => poll.min(Duration::from_millis(due.saturating_sub(now_ms()))),
                 None => poll,
             };
-            tokio::select! {
-                _ = self.waker.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
+            self.wait_for_work(wait).await;
         }
     }
 
@@ -982,6 +1041,9 @@ impl Subscription for EmbeddedSubscription {
                 _ => Vec::new(),
             })
             .min();
+        let replies = batch
+            .iter()
+            .any(|s| matches!(&s.outcome, Outcome::Handled { reply: Some(_), .. }));
         let result = self
             .transport
             .blocking(move |s| {
@@ -1079,6 +1141,9 @@ impl Subscription for EmbeddedSubscription {
         match result {
             Ok(touched) => {
                 self.transport.wake(touched);
+                if replies {
+                    self.transport.shared.replied.notify_waiters();
+                }
                 if let Some(due) = earliest_retry {
                     self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
                 }

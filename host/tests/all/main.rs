@@ -11,6 +11,7 @@ mod amqp_reliability;
 mod broker_contract;
 mod cli;
 mod common;
+mod concurrency;
 mod config_fixtures;
 mod contract;
 mod dead_letters;

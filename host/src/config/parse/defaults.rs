@@ -1,12 +1,12 @@
 //! `[defaults]`, and the limit keys it shares with every plugin table
 //! (`memory`, `timeout`, `recycle_after`, `max_outputs`, `max_state_value`,
-//! `max_state_keys`).
+//! `max_state_keys`, `concurrency`).
 
 use std::time::Duration;
 
 use super::Parser;
 use crate::config::diagnostic::Diagnostic;
-use crate::config::model::Limits;
+use crate::config::model::{Limits, MAX_CONCURRENCY};
 use crate::config::names::{format_size, parse_size};
 use crate::config::reader::Section;
 use crate::recover::RetryPolicy;
@@ -92,6 +92,21 @@ impl Parser<'_> {
         }
         if let Some(n) = section.count("max_state_keys", self.diags) {
             limits.max_state_keys = n.value;
+        }
+        if let Some(n) = section.count("concurrency", self.diags) {
+            match usize::try_from(n.value) {
+                Ok(c) if (1..=MAX_CONCURRENCY).contains(&c) => limits.concurrency = c,
+                _ => self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "`concurrency` must be between 1 and {MAX_CONCURRENCY}, not {}",
+                            n.value
+                        ),
+                        n.span,
+                    )
+                    .with_label("out of range"),
+                ),
+            }
         }
         limits
     }
