@@ -7,6 +7,9 @@
 //!   500 customers, the customer as partition key.
 //! - `fraud` (JavaScript, the example; about 200 µs a message) handling
 //!   `OrderPlaced`, which counts each customer's orders; the same keys.
+//!   Each order it accepts sends a `SignReceipt` command, handled by the C
+//!   `receipts` example on a route with as many lanes, so the drain counts
+//!   both.
 //! - `counter` (Rust, a few µs a message) counting one key that every
 //!   message updates, without partition keys: the worst case, where lanes
 //!   keep reading what the other wrote and messages go back.
@@ -91,7 +94,13 @@ const CASES: [Case; 3] = [
     Case {
         name: "javascript fraud, per-customer state",
         plugin: "fraud",
-        route: "events = [\"OrderPlaced\"]\nmemory = \"64 MiB\"",
+        // Every order it accepts becomes a `SignReceipt` command, handled
+        // by the C `receipts` example with as many lanes; `notices` takes
+        // the `NotifyCustomer` commands of orders under review (none here).
+        route: "events = [\"OrderPlaced\"]\nmemory = \"64 MiB\"\n\
+                [plugins.receipts]\nwasm = \"{dist}/receipts.wasm\"\ncommands = [\"SignReceipt\"]\nconcurrency = {concurrency}\n\
+                [plugins.notices]\nwasm = \"{dist}/notices.wasm\"\ncommands = [\"NotifyCustomer\"]\nmemory = \"64 MiB\"\n\
+                [plugins.notices.grants]\nclock = true",
         message: order,
     },
     Case {
@@ -114,7 +123,10 @@ fn pipeline(dir: &Path, case: &Case, concurrency: usize) -> switchyard::config::
             "[transport]\npath = \"{name}.db\"\n[plugins.{p}]\nwasm = \"{d}/{p}.wasm\"\nconcurrency = {concurrency}\n{r}\n",
             p = case.plugin,
             d = dist(),
-            r = case.route,
+            r = case
+                .route
+                .replace("{dist}", &dist())
+                .replace("{concurrency}", &concurrency.to_string()),
         ),
     )
     .unwrap();

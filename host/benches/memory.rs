@@ -96,7 +96,13 @@ const PLUGINS: [Plugin; 3] = [
     Plugin {
         language: "JavaScript (fraud)",
         name: "fraud",
-        keys: "events = [\"OrderPlaced\"]\nmemory = \"64 MiB\"",
+        // Its `SignReceipt` and `NotifyCustomer` commands need handlers:
+        // the C `receipts` and the Python `notices` examples, one instance
+        // each whatever the concurrency of `fraud`.
+        keys: "events = [\"OrderPlaced\"]\nmemory = \"64 MiB\"\n\
+               [plugins.receipts]\nwasm = \"{dist}/receipts.wasm\"\ncommands = [\"SignReceipt\"]\n\
+               [plugins.notices]\nwasm = \"{dist}/notices.wasm\"\ncommands = [\"NotifyCustomer\"]\nmemory = \"64 MiB\"\n\
+               [plugins.notices.grants]\nclock = true",
         message: order,
     },
 ];
@@ -109,7 +115,7 @@ fn pipeline(dir: &Path, name: &str, transport: &str, plugin: &Plugin, lanes: usi
             "[pipeline]\nname = \"{name}\"\n{transport}\n[plugins.{p}]\nwasm = \"{d}/{p}.wasm\"\nconcurrency = {lanes}\n{k}\n",
             p = plugin.name,
             d = dist(),
-            k = plugin.keys,
+            k = plugin.keys.replace("{dist}", &dist()),
         ),
     )
     .unwrap();
@@ -119,18 +125,28 @@ fn pipeline(dir: &Path, name: &str, transport: &str, plugin: &Plugin, lanes: usi
 /// A `switchyard run` that is killed when dropped.
 struct Host {
     child: std::process::Child,
+    log: PathBuf,
 }
 
 impl Host {
     fn start(path: &Path) -> Host {
+        let log = path.with_extension("log");
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("run")
             .arg(path)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Host { child }
+        Host { child, log }
+    }
+
+    /// Fails the bench with the host's log if the host has exited.
+    fn check(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("the host exited ({status}):\n{log}");
+        }
     }
 
     /// VmRSS and VmHWM, in bytes.
@@ -157,7 +173,7 @@ impl Drop for Host {
 
 /// Enqueues `n` messages of `plugin` and waits until the host drained
 /// them.
-async fn drain(path: &Path, plugin: &Plugin, n: usize) {
+async fn drain(host: &mut Host, path: &Path, plugin: &Plugin, n: usize) {
     let pipeline = switchyard::config::load(path).unwrap().pipeline;
     let transport = switchyard::runtime::open(&pipeline).await.unwrap();
     let mut i = 0;
@@ -168,6 +184,7 @@ async fn drain(path: &Path, plugin: &Plugin, n: usize) {
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     while !transport.is_idle().await.unwrap() {
+        host.check();
         assert!(Instant::now() < deadline, "the host did not drain");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -187,12 +204,12 @@ fn wait_up(path: &Path) {
 
 /// Starts a host and waits until it has created its store and routes.
 async fn up(path: &Path, plugin: &Plugin) -> Host {
-    let host = Host::start(path);
+    let mut host = Host::start(path);
     if plugin.name == "echo" {
         wait_up(path);
     } else {
         // One message through the route says it runs.
-        drain(path, plugin, 1).await;
+        drain(&mut host, path, plugin, 1).await;
     }
     host
 }
@@ -250,10 +267,10 @@ fn main() {
                     plugin,
                     lanes,
                 );
-                let host = up(&path, plugin).await;
+                let mut host = up(&path, plugin).await;
                 // Several batches of messages without keys: every lane
                 // gets some, so every lane has made its instance.
-                drain(&path, plugin, 2_000).await;
+                drain(&mut host, &path, plugin, 2_000).await;
                 settle();
                 rss.push(host.memory().0);
             }
@@ -282,10 +299,10 @@ fn main() {
                     amqp(&pname)
                 };
                 let path = pipeline(dir.path(), &pname, &table, &ECHO, 1);
-                let host = up(&path, &ECHO).await;
+                let mut host = up(&path, &ECHO).await;
                 let (idle, _) = host.memory();
                 let started = Instant::now();
-                drain(&path, &ECHO, n).await;
+                drain(&mut host, &path, &ECHO, n).await;
                 let took = started.elapsed();
                 let (rss, peak) = host.memory();
                 println!(

@@ -133,10 +133,7 @@ impl Pipeline {
     pub fn batch_size(&self) -> usize {
         match &self.transport {
             TransportConfig::Embedded(e) => e.batch_size,
-            // Half the window: while one batch is handled and settled,
-            // the broker fills the other half, so the route never waits
-            // for deliveries after an ack.
-            TransportConfig::Amqp(a) => usize::from(a.prefetch).div_ceil(2),
+            TransportConfig::Amqp(a) => usize::from(a.prefetch),
             TransportConfig::Kafka(k) => k.batch_size,
         }
     }

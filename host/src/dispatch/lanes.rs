@@ -4,7 +4,7 @@
 //!
 //! [`split`] deals the batch out: messages with the same key (a saga's
 //! instance, otherwise the partition key) go to the same lane, in their
-//! order; messages without one are dealt in turn. Each lane runs on its
+//! order, and the lanes get as many messages each as the keys allow. Each lane runs on its
 //! own worker, which reads the state as committed plus what its own lane
 //! wrote. [`merge`] puts the results back in the batch's order and checks
 //! each message against the ones before it: a message that read a state
@@ -17,7 +17,6 @@
 //! one.
 
 use std::collections::HashMap;
-use std::hash::{Hash as _, Hasher as _};
 
 use super::worker::{BatchOutcome, Processed, Verdict};
 use crate::plugin::Output;
@@ -58,26 +57,58 @@ fn key_of(d: &Delivery, saga: Option<&SagaSpec>) -> Option<String> {
 }
 
 /// Deals `batch` out to `n` lanes (see the module's documentation).
+///
+/// Lanes exist only within a batch (the next batch starts when this one is
+/// settled), so a key need not keep its lane from one batch to the next:
+/// the messages are grouped by key, and the groups, largest first, go to
+/// the lane with the fewest messages so far. A message without a key is a
+/// group of its own.
 pub(super) fn split(batch: Vec<Delivery>, n: usize, saga: Option<&SagaSpec>) -> Split {
     let n = n.max(1);
+    // The group of each delivery, and each group's size, in order of
+    // first appearance.
+    let mut group_of = Vec::with_capacity(batch.len());
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut groups: HashMap<String, usize> = HashMap::new();
+    for d in &batch {
+        let g = match key_of(d, saga) {
+            Some(key) => *groups.entry(key).or_insert_with(|| {
+                sizes.push(0);
+                sizes.len() - 1
+            }),
+            None => {
+                sizes.push(0);
+                sizes.len() - 1
+            }
+        };
+        if let Some(size) = sizes.get_mut(g) {
+            *size += 1;
+        }
+        group_of.push(g);
+    }
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    // Stable: groups of one size keep their order of appearance.
+    order.sort_by_key(|&g| std::cmp::Reverse(sizes.get(g).copied().unwrap_or(0)));
+    let mut load = vec![0usize; n];
+    let mut lane_of_group = vec![0usize; sizes.len()];
+    for g in order {
+        let lane = load
+            .iter()
+            .enumerate()
+            .min_by_key(|&(_, &count)| count)
+            .map_or(0, |(l, _)| l);
+        if let Some(count) = load.get_mut(lane) {
+            *count += sizes.get(g).copied().unwrap_or(0);
+        }
+        if let Some(slot) = lane_of_group.get_mut(g) {
+            *slot = lane;
+        }
+    }
     let mut lanes: Vec<Vec<Delivery>> = (0..n).map(|_| Vec::new()).collect();
     let mut lane_of = Vec::with_capacity(batch.len());
     let mut before = Vec::with_capacity(batch.len());
-    let mut turn = 0usize;
-    for d in batch {
-        let lane = match key_of(&d, saga) {
-            Some(key) => {
-                // SipHash with fixed keys: the same key takes the same lane
-                // in every batch.
-                let mut h = std::hash::DefaultHasher::new();
-                key.hash(&mut h);
-                usize::try_from(h.finish() % n as u64).unwrap_or(0)
-            }
-            None => {
-                turn += 1;
-                (turn - 1) % n
-            }
-        };
+    for (d, g) in batch.into_iter().zip(group_of) {
+        let lane = lane_of_group.get(g).copied().unwrap_or(0);
         lane_of.push(lane);
         before.push((d.envelope.history.len(), d.envelope.attempt));
         if let Some(l) = lanes.get_mut(lane) {
@@ -345,6 +376,26 @@ mod tests {
         let sizes: Vec<usize> = split.lanes.iter().map(Vec::len).collect();
         assert_eq!(sizes, [2, 2, 2]);
         assert_eq!(ids(&split.lanes[1]), ["m1", "m4"]);
+    }
+
+    #[test]
+    fn keys_are_spread_so_the_lanes_get_even_shares() {
+        // Groups of 5, 3 and 2 messages and two without a key: 6 and 6.
+        let keys = ["a", "a", "b", "a", "c", "b", "a", "x", "c", "b", "a", "y"];
+        let batch = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| delivery(&format!("m{i}"), (!matches!(*k, "x" | "y")).then_some(*k)))
+            .collect();
+        let split = split(batch, 2, None);
+        let sizes: Vec<usize> = split.lanes.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [6, 6]);
+        let a: Vec<&str> = split.lanes[0]
+            .iter()
+            .filter(|d| d.envelope.partition_key.as_deref() == Some("a"))
+            .map(|d| d.envelope.id.as_str())
+            .collect();
+        assert_eq!(a, ["m0", "m1", "m3", "m6", "m10"]);
     }
 
     #[test]

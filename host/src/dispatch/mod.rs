@@ -149,9 +149,9 @@ struct Route {
     /// Run the plugin, one per lane (`concurrency`); on blocking threads
     /// while a batch is handled.
     workers: Vec<Worker>,
-    /// The last batch had messages given back because a lane read what
-    /// another wrote: the next one runs on one lane.
-    serial_next: bool,
+    /// Batches still to run on one lane because lanes read what other
+    /// lanes wrote (see [`Route::handle`]).
+    serial: Serial,
     in_flight_attrs: [KeyValue; 1],
     backoff: Backoff,
     state: RouteState,
@@ -204,7 +204,7 @@ impl Route {
             stop,
             plugin,
             workers,
-            serial_next: false,
+            serial: Serial::default(),
             backoff: Backoff::default(),
             state: RouteState::default(),
             ready: Vec::new(),
@@ -401,7 +401,7 @@ impl Route {
         batch: Vec<Delivery>,
         received: i64,
     ) -> Result<BatchOutcome> {
-        let serial = std::mem::take(&mut self.serial_next);
+        let serial = self.serial.take();
         let (parts, split) = if workers.len() > 1 && batch.len() > 1 && !serial {
             let mut split = lanes::split(batch, workers.len(), self.ctx.saga.as_deref());
             (std::mem::take(&mut split.lanes), Some(split))
@@ -465,8 +465,10 @@ impl Route {
             return Ok(outcomes.into_iter().next().unwrap_or_default());
         };
         let merged = lanes::merge(split, outcomes);
-        if merged.rerun > 0 {
-            self.serial_next = true;
+        if merged.rerun == 0 {
+            self.serial.clear();
+        } else {
+            self.serial.conflict();
             self.ctx
                 .telemetry
                 .metrics
@@ -475,7 +477,8 @@ impl Route {
             tracing::debug!(
                 plugin = %self.plugin.name(),
                 rerun = merged.rerun,
-                "A message read what a message on another lane wrote; it and the rest of the batch go back, and the next batch runs on one lane"
+                serial_batches = self.serial.span,
+                "A message read what a message on another lane wrote; it and the rest of the batch go back, and the next batches run on one lane"
             );
         }
         Ok(merged.outcome)
@@ -572,6 +575,39 @@ impl Route {
             self.backoff.wait(&mut self.shutdown).await;
         }
         Ok(())
+    }
+}
+
+/// How many batches run on one lane after lanes collided: one after a
+/// conflict, twice as many after each further conflict of the batch that
+/// follows them (up to [`Serial::MAX`]), none once a batch on lanes has
+/// none. A route whose messages keep colliding thus runs mostly as one
+/// lane, and tries its lanes again now and then.
+#[derive(Default)]
+struct Serial {
+    /// Batches left to run on one lane.
+    left: u32,
+    /// The length of the last run on one lane.
+    span: u32,
+}
+
+impl Serial {
+    const MAX: u32 = 64;
+
+    /// Whether the next batch runs on one lane.
+    fn take(&mut self) -> bool {
+        let serial = self.left > 0;
+        self.left = self.left.saturating_sub(1);
+        serial
+    }
+
+    fn conflict(&mut self) {
+        self.span = (self.span.saturating_mul(2)).clamp(1, Self::MAX);
+        self.left = self.span;
+    }
+
+    fn clear(&mut self) {
+        self.span = 0;
     }
 }
 
