@@ -39,6 +39,7 @@
 //! | `crash_loop` | the crash-loop guard: messages in hand when the host died |
 //! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
 //! | [`transport`] | the [`transport::Transport`] contract; the embedded SQLite transport, RabbitMQ and Kafka; CloudEvents bindings |
+//! | [`journal`] | the record of every handling of a message (SQLite or PostgreSQL), which `switchyard why` reads |
 //! | `schemas` | JSON Schema contracts of payloads |
 //! | [`plugin`] | wasmtime engine, compile cache, sandbox, host imports, deadline-bounded waits, contract checks |
 //! | [`state`] | plugin state: what a call reads (store, batch, call), what it changed, the SQLite and PostgreSQL stores |
@@ -59,6 +60,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod envelope;
 mod files;
+pub mod journal;
 mod json_diff;
 pub mod limits;
 mod pg;

@@ -292,6 +292,11 @@ pub async fn run_with(
         .map(|store| tokio::spawn(fire_timeouts(store, transport.clone())));
     let versions = versions_of(pipeline, &plugins)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The journal's writer stops after the routes, which settle their
+    // last batches first.
+    let (journal_stop, journal_stopped) = watch::channel(false);
+    let (journal, journal_pruner, journal_writer) =
+        open_journal(pipeline, &*transport, &telemetry, journal_stopped).await;
     let (control, mut exits) = Supervisor::start(
         plugins.engine.clone(),
         transport.clone(),
@@ -305,6 +310,7 @@ pub async fn run_with(
             schemas: plugins.schemas.clone(),
             crash_guard: crash_guard.clone(),
             state,
+            journal,
         },
     )
     .await?;
@@ -340,8 +346,15 @@ pub async fn run_with(
     .await;
     let _ = stop_tx.send(true);
     stop(&control, &mut exits, watcher, admin_task).await;
-    for task in [pruner, timer].into_iter().flatten() {
+    for task in [pruner, timer, journal_pruner].into_iter().flatten() {
         task.abort();
+    }
+    let _ = journal_stop.send(true);
+    if let Some(writer) = journal_writer {
+        // What the routes settled last is written before the host stops.
+        if tokio::time::timeout(JOURNAL_FLUSH, writer).await.is_err() {
+            tracing::warn!("The journal's last records were not written in time");
+        }
     }
     outcome?;
     if mode == RunMode::Drain && !transport.is_idle().await? {
@@ -407,6 +420,67 @@ async fn open_state(
         reader: store.clone(),
         store: Some(store),
     }))
+}
+
+/// How long a stopping host waits for its journal writer.
+const JOURNAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// How often the journal is pruned.
+const JOURNAL_PRUNE: Duration = Duration::from_secs(600);
+
+/// The journal as `[journal]` says: on the embedded transport written in
+/// the settle transaction; on a broker by a writer task of its own. A
+/// journal store that cannot be opened is logged and the host runs
+/// without a journal: it never stops messages. Returns the routes' sink,
+/// the pruning task and the writer task.
+async fn open_journal(
+    pipeline: &Pipeline,
+    transport: &dyn Transport,
+    telemetry: &crate::telemetry::Telemetry,
+    stop: watch::Receiver<bool>,
+) -> (
+    Option<crate::journal::Sink>,
+    Option<tokio::task::JoinHandle<()>>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
+    let config = &pipeline.journal;
+    if !config.enabled {
+        return (None, None, None);
+    }
+    let in_settle = transport.kind() == "embedded";
+    let store = match crate::journal::open(config, &pipeline.name).await {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "Cannot open the journal; running without one (messages are not affected)"
+            );
+            return (None, None, None);
+        }
+    };
+    let pruner = tokio::spawn(crate::journal::prune_every(
+        store.clone(),
+        config.clone(),
+        JOURNAL_PRUNE,
+    ));
+    if in_settle {
+        let sink = crate::journal::Sink::InSettle {
+            payloads: config.payloads,
+        };
+        return (Some(sink), Some(pruner), None);
+    }
+    tracing::info!(store = %store.location(), "Journal open");
+    let (writer, task) = crate::journal::Writer::start(
+        store,
+        telemetry.metrics.journal_dropped.clone(),
+        config.payloads,
+        stop,
+    );
+    (
+        Some(crate::journal::Sink::Writer(writer)),
+        Some(pruner),
+        Some(task),
+    )
 }
 
 /// How often a host on a broker looks for due saga timeouts.

@@ -331,14 +331,47 @@ fn demo() -> Result<()> {
         .next()
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .and_then(|v| v["id"].as_str().map(str::to_owned));
-    if let Some(id) = first {
+    if let Some(id) = &first {
         say("show one dead letter");
-        run(switchyard(&bin).args(["dlq", "show", "-p", pipeline, &id]))?;
+        run(switchyard(&bin).args(["dlq", "show", "-p", pipeline, id]))?;
     }
     say("the fulfilment saga: one instance per order");
     run(switchyard(&bin).args(["sagas", "list", "-p", pipeline]))?;
     say("the order no carrier takes: shipping failed for good, so the saga undid it");
     run(switchyard(&bin).args(["sagas", "show", "-p", pipeline, "fulfilment", "A-1004"]))?;
+    // The payment of A-1002, found in its flow (sent with a correlation id
+    // of our own).
+    let flow = switchyard(&bin)
+        .args([
+            "why",
+            "--correlation",
+            "order-A-1002",
+            "--json",
+            "-p",
+            pipeline,
+        ])
+        .output()
+        .map_err(|e| format!("cannot run why: {e}"))?;
+    let payment = serde_json::from_slice::<serde_json::Value>(&flow.stdout)
+        .ok()
+        .and_then(|v| {
+            v["messages"].as_array()?.iter().find_map(|m| {
+                (m["message_type"] == "ChargePayment")
+                    .then(|| m["id"].as_str().map(str::to_owned))?
+            })
+        })
+        .ok_or("the journal has no ChargePayment in flow order-A-1002")?;
+    say("what happened to the payment that timed out: switchyard why");
+    run(switchyard(&bin).args(["why", &payment, "-p", pipeline]))?;
+    let malformed = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"]["type"] == "PlaceOrder")
+        .and_then(|v| v["id"].as_str().map(str::to_owned));
+    if let Some(id) = &malformed {
+        say("and to the malformed order, from its dead-letter record");
+        run(switchyard(&bin).args(["why", id, "-p", pipeline]))?;
+    }
     Ok(())
 }
 
@@ -361,7 +394,7 @@ fn demo_traffic(bin: &Path, pipeline: &str) -> Result<()> {
     );
     place(
         r#"{"order_id":"A-1002","customer":"grace","items":[{"sku":"lamp","quantity":1,"unit_price_cents":4513}]}"#,
-        &[],
+        &["--correlation-id", "order-A-1002"],
     )?;
     say("send a malformed order (poison: a permanent failure)");
     place(r#"{"order_id":42}"#, &[])?;

@@ -8,6 +8,7 @@ mod sagas;
 mod state;
 pub(crate) mod test;
 mod validate;
+pub mod why;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -173,6 +174,19 @@ Outputs not listed fail the case. Exits with status 1 if any case fails.")]
     /// Inspect, replay and close dead letters: messages the host gave up on.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+
+    /// Tell what happened to a message: where it came from, what each
+    /// plugin did with it, what it caused, and where it is now.
+    #[command(after_help = "Examples:
+  switchyard why 0193a4c2-7f1e-7b3c-9a2d-5e8f0a1b2c3d -p pipelines/orders.toml
+  switchyard why 0193a4c2 -p pipelines/orders.toml          # a unique prefix of the id
+  switchyard why 01a222c2-be70 -p pipelines/orders.toml     # a dead-letter record's id
+  switchyard why --correlation order-A-1 -p pipelines/orders.toml --json
+
+Reads the pipeline's journal ([journal], on by default) and its dead-letter store.
+The message ids are in the host's log lines, in dead letters (`switchyard dlq show`)
+and in traces (messaging.message.id).")]
+    Why(why::WhyArgs),
 
     /// Look at what plugins keep in their state.
     #[command(subcommand)]
@@ -360,6 +374,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             Command::Dlq(command) => dlq::run(command).await,
             Command::State(command) => state::run(command).await,
             Command::Sagas(command) => sagas::run(command).await,
+            Command::Why(args) => why::run(args).await,
             Command::Test {
                 wasm,
                 tests,

@@ -31,11 +31,13 @@ pub use diagnostic::{Diagnostic, Diagnostics, Severity, locate};
 pub use load::{ConfigError, Loaded, load};
 pub use model::{
     AmqpConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_AMQP_URL, DEFAULT_BATCH_SIZE, DEFAULT_CONTENT_TYPE,
-    DEFAULT_CRASH_LOOP_LIMIT, DEFAULT_KAFKA_SERVERS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_OUTPUTS,
-    DEFAULT_MAX_REPLAYS, DEFAULT_MEMORY, DEFAULT_POLL_INTERVAL, DEFAULT_RECYCLE_AFTER,
-    DEFAULT_TIMEOUT, DEFAULT_WATCH_INTERVAL, DeadLetterConfig, DirGrant, EmbeddedConfig, Grants,
-    KAFKA_RESERVED_PROPERTIES, KafkaConfig, Limits, MAX_HISTORY, Pipeline, PluginSpec, StateConfig,
-    StoreConfig, TelemetryConfig, TraceExport, TransportConfig, UrlSource,
+    DEFAULT_CRASH_LOOP_LIMIT, DEFAULT_JOURNAL_MAX_PAYLOAD, DEFAULT_JOURNAL_MAX_RECORDS,
+    DEFAULT_JOURNAL_RETENTION, DEFAULT_KAFKA_SERVERS, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_OUTPUTS, DEFAULT_MAX_REPLAYS, DEFAULT_MEMORY, DEFAULT_POLL_INTERVAL,
+    DEFAULT_RECYCLE_AFTER, DEFAULT_TIMEOUT, DEFAULT_WATCH_INTERVAL, DeadLetterConfig, DirGrant,
+    EmbeddedConfig, Grants, JournalConfig, KAFKA_RESERVED_PROPERTIES, KafkaConfig, Limits,
+    MAX_HISTORY, Pipeline, PluginSpec, StateConfig, StoreConfig, TelemetryConfig, TraceExport,
+    TransportConfig, UrlSource,
 };
 pub use names::{MessageType, PluginName, format_size, parse_duration, parse_size};
 pub use parse::parse;

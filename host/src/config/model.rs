@@ -56,6 +56,7 @@ pub struct Pipeline {
     pub cache_dir: Option<PathBuf>,
     pub dead_letters: DeadLetterConfig,
     pub state: StateConfig,
+    pub journal: JournalConfig,
     pub telemetry: TelemetryConfig,
     /// Where the admin HTTP listener (`/metrics`, `/healthz`) binds; `None`
     /// when turned off.
@@ -189,6 +190,31 @@ pub struct StateConfig {
     /// kept: a redelivery later than this is handled again.
     pub processed_retention: Duration,
 }
+
+/// `[journal]`: the record of every handling of a message, which `switchyard
+/// why` reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JournalConfig {
+    pub enabled: bool,
+    /// On the embedded transport always its own file (the settle
+    /// transaction writes it); on a broker a SQLite file of its own by
+    /// default, or PostgreSQL for hosts that share work.
+    pub store: StoreConfig,
+    /// Records older than this are removed.
+    pub retention: Duration,
+    /// The oldest records beyond this many are removed.
+    pub max_records: u64,
+    /// Keep each message's payload, clipped to this many bytes (`payloads
+    /// = true`, `max_payload`); `None` keeps none.
+    pub payloads: Option<usize>,
+}
+
+/// Default of `[journal] retention`.
+pub const DEFAULT_JOURNAL_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default of `[journal] max_records`.
+pub const DEFAULT_JOURNAL_MAX_RECORDS: u64 = 1_000_000;
+/// Default of `[journal] max_payload`.
+pub const DEFAULT_JOURNAL_MAX_PAYLOAD: u64 = 4096;
 
 /// Default of `[state] processed_retention`.
 pub const DEFAULT_PROCESSED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);

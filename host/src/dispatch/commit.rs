@@ -72,6 +72,8 @@ pub(super) async fn commit(
         }
     }
     let written = written.unwrap_or_default();
+    name_dead_letters(&mut to_settle, &written);
+    let records = take_records(ctx, &mut to_settle);
     // Messages handled now that were dead-lettered before a failed settle.
     let recovered: Vec<String> = to_settle
         .iter()
@@ -104,6 +106,7 @@ pub(super) async fn commit(
             return false;
         }
     };
+    send_records(ctx, records, &refused);
     let (metrics, recovered) = without_refused(state, &refused, receipts, metrics, recovered);
     if !refused.is_empty()
         && !dead_letter_refused(ctx, plugin, state, subscription, refused, unhandled).await
@@ -220,6 +223,62 @@ fn without_refused(
     (metrics, recovered)
 }
 
+/// Puts the ids of the dead-letter records the store wrote (it may have
+/// added to an earlier record of the same message) into the journal
+/// records of those messages.
+fn name_dead_letters(settlements: &mut [Settlement], written: &[(String, String)]) {
+    if written.is_empty() {
+        return;
+    }
+    for s in settlements {
+        if let Some(r) = s.journal.as_deref_mut()
+            && r.dead_letter.is_some()
+            && let Some((_, id)) = written.iter().find(|(m, _)| *m == r.message_id)
+        {
+            r.dead_letter = Some(id.clone());
+        }
+    }
+}
+
+/// The journal records a broker host's writer keeps, taken out of the
+/// settlements with the receipt of each (the embedded transport writes
+/// them in its settle transaction instead).
+fn take_records(
+    ctx: &RouteContext,
+    settlements: &mut [Settlement],
+) -> Vec<(u64, crate::journal::Record)> {
+    if !matches!(ctx.journal, Some(crate::journal::Sink::Writer(_))) {
+        return Vec::new();
+    }
+    settlements
+        .iter_mut()
+        .filter_map(|s| Some((s.delivery.receipt, *s.journal.take()?)))
+        .collect()
+}
+
+/// Hands the records of what was settled to the journal's writer; the
+/// refused were not settled as their records say.
+fn send_records(
+    ctx: &RouteContext,
+    records: Vec<(u64, crate::journal::Record)>,
+    refused: &[Refused],
+) {
+    let Some(crate::journal::Sink::Writer(writer)) = &ctx.journal else {
+        return;
+    };
+    writer.send(
+        records
+            .into_iter()
+            .filter(|(receipt, _)| {
+                !refused
+                    .iter()
+                    .any(|r| r.settlement.delivery.receipt == *receipt)
+            })
+            .map(|(_, r)| r)
+            .collect(),
+    );
+}
+
 /// Writes a batch's dead letters: the message id and record id of each, or
 /// `None` if the store failed (those messages stay queued).
 async fn write_letters(
@@ -287,8 +346,12 @@ async fn dead_letter_refused(
         unhandled.extend(settlements.into_iter().map(|s| s.delivery));
         return false;
     };
+    let mut settlements = settlements;
+    name_dead_letters(&mut settlements, &written);
+    let records = take_records(ctx, &mut settlements);
     match subscription.settle(settlements).await {
         Ok(again) => {
+            send_records(ctx, records, &again);
             let ok = again.is_empty();
             unhandled.extend(again.into_iter().map(|r| r.settlement.delivery));
             let metrics = &ctx.telemetry.metrics;
@@ -367,8 +430,26 @@ fn refused_letters(
             fingerprint = %letter.fingerprint,
             "Outcome refused by the broker; dead-lettered"
         );
+        let journal = ctx.journal.as_ref().map(|sink| {
+            let mut r = crate::journal::Record::of(
+                &message,
+                plugin,
+                crate::journal::Outcome::DeadLettered,
+                std::time::Duration::ZERO,
+                &ctx.host,
+                sink.payloads(),
+            );
+            r.dead_letter = Some(letter.id.clone());
+            r.error = Some(crate::journal::ErrorBrief {
+                kind: failure.kind.as_str().to_owned(),
+                code: None,
+                message: crate::text::clip(&failure.message, crate::journal::MAX_ERROR),
+            });
+            Box::new(r)
+        });
         letters.push(letter);
         settlements.push(Settlement {
+            journal,
             delivery: settlement.delivery,
             outcome: Outcome::DeadLettered {
                 copy: None,

@@ -83,6 +83,8 @@ pub struct RouteContext {
     pub exactly_once: bool,
     /// The plugin is a saga: how its messages find their instances.
     pub saga: Option<Arc<crate::saga::SagaSpec>>,
+    /// Where the route's journal records go (`None`: no journal).
+    pub journal: Option<crate::journal::Sink>,
 }
 
 /// What a route remembers between batches so that no dead-letter status is

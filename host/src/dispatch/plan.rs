@@ -11,6 +11,7 @@ use super::worker::{MessageAttrs, TypeAttr, and, outcome_of, type_label};
 use super::{MAX_ATTEMPT_ERROR, Processed, RouteContext, Verdict};
 use crate::dlq::{DeadLetter, ErrorInfo, Source, Status};
 use crate::envelope::{Envelope, Kind, REPLAY_TRACE_HEADER, new_id, now_ms};
+use crate::journal;
 use crate::plugin::{Failure, FailureKind, LoadedPlugin, Output};
 use crate::recover;
 use crate::telemetry::{self, Telemetry};
@@ -32,6 +33,15 @@ fn summarize(outputs: &[Envelope], reply: bool) -> String {
         "nothing".into()
     } else {
         parts.join(", ")
+    }
+}
+
+/// What a journal record keeps of the error a handling ended with.
+fn brief(f: &Failure) -> journal::ErrorBrief {
+    journal::ErrorBrief {
+        kind: f.kind.as_str().to_owned(),
+        code: f.code.clone(),
+        message: clip(&f.message, journal::MAX_ERROR),
     }
 }
 
@@ -285,6 +295,28 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// The journal record of a handling, when the route keeps a journal.
+    fn record(
+        &self,
+        e: &Envelope,
+        outcome: journal::Outcome,
+        took: Duration,
+        span: Option<&Context>,
+    ) -> Option<journal::Record> {
+        let sink = self.ctx.journal.as_ref()?;
+        let mut r = journal::Record::of(
+            e,
+            self.plugin,
+            outcome,
+            took,
+            &self.ctx.host,
+            sink.payloads(),
+        );
+        r.replay_of = DeadLetter::replay_of(e).map(str::to_owned);
+        r.trace_id = span.and_then(telemetry::ids).map(|(t, _)| t);
+        Some(r)
+    }
+
     fn add(&mut self, p: Processed) {
         let attrs = [
             self.plugin_kv.clone(),
@@ -293,23 +325,38 @@ impl<'a> Planner<'a> {
         ];
         match p.verdict {
             Verdict::Handled(outputs) => self.handled(p.delivery, outputs, p.took, p.span, attrs),
-            Verdict::RetryLater(delay, f) => self.retry_later(p.delivery, delay, f, p.span, attrs),
-            Verdict::DeadLetter(f) => self.dead_letter(p.delivery, f, p.span, attrs),
-            Verdict::Done(record) => self.done(p.delivery, record),
-            Verdict::NotFound => self.not_found(p.delivery, p.span, attrs),
+            Verdict::RetryLater(delay, f) => {
+                self.retry_later(p.delivery, delay, f, p.took, p.span, attrs)
+            }
+            Verdict::DeadLetter(f) => self.dead_letter(p.delivery, f, p.took, p.span, attrs),
+            Verdict::Done(record) => self.done(p.delivery, record, p.took),
+            Verdict::NotFound => self.not_found(p.delivery, p.took, p.span, attrs),
         }
     }
 
     /// A saga's message whose instance is not there, ignored as the
     /// pipeline says: settled with nothing, and counted when settled (a
     /// batch handled again after a conflict does not count it twice).
-    fn not_found(&mut self, delivery: Delivery, span: Option<Context>, attrs: MessageAttrs) {
+    fn not_found(
+        &mut self,
+        delivery: Delivery,
+        took: Duration,
+        span: Option<Context>,
+        attrs: MessageAttrs,
+    ) {
         if let Some(replayed) = DeadLetter::replay_of(&delivery.envelope) {
             self.plan.replays_handled.push(replayed.to_owned());
         }
+        let journal = self.record(
+            &delivery.envelope,
+            journal::Outcome::SagaNotFound,
+            took,
+            span.as_ref(),
+        );
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
+                journal: journal.map(Box::new),
                 delivery,
                 outcome: Outcome::Handled {
                     outputs: Vec::new(),
@@ -325,8 +372,15 @@ impl<'a> Planner<'a> {
 
     /// A redelivery of a message an exactly-once plugin handled: settled
     /// with the outputs recorded then, unhandled and uncounted.
-    fn done(&mut self, delivery: Delivery, record: crate::state::Done) {
+    fn done(&mut self, delivery: Delivery, record: crate::state::Done, took: Duration) {
         let e = &delivery.envelope;
+        let journal = self
+            .record(e, journal::Outcome::Duplicate, took, None)
+            .map(|r| {
+                let mut r = r.with_sent(&record.outputs);
+                r.replied = record.reply.is_some();
+                r
+            });
         if let Some(replayed) = DeadLetter::replay_of(e) {
             self.plan.replays_handled.push(replayed.to_owned());
         }
@@ -339,6 +393,7 @@ impl<'a> Planner<'a> {
         );
         self.plan.settlements.push(Planned {
             settlement: Settlement {
+                journal: journal.map(Box::new),
                 delivery,
                 outcome: Outcome::Handled {
                     outputs: record.outputs,
@@ -400,7 +455,7 @@ impl<'a> Planner<'a> {
             if let Some(step) = saga {
                 self.dropped_instances.insert(step.instance);
             }
-            return self.dead_letter(delivery, failure, span, attrs);
+            return self.dead_letter(delivery, failure, took, span, attrs);
         }
         if let Some(cx) = &span {
             for o in &mut outputs {
@@ -425,6 +480,14 @@ impl<'a> Planner<'a> {
         if let Some(record) = DeadLetter::replay_of(e) {
             self.plan.replays_handled.push(record.to_owned());
         }
+        let journal = self
+            .record(e, journal::Outcome::Handled, took, span.as_ref())
+            .map(|r| {
+                let mut r = r.with_sent(&outputs);
+                r.replied = reply.is_some();
+                r.saga_instance = saga.as_ref().map(|s| s.instance.clone());
+                r
+            });
         let saga_marks = saga.as_ref().map(|s| SagaMarks {
             started: s.read_version == 0,
             completed: s.completed,
@@ -433,6 +496,7 @@ impl<'a> Planner<'a> {
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
+                journal: journal.map(Box::new),
                 delivery,
                 outcome: Outcome::Handled {
                     outputs,
@@ -457,6 +521,7 @@ impl<'a> Planner<'a> {
         delivery: Delivery,
         delay: Duration,
         f: Failure,
+        took: Duration,
         span: Option<Context>,
         attrs: MessageAttrs,
     ) {
@@ -497,9 +562,17 @@ impl<'a> Planner<'a> {
         }
         let not_before_ms =
             now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        let journal = self
+            .record(e, journal::Outcome::RetriedLater, took, span.as_ref())
+            .map(|mut r| {
+                r.retry_at_ms = Some(not_before_ms);
+                r.error = Some(brief(&f));
+                r
+            });
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
+                journal: journal.map(Box::new),
                 delivery,
                 outcome: Outcome::Retry {
                     message,
@@ -556,6 +629,7 @@ impl<'a> Planner<'a> {
         &mut self,
         delivery: Delivery,
         f: Failure,
+        took: Duration,
         span: Option<Context>,
         attrs: MessageAttrs,
     ) {
@@ -616,10 +690,20 @@ impl<'a> Planner<'a> {
             (Some(_), Some(id), Some(v)) => v.parse().ok().map(|v| (id.to_owned(), v)),
             _ => None,
         };
+        let journal = self
+            .record(e, journal::Outcome::DeadLettered, took, span.as_ref())
+            .map(|mut r| {
+                // The store may add to an earlier record of the message:
+                // `commit` puts in the id it returns.
+                r.dead_letter = Some(letter.id.clone());
+                r.error = Some(brief(&f));
+                r
+            });
         self.plan.letters.push(letter);
         self.plan.spans.extend(span);
         self.plan.settlements.push(Planned {
             settlement: Settlement {
+                journal: journal.map(Box::new),
                 delivery,
                 outcome: Outcome::DeadLettered {
                     copy,

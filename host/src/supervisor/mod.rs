@@ -111,6 +111,8 @@ pub struct RouteServices {
     pub schemas: Arc<crate::schemas::Schemas>,
     pub crash_guard: Option<Arc<crate::crash_loop::CrashGuard>>,
     pub state: Option<crate::state::Access>,
+    /// Where routes' journal records go (`None`: no journal).
+    pub journal: Option<crate::journal::Sink>,
 }
 
 struct Route {
@@ -254,6 +256,7 @@ impl Supervisor {
                 .iter()
                 .find(|p| p.name.as_str() == name)
                 .and_then(|p| p.saga.clone()),
+            journal: self.base.journal.clone(),
         };
         if state.routes.is_empty() {
             dispatch::record_store_size(&ctx).await;

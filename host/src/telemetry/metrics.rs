@@ -49,6 +49,9 @@ pub struct Metrics {
     /// Messages a route with `concurrency` above 1 handled beside one that
     /// wrote what they read, given back to be handled again.
     pub rerun: Counter<u64>,
+    /// Journal records a broker host could not write (the journal's store
+    /// down or behind); the messages they describe were not affected.
+    pub journal_dropped: Counter<u64>,
 }
 
 /// Shares the manual reader between the meter provider and `/metrics`.
@@ -170,6 +173,10 @@ impl Metrics {
             rerun: meter
                 .u64_counter("switchyard.messages.rerun")
                 .with_description("Messages handled beside one that wrote what they read (concurrency above 1), given back to be handled again")
+                .build(),
+            journal_dropped: meter
+                .u64_counter("switchyard.journal.dropped")
+                .with_description("Journal records not written because the journal's store was down or behind (messages are not affected)")
                 .build(),
             provider,
             reader,

@@ -408,6 +408,9 @@ fn migrate(conn: &Connection) -> Result<()> {
             "the store has schema version {version}, but this switchyard understands up to {SCHEMA_VERSION}; upgrade switchyard"
         );
     }
+    // The journal's table is its own, created where missing (it needs no
+    // schema version: its records are JSON).
+    conn.execute_batch(crate::journal::sqlite::SCHEMA)?;
     if version == 0 {
         conn.execute_batch(&format!(
             "BEGIN; {SCHEMA} {STATE} {SAGAS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
@@ -1134,6 +1137,10 @@ impl Subscription for EmbeddedSubscription {
                         crate::state::sqlite::forget_timeout(&tx, &route, id)?;
                     }
                 }
+                crate::journal::sqlite::insert(
+                    &tx,
+                    batch.iter().filter_map(|s| s.journal.as_deref()),
+                )?;
                 tx.commit()?;
                 Ok(touched)
             })

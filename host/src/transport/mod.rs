@@ -183,6 +183,10 @@ pub enum Outcome {
 pub struct Settlement {
     pub delivery: Delivery,
     pub outcome: Outcome,
+    /// The journal record of this handling, when the route keeps a journal
+    /// and the transport writes it with the settlement (the embedded
+    /// transport, in its settle transaction); a broker's settle ignores it.
+    pub journal: Option<Box<crate::journal::Record>>,
 }
 
 /// A settlement the transport did not apply because the broker refuses

@@ -496,6 +496,7 @@ async fn sigkill_during_a_replay_of_1000_records_loses_none(store: Store) {
         state: None,
         exactly_once: false,
         saga: None,
+        journal: None,
     };
     let mut ids = Vec::new();
     for chunk in 0..N / 100 {
@@ -638,6 +639,7 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
         state: None,
         exactly_once: false,
         saga: None,
+        journal: None,
     };
     let failure = switchyard::plugin::Failure {
         kind: switchyard::plugin::FailureKind::Transient,

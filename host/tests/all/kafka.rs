@@ -798,6 +798,7 @@ async fn records_given_back_are_read_again_but_settled_ones_after_them_are_not()
     let first = got.next().unwrap();
     let settled: Vec<Settlement> = got
         .map(|delivery| Settlement {
+            journal: None,
             delivery,
             outcome: Outcome::Handled {
                 outputs: Vec::new(),

@@ -167,6 +167,7 @@ const LAYERS: &[&[&str]] = &[
     &["crash_loop"],
     &["dlq"],
     &["transport"],
+    &["journal"],
     &["schemas"],
     &["plugin"],
     &["state"],

@@ -18,6 +18,7 @@ mod dead_letters;
 mod dlq_store;
 mod durability;
 mod hot_reload;
+mod journal;
 mod kafka;
 mod kafka_reliability;
 mod layers;

@@ -58,7 +58,11 @@ impl Parser<'_> {
     /// Where a store lives by default: in the embedded transport's own
     /// file, or for a broker `.switchyard/<pipeline>-<what>.db` next to the
     /// pipeline file.
-    fn default_store(&self, transport: &TransportConfig, what: &str) -> std::path::PathBuf {
+    pub(super) fn default_store(
+        &self,
+        transport: &TransportConfig,
+        what: &str,
+    ) -> std::path::PathBuf {
         match transport {
             TransportConfig::Embedded(embedded) => embedded.path.clone(),
             TransportConfig::Amqp(_) | TransportConfig::Kafka(_) => self
@@ -102,7 +106,12 @@ impl Parser<'_> {
     }
 
     /// `url`, `url_env`, `path` and `schema` of a store's table.
-    fn store_keys(&mut self, d: &mut Section<'_>, table: &str, what: &str) -> Option<StoreConfig> {
+    pub(super) fn store_keys(
+        &mut self,
+        d: &mut Section<'_>,
+        table: &str,
+        what: &str,
+    ) -> Option<StoreConfig> {
         let url = d.string("url", self.diags);
         let url_env = d.string("url_env", self.diags);
         let path = d.string("path", self.diags);

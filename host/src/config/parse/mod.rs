@@ -8,6 +8,7 @@ mod dead_letters;
 mod defaults;
 mod grants;
 mod host;
+mod journal;
 mod pipeline;
 mod plugins;
 mod retry;
@@ -64,6 +65,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let defaults = p.defaults_section(&mut root);
     let dead_letters = p.dead_letters_section(&mut root, &transport);
     let state = p.state_section(&mut root, &transport);
+    let journal = p.journal_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
     let (admin, admin_token_env) = p.admin_section(&mut root);
     let schemas = p.schemas_section(&mut root);
@@ -83,6 +85,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         cache_dir: host.cache_dir,
         dead_letters,
         state,
+        journal,
         telemetry,
         admin,
         admin_token_env,

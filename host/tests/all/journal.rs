@@ -1,0 +1,495 @@
+//! The journal and `switchyard why`: a record of every handling, written in
+//! the settle transaction on the embedded transport and by the writer on
+//! RabbitMQ (journal in PostgreSQL) and Kafka (journal in a SQLite file),
+//! read back as the story of a retried payment and of a dead-lettered order.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::json;
+use switchyard::cli::why::{self, Story};
+use switchyard::config::{self, Pipeline};
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::journal::{self, Outcome, Record};
+use switchyard::runtime::{self, RunMode};
+
+use crate::common::{bin, dead_letters, message, write_pipeline};
+use crate::dead_letters::{Scratch, postgres_url};
+
+const ORDERS: &str = r#"
+[plugins.orders]
+wasm = "{dist}/orders.wasm"
+commands = ["PlaceOrder"]
+[plugins.payments]
+wasm = "{dist}/payments.wasm"
+commands = ["ChargePayment"]
+retry = { immediate = 1, delayed = 2, backoff = "50ms", max_backoff = "100ms" }
+[plugins.inventory]
+wasm = "{dist}/inventory.wasm"
+events = ["OrderPlaced"]
+[plugins.notifications]
+wasm = "{dist}/notifications.wasm"
+events = ["OrderPlaced", "PaymentCaptured"]
+"#;
+
+fn order(order_id: &str, unit_price_cents: u64) -> Envelope {
+    message(
+        Kind::Command,
+        "PlaceOrder",
+        json!({"order_id": order_id, "customer": "ada",
+               "items": [{"sku": "lamp", "quantity": 1, "unit_price_cents": unit_price_cents}]}),
+    )
+}
+
+fn load(path: &Path) -> Pipeline {
+    config::load(path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pipeline
+}
+
+/// Queues `messages` on the pipeline's transport and runs it until every
+/// queue is empty.
+async fn run(p: &Pipeline, messages: Vec<Envelope>) {
+    let transport = runtime::open(p).await.unwrap();
+    transport.start_consuming().await.unwrap();
+    transport.enqueue(messages).await.unwrap();
+    drop(transport);
+    let plugins = runtime::load_plugins(p).await.unwrap();
+    runtime::run(p, plugins, RunMode::Drain, std::future::pending())
+        .await
+        .unwrap();
+}
+
+async fn story(p: &Pipeline, id: &str) -> Story {
+    let journal = journal::open(&p.journal, &p.name).await.unwrap();
+    let letters = switchyard::dlq::open(&p.dead_letters, &p.name)
+        .await
+        .unwrap();
+    why::story_of(journal, letters, id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("the journal knows {id}"))
+}
+
+fn node<'a>(story: &'a Story, message_type: &str) -> &'a why::Node {
+    story
+        .messages
+        .iter()
+        .find(|n| n.message_type == message_type)
+        .unwrap_or_else(|| panic!("{message_type} in the story: {story:#?}"))
+}
+
+fn outcomes(records: &[Record]) -> Vec<(&str, Outcome)> {
+    records
+        .iter()
+        .map(|r| (r.plugin.as_str(), r.outcome))
+        .collect()
+}
+
+/// A payment that times out twice (retried at once, then later) and is
+/// then handled, and an order that is poison: what the journal says of
+/// each, whatever the transport and the journal's store.
+async fn retried_payment_and_dead_order(p: &Pipeline) {
+    let paid = order("R-1", 4513);
+    let poison = message(Kind::Command, "PlaceOrder", json!({"order_id": 42}));
+    run(p, vec![paid.clone(), poison.clone()]).await;
+
+    let s = story(p, &paid.id).await;
+    assert_eq!(s.messages[0].id, paid.id, "the order started the flow");
+    let placed = node(&s, "PlaceOrder");
+    assert_eq!(outcomes(&placed.handlings), [("orders", Outcome::Handled)]);
+    let r = &placed.handlings[0];
+    assert_eq!(r.attempt, 1);
+    assert_eq!(r.kind, "command");
+    assert!(
+        r.plugin_digest.starts_with("sha256:"),
+        "{}",
+        r.plugin_digest
+    );
+    assert!(!r.host.is_empty());
+    let mut sent: Vec<&str> = r.sent.iter().map(|m| m.message_type.as_str()).collect();
+    sent.sort_unstable();
+    assert_eq!(sent, ["ChargePayment", "OrderPlaced"]);
+
+    // Both consumers of the event, once each.
+    let mut by: Vec<(&str, Outcome)> = outcomes(&node(&s, "OrderPlaced").handlings);
+    by.sort_unstable_by_key(|(p, _)| *p);
+    assert_eq!(
+        by,
+        [
+            ("inventory", Outcome::Handled),
+            ("notifications", Outcome::Handled)
+        ]
+    );
+
+    // The payment: two tries in the first handling, then handled on 3.
+    let charge = node(&s, "ChargePayment");
+    assert_eq!(charge.causation_id.as_deref(), Some(paid.id.as_str()));
+    assert_eq!(
+        outcomes(&charge.handlings),
+        [
+            ("payments", Outcome::RetriedLater),
+            ("payments", Outcome::Handled)
+        ]
+    );
+    let first = &charge.handlings[0];
+    assert_eq!(
+        first
+            .failures
+            .iter()
+            .map(|t| (t.number, t.then.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "retry-now"), (2, "retry-later")]
+    );
+    assert_eq!(first.attempt, 2);
+    assert!(first.retry_at_ms.is_some_and(|t| t >= first.at_ms));
+    let error = first.error.as_ref().expect("the error it ended with");
+    assert_eq!(error.kind, "transient");
+    let second = &charge.handlings[1];
+    assert_eq!(second.attempt, 3);
+    assert!(second.failures.is_empty(), "{:?}", second.failures);
+    assert_eq!(second.sent.len(), 1);
+    assert_eq!(second.sent[0].message_type, "PaymentCaptured");
+    let captured = node(&s, "PaymentCaptured");
+    assert_eq!(captured.causation_id.as_deref(), Some(charge.id.as_str()));
+    assert_eq!(
+        outcomes(&captured.handlings),
+        [("notifications", Outcome::Handled)]
+    );
+    // Every message of the flow carries the flow's correlation.
+    for n in &s.messages {
+        for r in &n.handlings {
+            assert_eq!(r.flow_id(), paid.id, "{r:?}");
+        }
+    }
+    // Asked about the payment, the story starts where the flow did.
+    let from_charge = story(p, &charge.id).await;
+    assert_eq!(from_charge.subject, charge.id);
+    assert_eq!(from_charge.messages[0].id, paid.id);
+    let told = why::tell(&from_charge);
+    assert!(
+        told.starts_with(&format!(
+            "ChargePayment {} (command): handled by payments.",
+            charge.id
+        )),
+        "{told}"
+    );
+    assert!(told.contains("retry due at"), "{told}");
+    assert!(
+        told.contains(&format!(
+            "handled by payments@{} on attempt 3",
+            second.plugin_version
+        )),
+        "{told}"
+    );
+
+    // The poison order: dead-lettered on its first attempt, the record
+    // named and as it is now.
+    let letters = dead_letters(p).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    let s = story(p, &poison.id).await;
+    assert_eq!(s.messages.len(), 1, "{s:#?}");
+    let n = &s.messages[0];
+    assert_eq!(outcomes(&n.handlings), [("orders", Outcome::DeadLettered)]);
+    let r = &n.handlings[0];
+    assert_eq!(r.dead_letter.as_deref(), Some(letter.id.as_str()));
+    assert_eq!(
+        r.error.as_ref().and_then(|e| e.code.as_deref()),
+        Some("malformed-payload")
+    );
+    assert_eq!(n.dead_letters.len(), 1);
+    assert_eq!(n.dead_letters[0].status, "dead");
+    let told = why::tell(&s);
+    assert!(
+        told.contains(&format!("dead-lettered in orders as {}", letter.id)),
+        "{told}"
+    );
+    // The dead-letter record's id finds the same story.
+    let by_record = story(p, &letter.id).await;
+    assert_eq!(by_record.subject, poison.id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_journal_tells_the_story_from_the_settle_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "orders",
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n{ORDERS}"),
+    );
+    let p = load(&path);
+    assert!(p.journal.enabled, "the journal is on by default");
+    retried_payment_and_dead_order(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_journal_in_postgresql_tells_the_same_story() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = Scratch::new();
+    let (_, p) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "[journal]\nurl = \"{}\"\nschema = \"{}\"\n{ORDERS}",
+            postgres_url(),
+            scratch.schema
+        ),
+    );
+    assert!(matches!(
+        p.journal.store,
+        config::StoreConfig::Postgres { .. }
+    ));
+    retried_payment_and_dead_order(&p).await;
+    crate::amqp::clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_journal_in_its_own_file_tells_the_same_story() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = crate::kafka::pipeline(dir.path(), ORDERS);
+    match &p.journal.store {
+        config::StoreConfig::Embedded { path } => assert!(
+            path.ends_with(format!(".switchyard/{}-journal.db", p.name)),
+            "{}",
+            path.display()
+        ),
+        other => panic!("{other:?}"),
+    }
+    retried_payment_and_dead_order(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn why_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "orders",
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n{ORDERS}"),
+    );
+    let p = load(&path);
+    let poison = message(Kind::Command, "PlaceOrder", json!({"order_id": 42}));
+    // A client that names the message as its own cause: the story still
+    // ends.
+    let mut looped = order("L-1", 100);
+    looped.causation_id = Some(looped.id.clone());
+    run(&p, vec![poison.clone(), looped.clone()]).await;
+
+    let why = |args: &[&str]| {
+        let out = Command::new(bin())
+            .arg("why")
+            .args(args)
+            .arg("-p")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = why(&[&poison.id]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!(
+            "PlaceOrder {} (command): dead-lettered in orders as ",
+            poison.id
+        )),
+        "{out}"
+    );
+    assert!(out.contains("malformed-payload"), "{out}");
+    // A prefix of the id will do.
+    let (ok, short_out, err) = why(&[&poison.id[..32]]);
+    assert!(ok, "{err}");
+    assert_eq!(short_out, out);
+
+    let (ok, out, err) = why(&[&looped.id, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["subject"], looped.id.as_str());
+    assert_eq!(v["messages"][0]["id"], looped.id.as_str());
+    assert_eq!(v["messages"][0]["handlings"][0]["outcome"], "handled");
+
+    let (ok, out, err) = why(&["0000-no-such-message"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("No message `0000-no-such-message` is known. Searched: journal in "),
+        "{err}"
+    );
+
+    let (ok, out, err) = why(&["--correlation", &looped.id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("OrderPlaced"), "{out}");
+    assert!(out.contains("ChargePayment"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payloads_are_kept_only_when_asked_and_clipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "orders",
+        &format!(
+            "[host]\ncache_dir = \"{{cache}}\"\n[journal]\npayloads = true\nmax_payload = 16\n{ORDERS}"
+        ),
+    );
+    let p = load(&path);
+    let poison = message(Kind::Command, "PlaceOrder", json!({"order_id": 42}));
+    run(&p, vec![poison.clone()]).await;
+    let s = story(&p, &poison.id).await;
+    let kept = s.messages[0].handlings[0]
+        .payload
+        .as_ref()
+        .expect("payloads = true");
+    assert_eq!(kept.text.as_deref(), Some(r#"{"order_id":42}"#));
+    assert!(!kept.truncated);
+
+    let big = order("B-1", 100);
+    run(&p, vec![big.clone()]).await;
+    let s = story(&p, &big.id).await;
+    let kept = s.messages[0].handlings[0].payload.as_ref().unwrap();
+    assert_eq!(kept.text.as_deref().map(str::len), Some(16));
+    assert!(kept.truncated);
+    assert_eq!(kept.size, big.payload.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_journal_turned_off_records_nothing_and_why_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "orders",
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n[journal]\nenabled = false\n{ORDERS}"),
+    );
+    let p = load(&path);
+    run(&p, vec![order("O-1", 100)]).await;
+    let j = journal::sqlite::SqliteJournal::open(&p.embedded().unwrap().path).unwrap();
+    use switchyard::journal::Store as _;
+    assert_eq!(j.count().await.unwrap(), 0);
+    let out = Command::new(bin())
+        .args(["why", "anything", "-p"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the journal is off"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_journal_that_cannot_be_opened_stops_no_message() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let (_, p) = crate::amqp::pipeline(
+        dir.path(),
+        &format!("[journal]\nurl = \"postgres://postgres@127.0.0.1:1/test\"\n{ORDERS}"),
+    );
+    run(&p, vec![order("N-1", 100)]).await;
+    assert!(dead_letters(&p).await.is_empty());
+    crate::amqp::clean_up(&p).await;
+}
+
+fn record(at_ms: u64, id: &str) -> Record {
+    Record {
+        at_ms,
+        message_id: id.into(),
+        message_type: "T".into(),
+        kind: "event".into(),
+        plugin: "p".into(),
+        plugin_version: "1".into(),
+        plugin_digest: "sha256:00".into(),
+        attempt: 1,
+        outcome: Outcome::Handled,
+        took_us: 5,
+        failures: Vec::new(),
+        error: None,
+        retry_at_ms: None,
+        dead_letter: None,
+        replay_of: None,
+        sent: Vec::new(),
+        replied: false,
+        saga_instance: None,
+        correlation_id: Some("flow".into()),
+        causation_id: None,
+        trace_id: None,
+        host: "h".into(),
+        payload: None,
+    }
+}
+
+/// Retention by age, then by count, on a store.
+async fn prunes_by_age_then_by_count(store: Arc<dyn journal::Store>) {
+    store
+        .write((1..=10).map(|i| record(i, &format!("m{i:02}"))).collect())
+        .await
+        .unwrap();
+    assert_eq!(store.count().await.unwrap(), 10);
+    // Older than 6: five go.
+    assert_eq!(store.prune(6, 1000).await.unwrap(), 5);
+    assert_eq!(store.count().await.unwrap(), 5);
+    assert!(store.of_message("m05").await.unwrap().is_empty());
+    // At most two: the newest stay.
+    assert_eq!(store.prune(0, 2).await.unwrap(), 3);
+    let left: Vec<String> = store
+        .of_flow("flow", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.message_id)
+        .collect();
+    assert_eq!(left, ["m09", "m10"]);
+    assert_eq!(store.ids_like("m1", 10).await.unwrap(), ["m10"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_journal_prunes_by_age_then_by_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = journal::sqlite::SqliteJournal::open(&dir.path().join("j.db")).unwrap();
+    prunes_by_age_then_by_count(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_journal_prunes_by_age_then_by_count() {
+    let scratch = Scratch::new();
+    let store = journal::postgres::PostgresJournal::connect(&postgres_url(), &scratch.schema, "p")
+        .await
+        .unwrap();
+    prunes_by_age_then_by_count(Arc::new(store)).await;
+}
+
+#[test]
+fn journal_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = |body: &str| {
+        let path = dir.path().join("bad.toml");
+        let (p, diags) = config::parse(
+            &format!(
+                "[transport]\nkind = \"embedded\"\n{body}\n{}",
+                ORDERS.replace("{dist}", "/d")
+            ),
+            &path,
+        );
+        assert!(p.is_none(), "{body} is refused");
+        diags
+            .iter()
+            .map(|d| d.message.clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        bad("[journal]\npath = \"j.db\"")
+            .contains("`[journal]` takes no store on the embedded transport")
+    );
+    assert!(bad("[journal]\nmax_records = 0").contains("`journal.max_records` must be at least 1"));
+    assert!(bad("[journal]\nmax_payload = \"2 MiB\"").contains("between 1 byte and 1 MiB"));
+    assert!(
+        bad("[journal]\nretention = \"0s\"").contains("`journal.retention` must be more than zero")
+    );
+    assert!(bad("[journal]\npayload = true").contains("payload"));
+}
