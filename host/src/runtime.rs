@@ -448,6 +448,15 @@ async fn open_journal(
         return (None, None, None);
     }
     let in_settle = transport.kind() == "embedded";
+    // On the embedded transport the journal is the transport's own file,
+    // wherever the pipeline's settings point.
+    let mut config = config.clone();
+    if in_settle && let Some(e) = pipeline.embedded() {
+        config.store = crate::config::StoreConfig::Embedded {
+            path: e.path.clone(),
+        };
+    }
+    let config = &config;
     let store = match crate::journal::open(config, &pipeline.name).await {
         Ok(store) => store,
         Err(e) => {

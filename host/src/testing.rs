@@ -483,7 +483,10 @@ fn relocate(pipeline: &mut Pipeline, dir: &Path) {
         },
     };
     pipeline.transport = TransportConfig::Embedded(embedded);
-    pipeline.dead_letters.store = StoreConfig::Embedded { path: store };
+    pipeline.dead_letters.store = StoreConfig::Embedded {
+        path: store.clone(),
+    };
+    pipeline.journal.store = StoreConfig::Embedded { path: store };
     pipeline.dead_letters.broker = false;
     pipeline.state_dir = dir.join("state");
     pipeline.admin = None;

@@ -366,7 +366,7 @@ fn demo() -> Result<()> {
     let malformed = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"]["type"] == "PlaceOrder")
+        .find(|v| v["message_type"] == "PlaceOrder")
         .and_then(|v| v["id"].as_str().map(str::to_owned));
     if let Some(id) = &malformed {
         say("and to the malformed order, from its dead-letter record");

@@ -115,11 +115,15 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
         }
     };
     if story.messages.is_empty() {
-        eprintln!(
-            "No message of flow `{}` is known. Searched: {}.",
-            args.id,
-            story.searched.join("; ")
-        );
+        let what = if args.correlation {
+            format!("No message of flow `{}` is known", args.id)
+        } else {
+            format!(
+                "The journal holds no record of message `{}` (named by a dead letter; handled before the journal's retention, or with the journal off)",
+                story.subject
+            )
+        };
+        eprintln!("{what}. Searched: {}.", story.searched.join("; "));
         return Ok(ExitCode::FAILURE);
     }
     let mut story = story;
@@ -132,8 +136,9 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The message id `given` names: a message id, a unique prefix of one, or
-/// a dead-letter record's id.
+/// The message id `given` names: a message id, a dead-letter record's id,
+/// or a unique prefix of either (a prefix that starts ids of both kinds is
+/// refused rather than guessed).
 async fn resolve(
     journal: &dyn journal::Store,
     letters: &dyn DeadLetterStore,
@@ -142,18 +147,26 @@ async fn resolve(
     if !journal.of_message(given).await?.is_empty() {
         return Ok(Some(given.to_owned()));
     }
-    if given.len() >= 4 {
-        let ids = journal.ids_like(given, 2).await?;
-        match ids.as_slice() {
-            [one] => return Ok(Some(one.clone())),
-            [] => {}
-            _ => bail!("`{given}` starts more than one message id; give more of it"),
-        }
+    let letter = letters.get(given).await?;
+    if let Some(l) = &letter
+        && l.id == given
+    {
+        return Ok(Some(l.message.id.clone()));
     }
-    if let Some(letter) = letters.get(given).await? {
-        return Ok(Some(letter.message.id));
+    let ids = if given.len() >= 4 {
+        journal.ids_like(given, 2).await?
+    } else {
+        Vec::new()
+    };
+    match (ids.as_slice(), letter) {
+        ([], Some(l)) => Ok(Some(l.message.id)),
+        ([one], None) => Ok(Some(one.clone())),
+        ([], None) => Ok(None),
+        ([one], Some(l)) if *one == l.message.id => Ok(Some(one.clone())),
+        _ => bail!(
+            "`{given}` starts more than one id (of messages or dead letters); give more of it"
+        ),
     }
-    Ok(None)
 }
 
 /// Groups records into nodes, in the order their messages first appear.
@@ -211,7 +224,8 @@ async fn message(
     let mut frontier = vec![id.to_owned()];
     let mut truncated = false;
     while !frontier.is_empty() {
-        let caused = journal.caused_by(&frontier).await?;
+        let room = (MAX_MESSAGES - messages.len().min(MAX_MESSAGES)) * 8 + 1;
+        let caused = journal.caused_by(&frontier, room).await?;
         frontier.clear();
         for node in nodes(caused) {
             if !seen.insert(node.id.clone()) {

@@ -455,6 +455,15 @@ impl<'a> Planner<'a> {
             if let Some(step) = saga {
                 self.dropped_instances.insert(step.instance);
             }
+            // The try that sent it is the one that failed.
+            let mut delivery = delivery;
+            let attempt = super::worker::final_attempt(
+                self.plugin,
+                delivery.envelope.attempt,
+                &failure,
+                span.as_ref().and_then(telemetry::ids),
+            );
+            delivery.envelope.history.push(attempt);
             return self.dead_letter(delivery, failure, took, span, attrs);
         }
         if let Some(cx) = &span {

@@ -289,8 +289,9 @@ pub trait Store: Send + Sync {
     async fn write(&self, records: Vec<Record>) -> Result<()>;
     /// Every record of one message, oldest first.
     async fn of_message(&self, message_id: &str) -> Result<Vec<Record>>;
-    /// Every record of the messages these caused, oldest first.
-    async fn caused_by(&self, message_ids: &[String]) -> Result<Vec<Record>>;
+    /// The records of the messages these caused, oldest first, at most
+    /// `limit`.
+    async fn caused_by(&self, message_ids: &[String], limit: usize) -> Result<Vec<Record>>;
     /// Records of a flow (messages with this correlation id, and the one
     /// that started it), oldest first, at most `limit`.
     async fn of_flow(&self, correlation_id: &str, limit: usize) -> Result<Vec<Record>>;
@@ -350,6 +351,9 @@ pub struct Writer {
     queue: tokio::sync::mpsc::Sender<Vec<Record>>,
     dropped: opentelemetry::metrics::Counter<u64>,
     payloads: Option<usize>,
+    /// Records are being dropped for a full queue (warned once until the
+    /// writer catches up).
+    behind: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Writer {
@@ -420,6 +424,7 @@ impl Writer {
                 queue: tx,
                 dropped,
                 payloads,
+                behind: Arc::default(),
             },
             task,
         )
@@ -431,10 +436,18 @@ impl Writer {
         if records.is_empty() {
             return;
         }
+        use std::sync::atomic::Ordering;
         let n = records.len() as u64;
         if self.queue.try_send(records).is_err() {
             self.dropped.add(n, &[]);
-            tracing::debug!(records = n, "The journal writer is behind; records dropped");
+            if !self.behind.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    records = n,
+                    "The journal's writer is behind; records are dropped (counted in switchyard.journal.dropped) until it catches up, and messages go on"
+                );
+            }
+        } else if self.behind.swap(false, Ordering::Relaxed) {
+            tracing::info!("The journal's writer caught up");
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct PostgresJournal {
     client: Mutex<Option<Client>>,
 }
 
+/// Rows removed per statement when pruning.
+const PRUNE_CHUNK: i64 = 5000;
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -153,13 +156,14 @@ impl Store for PostgresJournal {
         .await
     }
 
-    async fn caused_by(&self, message_ids: &[String]) -> Result<Vec<Record>> {
+    async fn caused_by(&self, message_ids: &[String], limit: usize) -> Result<Vec<Record>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.select(
             &format!(
-                "SELECT record FROM {} WHERE pipeline = $1 AND causation_id = ANY($2) ORDER BY at_ms, seq",
+                "SELECT record FROM {} WHERE pipeline = $1 AND causation_id = ANY($2) ORDER BY at_ms, seq LIMIT $3",
                 self.table()
             ),
-            &[&self.pipeline, &message_ids],
+            &[&self.pipeline, &message_ids, &limit],
         )
         .await
     }
@@ -203,28 +207,49 @@ impl Store for PostgresJournal {
     }
 
     async fn prune(&self, before_ms: u64, max_records: u64) -> Result<u64> {
-        let guard = self.client().await?;
-        let client = guard.as_ref().context("no journal connection")?;
-        let old = client
-            .execute(
-                &format!(
-                    "DELETE FROM {} WHERE pipeline = $1 AND at_ms < $2",
-                    self.table()
-                ),
-                &[&self.pipeline, &to_i64(before_ms)],
-            )
-            .await?;
-        let over = client
-            .execute(
-                &format!(
-                    "DELETE FROM {t} WHERE pipeline = $1 AND seq < (
-                         SELECT min(seq) FROM (SELECT seq FROM {t} WHERE pipeline = $1 ORDER BY seq DESC LIMIT $2) AS newest)",
-                    t = self.table()
-                ),
-                &[&self.pipeline, &to_i64(max_records)],
-            )
-            .await?;
-        Ok(old + over)
+        // Everything below the cut goes: the records older than the
+        // retention, and the oldest beyond `max_records`.
+        let cut: Option<i64> = {
+            let guard = self.client().await?;
+            let client = guard.as_ref().context("no journal connection")?;
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT greatest(
+                             (SELECT max(seq) + 1 FROM {t} WHERE pipeline = $1 AND at_ms < $2),
+                             (SELECT min(seq) FROM (SELECT seq FROM {t} WHERE pipeline = $1 ORDER BY seq DESC LIMIT $3) AS newest))",
+                        t = self.table()
+                    ),
+                    &[&self.pipeline, &to_i64(before_ms), &to_i64(max_records)],
+                )
+                .await?;
+            row.try_get(0)?
+        };
+        let Some(cut) = cut else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        // A chunk per statement, the connection free between chunks for
+        // the writer.
+        loop {
+            let n = {
+                let guard = self.client().await?;
+                let client = guard.as_ref().context("no journal connection")?;
+                client
+                    .execute(
+                        &format!(
+                            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE pipeline = $1 AND seq < $2 ORDER BY seq LIMIT $3)",
+                            t = self.table()
+                        ),
+                        &[&self.pipeline, &cut, &PRUNE_CHUNK],
+                    )
+                    .await?
+            };
+            removed += n;
+            if n < PRUNE_CHUNK.unsigned_abs() {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn count(&self) -> Result<u64> {

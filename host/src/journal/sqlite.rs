@@ -143,15 +143,22 @@ impl Store for SqliteJournal {
         .await
     }
 
-    async fn caused_by(&self, message_ids: &[String]) -> Result<Vec<Record>> {
+    async fn caused_by(&self, message_ids: &[String], limit: usize) -> Result<Vec<Record>> {
         let ids = message_ids.to_vec();
         self.blocking(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, record FROM journal WHERE causation_id = ?1 ORDER BY seq",
+                "SELECT seq, record FROM journal WHERE causation_id = ?1 ORDER BY seq LIMIT ?2",
             )?;
             let mut all = Vec::new();
             for id in &ids {
-                all.extend(read(&mut stmt, params![id])?);
+                let left = limit.saturating_sub(all.len());
+                if left == 0 {
+                    break;
+                }
+                all.extend(read(
+                    &mut stmt,
+                    params![id, i64::try_from(left).unwrap_or(i64::MAX)],
+                )?);
             }
             all.sort_by_key(|r| r.at_ms);
             Ok(all)
@@ -194,46 +201,55 @@ impl Store for SqliteJournal {
     async fn prune(&self, before_ms: u64, max_records: u64) -> Result<u64> {
         let before = to_i64(before_ms);
         let max = to_i64(max_records);
-        self.blocking(move |conn| {
-            let mut removed = 0u64;
-            // Records come in time order, near enough: everything before
-            // the first record inside the retention is older than it.
-            let keep_from: Option<i64> = conn
-                .query_row(
-                    "SELECT seq FROM journal WHERE at_ms >= ?1 ORDER BY seq LIMIT 1",
-                    params![before],
-                    |r| r.get(0),
-                )
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })?;
-            let total: i64 = conn.query_row("SELECT count(*) FROM journal", [], |r| r.get(0))?;
-            let newest: i64 =
-                conn.query_row("SELECT coalesce(max(seq), 0) FROM journal", [], |r| r.get(0))?;
-            // Every record below `cut` goes: the old ones, and the oldest
-            // beyond the size limit (sequence numbers have no gaps but those
-            // pruning left at the start).
-            let by_age = keep_from.unwrap_or(newest.saturating_add(1));
-            let by_size = if total > max {
-                newest.saturating_sub(max).saturating_add(1)
-            } else {
-                0
-            };
-            let cut = by_age.max(by_size);
-            loop {
-                let n = conn.execute(
-                    "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq < ?1 ORDER BY seq LIMIT ?2)",
-                    params![cut, PRUNE_CHUNK],
-                )?;
-                removed += n as u64;
-                if i64::try_from(n).unwrap_or(0) < PRUNE_CHUNK {
-                    break;
-                }
+        let cut = self
+            .blocking(move |conn| {
+                // Records come in time order, near enough: everything
+                // before the first record inside the retention is older.
+                let keep_from: Option<i64> = conn
+                    .query_row(
+                        "SELECT seq FROM journal WHERE at_ms >= ?1 ORDER BY seq LIMIT 1",
+                        params![before],
+                        |r| r.get(0),
+                    )
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                let total: i64 =
+                    conn.query_row("SELECT count(*) FROM journal", [], |r| r.get(0))?;
+                let newest: i64 =
+                    conn.query_row("SELECT coalesce(max(seq), 0) FROM journal", [], |r| {
+                        r.get(0)
+                    })?;
+                // Every record below the cut goes: the old ones, and the
+                // oldest beyond the size limit (sequence numbers have no
+                // gaps but those pruning left at the start).
+                let by_age = keep_from.unwrap_or(newest.saturating_add(1));
+                let by_size = if total > max {
+                    newest.saturating_sub(max).saturating_add(1)
+                } else {
+                    0
+                };
+                Ok(by_age.max(by_size))
+            })
+            .await?;
+        let mut removed = 0u64;
+        // One chunk per lock and transaction: the writer (and, in the
+        // embedded transport's file, the settle) gets its turn between.
+        loop {
+            let n = self
+                .blocking(move |conn| {
+                    Ok(conn.execute(
+                        "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq < ?1 ORDER BY seq LIMIT ?2)",
+                        params![cut, PRUNE_CHUNK],
+                    )?)
+                })
+                .await?;
+            removed += n as u64;
+            if i64::try_from(n).unwrap_or(0) < PRUNE_CHUNK {
+                return Ok(removed);
             }
-            Ok(removed)
-        })
-        .await
+        }
     }
 
     async fn count(&self) -> Result<u64> {

@@ -907,6 +907,9 @@ fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
     if old.dead_letters != new.dead_letters {
         changed.push("[dead_letters]");
     }
+    if old.journal != new.journal {
+        changed.push("[journal]");
+    }
     if old.telemetry != new.telemetry {
         changed.push("[telemetry]");
     }
