@@ -35,15 +35,6 @@ use switchyard::transport::Transport as _;
 
 const CUSTOMERS: usize = 500;
 
-fn dist() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|p| p.join("dist").join("plugins"))
-        .unwrap_or_default()
-        .display()
-        .to_string()
-}
-
 struct Case {
     name: &'static str,
     plugin: &'static str,
@@ -122,10 +113,10 @@ fn pipeline(dir: &Path, case: &Case, concurrency: usize) -> switchyard::config::
         format!(
             "[transport]\npath = \"{name}.db\"\n[plugins.{p}]\nwasm = \"{d}/{p}.wasm\"\nconcurrency = {concurrency}\n{r}\n",
             p = case.plugin,
-            d = dist(),
+            d = common::dist(),
             r = case
                 .route
-                .replace("{dist}", &dist())
+                .replace("{dist}", &common::dist())
                 .replace("{concurrency}", &concurrency.to_string()),
         ),
     )

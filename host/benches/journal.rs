@@ -26,15 +26,6 @@ use switchyard::envelope::{Envelope, Kind};
 use switchyard::journal::{self, Outcome, Record, Sent};
 use switchyard::runtime::{self, RunMode};
 
-fn dist() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|p| p.join("dist").join("plugins"))
-        .unwrap_or_default()
-        .display()
-        .to_string()
-}
-
 /// The journal settings compared.
 const SETTINGS: [(&str, &str); 3] = [
     ("off", "[journal]\nenabled = false\n"),
@@ -56,7 +47,7 @@ fn pipeline(
         &path,
         format!(
             "{transport}\n{journal}\n[plugins.echo]\nwasm = \"{}/echo.wasm\"\nevents = [\"Tick\"]\n",
-            dist()
+            common::dist()
         ),
     )
     .unwrap();
@@ -168,7 +159,7 @@ async fn why_speed(dir: &Path) {
         &path,
         format!(
             "[transport]\npath = \"why.db\"\n[plugins.echo]\nwasm = \"{}/echo.wasm\"\nevents = [\"Tick\"]\n",
-            dist()
+            common::dist()
         ),
     )
     .unwrap();

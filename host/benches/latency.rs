@@ -29,15 +29,6 @@ use switchyard::testing::TestPipeline;
 
 const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
 
-fn dist() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|p| p.join("dist").join("plugins"))
-        .unwrap_or_default()
-        .display()
-        .to_string()
-}
-
 /// A pipeline of the echo plugin on `transport` (a `[transport]` table,
 /// or nothing for the embedded one).
 fn pipeline(dir: &Path, name: &str, transport: &str) -> PathBuf {
@@ -46,7 +37,7 @@ fn pipeline(dir: &Path, name: &str, transport: &str) -> PathBuf {
         &path,
         format!(
             "[pipeline]\nname = \"{name}\"\n{transport}\n[plugins.echo]\nwasm = \"{}/echo.wasm\"\ncommands = [\"Echo\"]\n",
-            dist()
+            common::dist()
         ),
     )
     .unwrap();

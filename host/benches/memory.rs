@@ -31,15 +31,6 @@ use switchyard::envelope::{Envelope, Kind};
 const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn dist() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|p| p.join("dist").join("plugins"))
-        .unwrap_or_default()
-        .display()
-        .to_string()
-}
-
 /// A plugin of the bench: its name, the keys of its table, and the
 /// message it handles.
 struct Plugin {
@@ -114,8 +105,8 @@ fn pipeline(dir: &Path, name: &str, transport: &str, plugin: &Plugin, lanes: usi
         format!(
             "[pipeline]\nname = \"{name}\"\n{transport}\n[plugins.{p}]\nwasm = \"{d}/{p}.wasm\"\nconcurrency = {lanes}\n{k}\n",
             p = plugin.name,
-            d = dist(),
-            k = plugin.keys.replace("{dist}", &dist()),
+            d = common::dist(),
+            k = plugin.keys.replace("{dist}", &common::dist()),
         ),
     )
     .unwrap();

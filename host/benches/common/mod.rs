@@ -3,10 +3,21 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use switchyard::envelope::{Envelope, Kind};
 use switchyard::transport::Transport;
+
+/// Where `cargo xtask build-plugins` puts the plugin components.
+pub fn dist() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.join("dist").join("plugins"))
+        .unwrap_or_default()
+        .display()
+        .to_string()
+}
 
 /// Enqueues `n` small `Tick` events, in chunks.
 pub async fn fill(transport: &dyn Transport, n: usize) {

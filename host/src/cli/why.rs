@@ -242,16 +242,18 @@ async fn message(
             break;
         }
     }
-    let mut story = Story {
-        subject: id.to_owned(),
-        messages: order(messages),
-        unknown_causes,
-        truncated,
-        searched,
-        pipeline: None,
-    };
-    add_letters(letters, &mut story).await?;
-    Ok(story)
+    finish(
+        letters,
+        Story {
+            subject: id.to_owned(),
+            messages: order(messages),
+            unknown_causes,
+            truncated,
+            searched,
+            pipeline: None,
+        },
+    )
+    .await
 }
 
 /// The story of a flow: every message journaled with its correlation id.
@@ -273,16 +275,18 @@ async fn flow(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut story = Story {
-        subject: correlation_id.to_owned(),
-        messages,
-        unknown_causes,
-        truncated,
-        searched,
-        pipeline: None,
-    };
-    add_letters(letters, &mut story).await?;
-    Ok(story)
+    finish(
+        letters,
+        Story {
+            subject: correlation_id.to_owned(),
+            messages,
+            unknown_causes,
+            truncated,
+            searched,
+            pipeline: None,
+        },
+    )
+    .await
 }
 
 /// Orders messages so that each comes after the message that caused it
@@ -312,8 +316,9 @@ fn order(nodes: Vec<Node>) -> Vec<Node> {
     out
 }
 
-/// Looks up the dead-letter records the journal names, as they are now.
-async fn add_letters(letters: &dyn DeadLetterStore, story: &mut Story) -> Result<()> {
+/// Adds to a story the dead-letter records its journal names, as they are
+/// now.
+async fn finish(letters: &dyn DeadLetterStore, mut story: Story) -> Result<Story> {
     for node in &mut story.messages {
         let ids: BTreeSet<&str> = node
             .handlings
@@ -338,7 +343,7 @@ async fn add_letters(letters: &dyn DeadLetterStore, story: &mut Story) -> Result
             }
         }
     }
-    Ok(())
+    Ok(story)
 }
 
 /// A time to the millisecond (the order of hops is in the milliseconds).

@@ -127,7 +127,7 @@ async fn store_of(p: &Pipeline) -> Arc<dyn DeadLetterStore> {
     dlq::open(&p.dead_letters, &p.name).await.unwrap()
 }
 
-fn order(order_id: &str, unit_price_cents: u64) -> Envelope {
+pub fn order(order_id: &str, unit_price_cents: u64) -> Envelope {
     message(
         Kind::Command,
         "PlaceOrder",
@@ -136,7 +136,9 @@ fn order(order_id: &str, unit_price_cents: u64) -> Envelope {
     )
 }
 
-const ORDERS: &str = r#"
+/// The example's orders, payments, inventory and notifications, the
+/// payment retried once at once and twice later.
+pub const ORDERS: &str = r#"
 [plugins.orders]
 wasm = "{dist}/orders.wasm"
 commands = ["PlaceOrder"]

@@ -15,32 +15,7 @@ use switchyard::journal::{self, Outcome, Record};
 use switchyard::runtime::{self, RunMode};
 
 use crate::common::{bin, dead_letters, message, write_pipeline};
-use crate::dead_letters::{Scratch, postgres_url};
-
-const ORDERS: &str = r#"
-[plugins.orders]
-wasm = "{dist}/orders.wasm"
-commands = ["PlaceOrder"]
-[plugins.payments]
-wasm = "{dist}/payments.wasm"
-commands = ["ChargePayment"]
-retry = { immediate = 1, delayed = 2, backoff = "50ms", max_backoff = "100ms" }
-[plugins.inventory]
-wasm = "{dist}/inventory.wasm"
-events = ["OrderPlaced"]
-[plugins.notifications]
-wasm = "{dist}/notifications.wasm"
-events = ["OrderPlaced", "PaymentCaptured"]
-"#;
-
-fn order(order_id: &str, unit_price_cents: u64) -> Envelope {
-    message(
-        Kind::Command,
-        "PlaceOrder",
-        json!({"order_id": order_id, "customer": "ada",
-               "items": [{"sku": "lamp", "quantity": 1, "unit_price_cents": unit_price_cents}]}),
-    )
-}
+use crate::dead_letters::{ORDERS, Scratch, order, postgres_url};
 
 fn load(path: &Path) -> Pipeline {
     config::load(path)
