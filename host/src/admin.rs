@@ -7,6 +7,7 @@
 //! | `GET /plugins` | what each route runs (JSON) | no |
 //! | `PUT /plugins/{name}` | deploy the component in the body | yes |
 //! | `POST /plugins/{name}/rollback` | back to the version before | yes |
+//! | `/ui/...` | the web console ([`crate::console`]) | a session from the token |
 //!
 //! Changing endpoints need `Authorization: Bearer <token>`, the token being
 //! the value of the environment variable `[admin] token_env` names. Without
@@ -54,6 +55,7 @@ pub struct Admin {
     telemetry: Telemetry,
     control: Option<Arc<Supervisor>>,
     token: Option<String>,
+    console: Option<crate::console::Console>,
     header_timeout: Duration,
 }
 
@@ -75,6 +77,7 @@ impl Admin {
             telemetry,
             control: None,
             token: None,
+            console: None,
             header_timeout: HEADER_TIMEOUT,
         })
     }
@@ -90,6 +93,12 @@ impl Admin {
     pub fn with_control(mut self, control: Arc<Supervisor>, token: Option<String>) -> Self {
         self.control = Some(control);
         self.token = token;
+        self
+    }
+
+    /// Serves the web console at `/ui`.
+    pub fn with_console(mut self, console: crate::console::Console) -> Self {
+        self.console = Some(console);
         self
     }
 
@@ -111,6 +120,10 @@ impl Admin {
             .route("/plugins/{name}", put(deploy).post(deploy))
             .route("/plugins/{name}/rollback", post(rollback))
             .with_state(state);
+        let app = match &self.console {
+            Some(console) => app.merge(console.router()),
+            None => app,
+        };
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         // Dropped at shutdown: every connection then finishes its request
         // and closes.
@@ -214,7 +227,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(t) if crate::text::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong token")),
         None => Err((
             StatusCode::UNAUTHORIZED,
@@ -225,16 +238,6 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         )
             .into_response()),
     }
-}
-
-/// Compares without stopping at the first difference, so response times do
-/// not reveal how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
-    }
-    diff == 0
 }
 
 fn change_response(result: Result<crate::supervisor::RouteInfo, ChangeError>) -> Response {
@@ -310,19 +313,5 @@ async fn rollback(
     match control(&state) {
         Ok(c) => change_response(c.rollback(&name).await),
         Err(r) => r,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(constant_time_eq(b"secret-token", b"secret-token"));
-        assert!(!constant_time_eq(b"secret-token", b"secret-tokem"));
-        assert!(!constant_time_eq(b"secret", b"secret-token"));
-        assert!(!constant_time_eq(b"secret-token-and-more", b"secret-token"));
-        assert!(!constant_time_eq(b"", b"x"));
     }
 }

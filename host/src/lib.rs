@@ -33,10 +33,12 @@
 //! | [`cli`] | the `switchyard` command line |
 //! | `testing` | whole pipelines in-process for integration tests (feature `testing`) |
 //! | [`runtime`] | loading a pipeline's plugins, starting its transport, stores, routes and admin listener, and stopping them |
-//! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz`, `/plugins` |
+//! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz`, `/plugins`, and the console's routes |
+//! | [`console`] | the web console at `/ui`: sessions, CSRF, the overview, dead letters, message journeys, plugins |
 //! | [`supervisor`] | the route supervisor: one route per plugin, and every change to a running host (swaps, pipeline edits, deploys, rollbacks, the file watcher) |
 //! | [`dispatch`] | one route: the loop (`mod.rs`), the worker and its immediate retries (`worker.rs`), lanes of a route with `concurrency` above 1 (`lanes.rs`), a saga message's instance and step (`saga.rs`), verdicts to durable steps (`plan.rs`), the order of writes (`commit.rs`), the versions a route runs (`version.rs`) |
 //! | `crash_loop` | the crash-loop guard: messages in hand when the host died |
+//! | [`story`] | the story of a message or flow, from the journal and the dead-letter store (`why`, the console) |
 //! | [`dlq`] | the dead-letter store (SQLite or PostgreSQL): record, list, group, replay, resolve |
 //! | [`transport`] | the [`transport::Transport`] contract; the embedded SQLite transport, RabbitMQ and Kafka; CloudEvents bindings |
 //! | [`journal`] | the record of every handling of a message (SQLite or PostgreSQL), which `switchyard why` reads |
@@ -55,6 +57,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod console;
 mod crash_loop;
 pub mod dispatch;
 pub mod dlq;
@@ -70,6 +73,7 @@ pub mod runtime;
 pub mod saga;
 mod schemas;
 pub mod state;
+pub mod story;
 pub mod supervisor;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -295,7 +295,7 @@ pub async fn run_with(
     // The journal's writer stops after the routes, which settle their
     // last batches first.
     let (journal_stop, journal_stopped) = watch::channel(false);
-    let (journal, journal_pruner, journal_writer) =
+    let (journal, journal_reader, journal_pruner, journal_writer) =
         open_journal(pipeline, &*transport, &telemetry, journal_stopped).await;
     let (control, mut exits) = Supervisor::start(
         plugins.engine.clone(),
@@ -315,7 +315,17 @@ pub async fn run_with(
     )
     .await?;
     let admin_task = match admin {
-        Some(addr) => start_admin(addr, &telemetry, &control, admin_token, stop_rx.clone()).await,
+        Some(addr) => {
+            start_admin(
+                addr,
+                &telemetry,
+                &control,
+                journal_reader,
+                admin_token,
+                stop_rx.clone(),
+            )
+            .await
+        }
         None => None,
     };
     let watcher = watch.then(|| {
@@ -440,12 +450,13 @@ async fn open_journal(
     stop: watch::Receiver<bool>,
 ) -> (
     Option<crate::journal::Sink>,
+    Option<Arc<dyn crate::journal::Store>>,
     Option<tokio::task::JoinHandle<()>>,
     Option<tokio::task::JoinHandle<()>>,
 ) {
     let config = &pipeline.journal;
     if !config.enabled {
-        return (None, None, None);
+        return (None, None, None, None);
     }
     let in_settle = transport.kind() == "embedded";
     // On the embedded transport the journal is the transport's own file,
@@ -464,7 +475,7 @@ async fn open_journal(
                 error = %format!("{e:#}"),
                 "Cannot open the journal; running without one (messages are not affected)"
             );
-            return (None, None, None);
+            return (None, None, None, None);
         }
     };
     let pruner = tokio::spawn(crate::journal::prune_every(
@@ -476,17 +487,18 @@ async fn open_journal(
         let sink = crate::journal::Sink::InSettle {
             payloads: config.payloads,
         };
-        return (Some(sink), Some(pruner), None);
+        return (Some(sink), Some(store), Some(pruner), None);
     }
     tracing::info!(store = %store.location(), "Journal open");
     let (writer, task) = crate::journal::Writer::start(
-        store,
+        store.clone(),
         telemetry.metrics.journal_dropped.clone(),
         config.payloads,
         stop,
     );
     (
         Some(crate::journal::Sink::Writer(writer)),
+        Some(store),
         Some(pruner),
         Some(task),
     )
@@ -594,6 +606,7 @@ async fn start_admin(
     addr: std::net::SocketAddr,
     telemetry: &Telemetry,
     control: &Arc<Supervisor>,
+    journal: Option<Arc<dyn crate::journal::Store>>,
     token: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<Result<()>>> {
@@ -606,9 +619,13 @@ async fn start_admin(
             };
             tracing::info!(
                 address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
-                "Admin listener: /metrics, /healthz, /plugins ({deploys})"
+                "Admin listener: /metrics, /healthz, /plugins, the console at /ui ({deploys})"
             );
-            let admin = admin.with_control(control.clone(), token);
+            let console =
+                crate::console::Console::new(control.clone(), journal, token.clone()).await;
+            let admin = admin
+                .with_control(control.clone(), token)
+                .with_console(console);
             Some(tokio::spawn(admin.serve(async move {
                 let _ = stop.changed().await;
             })))

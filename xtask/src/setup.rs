@@ -19,15 +19,18 @@ const HOST_PACKAGES: [&str; 4] = ["make", "pkg-config", "libssl-dev", "zlib1g-de
 
 /// Debian packages the plugins and the tests use besides: the C plugin
 /// (clang, lld, wasi-libc and clang's wasm32 runtime, added below with
-/// clang's version), the Python plugin's environment, and kcat for the
-/// Kafka interop test.
-const PACKAGES: [&str; 6] = [
+/// clang's version), the Python plugin's environment, kcat for the Kafka
+/// interop test, and headless Chromium with its WebDriver for the web
+/// console's browser test.
+const PACKAGES: [&str; 8] = [
     "python3",
     "python3-venv",
     "clang",
     "lld",
     "wasi-libc",
     "kcat",
+    "chromium",
+    "chromium-driver",
 ];
 
 /// Node.js for plugins/fraud when the system has none new enough.

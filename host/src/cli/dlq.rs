@@ -82,6 +82,31 @@ the new attempts added. A record replayed max_replays times (the loop guard,
         rate: Option<f64>,
     },
 
+    /// Send a dead letter's message again with a corrected payload, as a new
+    /// message caused by the old one; the record is then resolved.
+    #[command(after_help = "Examples:
+  switchyard dlq edit -p pipelines/orders.toml 01a222c2-be70                 # opens $VISUAL or $EDITOR
+  switchyard dlq edit -p pipelines/orders.toml 01a222c2-be70 --data '{\"order_id\":\"A-1\"}'
+  switchyard dlq edit -p pipelines/orders.toml 01a222c2-be70 --file fixed.json
+
+The new message has a new id, the old message's id as its causation id, its
+correlation id (or the old message's id), attempt 1, and a
+switchyard-edited-from header naming the record; it goes to the record's route.
+A JSON message's new payload must be JSON, and it is checked against the
+type's schema when the pipeline has one. Only a `dead` record can be edited.")]
+    Edit {
+        #[command(flatten)]
+        target: Target,
+        /// The record id, or a unique prefix of it.
+        id: String,
+        /// The new payload, as given.
+        #[arg(long, conflicts_with = "file")]
+        data: Option<String>,
+        /// Read the new payload from this file (`-` for stdin).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+
     /// Close dead letters without replaying them (kept for audit).
     #[command(after_help = "Examples:
   switchyard dlq resolve -p pipelines/orders.toml 01a222c2-be70 --note \"refunded by hand\"
@@ -341,6 +366,12 @@ pub async fn run(command: DlqCommand) -> Result<ExitCode> {
             print_replay(&report, dry_run);
             Ok(ExitCode::SUCCESS)
         }
+        DlqCommand::Edit {
+            target,
+            id,
+            data,
+            file,
+        } => edit(&target, &id, data, file).await,
         DlqCommand::Resolve {
             target,
             select: selection,
@@ -394,6 +425,113 @@ pub async fn run(command: DlqCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn edit(
+    target: &Target,
+    id: &str,
+    data: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let (pipeline, store) = open(target).await?;
+    let Some(record) = store.get(id).await? else {
+        bail!("no dead letter with id `{id}`");
+    };
+    if record.status != Status::Dead {
+        bail!(
+            "dead letter {} is `{}`: only a `dead` record can be edited and sent again",
+            record.id,
+            record.status
+        );
+    }
+    let payload = match (data, file) {
+        (Some(d), _) => d.into_bytes(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+                .context("cannot read the new payload from stdin")?;
+            buf
+        }
+        (None, Some(path)) => std::fs::read(&path)
+            .with_context(|| format!("cannot read the new payload from {}", path.display()))?,
+        (None, None) => match in_editor(&record)? {
+            Some(p) => p,
+            None => {
+                eprintln!("the payload was not changed: nothing sent");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+    };
+    let schemas = crate::schemas::Schemas::load(&pipeline)?;
+    let transport = runtime::open(&pipeline).await?;
+    let routes: Vec<String> = pipeline
+        .plugins
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    let new_id = replay::edit(
+        store.as_ref(),
+        transport.as_ref(),
+        &schemas,
+        &record,
+        payload,
+        &routes,
+    )
+    .await?;
+    println!("{new_id}");
+    eprintln!(
+        "sent {} {new_id} to route {} in place of dead letter {}, which is resolved",
+        record.message.message_type, record.route, record.id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The payload after the user's editor (`$VISUAL`, `$EDITOR`, or `vi`)
+/// changed it, or `None` if it came back the same.
+fn in_editor(record: &DeadLetter) -> Result<Option<Vec<u8>>> {
+    if !std::io::stdin().is_terminal() {
+        bail!("give the new payload with --data or --file (there is no terminal to edit it in)");
+    }
+    let original = match serde_json::from_slice::<serde_json::Value>(&record.message.payload) {
+        Ok(v) => serde_json::to_vec_pretty(&v)?,
+        Err(_) => {
+            if std::str::from_utf8(&record.message.payload).is_err() {
+                bail!(
+                    "message {} is not text: give the new payload with --data or --file",
+                    record.message.id
+                );
+            }
+            record.message.payload.clone()
+        }
+    };
+    let suffix = if record.message.content_type.contains("json") {
+        ".json"
+    } else {
+        ".txt"
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix("switchyard-edit-")
+        .suffix(suffix)
+        .tempfile()
+        .context("cannot create a file to edit the payload in")?;
+    tmp.write_all(&original)?;
+    tmp.flush()?;
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".to_owned());
+    // The editor may be a command with arguments (`code --wait`).
+    let mut words = editor.split_whitespace();
+    let program = words.next().unwrap_or("vi");
+    let status = std::process::Command::new(program)
+        .args(words)
+        .arg(tmp.path())
+        .status()
+        .with_context(|| format!("cannot start the editor `{editor}`"))?;
+    if !status.success() {
+        bail!("the editor `{editor}` failed ({status}): nothing sent");
+    }
+    let edited = std::fs::read(tmp.path()).context("cannot read the edited payload back")?;
+    Ok((edited != original).then_some(edited))
 }
 
 fn progress_bar(total: usize, dry_run: bool) -> Option<indicatif::ProgressBar> {

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use super::{DeadLetter, DeadLetterStore, Filter, Status};
 use crate::envelope::{Envelope, new_id, now_ms};
@@ -201,3 +201,97 @@ async fn enqueue_by_route(
     }
     Ok(())
 }
+
+/// The note an edited record is resolved with, naming the message sent in
+/// its place.
+pub fn edited_note(new_id: &str) -> String {
+    format!("edited and sent again as message {new_id}")
+}
+
+/// Sends `payload` in place of a dead record's message: a new message (new
+/// id, attempt 1) of the same type and route, caused by the original
+/// message and in its flow, so `switchyard why` tells both. The payload is
+/// checked against the type's schema first. The record is then resolved
+/// with [`edited_note`]. Returns the new message's id.
+pub async fn edit(
+    store: &dyn DeadLetterStore,
+    transport: &dyn Transport,
+    schemas: &crate::schemas::Schemas,
+    record: &DeadLetter,
+    payload: Vec<u8>,
+    routes: &[String],
+) -> Result<String> {
+    if record.status != Status::Dead {
+        bail!(
+            "dead letter {} is `{}`: only a `dead` record can be edited and sent again",
+            record.id,
+            record.status
+        );
+    }
+    if !routes.contains(&record.route) {
+        bail!(
+            "dead letter {} belongs to route `{}`, which this pipeline no longer has",
+            record.id,
+            record.route
+        );
+    }
+    if record.message.content_type.contains("json") {
+        serde_json::from_slice::<serde_json::Value>(&payload).with_context(|| {
+            format!(
+                "the new payload is not JSON, and message {} is `{}`",
+                record.message.id, record.message.content_type
+            )
+        })?;
+    }
+    schemas
+        .check(&record.message.message_type, &payload)
+        .map_err(|e| anyhow::anyhow!("the new payload is refused: {e}"))?;
+    let claim = new_id();
+    let stale_before =
+        now_ms().saturating_sub(u64::try_from(CLAIM_LEASE.as_millis()).unwrap_or(u64::MAX));
+    let claimed = store
+        .begin_replay(std::slice::from_ref(&record.id), &claim, stale_before)
+        .await
+        .context("cannot claim the record")?;
+    if claimed.is_empty() {
+        bail!(
+            "dead letter {} is being replayed by someone else right now",
+            record.id
+        );
+    }
+    let mut message = record.message.clone();
+    message.id = new_id();
+    message.payload = payload;
+    message.causation_id = Some(record.message.id.clone());
+    message
+        .correlation_id
+        .get_or_insert_with(|| record.message.id.clone());
+    message.headers.retain(|(n, _)| {
+        n != crate::dlq::REPLAY_HEADER && n != crate::envelope::REPLAY_TRACE_HEADER
+    });
+    message
+        .headers
+        .push((EDITED_HEADER.to_owned(), record.id.clone()));
+    message.attempt = 1;
+    message.history.clear();
+    message.created_at_ms = now_ms();
+    let id = message.id.clone();
+    if let Err(e) = transport.enqueue_to(&record.route, vec![message]).await {
+        if let Err(undo) = store.abort_replay(std::slice::from_ref(&record.id)).await {
+            tracing::warn!(error = %format!("{undo:#}"), "Cannot put an unsent edit's record back to dead; it stays `replaying`");
+        }
+        return Err(e.context(format!(
+            "cannot enqueue the edited message on route {}",
+            record.route
+        )));
+    }
+    store
+        .resolve(std::slice::from_ref(&record.id), Some(&edited_note(&id)))
+        .await
+        .context("the edited message was sent, but its record could not be resolved")?;
+    Ok(id)
+}
+
+/// The header of a message sent in place of a dead letter's, naming the
+/// record.
+pub const EDITED_HEADER: &str = "switchyard-edited-from";

@@ -210,6 +210,16 @@ impl Supervisor {
         &self.deployments
     }
 
+    /// The transport the routes take messages from (replays go to it).
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// What every route shares: the dead-letter store, schemas, telemetry.
+    pub fn services(&self) -> &RouteServices {
+        &self.base
+    }
+
     /// The pipeline as it runs now.
     pub async fn pipeline(&self) -> Pipeline {
         self.state.lock().await.pipeline.clone()

@@ -1,6 +1,7 @@
 //! Metrics: OpenTelemetry instruments, read on demand for Prometheus'
 //! `/metrics` and, if configured, pushed over OTLP.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -188,6 +189,43 @@ impl Metrics {
         let _ = self.provider.shutdown();
     }
 
+    /// The sums of the counters and up-down counters named `names`, per
+    /// value of the attribute `by` (`plugin`, say), summed over their other
+    /// attributes: `(metric name, attribute value) -> sum`.
+    pub fn totals(&self, names: &[&str], by: &str) -> BTreeMap<(String, String), f64> {
+        let mut rm = ResourceMetrics::default();
+        if let Err(e) = self.reader.collect(&mut rm) {
+            tracing::warn!(error = %e, "Cannot collect metrics");
+        }
+        let mut out = BTreeMap::new();
+        for scope in rm.scope_metrics() {
+            for metric in scope.metrics().filter(|m| names.contains(&m.name())) {
+                let mut add = |key: String, v: f64| {
+                    *out.entry((metric.name().to_owned(), key)).or_insert(0.0) += v;
+                };
+                match metric.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(s)) => {
+                        for p in s.data_points() {
+                            add(value_of(p.attributes(), by), p.value() as f64);
+                        }
+                    }
+                    AggregatedMetrics::I64(MetricData::Sum(s)) => {
+                        for p in s.data_points() {
+                            add(value_of(p.attributes(), by), p.value() as f64);
+                        }
+                    }
+                    AggregatedMetrics::F64(MetricData::Sum(s)) => {
+                        for p in s.data_points() {
+                            add(value_of(p.attributes(), by), p.value());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
     /// Every metric in the Prometheus text exposition format (0.0.4).
     pub fn prometheus(&self) -> String {
         let mut rm = ResourceMetrics::default();
@@ -345,6 +383,14 @@ fn write_data<T: std::fmt::Display + Copy>(
     }
 }
 
+/// The value of the attribute `key` among `attrs`, or "" without one.
+fn value_of<'a>(mut attrs: impl Iterator<Item = &'a KeyValue>, key: &str) -> String {
+    attrs
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.as_str().into_owned())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +424,29 @@ mod tests {
             text.contains(r#"switchyard_messages_in_flight{plugin="orders"} 3"#),
             "{text}"
         );
+        m.handled.add(
+            5,
+            &[
+                KeyValue::new("plugin", "orders"),
+                KeyValue::new("message.type", "CancelOrder"),
+            ],
+        );
+        let totals = m.totals(
+            &[
+                "switchyard.messages.handled",
+                "switchyard.messages.in_flight",
+            ],
+            "plugin",
+        );
+        assert_eq!(
+            totals.get(&("switchyard.messages.handled".into(), "orders".into())),
+            Some(&7.0)
+        );
+        assert_eq!(
+            totals.get(&("switchyard.messages.in_flight".into(), "orders".into())),
+            Some(&3.0)
+        );
+        assert_eq!(totals.len(), 2, "{totals:?}");
         assert!(
             text.contains(r#"switchyard_dead_letters{status="dead"} 4"#),
             "{text}"

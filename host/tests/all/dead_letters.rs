@@ -183,6 +183,7 @@ on_both_stores!(
     the_loop_guard_stops_a_message_that_keeps_failing,
     sigkill_during_a_replay_of_1000_records_loses_none,
     an_interrupted_replay_is_resumed_and_its_double_deliveries_reported,
+    an_edited_dead_letter_is_sent_as_a_new_message_in_its_place,
 );
 
 async fn poison_is_dead_lettered_after_exactly_one_attempt_with_its_context(store: Store) {
@@ -335,7 +336,7 @@ async fn traps_timeouts_and_memory_bombs_land_with_their_kind(store: Store) {
     assert_eq!(oom.attempts.len(), 1);
 }
 
-fn reserve(quantity: u32) -> Envelope {
+pub fn reserve(quantity: u32) -> Envelope {
     message(
         Kind::Command,
         "Reserve",
@@ -343,7 +344,7 @@ fn reserve(quantity: u32) -> Envelope {
     )
 }
 
-fn stock(wasm: &str) -> String {
+pub fn stock(wasm: &str) -> String {
     format!(
         "[plugins.stock]\nwasm = \"{{dist}}/{wasm}.wasm\"\ncommands = [\"Reserve\"]\nretry = {{ immediate = 0, delayed = 0 }}\n"
     )
@@ -709,6 +710,85 @@ async fn an_interrupted_replay_is_resumed_and_its_double_deliveries_reported(sto
             .iter()
             .all(|d| d.status == Status::Handled)
     );
+}
+
+/// `switchyard dlq edit`: a wrong payload is refused and changes nothing;
+/// a corrected one goes out as a new message, linked to the old one, and
+/// the record is resolved.
+async fn an_edited_dead_letter_is_sent_as_a_new_message_in_its_place(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _scratch) = pipeline(dir.path(), "orders", store, ORDERS);
+    let mut poison = message(Kind::Command, "PlaceOrder", json!({"order_id": 42}));
+    poison.correlation_id = Some("flow-edit".into());
+    poison.headers.push(("x-tenant".into(), "acme".into()));
+    enqueue(&p, vec![poison.clone()]).await;
+    drain(&p).await;
+    let record = dead_letters(&p).await.remove(0);
+    let file = p.source.display().to_string();
+    let edit = |extra: &[&str]| {
+        let mut args = vec!["dlq", "edit", "-p", &file, &record.id[..13]];
+        args.extend_from_slice(extra);
+        Command::new(bin())
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // Not JSON, and no payload at all (no terminal for an editor): refused.
+    let o = edit(&["--data", "{\"order_id\": "]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("not JSON"), "{err}");
+    let o = edit(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--data or --file"), "{err}");
+    assert_eq!(dead_letters(&p).await[0].status, Status::Dead);
+
+    // A corrected order from a file.
+    let fixed = dir.path().join("fixed.json");
+    std::fs::write(&fixed, order("A-77", 1200).payload).unwrap();
+    let o = edit(&["--file", &fixed.display().to_string()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let new_id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert_ne!(new_id, poison.id);
+    assert!(err.contains(&record.id), "{err}");
+    let after = dead_letters(&p).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].status, Status::Resolved);
+    assert_eq!(
+        after[0].note.as_deref(),
+        Some(replay::edited_note(&new_id).as_str())
+    );
+    // A second edit of the same record is refused.
+    let o = edit(&["--file", &fixed.display().to_string()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("only a `dead` record"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The new message is handled, and its story names the old one.
+    drain(&p).await;
+    assert_eq!(dead_letters(&p).await.len(), 1, "no new dead letter");
+    let o = Command::new(bin())
+        .args(["why", "-p", &file, &new_id, "--json"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let story: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = story.to_string();
+    assert!(text.contains("\"handled\""), "{text}");
+    assert!(
+        text.contains(&poison.id),
+        "caused by the old message: {text}"
+    );
+    assert!(text.contains("flow-edit"), "same correlation: {text}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod cli;
 mod common;
 mod concurrency;
 mod config_fixtures;
+mod console;
 mod contract;
 mod dead_letters;
 mod dlq_store;

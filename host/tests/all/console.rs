@@ -1,0 +1,755 @@
+//! The web console at `/ui`: over plain HTTP for its guards (no session,
+//! a forged form, another site's request, a wrong token: nothing changes;
+//! payloads and headers are escaped), on the embedded transport, RabbitMQ
+//! with its stores in PostgreSQL, and Kafka; and in a real headless
+//! Chromium driven over WebDriver, as an operator would use it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+use switchyard::config::{self, Pipeline};
+use switchyard::dlq::{DeadLetter, Status};
+use switchyard::envelope::{Envelope, Kind};
+use switchyard::runtime::{RunMode, RunOptions};
+
+use crate::common::{Running, dead_letters, eventually, message, write_pipeline};
+use crate::dead_letters::{ORDERS, Scratch, order, postgres_url, reserve, stock};
+
+const TOKEN: &str = "console-test-token";
+
+/// A payload and a header that would run script if the console did not
+/// escape them.
+const XSS_PAYLOAD: &str = "<script>window.__xss = 1; document.title = 'pwned'</script>";
+const XSS_HEADER: &str = "<img src=x onerror=\"window.__xss = 2\">";
+
+fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// An order the orders plugin refuses (its id is a number), carrying
+/// markup in its payload and a header.
+fn hostile_order() -> Envelope {
+    let mut m = message(
+        Kind::Command,
+        "PlaceOrder",
+        json!({"order_id": 42, "note": XSS_PAYLOAD}),
+    );
+    m.headers.push(("x-note".into(), XSS_HEADER.into()));
+    m
+}
+
+async fn start(p: &Pipeline, token: Option<&str>) -> (Running, String) {
+    let addr = free_addr();
+    let host = Running::start(
+        p,
+        RunOptions {
+            admin: Some(addr),
+            admin_token: token.map(str::to_owned),
+            ..RunOptions::quiet(RunMode::Serve)
+        },
+    )
+    .await;
+    (host, format!("http://{addr}"))
+}
+
+async fn enqueue(p: &Pipeline, messages: Vec<Envelope>) {
+    let transport = switchyard::runtime::open(p).await.unwrap();
+    transport.enqueue(messages).await.unwrap();
+}
+
+async fn dead_of(p: &Pipeline, n: usize) -> Vec<DeadLetter> {
+    eventually("the dead letters", Duration::from_secs(30), || async {
+        dead_letters(p).await.len() >= n
+    })
+    .await;
+    dead_letters(p).await
+}
+
+struct Answer {
+    status: u16,
+    location: Option<String>,
+    cookie: Option<String>,
+    csp: Option<String>,
+    body: String,
+}
+
+/// A plain HTTP client that follows no redirects.
+struct Http {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Http {
+    fn new(base: &str) -> Self {
+        Http {
+            base: base.to_owned(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
+        let r = req.send().await.unwrap();
+        let header = |n: &str| {
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let location = header("location");
+        let cookie = header("set-cookie");
+        let csp = header("content-security-policy");
+        let status = r.status().as_u16();
+        Answer {
+            status,
+            location,
+            cookie,
+            csp,
+            body: r.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&self, path: &str, session: Option<&str>) -> Answer {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(s) = session {
+            req = req.header("cookie", format!("switchyard_session={s}"));
+        }
+        self.send(req).await
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        session: Option<&str>,
+        form: &[(&str, &str)],
+        origin: Option<&str>,
+    ) -> Answer {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(s) = session {
+            req = req.header("cookie", format!("switchyard_session={s}"));
+        }
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        self.send(req).await
+    }
+
+    /// Signs in; returns the session id and the CSRF token of its forms.
+    async fn sign_in(&self) -> (String, String) {
+        let a = self
+            .post(
+                "/ui/login",
+                None,
+                &[("token", TOKEN), ("next", "/ui")],
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 303, "{}", a.body);
+        let cookie = a.cookie.expect("a session cookie");
+        assert!(cookie.contains("HttpOnly"), "{cookie}");
+        assert!(cookie.contains("SameSite=Strict"), "{cookie}");
+        let session = cookie
+            .split(';')
+            .next()
+            .and_then(|c| c.strip_prefix("switchyard_session="))
+            .unwrap()
+            .to_owned();
+        let page = self.get("/ui", Some(&session)).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let csrf = page
+            .body
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a CSRF token in the page")
+            .to_owned();
+        (session, csrf)
+    }
+}
+
+async fn status_of(p: &Pipeline, id: &str) -> Status {
+    let store = switchyard::dlq::open(&p.dead_letters, &p.name)
+        .await
+        .unwrap();
+    store.get(id).await.unwrap().unwrap().status
+}
+
+/// What every transport must show: without a session, a forged form or
+/// from another site nothing changes; markup from a message is shown, not
+/// run; a signed-in operator resolves a record, and edits and sends again
+/// a malformed order, which is then handled and has a journey.
+async fn guards_and_actions(p: &Pipeline) {
+    enqueue(p, vec![hostile_order(), order("C-1", 1200)]).await;
+    let (host, base) = start(p, Some(TOKEN)).await;
+    let letters = dead_of(p, 1).await;
+    let record = letters
+        .iter()
+        .find(|d| d.message.message_type == "PlaceOrder")
+        .expect("the malformed order's record");
+    let path = format!("/ui/dead-letters/{}", record.id);
+    let http = Http::new(&base);
+
+    // No session: pages lead to the login form, actions change nothing.
+    let a = http.get(&path, None).await;
+    assert_eq!(a.status, 303);
+    assert!(
+        a.location
+            .as_deref()
+            .is_some_and(|l| l.starts_with("/ui/login?next=%2Fui%2Fdead-letters%2F")),
+        "{:?}",
+        a.location
+    );
+    let a = http
+        .post(&format!("{path}/resolve"), None, &[("note", "x")], None)
+        .await;
+    assert_eq!(a.status, 401, "{}", a.body);
+    let a = http
+        .post(&format!("{path}/replay"), Some("forged-session"), &[], None)
+        .await;
+    assert_eq!(a.status, 401, "{}", a.body);
+    // A wrong token signs nobody in.
+    let a = http
+        .post("/ui/login", None, &[("token", "guess")], None)
+        .await;
+    assert_eq!(a.status, 401);
+    assert!(a.cookie.is_none());
+    assert!(
+        a.body.contains("not this host&#39;s admin token")
+            || a.body.contains("not this host's admin token"),
+        "{}",
+        a.body
+    );
+
+    let (session, csrf) = http.sign_in().await;
+    // Signed in, but the form's CSRF token is missing or wrong.
+    let a = http
+        .post(
+            &format!("{path}/resolve"),
+            Some(&session),
+            &[("note", "x")],
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let a = http
+        .post(
+            &format!("{path}/resolve"),
+            Some(&session),
+            &[("csrf", "0000"), ("note", "x")],
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    // The right token, sent from another site.
+    let a = http
+        .post(
+            &format!("{path}/resolve"),
+            Some(&session),
+            &[("csrf", &csrf), ("note", "x")],
+            Some("http://evil.example"),
+        )
+        .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(status_of(p, &record.id).await, Status::Dead);
+
+    // The record's page: every response is guarded, markup is escaped.
+    let page = http.get(&path, Some(&session)).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csp = page.csp.expect("a Content-Security-Policy");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
+    assert!(
+        page.body.contains("&lt;script&gt;window.__xss = 1"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("<script>window"), "{}", page.body);
+    assert!(
+        page.body.contains("&lt;img src=x onerror="),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("<img"), "{}", page.body);
+
+    // Edit and send again: a payload that breaks JSON is refused and the
+    // record stays dead; a good one is sent as a new message.
+    let a = http
+        .post(
+            &format!("{path}/edit"),
+            Some(&session),
+            &[("csrf", &csrf), ("payload", "{not json")],
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 303);
+    let shown = http.get(&path, Some(&session)).await;
+    assert!(
+        shown.body.contains("Not sent: the new payload is not JSON"),
+        "{}",
+        shown.body
+    );
+    assert_eq!(status_of(p, &record.id).await, Status::Dead);
+    let fixed = json!({"order_id": "C-2", "customer": "ada",
+        "items": [{"sku": "lamp", "quantity": 1, "unit_price_cents": 900}]})
+    .to_string();
+    let a = http
+        .post(
+            &format!("{path}/edit"),
+            Some(&session),
+            &[("csrf", &csrf), ("payload", &fixed)],
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 303);
+    let shown = http.get(&path, Some(&session)).await;
+    let new_id = shown
+        .body
+        .split("Sent as a new message ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("{}", shown.body))
+        .to_owned();
+    assert_eq!(status_of(p, &record.id).await, Status::Resolved);
+
+    // The new message is handled, and its journey says so and names the
+    // message it replaced as its cause.
+    eventually(
+        "the edited order's journey",
+        Duration::from_secs(30),
+        || {
+            let http = &http;
+            let session = &session;
+            let new_id = &new_id;
+            async move {
+                let j = http
+                    .get(&format!("/ui/messages?q={new_id}"), Some(session))
+                    .await;
+                j.body.contains("handled by orders@") && j.body.contains("ChargePayment")
+            }
+        },
+    )
+    .await;
+    let j = http
+        .get(&format!("/ui/messages?q={new_id}"), Some(&session))
+        .await;
+    assert!(j.body.contains(&record.message.id), "{}", j.body);
+
+    // The overview and the plugins page render for this transport.
+    let o = http.get("/ui/live/overview", Some(&session)).await;
+    assert!(o.body.contains("data-route=\"orders\""), "{}", o.body);
+    let pl = http.get("/ui/plugins", Some(&session)).await;
+    assert!(pl.body.contains("data-plugin=\"payments\""), "{}", pl.body);
+
+    // Signed out, the session opens nothing.
+    let a = http
+        .post("/ui/logout", Some(&session), &[("csrf", &csrf)], None)
+        .await;
+    assert_eq!(a.status, 303);
+    assert_eq!(http.get("/ui", Some(&session)).await.status, 303);
+    host.stop().await;
+}
+
+fn embedded(dir: &Path) -> Pipeline {
+    let path = write_pipeline(
+        dir,
+        "console",
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n{ORDERS}"),
+    );
+    config::load(&path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pipeline
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_console_guards_escapes_and_acts() {
+    let dir = tempfile::tempdir().unwrap();
+    guards_and_actions(&embedded(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_console_with_stores_in_postgresql() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = Scratch::new();
+    let (_, p) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "[journal]\nurl = \"{url}\"\nschema = \"{s}\"\n[dead_letters]\nurl = \"{url}\"\nschema = \"{s}\"\n{ORDERS}",
+            url = postgres_url(),
+            s = scratch.schema
+        ),
+    );
+    guards_and_actions(&p).await;
+    crate::amqp::clean_up(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_console_with_its_journal_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p) = crate::kafka::pipeline(dir.path(), ORDERS);
+    guards_and_actions(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_the_console_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = embedded(dir.path());
+    let (host, base) = start(&p, None).await;
+    let http = Http::new(&base);
+    let a = http.get("/ui/login", None).await;
+    assert_eq!(a.status, 403);
+    assert!(a.body.contains("The console is closed"), "{}", a.body);
+    let a = http.post("/ui/login", None, &[("token", "")], None).await;
+    assert_eq!(a.status, 403);
+    assert!(a.cookie.is_none());
+    host.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// In a real browser.
+
+/// A chromedriver on a free port, stopped when dropped.
+struct Driver {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chromedriver() -> Driver {
+    let exe = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+    let port = free_addr().port();
+    let child = std::process::Command::new(&exe)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {exe} ({e}): `cargo xtask setup` installs chromium and chromium-driver")
+        });
+    Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn browser(driver: &Driver, profile: &Path) -> Client {
+    let mut caps = serde_json::Map::new();
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }),
+    );
+    let mut last = None;
+    // chromedriver takes a moment to listen.
+    for _ in 0..50 {
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps.clone())
+            .connect(&driver.url)
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("cannot open a Chromium session: {last:?}");
+}
+
+/// Where the screenshots go: `docs/console/` when `SCREENSHOTS=1`, else a
+/// scratch directory.
+fn shots(scratch: &Path) -> PathBuf {
+    if std::env::var_os("SCREENSHOTS").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console")
+    } else {
+        scratch.to_owned()
+    }
+}
+
+/// Takes a screenshot. For the documentation's screenshots, the paths of
+/// the machine the test ran on (its checkout and temporary directory) are
+/// first written as an installed host's would be.
+async fn shoot(c: &Client, (dir, scratch): (&Path, &Path), name: &str) {
+    if std::env::var_os("SCREENSHOTS").is_some() {
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .display()
+            .to_string();
+        let temp = scratch.display().to_string();
+        c.execute(
+            "const [pairs] = arguments;
+             const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+             for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+               for (const [from, to] of pairs) { n.nodeValue = n.nodeValue.split(from).join(to); }
+             }",
+            vec![json!([
+                [format!("{checkout}/dist/plugins"), "/srv/shop/plugins"],
+                [temp, "/srv/shop/pipelines"]
+            ])],
+        )
+        .await
+        .unwrap();
+    }
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn click(c: &Client, css: &str) {
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Clicks what leads to another page, and waits until that page has
+/// loaded (so that nothing is read from the page before it).
+async fn follow(c: &Client, css: &str) {
+    c.execute("window.__before = true;", vec![]).await.unwrap();
+    click(c, css).await;
+    for _ in 0..200 {
+        let loaded = c
+            .execute(
+                "return window.__before === undefined && document.readyState === 'complete';",
+                vec![],
+            )
+            .await;
+        if matches!(loaded, Ok(serde_json::Value::Bool(true))) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("clicking {css} loaded no new page");
+}
+
+/// An operator's session: sign in, see the routes, find the failure
+/// groups, open a trapped reservation, replay it after the fix and see it
+/// handled; open the malformed order and see its markup shown, not run;
+/// edit it and send it again, then follow its journey.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_finds_replays_and_follows_a_message_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "shop",
+        &format!(
+            "[host]\ncache_dir = \"{{cache}}\"\n{ORDERS}\n{}",
+            stock("stock")
+        ),
+    );
+    let p = config::load(&path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pipeline;
+    enqueue(
+        &p,
+        vec![hostile_order(), order("B-1", 1500), reserve(11), reserve(2)],
+    )
+    .await;
+    let (host, base) = start(&p, Some(TOKEN)).await;
+    let letters = dead_of(&p, 2).await;
+    let trapped = letters
+        .iter()
+        .find(|d| d.route == "stock")
+        .expect("the trapped reservation");
+    let shots = shots(dir.path());
+    let driver = chromedriver();
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(&driver, profile.path()).await;
+
+    // Any page leads to the login form first.
+    c.goto(&format!("{base}/ui/dead-letters")).await.unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_url(
+            &format!("{base}/ui/login?next=%2Fui%2Fdead-letters")
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys("not the token")
+        .await
+        .unwrap();
+    follow(&c, "main form button[type=submit]").await;
+    assert!(
+        text(&c, "p.error")
+            .await
+            .contains("not this host's admin token")
+    );
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    follow(&c, "main form button[type=submit]").await;
+    let groups = text(&c, "table.groups").await;
+    assert!(
+        groups.contains("stock") && groups.contains("orders"),
+        "{groups}"
+    );
+    shoot(&c, (&shots, dir.path()), "dead-letters").await;
+
+    // The overview lists the routes.
+    follow(&c, "header nav a[href='/ui']").await;
+    let routes = text(&c, "table.routes").await;
+    for r in ["orders", "payments", "inventory", "notifications", "stock"] {
+        assert!(routes.contains(r), "{routes}");
+    }
+    shoot(&c, (&shots, dir.path()), "overview").await;
+
+    // The fix: the stock plugin's fixed build, loaded into the running host.
+    let fixed = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("/stock.wasm", "/stock_fixed.wasm");
+    std::fs::write(&path, fixed).unwrap();
+    host.control.reload_from_disk().await.unwrap();
+
+    // Find the trap's group, open its record, replay it.
+    follow(&c, "header nav a[href='/ui/dead-letters']").await;
+    follow(
+        &c,
+        &format!("tr[data-fingerprint='{}'] td.cause a", trapped.fingerprint),
+    )
+    .await;
+    follow(&c, &format!("tr[data-record='{}'] a", trapped.id)).await;
+    assert!(text(&c, "section.error").await.contains("trap"));
+    follow(&c, "#replay").await;
+    assert_eq!(text(&c, "p.flash").await, "1 replayed.");
+    // Handled by the fixed plugin: the record says so after a reload.
+    let mut handled = false;
+    for _ in 0..100 {
+        c.refresh().await.unwrap();
+        if text(&c, "p.lead span.status").await == "handled" {
+            handled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(handled, "the replayed record was marked handled");
+
+    // The malformed order: its markup is shown as text and never runs.
+    let order = letters
+        .iter()
+        .find(|d| d.route == "orders")
+        .expect("the malformed order");
+    c.goto(&format!("{base}/ui/dead-letters/{}", order.id))
+        .await
+        .unwrap();
+    assert!(text(&c, "#payload").await.contains(XSS_PAYLOAD));
+    assert!(text(&c, "section.headers").await.contains(XSS_HEADER));
+    let ran = c
+        .execute(
+            "return [window.__xss === undefined, document.title];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ran[0], json!(true), "script from a payload ran: {ran}");
+    assert!(!ran[1].as_str().unwrap_or("").contains("pwned"), "{ran}");
+    shoot(&c, (&shots, dir.path()), "dead-letter").await;
+
+    // Edit and send again.
+    click(&c, "section.payload details summary").await;
+    let edited = c.find(Locator::Css("#edited")).await.unwrap();
+    edited.clear().await.unwrap();
+    edited
+        .send_keys(
+            &json!({"order_id": "B-2", "customer": "ada",
+                "items": [{"sku": "lamp", "quantity": 1, "unit_price_cents": 700}]})
+            .to_string(),
+        )
+        .await
+        .unwrap();
+    follow(&c, "#send-edited").await;
+    let flash = text(&c, "p.flash").await;
+    let new_id = flash
+        .strip_prefix("Sent as a new message ")
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("{flash}"))
+        .to_owned();
+
+    // Its journey, from the search box.
+    let mut journey = String::new();
+    for _ in 0..100 {
+        follow(&c, "header nav a[href='/ui/messages']").await;
+        c.find(Locator::Css("#q"))
+            .await
+            .unwrap()
+            .send_keys(&new_id)
+            .await
+            .unwrap();
+        follow(&c, "form.search button").await;
+        journey = text(&c, "main").await;
+        if journey.contains("ChargePayment") && journey.contains("handled by orders@") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(journey.contains("handled by orders@"), "{journey}");
+    assert!(
+        journey.contains(&order.message.id),
+        "the original is its cause: {journey}"
+    );
+    shoot(&c, (&shots, dir.path()), "journey").await;
+
+    follow(&c, "header nav a[href='/ui/plugins']").await;
+    assert!(
+        text(&c, "section[data-plugin='stock']")
+            .await
+            .contains("stock")
+    );
+    shoot(&c, (&shots, dir.path()), "plugins").await;
+
+    c.close().await.unwrap();
+    host.stop().await;
+}
