@@ -492,18 +492,15 @@ fn in_editor(record: &DeadLetter) -> Result<Option<Vec<u8>>> {
     if !std::io::stdin().is_terminal() {
         bail!("give the new payload with --data or --file (there is no terminal to edit it in)");
     }
-    let original = match serde_json::from_slice::<serde_json::Value>(&record.message.payload) {
-        Ok(v) => serde_json::to_vec_pretty(&v)?,
-        Err(_) => {
-            if std::str::from_utf8(&record.message.payload).is_err() {
-                bail!(
-                    "message {} is not text: give the new payload with --data or --file",
-                    record.message.id
-                );
-            }
-            record.message.payload.clone()
-        }
-    };
+    // The payload as it is, byte for byte: pretty-printing it would
+    // reorder keys and rewrite numbers the user never touched.
+    if std::str::from_utf8(&record.message.payload).is_err() {
+        bail!(
+            "message {} is not text: give the new payload with --data or --file",
+            record.message.id
+        );
+    }
+    let original = record.message.payload.clone();
     let suffix = if record.message.content_type.contains("json") {
         ".json"
     } else {

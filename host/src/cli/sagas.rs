@@ -149,7 +149,7 @@ pub async fn run(command: SagasCommand) -> Result<ExitCode> {
                 let Some(instance) = r.instance(&name, &key)? else {
                     return Ok(None);
                 };
-                let state = instance_state(r, &name, &key)?;
+                let state = crate::state::instance_state(r, &name, &key)?;
                 let steps = r.steps(&name, &key)?;
                 let timeouts = r.timeouts(&name, &key)?;
                 Ok(Some((instance, state, steps, timeouts)))
@@ -196,29 +196,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(reader.as_ref()))
         .await
         .context("the state task failed")?
-}
-
-/// Every key and value of an instance's state, in key order.
-fn instance_state(r: &dyn Reader, plugin: &str, id: &str) -> Result<Vec<(String, Vec<u8>)>> {
-    let prefix = crate::saga::stored_prefix(id);
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let keys = r.keys(plugin, &prefix, after.as_deref(), crate::state::MAX_LIST)?;
-        let last_page = keys.len() < crate::state::MAX_LIST;
-        for stored in keys {
-            if let (Some(key), Some(value)) = (
-                crate::saga::instance_key(id, &stored),
-                r.get(plugin, &stored)?,
-            ) {
-                out.push((key.to_owned(), value));
-            }
-            after = Some(stored);
-        }
-        if last_page {
-            return Ok(out);
-        }
-    }
 }
 
 fn listed_json(plugin: &str, id: &str, i: &Instance) -> Value {

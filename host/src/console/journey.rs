@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use maud::{Markup, html};
 
-use super::pages::{short_digest, urlencode};
+use super::pages::{path_segment, short_digest, urlencode};
 use super::{Shared, html_response, layout, signed_in, when};
 use crate::journal::Outcome;
 use crate::story::{self, Story};
@@ -131,7 +131,7 @@ fn journey(s: &Story) -> Markup {
                         a href={ "/ui/messages?q=" (urlencode(&n.id)) } { code { (n.id) } } " "
                         span.small { (n.kind) }
                         @for d in &n.dead_letters {
-                            " " a.letter href={ "/ui/dead-letters/" (urlencode(&d.id)) } { "dead letter " (d.status) }
+                            " " a.letter href={ "/ui/dead-letters/" (path_segment(&d.id)) } { "dead letter " (d.status) }
                         }
                     }
                     ul.handlings {

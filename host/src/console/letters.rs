@@ -10,13 +10,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use maud::{Markup, html};
 
-use super::pages::{short_digest, urlencode};
+use super::pages::{path_segment, short_digest, urlencode};
 use super::{
     Inner, Shared, ago, html_response, layout, redirect, refuse, signed_in, signed_in_form, when,
 };
 use crate::dlq::replay::{self, ReplayOptions};
 use crate::dlq::{DeadLetter, Filter, Status};
 
+/// The most records one click replays from a group.
+const GROUP_REPLAY_LIMIT: usize = 1000;
 /// Records listed on one page.
 const LIST_LIMIT: u64 = 200;
 /// The most of a payload a record's page shows.
@@ -133,7 +135,7 @@ fn record_table(records: &[DeadLetter]) -> Markup {
                 tbody {
                     @for r in records {
                         tr data-record=(r.id) {
-                            td { a href={ "/ui/dead-letters/" (r.id) } { (r.id) } }
+                            td { a href={ "/ui/dead-letters/" (path_segment(&r.id)) } { (r.id) } }
                             td { (r.message.message_type) " " span.small { (r.message.id) } }
                             td { span.status { (r.status.as_str()) } }
                             td.cause { span.kind { (r.error.kind) } " " (crate::text::clip(&r.error.message, 200)) }
@@ -147,20 +149,30 @@ fn record_table(records: &[DeadLetter]) -> Markup {
     }
 }
 
-/// A payload as text: JSON pretty-printed, other UTF-8 as it is, anything
-/// else as hex; and whether the text is the whole payload, so that editing
-/// it and sending it again loses nothing.
-fn payload_text(payload: &[u8]) -> (String, &'static str, bool) {
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload)
+/// How a record's payload is shown: the text to show (JSON
+/// pretty-printed, other UTF-8 as it is, anything else in hex, each cut at
+/// [`SHOWN_PAYLOAD`]), what it is, and the payload's exact text when it can
+/// be edited in a form (UTF-8, not cut).
+fn payload_text(payload: &[u8]) -> (String, &'static str, Option<&str>) {
+    let exact = std::str::from_utf8(payload)
+        .ok()
+        .filter(|_| payload.len() <= SHOWN_PAYLOAD);
+    if payload.len() <= SHOWN_PAYLOAD
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload)
         && let Ok(pretty) = serde_json::to_string_pretty(&v)
     {
-        return (pretty, "JSON", true);
+        return (pretty, "JSON, pretty-printed", exact);
     }
-    let whole = payload.len() <= SHOWN_PAYLOAD;
     let shown = &payload[..payload.len().min(SHOWN_PAYLOAD)];
     match std::str::from_utf8(shown) {
-        Ok(t) => (t.to_owned(), "text", whole),
-        Err(_) => (hex::encode(shown), "bytes, in hex", false),
+        Ok(t) => (t.to_owned(), "text", exact),
+        // Cut inside a character: the text up to it.
+        Err(e) if e.error_len().is_none() && e.valid_up_to() > 0 => (
+            String::from_utf8_lossy(&shown[..e.valid_up_to()]).into_owned(),
+            "text",
+            exact,
+        ),
+        Err(_) => (hex::encode(shown), "bytes, in hex", None),
     }
 }
 
@@ -169,7 +181,7 @@ pub(super) async fn record(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let here = format!("/ui/dead-letters/{}", urlencode(&id));
+    let here = format!("/ui/dead-letters/{}", path_segment(&id));
     let page = match signed_in(&inner, &headers, &here) {
         Ok(p) => p,
         Err(r) => return r,
@@ -185,8 +197,8 @@ pub(super) async fn record(
             );
         }
     };
-    let (payload, what, whole) = payload_text(&r.message.payload);
-    let editable = r.status == Status::Dead && whole;
+    let (payload, what, exact) = payload_text(&r.message.payload);
+    let editable = r.status == Status::Dead && exact.is_some();
     let m = &r.message;
     let body = html! {
         p.lead {
@@ -206,13 +218,13 @@ pub(super) async fn record(
         }
         section.actions {
             @if matches!(r.status, Status::Dead | Status::Replaying) {
-                form.inline method="post" action={ "/ui/dead-letters/" (r.id) "/replay" } {
+                form.inline method="post" action={ "/ui/dead-letters/" (path_segment(&r.id)) "/replay" } {
                     input type="hidden" name="csrf" value=(page.session.csrf);
                     button type="submit" #replay { "Replay" }
                 }
             }
             @if matches!(r.status, Status::Dead | Status::Replaying | Status::Replayed) {
-                form.inline method="post" action={ "/ui/dead-letters/" (r.id) "/resolve" } {
+                form.inline method="post" action={ "/ui/dead-letters/" (path_segment(&r.id)) "/resolve" } {
                     input type="hidden" name="csrf" value=(page.session.csrf);
                     input type="text" name="note" placeholder="Note (why it needs no replay)" maxlength="500";
                     button type="submit" #resolve { "Resolve" }
@@ -222,19 +234,21 @@ pub(super) async fn record(
         section.payload {
             h2 { "Payload" } p.small { (m.content_type) ", " (m.payload.len()) " bytes, shown as " (what) }
             pre #payload { (payload) }
-            @if !whole {
-                p.small {
-                    @if m.payload.len() > SHOWN_PAYLOAD { "Only the first " (SHOWN_PAYLOAD) " bytes are shown. " }
-                    "A payload that is not whole text cannot be edited here."
-                }
+            @if m.payload.len() > SHOWN_PAYLOAD {
+                p.small { "Only the first " (SHOWN_PAYLOAD) " bytes are shown." }
             }
-            @if editable {
+            @if r.status == Status::Dead && exact.is_none() {
+                p.small { "Only a text payload of at most " (SHOWN_PAYLOAD) " bytes can be edited here; " code { "switchyard dlq edit" } " takes any." }
+            }
+            @if let Some(original) = exact.filter(|_| editable) {
                 details {
                     summary { "Edit and send again" }
-                    p.small { "Sends the edited payload as a new message of the same type, caused by this one; it is checked against the type's schema first. This record is then resolved." }
-                    form method="post" action={ "/ui/dead-letters/" (r.id) "/edit" } {
+                    p.small { "Sends the edited payload, byte for byte as written here, as a new message of the same type, caused by this one; it is checked against the type's schema first. This record is then resolved." }
+                    form method="post" action={ "/ui/dead-letters/" (path_segment(&r.id)) "/edit" } {
                         input type="hidden" name="csrf" value=(page.session.csrf);
-                        textarea #edited name="payload" rows="12" spellcheck="false" { (payload) }
+                        // The parser drops one newline after the tag: this
+                        // one, so a payload's own first newline stays.
+                        textarea #edited name="payload" rows="12" spellcheck="false" { "\n" (original) }
                         button type="submit" #send-edited { "Send as a new message" }
                     }
                 }
@@ -334,31 +348,53 @@ fn replay_summary(report: &replay::ReplayReport) -> String {
             report.claimed_elsewhere
         ));
     }
+    if report.resumed > 0 {
+        parts.push(format!(
+            "{} had been left mid-replay by a replay that stopped, so their messages may be delivered twice",
+            report.resumed
+        ));
+    }
     format!("{}.", parts.join("; "))
+}
+
+/// Runs a change to the store to its end on a task of its own, so that a
+/// browser that goes away (or a connection that times out) does not stop
+/// it half-way.
+async fn to_the_end<F>(work: F) -> String
+where
+    F: std::future::Future<Output = String> + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(message) => message,
+        Err(e) => format!("The action failed: {e}"),
+    }
 }
 
 async fn run_replay(inner: &Inner, records: Vec<DeadLetter>) -> String {
     let store = inner.control.services().dead_letters.clone();
     let transport = inner.control.transport().clone();
     let options = options(inner).await;
-    match replay::replay(
-        store.as_ref(),
-        transport.as_ref(),
-        records,
-        &options,
-        |_, _| {},
-    )
-    .await
-    {
-        Ok(report) => {
-            tracing::info!(
-                replayed = report.replayed.len(),
-                "Console: dead letters replayed"
-            );
-            replay_summary(&report)
+    to_the_end(async move {
+        match replay::replay(
+            store.as_ref(),
+            transport.as_ref(),
+            records,
+            &options,
+            |_, _| {},
+        )
+        .await
+        {
+            Ok(report) => {
+                tracing::info!(
+                    replayed = report.replayed.len(),
+                    "Console: dead letters replayed"
+                );
+                replay_summary(&report)
+            }
+            Err(e) => format!("The replay stopped: {e:#}"),
         }
-        Err(e) => format!("The replay stopped: {e:#}"),
-    }
+    })
+    .await
 }
 
 pub(super) async fn replay_one(
@@ -390,7 +426,7 @@ pub(super) async fn replay_one(
         run_replay(&inner, records).await
     };
     inner.flash(&page.id, message);
-    redirect(&format!("/ui/dead-letters/{}", urlencode(&id)))
+    redirect(&format!("/ui/dead-letters/{}", path_segment(&id)))
 }
 
 pub(super) async fn replay_group(
@@ -414,6 +450,7 @@ pub(super) async fn replay_group(
         &Filter {
             fingerprint: Some(fingerprint.clone()),
             statuses: vec![Status::Dead],
+            limit: Some(GROUP_REPLAY_LIMIT as u64 + 1),
             ..Filter::default()
         },
     )
@@ -422,7 +459,14 @@ pub(super) async fn replay_group(
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
     };
-    let message = run_replay(&inner, records).await;
+    let more = records.len() > GROUP_REPLAY_LIMIT;
+    let records: Vec<DeadLetter> = records.into_iter().take(GROUP_REPLAY_LIMIT).collect();
+    let mut message = run_replay(&inner, records).await;
+    if more {
+        message.push_str(&format!(
+            " The group holds more than {GROUP_REPLAY_LIMIT} dead records: replay again for the next ones, or replay the whole group with `switchyard dlq replay --group` (and --rate)."
+        ));
+    }
     inner.flash(&page.id, message);
     redirect(&format!(
         "/ui/dead-letters?status=all&fingerprint={}",
@@ -445,19 +489,23 @@ pub(super) async fn resolve(
         .map(|n| crate::text::clip(n.trim(), 500))
         .filter(|n| !n.is_empty());
     let store = inner.control.services().dead_letters.clone();
-    let message = match store
-        .resolve(std::slice::from_ref(&id), note.as_deref())
-        .await
-    {
-        Ok(0) => "Nothing resolved: the record is resolved or handled already.".to_owned(),
-        Ok(_) => {
-            tracing::info!(record = %id, "Console: dead letter resolved");
-            "Resolved.".to_owned()
+    let record = id.clone();
+    let message = to_the_end(async move {
+        match store
+            .resolve(std::slice::from_ref(&record), note.as_deref())
+            .await
+        {
+            Ok(0) => "Nothing resolved: the record is resolved or handled already.".to_owned(),
+            Ok(_) => {
+                tracing::info!(record = %record, "Console: dead letter resolved");
+                "Resolved.".to_owned()
+            }
+            Err(e) => format!("Not resolved: {e:#}"),
         }
-        Err(e) => format!("Not resolved: {e:#}"),
-    };
+    })
+    .await;
     inner.flash(&page.id, message);
-    redirect(&format!("/ui/dead-letters/{}", urlencode(&id)))
+    redirect(&format!("/ui/dead-letters/{}", path_segment(&id)))
 }
 
 pub(super) async fn edit(
@@ -470,35 +518,51 @@ pub(super) async fn edit(
         Ok(p) => p,
         Err(r) => return r,
     };
+    let Some(edited) = form.get("payload") else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "The form has no payload: nothing was sent.",
+        );
+    };
     let store = inner.control.services().dead_letters.clone();
     let record = match store.get(&id).await {
         Ok(Some(r)) if r.id == id => r,
         Ok(_) => return refuse(StatusCode::NOT_FOUND, "There is no such dead letter."),
         Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
     };
-    let payload = form
-        .get("payload")
-        .cloned()
-        .unwrap_or_default()
-        .into_bytes();
+    // Browsers send a text area's lines ended with CR LF: a payload that
+    // had no CR gets its own line ends back.
+    let payload = if record.message.payload.contains(&b'\r') {
+        edited.clone().into_bytes()
+    } else {
+        edited.replace("\r\n", "\n").into_bytes()
+    };
     let options = options(&inner).await;
     let transport = inner.control.transport().clone();
-    let message = match replay::edit(
-        store.as_ref(),
-        transport.as_ref(),
-        &inner.control.services().schemas,
-        &record,
-        payload,
-        &options.routes,
-    )
-    .await
-    {
-        Ok(new_id) => {
-            tracing::info!(record = %id, message = %new_id, "Console: dead letter edited and sent again");
-            format!("Sent as a new message {new_id}; this record is resolved.")
+    let schemas = inner.control.services().schemas.clone();
+    let message = to_the_end(async move {
+        match replay::edit(
+            store.as_ref(),
+            transport.as_ref(),
+            &schemas,
+            &record,
+            payload,
+            &options.routes,
+        )
+        .await
+        {
+            Ok(new_id) => {
+                tracing::info!(record = %record.id, message = %new_id, "Console: dead letter edited and sent again");
+                format!("Sent as a new message {new_id}; this record is resolved.")
+            }
+            // Sent, but the record could not be closed: say so as it is.
+            Err(e) if e.to_string().starts_with("the edited message was sent") => {
+                format!("The edited message was sent{}", e.to_string().trim_start_matches("the edited message was sent"))
+            }
+            Err(e) => format!("Not sent: {e:#}"),
         }
-        Err(e) => format!("Not sent: {e:#}"),
-    };
+    })
+    .await;
     inner.flash(&page.id, message);
-    redirect(&format!("/ui/dead-letters/{}", urlencode(&id)))
+    redirect(&format!("/ui/dead-letters/{}", path_segment(&id)))
 }

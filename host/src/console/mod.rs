@@ -1,7 +1,9 @@
 //! The web console at `/ui`, served by the admin listener: what a running
 //! host does (overview, plugins), what failed (dead letters: groups,
-//! records, replay, resolve, edit and send again) and what happened to a
-//! message (its journey, from the journal).
+//! records, replay, resolve, edit and send again), what happened to a
+//! message (its journey, from the journal) and where each business process
+//! is (sagas: instances, stuck ones, each step's changes), and what flows
+//! where (topology).
 //!
 //! Pages are HTML rendered on the server ([`maud`] escapes every value);
 //! the one script and the style sheet are compiled into the binary, so the
@@ -17,6 +19,8 @@
 mod journey;
 mod letters;
 mod pages;
+mod sagas;
+mod topology;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -137,9 +141,12 @@ impl Console {
             .route("/ui/dead-letters/{id}/resolve", post(letters::resolve))
             .route("/ui/dead-letters/{id}/edit", post(letters::edit))
             .route("/ui/messages", get(journey::search))
+            .route("/ui/sagas", get(sagas::index))
+            .route("/ui/topology", get(topology::page))
+            .route("/ui/sagas/{plugin}/{id}", get(sagas::instance))
             .route("/ui/assets/console.css", get(style))
             .route("/ui/assets/console.js", get(script))
-            .fallback(not_found)
+            .route("/ui/{*rest}", get(not_found).post(not_found))
             .with_state(self.inner.clone())
     }
 }
@@ -203,8 +210,19 @@ impl Inner {
         (rates, age)
     }
 
-    /// The session the request's cookie names, if it is valid.
+    /// The session the request's cookie names, if it is valid; its flash
+    /// message is taken (a page shows it once).
     fn session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
+        self.session_with(headers, true)
+    }
+
+    /// The session, leaving its flash message for the next page (for the
+    /// parts of a page that refresh themselves).
+    fn peek_session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
+        self.session_with(headers, false)
+    }
+
+    fn session_with(&self, headers: &HeaderMap, take_flash: bool) -> Option<(String, Session)> {
         let id = cookie(headers, COOKIE)?;
         let mut sessions = lock(&self.sessions);
         let session = sessions.get_mut(&id)?;
@@ -213,7 +231,9 @@ impl Inner {
             return None;
         }
         let shown = session.clone();
-        session.flash = None;
+        if take_flash {
+            session.flash = None;
+        }
         Some((id, shown))
     }
 
@@ -298,6 +318,15 @@ fn signed_in(inner: &Inner, headers: &HeaderMap, here: &str) -> Result<Page, Res
     }
 }
 
+/// A part of a page that refreshes itself: signed in, or refused with 401
+/// (the script keeps what it showed).
+fn signed_in_fragment(inner: &Inner, headers: &HeaderMap) -> Result<(), Response> {
+    match inner.peek_session(headers) {
+        Some(_) => Ok(()),
+        None => Err(refuse(StatusCode::UNAUTHORIZED, "Your session ended.")),
+    }
+}
+
 /// A changing request: signed in, from the console's own origin, with the
 /// session's CSRF token in its form. The form is read only after the
 /// session is known.
@@ -313,7 +342,7 @@ async fn signed_in_form(
             "You are not signed in (or your session ended): nothing was changed.",
         ));
     };
-    let form = read_form(body).await?;
+    let form = read_form(body, MAX_FORM_BYTES).await?;
     let given = form.get("csrf").map_or("", String::as_str);
     if !crate::text::constant_time_eq(given.as_bytes(), session.csrf.as_bytes()) {
         return Err(refuse(
@@ -356,10 +385,13 @@ fn same_origin(headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn read_form(body: Body) -> Result<HashMap<String, String>, Response> {
+/// The largest sign-in form read.
+const MAX_LOGIN_FORM_BYTES: usize = 4096;
+
+async fn read_form(body: Body, limit: usize) -> Result<HashMap<String, String>, Response> {
     let bytes = match tokio::time::timeout(
-        Duration::from_secs(30),
-        axum::body::to_bytes(body, MAX_FORM_BYTES),
+        Duration::from_secs(if limit > MAX_LOGIN_FORM_BYTES { 30 } else { 5 }),
+        axum::body::to_bytes(body, limit),
     )
     .await
     {
@@ -367,7 +399,7 @@ async fn read_form(body: Body) -> Result<HashMap<String, String>, Response> {
         Ok(Err(_)) => {
             return Err(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("The form is larger than {MAX_FORM_BYTES} bytes: nothing was changed."),
+                &format!("The form is larger than {limit} bytes: nothing was changed."),
             ));
         }
         Err(_) => {
@@ -454,6 +486,8 @@ fn layout(inner: &Inner, page: &Page, title: &str, nav: &str, body: Markup) -> M
         ("overview", "/ui", "Overview"),
         ("dead-letters", "/ui/dead-letters", "Dead letters"),
         ("messages", "/ui/messages", "Messages"),
+        ("sagas", "/ui/sagas", "Sagas"),
+        ("topology", "/ui/topology", "Topology"),
         ("plugins", "/ui/plugins", "Plugins"),
     ];
     html! {
@@ -562,14 +596,14 @@ async fn login(State(inner): State<Shared>, headers: HeaderMap, body: Body) -> R
     if let Err(r) = same_origin(&headers) {
         return r;
     }
-    let form = match read_form(body).await {
+    let Some(expected) = &inner.token else {
+        return login_page(&inner, StatusCode::FORBIDDEN, "/ui", None);
+    };
+    let form = match read_form(body, MAX_LOGIN_FORM_BYTES).await {
         Ok(f) => f,
         Err(r) => return r,
     };
     let next = safe_next(form.get("next").map_or("/ui", String::as_str)).to_owned();
-    let Some(expected) = &inner.token else {
-        return login_page(&inner, StatusCode::FORBIDDEN, &next, None);
-    };
     let given = form.get("token").map_or("", String::as_str);
     if !crate::text::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         // Guessing costs time.

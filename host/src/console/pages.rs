@@ -33,7 +33,7 @@ pub(super) async fn overview(State(inner): State<Shared>, headers: HeaderMap) ->
 
 /// The part of the overview that refreshes itself.
 pub(super) async fn overview_live(State(inner): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = signed_in(&inner, &headers, "/ui") {
+    if let Err(r) = super::signed_in_fragment(&inner, &headers) {
         return r;
     }
     html_response(StatusCode::OK, live(&inner).await)
@@ -68,6 +68,7 @@ async fn live(inner: &Inner) -> Markup {
         Some(j) => Some((j.location(), j.count().await)),
         None => None,
     };
+    let sagas = super::sagas::counts(inner).await;
     let transport = inner.control.transport();
     html! {
         table.routes {
@@ -118,6 +119,31 @@ async fn live(inner: &Inner) -> Markup {
                     Err(e) => p.error { "Cannot read the dead-letter store: " (format!("{e:#}")) }
                 }
             }
+            @if let Some(sagas) = &sagas {
+                div.card.sagas {
+                    h2 { "Sagas" }
+                    @match sagas {
+                        Ok(list) => {
+                            table {
+                                thead { tr { th { "Saga" } th.num { "Running" } th.num { "Stuck" } th.num { "Failed" } } }
+                                tbody {
+                                    @for (plugin, [running, failed, stuck]) in list {
+                                        @let base = format!("/ui/sagas?plugin={}", urlencode(plugin));
+                                        tr data-saga=(plugin) {
+                                            td { a href=(base) { (plugin) } }
+                                            td.num { (super::sagas::shown_count(*running)) }
+                                            td.num.bad[*stuck > 0] { a href={ (base) "&stuck=15m" } { (super::sagas::shown_count(*stuck)) } }
+                                            td.num.bad[*failed > 0] { a href={ (base) "&status=failed" } { (super::sagas::shown_count(*failed)) } }
+                                        }
+                                    }
+                                }
+                            }
+                            p.small { "Stuck: running, with no step for 15 minutes." }
+                        }
+                        Err(e) => p.error { "Cannot read the state store: " (format!("{e:#}")) }
+                    }
+                }
+            }
             div.card {
                 h2 { "Transport" }
                 p { (transport.kind()) } p.small { (transport.location()) }
@@ -143,8 +169,15 @@ pub(super) fn short_digest(digest: &str) -> String {
     hex.get(..12).unwrap_or(hex).to_owned()
 }
 
+/// `s` encoded for a query string's value.
 pub(super) fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// `s` encoded as one segment of a path: as in a query string, but with a
+/// space as `%20` (a `+` in a path is a plus sign).
+pub(super) fn path_segment(s: &str) -> String {
+    urlencode(s).replace('+', "%20")
 }
 
 pub(super) async fn plugins(State(inner): State<Shared>, headers: HeaderMap) -> Response {
@@ -157,7 +190,7 @@ pub(super) async fn plugins(State(inner): State<Shared>, headers: HeaderMap) -> 
     let body = html! {
         p.lead { "What each route runs, and the versions deployed to it through the admin API (newest last)." }
         @for r in &routes {
-            section.plugin data-plugin=(r.plugin) {
+            section.plugin id=(r.plugin) data-plugin=(r.plugin) {
                 h2 { (r.plugin) " " span.version { (r.version) } }
                 (route_facts(r))
                 @match deployments.history(&r.plugin) {
@@ -171,7 +204,7 @@ pub(super) async fn plugins(State(inner): State<Shared>, headers: HeaderMap) -> 
                                 }
                             }
                         }
-                        form method="post" action={ "/ui/plugins/" (urlencode(&r.plugin)) "/rollback" } {
+                        form method="post" action={ "/ui/plugins/" (path_segment(&r.plugin)) "/rollback" } {
                             input type="hidden" name="csrf" value=(page.session.csrf);
                             button type="submit" { "Roll back to the version before" }
                         }

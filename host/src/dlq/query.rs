@@ -137,11 +137,16 @@ pub(crate) fn read_group(r: &dyn StoredRow) -> Result<Group> {
     })
 }
 
+/// How the claim of an edit (`dlq::replay::edit`) starts.
+pub const EDIT_CLAIM: &str = "edit:";
+
 /// The statement that claims the record `ph(1)` of the pipeline `ph(2)` at
 /// `ph(3)` for the replay `ph(4)` (see [`DeadLetterStore::begin_replay`]):
 /// a record `dead` (counting the replay), one this claim already holds, or
-/// one another claim left `replaying` before `ph(5)`. `is` is the dialect's
-/// null-safe equality.
+/// one another claim left `replaying` before `ph(5)`, unless that claim is
+/// an edit's ([`EDIT_CLAIM`]: its new message may be out already, so the
+/// old one must never be sent after it). `is` is the dialect's null-safe
+/// equality.
 pub(crate) fn claim_sql(table: &str, ph: fn(usize) -> String, is: &str) -> String {
     let [id, pipeline, now, claim, stale] = [1, 2, 3, 4, 5].map(ph);
     format!(
@@ -151,7 +156,9 @@ pub(crate) fn claim_sql(table: &str, ph: fn(usize) -> String, is: &str) -> Strin
          WHERE id = {id} AND pipeline = {pipeline}
            AND (status = 'dead'
                 OR (status = 'replaying'
-                    AND (replay_claim {is} {claim} OR COALESCE(replayed_at_ms, 0) < {stale})))"
+                    AND (replay_claim {is} {claim}
+                         OR (COALESCE(replayed_at_ms, 0) < {stale}
+                             AND COALESCE(replay_claim, '') NOT LIKE '{EDIT_CLAIM}%'))))"
     )
 }
 

@@ -246,7 +246,12 @@ pub async fn edit(
     schemas
         .check(&record.message.message_type, &payload)
         .map_err(|e| anyhow::anyhow!("the new payload is refused: {e}"))?;
-    let claim = new_id();
+    let mut message = record.message.clone();
+    message.id = new_id();
+    // The claim names the new message, and no replay takes it over when it
+    // grows old: once the new message may be out, the old one must never
+    // be sent after it.
+    let claim = format!("{}{}", super::query::EDIT_CLAIM, message.id);
     let stale_before =
         now_ms().saturating_sub(u64::try_from(CLAIM_LEASE.as_millis()).unwrap_or(u64::MAX));
     let claimed = store
@@ -259,8 +264,6 @@ pub async fn edit(
             record.id
         );
     }
-    let mut message = record.message.clone();
-    message.id = new_id();
     message.payload = payload;
     message.causation_id = Some(record.message.id.clone());
     message
@@ -285,11 +288,28 @@ pub async fn edit(
             record.route
         )));
     }
-    store
-        .resolve(std::slice::from_ref(&record.id), Some(&edited_note(&id)))
-        .await
-        .context("the edited message was sent, but its record could not be resolved")?;
-    Ok(id)
+    // The new message is out: close the record, trying a few times, since
+    // a record left `replaying` under the edit's claim needs a hand.
+    let note = edited_note(&id);
+    let mut last = None;
+    for wait in [0u64, 200, 1000, 3000] {
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        match store
+            .resolve(std::slice::from_ref(&record.id), Some(&note))
+            .await
+        {
+            Ok(_) => return Ok(id),
+            Err(e) => last = Some(e),
+        }
+    }
+    let why = last.map(|e| format!("{e:#}")).unwrap_or_default();
+    bail!(
+        "the edited message was sent as {id}, but dead letter {} could not be resolved ({why}); \
+         it stays `replaying` under the edit's claim, which no replay takes over: \
+         resolve it with `switchyard dlq resolve {}`",
+        record.id,
+        record.id
+    )
 }
 
 /// The header of a message sent in place of a dead letter's, naming the

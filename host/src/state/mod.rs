@@ -104,6 +104,29 @@ pub trait Reader: Send + Sync {
     fn timeouts(&self, plugin: &str, instance: &str) -> Result<Vec<crate::saga::Pending>>;
 }
 
+/// Every key and value of a saga instance's state, in key order.
+pub fn instance_state(r: &dyn Reader, plugin: &str, id: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let prefix = crate::saga::stored_prefix(id);
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let keys = r.keys(plugin, &prefix, after.as_deref(), MAX_LIST)?;
+        let last_page = keys.len() < MAX_LIST;
+        for stored in keys {
+            if let (Some(key), Some(value)) = (
+                crate::saga::instance_key(id, &stored),
+                r.get(plugin, &stored)?,
+            ) {
+                out.push((key.to_owned(), value));
+            }
+            after = Some(stored);
+        }
+        if last_page {
+            return Ok(out);
+        }
+    }
+}
+
 /// A state store that commits apart from the transport: the one hosts on
 /// RabbitMQ or Kafka use. (The embedded transport commits state in its own
 /// settle transaction instead.)

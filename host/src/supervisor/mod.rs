@@ -347,6 +347,18 @@ impl Supervisor {
             .collect()
     }
 
+    /// What each route's running plugin declared in `describe()`: the
+    /// types it handles, publishes and sends.
+    pub fn contracts(&self) -> Vec<(String, crate::plugin::PluginInfo)> {
+        self.view()
+            .routes
+            .iter()
+            .map(|(name, (_, status))| {
+                (name.clone(), status.serving().version.plugin.info().clone())
+            })
+            .collect()
+    }
+
     /// Stops every route, letting each finish and settle the batch in hand.
     pub async fn shutdown(&self) {
         let tasks: Vec<_> = {

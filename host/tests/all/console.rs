@@ -296,6 +296,12 @@ async fn guards_and_actions(p: &Pipeline) {
         )
         .await;
     assert_eq!(a.status, 303);
+    // The overview refreshing itself in another tab does not take the
+    // message meant for this page.
+    assert_eq!(
+        http.get("/ui/live/overview", Some(&session)).await.status,
+        200
+    );
     let shown = http.get(&path, Some(&session)).await;
     assert!(
         shown.body.contains("Not sent: the new payload is not JSON"),
@@ -347,6 +353,52 @@ async fn guards_and_actions(p: &Pipeline) {
         .get(&format!("/ui/messages?q={new_id}"), Some(&session))
         .await;
     assert!(j.body.contains(&record.message.id), "{}", j.body);
+
+    // A form without a payload sends nothing.
+    let a = http
+        .post(
+            &format!("{path}/edit"),
+            Some(&session),
+            &[("csrf", &csrf)],
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+
+    // The topology: every route, and who handles what.
+    let t = http.get("/ui/topology", Some(&session)).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    for node in [
+        "orders",
+        "payments",
+        "PlaceOrder",
+        "ChargePayment",
+        "OrderPlaced",
+    ] {
+        assert!(
+            t.body.contains(&format!("data-node=\"{node}\"")),
+            "{node}: {}",
+            t.body
+        );
+    }
+    let charge = t
+        .body
+        .split("data-type=\"ChargePayment\"")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("{}", t.body));
+    assert!(
+        charge.contains("orders") && charge.contains("payments"),
+        "{charge}"
+    );
+    // A page the console does not have, and a path that is not the
+    // console's: the admin listener's own answer.
+    let a = http.get("/ui/no-such-page", Some(&session)).await;
+    assert_eq!(a.status, 404);
+    assert!(a.body.contains("There is no such page"), "{}", a.body);
+    let a = http.get("/no-such-endpoint", None).await;
+    assert_eq!(a.status, 404);
+    assert!(!a.body.contains("<html"), "{}", a.body);
 
     // The overview and the plugins page render for this transport.
     let o = http.get("/ui/live/overview", Some(&session)).await;
@@ -742,6 +794,21 @@ async fn an_operator_finds_replays_and_follows_a_message_in_chromium() {
     );
     shoot(&c, (&shots, dir.path()), "journey").await;
 
+    follow(&c, "header nav a[href='/ui/topology']").await;
+    assert!(
+        text(&c, "table.types").await.contains("Reserve"),
+        "the topology lists the stock route's command"
+    );
+    let drawn = c
+        .execute(
+            "return document.querySelectorAll('svg.topology g.node').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(drawn.as_u64().unwrap_or(0) >= 10, "nodes drawn: {drawn}");
+    shoot(&c, (&shots, dir.path()), "topology").await;
+
     follow(&c, "header nav a[href='/ui/plugins']").await;
     assert!(
         text(&c, "section[data-plugin='stock']")
@@ -750,6 +817,146 @@ async fn an_operator_finds_replays_and_follows_a_message_in_chromium() {
     );
     shoot(&c, (&shots, dir.path()), "plugins").await;
 
+    c.close().await.unwrap();
+    host.stop().await;
+}
+
+/// The sagas pages: instances by status, stuck ones, one instance's state
+/// and each step's changes against the state before it; the overview's
+/// counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sagas_pages_show_instances_stuck_ones_and_each_steps_changes() {
+    use crate::sagas::{add, ledger, open};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        "ledgers",
+        &format!(
+            "[host]\ncache_dir = \"{{cache}}\"\n{}",
+            ledger("dead-letter")
+        ),
+    );
+    let p = config::load(&path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pipeline;
+    let reject = message(Kind::Event, "Reject", json!({ "id": "L-2" }));
+    enqueue(
+        &p,
+        vec![
+            open("L-1"),
+            add("L-1", 2),
+            add("L-1", 3),
+            open("L-2"),
+            reject,
+            open("L/3 <b>"),
+        ],
+    )
+    .await;
+    let (host, base) = start(&p, Some(TOKEN)).await;
+    dead_of(&p, 1).await;
+    let http = Http::new(&base);
+    let (session, _) = http.sign_in().await;
+    let s = Some(session.as_str());
+    let instances = |body: &str| -> Vec<String> {
+        body.split("data-instance=\"")
+            .skip(1)
+            .filter_map(|r| r.split('"').next())
+            .map(str::to_owned)
+            .collect()
+    };
+
+    // Every open instance; the failed one alone; running ones gone quiet.
+    let mut open_ones = Vec::new();
+    for _ in 0..100 {
+        open_ones = instances(&http.get("/ui/sagas", s).await.body);
+        if open_ones.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open_ones.sort();
+    assert_eq!(
+        open_ones,
+        ["L-1", "L-2", "L/3 &lt;b&gt;"],
+        "markup in a key is escaped"
+    );
+    let failed = http.get("/ui/sagas?status=failed", s).await;
+    assert_eq!(instances(&failed.body), ["L-2"], "{}", failed.body);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stuck = http.get("/ui/sagas?stuck=10ms", s).await;
+    let mut quiet = instances(&stuck.body);
+    quiet.sort();
+    assert_eq!(quiet, ["L-1", "L/3 &lt;b&gt;"], "{}", stuck.body);
+    assert_eq!(http.get("/ui/sagas?stuck=soon", s).await.status, 400);
+
+    // One instance: its state, and each step against the one before.
+    let one = http.get("/ui/sagas/ledger/L-1", s).await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert!(one.body.contains("data-version=\"3\""), "{}", one.body);
+    let third = one.body.split("data-version=\"3\"").nth(1).unwrap();
+    assert!(
+        third.contains("<del>2</del>") && third.contains("<ins>5</ins>"),
+        "the third step took the total from 2 to 5: {third}"
+    );
+    assert!(
+        stuck
+            .body
+            .contains("href=\"/ui/sagas/ledger/L%2F3%20%3Cb%3E\""),
+        "{}",
+        stuck.body
+    );
+    let odd = http.get("/ui/sagas/ledger/L%2F3%20%3Cb%3E", s).await;
+    assert_eq!(
+        odd.status, 200,
+        "an id with a slash and markup: {}",
+        odd.body
+    );
+    assert!(!odd.body.contains("<b>"), "{}", odd.body);
+    let none = http.get("/ui/sagas/ledger/L-404", s).await;
+    assert_eq!(none.status, 404);
+
+    // The overview counts them.
+    let o = http.get("/ui/live/overview", s).await;
+    let row = o
+        .body
+        .split("data-saga=\"ledger\"")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("{}", o.body));
+    let cells: Vec<&str> = row
+        .split("class=\"num")
+        .skip(1)
+        .filter_map(|c| c.split('>').nth(if c.contains("<a") { 2 } else { 1 }))
+        .filter_map(|c| c.split('<').next())
+        .collect();
+    assert_eq!(
+        cells,
+        ["2", "0", "1"],
+        "running, stuck (15 min), failed: {row}"
+    );
+
+    // In the browser: the instance's third step shows the total's change.
+    let driver = chromedriver();
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(&driver, profile.path()).await;
+    c.goto(&format!(
+        "{base}/ui/login?next=%2Fui%2Fsagas%2Fledger%2FL-1"
+    ))
+    .await
+    .unwrap();
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    follow(&c, "main form button[type=submit]").await;
+    let third = text(&c, "li.step[data-version='3'] table.diff").await;
+    assert!(
+        third.contains("total") && third.contains('2') && third.contains('5'),
+        "{third}"
+    );
+    shoot(&c, (&shots(dir.path()), dir.path()), "saga").await;
     c.close().await.unwrap();
     host.stop().await;
 }

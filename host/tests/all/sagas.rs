@@ -14,7 +14,7 @@ use switchyard::state::{Reader, Store};
 
 use crate::common::{bin, dead_letters, message, write_pipeline};
 
-fn ledger(not_found: &str) -> String {
+pub fn ledger(not_found: &str) -> String {
     format!(
         r#"
     [plugins.ledger]
@@ -35,11 +35,11 @@ fn ledger(not_found: &str) -> String {
     )
 }
 
-fn open(id: &str) -> Envelope {
+pub fn open(id: &str) -> Envelope {
     message(Kind::Event, "Open", json!({ "id": id }))
 }
 
-fn add(id: &str, n: i64) -> Envelope {
+pub fn add(id: &str, n: i64) -> Envelope {
     message(Kind::Event, "Add", json!({ "id": id, "n": n }))
 }
 
