@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use switchyard::envelope::{Envelope, Kind};
-use switchyard::journal::{self, Outcome, Record, Sent};
+use switchyard::journal::{self, Record};
 use switchyard::runtime::{self, RunMode};
 
 /// The journal settings compared.
@@ -107,42 +107,6 @@ async fn compare(label: &str, pipelines: &[switchyard::config::Pipeline], n: usi
     }
 }
 
-fn record(flow: usize, hop: usize) -> Record {
-    let id = |h: usize| format!("0193{flow:08x}-{h:04x}-7000-8000-000000000000");
-    Record {
-        at_ms: 1_760_000_000_000 + (flow * 10 + hop) as u64,
-        message_id: id(hop),
-        message_type: format!("Step{hop}"),
-        kind: "event".into(),
-        plugin: format!("plugin{hop}"),
-        plugin_version: "1.0.0".into(),
-        plugin_digest: "sha256:0123456789abcdef".into(),
-        attempt: 1,
-        outcome: Outcome::Handled,
-        took_us: 120,
-        failures: Vec::new(),
-        error: None,
-        retry_at_ms: None,
-        dead_letter: None,
-        replay_of: None,
-        sent: (hop < 9)
-            .then(|| Sent {
-                id: id(hop + 1),
-                message_type: format!("Step{}", hop + 1),
-                kind: "event".into(),
-            })
-            .into_iter()
-            .collect(),
-        replied: false,
-        saga_instance: None,
-        correlation_id: (hop > 0).then(|| id(0)),
-        causation_id: (hop > 0).then(|| id(hop - 1)),
-        trace_id: None,
-        host: "bench".into(),
-        payload: None,
-    }
-}
-
 /// `why` on the middle message of flows in a journal of 100,000 records.
 async fn why_speed(dir: &Path) {
     let file = dir.join("why.db");
@@ -150,7 +114,7 @@ async fn why_speed(dir: &Path) {
         Arc::new(journal::sqlite::SqliteJournal::open(&file).unwrap());
     for chunk in 0..100 {
         let records: Vec<Record> = (chunk * 100..(chunk + 1) * 100)
-            .flat_map(|flow| (0..10).map(move |hop| record(flow, hop)))
+            .flat_map(|flow| (0..10).map(move |hop| common::journal_record(flow, hop)))
             .collect();
         store.write(records).await.unwrap();
     }
@@ -169,7 +133,7 @@ async fn why_speed(dir: &Path) {
         .unwrap();
     let mut times = Vec::new();
     for flow in (0..10_000).step_by(97) {
-        let id = record(flow, 5).message_id;
+        let id = common::journal_record(flow, 5).message_id;
         let started = Instant::now();
         let story = switchyard::cli::why::story_of(store.clone(), letters.clone(), &id)
             .await

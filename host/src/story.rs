@@ -272,6 +272,46 @@ async fn finish(letters: &dyn DeadLetterStore, mut story: Story) -> Result<Story
     Ok(story)
 }
 
+/// The most handlings a search by attribute reads.
+pub const MAX_FOUND: usize = 200;
+
+/// A flow in which a plugin set a span attribute: the flow's id and the
+/// handlings that set it, newest first.
+#[derive(Debug, Serialize)]
+pub struct Found {
+    pub flow: String,
+    pub handlings: Vec<Record>,
+}
+
+/// A span attribute searched for, from `NAME=VALUE`.
+pub fn attribute_query(text: &str) -> Option<(&str, &str)> {
+    let (name, value) = text.split_once('=')?;
+    let name = name.trim();
+    (!name.is_empty() && !name.contains(char::is_whitespace)).then_some((name, value.trim()))
+}
+
+/// The flows in which a plugin set the span attribute `name` to `value`,
+/// the most recent first.
+pub async fn by_attribute(
+    journal: &dyn journal::Store,
+    name: &str,
+    value: &str,
+) -> Result<Vec<Found>> {
+    let records = journal.with_attribute(name, value, MAX_FOUND).await?;
+    let mut found: Vec<Found> = Vec::new();
+    for r in records {
+        let flow = r.flow_id().to_owned();
+        match found.iter_mut().find(|f| f.flow == flow) {
+            Some(f) => f.handlings.push(r),
+            None => found.push(Found {
+                flow,
+                handlings: vec![r],
+            }),
+        }
+    }
+    Ok(found)
+}
+
 /// A time to the millisecond (the order of hops is in the milliseconds).
 pub fn time(ms: u64) -> String {
     match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms)) {

@@ -156,3 +156,44 @@ impl Comparison {
         );
     }
 }
+
+/// The journal record of hop `hop` (0 to 9) of flow `flow`: ten events,
+/// each caused by the one before, the first one's id the flow's
+/// correlation id.
+pub fn journal_record(flow: usize, hop: usize) -> switchyard::journal::Record {
+    use switchyard::journal::{Outcome, Record, Sent};
+    let id = |h: usize| format!("0193{flow:08x}-{h:04x}-7000-8000-000000000000");
+    Record {
+        at_ms: 1_760_000_000_000 + (flow * 10 + hop) as u64,
+        message_id: id(hop),
+        message_type: format!("Step{hop}"),
+        kind: "event".into(),
+        plugin: format!("plugin{hop}"),
+        plugin_version: "1.0.0".into(),
+        plugin_digest: "sha256:0123456789abcdef".into(),
+        attempt: 1,
+        outcome: Outcome::Handled,
+        took_us: 120,
+        failures: Vec::new(),
+        error: None,
+        retry_at_ms: None,
+        dead_letter: None,
+        replay_of: None,
+        sent: (hop < 9)
+            .then(|| Sent {
+                id: id(hop + 1),
+                message_type: format!("Step{}", hop + 1),
+                kind: "event".into(),
+            })
+            .into_iter()
+            .collect(),
+        replied: false,
+        saga_instance: None,
+        correlation_id: (hop > 0).then(|| id(0)),
+        causation_id: (hop > 0).then(|| id(hop - 1)),
+        trace_id: None,
+        host: "bench".into(),
+        payload: None,
+        attributes: Vec::new(),
+    }
+}

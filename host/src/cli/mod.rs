@@ -182,6 +182,7 @@ Outputs not listed fail the case. Exits with status 1 if any case fails.")]
   switchyard why 0193a4c2 -p pipelines/orders.toml          # a unique prefix of the id
   switchyard why 01a222c2-be70 -p pipelines/orders.toml     # a dead-letter record's id
   switchyard why --correlation order-A-1 -p pipelines/orders.toml --json
+  switchyard why --attribute order.id=A-1001 -p pipelines/orders.toml   # a span attribute a plugin set
 
 Reads the pipeline's journal ([journal], on by default) and its dead-letter store.
 The message ids are in the host's log lines, in dead letters (`switchyard dlq show`)

@@ -25,6 +25,11 @@ pub struct WhyArgs {
     /// id, and the one that started it.
     #[arg(long)]
     pub correlation: bool,
+    /// Find the flow by a span attribute a plugin set: the argument is
+    /// `NAME=VALUE` (e.g. `order.id=A-1001`). One flow found is told; more
+    /// are listed.
+    #[arg(long, conflicts_with = "correlation")]
+    pub attribute: bool,
     /// Print the story as JSON, for tools.
     #[arg(long)]
     pub json: bool,
@@ -46,6 +51,56 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot open the {}", dlq::describe(&pipeline.dead_letters)))?;
     let searched = vec![journal.location(), dlq::describe(&pipeline.dead_letters)];
+    let mut args = args;
+    if args.attribute {
+        let Some((name, value)) = crate::story::attribute_query(&args.id) else {
+            bail!(
+                "--attribute takes NAME=VALUE (like order.id=A-1001), not `{}`",
+                args.id
+            );
+        };
+        let found = crate::story::by_attribute(journal.as_ref(), name, value).await?;
+        match found.as_slice() {
+            [] => {
+                eprintln!(
+                    "No plugin set {name} = {value} on a message the journal holds. Searched: {}.",
+                    journal.location()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            [one] => {
+                args.id = one.flow.clone();
+                args.correlation = true;
+            }
+            many => {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(many)?);
+                } else {
+                    println!(
+                        "{name} = {value} was set in {} flows, the most recent first:",
+                        many.len()
+                    );
+                    for f in many {
+                        let r = &f.handlings[0];
+                        println!(
+                            "  {}  {} {} by {} ({})",
+                            crate::story::time(r.at_ms),
+                            r.message_type,
+                            r.message_id,
+                            r.plugin,
+                            r.outcome.as_str()
+                        );
+                        println!(
+                            "      switchyard why --correlation {} -p {}",
+                            f.flow,
+                            args.pipeline.display()
+                        );
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
     let story = if args.correlation {
         flow(journal.as_ref(), letters.as_ref(), &args.id, searched).await?
     } else {

@@ -30,7 +30,7 @@ pub(super) async fn search(
     };
     let form = html! {
         form.search method="get" action="/ui/messages" role="search" {
-            label for="q" { "Message id, dead-letter id or correlation id" }
+            label for="q" { "Message id, dead-letter id, correlation id, or NAME=VALUE of a span attribute (order.id=A-1001)" }
             input #q type="search" name="q" value=(query) placeholder="an id, or the start of one" required;
             label.check { input type="checkbox" name="by" value="correlation" checked[by_flow]; " a whole flow (correlation id)" }
             button type="submit" { "Find" }
@@ -46,6 +46,63 @@ pub(super) async fn search(
             Some(journal) => {
                 let letters = inner.control.services().dead_letters.clone();
                 let searched = vec![journal.location(), "the dead-letter store".to_owned()];
+                let attribute = if by_flow {
+                    None
+                } else {
+                    story::attribute_query(&query)
+                };
+                if let Some((name, value)) = attribute {
+                    let result = match story::by_attribute(journal.as_ref(), name, value).await {
+                        Ok(found) if found.len() == 1 => {
+                            match story::flow(
+                                journal.as_ref(),
+                                letters.as_ref(),
+                                &found[0].flow,
+                                searched.clone(),
+                            )
+                            .await
+                            {
+                                Ok(s) if !s.messages.is_empty() => html! {
+                                    p.small { "The one flow in which a plugin set " code { (name) } " = " code { (value) } ":" }
+                                    (journey(&s))
+                                },
+                                Ok(_) => {
+                                    html! { p.empty { "The flow is no longer in the journal." } }
+                                }
+                                Err(e) => html! { p.error role="alert" { (format!("{e:#}")) } },
+                            }
+                        }
+                        Ok(found) if found.is_empty() => html! {
+                            p.empty role="status" {
+                                "No plugin set " code { (name) } " = " code { (value) } " on a message the journal holds. Searched: " (journal.location()) "."
+                            }
+                        },
+                        Ok(found) => html! {
+                            p { code { (name) } " = " code { (value) } " was set in " (found.len()) " flows, the most recent first:" }
+                            table.flows {
+                                thead { tr { th { "Last set" } th { "Message" } th { "By" } th { "Outcome" } th { "Flow" } } }
+                                tbody {
+                                    @for f in &found {
+                                        @let r = &f.handlings[0];
+                                        tr data-flow=(f.flow) {
+                                            td { (story::time(r.at_ms)) }
+                                            td { (r.message_type) " " a href={ "/ui/messages?q=" (urlencode(&r.message_id)) } { code { (r.message_id) } } }
+                                            td { (r.plugin) "@" (r.plugin_version) }
+                                            td { (r.outcome.as_str()) }
+                                            td { a href={ "/ui/messages?by=correlation&q=" (urlencode(&f.flow)) } { "the whole flow" } }
+                                        }
+                                    }
+                                }
+                            }
+                        },
+                        Err(e) => html! { p.error role="alert" { (format!("{e:#}")) } },
+                    };
+                    let body = html! { (form) (result) };
+                    return html_response(
+                        StatusCode::OK,
+                        layout(&inner, &page, "Messages", "messages", body),
+                    );
+                }
                 let found = if by_flow {
                     story::flow(journal.as_ref(), letters.as_ref(), &query, searched.clone())
                         .await

@@ -311,6 +311,7 @@ mod tests {
             verdict: Verdict::Handled(vec![Output::State(changes)]),
             took: Duration::ZERO,
             span: None,
+            attributes: Vec::new(),
         }
     }
 

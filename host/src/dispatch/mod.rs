@@ -349,6 +349,7 @@ impl Route {
                     verdict: Verdict::Done(record.clone()),
                     took: Duration::ZERO,
                     span: None,
+                    attributes: Vec::new(),
                 });
             } else if seen.insert(delivery.envelope.id.clone()) {
                 keep.push(delivery);
@@ -699,6 +700,7 @@ fn crash_looped(
         verdict: Verdict::DeadLetter(failure),
         took: Duration::ZERO,
         span: None,
+        attributes: Vec::new(),
     }
 }
 

@@ -267,6 +267,8 @@ struct Planner<'a> {
     plan: Plan,
     /// Saga instances a step of which was dead-lettered in planning.
     dropped_instances: std::collections::HashSet<String>,
+    /// The span attributes the plugin set for the message being planned.
+    attributes: Vec<(String, String)>,
 }
 
 /// The trace and span ids of a message's span, for its log lines: none
@@ -292,6 +294,7 @@ impl<'a> Planner<'a> {
                 give_back: Vec::new(),
             },
             dropped_instances: std::collections::HashSet::new(),
+            attributes: Vec::new(),
         }
     }
 
@@ -314,10 +317,12 @@ impl<'a> Planner<'a> {
         );
         r.replay_of = DeadLetter::replay_of(e).map(str::to_owned);
         r.trace_id = span.and_then(telemetry::ids).map(|(t, _)| t);
+        r.attributes.clone_from(&self.attributes);
         Some(r)
     }
 
-    fn add(&mut self, p: Processed) {
+    fn add(&mut self, mut p: Processed) {
+        self.attributes = std::mem::take(&mut p.attributes);
         let attrs = [
             self.plugin_kv.clone(),
             self.version_kv.clone(),

@@ -42,6 +42,9 @@ pub struct Worker {
     /// Whether what each message reads is recorded (see
     /// [`Worker::record_reads`]).
     recording: bool,
+    /// The span attributes the plugin set while handling the message in
+    /// hand, over its attempts.
+    attributes: Vec<(String, String)>,
 }
 
 /// The `message.type` metric attribute of the last type seen: a run of
@@ -90,6 +93,9 @@ pub struct Processed {
     pub took: Duration,
     /// The message's `process` span, ended when it is dropped.
     pub span: Option<Context>,
+    /// The span attributes the plugin set while handling it (the last
+    /// value of each), for the journal.
+    pub attributes: Vec<(String, String)>,
 }
 
 /// What became of a batch: messages processed (to settle), messages not
@@ -244,6 +250,7 @@ impl Worker {
             schemas: Arc::default(),
             max_message_size: crate::limits::DEFAULT_MAX_MESSAGE_SIZE,
             recording: false,
+            attributes: Vec::new(),
         }
     }
 
@@ -389,16 +396,30 @@ impl Worker {
     ) -> Result<Result<Vec<Output>, Failure>> {
         let instance = self.ensure_instance()?;
         let result = instance.handle_traced(envelope, span, span_budget);
+        let attributes = instance.take_attributes();
         if instance.is_spent() {
             // Drop now, not at the next message: a trapped store may hold a
             // lot of memory.
             self.instance = None;
         }
+        self.keep_attributes(attributes);
         Ok(result)
     }
 
     fn plugin_label(&self) -> String {
         plugin_label(&self.plugin)
+    }
+
+    /// Adds what an attempt set to the message's attributes: a later
+    /// attempt's value of a name replaces an earlier one's.
+    fn keep_attributes(&mut self, attributes: Vec<(String, String)>) {
+        for (k, v) in attributes {
+            if let Some(kept) = self.attributes.iter_mut().find(|(name, _)| *name == k) {
+                kept.1 = v;
+            } else if self.attributes.len() < crate::plugin::MAX_JOURNAL_ATTRIBUTES {
+                self.attributes.push((k, v));
+            }
+        }
     }
 
     /// For a saga plugin, what `envelope` runs on (see
@@ -449,10 +470,12 @@ impl Worker {
         let result = instance.handle_traced(envelope, span, span_budget);
         let completed = instance.saga_completed();
         let timeouts = instance.take_timeouts();
+        let attributes = instance.take_attributes();
         instance.set_saga(None);
         if instance.is_spent() {
             self.instance = None;
         }
+        self.keep_attributes(attributes);
         Ok(match result {
             Ok(mut outputs) => {
                 // A command the step sends names its saga and instance, so
@@ -711,6 +734,7 @@ impl Worker {
                 break;
             }
             let started = Instant::now();
+            self.attributes.clear();
             // A failed instantiation leaves the history as it was: nothing
             // was attempted.
             let history_len = delivery.envelope.history.len();
@@ -728,6 +752,7 @@ impl Worker {
                         verdict,
                         took: started.elapsed(),
                         span,
+                        attributes: std::mem::take(&mut self.attributes),
                     });
                 }
                 Err(e) => {

@@ -154,6 +154,10 @@ pub struct Record {
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Payload>,
+    /// The span attributes the plugin set (`order.id`, say): the journal
+    /// finds messages by them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<(String, String)>,
 }
 
 impl Record {
@@ -200,6 +204,7 @@ impl Record {
             trace_id: None,
             host: host.to_owned(),
             payload: payloads.map(|max| payload(&message.payload, max)),
+            attributes: Vec::new(),
         }
     }
 
@@ -298,6 +303,10 @@ pub trait Store: Send + Sync {
     /// Records whose message id starts with `prefix` (at most `limit`
     /// distinct message ids), for ids typed short.
     async fn ids_like(&self, prefix: &str, limit: usize) -> Result<Vec<String>>;
+
+    /// The records of handlings in which the plugin set the span attribute
+    /// `name` to `value`, the newest first, at most `limit`.
+    async fn with_attribute(&self, name: &str, value: &str, limit: usize) -> Result<Vec<Record>>;
     /// Removes records older than `before_ms`, then the oldest beyond
     /// `max_records`. Returns how many went.
     async fn prune(&self, before_ms: u64, max_records: u64) -> Result<u64>;

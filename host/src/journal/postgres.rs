@@ -25,7 +25,16 @@ CREATE INDEX IF NOT EXISTS journal_by_message ON {schema}.journal (pipeline, mes
 CREATE INDEX IF NOT EXISTS journal_by_cause ON {schema}.journal (pipeline, causation_id) WHERE causation_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_by_flow ON {schema}.journal (pipeline, correlation_id) WHERE correlation_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_by_time ON {schema}.journal (pipeline, at_ms);
+ALTER TABLE {schema}.journal ADD COLUMN IF NOT EXISTS attributes TEXT[];
+CREATE INDEX IF NOT EXISTS journal_by_attribute ON {schema}.journal USING GIN (attributes);
 ";
+
+/// Joins a span attribute's name and value into one element of the
+/// `attributes` array (plugins' attribute texts hold no control
+/// characters: `plugin::Call` replaces them).
+fn attribute(name: &str, value: &str) -> String {
+    format!("{name}\u{1f}{value}")
+}
 
 /// Journal records in PostgreSQL.
 pub struct PostgresJournal {
@@ -122,12 +131,22 @@ impl Store for PostgresJournal {
         let mut flows = Vec::with_capacity(records.len());
         let mut causes = Vec::with_capacity(records.len());
         let mut json = Vec::with_capacity(records.len());
+        // Each record's attributes as one text, split into the array in
+        // the statement (an array of arrays would need equal lengths).
+        let mut attributes: Vec<Option<String>> = Vec::with_capacity(records.len());
         for r in &records {
             at.push(to_i64(r.at_ms));
             ids.push(r.message_id.as_str());
             flows.push(r.correlation_id.as_deref());
             causes.push(r.causation_id.as_deref());
             json.push(serde_json::to_string(r).unwrap_or_else(|_| "null".into()));
+            attributes.push((!r.attributes.is_empty()).then(|| {
+                r.attributes
+                    .iter()
+                    .map(|(n, v)| attribute(n, v))
+                    .collect::<Vec<_>>()
+                    .join("\u{1e}")
+            }));
         }
         let guard = self.client().await?;
         let client = guard.as_ref().context("no journal connection")?;
@@ -135,11 +154,13 @@ impl Store for PostgresJournal {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (pipeline, at_ms, message_id, correlation_id, causation_id, record)
-                     SELECT $1, * FROM unnest($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])",
+                    "INSERT INTO {} (pipeline, at_ms, message_id, correlation_id, causation_id, record, attributes)
+                     SELECT $1, a, m, c, k, r, string_to_array(x, E'\\x1e')
+                     FROM unnest($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[])
+                          AS u(a, m, c, k, r, x)",
                     self.table()
                 ),
-                &[&self.pipeline, &at, &ids, &flows, &causes, &json],
+                &[&self.pipeline, &at, &ids, &flows, &causes, &json, &attributes],
             )
             .await?;
         Ok(())
@@ -204,6 +225,20 @@ impl Store for PostgresJournal {
         rows.iter()
             .map(|r| r.try_get(0).map_err(Into::into))
             .collect()
+    }
+
+    async fn with_attribute(&self, name: &str, value: &str, limit: usize) -> Result<Vec<Record>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let element = vec![attribute(name, value)];
+        self.select(
+            &format!(
+                "SELECT record FROM {} WHERE attributes @> $2::TEXT[] AND pipeline = $1
+                 ORDER BY seq DESC LIMIT $3",
+                self.table()
+            ),
+            &[&self.pipeline, &element, &limit],
+        )
+        .await
     }
 
     async fn prune(&self, before_ms: u64, max_records: u64) -> Result<u64> {

@@ -13,7 +13,8 @@ use super::{Record, Store};
 
 /// The journal's table. Records are JSON (the fields `why` reads grow
 /// without migrations); the ids that link records are columns of their own,
-/// indexed.
+/// indexed, and the span attributes plugins set are rows of a table of
+/// their own, indexed by name and value, under their record's `seq`.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS journal (
     seq            INTEGER PRIMARY KEY,
@@ -26,6 +27,13 @@ CREATE TABLE IF NOT EXISTS journal (
 CREATE INDEX IF NOT EXISTS journal_by_message ON journal (message_id);
 CREATE INDEX IF NOT EXISTS journal_by_cause ON journal (causation_id) WHERE causation_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_by_flow ON journal (correlation_id) WHERE correlation_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal_attributes (
+    seq   INTEGER NOT NULL,
+    name  TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (seq, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_by_attribute ON journal_attributes (name, value, seq);
 ";
 
 /// Rows removed per transaction when pruning, so a settle sharing the file
@@ -44,6 +52,9 @@ pub fn insert<'a>(
     let mut stmt = conn.prepare_cached(
         "INSERT INTO journal (at_ms, message_id, correlation_id, causation_id, record) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
+    let mut attribute = conn.prepare_cached(
+        "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
+    )?;
     for r in records {
         // Plain data: serializing cannot fail.
         let json = serde_json::to_string(r).unwrap_or_else(|_| "null".into());
@@ -54,6 +65,12 @@ pub fn insert<'a>(
             r.causation_id,
             json
         ])?;
+        if !r.attributes.is_empty() {
+            let seq = conn.last_insert_rowid();
+            for (name, value) in &r.attributes {
+                attribute.execute(params![seq, name, value])?;
+            }
+        }
     }
     Ok(())
 }
@@ -198,6 +215,19 @@ impl Store for SqliteJournal {
         .await
     }
 
+    async fn with_attribute(&self, name: &str, value: &str, limit: usize) -> Result<Vec<Record>> {
+        let (name, value) = (name.to_owned(), value.to_owned());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.blocking(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT j.seq, j.record FROM journal_attributes a JOIN journal j ON j.seq = a.seq
+                 WHERE a.name = ?1 AND a.value = ?2 ORDER BY a.seq DESC LIMIT ?3",
+            )?;
+            read(&mut stmt, params![name, value, limit])
+        })
+        .await
+    }
+
     async fn prune(&self, before_ms: u64, max_records: u64) -> Result<u64> {
         let before = to_i64(before_ms);
         let max = to_i64(max_records);
@@ -239,10 +269,19 @@ impl Store for SqliteJournal {
         loop {
             let n = self
                 .blocking(move |conn| {
-                    Ok(conn.execute(
+                    let tx = conn.transaction()?;
+                    let n = tx.execute(
                         "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq < ?1 ORDER BY seq LIMIT ?2)",
                         params![cut, PRUNE_CHUNK],
-                    )?)
+                    )?;
+                    // The attributes of what went: every one below the
+                    // oldest record left, in the same step.
+                    tx.execute(
+                        "DELETE FROM journal_attributes WHERE seq < coalesce((SELECT min(seq) FROM journal), ?1)",
+                        params![cut],
+                    )?;
+                    tx.commit()?;
+                    Ok(n)
                 })
                 .await?;
             removed += n as u64;

@@ -556,9 +556,38 @@ struct Call {
     /// Span attributes and events (log lines included) the plugin may still
     /// add to the span: shared by every attempt of a delivery.
     span_budget: u32,
+    /// The span attributes the call set, kept (tracing on or off) for the
+    /// journal, where they find the message (`order.id = A-1001`).
+    attributes: Vec<(String, String)>,
 }
 
+/// The most span attributes a call leaves for the journal.
+pub const MAX_JOURNAL_ATTRIBUTES: usize = 8;
+/// The longest attribute value the journal keeps.
+pub const MAX_JOURNAL_ATTRIBUTE: usize = 200;
+
 impl Call {
+    /// Keeps a span attribute for the journal: one value per name (the
+    /// last), at most [`MAX_JOURNAL_ATTRIBUTES`], control characters
+    /// (line ends among them) as spaces.
+    fn keep_attribute(&mut self, key: &str, value: &str) {
+        let one_line = |s: &str, max: usize| {
+            clip(s, max)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect::<String>()
+        };
+        let (key, value) = (
+            one_line(key, MAX_NAME),
+            one_line(value, MAX_JOURNAL_ATTRIBUTE),
+        );
+        if let Some(kept) = self.attributes.iter_mut().find(|(k, _)| *k == key) {
+            kept.1 = value;
+        } else if self.attributes.len() < MAX_JOURNAL_ATTRIBUTES {
+            self.attributes.push((key, value));
+        }
+    }
+
     /// Readies the call's state for `envelope`. Its buffers are reused: no
     /// allocation per message for them.
     fn begin(
@@ -582,6 +611,7 @@ impl Call {
         self.timeouts.clear();
         self.violation = None;
         self.log_lines = 0;
+        self.attributes.clear();
     }
 }
 
@@ -683,6 +713,11 @@ impl Instance {
     /// none).
     pub fn take_timeouts(&mut self) -> Vec<crate::saga::Timeout> {
         std::mem::take(&mut self.store.data_mut().call.timeouts)
+    }
+
+    /// The span attributes the last call set, for the journal.
+    pub fn take_attributes(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.store.data_mut().call.attributes)
     }
 
     /// Messages this instance has handled.
@@ -1123,11 +1158,12 @@ impl bindings::switchyard::plugin::host::Host for State {
     }
 
     fn span_attribute(&mut self, key: String, value: String) {
-        let Some(cx) = &self.call.span else { return };
         // The host's own attributes are not the plugin's to change.
         if key.starts_with("messaging.") || key.starts_with("switchyard.") {
             return;
         }
+        self.call.keep_attribute(&key, &value);
+        let Some(cx) = &self.call.span else { return };
         if self.call.span_budget == 0 {
             return;
         }

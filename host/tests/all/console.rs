@@ -353,6 +353,21 @@ async fn guards_and_actions(p: &Pipeline) {
         .get(&format!("/ui/messages?q={new_id}"), Some(&session))
         .await;
     assert!(j.body.contains(&record.message.id), "{}", j.body);
+    // Found by the span attribute the orders plugin sets: one flow, told.
+    let by_attr = http
+        .get("/ui/messages?q=order.id%3DC-2", Some(&session))
+        .await;
+    assert!(
+        by_attr.body.contains("The one flow in which a plugin set")
+            && by_attr.body.contains(&new_id)
+            && by_attr.body.contains("handled by orders@"),
+        "{}",
+        by_attr.body
+    );
+    let none = http
+        .get("/ui/messages?q=order.id%3DNO-SUCH", Some(&session))
+        .await;
+    assert!(none.body.contains("No plugin set"), "{}", none.body);
 
     // A form without a payload sends nothing.
     let a = http

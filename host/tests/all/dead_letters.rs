@@ -789,6 +789,30 @@ async fn an_edited_dead_letter_is_sent_as_a_new_message_in_its_place(store: Stor
         "caused by the old message: {text}"
     );
     assert!(text.contains("flow-edit"), "same correlation: {text}");
+
+    // The same flow, found by the span attribute the orders plugin set.
+    let o = Command::new(bin())
+        .args(["why", "-p", &file, "--attribute", "order.id=A-77"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let told = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        told.contains(&new_id) && told.contains("handled by orders"),
+        "{told}"
+    );
+    let o = Command::new(bin())
+        .args(["why", "-p", &file, "--attribute", "order.id=A-78"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("No plugin set order.id = A-78"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

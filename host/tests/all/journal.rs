@@ -395,6 +395,7 @@ fn record(at_ms: u64, id: &str) -> Record {
         trace_id: None,
         host: "h".into(),
         payload: None,
+        attributes: Vec::new(),
     }
 }
 
