@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::dlq::{DeadLetterStore, Status};
 use crate::journal::{self, Outcome, Record};
+use crate::state::Reader;
 
 /// The most messages a story follows: a flow larger than this is cut, and
 /// says so.
@@ -30,6 +31,21 @@ pub struct Node {
     /// Its dead-letter records, as they are now.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dead_letters: Vec<LetterNow>,
+    /// The saga steps it drove, as committed (see [`add_saga_steps`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub saga_steps: Vec<DrivenStep>,
+}
+
+/// A saga step a message drove: the step as committed, and its instance
+/// as it is now.
+#[derive(Debug, Serialize)]
+pub struct DrivenStep {
+    pub plugin: String,
+    /// The instance's status now (`None`: the instance is gone).
+    pub instance_now: Option<String>,
+    /// The instance's version now.
+    pub instance_version: Option<u64>,
+    pub step: crate::saga::Step,
 }
 
 /// A dead-letter record as it is now.
@@ -109,6 +125,7 @@ fn nodes(records: Vec<Record>) -> Vec<Node> {
                 causation_id: r.causation_id.clone(),
                 handlings: Vec::new(),
                 dead_letters: Vec::new(),
+                saga_steps: Vec::new(),
             }
         });
         node.handlings.push(r);
@@ -270,6 +287,63 @@ async fn finish(letters: &dyn DeadLetterStore, mut story: Story) -> Result<Story
         }
     }
     Ok(story)
+}
+
+/// The most saga instances whose steps a story reads.
+pub const MAX_SAGA_INSTANCES: usize = 200;
+
+/// Adds to a story the saga steps its messages drove, read from the state
+/// store: each handling the journal says drove a saga instance is matched
+/// to the step that instance committed for the message. A handling that
+/// committed no step (it failed, or lost a race and was handled again)
+/// matches none. Reads the steps of at most [`MAX_SAGA_INSTANCES`]
+/// instances.
+pub async fn add_saga_steps(story: &mut Story, reader: Arc<dyn Reader>) -> Result<()> {
+    let wanted: BTreeSet<(String, String)> = story
+        .messages
+        .iter()
+        .flat_map(|n| &n.handlings)
+        .filter_map(|r| Some((r.plugin.clone(), r.saga_instance.clone()?)))
+        .take(MAX_SAGA_INSTANCES)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let read = tokio::task::spawn_blocking(move || {
+        let mut out = BTreeMap::new();
+        for (plugin, id) in wanted {
+            let steps = reader.steps(&plugin, &id)?;
+            let now = reader.instance(&plugin, &id)?;
+            out.insert((plugin, id), (steps, now));
+        }
+        anyhow::Ok(out)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the saga state read failed: {e}"))??;
+    for node in &mut story.messages {
+        for r in &node.handlings {
+            let Some(id) = &r.saga_instance else { continue };
+            let Some((steps, now)) = read.get(&(r.plugin.clone(), id.clone())) else {
+                continue;
+            };
+            for step in steps.iter().filter(|s| s.message_id == node.id) {
+                let known = node.saga_steps.iter().any(|d| {
+                    d.plugin == r.plugin
+                        && d.step.instance == *id
+                        && d.step.version() == step.version()
+                });
+                if !known {
+                    node.saga_steps.push(DrivenStep {
+                        plugin: r.plugin.clone(),
+                        instance_now: now.as_ref().map(|i| i.status.as_str().to_owned()),
+                        instance_version: now.as_ref().map(|i| i.version),
+                        step: step.clone(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The most handlings a search by attribute reads.
@@ -535,7 +609,21 @@ pub fn tell(story: &Story) -> String {
                 out.push_str(&format!("{pad}      sent {}\n", sent.join(", ")));
             }
             if let Some(i) = &r.saga_instance {
-                out.push_str(&format!("{pad}      saga instance {i}\n"));
+                let driven: Vec<&DrivenStep> = n
+                    .saga_steps
+                    .iter()
+                    .filter(|d| d.plugin == r.plugin && d.step.instance == *i)
+                    .filter(|_| r.outcome == Outcome::Handled)
+                    .collect();
+                if driven.is_empty() {
+                    out.push_str(&format!("{pad}      saga instance {i}\n"));
+                }
+                for d in driven {
+                    out.push_str(&format!("{pad}      {}\n", step_line(d)));
+                    for line in d.step.effects(time, false) {
+                        out.push_str(&format!("{pad}        {line}\n"));
+                    }
+                }
             }
             let mut ids = vec![format!("digest {}", short(&r.plugin_digest))];
             if let Some(t) = &r.trace_id {
@@ -551,6 +639,27 @@ pub fn tell(story: &Story) -> String {
         ));
     }
     out
+}
+
+/// A driven step in a few words: "step 3 of saga fulfilment's instance
+/// S-2 (now completed, at step 5)".
+pub fn step_line(d: &DrivenStep) -> String {
+    let now = match (&d.instance_now, d.instance_version) {
+        (Some(status), Some(v)) if v == d.step.version() => format!("now {status}, at this step"),
+        (Some(status), Some(v)) => format!("now {status}, at step {v}"),
+        _ => "the instance is gone".to_owned(),
+    };
+    let started = if d.step.read_version == 0 {
+        ", which it started"
+    } else {
+        ""
+    };
+    format!(
+        "step {} of saga {}'s instance {}{started} ({now}):",
+        d.step.version(),
+        d.plugin,
+        d.step.instance
+    )
 }
 
 /// `sha256:` and the first 12 hex digits.

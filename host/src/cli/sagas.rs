@@ -325,29 +325,8 @@ fn print_instance(
             s.message_type,
             s.message_id
         );
-        for (k, v) in &s.changes {
-            match v {
-                Some(v) => println!("         set      {k} = {}", crate::text::clip(v, 200)),
-                None => println!("         deleted  {k}"),
-            }
-        }
-        for o in &s.outputs {
-            let verb = if o.command { "sent" } else { "published" };
-            println!("         {verb:<8} {} {}", o.message_type, o.id);
-        }
-        for t in &s.timeouts {
-            println!(
-                "         timeout  {} due {} ({})",
-                t.message_type,
-                time(t.due_ms),
-                t.id
-            );
-        }
-        if let Some(fired) = &s.fired {
-            println!("         handled timeout {fired}");
-        }
-        if s.completed {
-            println!("         completed the instance");
+        for line in s.effects(time, true) {
+            println!("         {line}");
         }
     }
 }

@@ -131,10 +131,40 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
     }
     let mut story = story;
     story.pipeline = Some(args.pipeline.display().to_string());
+    if pipeline.plugins.iter().any(|p| p.saga.is_some()) {
+        // Saga state is read when it is there: a pipeline whose sagas have
+        // not run yet has none, and the story is told without it.
+        match super::state::open_store(&args.pipeline).await {
+            Ok((reader, _)) => {
+                story.searched.push(saga_location(&pipeline));
+                crate::story::add_saga_steps(&mut story, reader)
+                    .await
+                    .context("cannot read the saga steps")?;
+            }
+            Err(e) => eprintln!("note: saga steps are not shown: {e:#}"),
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&story)?);
     } else {
         print!("{}", tell(&story));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where saga state is read from, for the list of stores searched.
+fn saga_location(pipeline: &crate::config::Pipeline) -> String {
+    match &pipeline.transport {
+        crate::config::TransportConfig::Embedded(e) => {
+            format!("saga state in {}", e.path.display())
+        }
+        _ => match &pipeline.state.store {
+            crate::config::StoreConfig::Embedded { path } => {
+                format!("saga state in {}", path.display())
+            }
+            crate::config::StoreConfig::Postgres { schema, .. } => {
+                format!("saga state in PostgreSQL schema {schema}")
+            }
+        },
+    }
 }

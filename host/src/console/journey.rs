@@ -8,7 +8,7 @@ use axum::response::Response;
 use maud::{Markup, html};
 
 use super::pages::{path_segment, short_digest, urlencode};
-use super::{Shared, html_response, layout, signed_in, when};
+use super::{Inner, Shared, html_response, layout, signed_in, when};
 use crate::journal::Outcome;
 use crate::story::{self, Story};
 
@@ -64,7 +64,7 @@ pub(super) async fn search(
                             {
                                 Ok(s) if !s.messages.is_empty() => html! {
                                     p.small { "The one flow in which a plugin set " code { (name) } " = " code { (value) } ":" }
-                                    (journey(&s))
+                                    (told(&inner, s).await)
                                 },
                                 Ok(_) => {
                                     html! { p.empty { "The flow is no longer in the journal." } }
@@ -132,7 +132,7 @@ pub(super) async fn search(
                     }
                 };
                 match found {
-                    Ok(Some(s)) if !s.messages.is_empty() => journey(&s),
+                    Ok(Some(s)) if !s.messages.is_empty() => told(&inner, s).await,
                     Ok(_) => html! {
                         p.empty role="status" {
                             "Nothing is known of " code { (query) } ". Searched: " (searched.join("; ")) "."
@@ -156,6 +156,21 @@ fn outcome_class(o: Outcome) -> &'static str {
         Outcome::RetriedLater => "waiting",
         Outcome::DeadLettered => "bad",
         Outcome::SagaNotFound => "ignored",
+    }
+}
+
+/// The story with the saga steps its messages drove, when the host keeps
+/// state, as a timeline.
+async fn told(inner: &Inner, mut s: Story) -> Markup {
+    let mut note = None;
+    if let Some(reader) = super::sagas::reader(inner)
+        && let Err(e) = story::add_saga_steps(&mut s, reader).await
+    {
+        note = Some(format!("Saga steps are not shown: {e:#}"));
+    }
+    html! {
+        @if let Some(n) = note { p.error role="alert" { (n) } }
+        (journey(&s))
     }
 }
 
@@ -220,6 +235,18 @@ fn journey(s: &Story) -> Markup {
                                     @if let Some(t) = &r.trace_id { " · trace " code { (t) } }
                                     " · host " (r.host)
                                     @if let Some(i) = &r.saga_instance { " · saga instance " (i) }
+                                }
+                                @if r.outcome == Outcome::Handled {
+                                    @for d in n.saga_steps.iter().filter(|d| d.plugin == r.plugin && Some(&d.step.instance) == r.saga_instance.as_ref()) {
+                                        div.step {
+                                            p.small {
+                                                a href=(super::sagas::instance_href(&d.plugin, &d.step.instance)) { (story::step_line(d)) }
+                                            }
+                                            ul.effects {
+                                                @for line in d.step.effects(story::time, false) { li { code { (line) } } }
+                                            }
+                                        }
+                                    }
                                 }
                             }
                         }

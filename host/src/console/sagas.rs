@@ -26,7 +26,7 @@ pub(super) const STUCK_AFTER: Duration = Duration::from_secs(15 * 60);
 pub(super) const COUNT_LIMIT: usize = 1000;
 
 /// The state store's reader, when the host keeps state.
-fn reader(inner: &Inner) -> Option<Arc<dyn Reader>> {
+pub(super) fn reader(inner: &Inner) -> Option<Arc<dyn Reader>> {
     inner
         .control
         .services()

@@ -410,6 +410,40 @@ impl Step {
         Ok(serde_json::from_slice(bytes)?)
     }
 
+    /// What the step did, a line each, as `sagas show` and `why` print
+    /// it: keys set and deleted, messages sent and published, timeouts
+    /// asked for and handled, and whether it completed the instance.
+    /// `time` writes a time; `outputs` says whether to list the messages
+    /// (`why` lists them with the handling already).
+    pub fn effects(&self, time: impl Fn(u64) -> String, outputs: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for (k, v) in &self.changes {
+            match v {
+                Some(v) => out.push(format!("set      {k} = {}", crate::text::clip(v, 200))),
+                None => out.push(format!("deleted  {k}")),
+            }
+        }
+        for o in self.outputs.iter().filter(|_| outputs) {
+            let verb = if o.command { "sent" } else { "published" };
+            out.push(format!("{verb:<8} {} {}", o.message_type, o.id));
+        }
+        for t in &self.timeouts {
+            out.push(format!(
+                "timeout  {} due {} ({})",
+                t.message_type,
+                time(t.due_ms),
+                t.id
+            ));
+        }
+        if let Some(fired) = &self.fired {
+            out.push(format!("handled timeout {fired}"));
+        }
+        if self.completed {
+            out.push("completed the instance".to_owned());
+        }
+        out
+    }
+
     /// The instance as this step leaves it.
     pub fn instance(&self) -> Instance {
         Instance {

@@ -486,6 +486,54 @@ async fn without_a_token_the_console_is_closed() {
     host.stop().await;
 }
 
+/// A client that is not ours (Python's standard library) at and past
+/// every limit of the console's forms, queries and paths: the message at
+/// the id limit is found, what is past a limit changes nothing, and the
+/// note past its limit is clipped and escaped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_client_at_every_limit_changes_only_what_it_should() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = embedded(dir.path());
+    let mut poison = hostile_order();
+    poison.id = format!("{}{}", "L", "9".repeat(switchyard::limits::MAX_ID - 1));
+    enqueue(&p, vec![poison.clone()]).await;
+    let (host, base) = start(&p, Some(TOKEN)).await;
+    let record = dead_of(&p, 1).await.remove(0);
+    assert_eq!(record.message.id, poison.id);
+
+    let script = crate::common::workspace_root()
+        .join("tests")
+        .join("interop")
+        .join("console_limits.py");
+    let base_url = base.clone();
+    let (record_id, message_id) = (record.id.clone(), poison.id.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args([&base_url, TOKEN, &record_id, &message_id])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = dead_letters(&p)
+        .await
+        .into_iter()
+        .find(|d| d.id == record.id)
+        .expect("the record");
+    assert_eq!(after.status, Status::Resolved);
+    let note = after.note.unwrap_or_default();
+    assert!(note.starts_with("<b>nnn"), "{note}");
+    assert!(note.len() <= 500 + " …[truncated]".len(), "{}", note.len());
+    host.stop().await;
+}
+
 // ---------------------------------------------------------------------
 // In a real browser.
 
@@ -855,12 +903,13 @@ async fn the_sagas_pages_show_instances_stuck_ones_and_each_steps_changes() {
         .unwrap_or_else(|e| panic!("{e}"))
         .pipeline;
     let reject = message(Kind::Event, "Reject", json!({ "id": "L-2" }));
+    let third_step = add("L-1", 3);
     enqueue(
         &p,
         vec![
             open("L-1"),
             add("L-1", 2),
-            add("L-1", 3),
+            third_step.clone(),
             open("L-2"),
             reject,
             open("L/3 <b>"),
@@ -929,6 +978,21 @@ async fn the_sagas_pages_show_instances_stuck_ones_and_each_steps_changes() {
     assert!(!odd.body.contains("<b>"), "{}", odd.body);
     let none = http.get("/ui/sagas/ledger/L-404", s).await;
     assert_eq!(none.status, 404);
+    // The message's journey shows the step it drove, linked to its
+    // instance.
+    let journey = http
+        .get(&format!("/ui/messages?q={}", third_step.id), s)
+        .await;
+    assert!(
+        journey
+            .body
+            .contains("href=\"/ui/sagas/ledger/L-1\">step 3 of saga ledger&#39;s instance L-1")
+            || journey
+                .body
+                .contains("href=\"/ui/sagas/ledger/L-1\">step 3 of saga ledger's instance L-1"),
+        "{}",
+        journey.body
+    );
 
     // The overview counts them.
     let o = http.get("/ui/live/overview", s).await;

@@ -469,3 +469,106 @@ fn journal_settings_are_checked() {
     );
     assert!(bad("[journal]\npayload = true").contains("payload"));
 }
+
+/// `why` on an order the example saga undoes: each message the saga
+/// handled shows the step it drove, what the step changed and sent, and
+/// where the instance is now.
+#[tokio::test(flavor = "multi_thread")]
+async fn why_tells_the_saga_steps_a_message_drove() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(
+        crate::common::workspace_root()
+            .join("pipelines")
+            .join("orders.toml"),
+    )
+    .unwrap()
+    .replace("../dist/plugins", "{dist}");
+    let path = write_pipeline(
+        dir.path(),
+        "orders",
+        &format!("[host]\ncache_dir = \"{{cache}}\"\n{example}"),
+    );
+    let p = load(&path);
+    // 150 units: no carrier takes the parcel, so the saga refunds,
+    // releases and cancels.
+    let place = message(
+        Kind::Command,
+        "PlaceOrder",
+        json!({"order_id": "W-1", "customer": "ada",
+               "items": [{"sku": "lamp", "quantity": 150, "unit_price_cents": 1000}]}),
+    );
+    run(&p, vec![place.clone()]).await;
+
+    let why = |args: &[&str]| {
+        let out = Command::new(bin())
+            .arg("why")
+            .args(args)
+            .arg("-p")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = why(&[&place.id]);
+    assert!(
+        out.contains(
+            "step 1 of saga fulfilment's instance W-1, which it started (now completed, at step "
+        ),
+        "{out}"
+    );
+    for effect in [
+        "timeout  FulfilmentOverdue due ",
+        "set      reserved_units = 150",
+        "set      cancelled = true",
+        "completed the instance",
+        "(now completed, at this step):",
+    ] {
+        assert!(out.contains(effect), "{effect} in {out}");
+    }
+    // The messages a step sent are told once, with the handling.
+    assert_eq!(out.matches("CancelOrder ").count(), 2, "{out}");
+
+    let v: serde_json::Value = serde_json::from_str(&why(&[&place.id, "--json"])).unwrap();
+    let searched = v["searched"].as_array().unwrap();
+    assert!(
+        searched
+            .iter()
+            .any(|s| s.as_str().unwrap().starts_with("saga state in ")),
+        "{searched:?}"
+    );
+    let nodes = v["messages"].as_array().unwrap();
+    let steps: Vec<&serde_json::Value> = nodes
+        .iter()
+        .flat_map(|n| n["saga_steps"].as_array().into_iter().flatten())
+        .collect();
+    // One step for each message the saga handled, numbered 1, 2, ... in
+    // the order they committed.
+    let mut versions: Vec<u64> = steps
+        .iter()
+        .map(|s| s["step"]["read_version"].as_u64().unwrap() + 1)
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=steps.len() as u64).collect::<Vec<_>>());
+    assert!(steps.len() >= 4, "{steps:#?}");
+    let fault = nodes
+        .iter()
+        .find(|n| n["message_type"] == "ShipOrder.Fault")
+        .unwrap_or_else(|| panic!("a fault in {nodes:#?}"));
+    let sent: Vec<&str> = fault["saga_steps"][0]["step"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(sent, ["RefundPayment", "ReleaseStock", "CancelOrder"]);
+    assert_eq!(fault["saga_steps"][0]["instance_now"], "completed");
+    assert_eq!(fault["saga_steps"][0]["step"]["completed"], true);
+    // Handlings by plugins that are not sagas drive no step.
+    let placed = nodes.iter().find(|n| n["id"] == place.id.as_str()).unwrap();
+    assert!(placed.get("saga_steps").is_none(), "{placed:#}");
+}
