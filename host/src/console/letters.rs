@@ -12,7 +12,7 @@ use maud::{Markup, html};
 
 use super::pages::{path_segment, short_digest, urlencode};
 use super::{
-    Inner, Shared, ago, html_response, layout, redirect, refuse, signed_in, signed_in_form, when,
+    Inner, Page, Shared, ago, html_response, layout, refuse, signed_in, signed_in_form, when,
 };
 use crate::dlq::replay::{self, ReplayOptions};
 use crate::dlq::{DeadLetter, Filter, Status};
@@ -425,8 +425,7 @@ pub(super) async fn replay_one(
     } else {
         run_replay(&inner, records).await
     };
-    inner.flash(&page.id, message);
-    redirect(&format!("/ui/dead-letters/{}", path_segment(&id)))
+    back_to_record(&inner, &page, message, &id)
 }
 
 pub(super) async fn replay_group(
@@ -467,11 +466,14 @@ pub(super) async fn replay_group(
             " The group holds more than {GROUP_REPLAY_LIMIT} dead records: replay again for the next ones, or replay the whole group with `switchyard dlq replay --group` (and --rate)."
         ));
     }
-    inner.flash(&page.id, message);
-    redirect(&format!(
-        "/ui/dead-letters?status=all&fingerprint={}",
-        urlencode(fingerprint)
-    ))
+    inner.flash_and_go(
+        &page,
+        message,
+        &format!(
+            "/ui/dead-letters?status=all&fingerprint={}",
+            urlencode(fingerprint)
+        ),
+    )
 }
 
 pub(super) async fn resolve(
@@ -504,8 +506,7 @@ pub(super) async fn resolve(
         }
     })
     .await;
-    inner.flash(&page.id, message);
-    redirect(&format!("/ui/dead-letters/{}", path_segment(&id)))
+    back_to_record(&inner, &page, message, &id)
 }
 
 pub(super) async fn edit(
@@ -563,6 +564,14 @@ pub(super) async fn edit(
         }
     })
     .await;
-    inner.flash(&page.id, message);
-    redirect(&format!("/ui/dead-letters/{}", path_segment(&id)))
+    back_to_record(&inner, &page, message, &id)
+}
+
+/// After an action on a record: its page, with what the action did.
+fn back_to_record(inner: &Inner, page: &Page, message: String, id: &str) -> Response {
+    inner.flash_and_go(
+        page,
+        message,
+        &format!("/ui/dead-letters/{}", path_segment(id)),
+    )
 }

@@ -243,6 +243,13 @@ impl Inner {
         }
     }
 
+    /// The end of an action: `message` for the page's next view, and a
+    /// redirect to `to` (so a reload does not repeat the action).
+    fn flash_and_go(&self, page: &Page, message: String, to: &str) -> Response {
+        self.flash(&page.id, message);
+        redirect(to)
+    }
+
     fn new_session(&self) -> Option<String> {
         let id = random_token();
         let csrf = random_token();

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use maud::{Markup, html};
 
-use super::{Inner, Page, Shared, ago, html_response, layout, redirect, signed_in, signed_in_form};
+use super::{Inner, Page, Shared, ago, html_response, layout, signed_in, signed_in_form};
 use crate::dlq::{Filter, Status};
 use crate::supervisor::{ChangeError, RouteInfo};
 
@@ -260,6 +260,5 @@ pub(super) async fn rollback(
             format!("{name} was not rolled back: {e}")
         }
     };
-    inner.flash(&page.id, message);
-    redirect("/ui/plugins")
+    inner.flash_and_go(&page, message, "/ui/plugins")
 }

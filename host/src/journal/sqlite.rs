@@ -75,6 +75,23 @@ pub fn insert<'a>(
     Ok(())
 }
 
+/// How many records the journal holds, and the newest's sequence number,
+/// read from the two ends of the table rather than by a scan: sequence
+/// numbers have no gaps but those pruning left at the start.
+fn count_and_newest(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    // Two subqueries: SQLite reads one end of the table for each (min and
+    // max in one select scan it all).
+    let (oldest, newest): (i64, i64) = conn.query_row(
+        "SELECT coalesce((SELECT min(seq) FROM journal), 1), coalesce((SELECT max(seq) FROM journal), 0)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((
+        newest.saturating_sub(oldest).saturating_add(1).max(0),
+        newest,
+    ))
+}
+
 /// Reads the records a query returns (its one column: `record`). A record
 /// this version cannot read is skipped with a warning rather than hide the
 /// rest.
@@ -245,15 +262,9 @@ impl Store for SqliteJournal {
                         rusqlite::Error::QueryReturnedNoRows => Ok(None),
                         e => Err(e),
                     })?;
-                let total: i64 =
-                    conn.query_row("SELECT count(*) FROM journal", [], |r| r.get(0))?;
-                let newest: i64 =
-                    conn.query_row("SELECT coalesce(max(seq), 0) FROM journal", [], |r| {
-                        r.get(0)
-                    })?;
+                let (total, newest) = count_and_newest(conn)?;
                 // Every record below the cut goes: the old ones, and the
-                // oldest beyond the size limit (sequence numbers have no
-                // gaps but those pruning left at the start).
+                // oldest beyond the size limit.
                 let by_age = keep_from.unwrap_or(newest.saturating_add(1));
                 let by_size = if total > max {
                     newest.saturating_sub(max).saturating_add(1)
@@ -292,11 +303,8 @@ impl Store for SqliteJournal {
     }
 
     async fn count(&self) -> Result<u64> {
-        self.blocking(|conn| {
-            let n: i64 = conn.query_row("SELECT count(*) FROM journal", [], |r| r.get(0))?;
-            Ok(n.unsigned_abs())
-        })
-        .await
+        self.blocking(|conn| Ok(count_and_newest(conn)?.0.unsigned_abs()))
+            .await
     }
 
     fn location(&self) -> String {

@@ -641,6 +641,17 @@ async fn shoot(c: &Client, (dir, scratch): (&Path, &Path), name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// Types `token` into the sign-in form the browser shows and sends it.
+async fn sign_in_as(c: &Client, token: &str) {
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    follow(c, "main form button[type=submit]").await;
+}
+
 async fn text(c: &Client, css: &str) -> String {
     c.wait()
         .at_most(Duration::from_secs(10))
@@ -728,25 +739,13 @@ async fn an_operator_finds_replays_and_follows_a_message_in_chromium() {
         )
         .await
         .unwrap();
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys("not the token")
-        .await
-        .unwrap();
-    follow(&c, "main form button[type=submit]").await;
+    sign_in_as(&c, "not the token").await;
     assert!(
         text(&c, "p.error")
             .await
             .contains("not this host's admin token")
     );
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    follow(&c, "main form button[type=submit]").await;
+    sign_in_as(&c, TOKEN).await;
     let groups = text(&c, "table.groups").await;
     assert!(
         groups.contains("stock") && groups.contains("orders"),
@@ -1023,13 +1022,7 @@ async fn the_sagas_pages_show_instances_stuck_ones_and_each_steps_changes() {
     ))
     .await
     .unwrap();
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    follow(&c, "main form button[type=submit]").await;
+    sign_in_as(&c, TOKEN).await;
     let third = text(&c, "li.step[data-version='3'] table.diff").await;
     assert!(
         third.contains("total") && third.contains('2') && third.contains('5'),
