@@ -49,6 +49,61 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 /// within it.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long a wrong token is answered after; wrong tokens are answered
+/// one at a time (see [`Guesses`]).
+pub const WRONG_TOKEN_PAUSE: Duration = Duration::from_millis(400);
+/// Wrong tokens waiting for their answer at most; more are answered 429
+/// at once.
+pub const MAX_WAITING_GUESSES: usize = 8;
+
+/// The wrong tokens given to one listener (the admin API's bearer token,
+/// the console's sign-in). Each is answered after [`WRONG_TOKEN_PAUSE`],
+/// one at a time, so guessing goes no faster than one try per pause
+/// however many connections ask at once; the right token never waits.
+pub struct Guesses {
+    gate: tokio::sync::Mutex<()>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Guesses {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Guesses {
+            gate: tokio::sync::Mutex::new(()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Holds a wrong token's answer back for its turn and its pause.
+    /// `false`: [`MAX_WAITING_GUESSES`] are waiting already; answer 429
+    /// now.
+    pub async fn wrong(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING_GUESSES {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("Wrong tokens: too many at once; one refused with 429");
+            return false;
+        }
+        {
+            let _turn = self.gate.lock().await;
+            tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        true
+    }
+}
+
+/// The answer to a wrong token while too many wait.
+pub fn too_many_guesses() -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, "5")],
+        axum::Json(serde_json::json!({
+            "error": "too many wrong tokens at once; try again later"
+        })),
+    )
+        .into_response()
+}
+
 /// A bound listener, ready to serve.
 pub struct Admin {
     listener: tokio::net::TcpListener,
@@ -57,6 +112,7 @@ pub struct Admin {
     token: Option<String>,
     console: Option<crate::console::Console>,
     header_timeout: Duration,
+    guesses: Arc<Guesses>,
 }
 
 #[derive(Clone)]
@@ -64,6 +120,7 @@ struct AppState {
     telemetry: Telemetry,
     control: Option<Arc<Supervisor>>,
     token: Option<Arc<str>>,
+    guesses: Arc<Guesses>,
 }
 
 impl Admin {
@@ -79,7 +136,14 @@ impl Admin {
             token: None,
             console: None,
             header_timeout: HEADER_TIMEOUT,
+            guesses: Guesses::new(),
         })
+    }
+
+    /// The wrong tokens of this listener: the console's sign-in counts
+    /// them with the admin API's.
+    pub fn guesses(&self) -> Arc<Guesses> {
+        self.guesses.clone()
     }
 
     /// Closes connections whose request headers take longer than this
@@ -112,6 +176,7 @@ impl Admin {
             telemetry: self.telemetry,
             control: self.control,
             token: self.token.map(Into::into),
+            guesses: self.guesses,
         };
         let app = Router::new()
             .route("/metrics", get(metrics))
@@ -215,7 +280,7 @@ fn control(state: &AppState) -> Result<&Arc<Supervisor>, Response> {
 }
 
 /// Refuses a changing request without the right bearer token.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(expected) = &state.token else {
         return Err(error(
             StatusCode::FORBIDDEN,
@@ -228,7 +293,13 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if crate::text::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong token")),
+        Some(_) => {
+            if !state.guesses.wrong().await {
+                return Err(too_many_guesses());
+            }
+            tracing::warn!("Admin API: a request with a wrong token");
+            Err(error(StatusCode::UNAUTHORIZED, "wrong token"))
+        }
         None => Err((
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -282,7 +353,7 @@ async fn deploy(
     body: Body,
 ) -> Response {
     // The token first: an unauthorized body is never read.
-    if let Err(r) = authorize(&state, &headers) {
+    if let Err(r) = authorize(&state, &headers).await {
         return r;
     }
     let c = match control(&state) {
@@ -307,7 +378,7 @@ async fn rollback(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
+    if let Err(r) = authorize(&state, &headers).await {
         return r;
     }
     match control(&state) {

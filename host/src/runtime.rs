@@ -621,8 +621,13 @@ async fn start_admin(
                 address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
                 "Admin listener: /metrics, /healthz, /plugins, the console at /ui ({deploys})"
             );
-            let console =
-                crate::console::Console::new(control.clone(), journal, token.clone()).await;
+            let console = crate::console::Console::new(
+                control.clone(),
+                journal,
+                token.clone(),
+                admin.guesses(),
+            )
+            .await;
             let admin = admin
                 .with_control(control.clone(), token)
                 .with_console(console);

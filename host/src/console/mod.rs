@@ -79,6 +79,8 @@ struct Inner {
     sessions: Mutex<HashMap<String, Session>>,
     samples: Arc<Mutex<VecDeque<Sample>>>,
     started: Instant,
+    /// Wrong tokens, counted with the admin API's on the same listener.
+    guesses: Arc<crate::admin::Guesses>,
 }
 
 #[derive(Clone)]
@@ -102,11 +104,13 @@ type Rates = BTreeMap<(String, String), (f64, f64)>;
 
 impl Console {
     /// The console of the host `control` runs; `journal` is where message
-    /// journeys are read, `token` what a login must give.
+    /// journeys are read, `token` what a login must give, `guesses` the
+    /// listener's wrong tokens ([`crate::admin::Admin::guesses`]).
     pub async fn new(
         control: Arc<Supervisor>,
         journal: Option<Arc<dyn crate::journal::Store>>,
         token: Option<String>,
+        guesses: Arc<crate::admin::Guesses>,
     ) -> Self {
         let name = control.pipeline().await.name;
         let samples = Arc::new(Mutex::new(VecDeque::with_capacity(SAMPLES)));
@@ -118,6 +122,7 @@ impl Console {
             sessions: Mutex::new(HashMap::new()),
             samples: samples.clone(),
             started: Instant::now(),
+            guesses,
         });
         inner.take_sample();
         tokio::spawn(sample_every(Arc::downgrade(&inner)));
@@ -613,8 +618,10 @@ async fn login(State(inner): State<Shared>, headers: HeaderMap, body: Body) -> R
     let next = safe_next(form.get("next").map_or("/ui", String::as_str)).to_owned();
     let given = form.get("token").map_or("", String::as_str);
     if !crate::text::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        // Guessing costs time.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Guessing costs time, one guess at a time on this listener.
+        if !inner.guesses.wrong().await {
+            return guarded(crate::admin::too_many_guesses());
+        }
         tracing::warn!("Console: a sign-in with a wrong token");
         return login_page(
             &inner,

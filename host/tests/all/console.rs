@@ -534,6 +534,78 @@ async fn a_foreign_client_at_every_limit_changes_only_what_it_should() {
     host.stop().await;
 }
 
+/// Wrong tokens, to the console's sign-in and the admin API at once, are
+/// answered one at a time with a pause each, those past the few that may
+/// wait get 429 at once, and the right token is not held up behind them.
+#[tokio::test(flavor = "multi_thread")]
+async fn guesses_at_the_token_go_one_at_a_time_and_never_hold_up_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = embedded(dir.path());
+    let (host, base) = start(&p, Some(TOKEN)).await;
+    let started = std::time::Instant::now();
+    let mut guesses = Vec::new();
+    for i in 0..24 {
+        let base = base.clone();
+        guesses.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let r = if i % 2 == 0 {
+                client
+                    .post(format!("{base}/ui/login"))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(format!("token=guess-{i}"))
+                    .send()
+                    .await
+            } else {
+                client
+                    .post(format!("{base}/plugins/orders/rollback"))
+                    .bearer_auth(format!("guess-{i}"))
+                    .send()
+                    .await
+            };
+            (r.unwrap().status().as_u16(), started.elapsed())
+        }));
+    }
+    // The right token, while the guesses wait their turns.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let http = Http::new(&base);
+    let (session, _) = http.sign_in().await;
+    let signed_in_at = started.elapsed();
+    assert_eq!(http.get("/ui", Some(&session)).await.status, 200);
+
+    let mut answered = Vec::new();
+    for g in guesses {
+        answered.push(g.await.unwrap());
+    }
+    let refused = answered.iter().filter(|(s, _)| *s == 401).count();
+    let too_many = answered.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!(refused + too_many, 24, "{answered:?}");
+    assert!(refused >= 1 && too_many >= 1, "{answered:?}");
+    assert!(
+        refused <= switchyard::admin::MAX_WAITING_GUESSES + 2,
+        "{answered:?}"
+    );
+    // One at a time: the last wrong answer came no sooner than a pause per
+    // wrong token answered.
+    let last = answered
+        .iter()
+        .filter(|(s, _)| *s == 401)
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap();
+    assert!(
+        last >= switchyard::admin::WRONG_TOKEN_PAUSE * u32::try_from(refused).unwrap(),
+        "{refused} wrong tokens answered by {last:?}"
+    );
+    assert!(
+        signed_in_at < last,
+        "the right token waited behind the guesses: {signed_in_at:?} vs {last:?}"
+    );
+    host.stop().await;
+}
+
 // ---------------------------------------------------------------------
 // In a real browser.
 
