@@ -20,9 +20,9 @@ const HOST_PACKAGES: [&str; 4] = ["make", "pkg-config", "libssl-dev", "zlib1g-de
 /// Debian packages the plugins and the tests use besides: the C plugin
 /// (clang, lld, wasi-libc and clang's wasm32 runtime, added below with
 /// clang's version), the Python plugin's environment, kcat for the Kafka
-/// interop test, and headless Chromium with its WebDriver for the web
-/// console's browser test.
-const PACKAGES: [&str; 8] = [
+/// interop test, headless Chromium with its WebDriver for the web
+/// console's browser test, and man with groff to render the man page.
+const PACKAGES: [&str; 10] = [
     "python3",
     "python3-venv",
     "clang",
@@ -31,6 +31,8 @@ const PACKAGES: [&str; 8] = [
     "kcat",
     "chromium",
     "chromium-driver",
+    "man-db",
+    "groff-base",
 ];
 
 /// Node.js for plugins/fraud when the system has none new enough.

@@ -197,6 +197,29 @@ and in traces (messaging.message.id).")]
     #[command(subcommand)]
     Sagas(sagas::SagasCommand),
 
+    /// Print the shell completion script for bash, zsh, fish, elvish or
+    /// PowerShell.
+    #[command(after_help = "Examples:
+  source <(switchyard completions bash)                          # this bash session
+  switchyard completions bash > ~/.local/share/bash-completion/completions/switchyard
+  switchyard completions zsh > \"${fpath[1]}/_switchyard\"
+  switchyard completions fish > ~/.config/fish/completions/switchyard.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff), or write one page per command into a
+    /// directory.
+    #[command(after_help = "Examples:
+  switchyard man | man -l -                  # read it now
+  switchyard man --dir /usr/local/share/man/man1   # switchyard.1, switchyard-dlq-replay.1, ...")]
+    Man {
+        /// Write switchyard.1 and a page for every subcommand here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+
     /// Print who sends, handles, publishes and consumes each message type, as
     /// a Mermaid flowchart.
     #[command(after_help = "Examples:
@@ -294,6 +317,38 @@ pub struct MessageArgs {
     pub wait_reply: Option<Duration>,
 }
 
+/// Writes `bytes` to stdout; a reader that stops early (`| head`) is not
+/// an error.
+fn print_bytes(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The man page on stdout, or every command's page written into `dir`.
+fn man(dir: Option<&std::path::Path>) -> Result<ExitCode> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page)?;
+            print_bytes(&page)?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            eprintln!("man pages written to {}", dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn parse_wait(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
@@ -369,10 +424,18 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     .map(|()| ExitCode::SUCCESS)
             }
             Command::Plugins(PluginsCommand::Wit) => {
-                std::io::stdout().write_all(crate::plugin::WIT.as_bytes())?;
+                print_bytes(crate::plugin::WIT.as_bytes())?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Dlq(command) => dlq::run(command).await,
+            Command::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut cmd, "switchyard", &mut script);
+                print_bytes(&script)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Man { dir } => man(dir.as_deref()),
             Command::State(command) => state::run(command).await,
             Command::Sagas(command) => sagas::run(command).await,
             Command::Why(args) => why::run(args).await,

@@ -776,3 +776,96 @@ input = { type = "ChargePayment", json = { order_id = "A-1", customer = "ada", a
         stderr(&out)
     );
 }
+
+/// The bash completion script, loaded into a real bash, completes
+/// commands, subcommands and options.
+#[test]
+fn bash_completes_commands_subcommands_and_options() {
+    let out = switchyard(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("switchyard.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let complete = |words: &[&str]| -> String {
+        // As bash calls a completion function: the words so far, the one
+        // being completed last, and the command name, the current word
+        // and the one before it as arguments.
+        let line = format!(
+            "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _switchyard switchyard '{}' '{}'; echo \"${{COMPREPLY[*]}}\"",
+            script.display(),
+            words.join(" "),
+            words.len() - 1,
+            words[words.len() - 1],
+            words[words.len() - 2]
+        );
+        let o = Command::new("bash").args(["-c", &line]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).trim().to_owned()
+    };
+    assert_eq!(complete(&["switchyard", "dl"]), "dlq");
+    assert_eq!(complete(&["switchyard", "dlq", "re"]), "replay resolve");
+    assert_eq!(complete(&["switchyard", "why", "--co"]), "--correlation");
+    assert_eq!(complete(&["switchyard", "completions", "fi"]), "fish");
+}
+
+/// Every shell gets a script that names the commands; a shell that is
+/// not one of them is refused with the ones there are.
+#[test]
+fn completions_for_every_shell_and_a_clear_refusal() {
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = switchyard(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        for command in ["dlq", "why", "sagas", "replay"] {
+            assert!(script.contains(command), "{shell} lacks {command}");
+        }
+    }
+    let out = switchyard(&["completions", "tcsh"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("possible values: bash"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The man page renders with man, names every command, and `--dir`
+/// writes a page for each subcommand.
+#[test]
+fn the_man_pages_render_and_cover_every_command() {
+    let render = |page: &[u8]| -> String {
+        let mut child = Command::new("man")
+            .args(["-l", "-"])
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .env("PAGER", "cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("man (cargo xtask setup installs man-db)");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), page).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let out = switchyard(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = render(&out.stdout);
+    assert!(text.contains("switchyard - "), "{text}");
+    for command in ["run", "send", "dlq", "why", "sagas", "completions"] {
+        assert!(
+            text.contains(&format!("\n       switchyard-{command}(1)\n")),
+            "{command} in {text}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = switchyard(&["man", "--dir", &dir.path().display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replay = std::fs::read(dir.path().join("switchyard-dlq-replay.1")).unwrap();
+    let text = render(&replay);
+    assert!(text.contains("--group"), "{text}");
+    let pages = std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(pages >= 25, "{pages} pages");
+}
