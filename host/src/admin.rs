@@ -78,17 +78,47 @@ impl Guesses {
     /// now.
     pub async fn wrong(&self) -> bool {
         use std::sync::atomic::Ordering;
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING_GUESSES {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Counted out however the wait ends, a client that hangs up
+        // included (its request's future is dropped mid-wait).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        if before >= MAX_WAITING_GUESSES {
             tracing::warn!("Wrong tokens: too many at once; one refused with 429");
             return false;
         }
-        {
-            let _turn = self.gate.lock().await;
-            tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
-        }
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let _turn = self.gate.lock().await;
+        tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait given up half-way (the client hung up) leaves no one
+    /// counted as waiting.
+    #[tokio::test]
+    async fn a_guess_whose_client_hangs_up_is_no_longer_counted() {
+        let guesses = Guesses::new();
+        for _ in 0..3 * MAX_WAITING_GUESSES {
+            let g = guesses.clone();
+            let wait = tokio::spawn(async move { g.wrong().await });
+            tokio::task::yield_now().await;
+            wait.abort();
+            let _ = wait.await;
+        }
+        assert_eq!(guesses.waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(
+            guesses.wrong().await,
+            "a wrong token is answered 401, not 429"
+        );
     }
 }
 
