@@ -49,91 +49,6 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 /// within it.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// How long a wrong token is answered after; wrong tokens are answered
-/// one at a time (see [`Guesses`]).
-pub const WRONG_TOKEN_PAUSE: Duration = Duration::from_millis(400);
-/// Wrong tokens waiting for their answer at most; more are answered 429
-/// at once.
-pub const MAX_WAITING_GUESSES: usize = 8;
-
-/// The wrong tokens given to one listener (the admin API's bearer token,
-/// the console's sign-in). Each is answered after [`WRONG_TOKEN_PAUSE`],
-/// one at a time, so guessing goes no faster than one try per pause
-/// however many connections ask at once; the right token never waits.
-pub struct Guesses {
-    gate: tokio::sync::Mutex<()>,
-    waiting: std::sync::atomic::AtomicUsize,
-}
-
-impl Guesses {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Guesses {
-            gate: tokio::sync::Mutex::new(()),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
-        })
-    }
-
-    /// Holds a wrong token's answer back for its turn and its pause.
-    /// `false`: [`MAX_WAITING_GUESSES`] are waiting already; answer 429
-    /// now.
-    pub async fn wrong(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        // Counted out however the wait ends, a client that hangs up
-        // included (its request's future is dropped mid-wait).
-        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiting);
-        if before >= MAX_WAITING_GUESSES {
-            tracing::warn!("Wrong tokens: too many at once; one refused with 429");
-            return false;
-        }
-        let _turn = self.gate.lock().await;
-        tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A wait given up half-way (the client hung up) leaves no one
-    /// counted as waiting.
-    #[tokio::test]
-    async fn a_guess_whose_client_hangs_up_is_no_longer_counted() {
-        let guesses = Guesses::new();
-        for _ in 0..3 * MAX_WAITING_GUESSES {
-            let g = guesses.clone();
-            let wait = tokio::spawn(async move { g.wrong().await });
-            tokio::task::yield_now().await;
-            wait.abort();
-            let _ = wait.await;
-        }
-        assert_eq!(guesses.waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
-        assert!(
-            guesses.wrong().await,
-            "a wrong token is answered 401, not 429"
-        );
-    }
-}
-
-/// The answer to a wrong token while too many wait.
-pub fn too_many_guesses() -> Response {
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, "5")],
-        axum::Json(serde_json::json!({
-            "error": "too many wrong tokens at once; try again later"
-        })),
-    )
-        .into_response()
-}
-
 /// A bound listener, ready to serve.
 pub struct Admin {
     listener: tokio::net::TcpListener,
@@ -142,7 +57,7 @@ pub struct Admin {
     token: Option<String>,
     console: Option<crate::console::Console>,
     header_timeout: Duration,
-    guesses: Arc<Guesses>,
+    guesses: Arc<crate::console::Guesses>,
 }
 
 #[derive(Clone)]
@@ -150,7 +65,7 @@ struct AppState {
     telemetry: Telemetry,
     control: Option<Arc<Supervisor>>,
     token: Option<Arc<str>>,
-    guesses: Arc<Guesses>,
+    guesses: Arc<crate::console::Guesses>,
 }
 
 impl Admin {
@@ -166,13 +81,13 @@ impl Admin {
             token: None,
             console: None,
             header_timeout: HEADER_TIMEOUT,
-            guesses: Guesses::new(),
+            guesses: crate::console::Guesses::new(),
         })
     }
 
     /// The wrong tokens of this listener: the console's sign-in counts
     /// them with the admin API's.
-    pub fn guesses(&self) -> Arc<Guesses> {
+    pub fn guesses(&self) -> Arc<crate::console::Guesses> {
         self.guesses.clone()
     }
 
@@ -324,9 +239,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response
     match given {
         Some(t) if crate::text::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => {
-            if !state.guesses.wrong().await {
-                return Err(too_many_guesses());
-            }
+            state.guesses.wrong().await;
             tracing::warn!("Admin API: a request with a wrong token");
             Err(error(StatusCode::UNAUTHORIZED, "wrong token"))
         }

@@ -299,13 +299,15 @@ pub const MAX_SAGA_INSTANCES: usize = 200;
 /// matches none. Reads the steps of at most [`MAX_SAGA_INSTANCES`]
 /// instances.
 pub async fn add_saga_steps(story: &mut Story, reader: Arc<dyn Reader>) -> Result<()> {
-    let wanted: BTreeSet<(String, String)> = story
-        .messages
-        .iter()
-        .flat_map(|n| &n.handlings)
-        .filter_map(|r| Some((r.plugin.clone(), r.saga_instance.clone()?)))
-        .take(MAX_SAGA_INSTANCES)
-        .collect();
+    let mut wanted: BTreeSet<(String, String)> = BTreeSet::new();
+    for r in story.messages.iter().flat_map(|n| &n.handlings) {
+        if let Some(i) = &r.saga_instance {
+            if wanted.len() >= MAX_SAGA_INSTANCES {
+                break;
+            }
+            wanted.insert((r.plugin.clone(), i.clone()));
+        }
+    }
     if wanted.is_empty() {
         return Ok(());
     }

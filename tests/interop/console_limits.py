@@ -115,7 +115,11 @@ def main():
     )
     check("an edit form past the limit", status in (413, None), (status, text[:300]))
     status, _, text = request("GET", f"/ui/dead-letters/{record}", session=session)
-    check("the record after the refused edit", status == 200 and "Sent as a new message" not in text, (status, text[:300]))
+    check(
+        "the record after the refused edit",
+        status == 200 and '<span class="status">dead</span>' in text,
+        (status, text[:300]),
+    )
     status, headers, text = request(
         "POST",
         "/ui/dead-letters/replay",

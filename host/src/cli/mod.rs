@@ -331,7 +331,9 @@ fn print_bytes(bytes: &[u8]) -> Result<()> {
 
 /// The man page on stdout, or every command's page written into `dir`.
 fn man(dir: Option<&std::path::Path>) -> Result<ExitCode> {
-    let cmd = <Cli as clap::CommandFactory>::command();
+    // No `help` subcommand: its page would be one more to write and it
+    // says what --help says.
+    let cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
     match dir {
         None => {
             let mut page = Vec::new();

@@ -137,9 +137,9 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
         match super::state::open_store(&args.pipeline).await {
             Ok((reader, _)) => {
                 story.searched.push(saga_location(&pipeline));
-                crate::story::add_saga_steps(&mut story, reader)
-                    .await
-                    .context("cannot read the saga steps")?;
+                if let Err(e) = crate::story::add_saga_steps(&mut story, reader).await {
+                    eprintln!("note: saga steps are not shown: {e:#}");
+                }
             }
             Err(e) => eprintln!("note: saga steps are not shown: {e:#}"),
         }

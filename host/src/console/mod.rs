@@ -65,6 +65,37 @@ const RATE_METRICS: [&str; 4] = [
     "switchyard.messages.in_flight",
 ];
 
+/// How long a wrong token is answered after; wrong tokens are answered
+/// one at a time (see [`Guesses`]).
+pub const WRONG_TOKEN_PAUSE: Duration = Duration::from_millis(400);
+
+/// The wrong tokens given to one listener (the admin API's bearer token,
+/// the console's sign-in). Each is answered after [`WRONG_TOKEN_PAUSE`],
+/// one at a time, so guessing goes no faster than one try per pause
+/// however many connections ask at once; the right token never waits.
+/// Every wrong token waits its turn, however many wait: an answer that
+/// came sooner would tell a guesser the token was wrong. The queue is as
+/// long as the listener's connections (`admin::MAX_CONNECTIONS`) at most.
+pub struct Guesses {
+    gate: tokio::sync::Mutex<()>,
+}
+
+impl Guesses {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Guesses {
+            gate: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Holds a wrong token's answer back for its turn and its pause. A
+    /// client that hangs up leaves the queue: its request's future, and
+    /// with it its turn, is dropped.
+    pub async fn wrong(&self) {
+        let _turn = self.gate.lock().await;
+        tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
+    }
+}
+
 /// The console of one running host.
 pub struct Console {
     inner: Arc<Inner>,
@@ -80,7 +111,7 @@ struct Inner {
     samples: Arc<Mutex<VecDeque<Sample>>>,
     started: Instant,
     /// Wrong tokens, counted with the admin API's on the same listener.
-    guesses: Arc<crate::admin::Guesses>,
+    guesses: Arc<Guesses>,
 }
 
 #[derive(Clone)]
@@ -105,12 +136,12 @@ type Rates = BTreeMap<(String, String), (f64, f64)>;
 impl Console {
     /// The console of the host `control` runs; `journal` is where message
     /// journeys are read, `token` what a login must give, `guesses` the
-    /// listener's wrong tokens ([`crate::admin::Admin::guesses`]).
+    /// listener's wrong tokens (`admin::Admin::guesses`).
     pub async fn new(
         control: Arc<Supervisor>,
         journal: Option<Arc<dyn crate::journal::Store>>,
         token: Option<String>,
-        guesses: Arc<crate::admin::Guesses>,
+        guesses: Arc<Guesses>,
     ) -> Self {
         let name = control.pipeline().await.name;
         let samples = Arc::new(Mutex::new(VecDeque::with_capacity(SAMPLES)));
@@ -619,9 +650,7 @@ async fn login(State(inner): State<Shared>, headers: HeaderMap, body: Body) -> R
     let given = form.get("token").map_or("", String::as_str);
     if !crate::text::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         // Guessing costs time, one guess at a time on this listener.
-        if !inner.guesses.wrong().await {
-            return guarded(crate::admin::too_many_guesses());
-        }
+        inner.guesses.wrong().await;
         tracing::warn!("Console: a sign-in with a wrong token");
         return login_page(
             &inner,
