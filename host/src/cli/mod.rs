@@ -37,9 +37,20 @@ apart from events, outbox semantics, resource limits, and failures you can find 
   switchyard dlq list -p pipelines/orders.toml --group
   switchyard topology pipelines/orders.toml
 
-Logging: set RUST_LOG (e.g. RUST_LOG=debug, RUST_LOG=plugin=warn,info)."
+Logging: set RUST_LOG (e.g. RUST_LOG=debug, RUST_LOG=plugin=warn,info);
+--log-format json writes one JSON object a line."
 )]
 pub struct Cli {
+    /// How log lines are written on stderr: text, or one JSON object a
+    /// line (with trace_id and span_id on a traced message's lines).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SWITCHYARD_LOG_FORMAT"
+    )]
+    pub log_format: crate::telemetry::logging::Format,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -362,7 +373,7 @@ pub fn main(cli: Cli) -> ExitCode {
         _ => "warn",
     };
     if !matches!(cli.command, Command::Run { .. }) {
-        crate::telemetry::logging::init(default_log);
+        crate::telemetry::logging::init(default_log, cli.log_format);
     }
     match execute(cli) {
         Ok(code) => code,
@@ -387,6 +398,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let log_format = cli.log_format;
     rt.block_on(async move {
         match cli.command {
             Command::Run {
@@ -394,7 +406,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 drain,
                 watch,
                 trace_stdout,
-            } => run(pipeline, drain, watch, trace_stdout)
+            } => run(pipeline, drain, watch, trace_stdout, log_format)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Deploy {
@@ -491,7 +503,13 @@ pub(crate) fn load_pipeline(path: &std::path::Path) -> Result<config::Pipeline> 
     Ok(loaded.pipeline)
 }
 
-async fn run(path: PathBuf, drain: bool, watch: bool, trace_stdout: bool) -> Result<()> {
+async fn run(
+    path: PathBuf,
+    drain: bool,
+    watch: bool,
+    trace_stdout: bool,
+    log_format: crate::telemetry::logging::Format,
+) -> Result<()> {
     let pipeline = load_pipeline(&path)?;
     let admin_token = match &pipeline.admin_token_env {
         Some(var) => match std::env::var(var) {
@@ -508,7 +526,7 @@ async fn run(path: PathBuf, drain: bool, watch: bool, trace_stdout: bool) -> Res
         settings.traces = crate::config::TraceExport::Stdout;
     }
     let telemetry = crate::telemetry::Telemetry::start(&settings)?;
-    crate::telemetry::logging::init_with("info", telemetry.sdk_tracer());
+    crate::telemetry::logging::init_with("info", log_format, telemetry.sdk_tracer());
     if telemetry.tracing() {
         tracing::info!(export = ?settings.traces, service = %settings.service_name, "Tracing on");
     }

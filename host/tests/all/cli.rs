@@ -869,3 +869,66 @@ fn the_man_pages_render_and_cover_every_command() {
     let pages = std::fs::read_dir(dir.path()).unwrap().count();
     assert!(pages >= 25, "{pages} pages");
 }
+
+/// With `--log-format json` every line on stderr is one JSON object, and
+/// the lines of a traced flow carry its trace id; the environment can ask
+/// for it too, and a format that does not exist is refused.
+#[test]
+fn the_log_is_one_json_object_a_line_with_trace_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders_pipeline(dir.path());
+    let o = switchyard(&[
+        "send",
+        "PlaceOrder",
+        "-p",
+        &p,
+        "--data",
+        ORDER,
+        "--log-format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(bin())
+        .args(["run", "--drain", "--trace-stdout", &p])
+        .env("RUST_LOG", "info")
+        .env("SWITCHYARD_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 5, "{log}");
+    for l in &lines {
+        for field in ["timestamp", "level", "message", "target"] {
+            assert!(l.get(field).is_some(), "{field} in {l}");
+        }
+    }
+    let handled: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["message"] == "Handled").collect();
+    assert!(handled.len() >= 5, "{log}");
+    let trace = handled[0]["trace_id"].as_str().unwrap();
+    assert_eq!(trace.len(), 32, "{trace}");
+    assert!(
+        handled
+            .iter()
+            .all(|l| l["trace_id"] == trace && l["span_id"].is_string()),
+        "one flow, one trace: {log}"
+    );
+    assert!(
+        handled
+            .iter()
+            .any(|l| l["plugin"] == "payments" && l["message.type"] == "ChargePayment")
+    );
+
+    let o = switchyard(&["validate", "--offline", &p, "--log-format", "yaml"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("possible values: text, json"),
+        "{}",
+        stderr(&o)
+    );
+}
