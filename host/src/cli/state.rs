@@ -156,8 +156,16 @@ pub(super) fn check_plugin(path: &Path, pipeline: &config::Pipeline, plugin: &st
 /// The state store of the pipeline in `path` (the embedded transport's
 /// file, or `[state]`'s store), and the pipeline.
 pub(super) async fn open_store(path: &Path) -> Result<(Arc<dyn Reader>, config::Pipeline)> {
+    let (reader, pipeline, _) = open_store_at(path).await?;
+    Ok((reader, pipeline))
+}
+
+/// [`open_store`], and where the store is, without secrets.
+pub(super) async fn open_store_at(
+    path: &Path,
+) -> Result<(Arc<dyn Reader>, config::Pipeline, String)> {
     let pipeline = config::load(path)?.pipeline;
-    let reader: Arc<dyn Reader> = match &pipeline.transport {
+    let (reader, location): (Arc<dyn Reader>, String) = match &pipeline.transport {
         TransportConfig::Embedded(e) => {
             if !e.path.exists() {
                 bail!(
@@ -165,7 +173,10 @@ pub(super) async fn open_store(path: &Path) -> Result<(Arc<dyn Reader>, config::
                     e.path.display()
                 );
             }
-            crate::state::sqlite::SqliteState::reader(&e.path)
+            (
+                crate::state::sqlite::SqliteState::reader(&e.path),
+                e.path.display().to_string(),
+            )
         }
         _ => {
             if let config::StoreConfig::Embedded { path } = &pipeline.state.store
@@ -176,12 +187,14 @@ pub(super) async fn open_store(path: &Path) -> Result<(Arc<dyn Reader>, config::
                     path.display()
                 );
             }
-            crate::state::open(&pipeline.state, &pipeline.name)
+            let store = crate::state::open(&pipeline.state, &pipeline.name)
                 .await
-                .context("cannot open the state store ([state])")?
+                .context("cannot open the state store ([state])")?;
+            let location = store.location();
+            (store, location)
         }
     };
-    Ok((reader, pipeline))
+    Ok((reader, pipeline, location))
 }
 
 /// A value as JSON when it is JSON, else as a string or a byte count.

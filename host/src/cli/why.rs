@@ -134,9 +134,9 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
     if pipeline.plugins.iter().any(|p| p.saga.is_some()) {
         // Saga state is read when it is there: a pipeline whose sagas have
         // not run yet has none, and the story is told without it.
-        match super::state::open_store(&args.pipeline).await {
-            Ok((reader, _)) => {
-                story.searched.push(saga_location(&pipeline));
+        match super::state::open_store_at(&args.pipeline).await {
+            Ok((reader, _, location)) => {
+                story.searched.push(format!("saga state in {location}"));
                 if let Err(e) = crate::story::add_saga_steps(&mut story, reader).await {
                     eprintln!("note: saga steps are not shown: {e:#}");
                 }
@@ -150,21 +150,4 @@ pub async fn run(args: WhyArgs) -> Result<ExitCode> {
         print!("{}", tell(&story));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Where saga state is read from, for the list of stores searched.
-fn saga_location(pipeline: &crate::config::Pipeline) -> String {
-    match &pipeline.transport {
-        crate::config::TransportConfig::Embedded(e) => {
-            format!("saga state in {}", e.path.display())
-        }
-        _ => match &pipeline.state.store {
-            crate::config::StoreConfig::Embedded { path } => {
-                format!("saga state in {}", path.display())
-            }
-            crate::config::StoreConfig::Postgres { schema, .. } => {
-                format!("saga state in PostgreSQL schema {schema}")
-            }
-        },
-    }
 }

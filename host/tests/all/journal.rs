@@ -47,6 +47,23 @@ async fn story(p: &Pipeline, id: &str) -> Story {
         .unwrap_or_else(|| panic!("the journal knows {id}"))
 }
 
+/// `switchyard why ARGS -p PIPELINE`: whether it succeeded, its stdout
+/// and its stderr.
+fn why_cli(pipeline: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg("why")
+        .args(args)
+        .arg("-p")
+        .arg(pipeline)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn node<'a>(story: &'a Story, message_type: &str) -> &'a why::Node {
     story
         .messages
@@ -251,20 +268,7 @@ async fn why_from_the_command_line() {
     looped.causation_id = Some(looped.id.clone());
     run(&p, vec![poison.clone(), looped.clone()]).await;
 
-    let why = |args: &[&str]| {
-        let out = Command::new(bin())
-            .arg("why")
-            .args(args)
-            .arg("-p")
-            .arg(&path)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let why = |args: &[&str]| why_cli(&path, args);
     let (ok, out, err) = why(&[&poison.id]);
     assert!(ok, "{err}");
     assert!(
@@ -500,19 +504,9 @@ async fn why_tells_the_saga_steps_a_message_drove() {
     run(&p, vec![place.clone()]).await;
 
     let why = |args: &[&str]| {
-        let out = Command::new(bin())
-            .arg("why")
-            .args(args)
-            .arg("-p")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, out, err) = why_cli(&path, args);
+        assert!(ok, "{err}");
+        out
     };
     let out = why(&[&place.id]);
     assert!(
