@@ -3,7 +3,8 @@
 //! | method and path | what | token |
 //! |---|---|---|
 //! | `GET /metrics` | Prometheus text | no |
-//! | `GET /healthz` | `ok` | no |
+//! | `GET /healthz` | `ok` while the process serves HTTP (liveness) | no |
+//! | `GET /readyz` | 200 `ready` once every route runs and the transport and stores answer; 503 with the reasons otherwise, and while draining (readiness) | no |
 //! | `GET /plugins` | what each route runs (JSON) | no |
 //! | `PUT /plugins/{name}` | deploy the component in the body | yes |
 //! | `POST /plugins/{name}/rollback` | back to the version before | yes |
@@ -21,6 +22,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -49,6 +51,44 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 /// within it.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long each readiness check may take before it counts as a failure.
+pub const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the host is in its life, as `/readyz` tells it: starting until
+/// every route has started, serving, then draining from the moment it is
+/// asked to stop until its routes have settled what they hold.
+#[derive(Debug, Default)]
+pub struct Phase(AtomicU8);
+
+impl Phase {
+    const STARTING: u8 = 0;
+    const SERVING: u8 = 1;
+    const DRAINING: u8 = 2;
+
+    pub fn new() -> Arc<Self> {
+        Arc::new(Phase::default())
+    }
+
+    /// Every route has started.
+    pub fn serving(&self) {
+        let _ = self.0.compare_exchange(
+            Self::STARTING,
+            Self::SERVING,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// The host was asked to stop: it takes no new work.
+    pub fn draining(&self) {
+        self.0.store(Self::DRAINING, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// A bound listener, ready to serve.
 pub struct Admin {
     listener: tokio::net::TcpListener,
@@ -58,6 +98,7 @@ pub struct Admin {
     console: Option<crate::console::Console>,
     header_timeout: Duration,
     guesses: Arc<crate::console::Guesses>,
+    phase: Option<Arc<Phase>>,
 }
 
 #[derive(Clone)]
@@ -66,6 +107,7 @@ struct AppState {
     control: Option<Arc<Supervisor>>,
     token: Option<Arc<str>>,
     guesses: Arc<crate::console::Guesses>,
+    phase: Option<Arc<Phase>>,
 }
 
 impl Admin {
@@ -82,6 +124,7 @@ impl Admin {
             console: None,
             header_timeout: HEADER_TIMEOUT,
             guesses: crate::console::Guesses::new(),
+            phase: None,
         })
     }
 
@@ -105,6 +148,14 @@ impl Admin {
         self
     }
 
+    /// Answers `/readyz` from the host's phase (and, while it serves, from
+    /// its routes, transport and stores). Without one, `/readyz` answers
+    /// as `/healthz` does.
+    pub fn with_phase(mut self, phase: Arc<Phase>) -> Self {
+        self.phase = Some(phase);
+        self
+    }
+
     /// Serves the web console at `/ui`.
     pub fn with_console(mut self, console: crate::console::Console) -> Self {
         self.console = Some(console);
@@ -122,10 +173,12 @@ impl Admin {
             control: self.control,
             token: self.token.map(Into::into),
             guesses: self.guesses,
+            phase: self.phase,
         };
         let app = Router::new()
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
             .route("/plugins", get(list))
             .route("/plugins/{name}", put(deploy).post(deploy))
             .route("/plugins/{name}/rollback", post(rollback))
@@ -197,6 +250,88 @@ impl Admin {
         .await;
         Ok(())
     }
+}
+
+/// 200 `ready`, or 503 `not ready` with one line per reason.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let problems = match &state.phase {
+        None => Vec::new(),
+        Some(phase) => match phase.get() {
+            Phase::STARTING => vec!["starting: not every route has started yet".to_owned()],
+            Phase::SERVING => match &state.control {
+                Some(control) => readiness_problems(control).await,
+                None => Vec::new(),
+            },
+            _ => vec!["draining: the host is stopping and takes no new work".to_owned()],
+        },
+    };
+    let no_store = [(header::CACHE_CONTROL, "no-store")];
+    if problems.is_empty() {
+        return (StatusCode::OK, no_store, "ready\n").into_response();
+    }
+    let mut body = String::from("not ready\n");
+    for p in &problems {
+        body.push_str("- ");
+        body.push_str(p);
+        body.push('\n');
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, no_store, body).into_response()
+}
+
+/// What keeps a serving host from being ready: a route of the pipeline
+/// that is not running, a transport or store that does not answer within
+/// [`READY_CHECK_TIMEOUT`]. The journal is left out: its outage never
+/// holds up a message.
+async fn readiness_problems(control: &Supervisor) -> Vec<String> {
+    async fn check<F: Future<Output = Result<T>>, T>(what: String, f: F) -> Option<String> {
+        match tokio::time::timeout(READY_CHECK_TIMEOUT, f).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("{what} does not answer: {e:#}")),
+            Err(_) => Some(format!(
+                "{what} did not answer within {} s",
+                READY_CHECK_TIMEOUT.as_secs()
+            )),
+        }
+    }
+    let transport = control.transport();
+    let services = control.services();
+    let routes = async {
+        let pipeline = control.pipeline().await;
+        let running: std::collections::BTreeSet<String> =
+            control.list().await.into_iter().map(|r| r.plugin).collect();
+        pipeline
+            .plugins
+            .iter()
+            .filter(|p| !running.contains(p.name.as_str()))
+            .map(|p| format!("route {} is not running (its plugin did not start)", p.name))
+            .collect::<Vec<_>>()
+    };
+    let routes = async {
+        tokio::time::timeout(READY_CHECK_TIMEOUT, routes)
+            .await
+            .unwrap_or_else(|_| vec!["the routes could not be listed in time".to_owned()])
+    };
+    let transport_ok = check(
+        format!(
+            "the {} transport at {}",
+            transport.kind(),
+            transport.location()
+        ),
+        transport.is_idle(),
+    );
+    let dead_letters = check(
+        "the dead-letter store".to_owned(),
+        services.dead_letters.ping(),
+    );
+    let state_store = async {
+        match services.state.as_ref().and_then(|a| a.store.clone()) {
+            Some(store) => check("the state store".to_owned(), store.ping()).await,
+            None => None,
+        }
+    };
+    let (mut problems, t, d, s) = tokio::join!(routes, transport_ok, dead_letters, state_store);
+    problems.extend([t, d, s].into_iter().flatten());
+    problems
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

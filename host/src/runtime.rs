@@ -208,7 +208,7 @@ pub enum RunMode {
 pub struct RunOptions {
     pub mode: RunMode,
     pub telemetry: Telemetry,
-    /// Bind the admin listener (`/metrics`, `/healthz`, `/plugins`) here.
+    /// Bind the admin listener (`/metrics`, `/healthz`, `/readyz`, `/plugins`) here.
     pub admin: Option<std::net::SocketAddr>,
     /// The bearer token the admin API's changing endpoints require; `None`
     /// turns them off.
@@ -314,6 +314,10 @@ pub async fn run_with(
         },
     )
     .await?;
+    // The admin listener outlives the routes: while they drain, /readyz
+    // says so and /metrics can still be scraped.
+    let (admin_stop, admin_stopped) = watch::channel(false);
+    let phase = crate::admin::Phase::new();
     let admin_task = match admin {
         Some(addr) => {
             start_admin(
@@ -322,7 +326,8 @@ pub async fn run_with(
                 &control,
                 journal_reader,
                 admin_token,
-                stop_rx.clone(),
+                phase.clone(),
+                admin_stopped,
             )
             .await
         }
@@ -343,6 +348,7 @@ pub async fn run_with(
         routes = plugins.loaded.len(),
         "Host running"
     );
+    phase.serving();
     if let Some(tx) = on_started {
         let _ = tx.send(control.clone());
     }
@@ -354,8 +360,9 @@ pub async fn run_with(
         shutdown,
     )
     .await;
+    phase.draining();
     let _ = stop_tx.send(true);
-    stop(&control, &mut exits, watcher, admin_task).await;
+    stop(&control, &mut exits, watcher, admin_task, admin_stop).await;
     for task in [pruner, timer, journal_pruner].into_iter().flatten() {
         task.abort();
     }
@@ -608,6 +615,7 @@ async fn start_admin(
     control: &Arc<Supervisor>,
     journal: Option<Arc<dyn crate::journal::Store>>,
     token: Option<String>,
+    phase: Arc<crate::admin::Phase>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<Result<()>>> {
     match crate::admin::Admin::bind(addr, telemetry.clone()).await {
@@ -619,7 +627,7 @@ async fn start_admin(
             };
             tracing::info!(
                 address = %admin.local_addr().map_or(addr.to_string(), |a| a.to_string()),
-                "Admin listener: /metrics, /healthz, /plugins, the console at /ui ({deploys})"
+                "Admin listener: /metrics, /healthz, /readyz, /plugins, the console at /ui ({deploys})"
             );
             let console = crate::console::Console::new(
                 control.clone(),
@@ -630,6 +638,7 @@ async fn start_admin(
             .await;
             let admin = admin
                 .with_control(control.clone(), token)
+                .with_phase(phase)
                 .with_console(console);
             Some(tokio::spawn(admin.serve(async move {
                 let _ = stop.changed().await;
@@ -702,6 +711,7 @@ async fn stop(
     exits: &mut mpsc::UnboundedReceiver<RouteExit>,
     watcher: Option<tokio::task::JoinHandle<()>>,
     admin_task: Option<tokio::task::JoinHandle<Result<()>>>,
+    admin_stop: watch::Sender<bool>,
 ) {
     control.shutdown().await;
     while let Ok((route, result)) = exits.try_recv() {
@@ -712,6 +722,7 @@ async fn stop(
     if let Some(w) = watcher {
         let _ = w.await;
     }
+    let _ = admin_stop.send(true);
     // The listener stops taking connections at once; an open scrape gets a
     // moment to finish, not the power to hold the host.
     if let Some(mut task) = admin_task

@@ -300,6 +300,9 @@ pub trait DeadLetterStore: Send + Sync {
     /// Records per status.
     async fn counts(&self) -> Result<Vec<(Status, u64)>>;
 
+    /// Answers when the store does: one round trip, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+
     /// Counts one crash of a host that had these messages of `route` in
     /// hand (the crash-loop guard).
     async fn note_crash(&self, route: &str, message_ids: &[String]) -> Result<()>;

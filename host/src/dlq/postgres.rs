@@ -434,6 +434,13 @@ impl DeadLetterStore for PostgresStore {
         Ok(n)
     }
 
+    async fn ping(&self) -> Result<()> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().context("no dead-letter store connection")?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
     async fn counts(&self) -> Result<Vec<(Status, u64)>> {
         let guard = self.client().await?;
         let client = guard.as_ref().context("no dead-letter store connection")?;

@@ -457,6 +457,14 @@ impl DeadLetterStore for SqliteStore {
         .await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.blocking(|s| {
+            lock(&s.conn).query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn counts(&self) -> Result<Vec<(Status, u64)>> {
         self.blocking(|s| {
             let conn = lock(&s.conn);

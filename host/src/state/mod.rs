@@ -132,6 +132,9 @@ pub fn instance_state(r: &dyn Reader, plugin: &str, id: &str) -> Result<Vec<(Str
 /// settle transaction instead.)
 #[async_trait]
 pub trait Store: Reader {
+    /// Answers when the store does: one round trip, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+
     /// Applies the state changes of a batch of `plugin`'s messages (folded
     /// into one, see [`Changes::then`]) and its saga steps, and records the
     /// `done` messages of an exactly-once plugin, in one transaction: all

@@ -519,6 +519,15 @@ impl Reader for PostgresState {
 
 #[async_trait]
 impl Store for PostgresState {
+    async fn ping(&self) -> Result<()> {
+        let guard = self.client().await?;
+        let client = guard
+            .as_ref()
+            .ok_or_else(|| anyhow!("no state store connection"))?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
     async fn commit(
         &self,
         plugin: &str,

@@ -471,6 +471,14 @@ impl Reader for SqliteState {
 
 #[async_trait]
 impl Store for SqliteState {
+    async fn ping(&self) -> Result<()> {
+        self.write(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn commit(
         &self,
         plugin: &str,

@@ -634,6 +634,9 @@ impl Supervisor {
 
     async fn deploy_inner(&self, name: &str, bytes: Vec<u8>) -> Result<RouteInfo, ChangeError> {
         let state = self.state.lock().await;
+        if state.stopping {
+            return Err(ChangeError::Refused(vec!["the host is stopping".into()]));
+        }
         let spec = spec_of(&state, name)?;
         let digest = crate::plugin::digest_of(&bytes);
         let path = self.deployments.wasm_path(name, &digest);
@@ -671,6 +674,9 @@ impl Supervisor {
 
     async fn rollback_inner(&self, name: &str) -> Result<RouteInfo, ChangeError> {
         let state = self.state.lock().await;
+        if state.stopping {
+            return Err(ChangeError::Refused(vec!["the host is stopping".into()]));
+        }
         let spec = spec_of(&state, name)?;
         let history = self
             .deployments
