@@ -236,6 +236,10 @@ fn test(extra: &[String]) -> Result<()> {
     build_plugins_with(env.path())?;
     let mut cmd = cargo();
     cmd.env("SWITCHYARD_PYTHON", &env.python);
+    // `switchyard new`'s JavaScript project is built with npm by the tests.
+    if let Some(path) = env.path() {
+        cmd.env("PATH", path);
+    }
     run(cmd.args(["test", "--workspace"]).args(extra))
 }
 

@@ -3,6 +3,7 @@
 pub mod dlq;
 mod inspect;
 mod messages;
+mod new;
 mod remote;
 mod sagas;
 mod state;
@@ -231,6 +232,11 @@ and in traces (messaging.message.id).")]
         dir: Option<PathBuf>,
     },
 
+    /// Start a plugin project (Rust, Python, JavaScript or C) or a pipeline
+    /// file from a template.
+    #[command(subcommand)]
+    New(new::NewCommand),
+
     /// Print who sends, handles, publishes and consumes each message type, as
     /// a Mermaid flowchart.
     #[command(after_help = "Examples:
@@ -450,6 +456,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Man { dir } => man(dir.as_deref()),
+            Command::New(command) => new::run(command),
             Command::State(command) => state::run(command).await,
             Command::Sagas(command) => sagas::run(command).await,
             Command::Why(args) => why::run(args).await,

@@ -24,6 +24,7 @@ mod kafka;
 mod kafka_reliability;
 mod layers;
 mod loading;
+mod new_project;
 mod outbox;
 mod polyglot;
 mod reliability;
