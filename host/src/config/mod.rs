@@ -14,6 +14,10 @@
 //! 4. `model`: the validated [`Pipeline`], made only when no error was
 //!    found.
 //!
+//! The pipeline file's JSON Schema ([`schema::generate`]) is made from
+//! what the reader asks for, by parsing example files with the reader's
+//! shape recorder on; `schemas/pipeline.schema.json` is its published copy.
+//!
 //! Every problem is reported at once. Checking the plugins' own
 //! declarations needs their `.wasm` files and happens later, in the
 //! `plugin` module. Passwords in connection strings are masked by
@@ -26,6 +30,7 @@ mod names;
 mod parse;
 mod reader;
 mod redact;
+pub mod schema;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity, locate};
 pub use load::{ConfigError, Loaded, load};

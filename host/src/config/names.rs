@@ -59,6 +59,10 @@ name_type! {
 }
 
 impl PluginName {
+    /// What [`PluginName::check`] accepts, as a regular expression (for the
+    /// pipeline file's JSON Schema).
+    pub const PATTERN: &'static str = "^[a-z][a-z0-9_-]{0,63}$";
+
     fn check(s: &str) -> Result<(), String> {
         let mut chars = s.chars();
         match chars.next() {
@@ -85,6 +89,10 @@ impl PluginName {
 }
 
 impl MessageType {
+    /// What [`MessageType::check`] accepts, as a regular expression (for
+    /// the pipeline file's JSON Schema).
+    pub const PATTERN: &'static str = "^[A-Za-z][A-Za-z0-9_.-]{0,127}$";
+
     fn check(s: &str) -> Result<(), String> {
         let mut chars = s.chars();
         match chars.next() {
@@ -172,6 +180,67 @@ mod tests {
         assert!(MessageType::try_from("billing.InvoiceSent-v2").is_ok());
         assert!(MessageType::try_from("Place Order").is_err());
         assert!(MessageType::try_from(".x").is_err());
+    }
+
+    /// The patterns the schema publishes say what `check` says, on names
+    /// at and past every rule's edge.
+    #[test]
+    fn the_published_patterns_agree_with_the_checks() {
+        fn agree(pattern: &str, check: fn(&str) -> bool, names: &[&str], longest: usize) {
+            let long = |n: usize| format!("a{}", "b".repeat(n - 1));
+            for s in names
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain([long(longest), long(longest + 1)])
+            {
+                let matches = jsonschema::is_valid(
+                    &serde_json::json!({ "pattern": pattern }),
+                    &serde_json::json!(s),
+                );
+                assert_eq!(matches, check(&s), "{pattern} on {s:?}");
+            }
+        }
+        let names = [
+            "orders",
+            "orders-eu_2",
+            "a",
+            "Orders",
+            "2fast",
+            "a b",
+            "",
+            "_a",
+            "a.b",
+            "é",
+            "aé",
+            "-a",
+            "a\n",
+        ];
+        agree(
+            PluginName::PATTERN,
+            |s| PluginName::try_from(s).is_ok(),
+            &names,
+            64,
+        );
+        let types = [
+            "PlaceOrder",
+            "billing.InvoiceSent-v2",
+            "a",
+            "Place Order",
+            ".x",
+            "1x",
+            "",
+            "x_y",
+            "x/y",
+            "Ä",
+            "xÄ",
+            "x\n",
+        ];
+        agree(
+            MessageType::PATTERN,
+            |s| MessageType::try_from(s).is_ok(),
+            &types,
+            128,
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! table: each typed getter records a diagnostic for a wrong type, and
 //! [`Section::finish`] reports every key nobody asked for, with a suggestion.
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use toml_edit::{Item, TableLike, Value};
@@ -25,10 +27,76 @@ impl<T> Spanned<T> {
     }
 }
 
+/// How a key is read. The reader records the shapes it asks for when asked
+/// to ([`record_shapes`]): the pipeline file's JSON Schema is generated from
+/// them, so it says what the reader reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Shape {
+    String,
+    Bool,
+    /// A whole number, 0 or more.
+    Count,
+    /// A whole number in a range.
+    CountIn(u64, u64),
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    /// An array of strings, each matching this regular expression.
+    StringsMatching(&'static str),
+    /// An integer or a float.
+    Number,
+    /// A string or an integer (sizes: `"64 MiB"` or `67108864`).
+    StringOrInt,
+    /// An array of strings.
+    Strings,
+    /// A sub-table.
+    Table,
+    /// An array of tables.
+    Tables,
+}
+
+/// What the reader asked of one table, at a path with `*` for a name the
+/// user chooses and `[]` for the items of an array of tables (e.g.
+/// `plugins.*.grants.dirs[]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// Every key asked for, with the shapes it was read as.
+    pub keys: BTreeMap<&'static str, BTreeSet<Shape>>,
+    /// The keys that must be there.
+    pub required: BTreeSet<&'static str>,
+    /// Its keys are names the user chooses, each a table (`[plugins.NAME]`).
+    pub entries: bool,
+    /// The regular expression such names match.
+    pub names: Option<&'static str>,
+    /// Its keys are names the user chooses, each a string (`env = { K = "v" }`).
+    pub strings: bool,
+}
+
+thread_local! {
+    static SHAPES: RefCell<Option<BTreeMap<String, TableShape>>> = const { RefCell::new(None) };
+}
+
+/// Runs `read`, recording every table the reader enters and every key it
+/// asks for; returns them by path.
+pub fn record_shapes(read: impl FnOnce()) -> BTreeMap<String, TableShape> {
+    SHAPES.with(|s| *s.borrow_mut() = Some(BTreeMap::new()));
+    read();
+    SHAPES.with(|s| s.borrow_mut().take()).unwrap_or_default()
+}
+
+fn note(path: &str, change: impl FnOnce(&mut TableShape)) {
+    SHAPES.with(|s| {
+        if let Some(map) = s.borrow_mut().as_mut() {
+            change(map.entry(path.to_owned()).or_default());
+        }
+    });
+}
+
 /// One TOML table being read.
 pub struct Section<'a> {
     /// Dotted path for messages, e.g. `plugins.orders`.
     path: String,
+    /// The path for [`record_shapes`], e.g. `plugins.*`.
+    shape_path: String,
     table: &'a dyn TableLike,
     span: Option<Range<usize>>,
     known: Vec<&'static str>,
@@ -58,11 +126,37 @@ impl<'a> Section<'a> {
         table: &'a dyn TableLike,
         span: Option<Range<usize>>,
     ) -> Self {
+        let path = path.into();
+        Section::at(path.clone(), path, table, span)
+    }
+
+    fn at(
+        path: String,
+        shape_path: String,
+        table: &'a dyn TableLike,
+        span: Option<Range<usize>>,
+    ) -> Self {
+        note(&shape_path, |_| {});
         Section {
-            path: path.into(),
+            path,
+            shape_path,
             table,
             span,
             known: Vec::new(),
+        }
+    }
+
+    fn shape(&self, key: &'static str, shape: Shape) {
+        note(&self.shape_path, |t| {
+            t.keys.entry(key).or_default().insert(shape);
+        });
+    }
+
+    fn child_shape_path(&self, key: &str) -> String {
+        if self.shape_path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.shape_path)
         }
     }
 
@@ -111,6 +205,7 @@ impl<'a> Section<'a> {
         key: &'static str,
         diags: &mut Diagnostics,
     ) -> Option<Spanned<String>> {
+        self.shape(key, Shape::String);
         let item = self.item(key)?;
         match item.as_str() {
             Some(s) => Some(Spanned::new(s.to_owned(), item.span())),
@@ -127,7 +222,11 @@ impl<'a> Section<'a> {
         example: &str,
         diags: &mut Diagnostics,
     ) -> Option<Spanned<String>> {
+        note(&self.shape_path, |t| {
+            t.required.insert(key);
+        });
         if self.table.get(key).is_none() {
+            self.shape(key, Shape::String);
             self.known.push(key);
             self.missing(key, example, diags);
             return None;
@@ -136,6 +235,7 @@ impl<'a> Section<'a> {
     }
 
     pub fn bool(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Spanned<bool>> {
+        self.shape(key, Shape::Bool);
         let item = self.item(key)?;
         match item.as_bool() {
             Some(b) => Some(Spanned::new(b, item.span())),
@@ -146,8 +246,100 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// Notes that the table must have `key` (a table or a value read by
+    /// another getter, whose absence the caller reports); whether it has.
+    pub fn require(&mut self, key: &'static str) -> bool {
+        note(&self.shape_path, |t| {
+            t.required.insert(key);
+        });
+        self.table.get(key).is_some_and(|i| !i.is_none())
+    }
+
+    /// A string that must be one of `allowed`; any other is reported, with
+    /// the closest allowed one as a suggestion.
+    pub fn choice(
+        &mut self,
+        key: &'static str,
+        allowed: &'static [&'static str],
+        diags: &mut Diagnostics,
+    ) -> Option<Spanned<String>> {
+        self.shape(key, Shape::OneOf(allowed));
+        let item = self.item(key)?;
+        let Some(s) = item.as_str() else {
+            self.wrong_type(key, item, "a string", diags);
+            return None;
+        };
+        if allowed.contains(&s) {
+            return Some(Spanned::new(s.to_owned(), item.span()));
+        }
+        let mut d = Diagnostic::error(
+            format!(
+                "`{}` must be {}, found `{s}`",
+                self.child_path(key),
+                one_of_list(allowed)
+            ),
+            item.span(),
+        )
+        .with_label("not a known choice");
+        if let Some(c) = closest(s, allowed) {
+            d = d.with_note(format!("help: did you mean `{c}`?"));
+        }
+        diags.push(d);
+        None
+    }
+
+    /// A whole number within `range`.
+    pub fn count_in(
+        &mut self,
+        key: &'static str,
+        range: std::ops::RangeInclusive<u64>,
+        diags: &mut Diagnostics,
+    ) -> Option<Spanned<u64>> {
+        let (min, max) = (*range.start(), *range.end());
+        let n = self.count(key, diags);
+        // Recorded over `count`'s plain shape.
+        note(&self.shape_path, |t| {
+            t.keys
+                .insert(key, BTreeSet::from([Shape::CountIn(min, max)]));
+        });
+        let n = n?;
+        if range.contains(&n.value) {
+            return Some(n);
+        }
+        diags.push(
+            Diagnostic::error(
+                format!(
+                    "`{}` must be between {min} and {max}, found {}",
+                    self.child_path(key),
+                    n.value
+                ),
+                n.span,
+            )
+            .with_label("out of range"),
+        );
+        None
+    }
+
+    /// An array of strings that should match `pattern` (a regular
+    /// expression the caller's own check agrees with, for the schema); read
+    /// as [`Section::strings`].
+    pub fn strings_matching(
+        &mut self,
+        key: &'static str,
+        pattern: &'static str,
+        diags: &mut Diagnostics,
+    ) -> Option<Vec<Spanned<String>>> {
+        let out = self.strings(key, diags);
+        note(&self.shape_path, |t| {
+            t.keys
+                .insert(key, BTreeSet::from([Shape::StringsMatching(pattern)]));
+        });
+        out
+    }
+
     /// A non-negative integer.
     pub fn count(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Spanned<u64>> {
+        self.shape(key, Shape::Count);
         let item = self.item(key)?;
         match item.as_integer() {
             Some(n) if n >= 0 => Some(Spanned::new(n.unsigned_abs(), item.span())),
@@ -170,6 +362,7 @@ impl<'a> Section<'a> {
 
     /// A number, integer or float.
     pub fn number(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Spanned<f64>> {
+        self.shape(key, Shape::Number);
         let item = self.item(key)?;
         if let Some(f) = item.as_float() {
             return Some(Spanned::new(f, item.span()));
@@ -189,6 +382,7 @@ impl<'a> Section<'a> {
         expected: &str,
         diags: &mut Diagnostics,
     ) -> Option<Spanned<String>> {
+        self.shape(key, Shape::StringOrInt);
         let item = self.item(key)?;
         if let Some(s) = item.as_str() {
             return Some(Spanned::new(s.to_owned(), item.span()));
@@ -206,6 +400,7 @@ impl<'a> Section<'a> {
         key: &'static str,
         diags: &mut Diagnostics,
     ) -> Option<Vec<Spanned<String>>> {
+        self.shape(key, Shape::Strings);
         let item = self.item(key)?;
         let Some(array) = item.as_array() else {
             self.wrong_type(key, item, "an array of strings", diags);
@@ -233,10 +428,12 @@ impl<'a> Section<'a> {
 
     /// A sub-table, either `[a.b]` or an inline `b = { ... }`.
     pub fn table(&mut self, key: &'static str, diags: &mut Diagnostics) -> Option<Section<'a>> {
+        self.shape(key, Shape::Table);
         let item = self.item(key)?;
         match item.as_table_like() {
-            Some(t) => Some(Section::new(
+            Some(t) => Some(Section::at(
                 self.child_path(key),
+                self.child_shape_path(key),
                 t,
                 item.span().or_else(|| self.key_span(key)),
             )),
@@ -253,13 +450,17 @@ impl<'a> Section<'a> {
         key: &'static str,
         diags: &mut Diagnostics,
     ) -> Option<Vec<Section<'a>>> {
+        self.shape(key, Shape::Tables);
         let item = self.item(key)?;
         let path = self.child_path(key);
+        let shape_path = format!("{}[]", self.child_shape_path(key));
         if let Some(aot) = item.as_array_of_tables() {
             return Some(
                 aot.iter()
                     .enumerate()
-                    .map(|(i, t)| Section::new(format!("{path}[{i}]"), t, t.span()))
+                    .map(|(i, t)| {
+                        Section::at(format!("{path}[{i}]"), shape_path.clone(), t, t.span())
+                    })
                     .collect(),
             );
         }
@@ -270,7 +471,12 @@ impl<'a> Section<'a> {
         let mut out = Vec::new();
         for (i, v) in array.iter().enumerate() {
             match v.as_inline_table() {
-                Some(t) => out.push(Section::new(format!("{path}[{i}]"), t, v.span())),
+                Some(t) => out.push(Section::at(
+                    format!("{path}[{i}]"),
+                    shape_path.clone(),
+                    t,
+                    v.span(),
+                )),
                 None => diags.push(
                     Diagnostic::error(
                         format!("`{path}` must contain only tables like `{{ ... }}`"),
@@ -285,14 +491,32 @@ impl<'a> Section<'a> {
 
     /// Every entry of a table whose keys are names chosen by the user (like
     /// `[plugins.NAME]`), as sub-sections.
+    /// [`Section::entries`] whose names should match `pattern` (a regular
+    /// expression the caller's own check agrees with, for the schema).
+    pub fn entries_named(
+        &mut self,
+        pattern: &'static str,
+        diags: &mut Diagnostics,
+    ) -> Vec<(Spanned<String>, Section<'a>)> {
+        note(&self.shape_path, |t| t.names = Some(pattern));
+        self.entries(diags)
+    }
+
     pub fn entries(&mut self, diags: &mut Diagnostics) -> Vec<(Spanned<String>, Section<'a>)> {
+        note(&self.shape_path, |t| t.entries = true);
+        let entry_shape_path = self.child_shape_path("*");
         let mut out = Vec::new();
         for (key, item) in self.table.iter() {
             let key_span = self.key_span(key);
             match item.as_table_like() {
                 Some(t) => out.push((
                     Spanned::new(key.to_owned(), key_span.clone()),
-                    Section::new(self.child_path(key), t, item.span().or(key_span)),
+                    Section::at(
+                        self.child_path(key),
+                        entry_shape_path.clone(),
+                        t,
+                        item.span().or(key_span),
+                    ),
                 )),
                 None => diags.push(
                     Diagnostic::error(
@@ -316,6 +540,7 @@ impl<'a> Section<'a> {
         &mut self,
         diags: &mut Diagnostics,
     ) -> Vec<(Spanned<String>, Spanned<String>)> {
+        note(&self.shape_path, |t| t.strings = true);
         let mut out = Vec::new();
         for (key, item) in self.table.iter() {
             let key_span = self.key_span(key);
@@ -376,6 +601,16 @@ impl<'a> Section<'a> {
             }
             diags.push(d);
         }
+    }
+}
+
+/// `a`, `b` or `c`.
+fn one_of_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("`{s}`")).collect();
+    match quoted.as_slice() {
+        [] => "nothing".to_owned(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
     }
 }
 

@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use switchyard::config;
 
 fn fixtures() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/invalid");
+    toml_files("tests/ui/invalid")
+}
+
+/// The `.toml` files of a directory of this package, in name order.
+fn toml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -119,3 +124,147 @@ fn a_valid_pipeline_resolves_defaults_and_paths() {
     assert_eq!(p.kind_of("DoIt"), Some(switchyard::envelope::Kind::Command));
     assert_eq!(p.subscribers("Done").len(), 1);
 }
+
+/// The files of `ui/valid/`: together they hold every table the reader
+/// knows, which makes them the source of the pipeline file's JSON Schema.
+fn valid_fixtures() -> Vec<PathBuf> {
+    toml_files("tests/ui/valid")
+}
+
+/// The published schema, where the example pipelines point taplo.
+fn published_schema() -> PathBuf {
+    crate::common::workspace_root().join("schemas/pipeline.schema.json")
+}
+
+fn as_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    toml_edit::de::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_valid_fixtures_are_valid_pipelines() {
+    let files = valid_fixtures();
+    assert!(files.len() >= 3, "only {} fixtures", files.len());
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (pipeline, diags) = config::parse(&text, &path);
+        let shown: Vec<String> = diags
+            .iter()
+            .map(|d| d.render(&path.display().to_string(), &text))
+            .collect();
+        assert!(pipeline.is_some(), "{}", shown.join("\n"));
+    }
+}
+
+/// The schema is generated from what the reader asks of the valid
+/// fixtures; the published copy must be that. `BLESS=1` rewrites it.
+#[test]
+fn the_published_schema_is_the_one_the_reader_gives() {
+    let texts: Vec<String> = valid_fixtures()
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let docs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let schema = config::schema::generate(&docs).unwrap_or_else(|e| panic!("{e}"));
+    let generated = format!("{}\n", serde_json::to_string_pretty(&schema).unwrap());
+    let path = published_schema();
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+        return;
+    }
+    let published = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        published == generated,
+        "{} is not what the reader gives; run `BLESS=1 cargo test -p switchyard --test all config_fixtures` and commit it",
+        path.display()
+    );
+}
+
+fn validator() -> jsonschema::Validator {
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(published_schema()).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+/// Every pipeline the project ships or writes passes the schema: the
+/// valid fixtures, the examples, and what `switchyard new` writes.
+#[test]
+fn every_valid_pipeline_passes_the_schema() {
+    let validator = validator();
+    let made = tempfile::tempdir().unwrap();
+    let new = |args: &[&str]| {
+        let out = std::process::Command::new(crate::common::bin())
+            .current_dir(made.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    new(&["new", "pipeline", "shop"]);
+    new(&["new", "plugin", "hello", "--lang", "c"]);
+    let mut files = valid_fixtures();
+    let examples = crate::common::workspace_root().join("pipelines");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
+    }
+    files.push(made.path().join("shop.toml"));
+    files.push(made.path().join("hello/pipeline.toml"));
+    for path in &files {
+        let errors: Vec<String> = validator
+            .iter_errors(&as_json(path))
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+    }
+}
+
+/// The invalid fixtures whose mistake a schema can say (an unknown key, a
+/// wrong type, a missing `wasm`) fail it; the others (values, ranges,
+/// rules across plugins) are `switchyard validate`'s alone.
+#[test]
+fn invalid_fixtures_the_schema_can_express_fail_it() {
+    let validator = validator();
+    let mut failed = Vec::new();
+    let mut passed = Vec::new();
+    for path in fixtures() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let Ok(doc) = toml_edit::de::from_str::<serde_json::Value>(&text) else {
+            continue; // not TOML at all
+        };
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let errors: Vec<String> = validator
+            .iter_errors(&doc)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        if errors.is_empty() {
+            passed.push(name);
+        } else {
+            eprintln!("{name}: {errors:?}");
+            failed.push(name);
+        }
+    }
+    assert_eq!(failed, EXPRESSIBLE, "passed the schema: {passed:?}");
+}
+
+const EXPRESSIBLE: &[&str] = &[
+    "bad-amqp",
+    "bad-dead-letters",
+    "bad-grants",
+    "bad-kafka",
+    "bad-limits",
+    "bad-retry",
+    "bad-schemas",
+    "bad-telemetry",
+    "bad-transport",
+    "invalid-message-type",
+    "invalid-plugin-name",
+    "many-mistakes",
+    "missing-wasm",
+    "no-plugins",
+    "plugin-not-a-table",
+    "unknown-key",
+    "wrong-type",
+];

@@ -93,20 +93,8 @@ impl Parser<'_> {
         if let Some(n) = section.count("max_state_keys", self.diags) {
             limits.max_state_keys = n.value;
         }
-        if let Some(n) = section.count("concurrency", self.diags) {
-            match usize::try_from(n.value) {
-                Ok(c) if (1..=MAX_CONCURRENCY).contains(&c) => limits.concurrency = c,
-                _ => self.diags.push(
-                    Diagnostic::error(
-                        format!(
-                            "`concurrency` must be between 1 and {MAX_CONCURRENCY}, not {}",
-                            n.value
-                        ),
-                        n.span,
-                    )
-                    .with_label("out of range"),
-                ),
-            }
+        if let Some(n) = section.count_in("concurrency", 1..=MAX_CONCURRENCY as u64, self.diags) {
+            limits.concurrency = usize::try_from(n.value).unwrap_or(MAX_CONCURRENCY);
         }
         limits
     }

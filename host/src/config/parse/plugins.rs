@@ -32,6 +32,7 @@ impl Parser<'_> {
         root: &mut Section<'_>,
         defaults: &(Limits, RetryPolicy),
     ) -> Vec<ParsedPlugin> {
+        root.require("plugins");
         let Some(mut plugins) = root.table("plugins", self.diags) else {
             self.diags.push(
                 Diagnostic::error("the pipeline has no plugins", None)
@@ -39,7 +40,7 @@ impl Parser<'_> {
             );
             return Vec::new();
         };
-        let entries = plugins.entries(self.diags);
+        let entries = plugins.entries_named(PluginName::PATTERN, self.diags);
         if entries.is_empty() {
             self.diags.push(
                 Diagnostic::error("the pipeline has no plugins", plugins.span())
@@ -181,7 +182,10 @@ impl Parser<'_> {
         spans: &mut BTreeMap<MessageType, Option<Range<usize>>>,
     ) -> Vec<MessageType> {
         let mut out = Vec::new();
-        for t in section.strings(key, self.diags).unwrap_or_default() {
+        for t in section
+            .strings_matching(key, MessageType::PATTERN, self.diags)
+            .unwrap_or_default()
+        {
             match MessageType::try_from(t.value.as_str()) {
                 Ok(mt) => {
                     if spans.contains_key(&mt) {

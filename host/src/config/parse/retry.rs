@@ -20,31 +20,11 @@ impl Parser<'_> {
 
     /// `immediate` and `delayed`, and the attempts they make together.
     fn retry_counts(&mut self, r: &mut Section<'_>, policy: &mut RetryPolicy) {
-        if let Some(n) = r.count("immediate", self.diags) {
-            if n.value <= 100 {
-                policy.immediate = n.value as u32;
-            } else {
-                self.diags.push(
-                    Diagnostic::error(
-                        format!("`{}.immediate` must be at most 100", r.path()),
-                        n.span,
-                    )
-                    .with_label("too many"),
-                );
-            }
+        if let Some(n) = r.count_in("immediate", 0..=100, self.diags) {
+            policy.immediate = u32::try_from(n.value).unwrap_or(100);
         }
-        if let Some(n) = r.count("delayed", self.diags) {
-            if n.value <= 1000 {
-                policy.delayed = n.value as u32;
-            } else {
-                self.diags.push(
-                    Diagnostic::error(
-                        format!("`{}.delayed` must be at most 1000", r.path()),
-                        n.span,
-                    )
-                    .with_label("too many"),
-                );
-            }
+        if let Some(n) = r.count_in("delayed", 0..=1000, self.diags) {
+            policy.delayed = u32::try_from(n.value).unwrap_or(1000);
         }
         let attempts = (u64::from(policy.immediate) + 1) * (u64::from(policy.delayed) + 1);
         if attempts > MAX_HISTORY as u64 {

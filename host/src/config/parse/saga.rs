@@ -22,7 +22,8 @@ impl Parser<'_> {
         let path = section.path().to_owned();
         let is_handled = |t: &str| handled.iter().any(|h| h.as_str() == t);
         let mut starts = Vec::new();
-        match section.strings("starts", self.diags) {
+        section.require("starts");
+        match section.strings_matching("starts", MessageType::PATTERN, self.diags) {
             None => self.diags.push(
                 Diagnostic::error(format!("[{path}] is missing `starts`"), section.span())
                     .with_label(
@@ -87,21 +88,11 @@ impl Parser<'_> {
                 }
             }
         }
-        let not_found = match section.string("not_found", self.diags) {
+        let not_found = match section.choice("not_found", &["ignore", "dead-letter"], self.diags) {
             None => NotFound::default(),
             Some(v) => match v.value.as_str() {
-                "ignore" => NotFound::Ignore,
                 "dead-letter" => NotFound::DeadLetter,
-                other => {
-                    self.diags.push(
-                        Diagnostic::error(
-                            format!("`{path}.not_found` must be \"ignore\" or \"dead-letter\", found \"{other}\""),
-                            v.span,
-                        )
-                        .with_label("unknown choice"),
-                    );
-                    NotFound::default()
-                }
+                _ => NotFound::Ignore,
             },
         };
         let section_span = section.span();

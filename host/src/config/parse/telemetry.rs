@@ -21,35 +21,17 @@ impl Parser<'_> {
 
     /// `traces` and `metrics`: what is exported.
     fn telemetry_exports(&mut self, t: &mut Section<'_>, config: &mut TelemetryConfig) {
-        if let Some(v) = t.string("traces", self.diags) {
+        if let Some(v) = t.choice("traces", &["otlp", "stdout", "off"], self.diags) {
             config.traces = match v.value.as_str() {
-                "off" => Some(TraceExport::Off),
                 "otlp" => Some(TraceExport::Otlp),
                 "stdout" => Some(TraceExport::Stdout),
-                other => {
-                    self.diags.push(
-                        Diagnostic::error(format!("unknown trace export `{other}`"), v.span)
-                            .with_label("expected \"otlp\", \"stdout\" or \"off\""),
-                    );
-                    None
-                }
+                "off" => Some(TraceExport::Off),
+                _ => None,
             };
         }
-        if let Some(v) = t.string("metrics", self.diags) {
-            config.metrics_otlp = match v.value.as_str() {
-                "otlp" => Some(true),
-                "off" => Some(false),
-                other => {
-                    self.diags.push(
-                        Diagnostic::error(format!("unknown metrics export `{other}`"), v.span)
-                            .with_label("expected \"otlp\" or \"off\"")
-                            .with_note(
-                                "note: metrics are always served at /metrics on the admin listener",
-                            ),
-                    );
-                    None
-                }
-            };
+        // Metrics are served at /metrics on the admin listener either way.
+        if let Some(v) = t.choice("metrics", &["otlp", "off"], self.diags) {
+            config.metrics_otlp = Some(v.value == "otlp");
         }
     }
 

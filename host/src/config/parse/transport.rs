@@ -30,19 +30,16 @@ impl Parser<'_> {
         let Some(mut t) = root.table("transport", self.diags) else {
             return TransportConfig::Embedded(config);
         };
-        let kind = t.string("kind", self.diags);
-        let kind_span = kind.as_ref().and_then(|k| k.span.clone());
+        let kind = t.choice(
+            "kind",
+            &["embedded", "amqp", "rabbitmq", "kafka"],
+            self.diags,
+        );
         match kind.as_ref().map(|k| k.value.as_str()) {
-            None | Some("embedded") => {}
-            Some("amqp") | Some("rabbitmq") => return self.amqp_transport(t, pipeline),
+            Some("amqp" | "rabbitmq") => return self.amqp_transport(t, pipeline),
             Some("kafka") => return self.kafka_transport(t, pipeline),
-            Some(other) => {
-                let mut d =
-                    Diagnostic::error(format!("unknown transport kind `{other}`"), kind_span)
-                        .with_label("not a transport");
-                d = d.with_note("help: the transport kinds are `embedded`, `amqp` and `kafka`");
-                self.diags.push(d);
-            }
+            // The embedded transport, or a kind already reported.
+            _ => {}
         }
         if let Some(path) = t.string("path", self.diags) {
             if path.value.trim().is_empty() {
@@ -52,26 +49,12 @@ impl Parser<'_> {
                 config.path = self.base.join(path.value);
             }
         }
-        if let Some(sync) = t.string("sync", self.diags) {
-            match sync.value.as_str() {
-                "full" => config.fsync = true,
-                "normal" => config.fsync = false,
-                other => self.diags.push(
-                    Diagnostic::error(format!("unknown sync mode `{other}`"), sync.span)
-                        .with_label("expected \"full\" or \"normal\"")
-                        .with_note("note: \"full\" survives power loss; \"normal\" survives a crash of the host process only"),
-                ),
-            }
+        // "full" survives power loss; "normal" a crash of the host process.
+        if let Some(sync) = t.choice("sync", &["full", "normal"], self.diags) {
+            config.fsync = sync.value == "full";
         }
-        if let Some(n) = t.count("batch_size", self.diags) {
-            if (1..=10_000).contains(&n.value) {
-                config.batch_size = n.value as usize;
-            } else {
-                self.diags.push(
-                    Diagnostic::error("`transport.batch_size` must be between 1 and 10000", n.span)
-                        .with_label("out of range"),
-                );
-            }
+        if let Some(n) = t.count_in("batch_size", 1..=10_000, self.diags) {
+            config.batch_size = usize::try_from(n.value).unwrap_or(10_000);
         }
         if let Some(d) = self.duration(&mut t, "poll_interval") {
             config.poll_interval = d.value;
@@ -89,14 +72,8 @@ impl Parser<'_> {
             connect_timeout: Duration::from_secs(10),
         };
         self.amqp_url(&mut t, &mut config);
-        if let Some(n) = t.count("prefetch", self.diags) {
-            match u16::try_from(n.value) {
-                Ok(p) if p > 0 => config.prefetch = p,
-                _ => self.diags.push(
-                    Diagnostic::error("`transport.prefetch` must be between 1 and 65535", n.span)
-                        .with_label("out of range"),
-                ),
-            }
+        if let Some(n) = t.count_in("prefetch", 1..=65_535, self.diags) {
+            config.prefetch = u16::try_from(n.value).unwrap_or(u16::MAX);
         }
         if let Some(x) = t.string("exchange", self.diags) {
             if x.value.is_empty() || x.value.len() > 200 {
@@ -181,14 +158,8 @@ impl Parser<'_> {
         };
         self.kafka_names(&mut t, &mut config);
         self.kafka_topics(&mut t, &mut config);
-        if let Some(n) = t.count("batch_size", self.diags) {
-            match usize::try_from(n.value) {
-                Ok(b) if (1..=10_000).contains(&b) => config.batch_size = b,
-                _ => self.diags.push(
-                    Diagnostic::error("`transport.batch_size` must be between 1 and 10000", n.span)
-                        .with_label("out of range"),
-                ),
-            }
+        if let Some(n) = t.count_in("batch_size", 1..=10_000, self.diags) {
+            config.batch_size = usize::try_from(n.value).unwrap_or(10_000);
         }
         if let Some(d) = self.duration(&mut t, "timeout") {
             config.timeout = d.value;
@@ -248,26 +219,11 @@ impl Parser<'_> {
 
     /// The shape of the topics the host creates, and whether it does.
     fn kafka_topics(&mut self, t: &mut Section<'_>, config: &mut KafkaConfig) {
-        if let Some(n) = t.count("partitions", self.diags) {
-            match i32::try_from(n.value) {
-                Ok(p) if (1..=10_000).contains(&p) => config.partitions = p,
-                _ => self.diags.push(
-                    Diagnostic::error("`transport.partitions` must be between 1 and 10000", n.span)
-                        .with_label("out of range"),
-                ),
-            }
+        if let Some(n) = t.count_in("partitions", 1..=10_000, self.diags) {
+            config.partitions = i32::try_from(n.value).unwrap_or(10_000);
         }
-        if let Some(n) = t.count("replication_factor", self.diags) {
-            match i32::try_from(n.value) {
-                Ok(r) if (1..=100).contains(&r) => config.replication_factor = r,
-                _ => self.diags.push(
-                    Diagnostic::error(
-                        "`transport.replication_factor` must be between 1 and 100",
-                        n.span,
-                    )
-                    .with_label("out of range"),
-                ),
-            }
+        if let Some(n) = t.count_in("replication_factor", 1..=100, self.diags) {
+            config.replication_factor = i32::try_from(n.value).unwrap_or(100);
         }
         if let Some(c) = t.bool("create_topics", self.diags) {
             config.create_topics = c.value;
