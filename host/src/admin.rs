@@ -187,69 +187,93 @@ impl Admin {
             Some(console) => app.merge(console.router()),
             None => app,
         };
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        // Dropped at shutdown: every connection then finishes its request
-        // and closes.
-        let (closing, closed) = tokio::sync::watch::channel(());
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            let io = match accepted {
-                Ok((io, _)) => io,
-                Err(e) => {
-                    // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!(error = %e, "Admin listener cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::debug!("Admin listener at its connection limit; a connection is closed");
-                continue;
-            };
-            let app = app.clone();
-            let mut closed = closed.clone();
-            let header_timeout = self.header_timeout;
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let mut app = app.clone();
-                        async move { app.call(req.map(Body::new)).await }
-                    });
-                let mut http = hyper::server::conn::http1::Builder::new();
-                http.timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .keep_alive(false);
-                let conn = http.serve_connection(TokioIo::new(io), service);
-                let mut conn = std::pin::pin!(conn);
-                let served = tokio::time::timeout(CONNECTION_TIMEOUT, async {
-                    tokio::select! {
-                        result = conn.as_mut() => result,
-                        _ = closed.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.as_mut().await
-                        }
-                    }
-                })
-                .await;
-                if let Ok(Err(e)) = served {
-                    tracing::debug!(error = %e, "Admin connection ended with an error");
-                }
-                drop(permit);
-            });
-        }
-        drop(closing);
-        // Requests in progress get a moment to finish.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            permits.acquire_many(MAX_CONNECTIONS as u32),
+        serve_http(
+            self.listener,
+            app,
+            MAX_CONNECTIONS,
+            self.header_timeout,
+            CONNECTION_TIMEOUT,
+            false,
+            shutdown,
         )
         .await;
         Ok(())
     }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes: at most
+/// `max_connections` at once (more are closed on arrival), headers within
+/// `header_timeout`, a connection within `connection_timeout`. At shutdown
+/// each connection finishes its request and closes; requests in progress
+/// get up to 5 seconds.
+pub(crate) async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    max_connections: usize,
+    header_timeout: Duration,
+    connection_timeout: Duration,
+    keep_alive: bool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // Dropped at shutdown: every connection then finishes its request
+    // and closes.
+    let (closing, closed) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let io = match accepted {
+            Ok((io, _)) => io,
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "HTTP listener cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("HTTP listener at its connection limit; a connection is closed");
+            continue;
+        };
+        let app = app.clone();
+        let mut closed = closed.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let mut app = app.clone();
+                async move { app.call(req.map(Body::new)).await }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(keep_alive);
+            let conn = http.serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            let served = tokio::time::timeout(connection_timeout, async {
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    _ = closed.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().await
+                    }
+                }
+            })
+            .await;
+            if let Ok(Err(e)) = served {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(closing);
+    // Requests in progress get a moment to finish.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        permits.acquire_many(u32::try_from(max_connections).unwrap_or(u32::MAX)),
+    )
+    .await;
 }
 
 /// 200 `ready`, or 503 `not ready` with one line per reason.
@@ -367,6 +391,18 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response
             "changes through the admin API are off on this host: set [admin] token_env in the pipeline and that variable in the host's environment",
         ));
     };
+    check_bearer(headers, expected, &state.guesses, "Admin API").await
+}
+
+/// Checks `Authorization: Bearer <expected>`: 401 without it, and 401
+/// after its turn among the wrong tokens ([`crate::console::Guesses`])
+/// with a wrong one. `what` names the listener in the log.
+pub(crate) async fn check_bearer(
+    headers: &HeaderMap,
+    expected: &str,
+    guesses: &crate::console::Guesses,
+    what: &str,
+) -> Result<(), Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -374,8 +410,8 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response
     match given {
         Some(t) if crate::text::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => {
-            state.guesses.wrong().await;
-            tracing::warn!("Admin API: a request with a wrong token");
+            guesses.wrong().await;
+            tracing::warn!("{what}: a request with a wrong token");
             Err(error(StatusCode::UNAUTHORIZED, "wrong token"))
         }
         None => Err((

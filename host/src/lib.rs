@@ -33,6 +33,7 @@
 //! | [`cli`] | the `switchyard` command line |
 //! | `testing` | whole pipelines in-process for integration tests (feature `testing`) |
 //! | [`runtime`] | loading a pipeline's plugins, starting its transport, stores, routes and admin listener, and stopping them |
+//! | [`ingress`] | the HTTP ingress: requests to commands and events, replies back (`[ingress]`) |
 //! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz`, `/plugins`, and the console's routes |
 //! | [`console`] | the web console at `/ui`: sessions, CSRF, the overview, dead letters, message journeys, plugins |
 //! | [`supervisor`] | the route supervisor: one route per plugin, and every change to a running host (swaps, pipeline edits, deploys, rollbacks, the file watcher) |
@@ -63,6 +64,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod envelope;
 mod files;
+pub mod ingress;
 pub mod journal;
 mod json_diff;
 pub mod limits;

@@ -333,6 +333,10 @@ pub async fn run_with(
         }
         None => None,
     };
+    let ingress_task = match &pipeline.ingress {
+        Some(config) => Some(start_ingress(config, &control, stop_rx.clone()).await?),
+        None => None,
+    };
     let watcher = watch.then(|| {
         tokio::spawn(crate::supervisor::watch::run(
             control.clone(),
@@ -362,6 +366,10 @@ pub async fn run_with(
     .await;
     phase.draining();
     let _ = stop_tx.send(true);
+    if let Some(task) = ingress_task {
+        // It takes no new request; those in progress get their moment.
+        let _ = task.await;
+    }
     stop(&control, &mut exits, watcher, admin_task, admin_stop).await;
     for task in [pruner, timer, journal_pruner].into_iter().flatten() {
         task.abort();
@@ -650,6 +658,34 @@ async fn start_admin(
             None
         }
     }
+}
+
+/// Starts the HTTP ingress; a host whose `[ingress]` cannot listen, or
+/// whose token variable is not set, does not start.
+async fn start_ingress(
+    config: &crate::config::IngressConfig,
+    control: &Arc<Supervisor>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let token = match &config.token_env {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(t) if !t.is_empty() => Some(t),
+            _ => bail!(
+                "[ingress] token_env names the environment variable {var}, which is not set: set it to the bearer token clients must present"
+            ),
+        },
+    };
+    let ingress =
+        crate::ingress::Ingress::bind(control.clone(), config.clone(), token.clone()).await?;
+    tracing::info!(
+        address = %ingress.local_addr().map_or(config.listen.to_string(), |a| a.to_string()),
+        token = if token.is_some() { "required" } else { "none (loopback)" },
+        "Ingress: POST /commands/{{Type}} and /events/{{Type}}"
+    );
+    Ok(tokio::spawn(ingress.serve(async move {
+        let _ = stop.changed().await;
+    })))
 }
 
 /// Waits for the host's end: `shutdown`, every queue empty (drain mode),

@@ -65,6 +65,9 @@ pub struct Pipeline {
     /// API's changing endpoints (deploy, rollback) require; `None` turns
     /// them off.
     pub admin_token_env: Option<String>,
+    /// `[ingress]`: commands and events over HTTP; `None` without the
+    /// table.
+    pub ingress: Option<IngressConfig>,
     /// `[host] watch`: reload plugins and this file when they change.
     pub watch: bool,
     /// How often watched files are looked at.
@@ -208,6 +211,31 @@ pub struct JournalConfig {
     /// = true`, `max_payload`); `None` keeps none.
     pub payloads: Option<usize>,
 }
+
+/// `[ingress]`: the HTTP listener that turns requests into commands and
+/// events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressConfig {
+    pub listen: SocketAddr,
+    /// The environment variable holding the bearer token every request
+    /// must present; `None` takes requests without one (loopback only).
+    pub token_env: Option<String>,
+    /// The largest request body taken.
+    pub max_body: u64,
+    /// How long a command's request waits for the reply by default.
+    pub wait: Duration,
+    /// The longest wait a request may ask for (`Prefer: wait=N`).
+    pub max_wait: Duration,
+}
+
+/// Default of `[ingress] listen`.
+pub const DEFAULT_INGRESS_LISTEN: &str = "127.0.0.1:9465";
+/// Default of `[ingress] max_body`.
+pub const DEFAULT_INGRESS_MAX_BODY: u64 = 1 << 20;
+/// Default of `[ingress] wait`.
+pub const DEFAULT_INGRESS_WAIT: Duration = Duration::from_secs(5);
+/// Default of `[ingress] max_wait`.
+pub const DEFAULT_INGRESS_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// Default of `[journal] retention`.
 pub const DEFAULT_JOURNAL_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -153,6 +153,8 @@ pub struct Supervisor {
     deployments: Deployments,
     state: tokio::sync::Mutex<State>,
     view: std::sync::RwLock<View>,
+    /// The routing now, read without waiting for a change in progress.
+    routing: channel::Receiver<Arc<Topology>>,
     exits: mpsc::UnboundedSender<RouteExit>,
 }
 
@@ -168,7 +170,7 @@ impl Supervisor {
     ) -> Result<(Arc<Supervisor>, mpsc::UnboundedReceiver<RouteExit>)> {
         let (exits, exits_rx) = mpsc::unbounded_channel();
         let deployments = Deployments::new(&pipeline.state_dir, &pipeline.name);
-        let (topology, _) = channel::channel(Arc::new(Topology::of(&pipeline)));
+        let (topology, routing) = channel::channel(Arc::new(Topology::of(&pipeline)));
         let control = Arc::new(Supervisor {
             engine,
             transport,
@@ -181,6 +183,7 @@ impl Supervisor {
                 stopping: false,
             }),
             view: std::sync::RwLock::new(View::default()),
+            routing,
             exits,
         });
         {
@@ -208,6 +211,12 @@ impl Supervisor {
 
     pub fn deployments(&self) -> &Deployments {
         &self.deployments
+    }
+
+    /// Who takes each message type now, and as what kind. Does not wait
+    /// for a change in progress.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.routing.borrow().clone()
     }
 
     /// The transport the routes take messages from (replays go to it).
@@ -946,6 +955,9 @@ fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
     }
     if old.admin != new.admin || old.admin_token_env != new.admin_token_env {
         changed.push("[admin]");
+    }
+    if old.ingress != new.ingress {
+        changed.push("[ingress]");
     }
     if old.cache_dir != new.cache_dir
         || old.state_dir != new.state_dir

@@ -53,6 +53,8 @@ pub struct Metrics {
     /// Journal records a broker host could not write (the journal's store
     /// down or behind); the messages they describe were not affected.
     pub journal_dropped: Counter<u64>,
+    /// Requests the ingress answered, by message type and status.
+    pub ingress_requests: Counter<u64>,
 }
 
 /// Shares the manual reader between the meter provider and `/metrics`.
@@ -178,6 +180,10 @@ impl Metrics {
             journal_dropped: meter
                 .u64_counter("switchyard.journal.dropped")
                 .with_description("Journal records not written because the journal's store was down or behind (messages are not affected)")
+                .build(),
+            ingress_requests: meter
+                .u64_counter("switchyard.ingress.requests")
+                .with_description("HTTP requests the ingress answered, by message type and status")
                 .build(),
             provider,
             reader,

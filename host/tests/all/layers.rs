@@ -161,6 +161,7 @@ const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["testing"],
     &["runtime"],
+    &["ingress"],
     &["admin"],
     &["console"],
     &["supervisor"],

@@ -281,7 +281,7 @@ fn a_saga_table_that_cannot_work_is_refused_with_every_reason() {
         "saga ledger starts on `Begin`, which it does not handle",
         "`order_id` is not a JSON path",
         "instance key for `Close`, which it does not handle",
-        "must be \"ignore\" or \"dead-letter\", found \"drop\"",
+        "`plugins.ledger.saga.not_found` must be `ignore` or `dead-letter`, found `drop`",
     ] {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }

@@ -104,26 +104,7 @@ impl Parser<'_> {
         let Some(mut a) = root.table("admin", self.diags) else {
             return (default, None);
         };
-        let token_env = a.string("token_env", self.diags).and_then(|t| {
-            let valid = !t.value.is_empty()
-                && !t.value.starts_with(|c: char| c.is_ascii_digit())
-                && t.value
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if valid {
-                Some(t.value)
-            } else {
-                self.diags.push(
-                    Diagnostic::error(
-                        format!("`{}` is not an environment variable name", t.value),
-                        t.span,
-                    )
-                    .with_label("expected e.g. \"SWITCHYARD_ADMIN_TOKEN\"")
-                    .with_note("note: the token itself never goes in the pipeline file"),
-                );
-                None
-            }
-        });
+        let token_env = self.env_name(&mut a, "token_env", "SWITCHYARD_ADMIN_TOKEN");
         let listen = match a.string("listen", self.diags) {
             None => default,
             Some(l) if l.value == "off" => None,

@@ -8,6 +8,7 @@ mod dead_letters;
 mod defaults;
 mod grants;
 mod host;
+mod ingress;
 mod journal;
 mod pipeline;
 mod plugins;
@@ -68,6 +69,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let journal = p.journal_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
     let (admin, admin_token_env) = p.admin_section(&mut root);
+    let ingress = p.ingress_section(&mut root, host.max_message_size);
     let schemas = p.schemas_section(&mut root);
     let plugins = p.plugins_section(&mut root, &defaults);
     root.finish(p.diags);
@@ -89,6 +91,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         telemetry,
         admin,
         admin_token_env,
+        ingress,
         watch: host.watch,
         watch_interval: host.watch_interval,
         state_dir: host.state_dir,

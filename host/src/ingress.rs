@@ -1,0 +1,558 @@
+//! The ingress: HTTP requests in, commands and events out (`[ingress]`).
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /commands/{Type}` | sends the command to its handler; waits for the reply (200) up to `wait`, else 202 with the message id |
+//! | `POST /events/{Type}` | publishes the event; 202 with the message id |
+//!
+//! A 202 means the message is durable: committed to the embedded store or
+//! confirmed by the broker. The body is the payload (plain JSON, or any
+//! content type), a CloudEvent in binary mode (`ce-*` headers) or in
+//! structured mode (`application/cloudevents+json`). The message id is
+//! the CloudEvent's `id`, or an `Idempotency-Key`, or a new one. Every
+//! field has the limits of a message arriving from a broker
+//! ([`crate::limits`]); a payload that breaks its type's `[schemas]`
+//! contract is refused with the schema's complaint, before anything is
+//! sent. An incoming `traceparent` continues its trace.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use opentelemetry::KeyValue;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::config::{IngressConfig, MessageType};
+use crate::console::Guesses;
+use crate::envelope::{Envelope, Kind, Reply};
+use crate::supervisor::Supervisor;
+use crate::transport::ReplyInbox;
+
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send its headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request's body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the host may take to make a message durable before the
+/// request is answered 503.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound ingress listener.
+pub struct Ingress {
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    inbox: Box<dyn ReplyInbox>,
+}
+
+struct Shared {
+    control: Arc<Supervisor>,
+    config: IngressConfig,
+    token: Option<String>,
+    guesses: Arc<Guesses>,
+    /// Where replies to this ingress's commands go.
+    address: String,
+    /// Requests waiting for the reply to their command, by command id.
+    waiters: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+}
+
+impl Ingress {
+    /// Binds the listener and opens the reply inbox. `token` is the value
+    /// of `[ingress] token_env`'s variable.
+    pub async fn bind(
+        control: Arc<Supervisor>,
+        config: IngressConfig,
+        token: Option<String>,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} for [ingress]", config.listen))?;
+        let inbox = control
+            .transport()
+            .reply_inbox()
+            .await
+            .context("cannot open the ingress's reply inbox")?;
+        let shared = Arc::new(Shared {
+            control,
+            config,
+            token,
+            guesses: Guesses::new(),
+            address: inbox.address().to_owned(),
+            waiters: Mutex::new(HashMap::new()),
+        });
+        Ok(Ingress {
+            listener,
+            shared,
+            inbox,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` completes; requests in progress get a
+    /// moment to finish.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let Ingress {
+            listener,
+            shared,
+            inbox,
+        } = self;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let replies = tokio::spawn(deliver_replies(inbox, shared.clone(), stopped));
+        let app = Router::new()
+            .route("/commands/{message_type}", post(command))
+            .route("/events/{message_type}", post(event))
+            .fallback(|| async {
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not found: POST /commands/{Type} or /events/{Type}",
+                )
+            })
+            .with_state(shared);
+        crate::admin::serve_http(
+            listener,
+            app,
+            MAX_CONNECTIONS,
+            HEADER_TIMEOUT,
+            BODY_TIMEOUT + ACCEPT_TIMEOUT + DEFAULT_MAX_WAIT_CAP,
+            true,
+            shutdown,
+        )
+        .await;
+        let _ = stop.send(true);
+        let _ = replies.await;
+        Ok(())
+    }
+}
+
+/// The longest a connection may last, past its body and acceptance.
+const DEFAULT_MAX_WAIT_CAP: Duration = Duration::from_secs(15 * 60);
+
+/// Hands each reply that arrives to the request waiting for it.
+async fn deliver_replies(
+    mut inbox: Box<dyn ReplyInbox>,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let next = tokio::select! {
+            _ = stopped.changed() => return,
+            next = inbox.next_reply(deadline) => next,
+        };
+        match next {
+            Ok(Some(reply)) => {
+                let waiter = lock(&shared.waiters).remove(&reply.in_reply_to);
+                if let Some(w) = waiter {
+                    let _ = w.send(reply);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Ingress: cannot read replies; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes a request's place in the waiters out when the request ends,
+/// however it ends.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    id: String,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.waiters).remove(&self.id);
+    }
+}
+
+fn error(status: StatusCode, text: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": text.into() }))).into_response()
+}
+
+async fn command(
+    State(shared): State<Arc<Shared>>,
+    Path(message_type): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(&shared, Kind::Command, message_type, headers, body).await
+}
+
+async fn event(
+    State(shared): State<Arc<Shared>>,
+    Path(message_type): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(&shared, Kind::Event, message_type, headers, body).await
+}
+
+/// Answers one request, and counts the answer by type and status.
+async fn answer(
+    shared: &Shared,
+    kind: Kind,
+    message_type: String,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = match accept(shared, kind, &message_type, &headers, body).await {
+        Ok(r) | Err(r) => r,
+    };
+    // An unknown type is counted as such, not under a name a client chose.
+    let known = shared.control.topology().kind(&message_type).is_some();
+    shared
+        .control
+        .services()
+        .telemetry
+        .metrics
+        .ingress_requests
+        .add(
+            1,
+            &[
+                KeyValue::new(
+                    "message_type",
+                    if known {
+                        message_type
+                    } else {
+                        "(unknown)".to_owned()
+                    },
+                ),
+                KeyValue::new("status", i64::from(response.status().as_u16())),
+            ],
+        );
+    response
+}
+
+/// The bearer token, when the ingress has one.
+async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    match &shared.token {
+        None => Ok(()),
+        Some(expected) => {
+            crate::admin::check_bearer(headers, expected, &shared.guesses, "Ingress").await
+        }
+    }
+}
+
+async fn accept(
+    shared: &Shared,
+    kind: Kind,
+    message_type: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    authorize(shared, headers).await?;
+    let t = MessageType::try_from(message_type)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("not a message type: {e}")))?;
+    check_kind(shared, &t, kind).await?;
+    let body = read_body(shared, headers, body).await?;
+    let mut e = envelope(&t, kind, headers, body)?;
+    if let Err(why) = crate::limits::check_text("id", &e.id, crate::limits::MAX_ID)
+        .and_then(|()| crate::limits::check_headers(&e.headers))
+    {
+        return Err(error(StatusCode::BAD_REQUEST, format!("refused: {why}")));
+    }
+    if let Err(why) = shared
+        .control
+        .services()
+        .schemas
+        .check(t.as_str(), &e.payload)
+    {
+        return Err(error(StatusCode::BAD_REQUEST, format!("not sent: {why}")));
+    }
+    let wait = match kind {
+        Kind::Command => wait_for(shared, headers)?,
+        Kind::Event => None,
+    };
+    let mut waiting = None;
+    if let Some(w) = wait {
+        let (tx, rx) = oneshot::channel();
+        lock(&shared.waiters).insert(e.id.clone(), tx);
+        e.reply_to = Some(shared.address.clone());
+        waiting = Some((
+            Waiting {
+                shared,
+                id: e.id.clone(),
+            },
+            rx,
+            w,
+        ));
+    }
+    let id = e.id.clone();
+    let transport = shared.control.transport();
+    match tokio::time::timeout(ACCEPT_TIMEOUT, transport.enqueue(vec![e])).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(message.id = %id, error = %format!("{err:#}"), "Ingress: the transport did not take a message");
+            return Err(unavailable(format!(
+                "the transport did not take it: {err:#}"
+            )));
+        }
+        Err(_) => {
+            return Err(unavailable(format!(
+                "the transport did not take it within {} s",
+                ACCEPT_TIMEOUT.as_secs()
+            )));
+        }
+    }
+    let accepted = |note: Option<String>| {
+        let mut body = json!({ "id": id, "type": t.as_str(), "status": "accepted" });
+        if let Some(n) = note {
+            body["note"] = json!(n);
+        }
+        (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+    };
+    let Some((_waiting, rx, wait)) = waiting else {
+        return Ok(accepted(None));
+    };
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(reply)) => {
+            let content_type = HeaderValue::from_str(&reply.content_type)
+                .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+            Ok((
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, content_type),
+                    (
+                        header::HeaderName::from_static("switchyard-message-id"),
+                        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("")),
+                    ),
+                ],
+                reply.payload,
+            )
+                .into_response())
+        }
+        _ => Ok(accepted(Some(format!(
+            "no reply within {} ms; the command is durable and will be handled",
+            wait.as_millis()
+        )))),
+    }
+}
+
+fn unavailable(text: String) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, text);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// 404 for a type nobody takes, 409 for one routed as the other kind.
+async fn check_kind(shared: &Shared, t: &MessageType, kind: Kind) -> Result<(), Response> {
+    let kind_now = shared.control.topology().kind(t.as_str());
+    match kind_now {
+        Some(k) if k == kind => Ok(()),
+        Some(k) => Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "`{t}` is {} here; post it to /{}/{t}",
+                k.with_article(),
+                match k {
+                    Kind::Command => "commands",
+                    Kind::Event => "events",
+                }
+            ),
+        )),
+        None => {
+            let pipeline = shared.control.pipeline().await;
+            Err(error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no plugin in pipeline `{}` takes the {kind} `{t}`; its {kind}s are {}",
+                    pipeline.name,
+                    pipeline.hint_types(kind)
+                ),
+            ))
+        }
+    }
+}
+
+/// The body, at most `max_body` bytes: 413 past it.
+async fn read_body(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Response> {
+    let max = usize::try_from(shared.config.max_body).unwrap_or(usize::MAX);
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than [ingress] max_body ({max} bytes)"),
+        )
+    };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > shared.config.max_body) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(b)) => Ok(b.to_vec()),
+        Ok(Err(e)) => {
+            let limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if limit {
+                Err(too_large())
+            } else {
+                Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the body: {e}"),
+                ))
+            }
+        }
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// How long to wait for a command's reply: `Prefer: respond-async` not
+/// at all, `Prefer: wait=N` N seconds (at most `max_wait`), otherwise
+/// `wait`.
+fn wait_for(shared: &Shared, headers: &HeaderMap) -> Result<Option<Duration>, Response> {
+    let mut wait = Some(shared.config.wait);
+    for value in headers.get_all("prefer") {
+        let Ok(value) = value.to_str() else {
+            return Err(error(StatusCode::BAD_REQUEST, "Prefer is not text"));
+        };
+        for pref in value.split(',').map(str::trim) {
+            if pref.eq_ignore_ascii_case("respond-async") {
+                wait = None;
+            } else if let Some(n) = pref
+                .strip_prefix("wait=")
+                .or_else(|| pref.strip_prefix("WAIT="))
+            {
+                let secs: u64 = n.trim().parse().map_err(|_| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        format!("Prefer: wait={n} is not a whole number of seconds"),
+                    )
+                })?;
+                wait = Some(Duration::from_secs(secs).min(shared.config.max_wait));
+            }
+        }
+    }
+    Ok(wait.filter(|w| !w.is_zero()))
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Response> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("the {name} header is not visible ASCII text"),
+            )
+        }),
+    }
+}
+
+fn is_json(content_type: &str) -> bool {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case("application/json") || media.to_ascii_lowercase().ends_with("+json")
+}
+
+/// The message a request describes: a structured CloudEvent, a binary one,
+/// or a plain body.
+fn envelope(
+    t: &MessageType,
+    kind: Kind,
+    headers: &HeaderMap,
+    body: Vec<u8>,
+) -> Result<Envelope, Response> {
+    let bad = |text: String| error(StatusCode::BAD_REQUEST, text);
+    let content_type = header_text(headers, "content-type")?
+        .unwrap_or(crate::config::DEFAULT_CONTENT_TYPE)
+        .to_owned();
+    let mut trace = Vec::new();
+    for name in ["traceparent", "tracestate"] {
+        if let Some(v) = header_text(headers, name)? {
+            trace.push((name.to_owned(), v.to_owned()));
+        }
+    }
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media.eq_ignore_ascii_case("application/cloudevents+json") {
+        let event: Value = serde_json::from_slice(&body)
+            .map_err(|e| bad(format!("the CloudEvent is not JSON: {e}")))?;
+        let attr = |name: &str| event.get(name).and_then(Value::as_str);
+        if attr("specversion") != Some("1.0") {
+            return Err(bad("the CloudEvent's specversion must be \"1.0\"".into()));
+        }
+        check_ce_type(t, attr("type"))?;
+        let id = attr("id").ok_or_else(|| bad("the CloudEvent has no id".into()))?;
+        if event.get("data_base64").is_some() {
+            return Err(bad(
+                "data_base64 is not taken: send binary data in binary mode (ce-* headers)".into(),
+            ));
+        }
+        let data_type = attr("datacontenttype").unwrap_or("application/json");
+        let payload = match event.get("data") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) if !is_json(data_type) => s.clone().into_bytes(),
+            Some(v) => serde_json::to_vec(v).map_err(|e| bad(e.to_string()))?,
+        };
+        let mut e = Envelope::new(t.as_str(), kind, payload, data_type);
+        e.id = id.to_owned();
+        e.correlation_id = attr("correlationid").map(str::to_owned);
+        e.partition_key = attr("partitionkey").map(str::to_owned);
+        for name in ["traceparent", "tracestate"] {
+            if let Some(v) = attr(name) {
+                trace.retain(|(n, _)| n != name);
+                trace.push((name.to_owned(), v.to_owned()));
+            }
+        }
+        e.headers = trace;
+        return Ok(e);
+    }
+    if is_json(&content_type)
+        && let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+    {
+        return Err(bad(format!("the body is not JSON: {err}")));
+    }
+    let mut e = Envelope::new(t.as_str(), kind, body, content_type);
+    if let Some(version) = header_text(headers, "ce-specversion")? {
+        if version != "1.0" {
+            return Err(bad("ce-specversion must be 1.0".into()));
+        }
+        check_ce_type(t, header_text(headers, "ce-type")?)?;
+        e.id = header_text(headers, "ce-id")?
+            .ok_or_else(|| bad("a binary-mode CloudEvent needs ce-id".into()))?
+            .to_owned();
+        e.correlation_id = header_text(headers, "ce-correlationid")?.map(str::to_owned);
+        e.partition_key = header_text(headers, "ce-partitionkey")?.map(str::to_owned);
+    } else if let Some(key) = header_text(headers, "idempotency-key")? {
+        e.id = key.to_owned();
+    }
+    e.headers = trace;
+    Ok(e)
+}
+
+/// A CloudEvent's `type` must be the path's, when it has one.
+fn check_ce_type(t: &MessageType, given: Option<&str>) -> Result<(), Response> {
+    match given {
+        Some(g) if g != t.as_str() => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("the CloudEvent's type `{g}` is not the path's `{t}`"),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,163 @@
+//! `[ingress]`: HTTP requests become commands and events, and a command's
+//! reply comes back as the response; driven by a client that is not ours
+//! (Python's standard library) against the `switchyard` binary.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{bin, example_pipeline, stop, workspace_root};
+
+const TOKEN: &str = "ingress-test-token";
+const MAX_BODY: u64 = 4096;
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The example pipeline on the embedded transport with an ingress, and a
+/// contract on PlaceOrder.
+fn pipeline(dir: &Path, listen: SocketAddr) -> std::path::PathBuf {
+    let path = example_pipeline(
+        dir,
+        "[transport]\nkind = \"embedded\"\npath = \"orders.db\"",
+    );
+    std::fs::write(
+        dir.join("place-order.json"),
+        r#"{"type": "object", "required": ["order_id", "customer", "items"]}"#,
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "\n[ingress]\nlisten = \"{listen}\"\ntoken_env = \"INGRESS_TOKEN\"\nmax_body = {MAX_BODY}\n\n[schemas]\nPlaceOrder = \"place-order.json\"\n"
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `switchyard run`, once its ingress takes connections.
+fn run(path: &Path, listen: SocketAddr, token: Option<&str>) -> Child {
+    let mut cmd = Command::new(bin());
+    cmd.args(["run"])
+        .arg(path)
+        .env_remove("INGRESS_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(t) = token {
+        cmd.env("INGRESS_TOKEN", t);
+    }
+    let mut host = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(listen).is_err() {
+        if let Ok(Some(status)) = host.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = host.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the host exited ({status}) before its ingress listened:\n{err}");
+        }
+        assert!(Instant::now() < deadline, "the ingress never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host
+}
+
+#[test]
+fn a_foreign_client_sends_commands_and_events_at_every_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let path = pipeline(dir.path(), listen);
+    let host = run(&path, listen, Some(TOKEN));
+    let python = std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .arg(workspace_root().join("tests/interop/ingress_client.py"))
+        .args([
+            format!("http://{listen}"),
+            TOKEN.into(),
+            MAX_BODY.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Every message the client made durable under an id of its own was
+    // handled by the host under that id.
+    let ids: Vec<String> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ids "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let handled = wait_for_handled(&path, &ids);
+    stop(host);
+    assert!(
+        out.status.success() && stdout.lines().last() == Some("ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ids.len(), 3, "{stdout}");
+    assert!(handled, "not every id was handled: {ids:?}");
+}
+
+/// Whether `switchyard why` finds each id handled by `orders`, within 30 s.
+fn wait_for_handled(path: &Path, ids: &[String]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    ids.iter().all(|id| {
+        loop {
+            let out = Command::new(bin())
+                .args(["why", id, "-p"])
+                .arg(path)
+                .arg("--json")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            if out.status.success() && text.contains("\"handled\"") {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
+
+#[test]
+fn an_ingress_without_its_token_does_not_start_and_one_off_loopback_needs_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let path = pipeline(dir.path(), listen);
+    let out = Command::new(bin())
+        .args(["run"])
+        .arg(&path)
+        .env_remove("INGRESS_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INGRESS_TOKEN, which is not set"), "{err}");
+
+    let open = dir.path().join("open.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(&format!("listen = \"{listen}\""), "listen = \"0.0.0.0:0\"")
+        .replace("token_env = \"INGRESS_TOKEN\"\n", "");
+    std::fs::write(&open, text).unwrap();
+    let out = Command::new(bin())
+        .args(["validate", "--offline"])
+        .arg(&open)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("which other machines can reach, without a token"),
+        "{said}"
+    );
+}
