@@ -156,6 +156,19 @@ def main():
     )
     if expect("an Idempotency-Key of 255 bytes", 202, status, data, lambda d: None if json.loads(d)["id"] == key else "not its id") is not None:
         chosen_ids.append(key)
+    # A retry under the same id is not a second message.
+    status, _, data = request(
+        "POST", "/commands/PlaceOrder", json.dumps(order), {"Prefer": "respond-async", "Idempotency-Key": key}
+    )
+    expect("a retry under the same Idempotency-Key", 202, status, data, lambda d: None if json.loads(d)["status"] == "duplicate" else "sent again")
+    status, _, data = request(
+        "POST", "/events/OrderPlaced", json.dumps(placed), {"Idempotency-Key": "event-twice"}
+    )
+    expect("an event with an Idempotency-Key", 202, status, data, lambda d: None if json.loads(d)["status"] == "accepted" else "not accepted")
+    status, _, data = request(
+        "POST", "/events/OrderPlaced", json.dumps(placed), {"Idempotency-Key": "event-twice"}
+    )
+    expect("the same event again", 202, status, data, lambda d: None if json.loads(d)["status"] == "duplicate" else "published again")
     status, _, data = request(
         "POST", "/commands/PlaceOrder", json.dumps(order), {"Prefer": "respond-async", "Idempotency-Key": key + "k"}
     )

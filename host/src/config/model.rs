@@ -226,6 +226,9 @@ pub struct IngressConfig {
     pub wait: Duration,
     /// The longest wait a request may ask for (`Prefer: wait=N`).
     pub max_wait: Duration,
+    /// How long the id of a message a client named is remembered, so that
+    /// a retry under it is not sent again.
+    pub dedupe_window: Duration,
 }
 
 /// Default of `[ingress] listen`.
@@ -236,6 +239,8 @@ pub const DEFAULT_INGRESS_MAX_BODY: u64 = 1 << 20;
 pub const DEFAULT_INGRESS_WAIT: Duration = Duration::from_secs(5);
 /// Default of `[ingress] max_wait`.
 pub const DEFAULT_INGRESS_MAX_WAIT: Duration = Duration::from_secs(60);
+/// Default of `[ingress] dedupe_window`.
+pub const DEFAULT_INGRESS_DEDUPE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Default of `[journal] retention`.
 pub const DEFAULT_JOURNAL_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);

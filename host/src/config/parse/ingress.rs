@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use super::Parser;
 use crate::config::diagnostic::Diagnostic;
 use crate::config::model::{
-    DEFAULT_INGRESS_LISTEN, DEFAULT_INGRESS_MAX_BODY, DEFAULT_INGRESS_MAX_WAIT,
-    DEFAULT_INGRESS_WAIT, IngressConfig,
+    DEFAULT_INGRESS_DEDUPE_WINDOW, DEFAULT_INGRESS_LISTEN, DEFAULT_INGRESS_MAX_BODY,
+    DEFAULT_INGRESS_MAX_WAIT, DEFAULT_INGRESS_WAIT, IngressConfig,
 };
 use crate::config::names::parse_size;
 use crate::config::reader::Section;
@@ -27,6 +27,7 @@ impl Parser<'_> {
             max_body: DEFAULT_INGRESS_MAX_BODY.min(max_message_size),
             wait: DEFAULT_INGRESS_WAIT,
             max_wait: DEFAULT_INGRESS_MAX_WAIT,
+            dedupe_window: DEFAULT_INGRESS_DEDUPE_WINDOW,
         };
         if let Some(l) = s.string("listen", self.diags) {
             match l.value.parse::<SocketAddr>() {
@@ -73,6 +74,9 @@ impl Parser<'_> {
         }
         if let Some(d) = self.duration(&mut s, "max_wait") {
             config.max_wait = d.value;
+        }
+        if let Some(d) = self.duration(&mut s, "dedupe_window") {
+            config.dedupe_window = d.value;
         }
         if config.wait > config.max_wait {
             self.diags.push(

@@ -13,7 +13,11 @@
 //! field has the limits of a message arriving from a broker
 //! ([`crate::limits`]); a payload that breaks its type's `[schemas]`
 //! contract is refused with the schema's complaint, before anything is
-//! sent. An incoming `traceparent` continues its trace.
+//! sent. An incoming `traceparent` continues its trace. A message whose id
+//! the client named is sent once however often the request is retried
+//! within `dedupe_window` ([`accepted`]).
+
+mod accepted;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +41,7 @@ use crate::console::Guesses;
 use crate::envelope::{Envelope, Kind, Reply};
 use crate::supervisor::Supervisor;
 use crate::transport::ReplyInbox;
+use accepted::{Accepted, Claim};
 
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -64,6 +69,8 @@ struct Shared {
     address: String,
     /// Requests waiting for the reply to their command, by command id.
     waiters: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    /// The ids clients named that were made durable.
+    accepted: Accepted,
 }
 
 impl Ingress {
@@ -77,6 +84,14 @@ impl Ingress {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} for [ingress]", config.listen))?;
+        let (state_dir, name) = {
+            let p = control.pipeline().await;
+            (p.state_dir.clone(), p.name.clone())
+        };
+        let accepted = Accepted::open(
+            &state_dir.join(format!("{name}-ingress.db")),
+            config.dedupe_window,
+        )?;
         let inbox = control
             .transport()
             .reply_inbox()
@@ -89,6 +104,7 @@ impl Ingress {
             guesses: Guesses::new(),
             address: inbox.address().to_owned(),
             waiters: Mutex::new(HashMap::new()),
+            accepted,
         });
         Ok(Ingress {
             listener,
@@ -111,6 +127,7 @@ impl Ingress {
         } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let replies = tokio::spawn(deliver_replies(inbox, shared.clone(), stopped));
+        let pruner = tokio::spawn(prune(shared.clone()));
         let app = Router::new()
             .route("/commands/{message_type}", post(command))
             .route("/events/{message_type}", post(event))
@@ -133,12 +150,26 @@ impl Ingress {
         .await;
         let _ = stop.send(true);
         let _ = replies.await;
+        pruner.abort();
         Ok(())
     }
 }
 
 /// The longest a connection may last, past its body and acceptance.
 const DEFAULT_MAX_WAIT_CAP: Duration = Duration::from_secs(15 * 60);
+
+/// Forgets the named ids past the window, every 10 minutes.
+async fn prune(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        every.tick().await;
+        match shared.accepted.prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(ids = n, "Ingress: forgot ids past the dedupe window"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "Ingress: cannot forget old ids"),
+        }
+    }
+}
 
 /// Hands each reply that arrives to the request waiting for it.
 async fn deliver_replies(
@@ -265,7 +296,7 @@ async fn accept(
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("not a message type: {e}")))?;
     check_kind(shared, &t, kind).await?;
     let body = read_body(shared, headers, body).await?;
-    let mut e = envelope(&t, kind, headers, body)?;
+    let (mut e, named) = envelope(&t, kind, headers, body)?;
     if let Err(why) = crate::limits::check_text("id", &e.id, crate::limits::MAX_ID)
         .and_then(|()| crate::limits::check_headers(&e.headers))
     {
@@ -282,6 +313,39 @@ async fn accept(
     let wait = match kind {
         Kind::Command => wait_for(shared, headers)?,
         Kind::Event => None,
+    };
+    // A retry of a request that named its id is not sent again.
+    let holding = if named {
+        match shared.accepted.claim(&e.id).await {
+            Ok(Claim::New(h)) => Some(h),
+            Ok(Claim::Done(at)) => {
+                let body = json!({
+                    "id": e.id,
+                    "type": t.as_str(),
+                    "status": "duplicate",
+                    "note": format!(
+                        "a message with this id was accepted at {}; not sent again",
+                        crate::transport::cloudevents::rfc3339(at)
+                    ),
+                });
+                return Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response());
+            }
+            Ok(Claim::Busy) => {
+                let mut r = error(
+                    StatusCode::CONFLICT,
+                    "a request with this id is being accepted right now; retry it in a moment",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Err(r);
+            }
+            Err(err) => {
+                tracing::warn!(message.id = %e.id, error = %format!("{err:#}"), "Ingress: cannot look up an id");
+                return Err(unavailable(format!("cannot look up the id: {err:#}")));
+            }
+        }
+    } else {
+        None
     };
     let mut waiting = None;
     if let Some(w) = wait {
@@ -300,7 +364,12 @@ async fn accept(
     let id = e.id.clone();
     let transport = shared.control.transport();
     match tokio::time::timeout(ACCEPT_TIMEOUT, transport.enqueue(vec![e])).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => {
+            if named && let Err(err) = shared.accepted.done(&id, t.as_str()).await {
+                // Durable but not noted: a retry would send it again.
+                tracing::warn!(message.id = %id, error = %format!("{err:#}"), "Ingress: cannot note an accepted id");
+            }
+        }
         Ok(Err(err)) => {
             tracing::warn!(message.id = %id, error = %format!("{err:#}"), "Ingress: the transport did not take a message");
             return Err(unavailable(format!(
@@ -314,6 +383,8 @@ async fn accept(
             )));
         }
     }
+    // Noted: a retry from now on is told it is a duplicate.
+    drop(holding);
     let accepted = |note: Option<String>| {
         let mut body = json!({ "id": id, "type": t.as_str(), "status": "accepted" });
         if let Some(n) = note {
@@ -472,13 +543,13 @@ fn is_json(content_type: &str) -> bool {
 }
 
 /// The message a request describes: a structured CloudEvent, a binary one,
-/// or a plain body.
+/// or a plain body; and whether the client named its id.
 fn envelope(
     t: &MessageType,
     kind: Kind,
     headers: &HeaderMap,
     body: Vec<u8>,
-) -> Result<Envelope, Response> {
+) -> Result<(Envelope, bool), Response> {
     let bad = |text: String| error(StatusCode::BAD_REQUEST, text);
     let content_type = header_text(headers, "content-type")?
         .unwrap_or(crate::config::DEFAULT_CONTENT_TYPE)
@@ -521,7 +592,7 @@ fn envelope(
             }
         }
         e.headers = trace;
-        return Ok(e);
+        return Ok((e, true));
     }
     if is_json(&content_type)
         && let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&body)
@@ -529,6 +600,7 @@ fn envelope(
         return Err(bad(format!("the body is not JSON: {err}")));
     }
     let mut e = Envelope::new(t.as_str(), kind, body, content_type);
+    let mut named = true;
     if let Some(version) = header_text(headers, "ce-specversion")? {
         if version != "1.0" {
             return Err(bad("ce-specversion must be 1.0".into()));
@@ -541,9 +613,11 @@ fn envelope(
         e.partition_key = header_text(headers, "ce-partitionkey")?.map(str::to_owned);
     } else if let Some(key) = header_text(headers, "idempotency-key")? {
         e.id = key.to_owned();
+    } else {
+        named = false;
     }
     e.headers = trace;
-    Ok(e)
+    Ok((e, named))
 }
 
 /// A CloudEvent's `type` must be the path's, when it has one.

@@ -1,0 +1,195 @@
+//! The ids the ingress has made durable, so that a client that retries a
+//! request under the same id (a CloudEvent's `id`, an `Idempotency-Key`)
+//! does not send the message twice. Kept in a SQLite file of the host's
+//! own for `[ingress] dedupe_window`.
+//!
+//! An id is written after its message is durable, never before: a host
+//! that dies in between has sent the message and not noted it, so a retry
+//! sends it again (at least once), but no message is ever refused for a
+//! send that did not happen. Requests under one id at the same moment are
+//! kept apart in memory: the second is told to come back.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accepted (
+    id TEXT PRIMARY KEY,
+    message_type TEXT NOT NULL,
+    accepted_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS accepted_by_time ON accepted (accepted_at_ms);
+";
+
+/// The accepted ids of one host's ingress.
+pub struct Accepted {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+    window: Duration,
+    in_progress: Mutex<HashSet<String>>,
+}
+
+/// What became of a claim on an id.
+pub enum Claim<'a> {
+    /// Nobody has it: the request goes on, and holds the id until the
+    /// guard is dropped.
+    New(Holding<'a>),
+    /// A message with this id was made durable at this time (ms since the
+    /// epoch).
+    Done(u64),
+    /// Another request is sending a message with this id right now.
+    Busy,
+}
+
+/// An id a request is sending; let go when dropped.
+pub struct Holding<'a> {
+    accepted: &'a Accepted,
+    id: String,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        lock(&self.accepted.in_progress).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Accepted {
+    /// Opens (creating if needed) the file at `path`.
+    pub fn open(path: &Path, window: Duration) -> Result<Self> {
+        crate::files::create_private_file(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the ingress's ids {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // An id noted is an id a retry will not send again: it must
+        // survive what the message survived.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)
+            .with_context(|| format!("cannot create the table in {}", path.display()))?;
+        Ok(Accepted {
+            path: path.to_owned(),
+            conn: Arc::new(Mutex::new(conn)),
+            window,
+            in_progress: Mutex::new(HashSet::new()),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || f(&lock(&conn)))
+            .await
+            .context("the ingress's id store stopped")?
+            .with_context(|| format!("the ingress's ids {}", path.display()))
+    }
+
+    /// Claims `id` for a request that is about to send it.
+    pub async fn claim(&self, id: &str) -> Result<Claim<'_>> {
+        if !lock(&self.in_progress).insert(id.to_owned()) {
+            return Ok(Claim::Busy);
+        }
+        let holding = Holding {
+            accepted: self,
+            id: id.to_owned(),
+        };
+        let since = ms(Duration::from_millis(crate::envelope::now_ms())) - ms(self.window);
+        let key = id.to_owned();
+        let found: Option<i64> = self
+            .blocking(move |c| {
+                c.query_row(
+                    "SELECT accepted_at_ms FROM accepted WHERE id = ?1 AND accepted_at_ms >= ?2",
+                    params![key, since],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(match found {
+            Some(at) => Claim::Done(at.unsigned_abs()),
+            None => Claim::New(holding),
+        })
+    }
+
+    /// Notes that the message with `id` is durable.
+    pub async fn done(&self, id: &str, message_type: &str) -> Result<()> {
+        let (id, t) = (id.to_owned(), message_type.to_owned());
+        let now = i64::try_from(crate::envelope::now_ms()).unwrap_or(i64::MAX);
+        self.blocking(move |c| {
+            c.execute(
+                "INSERT INTO accepted (id, message_type, accepted_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET message_type = ?2, accepted_at_ms = ?3",
+                params![id, t, now],
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the ids older than the window; how many.
+    pub async fn prune(&self) -> Result<usize> {
+        let before = i64::try_from(crate::envelope::now_ms()).unwrap_or(i64::MAX) - ms(self.window);
+        self.blocking(move |c| {
+            c.execute(
+                "DELETE FROM accepted WHERE accepted_at_ms < ?1",
+                params![before],
+            )
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_id_is_new_busy_while_held_and_done_once_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Accepted::open(&dir.path().join("ids.db"), Duration::from_secs(3600)).unwrap();
+        let Claim::New(held) = a.claim("k-1").await.unwrap() else {
+            panic!("a first claim is new");
+        };
+        assert!(matches!(a.claim("k-1").await.unwrap(), Claim::Busy));
+        // Not noted (the send failed): free again once let go.
+        drop(held);
+        let Claim::New(held) = a.claim("k-1").await.unwrap() else {
+            panic!("an id never noted is new again");
+        };
+        a.done("k-1", "PlaceOrder").await.unwrap();
+        drop(held);
+        assert!(matches!(a.claim("k-1").await.unwrap(), Claim::Done(_)));
+        assert!(matches!(a.claim("k-2").await.unwrap(), Claim::New(_)));
+        // Reopened: still known.
+        drop(a);
+        let a = Accepted::open(&dir.path().join("ids.db"), Duration::from_secs(3600)).unwrap();
+        assert!(matches!(a.claim("k-1").await.unwrap(), Claim::Done(_)));
+        assert_eq!(a.prune().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn ids_past_the_window_are_new_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Accepted::open(&dir.path().join("ids.db"), Duration::from_millis(1)).unwrap();
+        a.done("old", "PlaceOrder").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(a.claim("old").await.unwrap(), Claim::New(_)));
+        assert_eq!(a.prune().await.unwrap(), 1);
+    }
+}
