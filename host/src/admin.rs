@@ -108,6 +108,7 @@ struct AppState {
     token: Option<Arc<str>>,
     guesses: Arc<crate::console::Guesses>,
     phase: Option<Arc<Phase>>,
+    readiness: Arc<Readiness>,
 }
 
 impl Admin {
@@ -174,6 +175,7 @@ impl Admin {
             token: self.token.map(Into::into),
             guesses: self.guesses,
             phase: self.phase,
+            readiness: Arc::new(Readiness::default()),
         };
         let app = Router::new()
             .route("/metrics", get(metrics))
@@ -276,14 +278,16 @@ pub(crate) async fn serve_http(
     .await;
 }
 
-/// 200 `ready`, or 503 `not ready` with one line per reason.
+/// 200 `ready`, or 503 `not ready` with one line per reason. The reasons
+/// name what does not answer; why (addresses, errors) goes to the log,
+/// which the probe's unauthenticated caller does not read.
 async fn readyz(State(state): State<AppState>) -> Response {
     let problems = match &state.phase {
         None => Vec::new(),
         Some(phase) => match phase.get() {
             Phase::STARTING => vec!["starting: not every route has started yet".to_owned()],
             Phase::SERVING => match &state.control {
-                Some(control) => readiness_problems(control).await,
+                Some(control) => state.readiness.problems(control).await,
                 None => Vec::new(),
             },
             _ => vec!["draining: the host is stopping and takes no new work".to_owned()],
@@ -302,46 +306,85 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, no_store, body).into_response()
 }
 
-/// What keeps a serving host from being ready: a route of the pipeline
-/// that is not running, a transport or store that does not answer within
-/// [`READY_CHECK_TIMEOUT`]. The journal is left out: its outage never
-/// holds up a message.
-async fn readiness_problems(control: &Supervisor) -> Vec<String> {
-    async fn check<F: Future<Output = Result<T>>, T>(what: String, f: F) -> Option<String> {
+/// The last readiness checks of a serving host, kept for
+/// [`READY_CACHE`]: probes that come closer together share one run of the
+/// checks, and only one run is under way at a time, so probes cannot add
+/// to the load of what they check.
+#[derive(Default)]
+struct Readiness {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
+}
+
+/// How long one run of the readiness checks answers for.
+const READY_CACHE: Duration = Duration::from_secs(1);
+
+impl Readiness {
+    async fn problems(&self, control: &Supervisor) -> Vec<String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, problems)) = last.as_ref()
+            && at.elapsed() < READY_CACHE
+        {
+            return problems.clone();
+        }
+        let found = readiness_problems(control).await;
+        let (summaries, details): (Vec<String>, Vec<String>) = found.into_iter().unzip();
+        let before = last.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
+        if summaries != before {
+            if details.is_empty() {
+                tracing::info!("Ready");
+            } else {
+                tracing::warn!(reasons = %details.join("; "), "Not ready");
+            }
+        }
+        *last = Some((std::time::Instant::now(), summaries.clone()));
+        summaries
+    }
+}
+
+/// What keeps a serving host from being ready, each as a line for the
+/// probe and one for the log: a route of the pipeline that is not running
+/// or whose plugin cannot start, a transport or store that does not answer
+/// within [`READY_CHECK_TIMEOUT`]. The journal is left out: its outage
+/// never holds up a message. Nothing here waits for a change in progress.
+async fn readiness_problems(control: &Supervisor) -> Vec<(String, String)> {
+    async fn check<F: Future<Output = Result<T>>, T>(
+        what: String,
+        f: F,
+    ) -> Option<(String, String)> {
         match tokio::time::timeout(READY_CHECK_TIMEOUT, f).await {
             Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(format!("{what} does not answer: {e:#}")),
-            Err(_) => Some(format!(
-                "{what} did not answer within {} s",
-                READY_CHECK_TIMEOUT.as_secs()
+            Ok(Err(e)) => Some((
+                format!("{what} does not answer"),
+                format!("{what} does not answer: {e:#}"),
             )),
+            Err(_) => {
+                let line = format!(
+                    "{what} did not answer within {} s",
+                    READY_CHECK_TIMEOUT.as_secs()
+                );
+                Some((line.clone(), line))
+            }
         }
     }
     let transport = control.transport();
     let services = control.services();
-    let routes = async {
-        let pipeline = control.pipeline().await;
-        let running: std::collections::BTreeSet<String> =
-            control.list().await.into_iter().map(|r| r.plugin).collect();
-        pipeline
-            .plugins
-            .iter()
-            .filter(|p| !running.contains(p.name.as_str()))
-            .map(|p| format!("route {} is not running (its plugin did not start)", p.name))
-            .collect::<Vec<_>>()
-    };
-    let routes = async {
-        tokio::time::timeout(READY_CHECK_TIMEOUT, routes)
-            .await
-            .unwrap_or_else(|_| vec!["the routes could not be listed in time".to_owned()])
-    };
+    let mut problems = Vec::new();
+    let running = control.list().await;
+    for route in control.topology().route_names() {
+        if !running.iter().any(|r| r.plugin == route) {
+            let line = format!("route {route} is not running");
+            problems.push((line.clone(), line));
+        }
+    }
+    for (route, why) in control.routes_that_cannot_start() {
+        problems.push((
+            format!("route {route}: its plugin cannot start"),
+            format!("route {route}: its plugin cannot start: {why}"),
+        ));
+    }
     let transport_ok = check(
-        format!(
-            "the {} transport at {}",
-            transport.kind(),
-            transport.location()
-        ),
-        transport.is_idle(),
+        format!("the {} transport", transport.kind()),
+        transport.ping(),
     );
     let dead_letters = check(
         "the dead-letter store".to_owned(),
@@ -353,7 +396,7 @@ async fn readiness_problems(control: &Supervisor) -> Vec<String> {
             None => None,
         }
     };
-    let (mut problems, t, d, s) = tokio::join!(routes, transport_ok, dead_letters, state_store);
+    let (t, d, s) = tokio::join!(transport_ok, dead_letters, state_store);
     problems.extend([t, d, s].into_iter().flatten());
     problems
 }

@@ -291,6 +291,11 @@ pub async fn run_with(
         .filter(|_| pipeline.plugins.iter().any(|p| p.saga.is_some()))
         .map(|store| tokio::spawn(fire_timeouts(store, transport.clone())));
     let versions = versions_of(pipeline, &plugins)?;
+    // Before any route runs: a host whose ingress cannot start does not.
+    let ingress = match &pipeline.ingress {
+        Some(config) => Some(bind_ingress(pipeline, config, &*transport).await?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     // The journal's writer stops after the routes, which settle their
     // last batches first.
@@ -333,10 +338,12 @@ pub async fn run_with(
         }
         None => None,
     };
-    let ingress_task = match &pipeline.ingress {
-        Some(config) => Some(start_ingress(config, &control, stop_rx.clone()).await?),
-        None => None,
-    };
+    let ingress_task = ingress.map(|i| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(i.serve(control.clone(), async move {
+            let _ = stop.changed().await;
+        }))
+    });
     let watcher = watch.then(|| {
         tokio::spawn(crate::supervisor::watch::run(
             control.clone(),
@@ -365,6 +372,7 @@ pub async fn run_with(
     )
     .await;
     phase.draining();
+    control.begin_stop().await;
     let _ = stop_tx.send(true);
     if let Some(task) = ingress_task {
         // It takes no new request; those in progress get their moment.
@@ -660,13 +668,13 @@ async fn start_admin(
     }
 }
 
-/// Starts the HTTP ingress; a host whose `[ingress]` cannot listen, or
+/// Binds the HTTP ingress; a host whose `[ingress]` cannot listen, or
 /// whose token variable is not set, does not start.
-async fn start_ingress(
+async fn bind_ingress(
+    pipeline: &Pipeline,
     config: &crate::config::IngressConfig,
-    control: &Arc<Supervisor>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    transport: &dyn Transport,
+) -> Result<crate::ingress::Ingress> {
     let token = match &config.token_env {
         None => None,
         Some(var) => match std::env::var(var) {
@@ -677,15 +685,13 @@ async fn start_ingress(
         },
     };
     let ingress =
-        crate::ingress::Ingress::bind(control.clone(), config.clone(), token.clone()).await?;
+        crate::ingress::Ingress::bind(pipeline, config.clone(), token.clone(), transport).await?;
     tracing::info!(
         address = %ingress.local_addr().map_or(config.listen.to_string(), |a| a.to_string()),
         token = if token.is_some() { "required" } else { "none (loopback)" },
         "Ingress: POST /commands/{{Type}} and /events/{{Type}}"
     );
-    Ok(tokio::spawn(ingress.serve(async move {
-        let _ = stop.changed().await;
-    })))
+    Ok(ingress)
 }
 
 /// Waits for the host's end: `shutdown`, every queue empty (drain mode),

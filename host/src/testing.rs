@@ -659,6 +659,10 @@ impl Transport for Tap {
         self.inner.enqueue(messages).await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
     async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()> {
         self.inner.enqueue_to(route, messages).await
     }

@@ -107,6 +107,15 @@ pub fn run(command: NewCommand) -> Result<ExitCode> {
     }
 }
 
+/// The version of the plugin contract this binary speaks (`0.2.2`), which
+/// JavaScript imports name.
+fn wit_version() -> &'static str {
+    crate::plugin::WIT
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("package switchyard:plugin@"))
+        .map_or("0.2.2", |v| v.trim_end_matches(';'))
+}
+
 /// `{{key}}` replaced by its value, for each pair.
 fn render(template: &str, values: &[(&str, &str)]) -> String {
     values
@@ -195,10 +204,12 @@ fn plugin(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> Result<Exit
         Lang::Rust => toml_string(&rust_sdk(sdk)?.to_string_lossy()),
         _ => String::new(),
     };
+    let wit_version = wit_version();
     let values = [
         ("name", name),
         ("wasm", wasm.as_str()),
         ("sdk", sdk.as_str()),
+        ("wit_version", wit_version),
     ];
     let file = |path: &str, template: &str| File {
         path: path.to_owned(),
@@ -323,6 +334,7 @@ mod tests {
             ("name", "hello"),
             ("wasm", "hello.wasm"),
             ("sdk", "\"sdk\""),
+            ("wit_version", wit_version()),
         ];
         for template in [
             PIPELINE,
@@ -342,12 +354,17 @@ mod tests {
             C_README,
         ] {
             let text = render(template, &values);
-            assert!(
-                !text.contains("{{name}}") && !text.contains("{{wasm}}"),
-                "{text}"
-            );
-            assert!(!text.contains("{{sdk}}"), "{text}");
+            assert!(!text.contains("{{"), "a placeholder is left in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_wit_version_is_the_contract_s() {
+        let v = wit_version();
+        assert!(
+            crate::plugin::WIT.contains(&format!("package switchyard:plugin@{v};")),
+            "{v}"
+        );
     }
 
     #[test]

@@ -78,9 +78,19 @@ thread_local! {
 /// Runs `read`, recording every table the reader enters and every key it
 /// asks for; returns them by path.
 pub fn record_shapes(read: impl FnOnce()) -> BTreeMap<String, TableShape> {
+    /// Stops the recording however `read` ends, a panic included.
+    struct Recording;
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            SHAPES.with(|s| s.borrow_mut().take());
+        }
+    }
     SHAPES.with(|s| *s.borrow_mut() = Some(BTreeMap::new()));
+    let recording = Recording;
     read();
-    SHAPES.with(|s| s.borrow_mut().take()).unwrap_or_default()
+    let shapes = SHAPES.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    drop(recording);
+    shapes
 }
 
 fn note(path: &str, change: impl FnOnce(&mut TableShape)) {
@@ -256,11 +266,12 @@ impl<'a> Section<'a> {
     }
 
     /// A string that must be one of `allowed`; any other is reported, with
-    /// the closest allowed one as a suggestion.
+    /// the closest allowed one as a suggestion, and `note` if given.
     pub fn choice(
         &mut self,
         key: &'static str,
         allowed: &'static [&'static str],
+        note: Option<&str>,
         diags: &mut Diagnostics,
     ) -> Option<Spanned<String>> {
         self.shape(key, Shape::OneOf(allowed));
@@ -283,6 +294,9 @@ impl<'a> Section<'a> {
         .with_label("not a known choice");
         if let Some(c) = closest(s, allowed) {
             d = d.with_note(format!("help: did you mean `{c}`?"));
+        }
+        if let Some(n) = note {
+            d = d.with_note(format!("note: {n}"));
         }
         diags.push(d);
         None
@@ -489,8 +503,6 @@ impl<'a> Section<'a> {
         Some(out)
     }
 
-    /// Every entry of a table whose keys are names chosen by the user (like
-    /// `[plugins.NAME]`), as sub-sections.
     /// [`Section::entries`] whose names should match `pattern` (a regular
     /// expression the caller's own check agrees with, for the schema).
     pub fn entries_named(
@@ -502,6 +514,8 @@ impl<'a> Section<'a> {
         self.entries(diags)
     }
 
+    /// Every entry of a table whose keys are names chosen by the user (like
+    /// `[plugins.NAME]`), as sub-sections.
     pub fn entries(&mut self, diags: &mut Diagnostics) -> Vec<(Spanned<String>, Section<'a>)> {
         note(&self.shape_path, |t| t.entries = true);
         let entry_shape_path = self.child_shape_path("*");

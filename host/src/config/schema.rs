@@ -5,9 +5,10 @@
 //! schema. A key the reader learns is in the schema the next time it is
 //! generated; the tests compare it with the published one.
 //!
-//! What a schema cannot say stays with `switchyard validate`: which keys go
-//! with which transport kind, the values a string may take, ranges, and
-//! the rules that span plugins.
+//! The reader's own choices, ranges and name patterns are in it; what a
+//! schema cannot say stays with `switchyard validate`: which keys go with
+//! which transport kind, sizes and durations written as text, and the
+//! rules that span plugins.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,7 +53,7 @@ pub fn generate(documents: &[&str]) -> Result<Value, String> {
         head.insert(
             "description".into(),
             json!(
-                "A Switchyard pipeline file. Generated from the host's pipeline reader; every key is described in docs/pipelines.md. `switchyard validate` checks what a schema cannot: which keys go with which transport kind, allowed values and ranges, and the rules that span plugins."
+                "A Switchyard pipeline file. Generated from the host's pipeline reader; every key is described in docs/pipelines.md. `switchyard validate` checks what a schema cannot: which keys go with which transport kind, sizes and durations written as text, and the rules that span plugins."
             ),
         );
         head.extend(std::mem::take(o));

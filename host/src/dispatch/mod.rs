@@ -571,8 +571,10 @@ impl Route {
                 error = %format!("{e:#}"),
                 "Plugin cannot start; its messages stay queued and the route retries"
             );
+            self.updates.status.set_cannot_start(Some(format!("{e:#}")));
         }
         if committed && route_error.is_none() {
+            self.updates.status.set_cannot_start(None);
             self.backoff.reset();
         } else {
             self.backoff.wait(&mut self.shutdown).await;

@@ -82,6 +82,8 @@ pub struct Serving {
 /// Shared between a route and the host's control.
 pub struct RouteStatus {
     serving: std::sync::Mutex<Serving>,
+    /// Why the route's plugin cannot start, while it cannot.
+    cannot_start: std::sync::Mutex<Option<String>>,
 }
 
 impl RouteStatus {
@@ -93,7 +95,25 @@ impl RouteStatus {
                 swap_took: None,
                 swaps: 0,
             }),
+            cannot_start: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Why the plugin cannot start, if it cannot now.
+    pub fn cannot_start(&self) -> Option<String> {
+        self.cannot_start
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Called by the route after each batch: why its plugin could not
+    /// start, or `None` once it ran.
+    pub fn set_cannot_start(&self, why: Option<String>) {
+        *self
+            .cannot_start
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
     }
 
     pub fn serving(&self) -> Serving {

@@ -53,10 +53,12 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// request is answered 503.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A bound ingress listener.
+/// A bound ingress listener, ready to serve once the routes run.
 pub struct Ingress {
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
+    config: IngressConfig,
+    token: Option<String>,
+    accepted: Accepted,
     inbox: Box<dyn ReplyInbox>,
 }
 
@@ -74,29 +76,55 @@ struct Shared {
 }
 
 impl Ingress {
-    /// Binds the listener and opens the reply inbox. `token` is the value
-    /// of `[ingress] token_env`'s variable.
+    /// Binds the listener, opens the file of accepted ids and the reply
+    /// inbox: everything that can fail, before any route starts. `token`
+    /// is the value of `[ingress] token_env`'s variable.
     pub async fn bind(
-        control: Arc<Supervisor>,
+        pipeline: &crate::config::Pipeline,
         config: IngressConfig,
         token: Option<String>,
+        transport: &dyn crate::transport::Transport,
     ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} for [ingress]", config.listen))?;
-        let (state_dir, name) = {
-            let p = control.pipeline().await;
-            (p.state_dir.clone(), p.name.clone())
-        };
         let accepted = Accepted::open(
-            &state_dir.join(format!("{name}-ingress.db")),
+            &pipeline
+                .state_dir
+                .join(format!("{}-ingress.db", pipeline.name)),
             config.dedupe_window,
         )?;
-        let inbox = control
-            .transport()
+        let inbox = transport
             .reply_inbox()
             .await
             .context("cannot open the ingress's reply inbox")?;
+        Ok(Ingress {
+            listener,
+            config,
+            token,
+            accepted,
+            inbox,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves the running host `control` until `shutdown` completes;
+    /// requests in progress get a moment to finish.
+    pub async fn serve(
+        self,
+        control: Arc<Supervisor>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let Ingress {
+            listener,
+            config,
+            token,
+            accepted,
+            inbox,
+        } = self;
         let shared = Arc::new(Shared {
             control,
             config,
@@ -106,25 +134,6 @@ impl Ingress {
             waiters: Mutex::new(HashMap::new()),
             accepted,
         });
-        Ok(Ingress {
-            listener,
-            shared,
-            inbox,
-        })
-    }
-
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
-    /// Serves until `shutdown` completes; requests in progress get a
-    /// moment to finish.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-        let Ingress {
-            listener,
-            shared,
-            inbox,
-        } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let replies = tokio::spawn(deliver_replies(inbox, shared.clone(), stopped));
         let pruner = tokio::spawn(prune(shared.clone()));

@@ -356,6 +356,22 @@ impl Supervisor {
             .collect()
     }
 
+    /// The routes whose plugin cannot start now, and why. Does not wait
+    /// for a change in progress.
+    pub fn routes_that_cannot_start(&self) -> Vec<(String, String)> {
+        self.view()
+            .routes
+            .iter()
+            .filter_map(|(name, (_, status))| status.cannot_start().map(|why| (name.clone(), why)))
+            .collect()
+    }
+
+    /// Refuses changes from now on: the host is stopping. The routes go on
+    /// until [`Supervisor::shutdown`].
+    pub async fn begin_stop(&self) {
+        self.state.lock().await.stopping = true;
+    }
+
     /// What each route's running plugin declared in `describe()`: the
     /// types it handles, publishes and sends.
     pub fn contracts(&self) -> Vec<(String, crate::plugin::PluginInfo)> {

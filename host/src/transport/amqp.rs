@@ -95,6 +95,9 @@ struct Shared {
     routing: RouteTable<RouteQueues>,
     /// For messages created outside a route: CLI sends, replays.
     publisher: tokio::sync::Mutex<Option<Link>>,
+    /// A connection of its own for [`Transport::ping`], apart from the
+    /// publisher's and the routes'.
+    probe: tokio::sync::Mutex<Option<Connection>>,
     /// Deliveries received and not yet settled, across routes.
     in_flight: AtomicI64,
     /// Deliveries received since start, across routes.
@@ -143,6 +146,7 @@ impl AmqpTransport {
                 config: config.clone(),
                 routing: RouteTable::new(Topology::of(pipeline), routes),
                 publisher: tokio::sync::Mutex::new(None),
+                probe: tokio::sync::Mutex::new(None),
                 in_flight: AtomicI64::new(0),
                 received: AtomicU64::new(0),
                 dead_letter_queues: pipeline.dead_letters.broker,
@@ -812,6 +816,25 @@ async fn confirm_all(pending: Vec<(PublisherConfirm, Expect, String)>) -> Result
 
 #[async_trait]
 impl Transport for AmqpTransport {
+    async fn ping(&self) -> Result<()> {
+        let mut probe = self.shared.probe.lock().await;
+        if probe.as_ref().is_none_or(|c| !c.status().connected()) {
+            *probe = Some(connect(&self.shared).await?);
+        }
+        let connection = probe.as_ref().context("no broker connection")?;
+        // Opening and closing a channel is a round trip the broker answers.
+        let answered = async {
+            let channel = connection.create_channel().await?;
+            channel.close(200, short("ping")?).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if answered.is_err() {
+            *probe = None;
+        }
+        answered
+    }
+
     async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
         Ok(Box::new(AmqpSubscription {
             shared: self.shared.clone(),

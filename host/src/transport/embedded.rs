@@ -865,6 +865,14 @@ impl Transport for EmbeddedTransport {
         Ok(())
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.blocking(|s| {
+            lock(&s.writer).query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn is_idle(&self) -> Result<bool> {
         self.blocking(|s| {
             let conn = lock(&s.writer);

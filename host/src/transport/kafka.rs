@@ -568,6 +568,25 @@ async fn produce_all<T>(
 
 #[async_trait]
 impl Transport for KafkaTransport {
+    async fn ping(&self) -> Result<()> {
+        // The metadata of one topic of the host's own: a request the
+        // cluster answers, on the producer's client, beside the consumers.
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared
+                .producer
+                .client()
+                .fetch_metadata(
+                    Some(&shared.replies_topic),
+                    shared.config.timeout.min(Duration::from_secs(2)),
+                )
+                .map(|_| ())
+                .map_err(|e| anyhow!("the cluster did not answer: {e}"))
+        })
+        .await
+        .map_err(|e| anyhow!("the metadata request stopped: {e}"))?
+    }
+
     async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
         let r = self.route(route)?.clone();
         self.ensure_topics(&r.all_topics()).await?;

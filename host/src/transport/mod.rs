@@ -215,6 +215,10 @@ pub trait Transport: Send + Sync {
     /// consumers (replays go back to the route that failed them).
     async fn enqueue_to(&self, route: &str, messages: Vec<Envelope>) -> Result<()>;
 
+    /// Answers when the broker or store does: one cheap round trip that
+    /// does not stand in the way of the routes' own traffic (`/readyz`).
+    async fn ping(&self) -> Result<()>;
+
     /// True when no message is waiting, scheduled for a retry, or in flight
     /// on any route of the pipeline. A saga timeout that is not due yet
     /// does not count: it is kept, and fires when it is due.

@@ -268,3 +268,73 @@ const EXPRESSIBLE: &[&str] = &[
     "unknown-key",
     "wrong-type",
 ];
+
+/// Every key the section parsers ask for by name is in the published
+/// schema: a key read only on a path no valid fixture takes would
+/// otherwise be missing from it, and editors would flag it as unknown.
+#[test]
+fn every_key_the_parsers_name_is_in_the_schema() {
+    fn property_names(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                if let Some(serde_json::Value::Object(props)) = o.get("properties") {
+                    out.extend(props.keys().cloned());
+                }
+                o.values().for_each(|v| property_names(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| property_names(v, out)),
+            _ => {}
+        }
+    }
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(published_schema()).unwrap()).unwrap();
+    let mut known = std::collections::BTreeSet::new();
+    property_names(&schema, &mut known);
+    let getters = [
+        "string(",
+        "required_string(",
+        "bool(",
+        "count(",
+        "count_in(",
+        "number(",
+        "string_or_int(",
+        "strings(",
+        "strings_matching(",
+        "table(",
+        "tables(",
+        "choice(",
+        "require(",
+        "duration(",
+        "env_name(",
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config/parse");
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for getter in getters {
+            for (i, _) in text.match_indices(&format!(".{getter}")) {
+                // The first string literal among the call's arguments.
+                let args = &text[i + getter.len() + 1..];
+                let end = args.find(')').unwrap_or(args.len());
+                let Some(open) = args[..end].find('"') else {
+                    continue;
+                };
+                let key: String = args[open + 1..].chars().take_while(|c| *c != '"').collect();
+                if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    continue;
+                }
+                seen += 1;
+                if !known.contains(&key) {
+                    missing.push(format!("{}: `{key}`", path.display()));
+                }
+            }
+        }
+    }
+    assert!(
+        seen > 50,
+        "found only {seen} keys; is the scan still right?"
+    );
+    assert!(missing.is_empty(), "keys the schema lacks: {missing:?}");
+}

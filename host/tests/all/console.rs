@@ -201,6 +201,11 @@ async fn guards_and_actions(p: &Pipeline) {
     let path = format!("/ui/dead-letters/{}", record.id);
     let http = Http::new(&base);
 
+    // Ready: every route runs; the transport (on RabbitMQ, a channel opened
+    // on a connection of the probe's own) and the stores answer.
+    let ready = http.get("/readyz", None).await;
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+
     // No session: pages lead to the login form, actions change nothing.
     let a = http.get(&path, None).await;
     assert_eq!(a.status, 303);

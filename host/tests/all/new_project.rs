@@ -92,12 +92,24 @@ fn contract_and_reply(project: &Path, wasm: &str) {
     assert!(said.contains("4 passed, 0 failed"), "{said}");
     ok(switchyard(project).args(["validate", "pipeline.toml"]));
 
-    let host = switchyard(project)
-        .args(["run", "pipeline.toml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Killed if the test fails before it stops it.
+    struct Host(Option<std::process::Child>);
+    impl Drop for Host {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut host = Host(Some(
+        switchyard(project)
+            .args(["run", "pipeline.toml"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
     let out = ok(switchyard(project).args([
         "send",
         "Greet",
@@ -108,7 +120,9 @@ fn contract_and_reply(project: &Path, wasm: &str) {
         "--wait-reply",
         "60s",
     ]));
-    stop(host);
+    if let Some(h) = host.0.take() {
+        stop(h);
+    }
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("reply is not JSON ({e}):\n{}", text(&out)));
     assert_eq!(reply, serde_json::json!({ "greeting": "Hello, ada!" }));

@@ -7,7 +7,7 @@
 // A payload that is not the expected JSON fails for good (a permanent
 // error: the host dead-letters it and never retries it).
 
-import { log, publish, reply } from "switchyard:plugin/host@0.2.2";
+import { log, publish, reply } from "switchyard:plugin/host@{{wit_version}}";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

@@ -88,7 +88,12 @@ impl Parser<'_> {
                 }
             }
         }
-        let not_found = match section.choice("not_found", &["ignore", "dead-letter"], self.diags) {
+        let not_found = match section.choice(
+            "not_found",
+            &["ignore", "dead-letter"],
+            Some("\"ignore\" settles such a message without the plugin; \"dead-letter\" keeps it"),
+            self.diags,
+        ) {
             None => NotFound::default(),
             Some(v) => match v.value.as_str() {
                 "dead-letter" => NotFound::DeadLetter,

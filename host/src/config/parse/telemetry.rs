@@ -21,7 +21,7 @@ impl Parser<'_> {
 
     /// `traces` and `metrics`: what is exported.
     fn telemetry_exports(&mut self, t: &mut Section<'_>, config: &mut TelemetryConfig) {
-        if let Some(v) = t.choice("traces", &["otlp", "stdout", "off"], self.diags) {
+        if let Some(v) = t.choice("traces", &["otlp", "stdout", "off"], None, self.diags) {
             config.traces = match v.value.as_str() {
                 "otlp" => Some(TraceExport::Otlp),
                 "stdout" => Some(TraceExport::Stdout),
@@ -29,8 +29,12 @@ impl Parser<'_> {
                 _ => None,
             };
         }
-        // Metrics are served at /metrics on the admin listener either way.
-        if let Some(v) = t.choice("metrics", &["otlp", "off"], self.diags) {
+        if let Some(v) = t.choice(
+            "metrics",
+            &["otlp", "off"],
+            Some("metrics are always served at /metrics on the admin listener"),
+            self.diags,
+        ) {
             config.metrics_otlp = Some(v.value == "otlp");
         }
     }

@@ -33,6 +33,7 @@ impl Parser<'_> {
         let kind = t.choice(
             "kind",
             &["embedded", "amqp", "rabbitmq", "kafka"],
+            Some("`embedded` keeps the queues in a SQLite file; `amqp` (or `rabbitmq`) is RabbitMQ; `kafka` is Kafka"),
             self.diags,
         );
         match kind.as_ref().map(|k| k.value.as_str()) {
@@ -49,8 +50,12 @@ impl Parser<'_> {
                 config.path = self.base.join(path.value);
             }
         }
-        // "full" survives power loss; "normal" a crash of the host process.
-        if let Some(sync) = t.choice("sync", &["full", "normal"], self.diags) {
+        if let Some(sync) = t.choice(
+            "sync",
+            &["full", "normal"],
+            Some("\"full\" survives power loss; \"normal\" survives a crash of the host process only"),
+            self.diags,
+        ) {
             config.fsync = sync.value == "full";
         }
         if let Some(n) = t.count_in("batch_size", 1..=10_000, self.diags) {
