@@ -161,3 +161,49 @@ fn an_ingress_without_its_token_does_not_start_and_one_off_loopback_needs_one() 
         "{said}"
     );
 }
+
+/// On RabbitMQ the reply comes back through the broker to the ingress's
+/// reply queue, and an event is confirmed by the broker before its 202.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_rabbitmq_a_command_is_answered_and_an_event_accepted() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let (path, p) = crate::amqp::pipeline(
+        dir.path(),
+        &format!(
+            "[ingress]\nlisten = \"{listen}\"\n[plugins.echo]\nwasm = \"{{dist}}/echo.wasm\"\ncommands = [\"Echo\"]\nevents = [\"Tick\"]\n"
+        ),
+    );
+    let host = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || run(&path, listen, None)
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let reply = client
+        .post(format!("http://{listen}/commands/Echo"))
+        .header("content-type", "application/json")
+        .header("prefer", "wait=20")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    let status = reply.status();
+    let body = reply.text().await.unwrap();
+    let event = client
+        .post(format!("http://{listen}/events/Tick"))
+        .header("content-type", "application/json")
+        .body(r#"{"n":2}"#)
+        .send()
+        .await
+        .unwrap();
+    let event_status = event.status();
+    tokio::task::spawn_blocking(move || stop(host))
+        .await
+        .unwrap();
+    crate::amqp::clean_up(&p).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, r#"{"n":1}"#));
+    assert_eq!(event_status.as_u16(), 202);
+}
