@@ -189,34 +189,43 @@ impl Admin {
             Some(console) => app.merge(console.router()),
             None => app,
         };
-        serve_http(
-            self.listener,
-            app,
-            MAX_CONNECTIONS,
-            self.header_timeout,
-            CONNECTION_TIMEOUT,
-            false,
-            shutdown,
-        )
-        .await;
+        let serving = Serving {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: self.header_timeout,
+            connection_timeout: CONNECTION_TIMEOUT,
+            keep_alive: false,
+            tls: None,
+        };
+        serve_http(self.listener, app, serving, shutdown).await;
         Ok(())
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes: at most
-/// `max_connections` at once (more are closed on arrival), headers within
-/// `header_timeout`, a connection within `connection_timeout`. At shutdown
-/// each connection finishes its request and closes; requests in progress
-/// get up to 5 seconds.
+/// How [`serve_http`] serves a listener.
+pub(crate) struct Serving {
+    /// Connections at once; more are closed on arrival.
+    pub max_connections: usize,
+    /// How long a client may take to send its headers (and, with TLS, to
+    /// finish its handshake).
+    pub header_timeout: Duration,
+    /// The longest a connection may last.
+    pub connection_timeout: Duration,
+    pub keep_alive: bool,
+    /// HTTPS: every connection starts with a TLS handshake.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, within the
+/// limits of `serving`. At shutdown each connection finishes its request
+/// and closes; requests in progress get up to 5 seconds.
 pub(crate) async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
-    max_connections: usize,
-    header_timeout: Duration,
-    connection_timeout: Duration,
-    keep_alive: bool,
+    serving: Serving,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let max_connections = serving.max_connections;
+    let serving = Arc::new(serving);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     // Dropped at shutdown: every connection then finishes its request
     // and closes.
@@ -241,30 +250,20 @@ pub(crate) async fn serve_http(
             continue;
         };
         let app = app.clone();
-        let mut closed = closed.clone();
+        let closed = closed.clone();
+        let serving = serving.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let mut app = app.clone();
-                async move { app.call(req.map(Body::new)).await }
-            });
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(keep_alive);
-            let conn = http.serve_connection(TokioIo::new(io), service);
-            let mut conn = std::pin::pin!(conn);
-            let served = tokio::time::timeout(connection_timeout, async {
-                tokio::select! {
-                    result = conn.as_mut() => result,
-                    _ = closed.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.as_mut().await
+            match &serving.tls {
+                None => serve_connection(io, app, &serving, closed).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(serving.header_timeout, acceptor.accept(io)).await;
+                    match handshake {
+                        Ok(Ok(tls)) => serve_connection(tls, app, &serving, closed).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake not finished in time"),
                     }
                 }
-            })
-            .await;
-            if let Ok(Err(e)) = served {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
             drop(permit);
         });
@@ -276,6 +275,41 @@ pub(crate) async fn serve_http(
         permits.acquire_many(u32::try_from(max_connections).unwrap_or(u32::MAX)),
     )
     .await;
+}
+
+/// Serves one connection, plain or TLS, until it ends or the listener
+/// closes.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    serving: &Serving,
+    mut closed: tokio::sync::watch::Receiver<()>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let mut app = app.clone();
+        async move { app.call(req.map(Body::new)).await }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(serving.header_timeout)
+        .keep_alive(serving.keep_alive);
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let served = tokio::time::timeout(serving.connection_timeout, async {
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = closed.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        }
+    })
+    .await;
+    if let Ok(Err(e)) = served {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
 }
 
 /// 200 `ready`, or 503 `not ready` with one line per reason. The reasons
@@ -434,7 +468,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response
             "changes through the admin API are off on this host: set [admin] token_env in the pipeline and that variable in the host's environment",
         ));
     };
-    check_bearer(headers, expected, &state.guesses, "Admin API").await
+    check_bearer(headers, &[&**expected], &state.guesses, "Admin API").await
 }
 
 /// Checks `Authorization: Bearer <expected>`: 401 without it, and 401
@@ -442,7 +476,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response
 /// with a wrong one. `what` names the listener in the log.
 pub(crate) async fn check_bearer(
     headers: &HeaderMap,
-    expected: &str,
+    expected: &[&str],
     guesses: &crate::console::Guesses,
     what: &str,
 ) -> Result<(), Response> {
@@ -450,8 +484,15 @@ pub(crate) async fn check_bearer(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    // Every expected token is compared, so the time taken does not tell
+    // which one a token came close to.
+    let matches = |t: &str| {
+        expected.iter().fold(false, |found, e| {
+            crate::text::constant_time_eq(t.as_bytes(), e.as_bytes()) | found
+        })
+    };
     match given {
-        Some(t) if crate::text::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(t) if matches(t) => Ok(()),
         Some(_) => {
             guesses.wrong().await;
             tracing::warn!("{what}: a request with a wrong token");

@@ -53,7 +53,7 @@
 //! | [`saga`] | sagas: how a message finds its instance, instances and their steps, conflicts |
 //! | [`envelope`] | the transport-neutral message, its attempt history, the host's own headers |
 //! | [`recover`] | failure kinds, the retry policy, backoff, fingerprints |
-//! | `text`, `files`, `json_diff` | leaves: outside text made safe to log, private files, JSON differences |
+//! | `text`, `files`, `json_diff`, `pem` | leaves: outside text made safe to log, private files, JSON differences, PEM certificates for TLS |
 
 pub mod admin;
 pub mod cli;
@@ -68,6 +68,7 @@ pub mod ingress;
 pub mod journal;
 mod json_diff;
 pub mod limits;
+mod pem;
 mod pg;
 pub mod plugin;
 pub mod recover;

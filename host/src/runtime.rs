@@ -668,27 +668,35 @@ async fn start_admin(
     }
 }
 
-/// Binds the HTTP ingress; a host whose `[ingress]` cannot listen, or
-/// whose token variable is not set, does not start.
+/// Binds the HTTP ingress; a host whose `[ingress]` cannot listen, whose
+/// certificate cannot be read, or whose token variables are not set, does
+/// not start.
 async fn bind_ingress(
     pipeline: &Pipeline,
     config: &crate::config::IngressConfig,
     transport: &dyn Transport,
 ) -> Result<crate::ingress::Ingress> {
-    let token = match &config.token_env {
-        None => None,
-        Some(var) => match std::env::var(var) {
-            Ok(t) if !t.is_empty() => Some(t),
-            _ => bail!(
-                "[ingress] token_env names the environment variable {var}, which is not set: set it to the bearer token clients must present"
-            ),
-        },
+    let read = |var: &str, what: &str| match std::env::var(var) {
+        Ok(t) if !t.is_empty() => Ok(t),
+        _ => Err(anyhow::anyhow!(
+            "[ingress] {what} names the environment variable {var}, which is not set: set it to the bearer token clients must present"
+        )),
     };
+    let mut tokens = crate::ingress::Tokens::default();
+    if let Some(var) = &config.token_env {
+        tokens.all = Some(read(var, "token_env")?);
+    }
+    for (t, var) in &config.type_tokens {
+        let what = format!("tokens.{t}");
+        tokens.by_type.insert(t.to_string(), read(var, &what)?);
+    }
+    let required = tokens.required();
     let ingress =
-        crate::ingress::Ingress::bind(pipeline, config.clone(), token.clone(), transport).await?;
+        crate::ingress::Ingress::bind(pipeline, config.clone(), tokens, transport).await?;
     tracing::info!(
         address = %ingress.local_addr().map_or(config.listen.to_string(), |a| a.to_string()),
-        token = if token.is_some() { "required" } else { "none (loopback)" },
+        scheme = if ingress.https() { "https" } else { "http" },
+        token = if required { "required" } else { "none (loopback)" },
         "Ingress: POST /commands/{{Type}} and /events/{{Type}}"
     );
     Ok(ingress)

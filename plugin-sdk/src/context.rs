@@ -37,6 +37,10 @@ pub(crate) trait Outbox {
     fn saga_current(&mut self) -> Option<SagaInstance>;
     fn saga_complete(&mut self);
     fn saga_request_timeout(&mut self, after_ms: u64, message_type: &str, payload: Vec<u8>);
+    fn http(
+        &mut self,
+        request: &crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError>;
 }
 
 /// The saga instance of the message being handled, from [`Context::saga`].
@@ -189,6 +193,18 @@ impl<'a> Context<'a> {
         self.outbox
             .saga_request_timeout(after_ms, message_type, payload);
         Ok(())
+    }
+
+    /// Sends an HTTP request and waits for its whole response. The host
+    /// sends it only to an origin of the plugin's `http` grant and ends the
+    /// wait at the message's deadline; an error says why there is no
+    /// response (it converts to a [`HandlerError`] with `?`: permanent when
+    /// refused, transient otherwise). A response with any status is `Ok`.
+    pub fn http(
+        &mut self,
+        request: crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError> {
+        self.outbox.http(&request)
     }
 
     /// Records an event with attributes on the trace span of this message.

@@ -105,6 +105,205 @@ impl Outbox for HostImports {
     fn saga_request_timeout(&mut self, after_ms: u64, message_type: &str, payload: Vec<u8>) {
         saga::request_timeout(after_ms, message_type, &payload);
     }
+
+    fn http(
+        &mut self,
+        request: &crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError> {
+        wasi_http::send(request)
+    }
+}
+
+/// `Context::http` over `wasi:http/outgoing-handler`.
+mod wasi_http {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{
+        ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
+    };
+    use wasip2::io::streams::StreamError;
+
+    use crate::http::{HttpError, HttpErrorKind, Request, Response};
+
+    /// How much is written or read per stream call.
+    const CHUNK: usize = 4096;
+
+    fn invalid(what: impl Into<String>) -> HttpError {
+        HttpError::new(HttpErrorKind::InvalidRequest, what)
+    }
+
+    fn failed(request: &Request, code: &ErrorCode) -> HttpError {
+        use ErrorCode as E;
+        let kind = match code {
+            E::HttpRequestDenied => HttpErrorKind::Denied,
+            E::DnsTimeout
+            | E::ConnectionTimeout
+            | E::ConnectionReadTimeout
+            | E::ConnectionWriteTimeout
+            | E::HttpResponseTimeout => HttpErrorKind::Timeout,
+            E::DnsError(_)
+            | E::DestinationNotFound
+            | E::DestinationUnavailable
+            | E::DestinationIpProhibited
+            | E::DestinationIpUnroutable
+            | E::ConnectionRefused
+            | E::ConnectionTerminated
+            | E::ConnectionLimitReached => HttpErrorKind::Connect,
+            E::TlsProtocolError | E::TlsCertificateError | E::TlsAlertReceived(_) => {
+                HttpErrorKind::Tls
+            }
+            E::HttpResponseBodySize(_) => HttpErrorKind::TooLarge,
+            E::HttpRequestMethodInvalid
+            | E::HttpRequestUriInvalid
+            | E::HttpRequestUriTooLong
+            | E::HttpRequestHeaderSize(_)
+            | E::HttpRequestHeaderSectionSize(_) => HttpErrorKind::InvalidRequest,
+            _ => HttpErrorKind::Protocol,
+        };
+        let why = match kind {
+            HttpErrorKind::Denied => {
+                "refused by the host: the origin is not in the plugin's `http` grant".to_owned()
+            }
+            _ => format!("{code:?}"),
+        };
+        HttpError::new(kind, format!("{} {}: {why}", request.method, request.url))
+    }
+
+    pub(super) fn send(request: &Request) -> Result<Response, HttpError> {
+        let (scheme, authority, path) = request.parts()?;
+        let headers = Fields::new();
+        for (name, value) in &request.headers {
+            headers
+                .append(name, value.as_bytes())
+                .map_err(|e| invalid(format!("header `{name}`: {e:?}")))?;
+        }
+        // The length is known: said up front rather than sent chunked,
+        // which some servers refuse.
+        let told = request
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-length"));
+        if !told
+            && (!request.body.is_empty()
+                || matches!(
+                    request.method.to_ascii_uppercase().as_str(),
+                    "POST" | "PUT" | "PATCH"
+                ))
+        {
+            headers
+                .append("content-length", request.body.len().to_string().as_bytes())
+                .map_err(|e| invalid(format!("header `content-length`: {e:?}")))?;
+        }
+        let outgoing = OutgoingRequest::new(headers);
+        let method = match request.method.to_ascii_uppercase().as_str() {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "PATCH" => Method::Patch,
+            "HEAD" => Method::Head,
+            "OPTIONS" => Method::Options,
+            _ => Method::Other(request.method.clone()),
+        };
+        let scheme = if scheme == "https" {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        let set = outgoing
+            .set_method(&method)
+            .and_then(|()| outgoing.set_scheme(Some(&scheme)))
+            .and_then(|()| outgoing.set_authority(Some(authority)))
+            .and_then(|()| outgoing.set_path_with_query(Some(path)));
+        if set.is_err() {
+            return Err(invalid(format!(
+                "`{} {}` is not a valid request",
+                request.method, request.url
+            )));
+        }
+        let body = outgoing
+            .body()
+            .map_err(|()| invalid("the request body was taken twice"))?;
+        let future = outgoing_handler::handle(outgoing, None).map_err(|e| failed(request, &e))?;
+        // A request the host refuses or cannot send stops taking its body:
+        // then the response's error says why, not the failed write.
+        let mut sent = Ok(());
+        {
+            let stream = body
+                .write()
+                .map_err(|()| invalid("the request body stream was taken twice"))?;
+            for chunk in request.body.chunks(CHUNK) {
+                if let Err(e) = stream.blocking_write_and_flush(chunk) {
+                    sent = Err(HttpError::new(
+                        HttpErrorKind::Protocol,
+                        format!(
+                            "{} {}: sending the body failed: {e:?}",
+                            request.method, request.url
+                        ),
+                    ));
+                    break;
+                }
+            }
+        }
+        let finished = OutgoingBody::finish(body, None);
+        future.subscribe().block();
+        let response = match future.get() {
+            Some(Ok(Ok(response))) => response,
+            Some(Ok(Err(code))) => return Err(failed(request, &code)),
+            Some(Err(())) | None => {
+                return Err(HttpError::new(
+                    HttpErrorKind::Protocol,
+                    format!("{} {}: no response", request.method, request.url),
+                ));
+            }
+        };
+        sent?;
+        finished.map_err(|e| failed(request, &e))?;
+        let status = response.status();
+        let headers = response
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        let incoming = response
+            .consume()
+            .map_err(|()| invalid("the response body was taken twice"))?;
+        let body = read_body(request, &incoming)?;
+        drop(IncomingBody::finish(incoming));
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn read_body(request: &Request, incoming: &IncomingBody) -> Result<Vec<u8>, HttpError> {
+        let stream = incoming
+            .stream()
+            .map_err(|()| invalid("the response body stream was taken twice"))?;
+        let mut body = Vec::new();
+        loop {
+            match stream.blocking_read(CHUNK as u64 * 16) {
+                Ok(bytes) => body.extend_from_slice(&bytes),
+                Err(StreamError::Closed) => return Ok(body),
+                Err(StreamError::LastOperationFailed(e)) => {
+                    return Err(match wasip2::http::types::http_error_code(&e) {
+                        Some(code) => failed(request, &code),
+                        None => HttpError::new(
+                            HttpErrorKind::Protocol,
+                            format!(
+                                "{} {}: reading the response failed: {}",
+                                request.method,
+                                request.url,
+                                // The first line: a host may add a backtrace.
+                                e.to_debug_string().lines().next().unwrap_or_default()
+                            ),
+                        ),
+                    });
+                }
+            }
+        }
+    }
 }
 
 fn outgoing_to_wit(o: Outgoing) -> wit::Outgoing {

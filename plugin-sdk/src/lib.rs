@@ -46,6 +46,7 @@
 
 mod context;
 mod error;
+pub mod http;
 mod message;
 pub mod testing;
 

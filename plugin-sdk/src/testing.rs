@@ -51,6 +51,10 @@ pub struct TestHost<P> {
     state: RefCell<BTreeMap<String, Vec<u8>>>,
     /// The saga instance every message belongs to, when run as a saga.
     saga: RefCell<Option<(crate::SagaInstance, bool)>>,
+    /// Answers to HTTP requests: method, URL, response.
+    http: Vec<(String, String, crate::http::Response)>,
+    /// Every HTTP request fails to connect.
+    network_down: bool,
 }
 
 impl<P: Plugin> Default for TestHost<P> {
@@ -67,7 +71,28 @@ impl<P: Plugin> TestHost<P> {
             plugin: PhantomData,
             state: RefCell::default(),
             saga: RefCell::default(),
+            http: Vec::new(),
+            network_down: false,
         }
+    }
+
+    /// Answers `method url` with `response` whenever the handler asks. A
+    /// request no stub answers fails with [`HttpErrorKind::Denied`], as a
+    /// request outside the plugin's grant does in a host.
+    ///
+    /// [`HttpErrorKind::Denied`]: crate::http::HttpErrorKind::Denied
+    pub fn with_http(mut self, method: &str, url: &str, response: crate::http::Response) -> Self {
+        self.http
+            .push((method.to_ascii_uppercase(), url.to_owned(), response));
+        self
+    }
+
+    /// Every HTTP request fails to connect ([`HttpErrorKind::Connect`]).
+    ///
+    /// [`HttpErrorKind::Connect`]: crate::http::HttpErrorKind::Connect
+    pub fn with_network_down(mut self) -> Self {
+        self.network_down = true;
+        self
     }
 
     /// Runs the plugin as a saga whose messages all belong to instance
@@ -142,6 +167,8 @@ impl<P: Plugin> TestHost<P> {
             writes: BTreeMap::new(),
             saga: self.saga.borrow().as_ref().map(|(i, _)| i.clone()),
             completed: false,
+            http: &self.http,
+            network_down: self.network_down,
         };
         let declared = self.info.handled_kind(&message.message_type);
         let result = if declared != Some(message.kind) {
@@ -234,6 +261,8 @@ pub struct Outcome {
     pub saga_completed: bool,
     /// Timeouts the saga requested, with how long after (empty on failure).
     pub timeouts: Vec<(std::time::Duration, Outgoing)>,
+    /// HTTP requests the handler sent, answered or not.
+    pub http_requests: Vec<crate::http::Request>,
 }
 
 impl Default for Outcome {
@@ -249,6 +278,7 @@ impl Default for Outcome {
             state_writes: BTreeMap::new(),
             saga_completed: false,
             timeouts: Vec::new(),
+            http_requests: Vec::new(),
         }
     }
 }
@@ -320,6 +350,8 @@ struct Recorder<'a> {
     saga: Option<crate::SagaInstance>,
     /// The handler completed its saga instance.
     completed: bool,
+    http: &'a [(String, String, crate::http::Response)],
+    network_down: bool,
 }
 
 impl Recorder<'_> {
@@ -485,6 +517,37 @@ impl Outbox for Recorder<'_> {
                 partition_key: None,
             },
         ));
+    }
+
+    fn http(
+        &mut self,
+        request: &crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError> {
+        use crate::http::{HttpError, HttpErrorKind};
+        self.outcome.http_requests.push(request.clone());
+        request.parts()?;
+        if self.network_down {
+            return Err(HttpError::new(
+                HttpErrorKind::Connect,
+                format!(
+                    "{} {}: the network is down (TestHost)",
+                    request.method, request.url
+                ),
+            ));
+        }
+        self.http
+            .iter()
+            .find(|(m, u, _)| m.eq_ignore_ascii_case(&request.method) && *u == request.url)
+            .map(|(_, _, r)| r.clone())
+            .ok_or_else(|| {
+                HttpError::new(
+                    HttpErrorKind::Denied,
+                    format!(
+                        "{} {}: no TestHost::with_http stub answers it",
+                        request.method, request.url
+                    ),
+                )
+            })
     }
 
     fn state_increment(&mut self, key: &str, delta: i64) -> i64 {

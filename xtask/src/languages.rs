@@ -22,11 +22,10 @@ pub fn build(
     target_dir: &Path,
     path: Option<std::ffi::OsString>,
 ) -> Result<Vec<PathBuf>> {
-    Ok(vec![
-        python(dist)?,
-        javascript(dist, path)?,
-        c(dist, target_dir)?,
-    ])
+    let mut built = vec![python(dist)?];
+    built.extend(javascript(dist, path)?);
+    built.push(c(dist, target_dir)?);
+    Ok(built)
 }
 
 fn home() -> PathBuf {
@@ -88,7 +87,9 @@ fn python(dist: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf> {
+/// plugins/fraud, and the test plugin tests/plugins/fetcher, with the
+/// ComponentizeJS that plugins/fraud's lock file names.
+fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<Vec<PathBuf>> {
     let dir = root().join("plugins").join("fraud");
     // Node.js from the given PATH when there is one.
     let tool = |program: &str| {
@@ -136,28 +137,35 @@ fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf> 
             .current_dir(&dir)
             .args(["ci", "--no-audit", "--no-fund"]))?;
     }
-    let out = dist.join("fraud.wasm");
+    let componentize_js = |source: &Path, out: &Path, fetch: bool| {
+        let mut c = Command::new(&componentize);
+        if let Some(p) = &path {
+            c.env("PATH", p);
+        }
+        c.current_dir(&dir)
+            .arg(source)
+            .arg("--wit")
+            .arg(root().join("wit"))
+            .args(["--world-name", "plugin", "--disable"]);
+        // Without fetch() the engine imports no `wasi:http`.
+        if !fetch {
+            c.arg("http");
+        }
+        run(c.args(["fetch-event", "--out"]).arg(out))
+    };
+    let fraud = dist.join("fraud.wasm");
     eprintln!("xtask: building plugins/fraud (JavaScript) with componentize-js");
-    // The host grants no HTTP: the engine is built without fetch().
-    let mut componentize_js = Command::new(&componentize);
-    if let Some(p) = &path {
-        componentize_js.env("PATH", p);
-    }
-    run(componentize_js
-        .current_dir(&dir)
-        .args([
-            "fraud.js",
-            "--wit",
-            "../../wit",
-            "--world-name",
-            "plugin",
-            "--disable",
-            "http",
-            "fetch-event",
-            "--out",
-        ])
-        .arg(&out))?;
-    Ok(out)
+    componentize_js(Path::new("fraud.js"), &fraud, false)?;
+    let fetcher = dist.join("fetcher.wasm");
+    eprintln!(
+        "xtask: building tests/plugins/fetcher (JavaScript, with fetch) with componentize-js"
+    );
+    componentize_js(
+        &root().join("tests/plugins/fetcher/fetcher.js"),
+        &fetcher,
+        true,
+    )?;
+    Ok(vec![fraud, fetcher])
 }
 
 /// Installs a crates.io tool into the tools directory unless it is there at

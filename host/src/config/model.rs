@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::names::{MessageType, PluginName};
+use super::origin::Origin;
 use super::reader::quote_list;
 use crate::envelope::Kind;
 use crate::recover::RetryPolicy;
@@ -217,9 +218,15 @@ pub struct JournalConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngressConfig {
     pub listen: SocketAddr,
-    /// The environment variable holding the bearer token every request
-    /// must present; `None` takes requests without one (loopback only).
+    /// The environment variable holding a bearer token good for every
+    /// type. With neither it nor `type_tokens`, requests need no token
+    /// (loopback only).
     pub token_env: Option<String>,
+    /// `[ingress.tokens]`: per message type, the environment variable of a
+    /// token good for that type only (a webhook sender's, say).
+    pub type_tokens: BTreeMap<MessageType, String>,
+    /// HTTPS instead of plain HTTP: the certificate chain and its key.
+    pub tls: Option<IngressTls>,
     /// The largest request body taken.
     pub max_body: u64,
     /// How long a command's request waits for the reply by default.
@@ -229,6 +236,15 @@ pub struct IngressConfig {
     /// How long the id of a message a client named is remembered, so that
     /// a retry under it is not sent again.
     pub dedupe_window: Duration,
+}
+
+/// `[ingress] tls_cert` and `tls_key`: PEM files, read when the host starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressTls {
+    /// The certificate chain, the server's own certificate first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Default of `[ingress] listen`.
@@ -444,7 +460,7 @@ impl Default for Limits {
 }
 
 /// What a plugin may reach beyond its own memory. Nothing by default.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Grants {
     /// Environment variables with fixed values.
     pub env: Vec<(String, String)>,
@@ -457,6 +473,32 @@ pub struct Grants {
     pub stdio: bool,
     /// Addresses the plugin may connect to over TCP.
     pub network: Vec<SocketAddr>,
+    /// Origins the plugin may send HTTP requests to (`wasi:http`).
+    pub http: Vec<Origin>,
+    /// A PEM file of roots trusted for HTTPS besides the Mozilla roots
+    /// built into the host.
+    pub http_roots: Option<PathBuf>,
+    /// The largest HTTP response body the plugin may receive.
+    pub http_max_response: u64,
+}
+
+/// The response body cap when the grant names none.
+pub const DEFAULT_HTTP_MAX_RESPONSE: u64 = 1 << 20;
+
+impl Default for Grants {
+    fn default() -> Self {
+        Grants {
+            env: Vec::new(),
+            inherit_env: Vec::new(),
+            dirs: Vec::new(),
+            clock: false,
+            stdio: false,
+            network: Vec::new(),
+            http: Vec::new(),
+            http_roots: None,
+            http_max_response: DEFAULT_HTTP_MAX_RESPONSE,
+        }
+    }
 }
 
 /// A host directory made visible to a plugin.

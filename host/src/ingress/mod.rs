@@ -18,6 +18,7 @@
 //! within `dedupe_window` ([`accepted`]).
 
 mod accepted;
+mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -53,11 +54,37 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// request is answered 503.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The bearer tokens an ingress admits, read from the environment.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens {
+    /// Good for every type (`token_env`).
+    pub all: Option<String>,
+    /// Good for one type only (`[ingress.tokens]`).
+    pub by_type: HashMap<String, String>,
+}
+
+impl Tokens {
+    /// Whether requests need a token at all.
+    pub fn required(&self) -> bool {
+        self.all.is_some() || !self.by_type.is_empty()
+    }
+
+    /// The tokens that admit a request for `message_type`.
+    fn admitting(&self, message_type: &str) -> Vec<&str> {
+        self.all
+            .iter()
+            .chain(self.by_type.get(message_type))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
 /// A bound ingress listener, ready to serve once the routes run.
 pub struct Ingress {
     listener: tokio::net::TcpListener,
     config: IngressConfig,
-    token: Option<String>,
+    tokens: Tokens,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     accepted: Accepted,
     inbox: Box<dyn ReplyInbox>,
 }
@@ -65,7 +92,7 @@ pub struct Ingress {
 struct Shared {
     control: Arc<Supervisor>,
     config: IngressConfig,
-    token: Option<String>,
+    tokens: Tokens,
     guesses: Arc<Guesses>,
     /// Where replies to this ingress's commands go.
     address: String,
@@ -76,15 +103,22 @@ struct Shared {
 }
 
 impl Ingress {
-    /// Binds the listener, opens the file of accepted ids and the reply
-    /// inbox: everything that can fail, before any route starts. `token`
-    /// is the value of `[ingress] token_env`'s variable.
+    /// Binds the listener, reads the TLS certificate and key, opens the
+    /// file of accepted ids and the reply inbox: everything that can fail,
+    /// before any route starts. `tokens` are the values of the token
+    /// variables.
     pub async fn bind(
         pipeline: &crate::config::Pipeline,
         config: IngressConfig,
-        token: Option<String>,
+        tokens: Tokens,
         transport: &dyn crate::transport::Transport,
     ) -> Result<Self> {
+        let tls = match &config.tls {
+            Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                tls::server_config(files)?,
+            ))),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} for [ingress]", config.listen))?;
@@ -101,10 +135,16 @@ impl Ingress {
         Ok(Ingress {
             listener,
             config,
-            token,
+            tokens,
+            tls,
             accepted,
             inbox,
         })
+    }
+
+    /// Whether the ingress speaks HTTPS.
+    pub fn https(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -121,14 +161,15 @@ impl Ingress {
         let Ingress {
             listener,
             config,
-            token,
+            tokens,
+            tls,
             accepted,
             inbox,
         } = self;
         let shared = Arc::new(Shared {
             control,
             config,
-            token,
+            tokens,
             guesses: Guesses::new(),
             address: inbox.address().to_owned(),
             waiters: Mutex::new(HashMap::new()),
@@ -147,16 +188,14 @@ impl Ingress {
                 )
             })
             .with_state(shared);
-        crate::admin::serve_http(
-            listener,
-            app,
-            MAX_CONNECTIONS,
-            HEADER_TIMEOUT,
-            BODY_TIMEOUT + ACCEPT_TIMEOUT + DEFAULT_MAX_WAIT_CAP,
-            true,
-            shutdown,
-        )
-        .await;
+        let serving = crate::admin::Serving {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            connection_timeout: BODY_TIMEOUT + ACCEPT_TIMEOUT + DEFAULT_MAX_WAIT_CAP,
+            keep_alive: true,
+            tls,
+        };
+        crate::admin::serve_http(listener, app, serving, shutdown).await;
         let _ = stop.send(true);
         let _ = replies.await;
         pruner.abort();
@@ -283,14 +322,18 @@ async fn answer(
     response
 }
 
-/// The bearer token, when the ingress has one.
-async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    match &shared.token {
-        None => Ok(()),
-        Some(expected) => {
-            crate::admin::check_bearer(headers, expected, &shared.guesses, "Ingress").await
-        }
+/// The bearer token, when the ingress has any: one good for every type, or
+/// one of the request's type.
+async fn authorize(
+    shared: &Shared,
+    message_type: &str,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
+    if !shared.tokens.required() {
+        return Ok(());
     }
+    let admitting = shared.tokens.admitting(message_type);
+    crate::admin::check_bearer(headers, &admitting, &shared.guesses, "Ingress").await
 }
 
 async fn accept(
@@ -300,7 +343,7 @@ async fn accept(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, Response> {
-    authorize(shared, headers).await?;
+    authorize(shared, message_type, headers).await?;
     let t = MessageType::try_from(message_type)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("not a message type: {e}")))?;
     check_kind(shared, &t, kind).await?;

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result, anyhow, bail};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::SslMode;
@@ -166,26 +165,7 @@ pub fn client_config(tls: TlsMode, roots: Option<&PathBuf>) -> Result<rustls::Cl
         TlsMode::VerifyCa | TlsMode::VerifyFull => {
             let mut store = rustls::RootCertStore::empty();
             match roots {
-                Some(path) => {
-                    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                        .and_then(Iterator::collect)
-                        .map_err(|e| {
-                            anyhow!(
-                                "cannot read the root certificates in {}: {e}",
-                                path.display()
-                            )
-                        })?;
-                    if certs.is_empty() {
-                        bail!("{} holds no PEM certificate (sslrootcert)", path.display());
-                    }
-                    let (_, refused) = store.add_parsable_certificates(certs);
-                    if store.is_empty() {
-                        bail!(
-                            "none of the {refused} certificates in {} can be a root (sslrootcert)",
-                            path.display()
-                        );
-                    }
-                }
+                Some(path) => crate::pem::add_roots(&mut store, path, "sslrootcert")?,
                 None => {
                     store.add_parsable_certificates(
                         webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned(),

@@ -10,6 +10,7 @@
 mod cache;
 mod clock;
 pub mod contract;
+mod http;
 mod saga_host;
 mod sandbox;
 mod state_host;
@@ -26,11 +27,13 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use wasmtime::component::{HasSelf, Linker, ResourceTable, types::ComponentItem};
 use wasmtime::{Config, Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use crate::recover::FailureKind;
 use crate::text::clip;
 pub use cache::{CacheOutcome, ComponentCache};
 pub use contract::{Contract, PluginInfo};
+pub use http::{HttpSimulation, Stub as HttpStub};
 pub use sandbox::{MemoryLimiter, OutputTail, Simulation};
 
 use crate::config::{Grants, Limits, PluginName};
@@ -132,6 +135,9 @@ impl PluginEngine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        // Outbound HTTP, refused unless granted (see `http`).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(anyhow::Error::from)?;
         // Replace WASI's monotonic clock with one whose waits end at the
         // call's deadline (see `clock`).
         linker.allow_shadowing(true);
@@ -275,6 +281,7 @@ impl PluginEngine {
                 size: bytes.len(),
                 pre,
                 engine: self.engine.clone(),
+                http: Arc::new(http::Outbound::new(&sandbox)?),
                 sandbox,
                 contract: Contract::default(),
             }),
@@ -333,6 +340,8 @@ struct Inner {
     engine: Engine,
     sandbox: Sandbox,
     contract: Contract,
+    /// The `http` grant, ready for requests.
+    http: Arc<http::Outbound>,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -411,6 +420,12 @@ impl LoadedPlugin {
             real_clock: inner.sandbox.grants.clock && simulation.clock.is_none(),
             output,
             table: ResourceTable::new(),
+            http_ctx: WasiHttpCtx::new(),
+            http_hooks: http::Hooks::new(
+                inner.http.clone(),
+                simulation.network_down,
+                simulation.http.clone(),
+            ),
             limiter: MemoryLimiter::new(inner.sandbox.limits.memory),
             // A start function's waits end too.
             call: Call {
@@ -495,6 +510,8 @@ pub struct State {
     /// The end of what the plugin wrote to stdout/stderr this call.
     output: OutputTail,
     table: ResourceTable,
+    http_ctx: WasiHttpCtx,
+    http_hooks: http::Hooks,
     limiter: MemoryLimiter,
     /// What the current `handle` call has emitted so far.
     call: Call,
@@ -523,6 +540,18 @@ impl WasiView for State {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        // A request made now must end by the current call's deadline.
+        self.http_hooks.deadline = self.call.deadline;
+        WasiHttpCtxView {
+            hooks: &mut self.http_hooks,
+            table: &mut self.table,
+            ctx: &mut self.http_ctx,
         }
     }
 }

@@ -127,7 +127,7 @@ impl HostWallClock for FixedClock {
 
 /// How the host behaves towards one instance in a contract test, beyond
 /// what the plugin's grants say.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Simulation {
     /// The wall clock reads this time (since the Unix epoch) and stands
     /// still, as does the monotonic clock: output that depends on the time
@@ -137,6 +137,8 @@ pub struct Simulation {
     pub env: Vec<(String, String)>,
     /// Every outbound connection fails, whatever the network grant says.
     pub network_down: bool,
+    /// HTTP requests are answered from stubs, never sent.
+    pub http: Option<Arc<super::http::HttpSimulation>>,
 }
 
 /// Builds the WASI context of one instance: nothing unless granted, then

@@ -75,9 +75,31 @@ fn lower_stream<T>(
     match r {
         Ok(v) => Ok(Ok(v)),
         Err(e) => Ok(Err(
-            <ResourceTable as io_streams::Host>::convert_stream_error(table, e)?,
+            <ResourceTable as io_streams::Host>::convert_stream_error(table, http_body_error(e))?,
         )),
     }
+}
+
+/// An HTTP response body's failure as the `error-code` a guest's
+/// `http-error-code` finds: wasmtime-wasi-http leaves the body's error in
+/// the embedder's form, which that function does not recognise.
+fn http_body_error(e: wasmtime_wasi::p2::StreamError) -> wasmtime_wasi::p2::StreamError {
+    use wasmtime_wasi::p2::StreamError;
+    use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+    let StreamError::LastOperationFailed(err) = e else {
+        return e;
+    };
+    let code = match err.downcast_ref::<wasmtime_wasi_http::Error>() {
+        Some(wasmtime_wasi_http::Error::HttpResponseBodySize(n)) => {
+            ErrorCode::HttpResponseBodySize(*n)
+        }
+        Some(wasmtime_wasi_http::Error::Hyper(h)) if h.is_timeout() => {
+            ErrorCode::ConnectionReadTimeout
+        }
+        Some(wasmtime_wasi_http::Error::Hyper(_)) => ErrorCode::HttpResponseIncomplete,
+        _ => return StreamError::LastOperationFailed(err),
+    };
+    StreamError::LastOperationFailed(code.into())
 }
 
 /// Fails unless `add_to_linker_sync` defined `func` in `interface`.

@@ -484,7 +484,7 @@ fn the_example_plugins_pass_their_contract_tests() {
     let dir = tempfile::tempdir().unwrap();
     for (plugin, cases) in [
         ("orders", 5),
-        ("payments", 5),
+        ("payments", 9),
         ("inventory", 2),
         ("notifications", 3),
         ("shipping", 3),
@@ -500,13 +500,26 @@ fn the_example_plugins_pass_their_contract_tests() {
             .join("tests")
             .join("contract.toml");
         let junit = dir.path().join(format!("{plugin}.xml"));
-        let out = switchyard(&[
-            "test",
-            wasm(plugin).to_str().unwrap(),
-            tests.to_str().unwrap(),
-            "--junit",
-            junit.to_str().unwrap(),
-        ]);
+        // Payments calls its gateway: the example pipeline grants it.
+        let orders = workspace_root().join("pipelines").join("orders.toml");
+        let granted = ["-p", orders.to_str().unwrap(), "--plugin", plugin];
+        let out = switchyard(
+            &[
+                &[
+                    "test",
+                    wasm(plugin).to_str().unwrap(),
+                    tests.to_str().unwrap(),
+                    "--junit",
+                    junit.to_str().unwrap(),
+                ][..],
+                if plugin == "payments" {
+                    &granted[..]
+                } else {
+                    &[]
+                },
+            ]
+            .concat(),
+        );
         let text = stdout(&out);
         assert!(out.status.success(), "{plugin}: {text}{}", stderr(&out));
         assert!(
@@ -930,5 +943,75 @@ fn the_log_is_one_json_object_a_line_with_trace_ids() {
         stderr(&o).contains("possible values: text, json"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn a_case_answers_http_from_its_stubs_and_fails_on_a_request_none_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        "http",
+        &format!(
+            r#"
+[plugins.caller]
+wasm = "{}"
+commands = ["Call"]
+[plugins.caller.grants]
+http = ["https://gateway.example.com"]
+"#,
+            wasm("caller").display()
+        ),
+    );
+    let tests = dir.path().join("cases.toml");
+    std::fs::write(
+        &tests,
+        r#"
+[[case]]
+name = "the gateway answers"
+input = { type = "Call", json = { method = "POST", url = "https://gateway.example.com/charges", body = "order A-1001" } }
+expect = { reply = { json = { status = 201, length = 17, body = '{"approved":true}' }, match = "subset" } }
+[[case.http]]
+method = "POST"
+url = "https://gateway.example.com/charges"
+body_contains = "A-1001"
+status = 201
+json = { approved = true }
+
+[[case]]
+name = "a request nobody stubbed"
+input = { type = "Call", json = { url = "https://gateway.example.com/refunds" } }
+expect = { error = "permanent" }
+
+[[case]]
+name = "the network is down"
+input = { type = "Call", json = { url = "https://gateway.example.com/charges" } }
+host = { network = "down" }
+expect = { error = "transient", error_code = "http-connect" }
+
+[[case]]
+name = "outside the grant"
+input = { type = "Call", json = { url = "https://evil.example.net/" } }
+expect = { error = "permanent", error_code = "http-denied" }
+"#,
+    )
+    .unwrap();
+    let out = switchyard(&[
+        "test",
+        wasm("caller").to_str().unwrap(),
+        tests.to_str().unwrap(),
+        "-p",
+        pipeline.to_str().unwrap(),
+        "--plugin",
+        "caller",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(text.contains("3 passed, 1 failed"), "{text}");
+    assert!(
+        text.contains(
+            "the plugin sent HTTP requests no [[case.http]] stub answers: GET https://gateway.example.com/refunds"
+        ),
+        "{text}"
     );
 }

@@ -287,3 +287,44 @@ pub fn tally_ids(dir: &Path) -> Vec<String> {
         .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
         .collect()
 }
+
+/// A test CA, and a certificate for `localhost` and 127.0.0.1 it signed.
+pub struct TestCertificates {
+    /// The CA's certificate, in PEM: what a client trusts.
+    pub ca_pem: String,
+    /// The server's certificate and private key, in PEM and in DER.
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_der: Vec<u8>,
+    pub key_der: Vec<u8>,
+}
+
+pub fn test_certificates() -> TestCertificates {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: a certificate whose issuer is its own subject
+    // reads as self-signed to OpenSSL.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Switchyard test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.signed_by(&key, &ca).unwrap();
+    TestCertificates {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().to_vec(),
+        key_der: key.serialize_der(),
+    }
+}

@@ -39,15 +39,21 @@ fn pipeline(dir: &Path, listen: SocketAddr) -> std::path::PathBuf {
 
 /// `switchyard run`, once its ingress takes connections.
 fn run(path: &Path, listen: SocketAddr, token: Option<&str>) -> Child {
+    let env: Vec<(&str, &str)> = token.map(|t| ("INGRESS_TOKEN", t)).into_iter().collect();
+    run_with(path, listen, &env)
+}
+
+/// `switchyard run` with these environment variables (and no other token
+/// variables), once its ingress takes connections.
+fn run_with(path: &Path, listen: SocketAddr, env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(bin());
     cmd.args(["run"])
         .arg(path)
         .env_remove("INGRESS_TOKEN")
+        .env_remove("WEBHOOK_TOKEN")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(t) = token {
-        cmd.env("INGRESS_TOKEN", t);
-    }
     let mut host = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(listen).is_err() {
@@ -70,19 +76,31 @@ fn a_foreign_client_sends_commands_and_events_at_every_limit() {
     let listen = free_addr();
     let path = pipeline(dir.path(), listen);
     let host = run(&path, listen, Some(TOKEN));
-    let python = std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(python)
-        .arg(workspace_root().join("tests/interop/ingress_client.py"))
-        .args([
+    let ids = run_client(
+        &path,
+        host,
+        "ingress_client.py",
+        &[
             format!("http://{listen}"),
             TOKEN.into(),
             MAX_BODY.to_string(),
-        ])
+        ],
+    );
+    assert_eq!(ids.len(), 3, "{ids:?}");
+}
+
+/// Runs the Python client `script` of tests/interop against the host, and
+/// stops the host. The client must end with "ok", and every message it
+/// made durable under an id of its own (its "ids" line) must have been
+/// handled by the host under that id. Gives those ids.
+fn run_client(path: &Path, host: Child, script: &str, args: &[String]) -> Vec<String> {
+    let python = std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .arg(workspace_root().join("tests/interop").join(script))
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    // Every message the client made durable under an id of its own was
-    // handled by the host under that id.
     let ids: Vec<String> = stdout
         .lines()
         .find_map(|l| l.strip_prefix("ids "))
@@ -90,15 +108,15 @@ fn a_foreign_client_sends_commands_and_events_at_every_limit() {
         .split_whitespace()
         .map(str::to_owned)
         .collect();
-    let handled = wait_for_handled(&path, &ids);
+    let handled = wait_for_handled(path, &ids);
     stop(host);
     assert!(
         out.status.success() && stdout.lines().last() == Some("ok"),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(ids.len(), 3, "{stdout}");
     assert!(handled, "not every id was handled: {ids:?}");
+    ids
 }
 
 /// Whether `switchyard why` finds each id handled by `orders`, within 30 s.
@@ -162,14 +180,122 @@ fn an_ingress_without_its_token_does_not_start_and_one_off_loopback_needs_one() 
     );
 }
 
+/// HTTPS with a certificate from the test CA, a token for every type and
+/// another for the event OrderPlaced only, driven by the CloudEvents SDK
+/// for Python in binary and structured mode.
+#[test]
+fn over_https_the_cloudevents_sdk_sends_in_both_modes_and_a_type_token_admits_its_type_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let path = pipeline(dir.path(), listen);
+    let certs = crate::common::test_certificates();
+    std::fs::write(dir.path().join("ca.pem"), &certs.ca_pem).unwrap();
+    std::fs::write(dir.path().join("ingress.pem"), &certs.cert_pem).unwrap();
+    std::fs::write(dir.path().join("ingress-key.pem"), &certs.key_pem).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "token_env = \"INGRESS_TOKEN\"\n",
+        "token_env = \"INGRESS_TOKEN\"\ntls_cert = \"ingress.pem\"\ntls_key = \"ingress-key.pem\"\ntokens = { OrderPlaced = \"WEBHOOK_TOKEN\" }\n",
+    );
+    std::fs::write(&path, text).unwrap();
+
+    // Without the event type's token in the environment the host does not
+    // start, and says which variable is missing.
+    let out = Command::new(bin())
+        .args(["run"])
+        .arg(&path)
+        .env("INGRESS_TOKEN", TOKEN)
+        .env_remove("WEBHOOK_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "tokens.OrderPlaced names the environment variable WEBHOOK_TOKEN, which is not set"
+            ),
+        "{err}"
+    );
+
+    let webhook = "webhook-token-for-order-placed";
+    let host = run_with(
+        &path,
+        listen,
+        &[("INGRESS_TOKEN", TOKEN), ("WEBHOOK_TOKEN", webhook)],
+    );
+    let ids = run_client(
+        &path,
+        host,
+        "ingress_cloudevents.py",
+        &[
+            format!("https://localhost:{}", listen.port()),
+            dir.path().join("ca.pem").display().to_string(),
+            TOKEN.into(),
+            webhook.into(),
+        ],
+    );
+    assert_eq!(ids, ["sdk-binary-1", "sdk-structured-1", "sdk-binary-3"]);
+}
+
+/// A certificate and key that do not belong together, or a file that is
+/// not there, stop the host with the file named.
+#[test]
+fn an_ingress_whose_certificate_cannot_be_used_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let path = pipeline(dir.path(), listen);
+    let one = crate::common::test_certificates();
+    let other = crate::common::test_certificates();
+    std::fs::write(dir.path().join("ingress.pem"), &one.cert_pem).unwrap();
+    std::fs::write(dir.path().join("other-key.pem"), &other.key_pem).unwrap();
+    let with = |cert: &str, key: &str| {
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "token_env = \"INGRESS_TOKEN\"\n",
+            &format!("token_env = \"INGRESS_TOKEN\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
+        );
+        let p = dir.path().join("tls.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = Command::new(bin())
+            .args(["run"])
+            .arg(&p)
+            .env("INGRESS_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = with("ingress.pem", "other-key.pem");
+    assert!(
+        err.contains("other-key.pem does not go with the certificate in")
+            && err.contains("ingress.pem"),
+        "{err}"
+    );
+    let err = with("missing.pem", "other-key.pem");
+    assert!(err.contains("missing.pem ([ingress] tls_cert)"), "{err}");
+    let err = with("ingress.pem", "ingress.pem");
+    assert!(
+        err.contains("cannot read a private key in") && err.contains("tls_key"),
+        "{err}"
+    );
+}
+
 /// On RabbitMQ the reply comes back through the broker to the ingress's
 /// reply queue, and an event is confirmed by the broker before its 202.
 #[tokio::test(flavor = "multi_thread")]
 async fn on_rabbitmq_a_command_is_answered_and_an_event_accepted() {
     let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let p = a_command_is_answered_and_an_event_accepted(crate::amqp::pipeline).await;
+    crate::amqp::clean_up(&p).await;
+}
+
+/// The echo plugin behind an ingress on the pipeline `pipeline` writes: a
+/// command's reply comes back as the response, an event is answered 202.
+/// Gives the pipeline, for the broker's clean-up.
+pub async fn a_command_is_answered_and_an_event_accepted(
+    pipeline: fn(&Path, &str) -> (std::path::PathBuf, switchyard::config::Pipeline),
+) -> switchyard::config::Pipeline {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_addr();
-    let (path, p) = crate::amqp::pipeline(
+    let (path, p) = pipeline(
         dir.path(),
         &format!(
             "[ingress]\nlisten = \"{listen}\"\n[plugins.echo]\nwasm = \"{{dist}}/echo.wasm\"\ncommands = [\"Echo\"]\nevents = [\"Tick\"]\n"
@@ -185,7 +311,7 @@ async fn on_rabbitmq_a_command_is_answered_and_an_event_accepted() {
     let reply = client
         .post(format!("http://{listen}/commands/Echo"))
         .header("content-type", "application/json")
-        .header("prefer", "wait=20")
+        .header("prefer", "wait=60")
         .body(r#"{"n":1}"#)
         .send()
         .await
@@ -203,7 +329,7 @@ async fn on_rabbitmq_a_command_is_answered_and_an_event_accepted() {
     tokio::task::spawn_blocking(move || stop(host))
         .await
         .unwrap();
-    crate::amqp::clean_up(&p).await;
     assert_eq!((status.as_u16(), body.as_str()), (200, r#"{"n":1}"#));
     assert_eq!(event_status.as_u16(), 202);
+    p
 }

@@ -472,6 +472,13 @@ fn the_example_pipeline_answers_the_cli_over_kafka() {
     assert!(err.contains("no reply within 300ms"), "{err}");
 }
 
+/// On Kafka the ingress's command is answered through the replies topic,
+/// and an event is acknowledged by the cluster before its 202.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ingress_answers_a_command_and_accepts_an_event_over_kafka() {
+    crate::ingress::a_command_is_answered_and_an_event_accepted(pipeline).await;
+}
+
 /// Creates a topic of one partition (not on the mock cluster, which has no
 /// CreateTopics API).
 async fn create_topic(topic: &str) {

@@ -180,7 +180,7 @@ const LAYERS: &[&[&str]] = &[
     &["saga"],
     &["envelope"],
     &["recover"],
-    &["text", "files", "json_diff"],
+    &["text", "files", "json_diff", "pem"],
 ];
 
 #[test]

@@ -19,6 +19,7 @@ mod dead_letters;
 mod dlq_store;
 mod durability;
 mod hot_reload;
+mod http_out;
 mod ingress;
 mod journal;
 mod kafka;

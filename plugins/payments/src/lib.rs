@@ -1,12 +1,18 @@
 //! Handles the `ChargePayment` command and publishes `PaymentCaptured`;
 //! handles `RefundPayment`, the fulfilment saga's undoing of a charge.
 //!
-//! It stands in for a call to a payment gateway that is sometimes down: an
-//! amount whose cents end in 13 makes the "gateway" time out on the first two
-//! attempts (a transient error, worth retrying). A payload that is not a
-//! `ChargePayment` is poison (a permanent error).
+//! With `GATEWAY_URL` in its environment (granted in the pipeline, with
+//! the gateway's origin in its `http` grant) it charges through a payment
+//! gateway: `POST {GATEWAY_URL}/charges` with the message id as the
+//! `Idempotency-Key`, so a retried charge is one charge at the gateway. A
+//! 2xx answer captures the payment; 402 is a declined card (permanent);
+//! a 5xx, 408 or 429 answer, a timeout or a refused connection is transient
+//! and retried. Without `GATEWAY_URL` it stands in for a gateway itself:
+//! an amount whose cents end in 13 times out on the first two attempts. A
+//! payload that is not a `ChargePayment` is poison (a permanent error).
 
 use serde::{Deserialize, Serialize};
+use switchyard_sdk::http::Request;
 use switchyard_sdk::{Context, HandlerError, Message, Plugin, PluginInfo};
 
 /// `ChargePayment` command payload.
@@ -61,12 +67,12 @@ impl Plugin for Payments {
             ))
             .with_code("zero-amount"));
         }
-        if charge.amount_cents % 100 == 13 && msg.attempt <= FLAKY_ATTEMPTS {
-            return Err(HandlerError::transient(format!(
-                "payment gateway timed out charging order {} (attempt {})",
-                charge.order_id, msg.attempt
-            ))
-            .with_code("gateway-timeout"));
+        match std::env::var("GATEWAY_URL") {
+            Ok(gateway) => charge_at(ctx, &gateway, &msg, &charge)?,
+            Err(_) if charge.amount_cents % 100 == 13 && msg.attempt <= FLAKY_ATTEMPTS => {
+                return Err(timed_out(&charge, msg.attempt));
+            }
+            Err(_) => {}
         }
         ctx.info(&format!(
             "charged {} {} cents for order {}",
@@ -79,6 +85,54 @@ impl Plugin for Payments {
                 amount_cents: charge.amount_cents,
             },
         )
+    }
+}
+
+fn timed_out(charge: &ChargePayment, attempt: u32) -> HandlerError {
+    HandlerError::transient(format!(
+        "payment gateway timed out charging order {} (attempt {attempt})",
+        charge.order_id
+    ))
+    .with_code("gateway-timeout")
+}
+
+/// Charges through the gateway at `gateway`; `Ok` once it has taken the
+/// charge.
+fn charge_at(
+    ctx: &mut Context<'_>,
+    gateway: &str,
+    msg: &Message,
+    charge: &ChargePayment,
+) -> Result<(), HandlerError> {
+    let url = format!("{}/charges", gateway.trim_end_matches('/'));
+    let answer = ctx.http(
+        Request::post(&url)
+            .header("idempotency-key", &msg.id)
+            .json(charge)?,
+    )?;
+    let said = || answer.text().chars().take(200).collect::<String>();
+    match answer.status {
+        200..=299 => Ok(()),
+        402 => Err(HandlerError::permanent(format!(
+            "the card of order {} was declined: {}",
+            charge.order_id,
+            said()
+        ))
+        .with_code("card-declined")),
+        504 | 408 => Err(timed_out(charge, msg.attempt)),
+        429 | 500..=599 => Err(HandlerError::transient(format!(
+            "payment gateway answered {} charging order {}: {}",
+            answer.status,
+            charge.order_id,
+            said()
+        ))
+        .with_code("gateway-error")),
+        status => Err(HandlerError::permanent(format!(
+            "payment gateway refused the charge of order {} with {status}: {}",
+            charge.order_id,
+            said()
+        ))
+        .with_code("gateway-refused")),
     }
 }
 

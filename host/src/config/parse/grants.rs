@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use super::Parser;
 use crate::config::diagnostic::Diagnostic;
 use crate::config::model::{DirGrant, Grants};
+use crate::config::names::{format_size, parse_size};
+use crate::config::origin::Origin;
 use crate::config::reader::Section;
 
 impl Parser<'_> {
@@ -23,6 +25,7 @@ impl Parser<'_> {
         grants.clock = g.bool("clock", self.diags).is_some_and(|b| b.value);
         grants.stdio = g.bool("stdio", self.diags).is_some_and(|b| b.value);
         self.grant_network(&mut g, &mut grants);
+        self.grant_http(&mut g, &mut grants);
         g.finish(self.diags);
         grants
     }
@@ -97,4 +100,51 @@ impl Parser<'_> {
             }
         }
     }
+
+    /// `http`: origins the plugin may send requests to; `http_roots`: more
+    /// trusted roots for HTTPS; `http_max_response`: the body cap.
+    fn grant_http(&mut self, g: &mut Section<'_>, grants: &mut Grants) {
+        for origin in g.strings("http", self.diags).unwrap_or_default() {
+            match Origin::parse(&origin.value) {
+                Ok(o) => grants.http.push(o),
+                Err(why) => self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "`{}` is not an HTTP origin: {why}",
+                            crate::text::clip(&origin.value, 64)
+                        ),
+                        origin.span,
+                    )
+                    .with_label("like \"https://api.example.com\""),
+                ),
+            }
+        }
+        if let Some(roots) = g.string("http_roots", self.diags) {
+            grants.http_roots = Some(self.base.join(roots.value));
+        }
+        if let Some(m) = g.string_or_int("http_max_response", "a size like \"1 MiB\"", self.diags) {
+            match parse_size(&m.value) {
+                Ok(bytes) if (1..=MAX_HTTP_RESPONSE).contains(&bytes) => {
+                    grants.http_max_response = bytes;
+                }
+                Ok(bytes) => self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "http_max_response {} is out of range: it must be between 1 byte and {}",
+                            format_size(bytes),
+                            format_size(MAX_HTTP_RESPONSE)
+                        ),
+                        m.span,
+                    )
+                    .with_label("out of range"),
+                ),
+                Err(e) => self
+                    .diags
+                    .push(Diagnostic::error(e, m.span).with_label("not a size")),
+            }
+        }
+    }
 }
+
+/// A response body lands in the plugin's memory, itself at most 4 GiB.
+const MAX_HTTP_RESPONSE: u64 = 1 << 30;
