@@ -35,7 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use opentelemetry::KeyValue;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{IngressConfig, MessageType};
 use crate::console::Guesses;
@@ -100,7 +100,17 @@ struct Shared {
     waiters: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
     /// The ids clients named that were made durable.
     accepted: Accepted,
+    /// Where requests hand their message to be made durable
+    /// ([`enqueue_batches`]).
+    enqueue: mpsc::Sender<Pending>,
 }
+
+/// A message waiting to be made durable, and the request waiting for the
+/// outcome.
+type Pending = (Envelope, oneshot::Sender<Result<(), String>>);
+
+/// The most messages one enqueue takes.
+const MAX_BATCH: usize = 256;
 
 impl Ingress {
     /// Binds the listener, reads the TLS certificate and key, opens the
@@ -166,7 +176,10 @@ impl Ingress {
             accepted,
             inbox,
         } = self;
+        let (enqueue, pending) = mpsc::channel(MAX_CONNECTIONS);
+        let batches = tokio::spawn(enqueue_batches(control.clone(), pending));
         let shared = Arc::new(Shared {
+            enqueue,
             control,
             config,
             tokens,
@@ -199,7 +212,29 @@ impl Ingress {
         let _ = stop.send(true);
         let _ = replies.await;
         pruner.abort();
+        batches.abort();
         Ok(())
+    }
+}
+
+/// Makes the requests' messages durable, many at a time: whatever arrives
+/// while one enqueue runs goes into the next (one transaction on the
+/// embedded store, the broker's confirms awaited together), so concurrent
+/// requests share the cost of a commit. Each request is answered with its
+/// batch's outcome.
+async fn enqueue_batches(control: Arc<Supervisor>, mut pending: mpsc::Receiver<Pending>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (messages, waiters): (Vec<Envelope>, Vec<_>) = batch.drain(..).unzip();
+        let outcome = control
+            .transport()
+            .enqueue(messages)
+            .await
+            .map(drop)
+            .map_err(|e| format!("{e:#}"));
+        for w in waiters {
+            let _ = w.send(outcome.clone());
+        }
     }
 }
 
@@ -414,9 +449,19 @@ async fn accept(
         ));
     }
     let id = e.id.clone();
-    let transport = shared.control.transport();
-    match tokio::time::timeout(ACCEPT_TIMEOUT, transport.enqueue(vec![e])).await {
-        Ok(Ok(_)) => {
+    let (done, outcome) = oneshot::channel();
+    let durable = async {
+        shared
+            .enqueue
+            .send((e, done))
+            .await
+            .map_err(|_| "the ingress is stopping".to_owned())?;
+        outcome
+            .await
+            .map_err(|_| "the ingress is stopping".to_owned())?
+    };
+    match tokio::time::timeout(ACCEPT_TIMEOUT, durable).await {
+        Ok(Ok(())) => {
             if named && let Err(err) = shared.accepted.done(&id, t.as_str()).await {
                 // Durable but not noted: a retry would send it again.
                 tracing::warn!(message.id = %id, error = %format!("{err:#}"), "Ingress: cannot note an accepted id");

@@ -236,6 +236,50 @@ fn over_https_the_cloudevents_sdk_sends_in_both_modes_and_a_type_token_admits_it
     assert_eq!(ids, ["sdk-binary-1", "sdk-structured-1", "sdk-binary-3"]);
 }
 
+/// A store that does not take the message within 10 s (another process
+/// holds its write lock) is answered 503 with `Retry-After`; once the
+/// store is free, the same request is accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_does_not_take_the_message_is_answered_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let path = pipeline(dir.path(), listen);
+    let host = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || run(&path, listen, Some(TOKEN))
+    })
+    .await
+    .unwrap();
+    let store = rusqlite::Connection::open(dir.path().join("orders.db")).unwrap();
+    store.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let client = reqwest::Client::new();
+    let post = || {
+        client
+            .post(format!("http://{listen}/events/OrderPlaced"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(r#"{"order_id":"S-1","customer":"ada","items":[],"total_cents":0}"#)
+            .send()
+    };
+    let busy = post().await.unwrap();
+    let status = busy.status().as_u16();
+    let retry_after = busy
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let said = busy.text().await.unwrap();
+    store.execute_batch("ROLLBACK").unwrap();
+    let free = post().await.unwrap();
+    let free_status = free.status().as_u16();
+    tokio::task::spawn_blocking(move || stop(host))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{said}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(said.contains("did not take it within 10 s"), "{said}");
+    assert_eq!(free_status, 202);
+}
+
 /// A certificate and key that do not belong together, or a file that is
 /// not there, stop the host with the file named.
 #[test]
