@@ -184,10 +184,7 @@ mod wasi_http {
             .any(|(name, _)| name.eq_ignore_ascii_case("content-length"));
         if !told
             && (!request.body.is_empty()
-                || matches!(
-                    request.method.to_ascii_uppercase().as_str(),
-                    "POST" | "PUT" | "PATCH"
-                ))
+                || !matches!(request.method.to_ascii_uppercase().as_str(), "GET" | "HEAD"))
         {
             headers
                 .append("content-length", request.body.len().to_string().as_bytes())
@@ -213,7 +210,7 @@ mod wasi_http {
             .set_method(&method)
             .and_then(|()| outgoing.set_scheme(Some(&scheme)))
             .and_then(|()| outgoing.set_authority(Some(authority)))
-            .and_then(|()| outgoing.set_path_with_query(Some(path)));
+            .and_then(|()| outgoing.set_path_with_query(Some(&path)));
         if set.is_err() {
             return Err(invalid(format!(
                 "`{} {}` is not a valid request",
@@ -246,18 +243,20 @@ mod wasi_http {
         }
         let finished = OutgoingBody::finish(body, None);
         future.subscribe().block();
+        // A response wins over a body the server stopped reading (an
+        // early 401 or 413): the handler decides what it means.
         let response = match future.get() {
             Some(Ok(Ok(response))) => response,
             Some(Ok(Err(code))) => return Err(failed(request, &code)),
             Some(Err(())) | None => {
+                sent?;
+                finished.map_err(|e| failed(request, &e))?;
                 return Err(HttpError::new(
                     HttpErrorKind::Protocol,
                     format!("{} {}: no response", request.method, request.url),
                 ));
             }
         };
-        sent?;
-        finished.map_err(|e| failed(request, &e))?;
         let status = response.status();
         let headers = response
             .headers()

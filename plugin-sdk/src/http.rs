@@ -75,8 +75,9 @@ impl Request {
         Ok(self.header("content-type", "application/json").body(body))
     }
 
-    /// The URL's parts: scheme, authority, path with query.
-    pub(crate) fn parts(&self) -> Result<(&str, &str, &str), HttpError> {
+    /// The URL's parts: scheme, authority, path with query (always
+    /// starting with `/`).
+    pub(crate) fn parts(&self) -> Result<(&str, &str, std::borrow::Cow<'_, str>), HttpError> {
         let bad = || {
             HttpError::new(
                 HttpErrorKind::InvalidRequest,
@@ -92,7 +93,12 @@ impl Request {
         if authority.is_empty() {
             return Err(bad());
         }
-        Ok((scheme, authority, if path.is_empty() { "/" } else { path }))
+        let path = match path.chars().next() {
+            None => "/".into(),
+            Some('?') => format!("/{path}").into(),
+            Some(_) => path.into(),
+        };
+        Ok((scheme, authority, path))
     }
 }
 
@@ -215,7 +221,7 @@ mod tests {
         let parts = |u: &str| {
             Request::get(u)
                 .parts()
-                .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+                .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.into_owned()))
         };
         assert_eq!(
             parts("https://api.example.com:8443/v1/charges?x=1").unwrap(),
@@ -226,7 +232,7 @@ mod tests {
             )
         );
         assert_eq!(parts("http://[::1]:80").unwrap().2, "/");
-        assert_eq!(parts("http://h?q").unwrap().2, "?q");
+        assert_eq!(parts("http://h?q").unwrap().2, "/?q");
         for bad in ["ftp://h/", "https:///x", "nothing"] {
             assert_eq!(
                 parts(bad).unwrap_err().kind,

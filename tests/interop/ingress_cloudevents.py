@@ -90,6 +90,21 @@ def main():
     if again is not None and (again.get("status") != "duplicate" or again.get("id") != "sdk-binary-1"):
         failures.append(f"a retry under the same id was not a duplicate: {again}")
 
+    # Ids are a type's own: the event's sender, whose token admits only
+    # OrderPlaced, cannot use up the command's id (nor learn of it).
+    event = CloudEvent(
+        {"type": "OrderPlaced", "source": "/tests/interop/cloudevents", "id": "sdk-binary-1"},
+        {"order_id": "CE-0", "customer": "eve", "items": [], "total_cents": 0},
+    )
+    headers, body = to_binary(event)
+    other = expect(
+        "an event under the command's id, with the event's token",
+        202,
+        request("/events/OrderPlaced", body, headers, event_token),
+    )
+    if other is not None and other.get("status") != "accepted":
+        failures.append(f"an event under another type's id was not its own message: {other}")
+
     # Structured mode: the whole event as application/cloudevents+json.
     placed = {"order_id": "CE-2", "customer": "ada", "items": [], "total_cents": 0}
     event = CloudEvent(

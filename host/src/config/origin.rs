@@ -94,6 +94,18 @@ impl Origin {
         if !ip && !host.split('.').all(is_label) {
             return Err(format!("`{host}` is not a host name"));
         }
+        // A name's last label is never all digits: `*.0.1` would stand for
+        // IP addresses such as 127.0.0.1.
+        if !ip
+            && host
+                .rsplit('.')
+                .next()
+                .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(format!(
+                "`{host}` is neither a host name nor an IP address (a name's last label has a letter)"
+            ));
+        }
         if subdomains && !host.contains('.') {
             return Err(format!(
                 "`*.{host}` would allow every name under a top-level domain: name the domain"
@@ -115,9 +127,11 @@ impl Origin {
         }
         let host = host.strip_suffix('.').unwrap_or(host);
         if self.subdomains {
-            host.len() > self.host.len() + 1
-                && host[host.len() - self.host.len()..].eq_ignore_ascii_case(&self.host)
-                && host.as_bytes()[host.len() - self.host.len() - 1] == b'.'
+            // Compared as bytes: no slicing inside a character.
+            let (host, own) = (host.as_bytes(), self.host.as_bytes());
+            host.len() > own.len() + 1
+                && host[host.len() - own.len()..].eq_ignore_ascii_case(own)
+                && host[host.len() - own.len() - 1] == b'.'
         } else {
             host.eq_ignore_ascii_case(&self.host)
         }
@@ -208,6 +222,8 @@ mod tests {
             ("https://*example.com", "first label"),
             ("https://*.com", "top-level"),
             ("https://*.10.0.0.1", "no subdomains"),
+            ("https://*.0.1", "neither a host name nor an IP"),
+            ("http://10.0.1", "neither a host name nor an IP"),
             ("https://exa mple.com", "not a host name"),
             ("http://[::1", "lacks"),
             ("http://[nope]:80", "not an IPv6"),

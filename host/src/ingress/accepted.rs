@@ -17,13 +17,17 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
+/// Ids are a type's own: a client that may post one type cannot claim,
+/// and so suppress, the ids of another. (`accepted`, keyed by id alone,
+/// was this table's first form; it is left unread.)
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS accepted (
-    id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS accepted_ids (
     message_type TEXT NOT NULL,
-    accepted_at_ms INTEGER NOT NULL
+    id TEXT NOT NULL,
+    accepted_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (message_type, id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS accepted_by_time ON accepted (accepted_at_ms);
+CREATE INDEX IF NOT EXISTS accepted_ids_by_time ON accepted_ids (accepted_at_ms);
 ";
 
 /// The accepted ids of one host's ingress.
@@ -100,22 +104,26 @@ impl Accepted {
             .with_context(|| format!("the ingress's ids {}", path.display()))
     }
 
-    /// Claims `id` for a request that is about to send it.
-    pub async fn claim(&self, id: &str) -> Result<Claim<'_>> {
-        if !lock(&self.in_progress).insert(id.to_owned()) {
+    /// Claims `id` of `message_type` for a request that is about to send
+    /// it.
+    pub async fn claim(&self, message_type: &str, id: &str) -> Result<Claim<'_>> {
+        // A type name has no NUL: the pair is one key.
+        let held = format!("{message_type}\0{id}");
+        if !lock(&self.in_progress).insert(held.clone()) {
             return Ok(Claim::Busy);
         }
         let holding = Holding {
             accepted: self,
-            id: id.to_owned(),
+            id: held,
         };
         let since = ms(Duration::from_millis(crate::envelope::now_ms())) - ms(self.window);
-        let key = id.to_owned();
+        let (t, key) = (message_type.to_owned(), id.to_owned());
         let found: Option<i64> = self
             .blocking(move |c| {
                 c.query_row(
-                    "SELECT accepted_at_ms FROM accepted WHERE id = ?1 AND accepted_at_ms >= ?2",
-                    params![key, since],
+                    "SELECT accepted_at_ms FROM accepted_ids
+                     WHERE message_type = ?1 AND id = ?2 AND accepted_at_ms >= ?3",
+                    params![t, key, since],
                     |r| r.get(0),
                 )
                 .optional()
@@ -127,15 +135,15 @@ impl Accepted {
         })
     }
 
-    /// Notes that the message with `id` is durable.
-    pub async fn done(&self, id: &str, message_type: &str) -> Result<()> {
+    /// Notes that the message of `message_type` with `id` is durable.
+    pub async fn done(&self, message_type: &str, id: &str) -> Result<()> {
         let (id, t) = (id.to_owned(), message_type.to_owned());
         let now = i64::try_from(crate::envelope::now_ms()).unwrap_or(i64::MAX);
         self.blocking(move |c| {
             c.execute(
-                "INSERT INTO accepted (id, message_type, accepted_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET message_type = ?2, accepted_at_ms = ?3",
-                params![id, t, now],
+                "INSERT INTO accepted_ids (message_type, id, accepted_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (message_type, id) DO UPDATE SET accepted_at_ms = ?3",
+                params![t, id, now],
             )
         })
         .await?;
@@ -147,7 +155,7 @@ impl Accepted {
         let before = i64::try_from(crate::envelope::now_ms()).unwrap_or(i64::MAX) - ms(self.window);
         self.blocking(move |c| {
             c.execute(
-                "DELETE FROM accepted WHERE accepted_at_ms < ?1",
+                "DELETE FROM accepted_ids WHERE accepted_at_ms < ?1",
                 params![before],
             )
         })
@@ -163,23 +171,40 @@ mod tests {
     async fn an_id_is_new_busy_while_held_and_done_once_noted() {
         let dir = tempfile::tempdir().unwrap();
         let a = Accepted::open(&dir.path().join("ids.db"), Duration::from_secs(3600)).unwrap();
-        let Claim::New(held) = a.claim("k-1").await.unwrap() else {
+        let Claim::New(held) = a.claim("PlaceOrder", "k-1").await.unwrap() else {
             panic!("a first claim is new");
         };
-        assert!(matches!(a.claim("k-1").await.unwrap(), Claim::Busy));
+        assert!(matches!(
+            a.claim("PlaceOrder", "k-1").await.unwrap(),
+            Claim::Busy
+        ));
         // Not noted (the send failed): free again once let go.
         drop(held);
-        let Claim::New(held) = a.claim("k-1").await.unwrap() else {
+        let Claim::New(held) = a.claim("PlaceOrder", "k-1").await.unwrap() else {
             panic!("an id never noted is new again");
         };
-        a.done("k-1", "PlaceOrder").await.unwrap();
+        a.done("PlaceOrder", "k-1").await.unwrap();
         drop(held);
-        assert!(matches!(a.claim("k-1").await.unwrap(), Claim::Done(_)));
-        assert!(matches!(a.claim("k-2").await.unwrap(), Claim::New(_)));
+        assert!(matches!(
+            a.claim("PlaceOrder", "k-1").await.unwrap(),
+            Claim::Done(_)
+        ));
+        assert!(matches!(
+            a.claim("PlaceOrder", "k-2").await.unwrap(),
+            Claim::New(_)
+        ));
+        // Another type's id of the same spelling is its own.
+        assert!(matches!(
+            a.claim("PaymentReceived", "k-1").await.unwrap(),
+            Claim::New(_)
+        ));
         // Reopened: still known.
         drop(a);
         let a = Accepted::open(&dir.path().join("ids.db"), Duration::from_secs(3600)).unwrap();
-        assert!(matches!(a.claim("k-1").await.unwrap(), Claim::Done(_)));
+        assert!(matches!(
+            a.claim("PlaceOrder", "k-1").await.unwrap(),
+            Claim::Done(_)
+        ));
         assert_eq!(a.prune().await.unwrap(), 0);
     }
 
@@ -187,9 +212,12 @@ mod tests {
     async fn ids_past_the_window_are_new_and_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let a = Accepted::open(&dir.path().join("ids.db"), Duration::from_millis(1)).unwrap();
-        a.done("old", "PlaceOrder").await.unwrap();
+        a.done("PlaceOrder", "old").await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(matches!(a.claim("old").await.unwrap(), Claim::New(_)));
+        assert!(matches!(
+            a.claim("PlaceOrder", "old").await.unwrap(),
+            Claim::New(_)
+        ));
         assert_eq!(a.prune().await.unwrap(), 1);
     }
 }

@@ -55,12 +55,22 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bearer tokens an ingress admits, read from the environment.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Tokens {
     /// Good for every type (`token_env`).
     pub all: Option<String>,
     /// Good for one type only (`[ingress.tokens]`).
     pub by_type: HashMap<String, String>,
+}
+
+/// Never the tokens themselves.
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("all", &self.all.is_some())
+            .field("by_type", &self.by_type.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Tokens {
@@ -212,7 +222,10 @@ impl Ingress {
         let _ = stop.send(true);
         let _ = replies.await;
         pruner.abort();
-        batches.abort();
+        // Not aborted: a batch being made durable is finished, and its
+        // requests answered. The task ends once the last request (the
+        // last holder of the sender) is gone.
+        let _ = tokio::time::timeout(ACCEPT_TIMEOUT, batches).await;
         Ok(())
     }
 }
@@ -222,18 +235,45 @@ impl Ingress {
 /// embedded store, the broker's confirms awaited together), so concurrent
 /// requests share the cost of a commit. Each request is answered with its
 /// batch's outcome.
+///
+/// A batch the transport refuses is sent again one message at a time, so
+/// that one message's refusal (a record too large for the broker, say)
+/// is its request's answer alone. On a broker, messages of the refused
+/// batch may have been published before the refusal: sent again, they
+/// are duplicates (at least once, never lost).
 async fn enqueue_batches(control: Arc<Supervisor>, mut pending: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (messages, waiters): (Vec<Envelope>, Vec<_>) = batch.drain(..).unzip();
-        let outcome = control
-            .transport()
-            .enqueue(messages)
-            .await
-            .map(drop)
-            .map_err(|e| format!("{e:#}"));
-        for w in waiters {
-            let _ = w.send(outcome.clone());
+        // A request that gave up (timed out, hung up) sends nothing more.
+        batch.retain(|(_, waiter)| !waiter.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let transport = control.transport();
+        let messages: Vec<Envelope> = batch.iter().map(|(e, _)| e.clone()).collect();
+        let alone = messages.len() == 1;
+        match transport.enqueue(messages).await {
+            Ok(_) => {
+                for (_, w) in batch.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Err(e) if alone => {
+                for (_, w) in batch.drain(..) {
+                    let _ = w.send(Err(format!("{e:#}")));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "Ingress: a batch was refused; sending its messages one at a time");
+                for (m, w) in batch.drain(..) {
+                    let outcome = transport
+                        .enqueue(vec![m])
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("{e:#}"));
+                    let _ = w.send(outcome);
+                }
+            }
         }
     }
 }
@@ -403,7 +443,7 @@ async fn accept(
     };
     // A retry of a request that named its id is not sent again.
     let holding = if named {
-        match shared.accepted.claim(&e.id).await {
+        match shared.accepted.claim(t.as_str(), &e.id).await {
             Ok(Claim::New(h)) => Some(h),
             Ok(Claim::Done(at)) => {
                 let body = json!({
@@ -418,13 +458,10 @@ async fn accept(
                 return Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response());
             }
             Ok(Claim::Busy) => {
-                let mut r = error(
+                return Err(retry_soon(
                     StatusCode::CONFLICT,
                     "a request with this id is being accepted right now; retry it in a moment",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Err(r);
+                ));
             }
             Err(err) => {
                 tracing::warn!(message.id = %e.id, error = %format!("{err:#}"), "Ingress: cannot look up an id");
@@ -437,7 +474,18 @@ async fn accept(
     let mut waiting = None;
     if let Some(w) = wait {
         let (tx, rx) = oneshot::channel();
-        lock(&shared.waiters).insert(e.id.clone(), tx);
+        {
+            // One waiter an id: a second command under an id whose reply
+            // is awaited (of another type, say) would take that reply.
+            let mut waiters = lock(&shared.waiters);
+            if waiters.contains_key(&e.id) {
+                return Err(retry_soon(
+                    StatusCode::CONFLICT,
+                    "a request under this id is waiting for its reply; retry it in a moment",
+                ));
+            }
+            waiters.insert(e.id.clone(), tx);
+        }
         e.reply_to = Some(shared.address.clone());
         waiting = Some((
             Waiting {
@@ -462,7 +510,7 @@ async fn accept(
     };
     match tokio::time::timeout(ACCEPT_TIMEOUT, durable).await {
         Ok(Ok(())) => {
-            if named && let Err(err) = shared.accepted.done(&id, t.as_str()).await {
+            if named && let Err(err) = shared.accepted.done(t.as_str(), &id).await {
                 // Durable but not noted: a retry would send it again.
                 tracing::warn!(message.id = %id, error = %format!("{err:#}"), "Ingress: cannot note an accepted id");
             }
@@ -517,7 +565,12 @@ async fn accept(
 }
 
 fn unavailable(text: String) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, text);
+    retry_soon(StatusCode::SERVICE_UNAVAILABLE, text)
+}
+
+/// An error worth trying again in a second (`Retry-After: 1`).
+fn retry_soon(status: StatusCode, text: impl Into<String>) -> Response {
+    let mut r = error(status, text);
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r

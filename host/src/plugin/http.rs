@@ -318,20 +318,35 @@ async fn send(
     // The connection runs beside the request; dropping the handle (the
     // instance drops the response) stops it.
     let connection = wasmtime_wasi::runtime::spawn(connection);
-    // On the wire the target is the path; the host is in `Host`.
-    let path = uri
+    // On the wire the target is the path (`/` before a bare query); the
+    // host is in `Host`.
+    let target = uri
         .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str)
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let target = if target.starts_with('/') {
+        target.to_owned()
+    } else {
+        format!("/{target}")
+    };
+    let head_only = request.method() == http::Method::HEAD;
+    *request.uri_mut() = target
         .parse::<http::Uri>()
         .map_err(|_| Error::HttpRequestUriInvalid)?;
-    *request.uri_mut() = path;
     let response = sender.send_request(request).await?;
+    // A response that has no body may announce the length of one (HEAD,
+    // 1xx, 204, 304): nothing to refuse there.
+    let status = response.status();
+    let bodiless = head_only
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
     if let Some(length) = response
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         && length > max
+        && !bodiless
     {
         return Err(Error::HttpResponseBodySize(Some(length)));
     }

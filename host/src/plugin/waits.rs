@@ -93,10 +93,19 @@ fn http_body_error(e: wasmtime_wasi::p2::StreamError) -> wasmtime_wasi::p2::Stre
         Some(wasmtime_wasi_http::Error::HttpResponseBodySize(n)) => {
             ErrorCode::HttpResponseBodySize(*n)
         }
-        Some(wasmtime_wasi_http::Error::Hyper(h)) if h.is_timeout() => {
-            ErrorCode::ConnectionReadTimeout
+        Some(wasmtime_wasi_http::Error::Hyper(h)) => {
+            if let Some(code) =
+                std::error::Error::source(h).and_then(|cause| cause.downcast_ref::<ErrorCode>())
+            {
+                code.clone()
+            } else if h.is_timeout() {
+                ErrorCode::ConnectionReadTimeout
+            } else if h.is_incomplete_message() {
+                ErrorCode::HttpResponseIncomplete
+            } else {
+                ErrorCode::HttpProtocolError
+            }
         }
-        Some(wasmtime_wasi_http::Error::Hyper(_)) => ErrorCode::HttpResponseIncomplete,
         _ => return StreamError::LastOperationFailed(err),
     };
     StreamError::LastOperationFailed(code.into())
@@ -181,13 +190,30 @@ macro_rules! stream_wait {
     };
 }
 
+/// Registers a non-blocking `wasi:io/streams` method again, only so that
+/// its error is lowered as the blocking ones' are ([`lower_stream`]).
+macro_rules! stream_now {
+    ($i:ident, $name:literal, $host:path, $method:ident, ($($arg:ident: $ty:ty),+)) => {
+        $i.func_wrap(
+            $name,
+            |mut store: StoreContextMut<'_, State>, ($($arg,)+): ($($ty,)+)| {
+                let s = store.data_mut();
+                let r = <ResourceTable as $host>::$method(&mut s.table, $($arg),+);
+                Ok((lower_stream(&mut s.table, r)?,))
+            },
+        )?;
+    };
+}
+
 /// `wasi:io/streams`: the blocking reads, skips, writes, flushes and
-/// splices.
+/// splices; and the non-blocking reads and skips, for their errors.
 fn add_stream_waits(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     use io_streams::{HostInputStream as In, HostOutputStream as Out};
     type Input = Resource<DynInputStream>;
     type Output = Resource<DynOutputStream>;
     let mut i = linker.instance(IO_STREAMS)?;
+    stream_now!(i, "[method]input-stream.read", In, read, (stream: Input, len: u64));
+    stream_now!(i, "[method]input-stream.skip", In, skip, (stream: Input, len: u64));
     stream_wait!(i, "[method]input-stream.blocking-read", In, blocking_read, (stream: Input, len: u64));
     stream_wait!(i, "[method]input-stream.blocking-skip", In, blocking_skip, (stream: Input, len: u64));
     stream_wait!(

@@ -202,6 +202,14 @@ fn a_granted_origin_is_called_and_its_answer_replied() {
     let answer = reply(&worker.handle(&mut post).unwrap().unwrap());
     assert_eq!(answer["status"], 200);
     assert_eq!(answer["body"], "got 10000");
+    // A URL with a query and no path is sent as `/?query`.
+    let bare = reply(
+        &worker
+            .handle(&mut call(&format!("http://{}?q=1", server.addr)))
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(bare["status"], 200);
     let requests = server.requests.lock().unwrap();
     let (head, body) = &requests[0];
     assert!(head.starts_with("POST /charges?x=1 HTTP/1.1\r\n"), "{head}");
@@ -211,6 +219,11 @@ fn a_granted_origin_is_called_and_its_answer_replied() {
         "{head}"
     );
     assert_eq!(body.len(), 10_000);
+    assert!(
+        requests[1].0.starts_with("GET /?q=1 HTTP/1.1\r\n"),
+        "{}",
+        requests[1].0
+    );
 }
 
 #[test]
@@ -365,6 +378,31 @@ fn a_body_over_the_cap_is_refused_whether_its_length_is_told_or_not() {
             .unwrap(),
     );
     assert_eq!(answer["length"], 1000);
+
+    // A HEAD response announces a length it has no body for: not refused.
+    let head = Server::start(None, |_, _| {
+        Answer::Bytes(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2000000000\r\nconnection: close\r\n\r\n".to_vec(),
+        )
+    });
+    let mut grants = grant(&[head.url("http", "")]);
+    grants.http_max_response = 1000;
+    let caller = load_with("caller", limits(Duration::from_secs(5)), grants);
+    let mut ask = message(
+        Kind::Command,
+        "Call",
+        serde_json::json!({ "method": "HEAD", "url": head.url("http", "/big.iso") }),
+    );
+    let answer = reply(
+        &Worker::new(caller, RetryPolicy::default())
+            .handle(&mut ask)
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(
+        (answer["status"].as_u64(), answer["length"].as_u64()),
+        (Some(200), Some(0))
+    );
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost it signed.

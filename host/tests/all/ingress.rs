@@ -331,6 +331,51 @@ async fn on_rabbitmq_a_command_is_answered_and_an_event_accepted() {
     crate::amqp::clean_up(&p).await;
 }
 
+/// The echo plugin behind an ingress on the pipeline `pipeline` writes:
+/// 15 small events and one of 1,040,000 bytes posted at once. Gives the
+/// small ones' statuses and the big one's.
+pub async fn events_beside_an_oversized_one(
+    pipeline: fn(&Path, &str) -> (std::path::PathBuf, switchyard::config::Pipeline),
+) -> (Vec<u16>, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let (path, _) = pipeline(
+        dir.path(),
+        &format!(
+            "[ingress]\nlisten = \"{listen}\"\n[plugins.echo]\nwasm = \"{{dist}}/echo.wasm\"\ncommands = [\"Echo\"]\nevents = [\"Tick\"]\n"
+        ),
+    );
+    let host = tokio::task::spawn_blocking(move || run(&path, listen, None))
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .post(format!("http://{listen}/events/Tick"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let small: Vec<_> = (0..15).map(|n| post(format!(r#"{{"n":{n}}}"#))).collect();
+    let big = post(format!(r#"{{"pad":"{}"}}"#, "x".repeat(1_040_000)));
+    let mut statuses = Vec::new();
+    for s in small {
+        statuses.push(s.await.unwrap());
+    }
+    let big = big.await.unwrap();
+    tokio::task::spawn_blocking(move || stop(host))
+        .await
+        .unwrap();
+    (statuses, big)
+}
+
 /// The echo plugin behind an ingress on the pipeline `pipeline` writes: a
 /// command's reply comes back as the response, an event is answered 202.
 /// Gives the pipeline, for the broker's clean-up.

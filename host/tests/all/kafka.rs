@@ -479,6 +479,17 @@ async fn the_ingress_answers_a_command_and_accepts_an_event_over_kafka() {
     crate::ingress::a_command_is_answered_and_an_event_accepted(pipeline).await;
 }
 
+/// A record larger than the cluster takes (librdkafka's 1,000,000-byte
+/// `message.max.bytes`, under the ingress's 1 MiB `max_body`) is refused
+/// alone: the requests sent beside it, made durable in the same batch or
+/// not, are accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ingress_request_the_cluster_refuses_is_refused_alone() {
+    let (statuses, big) = crate::ingress::events_beside_an_oversized_one(pipeline).await;
+    assert_eq!(big, 503);
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+}
+
 /// Creates a topic of one partition (not on the mock cluster, which has no
 /// CreateTopics API).
 async fn create_topic(topic: &str) {
