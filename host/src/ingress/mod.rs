@@ -250,28 +250,33 @@ async fn enqueue_batches(control: Arc<Supervisor>, mut pending: mpsc::Receiver<P
             continue;
         }
         let transport = control.transport();
-        let messages: Vec<Envelope> = batch.iter().map(|(e, _)| e.clone()).collect();
-        let alone = messages.len() == 1;
-        match transport.enqueue(messages).await {
-            Ok(_) => {
+        let enqueue = |messages: Vec<Envelope>| async {
+            transport
+                .enqueue(messages)
+                .await
+                .map(drop)
+                .map_err(|e| format!("{e:#}"))
+        };
+        // One message: moved in, its outcome is its request's.
+        if batch.len() == 1
+            && let Some((m, w)) = batch.pop()
+        {
+            let _ = w.send(enqueue(vec![m]).await);
+            continue;
+        }
+        // Several: copies go into the batch, so that the originals can be
+        // sent one at a time if it is refused.
+        let copies = batch.iter().map(|(e, _)| e.clone()).collect();
+        match enqueue(copies).await {
+            Ok(()) => {
                 for (_, w) in batch.drain(..) {
                     let _ = w.send(Ok(()));
                 }
             }
-            Err(e) if alone => {
-                for (_, w) in batch.drain(..) {
-                    let _ = w.send(Err(format!("{e:#}")));
-                }
-            }
             Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "Ingress: a batch was refused; sending its messages one at a time");
+                tracing::debug!(error = %e, "Ingress: a batch was refused; sending its messages one at a time");
                 for (m, w) in batch.drain(..) {
-                    let outcome = transport
-                        .enqueue(vec![m])
-                        .await
-                        .map(drop)
-                        .map_err(|e| format!("{e:#}"));
-                    let _ = w.send(outcome);
+                    let _ = w.send(enqueue(vec![m]).await);
                 }
             }
         }

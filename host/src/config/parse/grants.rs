@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use super::Parser;
 use crate::config::diagnostic::Diagnostic;
 use crate::config::model::{DirGrant, Grants};
-use crate::config::names::{format_size, parse_size};
 use crate::config::origin::Origin;
 use crate::config::reader::Section;
 
@@ -122,26 +121,13 @@ impl Parser<'_> {
         if let Some(roots) = g.string("http_roots", self.diags) {
             grants.http_roots = Some(self.base.join(roots.value));
         }
-        if let Some(m) = g.string_or_int("http_max_response", "a size like \"1 MiB\"", self.diags) {
-            match parse_size(&m.value) {
-                Ok(bytes) if (1..=MAX_HTTP_RESPONSE).contains(&bytes) => {
-                    grants.http_max_response = bytes;
-                }
-                Ok(bytes) => self.diags.push(
-                    Diagnostic::error(
-                        format!(
-                            "http_max_response {} is out of range: it must be between 1 byte and {}",
-                            format_size(bytes),
-                            format_size(MAX_HTTP_RESPONSE)
-                        ),
-                        m.span,
-                    )
-                    .with_label("out of range"),
-                ),
-                Err(e) => self
-                    .diags
-                    .push(Diagnostic::error(e, m.span).with_label("not a size")),
-            }
+        if let Some(bytes) = self.size_up_to(
+            g,
+            "http_max_response",
+            "a size like \"1 MiB\"",
+            MAX_HTTP_RESPONSE,
+        ) {
+            grants.http_max_response = bytes;
         }
     }
 }

@@ -11,7 +11,6 @@ use crate::config::model::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_CRASH_LOOP_LIMIT, DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_WATCH_INTERVAL,
 };
-use crate::config::names::{format_size, parse_size};
 use crate::config::reader::Section;
 
 /// The most `[host] max_message_size` may allow: a plugin's whole output
@@ -60,26 +59,13 @@ impl Parser<'_> {
         if let Some(d) = self.duration(&mut h, "watch_interval") {
             host.watch_interval = d.value;
         }
-        if let Some(m) = h.string_or_int("max_message_size", "a size like \"16 MiB\"", self.diags) {
-            match parse_size(&m.value) {
-                Ok(bytes) if (1..=MAX_MESSAGE_SIZE).contains(&bytes) => {
-                    host.max_message_size = bytes;
-                }
-                Ok(bytes) => self.diags.push(
-                    Diagnostic::error(
-                        format!(
-                            "max_message_size {} is out of range: it must be between 1 byte and {}",
-                            format_size(bytes),
-                            format_size(MAX_MESSAGE_SIZE)
-                        ),
-                        m.span,
-                    )
-                    .with_label("out of range"),
-                ),
-                Err(e) => self
-                    .diags
-                    .push(Diagnostic::error(e, m.span).with_label("not a size")),
-            }
+        if let Some(bytes) = self.size_up_to(
+            &mut h,
+            "max_message_size",
+            "a size like \"16 MiB\"",
+            MAX_MESSAGE_SIZE,
+        ) {
+            host.max_message_size = bytes;
         }
         if let Some(n) = h.count("crash_loop_limit", self.diags) {
             match u32::try_from(n.value) {

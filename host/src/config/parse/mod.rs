@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use super::diagnostic::{Diagnostic, Diagnostics};
 use super::model::Pipeline;
-use super::names::parse_duration;
+use super::names::{format_size, parse_duration, parse_size};
 use super::reader::{Section, Spanned};
 
 /// Parses pipeline text. `path` is the file's absolute location; relative
@@ -113,6 +113,40 @@ struct Parser<'a> {
 }
 
 impl Parser<'_> {
+    /// A size key of `section` ("1 MiB" or a number of bytes), from 1 byte
+    /// to `max`; `example` shows the form in the complaint.
+    fn size_up_to(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        example: &'static str,
+        max: u64,
+    ) -> Option<u64> {
+        let m = section.string_or_int(key, example, self.diags)?;
+        match parse_size(&m.value) {
+            Ok(bytes) if (1..=max).contains(&bytes) => Some(bytes),
+            Ok(bytes) => {
+                self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "{key} {} is out of range: it must be between 1 byte and {}",
+                            format_size(bytes),
+                            format_size(max)
+                        ),
+                        m.span,
+                    )
+                    .with_label("out of range"),
+                );
+                None
+            }
+            Err(e) => {
+                self.diags
+                    .push(Diagnostic::error(e, m.span).with_label("not a size"));
+                None
+            }
+        }
+    }
+
     /// A duration key of `section`, which must be more than zero.
     fn duration(
         &mut self,
