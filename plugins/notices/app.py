@@ -7,10 +7,17 @@
 Each notice is published as a `CustomerNotified` event, stamped with the
 time it was sent (the wall clock, granted in the pipeline) and sent over the
 channel named by the `NOTICE_CHANNEL` environment variable (`email` unless
-the pipeline's grants say otherwise). The mail server is
-"busy" on the first attempt for the customer `flaky` (a transient failure:
-the host retries); a payload that is not the expected JSON is refused for
-good (a permanent failure: dead-lettered, never retried).
+the pipeline's grants say otherwise).
+
+With `MAIL_API_URL` set, each notice is handed to that mail service with
+`POST {MAIL_API_URL}/messages` over `wasi:http` (keyed by the message id, so
+a retried message is not mailed twice): a 429 or 5xx answer, or a service
+that cannot be reached, is a transient failure (the host retries); any
+other refusal is permanent. Without it the plugin stands in for the mail
+server, which is "busy" on the first attempt for the customer `flaky`.
+
+A payload that is not the expected JSON is refused for good (a permanent
+failure: dead-lettered, never retried).
 
 It counts the notices each customer got in its state (`notices:<customer>`,
 committed with the message's outcome, so a retried attempt does not count
@@ -25,7 +32,9 @@ from datetime import datetime, timezone
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.imports import host, state
-from wit_world.imports.types import (
+
+# The world also imports `wasi:http`, whose `types` takes the plain name.
+from wit_world.imports.switchyard_plugin_types import (
     ErrorDetails,
     HandlerError_Permanent,
     HandlerError_Transient,
@@ -37,6 +46,8 @@ from wit_world.imports.types import (
     Response,
     Subscription,
 )
+
+import wasi_http
 
 NAME = "notices"
 VERSION = "1.0.0"
@@ -68,11 +79,37 @@ def read_json(message, *fields):
     return body
 
 
+def mail(message, api, channel, order_id, customer, text):
+    """Hands the notice to the mail service at `api`."""
+    url = f"{api.rstrip('/')}/messages"
+    body = {"to": customer, "channel": channel, "order_id": order_id, "text": text}
+    headers = {"content-type": "application/json", "idempotency-key": message.id}
+    try:
+        response = wasi_http.request("POST", url, headers, json.dumps(body).encode())
+    except wasi_http.HttpFailure as e:
+        fail = transient if e.transient else permanent
+        raise fail(e.message, e.code, order_id=order_id)
+    said = response.body[:200].decode("utf-8", "replace")
+    if response.status == 429 or response.status >= 500:
+        raise transient(
+            f"the mail service answered {response.status}: {said}", "mail-busy", order_id=order_id
+        )
+    if response.status >= 300:
+        raise permanent(
+            f"the mail service refused the notice ({response.status}): {said}",
+            "mail-refused",
+            order_id=order_id,
+        )
+
+
 def notify(message, order_id, customer, text):
-    if customer == "flaky" and message.attempt == 1:
-        raise transient("mail server busy, try again", "mail-busy", customer=customer)
     # Read per message: module-level code runs once, when the component is built.
     channel = os.environ.get("NOTICE_CHANNEL", "email")
+    api = os.environ.get("MAIL_API_URL")
+    if api:
+        mail(message, api, channel, order_id, customer, text)
+    elif customer == "flaky" and message.attempt == 1:
+        raise transient("mail server busy, try again", "mail-busy", customer=customer)
     sent_at = datetime.fromtimestamp(time.time(), timezone.utc).isoformat()
     count = state.increment(f"notices:{customer}", 1)
     host.log(

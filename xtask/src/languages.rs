@@ -22,8 +22,9 @@ pub fn build(
     target_dir: &Path,
     path: Option<std::ffi::OsString>,
 ) -> Result<Vec<PathBuf>> {
-    let mut built = vec![python(dist)?];
-    built.extend(javascript(dist, path)?);
+    let wit = plugin_wit_with_wasi(target_dir, &wasi_wit()?)?;
+    let mut built = vec![python(dist, &wit)?];
+    built.extend(javascript(dist, &wit, path)?);
     built.push(c(dist, target_dir)?);
     Ok(built)
 }
@@ -56,7 +57,27 @@ fn version_of(program: &Path) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn python(dist: &Path) -> Result<PathBuf> {
+/// The WIT of WASI 0.2 (`wasi:http`, `wasi:cli`, ... in its `deps/`): the
+/// one the host implements, as the host's `wasmtime-wasi-http` dependency
+/// ships it.
+fn wasi_wit() -> Result<PathBuf> {
+    let meta = crate::cargo_metadata(true)?;
+    let manifest = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "wasmtime-wasi-http")
+        .and_then(|p| p["manifest_path"].as_str())
+        .ok_or("cargo metadata lists no wasmtime-wasi-http (the host's WASI HTTP)")?;
+    let wit = Path::new(manifest)
+        .parent()
+        .map(|d| d.join("wit"))
+        .filter(|d| d.join("deps").is_dir())
+        .ok_or_else(|| format!("no wit/deps beside {manifest}"))?;
+    Ok(wit)
+}
+
+fn python(dist: &Path, wit: &Path) -> Result<PathBuf> {
     let venv = venv();
     let componentize = venv.join("bin").join("componentize-py");
     let wanted = format!("componentize-py {COMPONENTIZE_PY}");
@@ -74,14 +95,10 @@ fn python(dist: &Path) -> Result<PathBuf> {
     eprintln!("xtask: building plugins/notices (Python) with {wanted}");
     run(Command::new(&componentize)
         .current_dir(root().join("plugins").join("notices"))
-        .args([
-            "--wit-path",
-            "../../wit",
-            "--world",
-            "plugin",
-            "componentize",
-            "app",
-        ])
+        // notices calls a mail API over HTTP.
+        .arg("--wit-path")
+        .arg(wit)
+        .args(["--world", "plugin-http", "componentize", "app"])
         .arg("--output")
         .arg(&out))?;
     Ok(out)
@@ -89,7 +106,7 @@ fn python(dist: &Path) -> Result<PathBuf> {
 
 /// plugins/fraud, and the test plugin tests/plugins/fetcher, with the
 /// ComponentizeJS that plugins/fraud's lock file names.
-fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<Vec<PathBuf>> {
+fn javascript(dist: &Path, wit: &Path, path: Option<std::ffi::OsString>) -> Result<Vec<PathBuf>> {
     let dir = root().join("plugins").join("fraud");
     // Node.js from the given PATH when there is one.
     let tool = |program: &str| {
@@ -137,7 +154,9 @@ fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<Vec<PathB
             .current_dir(&dir)
             .args(["ci", "--no-audit", "--no-fund"]))?;
     }
-    let componentize_js = |source: &Path, out: &Path, fetch: bool| {
+    // Both call out with fetch(), which the engine implements over
+    // `wasi:http`; neither serves HTTP (`fetch-event`).
+    let componentize_js = |source: &Path, out: &Path| {
         let mut c = Command::new(&componentize);
         if let Some(p) = &path {
             c.env("PATH", p);
@@ -145,27 +164,71 @@ fn javascript(dist: &Path, path: Option<std::ffi::OsString>) -> Result<Vec<PathB
         c.current_dir(&dir)
             .arg(source)
             .arg("--wit")
-            .arg(root().join("wit"))
-            .args(["--world-name", "plugin", "--disable"]);
-        // Without fetch() the engine imports no `wasi:http`.
-        if !fetch {
-            c.arg("http");
-        }
-        run(c.args(["fetch-event", "--out"]).arg(out))
+            .arg(wit)
+            .args(["--world-name", "plugin-with-environment"])
+            .args(["--disable", "fetch-event", "--out"])
+            .arg(out);
+        run(&mut c)
     };
     let fraud = dist.join("fraud.wasm");
     eprintln!("xtask: building plugins/fraud (JavaScript) with componentize-js");
-    componentize_js(Path::new("fraud.js"), &fraud, false)?;
+    componentize_js(Path::new("fraud.js"), &fraud)?;
     let fetcher = dist.join("fetcher.wasm");
-    eprintln!(
-        "xtask: building tests/plugins/fetcher (JavaScript, with fetch) with componentize-js"
-    );
-    componentize_js(
-        &root().join("tests/plugins/fetcher/fetcher.js"),
-        &fetcher,
-        true,
-    )?;
+    eprintln!("xtask: building tests/plugins/fetcher (JavaScript) with componentize-js");
+    componentize_js(&root().join("tests/plugins/fetcher/fetcher.js"), &fetcher)?;
     Ok(vec![fraud, fetcher])
+}
+
+/// The plugin's WIT package with two more worlds, and WASI's packages as
+/// its dependencies, for the tools that take one WIT directory: a world
+/// that also imports `wasi:http/outgoing-handler` (a Python plugin that
+/// calls out: componentize-py generates bindings only for the world's
+/// imports), and one that also imports `wasi:cli/environment` (the
+/// JavaScript engine gives no `process.env`). Written under the target
+/// directory on every build; `wit/` itself stays free of WASI, so the Rust
+/// SDK and the C bindings need nothing else.
+fn plugin_wit_with_wasi(target_dir: &Path, wasi: &Path) -> Result<PathBuf> {
+    let wit = target_dir.join("plugin-wit-wasi");
+    let deps = wit.join("deps");
+    let io = |e: std::io::Error| format!("cannot write {}: {e}", wit.display());
+    if wit.exists() {
+        std::fs::remove_dir_all(&wit).map_err(io)?;
+    }
+    std::fs::create_dir_all(&deps).map_err(io)?;
+    std::fs::copy(
+        root().join("wit").join("plugin.wit"),
+        wit.join("plugin.wit"),
+    )
+    .map_err(io)?;
+    // The version the WIT says, e.g. `package wasi:http@0.2.12;`.
+    let http = wasi.join("deps").join("http.wit");
+    let text = std::fs::read_to_string(&http)
+        .map_err(|e| format!("cannot read {}: {e}", http.display()))?;
+    let version = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("package wasi:http@"))
+        .map(|v| v.trim_end_matches(';').trim().to_owned())
+        .ok_or_else(|| format!("{} names no `package wasi:http@...`", http.display()))?;
+    std::fs::write(
+        wit.join("wasi-worlds.wit"),
+        format!(
+            "/// The plugin, calling out over HTTP.\n\
+             world plugin-http {{\n    include plugin;\n    import wasi:http/outgoing-handler@{version};\n}}\n\n\
+             /// The plugin, reading the environment the pipeline gives it.\n\
+             world plugin-with-environment {{\n    include plugin;\n    import wasi:cli/environment@{version};\n}}\n"
+        ),
+    )
+    .map_err(io)?;
+    let from = wasi.join("deps");
+    let entries =
+        std::fs::read_dir(&from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".wit") {
+            std::fs::copy(entry.path(), deps.join(&name)).map_err(io)?;
+        }
+    }
+    Ok(wit)
 }
 
 /// Installs a crates.io tool into the tools directory unless it is there at

@@ -92,9 +92,15 @@ struct Metadata {
     plugins: Vec<(String, String)>,
 }
 
-fn metadata() -> Result<Metadata> {
-    let out = cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
+/// `cargo metadata` of the workspace; with `deps`, of every package it
+/// depends on too.
+fn cargo_metadata(deps: bool) -> Result<serde_json::Value> {
+    let mut c = cargo();
+    c.args(["metadata", "--locked", "--format-version", "1"]);
+    if !deps {
+        c.arg("--no-deps");
+    }
+    let out = c
         .output()
         .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
     if !out.status.success() {
@@ -103,8 +109,11 @@ fn metadata() -> Result<Metadata> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata printed bad JSON: {e}"))
+}
+
+fn metadata() -> Result<Metadata> {
+    let v = cargo_metadata(false)?;
     let target_dir = v["target_directory"]
         .as_str()
         .map(PathBuf::from)

@@ -181,6 +181,21 @@ impl HttpSimulation {
 /// are small; a larger one matches no `body_contains`).
 const MAX_STUBBED_REQUEST: usize = 1 << 20;
 
+/// How long a request that will not be sent is given to finish writing its
+/// body (see [`refused`]).
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The failure of a request that will not be sent, after its body is read
+/// and dropped (up to [`MAX_STUBBED_REQUEST`] bytes, for up to
+/// [`REFUSED_BODY_WAIT`]). The guest's writes of the body then succeed and it
+/// learns why from the response's error code. A guest whose write fails
+/// instead would see only that, and the JavaScript engine traps on it.
+async fn refused(body: WasiBody, why: Error) -> Sent {
+    let drain = http_body_util::Limited::new(body, MAX_STUBBED_REQUEST).collect();
+    let _ = tokio::time::timeout(REFUSED_BODY_WAIT, drain).await;
+    Err(why)
+}
+
 /// The `wasi:http` hooks of one instance.
 pub struct Hooks {
     outbound: Arc<Outbound>,
@@ -221,10 +236,10 @@ impl WasiHttpHooks for Hooks {
                 url = %crate::limits::quote(&uri.to_string()),
                 "refused an HTTP request: {why}"
             );
-            return answered(Err(Error::HttpRequestDenied));
+            return Box::new(refused(request.into_body(), Error::HttpRequestDenied));
         }
         if self.network_down {
-            return answered(Err(Error::ConnectionRefused));
+            return Box::new(refused(request.into_body(), Error::ConnectionRefused));
         }
         let max = self.outbound.max_response;
         if let Some(sim) = self.simulation.clone() {
@@ -242,11 +257,6 @@ impl WasiHttpHooks for Hooks {
             }
         })
     }
-}
-
-/// An answer known without sending anything.
-fn answered(sent: Sent) -> Box<dyn Future<Output = Sent> + Send> {
-    Box::new(std::future::ready(sent))
 }
 
 /// Answers from the stubs; an unmatched request is refused (and noted).
@@ -281,13 +291,18 @@ async fn stubbed(sim: &HttpSimulation, request: http::Request<WasiBody>, max: u6
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
-/// Sends `request` over a connection of its own.
-async fn send(
-    mut request: http::Request<WasiBody>,
+/// A connection to the request's origin, with TLS for `https`, ready for
+/// one HTTP/1.1 request.
+async fn connect(
+    uri: &http::Uri,
     tls: Option<Arc<rustls::ClientConfig>>,
-    max: u64,
-) -> Sent {
-    let uri = request.uri().clone();
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<WasiBody>,
+        hyper::client::conn::http1::Connection<hyper_util::rt::TokioIo<Box<dyn Stream>>, WasiBody>,
+    ),
+    Error,
+> {
     let https = uri.scheme_str() == Some("https");
     let host = uri
         .host()
@@ -313,8 +328,20 @@ async fn send(
     } else {
         Box::new(tcp)
     };
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    Ok(hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?)
+}
+
+/// Sends `request` over a connection of its own.
+async fn send(
+    mut request: http::Request<WasiBody>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    max: u64,
+) -> Sent {
+    let (mut sender, connection) = match connect(request.uri(), tls).await {
+        Ok(connected) => connected,
+        Err(why) => return refused(request.into_body(), why).await,
+    };
+    let uri = request.uri().clone();
     // The connection runs beside the request; dropping the handle (the
     // instance drops the response) stops it.
     let connection = wasmtime_wasi::runtime::spawn(connection);

@@ -490,9 +490,9 @@ fn the_example_plugins_pass_their_contract_tests() {
         ("shipping", 3),
         ("fulfilment", 11),
         // JavaScript, C and Python.
-        ("fraud", 7),
+        ("fraud", 14),
         ("receipts", 8),
-        ("notices", 8),
+        ("notices", 13),
     ] {
         let tests = workspace_root()
             .join("plugins")
@@ -500,9 +500,14 @@ fn the_example_plugins_pass_their_contract_tests() {
             .join("tests")
             .join("contract.toml");
         let junit = dir.path().join(format!("{plugin}.xml"));
-        // Payments calls its gateway: the example pipeline grants it.
-        let orders = workspace_root().join("pipelines").join("orders.toml");
-        let granted = ["-p", orders.to_str().unwrap(), "--plugin", plugin];
+        // Payments calls its gateway, fraud its risk service and notices
+        // its mail service: the example pipelines grant them.
+        let pipeline = match plugin {
+            "payments" => "orders.toml",
+            _ => "polyglot.toml",
+        };
+        let pipeline = workspace_root().join("pipelines").join(pipeline);
+        let granted = ["-p", pipeline.to_str().unwrap(), "--plugin", plugin];
         let out = switchyard(
             &[
                 &[
@@ -512,7 +517,7 @@ fn the_example_plugins_pass_their_contract_tests() {
                     "--junit",
                     junit.to_str().unwrap(),
                 ][..],
-                if plugin == "payments" {
+                if ["payments", "fraud", "notices"].contains(&plugin) {
                     &granted[..]
                 } else {
                     &[]

@@ -276,10 +276,15 @@ fn a_javascript_plugin_calls_out_with_fetch_within_its_grant() {
         ok(&format!("got {}", String::from_utf8_lossy(body)))
     });
     let other = Server::start(None, |_, _| ok("should not be reached"));
+    // A granted origin where nothing listens.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
     let fetcher = load_with(
         "fetcher",
         limits(Duration::from_secs(10)),
-        grant(&[server.url("http", "")]),
+        grant(&[server.url("http", ""), closed.clone()]),
     );
     let mut worker = Worker::new(fetcher, RetryPolicy::default());
     let mut post = message(
@@ -298,13 +303,23 @@ fn a_javascript_plugin_calls_out_with_fetch_within_its_grant() {
     );
     drop(requests);
 
-    let mut refused = message(
-        Kind::Command,
-        "Fetch",
-        serde_json::json!({ "url": other.url("http", "/") }),
-    );
-    let failure = worker.handle(&mut refused).unwrap().unwrap_err();
-    assert_eq!(failure.code.as_deref(), Some("fetch-failed"), "{failure}");
+    // Refused, or not connected: the promise rejects (the engine is not
+    // left writing a body nobody reads, which it cannot take).
+    for url in [other.url("http", "/"), format!("{closed}/score")] {
+        for body in [None, Some("x".repeat(100_000))] {
+            let mut failed = message(
+                Kind::Command,
+                "Fetch",
+                serde_json::json!({ "method": "POST", "url": url, "body": body }),
+            );
+            let failure = worker.handle(&mut failed).unwrap().unwrap_err();
+            assert_eq!(
+                failure.code.as_deref(),
+                Some("fetch-failed"),
+                "{url}: {failure}"
+            );
+        }
+    }
     assert_eq!(other.connections.load(Ordering::SeqCst), 0);
 }
 
@@ -554,4 +569,204 @@ http = ["{}"]
         1,
         "{seen:?}"
     );
+}
+
+/// The caller plugin behind an ingress, on the pipeline `pipeline` writes:
+/// a `Call` to the granted server is answered with what the server said,
+/// and a `Call` to a server outside the grant is dead-lettered as
+/// `http-denied` without a connection to it. Gives the pipeline, for the
+/// broker's clean-up.
+pub async fn a_plugin_calls_out_on(
+    pipeline: fn(&std::path::Path, &str) -> (std::path::PathBuf, switchyard::config::Pipeline),
+) -> switchyard::config::Pipeline {
+    let granted = Server::start(None, |_, body| ok(&format!("got {}", body.len())));
+    let other = Server::start(None, |_, _| ok("should not be asked"));
+    let dir = tempfile::tempdir().unwrap();
+    let listen = crate::ingress::free_addr();
+    let (path, p) = pipeline(
+        dir.path(),
+        &format!(
+            "[ingress]\nlisten = \"{listen}\"\n[plugins.caller]\nwasm = \"{{dist}}/caller.wasm\"\ncommands = [\"Call\"]\n[plugins.caller.grants]\nhttp = [\"{}\"]\n",
+            granted.url("http", "")
+        ),
+    );
+    let host = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || crate::ingress::run(&path, listen, None)
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let call = |url: String, prefer: &'static str| {
+        client
+            .post(format!("http://{listen}/commands/Call"))
+            .header("content-type", "application/json")
+            .header("prefer", prefer)
+            .body(serde_json::json!({ "method": "POST", "url": url, "body": "abc" }).to_string())
+            .send()
+    };
+    let answered = call(granted.url("http", "/charges"), "wait=60")
+        .await
+        .unwrap();
+    let status = answered.status().as_u16();
+    let answer: serde_json::Value = serde_json::from_str(&answered.text().await.unwrap()).unwrap();
+    let refused = call(other.url("http", "/charges"), "respond-async")
+        .await
+        .unwrap();
+    let refused_status = refused.status().as_u16();
+    let refused: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    let refused_id = refused["id"].as_str().unwrap().to_owned();
+    // The refusal is permanent: dead-lettered on its first attempt.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let record = loop {
+        let found = crate::common::dead_letters(&p)
+            .await
+            .into_iter()
+            .find(|d| d.message.id == refused_id);
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused call was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::task::spawn_blocking(move || crate::common::stop(host))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &answer["status"], &answer["body"]),
+        (200, &serde_json::json!(200), &serde_json::json!("got 3"))
+    );
+    assert_eq!(refused_status, 202);
+    assert_eq!(record.error.code.as_deref(), Some("http-denied"));
+    assert_eq!(record.error.kind, "permanent");
+    assert_eq!(other.connections.load(Ordering::SeqCst), 0);
+    assert!(
+        granted.requests.lock().unwrap()[0]
+            .0
+            .starts_with("POST /charges HTTP/1.1\r\n"),
+        "{:?}",
+        granted.requests.lock().unwrap()
+    );
+    p
+}
+
+/// On RabbitMQ: outbound HTTP is the same, the command and its reply go
+/// through the broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_rabbitmq_a_plugin_calls_out_within_its_grant() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let p = a_plugin_calls_out_on(crate::amqp::pipeline).await;
+    crate::amqp::clean_up(&p).await;
+}
+
+/// On Kafka: the same, the command and its reply go through the cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_kafka_a_plugin_calls_out_within_its_grant() {
+    a_plugin_calls_out_on(crate::kafka::pipeline).await;
+}
+
+/// The Python and JavaScript examples call their services over the
+/// network from a running pipeline: notices (componentize-py, the
+/// `wasi:http` bindings) hands a notice to its mail service under the
+/// message's id, and fraud (ComponentizeJS, `fetch`) holds an order its
+/// risk service scores high; a mail service that answers 503 is retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_and_javascript_examples_call_their_services() {
+    let mail_calls = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let mail_calls = mail_calls.clone();
+        Server::start(None, move |head, body| {
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+            if head.starts_with("POST /scores ") {
+                let score = if body["customer"] == "eve" { 95 } else { 5 };
+                ok(&format!(r#"{{"score":{score}}}"#))
+            } else if head.starts_with("POST /messages ")
+                && mail_calls.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                Answer::Bytes(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy".to_vec())
+            } else {
+                ok(r#"{"id":"mail-1"}"#)
+            }
+        })
+    };
+    let url = server.url("http", "");
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::common::write_pipeline(
+        dir.path(),
+        "services",
+        &format!(
+            r#"
+[plugins.fraud]
+wasm = "{{dist}}/fraud.wasm"
+events = ["OrderPlaced"]
+memory = "64 MiB"
+timeout = "10s"
+[plugins.fraud.grants]
+env = {{ RISK_URL = "{url}" }}
+http = ["{url}"]
+
+[plugins.receipts]
+wasm = "{{dist}}/receipts.wasm"
+commands = ["SignReceipt"]
+
+[plugins.notices]
+wasm = "{{dist}}/notices.wasm"
+events = ["ReceiptSigned"]
+commands = ["NotifyCustomer"]
+memory = "64 MiB"
+timeout = "10s"
+retry = {{ immediate = 2, delayed = 0 }}
+[plugins.notices.grants]
+env = {{ MAIL_API_URL = "{url}" }}
+http = ["{url}"]
+"#
+        ),
+    );
+    let p = switchyard::testing::TestPipeline::start(&path)
+        .await
+        .unwrap();
+    p.publish(
+        "OrderPlaced",
+        serde_json::json!({ "order_id": "R-1", "customer": "eve", "total_cents": 2400, "items": [] }),
+    )
+    .await
+    .unwrap();
+    // Held by its score, the order's customer is told, through the mail
+    // service (the first try answered 503, the retry taken).
+    let screened = p
+        .published("OrderScreened", serde_json::json!({ "order_id": "R-1" }))
+        .await
+        .unwrap();
+    let told = p
+        .published("CustomerNotified", serde_json::json!({ "order_id": "R-1" }))
+        .await
+        .unwrap();
+    p.stop().await.unwrap();
+    let screened: serde_json::Value = serde_json::from_slice(&screened.payload).unwrap();
+    assert_eq!(screened["verdict"], "review");
+    assert_eq!(screened["reasons"], serde_json::json!(["risk score 95"]));
+    let told: serde_json::Value = serde_json::from_slice(&told.payload).unwrap();
+    assert_eq!(told["customer"], "eve");
+    let requests = server.requests.lock().unwrap();
+    let mails: Vec<_> = requests
+        .iter()
+        .filter(|(head, _)| head.starts_with("POST /messages "))
+        .collect();
+    assert_eq!(mails.len(), 2, "{requests:?}");
+    // Both tries under the same key: the message's id.
+    let key = |head: &str| {
+        head.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("idempotency-key: ")
+                .map(str::to_owned)
+        })
+    };
+    assert!(key(&mails[0].0).is_some(), "{}", mails[0].0);
+    assert_eq!(key(&mails[0].0), key(&mails[1].0));
+    let mail: serde_json::Value = serde_json::from_slice(&mails[1].1).unwrap();
+    assert_eq!(mail["to"], "eve");
+    assert_eq!(mail["text"], "order R-1 is on hold: risk score 95");
 }

@@ -12,7 +12,7 @@ use crate::common::{bin, example_pipeline, stop, workspace_root};
 const TOKEN: &str = "ingress-test-token";
 const MAX_BODY: u64 = 4096;
 
-fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
@@ -38,7 +38,7 @@ fn pipeline(dir: &Path, listen: SocketAddr) -> std::path::PathBuf {
 }
 
 /// `switchyard run`, once its ingress takes connections.
-fn run(path: &Path, listen: SocketAddr, token: Option<&str>) -> Child {
+pub(crate) fn run(path: &Path, listen: SocketAddr, token: Option<&str>) -> Child {
     let env: Vec<(&str, &str)> = token.map(|t| ("INGRESS_TOKEN", t)).into_iter().collect();
     run_with(path, listen, &env)
 }

@@ -1,6 +1,6 @@
 //! `[ingress]`: commands and events over HTTP.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use super::Parser;
@@ -20,6 +20,7 @@ impl Parser<'_> {
         &mut self,
         root: &mut Section<'_>,
         max_message_size: u64,
+        routed: &BTreeSet<&str>,
     ) -> Option<IngressConfig> {
         let mut s = root.table("ingress", self.diags)?;
         let mut config = IngressConfig {
@@ -45,7 +46,7 @@ impl Parser<'_> {
             }
         }
         if let Some(mut t) = s.table("tokens", self.diags) {
-            config.type_tokens = self.type_tokens(&mut t);
+            config.type_tokens = self.type_tokens(&mut t, routed);
         }
         config.tls = self.ingress_tls(&mut s);
         if !config.listen.ip().is_loopback()
@@ -100,7 +101,13 @@ impl Parser<'_> {
 
     /// `[ingress.tokens]`: message type = the environment variable of a
     /// token good for that type only.
-    fn type_tokens(&mut self, t: &mut Section<'_>) -> BTreeMap<MessageType, String> {
+    /// A type no plugin takes is refused: its token could never be used,
+    /// and the sender it was meant for would be turned away.
+    fn type_tokens(
+        &mut self,
+        t: &mut Section<'_>,
+        routed: &BTreeSet<&str>,
+    ) -> BTreeMap<MessageType, String> {
         let mut out = BTreeMap::new();
         for (k, v) in t.string_map(self.diags) {
             let ty = match MessageType::try_from(k.value.as_str()) {
@@ -111,6 +118,27 @@ impl Parser<'_> {
                     continue;
                 }
             };
+            if !routed.contains(ty.as_str()) {
+                let known: Vec<&str> = routed.iter().copied().collect();
+                self.diags.push(
+                    Diagnostic::error(
+                        format!(
+                            "[ingress.tokens] names `{ty}`, which no plugin of the pipeline takes"
+                        ),
+                        k.span,
+                    )
+                    .with_label("unknown type")
+                    .with_note(format!(
+                        "note: the types the plugins take are {}",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    )),
+                );
+                continue;
+            }
             if valid_env_name(&v.value) {
                 out.insert(ty, v.value);
             } else {

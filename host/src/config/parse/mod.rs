@@ -69,9 +69,15 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let journal = p.journal_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
     let (admin, admin_token_env) = p.admin_section(&mut root);
-    let ingress = p.ingress_section(&mut root, host.max_message_size);
     let schemas = p.schemas_section(&mut root);
     let plugins = p.plugins_section(&mut root, &defaults);
+    // The types some plugin takes, for the ingress's per-type tokens.
+    let routed: std::collections::BTreeSet<&str> = plugins
+        .iter()
+        .filter_map(|p| p.spec.as_ref())
+        .flat_map(|s| s.subscriptions().map(|(t, _)| t.as_str()))
+        .collect();
+    let ingress = p.ingress_section(&mut root, host.max_message_size, &routed);
     root.finish(p.diags);
 
     routing::check_routing(&plugins, &mut diags);
