@@ -1,7 +1,9 @@
 //! The ids the ingress has made durable, so that a client that retries a
 //! request under the same id (a CloudEvent's `id`, an `Idempotency-Key`)
-//! does not send the message twice. Kept in a SQLite file of the host's
-//! own for `[ingress] dedupe_window`.
+//! does not send the message twice. Kept for `[ingress] dedupe_window` in a
+//! SQLite file of the host's own, or, when the pipeline keeps its state in
+//! PostgreSQL (hosts that share its work), in the same database, so that a
+//! retry that reaches another host of the pipeline is known there too.
 //!
 //! An id is written after its message is durable, never before: a host
 //! that dies in between has sent the message and not noted it, so a retry
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 /// Ids are a type's own: a client that may post one type cannot claim,
@@ -30,12 +32,78 @@ CREATE TABLE IF NOT EXISTS accepted_ids (
 CREATE INDEX IF NOT EXISTS accepted_ids_by_time ON accepted_ids (accepted_at_ms);
 ";
 
+/// The same table in PostgreSQL, in the state's schema; `{schema}` is
+/// replaced. Rows are a pipeline's own.
+const PG_SCHEMA: &str = "
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.ingress_ids (
+    pipeline TEXT NOT NULL,
+    message_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    accepted_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (pipeline, message_type, id)
+);
+CREATE INDEX IF NOT EXISTS ingress_ids_by_time ON {schema}.ingress_ids (accepted_at_ms);
+";
+
 /// The accepted ids of one host's ingress.
 pub struct Accepted {
-    path: PathBuf,
-    conn: Arc<Mutex<Connection>>,
+    store: Ids,
     window: Duration,
     in_progress: Mutex<HashSet<String>>,
+}
+
+/// Where the ids are kept.
+enum Ids {
+    Sqlite {
+        path: PathBuf,
+        conn: Arc<Mutex<Connection>>,
+    },
+    Postgres(SharedIds),
+}
+
+/// The ids in PostgreSQL. The connection is made again when it drops.
+struct SharedIds {
+    url: String,
+    schema: String,
+    pipeline: String,
+    client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
+}
+
+impl SharedIds {
+    /// The connection, made again if it dropped.
+    async fn client(&self) -> Result<Arc<tokio_postgres::Client>> {
+        let mut held = self.client.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(
+            crate::pg::connect(&self.url, "ingress ids")
+                .await
+                .context("cannot reach the ingress's id store in PostgreSQL")?,
+        );
+        *held = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one statement; `sql`'s `{schema}` is replaced and its first
+    /// parameter is the pipeline.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let client = self.client().await?;
+        let sql = sql.replace("{schema}", &self.schema);
+        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&self.pipeline];
+        all.extend_from_slice(params);
+        client.query(&sql, &all).await.map_err(|e| {
+            anyhow!(
+                "the ingress's ids in PostgreSQL (schema {}): {e}",
+                self.schema
+            )
+        })
+    }
 }
 
 /// What became of a claim on an id.
@@ -71,6 +139,43 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl Accepted {
+    /// The ids of `pipeline`'s ingress: in PostgreSQL when its state is
+    /// there, else in a file of the host's own in its state directory.
+    pub async fn open_for(pipeline: &crate::config::Pipeline, window: Duration) -> Result<Self> {
+        match &pipeline.state.store {
+            crate::config::StoreConfig::Postgres { url, schema } => {
+                let ids = SharedIds {
+                    url: url.resolve("state store")?,
+                    schema: schema.clone(),
+                    pipeline: pipeline.name.clone(),
+                    client: tokio::sync::Mutex::new(None),
+                };
+                ids.client()
+                    .await?
+                    .batch_execute(&PG_SCHEMA.replace("{schema}", schema))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot create the ingress's id table in PostgreSQL (schema {schema})"
+                        )
+                    })?;
+                Ok(Accepted {
+                    store: Ids::Postgres(ids),
+                    window,
+                    in_progress: Mutex::new(HashSet::new()),
+                })
+            }
+            crate::config::StoreConfig::Embedded { .. } => {
+                let path = pipeline
+                    .state_dir
+                    .join(format!("{}-ingress.db", pipeline.name));
+                tokio::task::spawn_blocking(move || Accepted::open(&path, window))
+                    .await
+                    .context("opening the ingress's ids stopped")?
+            }
+        }
+    }
+
     /// Opens (creating if needed) the file at `path`.
     pub fn open(path: &Path, window: Duration) -> Result<Self> {
         crate::files::create_private_file(path)
@@ -85,19 +190,21 @@ impl Accepted {
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("cannot create the table in {}", path.display()))?;
         Ok(Accepted {
-            path: path.to_owned(),
-            conn: Arc::new(Mutex::new(conn)),
+            store: Ids::Sqlite {
+                path: path.to_owned(),
+                conn: Arc::new(Mutex::new(conn)),
+            },
             window,
             in_progress: Mutex::new(HashSet::new()),
         })
     }
 
     async fn blocking<T: Send + 'static>(
-        &self,
+        path: &Path,
+        conn: &Arc<Mutex<Connection>>,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let conn = self.conn.clone();
-        let path = self.path.clone();
+        let conn = conn.clone();
         tokio::task::spawn_blocking(move || f(&lock(&conn)))
             .await
             .context("the ingress's id store stopped")?
@@ -117,18 +224,31 @@ impl Accepted {
             id: held,
         };
         let since = ms(Duration::from_millis(crate::envelope::now_ms())) - ms(self.window);
-        let (t, key) = (message_type.to_owned(), id.to_owned());
-        let found: Option<i64> = self
-            .blocking(move |c| {
-                c.query_row(
-                    "SELECT accepted_at_ms FROM accepted_ids
-                     WHERE message_type = ?1 AND id = ?2 AND accepted_at_ms >= ?3",
-                    params![t, key, since],
-                    |r| r.get(0),
+        let found: Option<i64> = match &self.store {
+            Ids::Sqlite { path, conn } => {
+                let (t, key) = (message_type.to_owned(), id.to_owned());
+                Self::blocking(path, conn, move |c| {
+                    c.query_row(
+                        "SELECT accepted_at_ms FROM accepted_ids
+                         WHERE message_type = ?1 AND id = ?2 AND accepted_at_ms >= ?3",
+                        params![t, key, since],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                })
+                .await?
+            }
+            Ids::Postgres(pg) => pg
+                .rows(
+                    "SELECT accepted_at_ms FROM {schema}.ingress_ids
+                     WHERE pipeline = $1 AND message_type = $2 AND id = $3 AND accepted_at_ms >= $4",
+                    &[&message_type, &id, &since],
                 )
-                .optional()
-            })
-            .await?;
+                .await?
+                .first()
+                .map(|r| r.try_get(0))
+                .transpose()?,
+        };
         Ok(match found {
             Some(at) => Claim::Done(at.unsigned_abs()),
             None => Claim::New(holding),
@@ -137,29 +257,58 @@ impl Accepted {
 
     /// Notes that the message of `message_type` with `id` is durable.
     pub async fn done(&self, message_type: &str, id: &str) -> Result<()> {
-        let (id, t) = (id.to_owned(), message_type.to_owned());
         let now = i64::try_from(crate::envelope::now_ms()).unwrap_or(i64::MAX);
-        self.blocking(move |c| {
-            c.execute(
-                "INSERT INTO accepted_ids (message_type, id, accepted_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (message_type, id) DO UPDATE SET accepted_at_ms = ?3",
-                params![t, id, now],
-            )
-        })
-        .await?;
+        match &self.store {
+            Ids::Sqlite { path, conn } => {
+                let (id, t) = (id.to_owned(), message_type.to_owned());
+                Self::blocking(path, conn, move |c| {
+                    c.execute(
+                        "INSERT INTO accepted_ids (message_type, id, accepted_at_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (message_type, id) DO UPDATE SET accepted_at_ms = ?3",
+                        params![t, id, now],
+                    )
+                })
+                .await?;
+            }
+            Ids::Postgres(pg) => {
+                pg.rows(
+                    "INSERT INTO {schema}.ingress_ids (pipeline, message_type, id, accepted_at_ms)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (pipeline, message_type, id) DO UPDATE SET accepted_at_ms = $4",
+                    &[&message_type, &id, &now],
+                )
+                .await?;
+            }
+        }
         Ok(())
     }
 
     /// Forgets the ids older than the window; how many.
     pub async fn prune(&self) -> Result<usize> {
         let before = i64::try_from(crate::envelope::now_ms()).unwrap_or(i64::MAX) - ms(self.window);
-        self.blocking(move |c| {
-            c.execute(
-                "DELETE FROM accepted_ids WHERE accepted_at_ms < ?1",
-                params![before],
-            )
-        })
-        .await
+        match &self.store {
+            Ids::Sqlite { path, conn } => {
+                Self::blocking(path, conn, move |c| {
+                    c.execute(
+                        "DELETE FROM accepted_ids WHERE accepted_at_ms < ?1",
+                        params![before],
+                    )
+                })
+                .await
+            }
+            Ids::Postgres(pg) => Ok(pg
+                .rows(
+                    "WITH gone AS (DELETE FROM {schema}.ingress_ids
+                     WHERE pipeline = $1 AND accepted_at_ms < $2 RETURNING 1)
+                     SELECT count(*) FROM gone",
+                    &[&before],
+                )
+                .await?
+                .first()
+                .map(|r| r.try_get::<_, i64>(0))
+                .transpose()?
+                .map_or(0, |n| usize::try_from(n).unwrap_or(0))),
+        }
     }
 }
 

@@ -142,12 +142,7 @@ impl Ingress {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} for [ingress]", config.listen))?;
-        let accepted = Accepted::open(
-            &pipeline
-                .state_dir
-                .join(format!("{}-ingress.db", pipeline.name)),
-            config.dedupe_window,
-        )?;
+        let accepted = Accepted::open_for(pipeline, config.dedupe_window).await?;
         let inbox = transport
             .reply_inbox()
             .await

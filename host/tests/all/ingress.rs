@@ -422,3 +422,93 @@ pub async fn a_command_is_answered_and_an_event_accepted(
     assert_eq!(event_status.as_u16(), 202);
     p
 }
+
+/// Two hosts of one pipeline on RabbitMQ with its state in PostgreSQL:
+/// a request retried at the other host under the same id is known there,
+/// answered `duplicate` and not sent again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_at_another_host_is_known_there_when_the_state_is_shared() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let schema = crate::state::schema();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (listen_a, listen_b) = (free_addr(), free_addr());
+    let (path_a, p) = crate::amqp::pipeline(
+        dir_a.path(),
+        &format!(
+            "[state]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\n[ingress]\nlisten = \"{listen_a}\"\n[plugins.echo]\nwasm = \"{{dist}}/echo.wasm\"\ncommands = [\"Echo\"]\nevents = [\"Tick\"]\n"
+        ),
+    );
+    // The same pipeline (name, exchange, store), its ingress elsewhere.
+    let path_b = dir_b.path().join(path_a.file_name().unwrap());
+    std::fs::write(
+        &path_b,
+        std::fs::read_to_string(&path_a)
+            .unwrap()
+            .replace(&listen_a.to_string(), &listen_b.to_string()),
+    )
+    .unwrap();
+    let a = tokio::task::spawn_blocking(move || run(&path_a, listen_a, None))
+        .await
+        .unwrap();
+    let b = tokio::task::spawn_blocking(move || run(&path_b, listen_b, None))
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let post = |listen: SocketAddr, key: &str| {
+        client
+            .post(format!("http://{listen}/events/Tick"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(r#"{"n":1}"#)
+            .send()
+    };
+    let key = format!("k-{}", switchyard::envelope::new_id());
+    let first = post(listen_a, &key).await.unwrap();
+    let first_status = first.status().as_u16();
+    let first: serde_json::Value = serde_json::from_str(&first.text().await.unwrap()).unwrap();
+    let retry = post(listen_b, &key).await.unwrap();
+    let retry_status = retry.status().as_u16();
+    let retry: serde_json::Value = serde_json::from_str(&retry.text().await.unwrap()).unwrap();
+    // Another id at the other host is sent as usual.
+    let other = post(listen_b, &format!("{key}-2")).await.unwrap();
+    let other: serde_json::Value = serde_json::from_str(&other.text().await.unwrap()).unwrap();
+    tokio::task::spawn_blocking(move || {
+        stop(a);
+        stop(b);
+    })
+    .await
+    .unwrap();
+    let (client_pg, connection) = tokio_postgres::connect(
+        "postgres://postgres@127.0.0.1:5432/test",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let noted: i64 = client_pg
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.ingress_ids WHERE pipeline = $1"),
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client_pg
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+    crate::amqp::clean_up(&p).await;
+    assert_eq!(
+        (first_status, first["status"].as_str()),
+        (202, Some("accepted")),
+        "{first}"
+    );
+    assert_eq!(
+        (retry_status, retry["status"].as_str()),
+        (202, Some("duplicate")),
+        "{retry}"
+    );
+    assert_eq!(retry["id"], first["id"]);
+    assert_eq!(other["status"], "accepted", "{other}");
+    assert_eq!(noted, 2);
+}
