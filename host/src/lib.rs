@@ -36,6 +36,7 @@
 //! | [`ingress`] | the HTTP ingress: requests to commands and events, replies back (`[ingress]`) |
 //! | [`admin`] | the admin HTTP listener: `/metrics`, `/healthz`, `/plugins`, and the console's routes |
 //! | [`console`] | the web console at `/ui`: sessions, CSRF, the overview, dead letters, message journeys, plugins |
+//! | [`fleet`] | deploys to a fleet (`[fleet]`): the desired versions in PostgreSQL, a host following them and reporting what it runs |
 //! | [`supervisor`] | the route supervisor: one route per plugin, and every change to a running host (swaps, pipeline edits, deploys, rollbacks, the file watcher) |
 //! | [`dispatch`] | one route: the loop (`mod.rs`), the worker and its immediate retries (`worker.rs`), lanes of a route with `concurrency` above 1 (`lanes.rs`), a saga message's instance and step (`saga.rs`), verdicts to durable steps (`plan.rs`), the order of writes (`commit.rs`), the versions a route runs (`version.rs`) |
 //! | `crash_loop` | the crash-loop guard: messages in hand when the host died |
@@ -64,6 +65,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod envelope;
 mod files;
+pub mod fleet;
 pub mod ingress;
 pub mod journal;
 mod json_diff;

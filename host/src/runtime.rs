@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +79,46 @@ pub async fn load_plugins_from(
     load_plugins_inner(pipeline, deployed)
         .instrument(span)
         .await
+}
+
+/// Loads the build at `path` as plugin `plugin` of `pipeline`, in its
+/// sandbox, and checks what its `describe()` says against the pipeline:
+/// what a host would check before swapping it in. Its description, or every
+/// reason it would be refused.
+pub async fn check_build(
+    pipeline: &Pipeline,
+    plugin: &str,
+    path: &Path,
+) -> Result<crate::plugin::PluginInfo> {
+    let Some(spec) = pipeline.plugin(plugin).cloned() else {
+        let names: Vec<String> = pipeline
+            .plugins
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        bail!(
+            "pipeline `{}` has no plugin `{plugin}` (it has {})",
+            pipeline.name,
+            names.join(", ")
+        );
+    };
+    let engine = PluginEngine::new(cache_dir(pipeline))?;
+    let path = path.to_owned();
+    let sandbox = crate::supervisor::sandbox_of(&spec);
+    let loaded = tokio::task::spawn_blocking(move || engine.load(&path, sandbox))
+        .await
+        .context("plugin loading task failed")?
+        .with_context(|| format!("plugin `{plugin}`"))?;
+    let info = loaded.info().clone();
+    let errors: Vec<String> = contract::check_plugin(&spec, &info)
+        .into_iter()
+        .filter(|p| p.error)
+        .map(|p| p.to_string())
+        .collect();
+    if !errors.is_empty() {
+        return Err(PluginErrors(errors).into());
+    }
+    Ok(info)
 }
 
 /// The versions deployed to this pipeline's host that a start must run
@@ -351,6 +391,14 @@ pub async fn run_with(
             stop_rx.clone(),
         ))
     });
+    // Follows the versions deployed to the fleet, and reports this host.
+    let follower = pipeline.fleet.clone().map(|config| {
+        tokio::spawn(crate::fleet::follow(
+            config,
+            control.clone(),
+            stop_rx.clone(),
+        ))
+    });
     tracing::info!(
         pipeline = %pipeline.name,
         transport = transport.kind(),
@@ -380,6 +428,15 @@ pub async fn run_with(
     }
     stop(&control, &mut exits, watcher, admin_task, admin_stop).await;
     for task in [pruner, timer, journal_pruner].into_iter().flatten() {
+        task.abort();
+    }
+    // It says that this host stopped; a database that does not answer
+    // does not hold the host.
+    if let Some(mut task) = follower
+        && tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+    {
         task.abort();
     }
     let _ = journal_stop.send(true);

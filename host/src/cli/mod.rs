@@ -1,6 +1,7 @@
 //! The `switchyard` command line.
 
 pub mod dlq;
+mod fleet;
 mod inspect;
 mod messages;
 mod new;
@@ -125,22 +126,40 @@ a running host picks it up within its poll interval.")]
   export SWITCHYARD_ADMIN_TOKEN=...        # the value of the host's [admin] token_env variable
   switchyard deploy dist/plugins/payments.wasm --plugin payments
   switchyard deploy payments.wasm --plugin payments --host http://127.0.0.1:9464
+  switchyard deploy payments.wasm --plugin payments -p pipelines/shop.toml --wait 30s   # every host ([fleet])
 
 The host compiles the component, checks its describe() against the pipeline and
 instantiates it before anything changes; a version that fails is refused and the
 running one keeps serving. Deployed versions are kept across restarts; undo with
-`switchyard plugins rollback NAME`.")]
+`switchyard plugins rollback NAME`.
+
+With -p, the build is checked against the pipeline here and recorded in the pipeline's
+[fleet] database; every host of the pipeline takes it within its poll interval, and a
+host that starts later starts on it. See `switchyard fleet status`.")]
     Deploy {
         /// The component (.wasm) file.
         file: PathBuf,
         /// The plugin (as named in the pipeline) it replaces.
         #[arg(long)]
         plugin: String,
+        /// Deploy to every host of this pipeline (it needs a [fleet]
+        /// section) instead of one host.
+        #[arg(short, long)]
+        pipeline: Option<PathBuf>,
+        /// With --pipeline: wait until every live host runs it, up to this
+        /// long (e.g. 30s); exits 1 if they do not.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "pipeline")]
+        wait: Option<std::time::Duration>,
         #[command(flatten)]
         host: remote::HostArgs,
         #[command(flatten)]
         token: remote::TokenArgs,
     },
+
+    /// The hosts of a pipeline deployed to as a fleet ([fleet]): what each
+    /// runs, and the deploy history.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
 
     /// Run contract tests against a plugin component, in the real sandbox,
     /// without a broker.
@@ -418,11 +437,21 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             Command::Deploy {
                 file,
                 plugin,
+                pipeline: Some(pipeline),
+                wait,
+                ..
+            } => fleet::deploy(&file, &plugin, &pipeline, wait).await,
+            Command::Deploy {
+                file,
+                plugin,
+                pipeline: None,
                 host,
                 token,
+                ..
             } => remote::deploy(&file, &plugin, &host, &token)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Fleet(command) => fleet::run(command).await,
             Command::Plugins(PluginsCommand::List { host, json }) => {
                 remote::list(&host, json).await.map(|()| ExitCode::SUCCESS)
             }
@@ -536,6 +565,17 @@ async fn run(
     crate::telemetry::logging::init_with("info", log_format, telemetry.sdk_tracer());
     if telemetry.tracing() {
         tracing::info!(export = ?settings.traces, service = %settings.service_name, "Tracing on");
+    }
+    if let Some(fleet) = &pipeline.fleet {
+        // Start on the versions deployed to the fleet; without the
+        // database, on the ones this host last had.
+        let prepared = match crate::fleet::Fleet::connect(fleet, &pipeline.name).await {
+            Ok(f) => f.prepare(&pipeline).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = prepared {
+            tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot read the versions deployed to the fleet; starting on the ones this host has");
+        }
     }
     let deployed = runtime::deployed_versions(&pipeline)?;
     let plugins = runtime::load_plugins_from(&pipeline, &deployed).await?;

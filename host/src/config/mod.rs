@@ -41,9 +41,9 @@ pub use model::{
     DEFAULT_JOURNAL_RETENTION, DEFAULT_KAFKA_SERVERS, DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_OUTPUTS, DEFAULT_MAX_REPLAYS, DEFAULT_MEMORY, DEFAULT_POLL_INTERVAL,
     DEFAULT_RECYCLE_AFTER, DEFAULT_TIMEOUT, DEFAULT_WATCH_INTERVAL, DeadLetterConfig, DirGrant,
-    EmbeddedConfig, Grants, IngressConfig, IngressTls, JournalConfig, KAFKA_RESERVED_PROPERTIES,
-    KafkaConfig, Limits, MAX_HISTORY, Pipeline, PluginSpec, StateConfig, StoreConfig,
-    TelemetryConfig, TraceExport, TransportConfig, UrlSource,
+    EmbeddedConfig, FleetConfig, Grants, IngressConfig, IngressTls, JournalConfig,
+    KAFKA_RESERVED_PROPERTIES, KafkaConfig, Limits, MAX_HISTORY, Pipeline, PluginSpec, StateConfig,
+    StoreConfig, TelemetryConfig, TraceExport, TransportConfig, UrlSource,
 };
 pub use names::{MessageType, PluginName, format_size, parse_duration, parse_size};
 pub use origin::{Origin, Scheme};

@@ -58,6 +58,9 @@ pub struct Pipeline {
     pub dead_letters: DeadLetterConfig,
     pub state: StateConfig,
     pub journal: JournalConfig,
+    /// `[fleet]`: the hosts of this pipeline follow the versions deployed
+    /// to a shared PostgreSQL database; `None` when not configured.
+    pub fleet: Option<FleetConfig>,
     pub telemetry: TelemetryConfig,
     /// Where the admin HTTP listener (`/metrics`, `/healthz`) binds; `None`
     /// when turned off.
@@ -182,6 +185,22 @@ pub enum StoreConfig {
     /// A PostgreSQL database shared by several hosts.
     Postgres { url: UrlSource, schema: String },
 }
+
+/// `[fleet]`: where the desired versions of a pipeline's plugins are
+/// kept for every host of it, and how often a host looks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetConfig {
+    /// The PostgreSQL database.
+    pub url: UrlSource,
+    /// The schema of its tables.
+    pub schema: String,
+    /// How often a host looks for a new desired version when no
+    /// notification came, and reports what it runs.
+    pub poll_interval: Duration,
+}
+
+/// How often a fleet host looks, by default.
+pub const DEFAULT_FLEET_POLL: Duration = Duration::from_secs(2);
 
 /// `[state]`: where plugins' state is kept. On the embedded transport it is
 /// always the transport's own file (its settle transaction writes it); on

@@ -7,7 +7,8 @@ pub mod tls;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use tokio_postgres::{Client, NoTls};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 
 use tls::TlsMode;
 
@@ -18,17 +19,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`tls`]). `prefer` falls back to a plain connection when the TLS
 /// one fails, as libpq does.
 pub async fn connect(url: &str, what: &'static str) -> Result<Client> {
+    connect_with(url, what, None).await
+}
+
+/// [`connect`], handing every notification the server sends (`LISTEN`)
+/// to `notices`.
+pub async fn connect_listening(
+    url: &str,
+    what: &'static str,
+    notices: mpsc::UnboundedSender<Notification>,
+) -> Result<Client> {
+    connect_with(url, what, Some(notices)).await
+}
+
+async fn connect_with(
+    url: &str,
+    what: &'static str,
+    notices: Option<mpsc::UnboundedSender<Notification>>,
+) -> Result<Client> {
     let target = tls::target(url)?;
     if target.tls == TlsMode::Disable {
-        return open(target.config.connect(NoTls), what).await;
+        return open(target.config.connect(NoTls), what, notices).await;
     }
     let config = tls::client_config(target.tls, target.roots.as_ref())?;
     let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
-    match open(target.config.connect(connector), what).await {
+    match open(target.config.connect(connector), what, notices.clone()).await {
         Err(e) if target.tls == TlsMode::Prefer => {
             let mut plain = target.config.clone();
             plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            open(plain.connect(NoTls), what)
+            open(plain.connect(NoTls), what, notices)
                 .await
                 .map_err(|plain_error| anyhow!("{e:#}; without TLS: {plain_error:#}"))
         }
@@ -37,22 +56,39 @@ pub async fn connect(url: &str, what: &'static str) -> Result<Client> {
 }
 
 /// Waits for a connection within [`CONNECT_TIMEOUT`] and drives it in the
-/// background.
+/// background, handing notifications to `notices` if given.
 async fn open<S, T>(
     connecting: impl Future<
         Output = Result<(Client, tokio_postgres::Connection<S, T>), tokio_postgres::Error>,
     >,
     what: &'static str,
+    notices: Option<mpsc::UnboundedSender<Notification>>,
 ) -> Result<Client>
 where
-    tokio_postgres::Connection<S, T>:
-        Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+    let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| anyhow!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))??;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        let ended = match notices {
+            None => connection.await,
+            Some(notices) => loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        // Nobody listening any more: the connection may end.
+                        if notices.send(n).is_err() {
+                            break Ok(());
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
+                }
+            },
+        };
+        if let Err(e) = ended {
             tracing::warn!(error = %e, store = what, "PostgreSQL connection closed");
         }
     });

@@ -328,3 +328,20 @@ pub fn test_certificates() -> TestCertificates {
         key_der: key.serialize_der(),
     }
 }
+
+/// The lines of a tally log: message id and version tag (`v1` when untagged).
+pub fn tally_lines(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let mut words = l.split(' ');
+            let id = words.next().unwrap_or_default().to_owned();
+            let tag = words
+                .next()
+                .filter(|w| w.starts_with('v'))
+                .unwrap_or("v1")
+                .to_owned();
+            (id, tag)
+        })
+        .collect()
+}

@@ -16,7 +16,9 @@ use switchyard::runtime::{self, RunMode, RunOptions};
 use switchyard::supervisor::{ChangeError, RouteInfo};
 use switchyard::transport::Transport as _;
 
-use crate::common::{Running, bin, eventually, message, refused, wasm, write_pipeline};
+use crate::common::{
+    Running, bin, eventually, message, refused, tally_lines, wasm, write_pipeline,
+};
 
 /// Replaces a file the way a build tool does: written beside it, renamed
 /// over it.
@@ -28,23 +30,6 @@ fn replace(path: &Path, bytes: &[u8]) {
 
 fn digest(bytes: &[u8]) -> String {
     switchyard::plugin::digest_of(bytes)
-}
-
-/// The lines of a tally log: message id and version tag (`v1` when untagged).
-fn tally_lines(path: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|l| {
-            let mut words = l.split(' ');
-            let id = words.next().unwrap_or_default().to_owned();
-            let tag = words
-                .next()
-                .filter(|w| w.starts_with('v'))
-                .unwrap_or("v1")
-                .to_owned();
-            (id, tag)
-        })
-        .collect()
 }
 
 /// Waits (at most `secs` seconds) until the tally log's lines satisfy

@@ -164,6 +164,7 @@ const LAYERS: &[&[&str]] = &[
     &["ingress"],
     &["admin"],
     &["console"],
+    &["fleet"],
     &["supervisor"],
     &["dispatch"],
     &["crash_loop", "story"],

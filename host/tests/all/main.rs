@@ -18,6 +18,7 @@ mod contract;
 mod dead_letters;
 mod dlq_store;
 mod durability;
+mod fleet;
 mod hot_reload;
 mod http_out;
 mod ingress;

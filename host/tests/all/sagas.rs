@@ -407,7 +407,7 @@ async fn a_step_on_a_moved_instance_is_a_conflict_in_postgresql() {
     drop_schema(&schema).await;
 }
 
-async fn drop_schema(schema: &str) {
+pub(crate) async fn drop_schema(schema: &str) {
     let (client, connection) = tokio_postgres::connect(
         "postgres://postgres@127.0.0.1:5432/test",
         tokio_postgres::NoTls,

@@ -6,6 +6,7 @@
 
 mod dead_letters;
 mod defaults;
+mod fleet;
 mod grants;
 mod host;
 mod ingress;
@@ -67,6 +68,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
     let dead_letters = p.dead_letters_section(&mut root, &transport);
     let state = p.state_section(&mut root, &transport);
     let journal = p.journal_section(&mut root, &transport);
+    let fleet = p.fleet_section(&mut root, &transport);
     let telemetry = p.telemetry_section(&mut root);
     let (admin, admin_token_env) = p.admin_section(&mut root);
     let schemas = p.schemas_section(&mut root);
@@ -94,6 +96,7 @@ pub fn parse(text: &str, path: &Path) -> (Option<Pipeline>, Diagnostics) {
         dead_letters,
         state,
         journal,
+        fleet,
         telemetry,
         admin,
         admin_token_env,
