@@ -147,11 +147,12 @@ fn metadata() -> Result<Metadata> {
 
 /// Plugins also built with extra features, under another name:
 /// (package, library name, features, output name).
-const VARIANTS: [(&str, &str, &str, &str); 4] = [
+const VARIANTS: [(&str, &str, &str, &str); 5] = [
     ("test-plugin-stock", "stock", "fixed", "stock_fixed"),
     ("test-plugin-tally", "tally", "v2", "tally_v2"),
     ("test-plugin-tally", "tally", "trap-on-start", "tally_trap"),
     ("test-plugin-tally", "tally", "ballast", "tally_ballast"),
+    ("test-plugin-tally", "tally", "fails", "tally_fails"),
 ];
 
 /// Builds every plugin, in every language, into `dist/plugins/NAME.wasm`,

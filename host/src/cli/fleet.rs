@@ -10,7 +10,7 @@ use clap::Subcommand;
 
 use crate::config::Pipeline;
 use crate::envelope::now_ms;
-use crate::fleet::{Fleet, HostReport};
+use crate::fleet::{Canary, DeployRecord, Fleet, HostReport, RolloutState};
 use crate::plugin::short_digest;
 use crate::runtime;
 
@@ -68,14 +68,24 @@ pub async fn deploy(
     plugin: &str,
     pipeline_path: &Path,
     wait: Option<Duration>,
+    canary: Option<Canary>,
 ) -> Result<ExitCode> {
+    if let Some(c) = &canary
+        && (c.hosts == 0 || !(0.0..=1.0).contains(&c.margin))
+    {
+        bail!(
+            "--canary takes at least 1 host, and --margin a share from 0 to 1 (0.05: five points)"
+        );
+    }
     let (pipeline, fleet) = open(pipeline_path).await?;
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let info = runtime::check_build(&pipeline, plugin, file)
         .await
         .with_context(|| format!("{} is refused for plugin `{plugin}`", file.display()))?;
     let by = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let record = fleet.record(plugin, &bytes, &info.version, &by).await?;
+    let record = fleet
+        .record(plugin, &bytes, &info.version, &by, canary.as_ref())
+        .await?;
     println!(
         "deployed {plugin} {} ({}) to the fleet of pipeline `{}` (deploy #{}{})",
         record.version,
@@ -88,6 +98,15 @@ pub async fn deploy(
             .map(|p| format!(", was {}", short_digest(p)))
             .unwrap_or_default()
     );
+    if let Some(c) = &canary {
+        println!(
+            "canary on {} for {}: the fleet rolls it back if its failure rate is more than {:.1} points above the other hosts'",
+            record.canary.join(", "),
+            humantime::format_duration(c.watch),
+            c.margin * 100.0
+        );
+        return watch_canary(&fleet, plugin, &record, c, wait).await;
+    }
     let Some(wait) = wait else {
         println!(
             "every host of the pipeline takes it within its poll interval; see `switchyard fleet status -p {}`",
@@ -138,6 +157,83 @@ pub async fn deploy(
     }
 }
 
+/// Waits for a canary's verdict (the hosts judge it) and for the fleet to
+/// take it; exit status 0 when promoted, 1 when rolled back.
+async fn watch_canary(
+    fleet: &Fleet,
+    plugin: &str,
+    record: &DeployRecord,
+    canary: &Canary,
+    wait: Option<Duration>,
+) -> Result<ExitCode> {
+    // The hosts judge at each poll; a while past the window is enough.
+    let deadline = Instant::now() + canary.watch + Duration::from_secs(60);
+    let mut said = Instant::now();
+    let decided = loop {
+        let d = fleet.desired().await?.remove(plugin);
+        match d {
+            Some(d) if d.seq == record.seq && d.state != RolloutState::Canary => break d,
+            Some(d) if d.seq != record.seq => bail!(
+                "deploy #{} was followed by #{} before its verdict",
+                record.seq,
+                d.seq
+            ),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no host judged the canary (deploy #{}) in time: are the hosts running?",
+                record.seq
+            );
+        }
+        if said.elapsed() >= Duration::from_secs(5) {
+            said = Instant::now();
+            let hosts = fleet.hosts().await?;
+            let counts: Vec<String> = hosts
+                .iter()
+                .filter(|h| record.canary.contains(&h.host))
+                .filter_map(|h| {
+                    h.running
+                        .get(plugin)
+                        .map(|r| format!("{}: {} handled, {} failed", h.host, r.handled, r.failed))
+                })
+                .collect();
+            println!("watching: {}", counts.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let verdict = decided.verdict.clone().unwrap_or_default();
+    println!("{verdict}");
+    // Every live host now runs what the verdict says.
+    let target = decided.digest_for("").map(str::to_owned);
+    let until = Instant::now() + wait.unwrap_or(Duration::from_secs(30));
+    loop {
+        let hosts = live(fleet.hosts().await?);
+        let behind = hosts
+            .iter()
+            .filter(|h| h.running.get(plugin).map(|r| &r.digest) != target.as_ref())
+            .count();
+        if behind == 0 {
+            println!(
+                "{} live host(s) run {}",
+                hosts.len(),
+                target.as_deref().map_or("-", short_digest)
+            );
+            break;
+        }
+        if Instant::now() >= until {
+            println!("{behind} of {} live host(s) do not run it yet", hosts.len());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(if decided.state == RolloutState::RolledBack {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// The hosts running and heard from within [`GONE_AFTER`].
 fn live(hosts: Vec<HostReport>) -> Vec<HostReport> {
     hosts.into_iter().filter(HostReport::live).collect()
@@ -170,7 +266,7 @@ pub async fn run(command: FleetCommand) -> Result<ExitCode> {
             }
             for d in history {
                 println!(
-                    "#{:<5} {:<16} {:<10} {}  {}  by {}, {}",
+                    "#{:<5} {:<16} {:<10} {}  {}  {}  by {}, {}",
                     d.seq,
                     d.plugin,
                     d.version,
@@ -178,9 +274,16 @@ pub async fn run(command: FleetCommand) -> Result<ExitCode> {
                     d.previous
                         .as_deref()
                         .map_or("(first)".to_owned(), |p| format!("was {}", short_digest(p))),
+                    d.state.as_str(),
                     d.by,
                     crate::transport::cloudevents::rfc3339(d.at_ms)
                 );
+                if !d.canary.is_empty() {
+                    println!("       canary on {}", d.canary.join(", "));
+                }
+                if let Some(v) = &d.verdict {
+                    println!("       {v}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -193,7 +296,8 @@ async fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let hosts = fleet.hosts().await?;
     let converged = |h: &HostReport| {
         desired.iter().all(|(plugin, d)| {
-            h.running.get(plugin).map(|r| r.digest.as_str()) == Some(d.digest.as_str())
+            d.digest_for(&h.host)
+                .is_none_or(|want| h.running.get(plugin).map(|r| r.digest.as_str()) == Some(want))
         })
     };
     let live: Vec<&HostReport> = hosts.iter().filter(|h| h.live()).collect();
@@ -230,12 +334,25 @@ async fn status(path: &Path, json: bool) -> Result<ExitCode> {
         }
         for (plugin, d) in &desired {
             println!(
-                "desired: {plugin} {} ({}), deploy #{} {}",
+                "desired: {plugin} {} ({}), deploy #{} {}, {}",
                 d.version,
                 short_digest(&d.digest),
                 d.seq,
-                ago(d.at_ms)
+                ago(d.at_ms),
+                d.state.as_str()
             );
+            if d.state == RolloutState::Canary {
+                println!(
+                    "  canary on {} until {}; the other hosts run {}",
+                    d.canary.join(", "),
+                    d.watch_until_ms
+                        .map_or("-".to_owned(), crate::transport::cloudevents::rfc3339),
+                    d.previous.as_deref().map_or("-", short_digest)
+                );
+            }
+            if let Some(v) = &d.verdict {
+                println!("  {v}");
+            }
         }
         if hosts.is_empty() {
             println!("no host has reported");
@@ -253,7 +370,15 @@ async fn status(path: &Path, json: bool) -> Result<ExitCode> {
             let running: Vec<String> = h
                 .running
                 .iter()
-                .map(|(p, r)| format!("{p} {} ({})", r.version, short_digest(&r.digest)))
+                .map(|(p, r)| {
+                    format!(
+                        "{p} {} ({}; {} handled, {} failed)",
+                        r.version,
+                        short_digest(&r.digest),
+                        r.handled,
+                        r.failed
+                    )
+                })
                 .collect();
             println!(
                 "host {}: {state}, seen {}, up since {}",

@@ -127,6 +127,7 @@ a running host picks it up within its poll interval.")]
   switchyard deploy dist/plugins/payments.wasm --plugin payments
   switchyard deploy payments.wasm --plugin payments --host http://127.0.0.1:9464
   switchyard deploy payments.wasm --plugin payments -p pipelines/shop.toml --wait 30s   # every host ([fleet])
+  switchyard deploy payments.wasm --plugin payments -p pipelines/shop.toml --canary 1 --watch 5m
 
 The host compiles the component, checks its describe() against the pipeline and
 instantiates it before anything changes; a version that fails is refused and the
@@ -135,7 +136,9 @@ running one keeps serving. Deployed versions are kept across restarts; undo with
 
 With -p, the build is checked against the pipeline here and recorded in the pipeline's
 [fleet] database; every host of the pipeline takes it within its poll interval, and a
-host that starts later starts on it. See `switchyard fleet status`.")]
+host that starts later starts on it. See `switchyard fleet status`. With --canary N, N hosts
+run it first while the others keep the version the fleet runs; the command waits for the
+verdict and exits 1 if the fleet rolled it back.")]
     Deploy {
         /// The component (.wasm) file.
         file: PathBuf,
@@ -150,6 +153,22 @@ host that starts later starts on it. See `switchyard fleet status`.")]
         /// long (e.g. 30s); exits 1 if they do not.
         #[arg(long, value_parser = humantime::parse_duration, requires = "pipeline")]
         wait: Option<std::time::Duration>,
+        /// With --pipeline: try it on this many hosts first; the rest of
+        /// the fleet follows once the --watch window passes without the
+        /// canary failing more than the others (by --margin), and the
+        /// fleet rolls it back by itself otherwise.
+        #[arg(long, requires = "pipeline")]
+        canary: Option<usize>,
+        /// How long the canary is watched.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", requires = "canary")]
+        watch: std::time::Duration,
+        /// How much higher the canary's share of failed attempts may be
+        /// than the other hosts' (0.05: five points).
+        #[arg(long, default_value_t = 0.05, requires = "canary")]
+        margin: f64,
+        /// The attempts the canary must have made before it is judged.
+        #[arg(long, default_value_t = 20, requires = "canary")]
+        min_attempts: u64,
         #[command(flatten)]
         host: remote::HostArgs,
         #[command(flatten)]
@@ -439,8 +458,20 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 plugin,
                 pipeline: Some(pipeline),
                 wait,
+                canary,
+                watch,
+                margin,
+                min_attempts,
                 ..
-            } => fleet::deploy(&file, &plugin, &pipeline, wait).await,
+            } => {
+                let canary = canary.map(|hosts| crate::fleet::Canary {
+                    hosts,
+                    watch,
+                    margin,
+                    min_attempts,
+                });
+                fleet::deploy(&file, &plugin, &pipeline, wait, canary).await
+            }
             Command::Deploy {
                 file,
                 plugin,

@@ -26,6 +26,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::config::{FleetConfig, Pipeline};
 use crate::envelope::now_ms;
+use crate::plugin::short_digest;
 use crate::supervisor::{Deployed, Deployments, Supervisor};
 
 /// The channel a deploy notifies; the payload is the pipeline's name.
@@ -50,7 +51,14 @@ CREATE TABLE IF NOT EXISTS {schema}.fleet_deploys (
     version  TEXT NOT NULL,
     previous TEXT,
     by_whom  TEXT NOT NULL,
-    at_ms    BIGINT NOT NULL
+    at_ms    BIGINT NOT NULL,
+    state    TEXT NOT NULL DEFAULT 'deployed',
+    canary   TEXT,
+    watch_until_ms BIGINT,
+    margin   DOUBLE PRECISION,
+    min_attempts BIGINT,
+    verdict  TEXT,
+    decided_at_ms BIGINT
 );
 CREATE INDEX IF NOT EXISTS fleet_deploys_by_plugin ON {schema}.fleet_deploys (pipeline, plugin, seq);
 CREATE TABLE IF NOT EXISTS {schema}.fleet_hosts (
@@ -66,13 +74,86 @@ CREATE TABLE IF NOT EXISTS {schema}.fleet_hosts (
 ";
 
 /// The version of a plugin the fleet should run: the last deploy of it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Desired {
     pub digest: String,
     pub version: String,
     /// The deploy's place in the history.
     pub seq: i64,
     pub at_ms: u64,
+    /// Where the deploy stands: all hosts, a canary, or decided.
+    pub state: RolloutState,
+    /// The digest the fleet ran before: what the hosts outside a canary
+    /// run, and what a rolled-back deploy returns to.
+    pub previous: Option<String>,
+    /// The hosts that run a canary.
+    pub canary: Vec<String>,
+    /// When a canary is promoted if nothing went wrong (ms since the epoch).
+    pub watch_until_ms: Option<u64>,
+    /// How much worse the canary's failure rate may be than the rest's.
+    pub margin: f64,
+    /// The failed and successful attempts a canary needs before its rate
+    /// is judged.
+    pub min_attempts: u64,
+    /// Why it was promoted or rolled back.
+    pub verdict: Option<String>,
+}
+
+/// Where a deploy stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    /// Every host runs it.
+    Deployed,
+    /// The canary hosts run it, the others the previous version.
+    Canary,
+    /// The canary did well: every host runs it.
+    Promoted,
+    /// The canary did worse than the rest: every host runs the previous
+    /// version.
+    RolledBack,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Deployed => "deployed",
+            RolloutState::Canary => "canary",
+            RolloutState::Promoted => "promoted",
+            RolloutState::RolledBack => "rolled-back",
+        }
+    }
+
+    fn parse(s: &str) -> RolloutState {
+        match s {
+            "canary" => RolloutState::Canary,
+            "promoted" => RolloutState::Promoted,
+            "rolled-back" => RolloutState::RolledBack,
+            _ => RolloutState::Deployed,
+        }
+    }
+}
+
+impl Desired {
+    /// The digest `host` should run for this deploy, if any.
+    pub fn digest_for(&self, host: &str) -> Option<&str> {
+        match self.state {
+            RolloutState::Deployed | RolloutState::Promoted => Some(&self.digest),
+            RolloutState::Canary if self.canary.iter().any(|h| h == host) => Some(&self.digest),
+            RolloutState::Canary | RolloutState::RolledBack => self.previous.as_deref(),
+        }
+    }
+}
+
+/// A canary: on how many hosts, for how long, judged how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canary {
+    pub hosts: usize,
+    pub watch: Duration,
+    /// How much higher (0.05: five points) the canary's failure rate may be
+    /// than the rest's before it is rolled back.
+    pub margin: f64,
+    pub min_attempts: u64,
 }
 
 /// One row of the deploy history.
@@ -86,13 +167,22 @@ pub struct DeployRecord {
     pub previous: Option<String>,
     pub by: String,
     pub at_ms: u64,
+    pub state: RolloutState,
+    pub canary: Vec<String>,
+    pub verdict: Option<String>,
 }
 
-/// What one host runs of one plugin.
+/// What one host runs of one plugin, and how it has gone since.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Running {
     pub digest: String,
     pub version: String,
+    /// Attempts that succeeded, and that failed, since this host started
+    /// running this version (as far as it has counted).
+    #[serde(default)]
+    pub handled: u64,
+    #[serde(default)]
+    pub failed: u64,
 }
 
 /// One host of the pipeline, as it last reported.
@@ -144,10 +234,26 @@ impl Fleet {
     }
 
     async fn with_client(client: Client, schema: &str, pipeline: &str) -> Result<Fleet> {
-        client
-            .batch_execute(&SCHEMA.replace("{schema}", schema))
-            .await
-            .with_context(|| format!("cannot create the fleet's tables (schema {schema})"))?;
+        let create = SCHEMA.replace("{schema}", schema);
+        // Hosts that start together race to create the tables: `IF NOT
+        // EXISTS` does not stop two from trying at once, and the loser is
+        // told the name is taken. The second try finds them.
+        if let Err(e) = client.batch_execute(&create).await {
+            let taken = e.code().is_some_and(|c| {
+                *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                    || *c == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA
+                    || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+            });
+            if !taken {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot create the fleet's tables (schema {schema})"
+                )));
+            }
+            client
+                .batch_execute(&create)
+                .await
+                .with_context(|| format!("cannot create the fleet's tables (schema {schema})"))?;
+        }
         Ok(Fleet {
             client,
             schema: schema.to_owned(),
@@ -170,13 +276,15 @@ impl Fleet {
     pub async fn desired(&self) -> Result<BTreeMap<String, Desired>> {
         let rows = self
             .query(
-                "SELECT DISTINCT ON (plugin) plugin, digest, version, seq, at_ms
+                "SELECT DISTINCT ON (plugin) plugin, digest, version, seq, at_ms, state, previous,
+                     canary, watch_until_ms, margin, min_attempts, verdict
                  FROM {schema}.fleet_deploys WHERE pipeline = $1 ORDER BY plugin, seq DESC",
                 &[&self.pipeline],
             )
             .await?;
         rows.iter()
             .map(|r| {
+                let canary: Option<String> = r.try_get(7)?;
                 Ok((
                     r.try_get::<_, String>(0)?,
                     Desired {
@@ -184,6 +292,15 @@ impl Fleet {
                         version: r.try_get(2)?,
                         seq: r.try_get(3)?,
                         at_ms: unms(r.try_get(4)?),
+                        state: RolloutState::parse(&r.try_get::<_, String>(5)?),
+                        previous: r.try_get(6)?,
+                        canary: canary
+                            .and_then(|c| serde_json::from_str(&c).ok())
+                            .unwrap_or_default(),
+                        watch_until_ms: r.try_get::<_, Option<i64>>(8)?.map(unms),
+                        margin: r.try_get::<_, Option<f64>>(9)?.unwrap_or(0.0),
+                        min_attempts: r.try_get::<_, Option<i64>>(10)?.map_or(0, unms),
+                        verdict: r.try_get(11)?,
                     },
                 ))
             })
@@ -218,10 +335,63 @@ impl Fleet {
         bytes: &[u8],
         version: &str,
         by: &str,
+        canary: Option<&Canary>,
     ) -> Result<DeployRecord> {
         let digest = crate::plugin::digest_of(bytes);
         let at = now_ms();
-        let previous = self.desired().await?.remove(plugin).map(|d| d.digest);
+        let before = self.desired().await?.remove(plugin);
+        if let Some(b) = &before
+            && b.state == RolloutState::Canary
+        {
+            bail!(
+                "{plugin} {} is being tried on a canary (deploy #{}) until {}; wait for its verdict",
+                b.version,
+                b.seq,
+                b.watch_until_ms
+                    .map_or("its end".to_owned(), crate::transport::cloudevents::rfc3339)
+            );
+        }
+        // What the fleet runs now: a rolled-back deploy's predecessor.
+        let previous = before.and_then(|b| match b.state {
+            RolloutState::RolledBack => b.previous,
+            _ => Some(b.digest),
+        });
+        let hosts: Vec<String> = match canary {
+            None => Vec::new(),
+            Some(c) => {
+                if previous.is_none() {
+                    bail!(
+                        "{plugin} has no version deployed to the fleet to compare a canary with (and to return to): deploy the version the fleet runs first, without --canary"
+                    );
+                }
+                let live: Vec<String> = self
+                    .hosts()
+                    .await?
+                    .into_iter()
+                    .filter(HostReport::live)
+                    .map(|h| h.host)
+                    .collect();
+                if live.len() <= c.hosts {
+                    bail!(
+                        "a canary of {} host(s) needs more live hosts than that to compare with; {} live: {}",
+                        c.hosts,
+                        live.len(),
+                        live.join(", ")
+                    );
+                }
+                live.into_iter().take(c.hosts).collect()
+            }
+        };
+        let state = if canary.is_some() {
+            RolloutState::Canary
+        } else {
+            RolloutState::Deployed
+        };
+        let canary_json = canary.map(|_| serde_json::to_string(&hosts)).transpose()?;
+        let watch_until = canary
+            .map(|c| ms(at.saturating_add(u64::try_from(c.watch.as_millis()).unwrap_or(u64::MAX))));
+        let margin = canary.map(|c| c.margin);
+        let min_attempts = canary.map(|c| ms(c.min_attempts));
         self.query(
             "INSERT INTO {schema}.fleet_builds (digest, component, added_at_ms)
              VALUES ($1, $2, $3) ON CONFLICT (digest) DO NOTHING",
@@ -231,8 +401,9 @@ impl Fleet {
         let rows = self
             .query(
                 "INSERT INTO {schema}.fleet_deploys
-                 (pipeline, plugin, digest, version, previous, by_whom, at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
+                 (pipeline, plugin, digest, version, previous, by_whom, at_ms, state, canary,
+                  watch_until_ms, margin, min_attempts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING seq",
                 &[
                     &self.pipeline,
                     &plugin,
@@ -241,6 +412,11 @@ impl Fleet {
                     &previous,
                     &by,
                     &ms(at),
+                    &state.as_str(),
+                    &canary_json,
+                    &watch_until,
+                    &margin,
+                    &min_attempts,
                 ],
             )
             .await?;
@@ -259,6 +435,9 @@ impl Fleet {
             previous,
             by: by.to_owned(),
             at_ms: at,
+            state,
+            canary: hosts,
+            verdict: None,
         })
     }
 
@@ -266,7 +445,7 @@ impl Fleet {
     pub async fn history(&self, limit: i64) -> Result<Vec<DeployRecord>> {
         let rows = self
             .query(
-                "SELECT seq, plugin, digest, version, previous, by_whom, at_ms
+                "SELECT seq, plugin, digest, version, previous, by_whom, at_ms, state, canary, verdict
                  FROM {schema}.fleet_deploys WHERE pipeline = $1 ORDER BY seq DESC LIMIT $2",
                 &[&self.pipeline, &limit],
             )
@@ -281,6 +460,12 @@ impl Fleet {
                     previous: r.try_get(4)?,
                     by: r.try_get(5)?,
                     at_ms: unms(r.try_get(6)?),
+                    state: RolloutState::parse(&r.try_get::<_, String>(7)?),
+                    canary: r
+                        .try_get::<_, Option<String>>(8)?
+                        .and_then(|c| serde_json::from_str(&c).ok())
+                        .unwrap_or_default(),
+                    verdict: r.try_get(9)?,
                 })
             })
             .collect()
@@ -356,28 +541,150 @@ impl Fleet {
     /// that the host starts on it. Returns the plugins it changed.
     pub async fn prepare(&self, pipeline: &Pipeline) -> Result<Vec<String>> {
         let store = Deployments::new(&pipeline.state_dir, &pipeline.name);
+        let host = host_id();
         let mut changed = Vec::new();
         for (plugin, want) in self.desired().await? {
             if pipeline.plugin(&plugin).is_none() {
                 tracing::warn!(plugin = %plugin, "Fleet: a version is deployed for a plugin this pipeline does not have; ignored");
                 continue;
             }
+            let Some(digest) = want.digest_for(&host) else {
+                continue;
+            };
             let current = store.current(&plugin)?.map(|(d, _)| d.digest);
-            if current.as_deref() == Some(want.digest.as_str()) {
+            if current.as_deref() == Some(digest) {
                 continue;
             }
-            let bytes = self.component(&want.digest).await?;
+            let bytes = self.component(digest).await?;
+            let version = self.version_of(digest).await?;
             let entry = Deployed {
-                digest: want.digest.clone(),
-                version: want.version.clone(),
+                digest: digest.to_owned(),
+                version: version.clone(),
                 deployed_at_ms: now_ms(),
                 size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
             };
             store.push(&plugin, &bytes, entry)?;
-            tracing::info!(plugin = %plugin, version = %want.version, digest = %crate::plugin::short_digest(&want.digest), "Fleet: starting on the version deployed to the fleet");
+            tracing::info!(plugin = %plugin, version = %version, digest = %crate::plugin::short_digest(digest), "Fleet: starting on the version deployed to the fleet");
             changed.push(plugin);
         }
         Ok(changed)
+    }
+
+    /// The version a deploy of `digest` declared.
+    async fn version_of(&self, digest: &str) -> Result<String> {
+        let rows = self
+            .query(
+                "SELECT version FROM {schema}.fleet_deploys WHERE pipeline = $1 AND digest = $2
+                 ORDER BY seq DESC LIMIT 1",
+                &[&self.pipeline, &digest],
+            )
+            .await?;
+        Ok(rows
+            .first()
+            .map(|r| r.try_get::<_, String>(0))
+            .transpose()?
+            .unwrap_or_else(|| "unknown".into()))
+    }
+
+    /// Judges every canary of the pipeline from the hosts' reports: rolls
+    /// it back when its failure rate is worse than the rest's by more than
+    /// its margin (once it has `min_attempts`), promotes it when its watch
+    /// is over. Any host may judge; the first to decide wins. Returns the
+    /// decisions it made, as (plugin, state, verdict).
+    pub async fn judge(&self) -> Result<Vec<(String, RolloutState, String)>> {
+        let desired = self.desired().await?;
+        let hosts: Vec<HostReport> = self
+            .hosts()
+            .await?
+            .into_iter()
+            .filter(HostReport::live)
+            .collect();
+        let mut decided = Vec::new();
+        for (plugin, d) in desired {
+            if d.state != RolloutState::Canary {
+                continue;
+            }
+            let tally = |digest: Option<&str>, on_canary: bool| {
+                let mut t = (0u64, 0u64);
+                for h in &hosts {
+                    if d.canary.contains(&h.host) != on_canary {
+                        continue;
+                    }
+                    if let Some(r) = h
+                        .running
+                        .get(&plugin)
+                        .filter(|r| Some(r.digest.as_str()) == digest)
+                    {
+                        t.0 += r.handled;
+                        t.1 += r.failed;
+                    }
+                }
+                t
+            };
+            let (new_ok, new_failed) = tally(Some(&d.digest), true);
+            let (old_ok, old_failed) = tally(d.previous.as_deref(), false);
+            let rate = |ok: u64, failed: u64| {
+                if ok + failed == 0 {
+                    0.0
+                } else {
+                    failed as f64 / (ok + failed) as f64
+                }
+            };
+            let (new_rate, old_rate) = (rate(new_ok, new_failed), rate(old_ok, old_failed));
+            let judged = new_ok + new_failed >= d.min_attempts.max(1);
+            let (state, verdict) = if judged && new_rate > old_rate + d.margin {
+                (
+                    RolloutState::RolledBack,
+                    format!(
+                        "rolled back: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts ({old_failed} of {}), more than the margin of {:.1} points",
+                        new_rate * 100.0,
+                        new_ok + new_failed,
+                        old_rate * 100.0,
+                        old_ok + old_failed,
+                        d.margin * 100.0
+                    ),
+                )
+            } else if d.watch_until_ms.is_some_and(|until| now_ms() >= until) {
+                (
+                    RolloutState::Promoted,
+                    if judged {
+                        format!(
+                            "promoted: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts",
+                            new_rate * 100.0,
+                            new_ok + new_failed,
+                            old_rate * 100.0
+                        )
+                    } else {
+                        format!(
+                            "promoted: the canary made {} attempts in its watch, fewer than the {} needed to judge it",
+                            new_ok + new_failed,
+                            d.min_attempts
+                        )
+                    },
+                )
+            } else {
+                continue;
+            };
+            let rows = self
+                .query(
+                    "UPDATE {schema}.fleet_deploys SET state = $3, verdict = $4, decided_at_ms = $5
+                     WHERE pipeline = $1 AND seq = $2 AND state = 'canary' RETURNING seq",
+                    &[
+                        &self.pipeline,
+                        &d.seq,
+                        &state.as_str(),
+                        &verdict,
+                        &ms(now_ms()),
+                    ],
+                )
+                .await?;
+            if !rows.is_empty() {
+                self.query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
+                    .await?;
+                decided.push((plugin, state, verdict));
+            }
+        }
+        Ok(decided)
     }
 }
 
@@ -403,6 +710,7 @@ pub async fn follow(
     let started = now_ms();
     // Builds a host refused: not tried again until another is desired.
     let mut refused: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut baselines = Baselines::new();
     let mut fleet: Option<(
         Fleet,
         tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
@@ -417,14 +725,31 @@ pub async fn follow(
             }
         }
         if let Some((f, _)) = &fleet {
-            let problem = converge(f, &control, &mut refused).await;
-            let running = running_of(&control).await;
+            let problem = converge(f, &control, &host, &mut refused).await;
+            rebase(&control, &mut baselines).await;
+            let running = running_of(&control, &baselines).await;
             if let Err(e) = f
                 .report(&host, started, &running, problem.as_deref(), false)
                 .await
             {
                 tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot report this host; reconnecting");
                 fleet = None;
+            }
+        }
+        if let Some((f, _)) = &fleet {
+            match f.judge().await {
+                Ok(decided) => {
+                    for (plugin, state, verdict) in decided {
+                        if state == RolloutState::RolledBack {
+                            tracing::warn!(plugin = %plugin, "Fleet: canary {verdict}");
+                        } else {
+                            tracing::info!(plugin = %plugin, "Fleet: canary {verdict}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot judge the canaries")
+                }
             }
         }
         let notified = async {
@@ -482,22 +807,78 @@ async fn listen(
     ))
 }
 
-/// What the host runs, per plugin.
-async fn running_of(control: &Supervisor) -> BTreeMap<String, Running> {
+/// Per plugin: the digest counted from, and the successful and failed
+/// attempts the host had made in all when it started running it.
+type Baselines = BTreeMap<String, (String, f64, f64)>;
+
+/// The metrics that count attempts, per plugin.
+const COUNTED: [&str; 2] = ["switchyard.messages.handled", "switchyard.messages.failed"];
+
+/// What the host runs, per plugin, with the attempts made since each
+/// version's baseline in `baselines` (none when it has none).
+async fn running_of(control: &Supervisor, baselines: &Baselines) -> BTreeMap<String, Running> {
+    let totals = control
+        .services()
+        .telemetry
+        .metrics
+        .totals(&COUNTED, "plugin");
+    let total = |metric: &str, plugin: &str| {
+        totals
+            .get(&(metric.to_owned(), plugin.to_owned()))
+            .copied()
+            .unwrap_or(0.0)
+    };
     control
         .list()
         .await
         .into_iter()
         .map(|r| {
+            let (handled, failed) = match baselines.get(&r.plugin) {
+                Some((digest, ok, failed)) if *digest == r.digest => (
+                    (total(COUNTED[0], &r.plugin) - ok).max(0.0) as u64,
+                    (total(COUNTED[1], &r.plugin) - failed).max(0.0) as u64,
+                ),
+                _ => (0, 0),
+            };
             (
                 r.plugin,
                 Running {
                     digest: r.digest,
                     version: r.version,
+                    handled,
+                    failed,
                 },
             )
         })
         .collect()
+}
+
+/// Starts counting afresh for each plugin whose running digest is not the
+/// one its baseline was taken for.
+async fn rebase(control: &Supervisor, baselines: &mut Baselines) {
+    let totals = control
+        .services()
+        .telemetry
+        .metrics
+        .totals(&COUNTED, "plugin");
+    for r in control.list().await {
+        if baselines
+            .get(&r.plugin)
+            .is_some_and(|(d, _, _)| *d == r.digest)
+        {
+            continue;
+        }
+        let total = |metric: &str| {
+            totals
+                .get(&(metric.to_owned(), r.plugin.clone()))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        baselines.insert(
+            r.plugin.clone(),
+            (r.digest.clone(), total(COUNTED[0]), total(COUNTED[1])),
+        );
+    }
 }
 
 /// Swaps every plugin whose desired build this host does not run; what
@@ -505,29 +886,33 @@ async fn running_of(control: &Supervisor) -> BTreeMap<String, Running> {
 async fn converge(
     fleet: &Fleet,
     control: &Supervisor,
+    host: &str,
     refused: &mut BTreeMap<String, (String, String)>,
 ) -> Option<String> {
     let desired = match fleet.desired().await {
         Ok(d) => d,
         Err(e) => return Some(format!("cannot read the desired versions: {e:#}")),
     };
-    let running = running_of(control).await;
+    let running = running_of(control, &BTreeMap::new()).await;
     let mut problems = Vec::new();
     for (plugin, want) in desired {
         let Some(now) = running.get(&plugin) else {
             continue;
         };
-        if now.digest == want.digest {
+        let Some(digest) = want.digest_for(host) else {
+            continue;
+        };
+        if now.digest == digest {
             refused.remove(&plugin);
             continue;
         }
-        if let Some((digest, why)) = refused.get(&plugin)
-            && *digest == want.digest
+        if let Some((refused_digest, why)) = refused.get(&plugin)
+            && refused_digest == digest
         {
-            problems.push(format!("{plugin} {}: refused: {why}", want.version));
+            problems.push(format!("{plugin} {}: refused: {why}", short_digest(digest)));
             continue;
         }
-        let bytes = match fleet.component(&want.digest).await {
+        let bytes = match fleet.component(digest).await {
             Ok(b) => b,
             Err(e) => {
                 problems.push(format!("{plugin}: {e:#}"));
@@ -540,9 +925,9 @@ async fn converge(
             }
             Err(e) => {
                 let why = e.to_string();
-                tracing::error!(plugin = %plugin, version = %want.version, error = %why, "Fleet: refused the version deployed to the fleet; keeps running the one it has");
-                problems.push(format!("{plugin} {}: refused: {why}", want.version));
-                refused.insert(plugin, (want.digest, why));
+                tracing::error!(plugin = %plugin, digest = %short_digest(digest), error = %why, "Fleet: refused the version deployed to the fleet; keeps running the one it has");
+                problems.push(format!("{plugin} {}: refused: {why}", short_digest(digest)));
+                refused.insert(plugin, (digest.to_owned(), why));
             }
         }
     }

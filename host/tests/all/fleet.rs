@@ -10,6 +10,7 @@ use switchyard::envelope::Kind;
 use switchyard::fleet::{Fleet, HostReport};
 
 use crate::common::{bin, message, stop, tally_lines, wasm};
+use crate::reliability::Broker;
 
 /// `switchyard run` of the pipeline at `path` as fleet host `id`.
 fn host(path: &Path, id: &str) -> Child {
@@ -52,35 +53,44 @@ fn tally(dir: &Path) -> Vec<(String, String)> {
     tally_lines(&dir.join("out").join("tally.log"))
 }
 
-/// Three hosts share a tally route on RabbitMQ while a steady stream of
-/// messages flows: a deploy reaches all three (the CLI waits for them), no
-/// message is lost or handled twice, a host started afterwards starts on
-/// the new version, and a host that was stopped during the deploy starts on
-/// it too. `fleet status` and `fleet history` say so.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_deploy_reaches_every_host_and_hosts_started_later_run_it() {
-    let _shared = crate::amqp::BROKER_IN_USE.read().await;
-    let schema = crate::state::schema();
-    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (first, p) = crate::amqp::pipeline(
+/// `n` directories, each with the same pipeline on `broker` (name, broker
+/// names, the fleet in `schema`, a tally route; `extra` is more of it)
+/// beside a state and tally log of its own.
+fn copies(
+    broker: &Broker,
+    n: usize,
+    schema: &str,
+    poll: &str,
+    extra: &str,
+) -> (
+    Vec<tempfile::TempDir>,
+    Vec<PathBuf>,
+    switchyard::config::Pipeline,
+) {
+    let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    // The Kafka test pipelines have their admin listener off already.
+    let admin = if broker.name == "amqp" {
+        "[admin]\nlisten = \"off\"\n"
+    } else {
+        ""
+    };
+    let (first, p) = (broker.pipeline)(
         dirs[0].path(),
         &format!(
-            r#"prefetch = 20
+            r#"{batch} = 20
 [fleet]
 url = "postgres://postgres@127.0.0.1:5432/test"
 schema = "{schema}"
-poll_interval = "500ms"
-[admin]
-listen = "off"
+poll_interval = "{poll}"
+{admin}{extra}
 [plugins.tally]
 wasm = "{{dist}}/tally.wasm"
 events = ["Tick"]
 grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
-"#
+"#,
+            batch = broker.batch_key,
         ),
     );
-    // The same pipeline (name, exchange, fleet) beside each host's own
-    // state and tally log.
     let paths: Vec<PathBuf> = dirs
         .iter()
         .map(|d| {
@@ -92,21 +102,32 @@ grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
             path
         })
         .collect();
-    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
-        .await
-        .unwrap();
-    let mut hosts: Vec<Child> = (0..3).map(|i| host(&paths[i], &format!("h{i}"))).collect();
-    until_hosts(&fleet, "three hosts on 0.1.0", |h| {
-        (0..3).all(|i| runs(h, &format!("h{i}"), "0.1.0"))
+    (dirs, paths, p)
+}
+
+/// Starts hosts `h0`.. on the first `n` of `paths`, once each reports
+/// running tally 0.1.0.
+async fn start_hosts(fleet: &Fleet, paths: &[PathBuf], n: usize) -> Vec<Child> {
+    let hosts: Vec<Child> = (0..n).map(|i| host(&paths[i], &format!("h{i}"))).collect();
+    until_hosts(fleet, "the hosts on 0.1.0", |h| {
+        (0..n).all(|i| runs(h, &format!("h{i}"), "0.1.0"))
     })
     .await;
+    hosts
+}
 
-    // A foreign-paced producer: 30 messages every 100 ms, 600 in all.
-    let transport = switchyard::runtime::open(&p).await.unwrap();
-    let producer = tokio::spawn(async move {
+/// A producer at a steady pace, through its own connection to the broker:
+/// `rounds` batches of `per_round` ticks, 100 ms apart. Gives their ids.
+async fn produce(
+    p: &switchyard::config::Pipeline,
+    rounds: usize,
+    per_round: usize,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let transport = switchyard::runtime::open(p).await.unwrap();
+    tokio::spawn(async move {
         let mut ids = Vec::new();
-        for _ in 0..20 {
-            let batch: Vec<_> = (0..30)
+        for _ in 0..rounds {
+            let batch: Vec<_> = (0..per_round)
                 .map(|n| message(Kind::Event, "Tick", json!({ "n": n })))
                 .collect();
             ids.extend(batch.iter().map(|m| m.id.clone()));
@@ -114,7 +135,38 @@ grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         ids
-    });
+    })
+}
+
+/// Three hosts share a tally route on RabbitMQ while a steady stream of
+/// messages flows: a deploy reaches all three (the CLI waits for them), no
+/// message is lost or handled twice, a host started afterwards starts on
+/// the new version, and a host that was stopped during the deploy starts on
+/// it too. `fleet status` and `fleet history` say so.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_rabbitmq_a_deploy_reaches_every_host_and_hosts_started_later_run_it() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let p = a_deploy_reaches_every_host(&crate::amqp::RABBITMQ).await;
+    crate::amqp::clean_up(&p).await;
+}
+
+/// The same on Kafka, where the hosts share the topics' partitions in one
+/// consumer group.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_kafka_a_deploy_reaches_every_host_and_hosts_started_later_run_it() {
+    a_deploy_reaches_every_host(&crate::kafka::KAFKA).await;
+}
+
+async fn a_deploy_reaches_every_host(broker: &Broker) -> switchyard::config::Pipeline {
+    let schema = crate::state::schema();
+    let (dirs, paths, p) = copies(broker, 4, &schema, "500ms", "");
+    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+        .await
+        .unwrap();
+    let mut hosts = start_hosts(&fleet, &paths, 3).await;
+
+    // A producer at a steady pace: 30 messages every 100 ms, 600 in all.
+    let producer = produce(&p, 20, 30).await;
     // h2 stops before the deploy and misses it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let h2 = hosts.pop().unwrap();
@@ -173,7 +225,6 @@ grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
     }
     let after = fleet.hosts().await.unwrap();
     crate::sagas::drop_schema(&schema).await;
-    crate::amqp::clean_up(&p).await;
 
     let mut seen: Vec<&String> = lines.iter().map(|(id, _)| id).collect();
     seen.sort();
@@ -193,4 +244,156 @@ grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
     assert!(history.contains("tally            2.0.0"), "{history}");
     // Stopped cleanly, every host says so.
     assert!(after.iter().all(|h| h.stopped), "{after:#?}");
+    p
+}
+
+/// A canary of a release that fails every message, while a producer keeps
+/// a steady pace: it runs on one host only, the fleet rolls it back by
+/// itself well within its watch (the CLI waiting for the verdict exits 1
+/// and says why), every host runs the earlier version again, and the few
+/// messages it dead-lettered are all replayed and handled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_canary_stays_on_one_host_and_is_rolled_back() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let schema = crate::state::schema();
+    // The bad release fails for good at once: no retry.
+    let (dirs, paths, p) = copies(
+        &crate::amqp::RABBITMQ,
+        3,
+        &schema,
+        "300ms",
+        &format!(
+            "[dead_letters]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\n[defaults]\nretry = {{ immediate = 0, delayed = 0 }}\n"
+        ),
+    );
+    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+        .await
+        .unwrap();
+    let hosts = start_hosts(&fleet, &paths, 3).await;
+    let deploy = |build: &str, extra: &[&str]| {
+        Command::new(bin())
+            .args(["deploy"])
+            .arg(wasm(build))
+            .args(["--plugin", "tally", "-p"])
+            .arg(&paths[0])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // The version the fleet runs, recorded: what a canary is compared
+    // with, and returns to.
+    let base = deploy("tally", &["--wait", "30s"]);
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
+
+    let producer = produce(&p, 40, 20).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Which hosts ever report the bad release while it is tried.
+    let (watching, watched) = tokio::sync::oneshot::channel::<()>();
+    let spy = {
+        let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut watched = watched;
+            loop {
+                for h in fleet.hosts().await.unwrap() {
+                    if h.running.get("tally").is_some_and(|r| r.version == "3.0.0") {
+                        seen.insert(h.host);
+                    }
+                }
+                if watched.try_recv().is_ok() {
+                    return seen.into_iter().collect::<Vec<String>>();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let canary = deploy(
+        "tally_fails",
+        &[
+            "--canary",
+            "1",
+            "--watch",
+            "2m",
+            "--margin",
+            "0.1",
+            "--min-attempts",
+            "10",
+        ],
+    );
+    let took = started.elapsed();
+    let _ = watching.send(());
+    let on_bad_release = spy.await.unwrap();
+    let said = String::from_utf8_lossy(&canary.stdout).into_owned();
+    assert_eq!(
+        canary.status.code(),
+        Some(1),
+        "{said}{}",
+        String::from_utf8_lossy(&canary.stderr)
+    );
+    assert!(said.contains("canary on h0"), "{said}");
+    assert!(
+        said.contains("rolled back: 100.0 % of the canary's attempts failed"),
+        "{said}"
+    );
+    assert!(said.contains("3 live host(s) run"), "{said}");
+    assert!(took < Duration::from_secs(60), "the verdict took {took:?}");
+    let ids = producer.await.unwrap();
+    let history = fleet.history(10).await.unwrap();
+    let reports = fleet.hosts().await.unwrap();
+
+    // Only the canary failed messages; replayed, they are handled.
+    let dead = crate::common::dead_letters(&p).await;
+    let replay = Command::new(bin())
+        .args(["dlq", "replay", "--all", "-p"])
+        .arg(&paths[0])
+        .output()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let handled = loop {
+        let mut seen: Vec<String> = dirs
+            .iter()
+            .flat_map(|d| tally(d.path()))
+            .map(|(id, _)| id)
+            .collect();
+        seen.sort();
+        seen.dedup();
+        if seen.len() >= ids.len() || Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for h in hosts {
+        tokio::task::spawn_blocking(move || stop(h)).await.unwrap();
+    }
+    crate::sagas::drop_schema(&schema).await;
+    crate::amqp::clean_up(&p).await;
+
+    assert_eq!(
+        history[0].state,
+        switchyard::fleet::RolloutState::RolledBack
+    );
+    assert_eq!(history[0].canary, vec!["h0".to_owned()]);
+    for r in reports.iter().filter(|r| r.live()) {
+        assert_eq!(r.running["tally"].version, "0.1.0", "{r:?}");
+    }
+    assert!(!dead.is_empty());
+    assert!(dead.len() < ids.len() / 2, "{} dead letters", dead.len());
+    for d in &dead {
+        assert_eq!(d.plugin_version, "3.0.0");
+        assert_eq!(d.error.code.as_deref(), Some("bad-release"));
+    }
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(handled.len(), ids.len(), "not every message was handled");
+    assert_eq!(on_bad_release, vec!["h0".to_owned()]);
 }

@@ -11,6 +11,10 @@
 //! the component starts (a static constructor that aborts), and `ballast`
 //! asks for 96 MiB of linear memory from the start, more than a plugin may
 //! have by default, so it cannot be instantiated.
+//!
+//! The `fails` build (version 3.0.0) loads and starts like the others and
+//! fails every message for good (`bad-release`): a bad release, for the
+//! fleet's canary tests.
 
 // The constructor needs a link section, an unsafe attribute.
 #![cfg_attr(feature = "trap-on-start", allow(unsafe_code))]
@@ -33,6 +37,8 @@ extern "C" fn trap_on_start() {
 
 const VERSION: &str = if cfg!(feature = "v2") {
     "2.0.0"
+} else if cfg!(feature = "fails") {
+    "3.0.0"
 } else {
     env!("CARGO_PKG_VERSION")
 };
@@ -50,6 +56,10 @@ impl Plugin for Tally {
     }
 
     fn handle(_ctx: &mut Context<'_>, msg: Message) -> Result<(), HandlerError> {
+        if cfg!(feature = "fails") {
+            return Err(HandlerError::permanent("this release fails every message")
+                .with_code("bad-release"));
+        }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
