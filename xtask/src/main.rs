@@ -147,12 +147,13 @@ fn metadata() -> Result<Metadata> {
 
 /// Plugins also built with extra features, under another name:
 /// (package, library name, features, output name).
-const VARIANTS: [(&str, &str, &str, &str); 5] = [
+const VARIANTS: [(&str, &str, &str, &str); 6] = [
     ("test-plugin-stock", "stock", "fixed", "stock_fixed"),
     ("test-plugin-tally", "tally", "v2", "tally_v2"),
     ("test-plugin-tally", "tally", "trap-on-start", "tally_trap"),
     ("test-plugin-tally", "tally", "ballast", "tally_ballast"),
     ("test-plugin-tally", "tally", "fails", "tally_fails"),
+    ("test-plugin-echo", "echo", "v2", "echo_v2"),
 ];
 
 /// Builds every plugin, in every language, into `dist/plugins/NAME.wasm`,

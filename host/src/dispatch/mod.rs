@@ -227,9 +227,20 @@ impl Route {
                 return Ok(None);
             }
             let batch = if self.ready.is_empty() {
+                // An idle route takes a new version as it comes, rather
+                // than with the next message. Every subscription's
+                // `receive` gives up nothing when dropped while it waits.
                 tokio::select! {
                     biased;
                     _ = self.shutdown.changed() => return Ok(None),
+                    changed = self.updates.versions.changed() => {
+                        // No sender: the supervisor let go of the route.
+                        if changed.is_err() {
+                            return Ok(None);
+                        }
+                        self.swap_version();
+                        continue;
+                    }
                     batch = self.subscription.receive(self.batch_size) => batch,
                 }
             } else {
@@ -367,9 +378,13 @@ impl Route {
     /// the old one, the next runs on the new one, and the subscription
     /// never notices.
     fn take_new_version(&mut self) {
-        if !self.updates.versions.has_changed().unwrap_or(false) {
-            return;
+        if self.updates.versions.has_changed().unwrap_or(false) {
+            self.swap_version();
         }
+    }
+
+    /// Runs the version last handed to the route from now on.
+    fn swap_version(&mut self) {
         let started = Instant::now();
         let next = self.updates.versions.borrow_and_update().clone();
         let old = std::mem::replace(&mut self.workers, workers_for(&self.ctx, &next));

@@ -920,8 +920,8 @@ async fn converge(
             }
         };
         match control.deploy(&plugin, bytes).await {
-            Ok(info) => {
-                tracing::info!(plugin = %plugin, version = %info.version, digest = %crate::plugin::short_digest(&info.digest), "Fleet: now runs the version deployed to the fleet")
+            Ok(_) => {
+                tracing::info!(plugin = %plugin, digest = %short_digest(digest), "Fleet: handed the version deployed to the fleet to its route")
             }
             Err(e) => {
                 let why = e.to_string();

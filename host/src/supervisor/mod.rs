@@ -836,7 +836,7 @@ fn log_handover(version: &Version) {
         version = %version.plugin.info().version,
         digest = %crate::plugin::short_digest(version.plugin.digest()),
         source = origin_name(version.origin),
-        "New plugin version checked; the route takes it with its next batch"
+        "New plugin version checked; the route takes it between two batches"
     );
 }
 

@@ -546,7 +546,7 @@ fn the_example_pipeline_answers_the_cli_over_rabbitmq() {
 }
 
 /// The Python the interop tests run: `SWITCHYARD_PYTHON`, or `python3`.
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 

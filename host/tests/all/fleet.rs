@@ -397,3 +397,92 @@ async fn a_failing_canary_stays_on_one_host_and_is_rolled_back() {
     assert_eq!(handled.len(), ids.len(), "not every message was handled");
     assert_eq!(on_bad_release, vec!["h0".to_owned()]);
 }
+
+/// Tried from outside: a client of our own (pika) sends `Echo` commands at
+/// a steady pace and counts the replies on its own queue while the echo
+/// plugin of three hosts is deployed to; every command is answered once,
+/// with its own body.
+#[test]
+fn a_deploy_under_a_foreign_clients_steady_traffic_loses_nothing() {
+    let _shared = crate::amqp::BROKER_IN_USE.blocking_read();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = crate::state::schema();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (first, p) = crate::amqp::pipeline(
+        dirs[0].path(),
+        &format!(
+            "[fleet]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\nschema = \"{schema}\"\npoll_interval = \"500ms\"\n[admin]\nlisten = \"off\"\n[plugins.echo]\nwasm = \"{{dist}}/echo.wasm\"\ncommands = [\"Echo\"]\n"
+        ),
+    );
+    let paths: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| {
+            let path = d.path().join(first.file_name().unwrap());
+            if path != first {
+                std::fs::copy(&first, &path).unwrap();
+            }
+            path
+        })
+        .collect();
+    let fleet = rt
+        .block_on(Fleet::connect(p.fleet.as_ref().unwrap(), &p.name))
+        .unwrap();
+    let hosts: Vec<Child> = (0..3).map(|i| host(&paths[i], &format!("h{i}"))).collect();
+    let on = |version: &'static str| {
+        move |h: &[HostReport]| {
+            (0..3).all(|i| {
+                h.iter().any(|r| {
+                    r.host == format!("h{i}")
+                        && r.live()
+                        && r.running.get("echo").is_some_and(|e| e.version == version)
+                })
+            })
+        }
+    };
+    rt.block_on(until_hosts(
+        &fleet,
+        "three hosts on echo 0.1.0",
+        on("0.1.0"),
+    ));
+    // 400 commands, one every 10 ms; the deploy comes a second in.
+    let client = Command::new(crate::amqp::python())
+        .arg(crate::common::workspace_root().join("tests/interop/steady_commands.py"))
+        .args([crate::amqp::BROKER, &crate::amqp::exchange(&p), "400", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let deployed = Command::new(bin())
+        .args(["deploy"])
+        .arg(wasm("echo_v2"))
+        .args(["--plugin", "echo", "-p"])
+        .arg(&paths[0])
+        .args(["--wait", "30s"])
+        .output()
+        .unwrap();
+    let counted = client.wait_with_output().unwrap();
+    let reports = rt.block_on(fleet.hosts()).unwrap();
+    for h in hosts {
+        stop(h);
+    }
+    rt.block_on(crate::sagas::drop_schema(&schema));
+    rt.block_on(crate::amqp::clean_up(&p));
+    assert!(
+        deployed.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&deployed.stdout),
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    assert!(on("0.2.0")(&reports), "{reports:#?}");
+    assert!(
+        counted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&counted.stderr)
+    );
+    let counted: serde_json::Value = serde_json::from_slice(&counted.stdout).unwrap();
+    assert_eq!(
+        counted,
+        json!({ "sent": 400, "answered": 400, "duplicates": 0, "mismatched": 0 })
+    );
+}

@@ -509,3 +509,31 @@ grants = { dirs = [{ host = "out2", guest = "/out", writable = true }] }
     .await;
     host.stop().await;
 }
+
+/// A route with nothing to do takes a new version at once, not with its
+/// next message: what `plugins list` and a fleet's status show is what it
+/// runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_route_takes_a_new_version_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = tally_pipeline(dir.path(), "");
+    let p = config::load(&path).unwrap().pipeline;
+    let host = Running::start(&p, RunOptions::quiet(RunMode::Serve)).await;
+    let v2 = std::fs::read(wasm("tally_v2")).unwrap();
+    host.control.deploy("tally", v2.clone()).await.unwrap();
+    eventually(
+        "the idle route to run v2, no message sent",
+        Duration::from_secs(10),
+        || {
+            let host = &host;
+            let want = digest(&v2);
+            async move {
+                host.route("tally")
+                    .await
+                    .is_some_and(|r| r.digest == want && r.pending.is_none())
+            }
+        },
+    )
+    .await;
+    host.stop().await;
+}

@@ -4,6 +4,8 @@
 //! succeeds on the next, to measure and test the retry path. `Metadata`
 //! replies with the metadata it reads from the host, and with what a copy
 //! of the previous `Metadata` message shows now that its call is over.
+//! The `v2` build is the same handler as version 0.2.0, a second build to
+//! deploy.
 
 use std::sync::Mutex;
 
@@ -16,7 +18,12 @@ static KEPT: Mutex<Option<Message>> = Mutex::new(None);
 
 impl Plugin for Echo {
     fn describe() -> PluginInfo {
-        PluginInfo::new("echo", env!("CARGO_PKG_VERSION"))
+        let version = if cfg!(feature = "v2") {
+            "0.2.0"
+        } else {
+            env!("CARGO_PKG_VERSION")
+        };
+        PluginInfo::new("echo", version)
             .handles_command("Echo")
             .handles_command("Metadata")
             .consumes_event("Tick")
