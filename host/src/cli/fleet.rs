@@ -82,7 +82,9 @@ pub async fn deploy(
     let info = runtime::check_build(&pipeline, plugin, file)
         .await
         .with_context(|| format!("{} is refused for plugin `{plugin}`", file.display()))?;
-    let by = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let by = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| format!("someone on {}", crate::dlq::host_name()));
     let record = fleet
         .record(plugin, &bytes, &info.version, &by, canary.as_ref())
         .await?;
@@ -310,6 +312,7 @@ async fn status(path: &Path, json: bool) -> Result<ExitCode> {
                     "host": h.host,
                     "live": h.live(),
                     "stopped": h.stopped,
+                    "settled_at_ms": h.settled_at_ms,
                     "converged": converged(h),
                     "started_at_ms": h.started_at_ms,
                     "seen_at_ms": h.seen_at_ms,
@@ -381,10 +384,15 @@ async fn status(path: &Path, json: bool) -> Result<ExitCode> {
                 })
                 .collect();
             println!(
-                "host {}: {state}, seen {}, up since {}",
+                "host {}: {state}, seen {}, up since {}, {}",
                 h.host,
                 ago(h.seen_at_ms),
-                crate::transport::cloudevents::rfc3339(h.started_at_ms)
+                crate::transport::cloudevents::rfc3339(h.started_at_ms),
+                h.settled_at_ms
+                    .map_or("has settled nothing yet".to_owned(), |t| format!(
+                        "last settled a message {}",
+                        ago(t)
+                    ))
             );
             println!("  runs {}", running.join(", "));
             if let Some(p) = &h.problem {

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS {schema}.fleet_hosts (
     running       TEXT NOT NULL,
     problem       TEXT,
     stopped       BOOLEAN NOT NULL DEFAULT false,
+    settled_at_ms BIGINT,
     PRIMARY KEY (pipeline, host)
 );
 ";
@@ -197,6 +198,9 @@ pub struct HostReport {
     pub problem: Option<String>,
     /// It stopped (cleanly) after this report.
     pub stopped: bool,
+    /// When it last finished an attempt at a message, as far as its
+    /// reports saw (ms since the epoch).
+    pub settled_at_ms: Option<u64>,
 }
 
 impl HostReport {
@@ -472,6 +476,7 @@ impl Fleet {
     }
 
     /// What `host` runs now; `stopped` when it is its last report.
+    #[allow(clippy::too_many_arguments)]
     pub async fn report(
         &self,
         host: &str,
@@ -479,14 +484,15 @@ impl Fleet {
         running: &BTreeMap<String, Running>,
         problem: Option<&str>,
         stopped: bool,
+        settled_at_ms: Option<u64>,
     ) -> Result<()> {
         let running = serde_json::to_string(running)?;
         self.query(
             "INSERT INTO {schema}.fleet_hosts
-                 (pipeline, host, started_at_ms, seen_at_ms, running, problem, stopped)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 (pipeline, host, started_at_ms, seen_at_ms, running, problem, stopped, settled_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (pipeline, host) DO UPDATE SET started_at_ms = $3, seen_at_ms = $4,
-                 running = $5, problem = $6, stopped = $7",
+                 running = $5, problem = $6, stopped = $7, settled_at_ms = $8",
             &[
                 &self.pipeline,
                 &host,
@@ -495,6 +501,7 @@ impl Fleet {
                 &running,
                 &problem,
                 &stopped,
+                &settled_at_ms.map(ms),
             ],
         )
         .await?;
@@ -516,7 +523,7 @@ impl Fleet {
     pub async fn hosts(&self) -> Result<Vec<HostReport>> {
         let rows = self
             .query(
-                "SELECT host, started_at_ms, seen_at_ms, running, problem, stopped
+                "SELECT host, started_at_ms, seen_at_ms, running, problem, stopped, settled_at_ms
                  FROM {schema}.fleet_hosts WHERE pipeline = $1 ORDER BY host",
                 &[&self.pipeline],
             )
@@ -531,6 +538,7 @@ impl Fleet {
                     running: serde_json::from_str(&running).unwrap_or_default(),
                     problem: r.try_get(4)?,
                     stopped: r.try_get(5)?,
+                    settled_at_ms: r.try_get::<_, Option<i64>>(6)?.map(unms),
                 })
             })
             .collect()
@@ -711,6 +719,7 @@ pub async fn follow(
     // Builds a host refused: not tried again until another is desired.
     let mut refused: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut baselines = Baselines::new();
+    let (mut attempts_seen, mut settled_at) = (0.0, None);
     let mut fleet: Option<(
         Fleet,
         tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
@@ -728,8 +737,21 @@ pub async fn follow(
             let problem = converge(f, &control, &host, &mut refused).await;
             rebase(&control, &mut baselines).await;
             let running = running_of(&control, &baselines).await;
+            // Attempts in all: when they grew, the host settled something.
+            let attempts = attempts_of(&control);
+            if attempts > attempts_seen {
+                attempts_seen = attempts;
+                settled_at = Some(now_ms());
+            }
             if let Err(e) = f
-                .report(&host, started, &running, problem.as_deref(), false)
+                .report(
+                    &host,
+                    started,
+                    &running,
+                    problem.as_deref(),
+                    false,
+                    settled_at,
+                )
                 .await
             {
                 tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot report this host; reconnecting");
@@ -851,6 +873,17 @@ async fn running_of(control: &Supervisor, baselines: &Baselines) -> BTreeMap<Str
             )
         })
         .collect()
+}
+
+/// The attempts the host has made at messages, all routes together.
+fn attempts_of(control: &Supervisor) -> f64 {
+    control
+        .services()
+        .telemetry
+        .metrics
+        .totals(&COUNTED, "plugin")
+        .values()
+        .sum()
 }
 
 /// Starts counting afresh for each plugin whose running digest is not the

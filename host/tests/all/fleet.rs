@@ -240,6 +240,8 @@ async fn a_deploy_reaches_every_host(broker: &Broker) -> switchyard::config::Pip
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(status.contains("desired: tally 2.0.0"), "{status}");
     assert_eq!(status.matches(": converged").count(), 4, "{status}");
+    // The hosts that handled messages say when they last settled one.
+    assert!(status.contains("last settled a message"), "{status}");
     let history = String::from_utf8_lossy(&history.stdout).into_owned();
     assert!(history.contains("tally            2.0.0"), "{history}");
     // Stopped cleanly, every host says so.
