@@ -125,7 +125,7 @@ pub async fn deploy(
                 h.running.get(plugin).map(|r| r.digest.as_str()) != Some(record.digest.as_str())
             })
             .collect();
-        if behind.is_empty() {
+        if behind.is_empty() && !hosts.is_empty() {
             println!("{} live host(s) run it", hosts.len());
             return Ok(ExitCode::SUCCESS);
         }
@@ -136,6 +136,9 @@ pub async fn deploy(
                 behind.len(),
                 hosts.len()
             );
+            if hosts.is_empty() {
+                println!("  no host of the pipeline is running");
+            }
             for h in behind {
                 println!(
                     "  {}: {}{}",
@@ -225,6 +228,10 @@ async fn watch_canary(
         }
         if Instant::now() >= until {
             println!("{behind} of {} live host(s) do not run it yet", hosts.len());
+            // Asked to wait for the fleet, which did not follow in time.
+            if wait.is_some() {
+                return Ok(ExitCode::FAILURE);
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -294,7 +301,9 @@ pub async fn run(command: FleetCommand) -> Result<ExitCode> {
 
 async fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let (pipeline, fleet) = open(path).await?;
-    let desired = fleet.desired().await?;
+    // Deploys of plugins the pipeline no longer has do not count.
+    let mut desired = fleet.desired().await?;
+    desired.retain(|plugin, _| pipeline.plugin(plugin).is_some());
     let hosts = fleet.hosts().await?;
     let converged = |h: &HostReport| {
         desired.iter().all(|(plugin, d)| {

@@ -600,10 +600,15 @@ async fn run(
     if let Some(fleet) = &pipeline.fleet {
         // Start on the versions deployed to the fleet; without the
         // database, on the ones this host last had.
-        let prepared = match crate::fleet::Fleet::connect(fleet, &pipeline.name).await {
-            Ok(f) => f.prepare(&pipeline).await,
-            Err(e) => Err(e),
+        let prepare = async {
+            crate::fleet::Fleet::connect(fleet, &pipeline.name)
+                .await?
+                .prepare(&pipeline)
+                .await
         };
+        let prepared = tokio::time::timeout(std::time::Duration::from_secs(30), prepare)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the database did not answer within 30s")));
         if let Err(e) = prepared {
             tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot read the versions deployed to the fleet; starting on the ones this host has");
         }

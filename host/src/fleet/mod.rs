@@ -32,6 +32,10 @@ use crate::supervisor::{Deployed, Deployments, Supervisor};
 /// The channel a deploy notifies; the payload is the pipeline's name.
 pub const CHANNEL: &str = "switchyard_fleet";
 
+/// The longest one round of a follower (converge, report, judge) may
+/// take; the follower then connects again.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A host not seen for this long is shown as gone.
 pub const GONE_AFTER: Duration = Duration::from_secs(30);
 
@@ -61,6 +65,8 @@ CREATE TABLE IF NOT EXISTS {schema}.fleet_deploys (
     decided_at_ms BIGINT
 );
 CREATE INDEX IF NOT EXISTS fleet_deploys_by_plugin ON {schema}.fleet_deploys (pipeline, plugin, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS fleet_deploys_one_canary ON {schema}.fleet_deploys (pipeline, plugin)
+    WHERE state = 'canary';
 CREATE TABLE IF NOT EXISTS {schema}.fleet_hosts (
     pipeline      TEXT NOT NULL,
     host          TEXT NOT NULL,
@@ -238,26 +244,9 @@ impl Fleet {
     }
 
     async fn with_client(client: Client, schema: &str, pipeline: &str) -> Result<Fleet> {
-        let create = SCHEMA.replace("{schema}", schema);
-        // Hosts that start together race to create the tables: `IF NOT
-        // EXISTS` does not stop two from trying at once, and the loser is
-        // told the name is taken. The second try finds them.
-        if let Err(e) = client.batch_execute(&create).await {
-            let taken = e.code().is_some_and(|c| {
-                *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-                    || *c == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA
-                    || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
-            });
-            if !taken {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "cannot create the fleet's tables (schema {schema})"
-                )));
-            }
-            client
-                .batch_execute(&create)
-                .await
-                .with_context(|| format!("cannot create the fleet's tables (schema {schema})"))?;
-        }
+        crate::pg::create_tables(&client, &SCHEMA.replace("{schema}", schema))
+            .await
+            .with_context(|| format!("cannot create the fleet's tables (schema {schema})"))?;
         Ok(Fleet {
             client,
             schema: schema.to_owned(),
@@ -429,6 +418,15 @@ impl Fleet {
             .map(|r| r.try_get::<_, i64>(0))
             .transpose()?
             .ok_or_else(|| anyhow!("the deploy was not recorded"))?;
+        // A deploy that raced past the check above ends a canary before it:
+        // only the last deploy of a plugin is ever judged.
+        self.query(
+            "UPDATE {schema}.fleet_deploys SET state = 'rolled-back', decided_at_ms = $4::bigint,
+                 verdict = 'rolled back: deploy #' || $3::bigint::text || ' came before its verdict'
+             WHERE pipeline = $1 AND plugin = $2 AND state = 'canary' AND seq < $3::bigint",
+            &[&self.pipeline, &plugin, &seq, &ms(at)],
+        )
+        .await?;
         self.query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
             .await?;
         Ok(DeployRecord {
@@ -653,23 +651,29 @@ impl Fleet {
                     ),
                 )
             } else if d.watch_until_ms.is_some_and(|until| now_ms() >= until) {
-                (
-                    RolloutState::Promoted,
-                    if judged {
+                if judged {
+                    (
+                        RolloutState::Promoted,
                         format!(
                             "promoted: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts",
                             new_rate * 100.0,
                             new_ok + new_failed,
                             old_rate * 100.0
-                        )
-                    } else {
+                        ),
+                    )
+                } else {
+                    // Not seen to work is not promoted: a canary host that
+                    // refused the build, died or got no traffic proves
+                    // nothing.
+                    (
+                        RolloutState::RolledBack,
                         format!(
-                            "promoted: the canary made {} attempts in its watch, fewer than the {} needed to judge it",
+                            "rolled back: the canary's live hosts made {} attempts on it in its watch, fewer than the {} needed to judge it",
                             new_ok + new_failed,
-                            d.min_attempts
-                        )
-                    },
-                )
+                            d.min_attempts.max(1)
+                        ),
+                    )
+                }
             } else {
                 continue;
             };
@@ -726,7 +730,10 @@ pub async fn follow(
     )> = None;
     loop {
         if fleet.is_none() {
-            match listen(&config, &pipeline).await {
+            let connected = tokio::time::timeout(ROUND_TIMEOUT, listen(&config, &pipeline))
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no answer within {}s", ROUND_TIMEOUT.as_secs())));
+            match connected {
                 Ok(f) => fleet = Some(f),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot reach the database; the host keeps running what it runs and tries again")
@@ -734,17 +741,17 @@ pub async fn follow(
             }
         }
         if let Some((f, _)) = &fleet {
-            let problem = converge(f, &control, &host, &mut refused).await;
-            rebase(&control, &mut baselines).await;
-            let running = running_of(&control, &baselines).await;
-            // Attempts in all: when they grew, the host settled something.
-            let attempts = attempts_of(&control);
-            if attempts > attempts_seen {
-                attempts_seen = attempts;
-                settled_at = Some(now_ms());
-            }
-            if let Err(e) = f
-                .report(
+            let round = async {
+                let problem = converge(f, &control, &host, &mut refused).await;
+                rebase(&control, &mut baselines).await;
+                let running = running_of(&control, &baselines).await;
+                // Attempts in all: when they grew, the host settled something.
+                let attempts = attempts_of(&control);
+                if attempts > attempts_seen {
+                    attempts_seen = attempts;
+                    settled_at = Some(now_ms());
+                }
+                f.report(
                     &host,
                     started,
                     &running,
@@ -753,25 +760,30 @@ pub async fn follow(
                     settled_at,
                 )
                 .await
-            {
-                tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot report this host; reconnecting");
-                fleet = None;
-            }
-        }
-        if let Some((f, _)) = &fleet {
-            match f.judge().await {
-                Ok(decided) => {
-                    for (plugin, state, verdict) in decided {
-                        if state == RolloutState::RolledBack {
-                            tracing::warn!(plugin = %plugin, "Fleet: canary {verdict}");
-                        } else {
-                            tracing::info!(plugin = %plugin, "Fleet: canary {verdict}");
-                        }
+                .context("cannot report this host")?;
+                for (plugin, state, verdict) in
+                    f.judge().await.context("cannot judge the canaries")?
+                {
+                    if state == RolloutState::RolledBack {
+                        tracing::warn!(plugin = %plugin, "Fleet: canary {verdict}");
+                    } else {
+                        tracing::info!(plugin = %plugin, "Fleet: canary {verdict}");
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot judge the canaries")
-                }
+                anyhow::Ok(())
+            };
+            // A database that stops answering is left, not waited on.
+            let failed = match tokio::time::timeout(ROUND_TIMEOUT, round).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some(format!(
+                    "the database did not answer within {}s",
+                    ROUND_TIMEOUT.as_secs()
+                )),
+            };
+            if let Some(why) = failed {
+                tracing::warn!(error = %why, "Fleet: reconnecting");
+                fleet = None;
             }
         }
         let notified = async {
@@ -926,16 +938,25 @@ async fn converge(
         Ok(d) => d,
         Err(e) => return Some(format!("cannot read the desired versions: {e:#}")),
     };
-    let running = running_of(control, &BTreeMap::new()).await;
+    let routes: BTreeMap<String, crate::supervisor::RouteInfo> = control
+        .list()
+        .await
+        .into_iter()
+        .map(|r| (r.plugin.clone(), r))
+        .collect();
     let mut problems = Vec::new();
+    let mut swapped = false;
     for (plugin, want) in desired {
-        let Some(now) = running.get(&plugin) else {
+        let Some(now) = routes.get(&plugin) else {
             continue;
         };
         let Some(digest) = want.digest_for(host) else {
             continue;
         };
-        if now.digest == digest {
+        // Running it, or handed to the route already (a busy or
+        // reconnecting route takes it after its batch).
+        let pending = now.pending.as_ref().map(|p| p.digest.as_str());
+        if now.digest == digest || pending == Some(digest) {
             refused.remove(&plugin);
             continue;
         }
@@ -954,15 +975,25 @@ async fn converge(
         };
         match control.deploy(&plugin, bytes).await {
             Ok(_) => {
-                tracing::info!(plugin = %plugin, digest = %short_digest(digest), "Fleet: handed the version deployed to the fleet to its route")
+                tracing::info!(plugin = %plugin, digest = %short_digest(digest), "Fleet: handed the version deployed to the fleet to its route");
+                swapped = true;
             }
             Err(e) => {
                 let why = e.to_string();
                 tracing::error!(plugin = %plugin, digest = %short_digest(digest), error = %why, "Fleet: refused the version deployed to the fleet; keeps running the one it has");
                 problems.push(format!("{plugin} {}: refused: {why}", short_digest(digest)));
-                refused.insert(plugin, (digest.to_owned(), why));
+                // A refusal stands until another build is desired or
+                // another swap changes what it was checked against; a
+                // failure (the disk, say) is tried again at the next poll.
+                if matches!(e, crate::supervisor::ChangeError::Refused(_)) {
+                    refused.insert(plugin, (digest.to_owned(), why));
+                }
             }
         }
+    }
+    // What was refused against the pipeline as it was may pass now.
+    if swapped {
+        refused.clear();
     }
     (!problems.is_empty()).then(|| problems.join("; "))
 }

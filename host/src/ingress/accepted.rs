@@ -150,15 +150,14 @@ impl Accepted {
                     pipeline: pipeline.name.clone(),
                     client: tokio::sync::Mutex::new(None),
                 };
-                ids.client()
-                    .await?
-                    .batch_execute(&PG_SCHEMA.replace("{schema}", schema))
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot create the ingress's id table in PostgreSQL (schema {schema})"
-                        )
-                    })?;
+                crate::pg::create_tables(
+                    &*ids.client().await?,
+                    &PG_SCHEMA.replace("{schema}", schema),
+                )
+                .await
+                .with_context(|| {
+                    format!("cannot create the ingress's id table in PostgreSQL (schema {schema})")
+                })?;
                 Ok(Accepted {
                     store: Ids::Postgres(ids),
                     window,

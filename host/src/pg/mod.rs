@@ -94,3 +94,23 @@ where
     });
     Ok(client)
 }
+
+/// Runs `create` (`CREATE … IF NOT EXISTS` statements). Hosts that start
+/// together race to create the same tables: `IF NOT EXISTS` does not stop
+/// two from trying at once, and the loser is told the name is taken. The
+/// second try finds them.
+pub async fn create_tables(client: &Client, create: &str) -> Result<(), tokio_postgres::Error> {
+    match client.batch_execute(create).await {
+        Err(e)
+            if e.code().is_some_and(|c| {
+                *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                    || *c == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA
+                    || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+                    || *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT
+            }) =>
+        {
+            client.batch_execute(create).await
+        }
+        other => other,
+    }
+}

@@ -187,12 +187,16 @@ const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5)
 
 /// The failure of a request that will not be sent, after its body is read
 /// and dropped (up to [`MAX_STUBBED_REQUEST`] bytes, for up to
-/// [`REFUSED_BODY_WAIT`]). The guest's writes of the body then succeed and it
+/// [`REFUSED_BODY_WAIT`] and never past the call's deadline). The guest's writes of the body then succeed and it
 /// learns why from the response's error code. A guest whose write fails
 /// instead would see only that, and the JavaScript engine traps on it.
-async fn refused(body: WasiBody, why: Error) -> Sent {
+async fn refused(body: WasiBody, why: Error, deadline: Option<tokio::time::Instant>) -> Sent {
     let drain = http_body_util::Limited::new(body, MAX_STUBBED_REQUEST).collect();
-    let _ = tokio::time::timeout(REFUSED_BODY_WAIT, drain).await;
+    let mut until = tokio::time::Instant::now() + REFUSED_BODY_WAIT;
+    if let Some(d) = deadline {
+        until = until.min(d);
+    }
+    let _ = tokio::time::timeout_at(until, drain).await;
     Err(why)
 }
 
@@ -236,10 +240,18 @@ impl WasiHttpHooks for Hooks {
                 url = %crate::limits::quote(&uri.to_string()),
                 "refused an HTTP request: {why}"
             );
-            return Box::new(refused(request.into_body(), Error::HttpRequestDenied));
+            return Box::new(refused(
+                request.into_body(),
+                Error::HttpRequestDenied,
+                self.deadline,
+            ));
         }
         if self.network_down {
-            return Box::new(refused(request.into_body(), Error::ConnectionRefused));
+            return Box::new(refused(
+                request.into_body(),
+                Error::ConnectionRefused,
+                self.deadline,
+            ));
         }
         let max = self.outbound.max_response;
         if let Some(sim) = self.simulation.clone() {
@@ -339,7 +351,8 @@ async fn send(
 ) -> Sent {
     let (mut sender, connection) = match connect(request.uri(), tls).await {
         Ok(connected) => connected,
-        Err(why) => return refused(request.into_body(), why).await,
+        // Inside the call's deadline already (see `send_request`).
+        Err(why) => return refused(request.into_body(), why, None).await,
     };
     let uri = request.uri().clone();
     // The connection runs beside the request; dropping the handle (the

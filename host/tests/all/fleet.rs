@@ -488,3 +488,54 @@ fn a_deploy_under_a_foreign_clients_steady_traffic_loses_nothing() {
         json!({ "sent": 400, "answered": 400, "duplicates": 0, "mismatched": 0 })
     );
 }
+
+/// A canary that makes too few attempts in its watch has shown nothing:
+/// it is rolled back, not promoted, and the verdict says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_that_saw_no_traffic_is_not_promoted() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let schema = crate::state::schema();
+    let (_dirs, paths, p) = copies(&crate::amqp::RABBITMQ, 2, &schema, "200ms", "");
+    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+        .await
+        .unwrap();
+    let hosts = start_hosts(&fleet, &paths, 2).await;
+    let deploy = |build: &str, extra: &[&str]| {
+        Command::new(bin())
+            .args(["deploy"])
+            .arg(wasm(build))
+            .args(["--plugin", "tally", "-p"])
+            .arg(&paths[0])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let base = deploy("tally", &["--wait", "30s"]);
+    let canary = deploy("tally_v2", &["--canary", "1", "--watch", "2s"]);
+    let history = fleet.history(1).await.unwrap();
+    for h in hosts {
+        tokio::task::spawn_blocking(move || stop(h)).await.unwrap();
+    }
+    crate::sagas::drop_schema(&schema).await;
+    crate::amqp::clean_up(&p).await;
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
+    let said = String::from_utf8_lossy(&canary.stdout).into_owned();
+    assert_eq!(
+        canary.status.code(),
+        Some(1),
+        "{said}{}",
+        String::from_utf8_lossy(&canary.stderr)
+    );
+    assert!(
+        said.contains("made 0 attempts on it in its watch, fewer than the 20 needed"),
+        "{said}"
+    );
+    assert_eq!(
+        history[0].state,
+        switchyard::fleet::RolloutState::RolledBack
+    );
+}

@@ -6,6 +6,11 @@ use crate::config::diagnostic::Diagnostic;
 use crate::config::model::{DEFAULT_FLEET_POLL, FleetConfig, StoreConfig, TransportConfig};
 use crate::config::reader::Section;
 
+/// The shortest and longest poll: a host must report several times
+/// within the 30 s after which it is taken for gone.
+const MIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Parser<'_> {
     /// `[fleet]`, if the pipeline has one: a PostgreSQL `url` or `url_env`,
     /// its `schema`, and `poll_interval`. Only on a broker: on the embedded
@@ -18,9 +23,18 @@ impl Parser<'_> {
         let mut f = root.table("fleet", self.diags)?;
         let span = f.span();
         let store = self.store_keys(&mut f, "fleet", "use no fleet");
-        let poll_interval = self
-            .duration(&mut f, "poll_interval")
-            .map_or(DEFAULT_FLEET_POLL, |d| d.value);
+        let mut poll_interval = DEFAULT_FLEET_POLL;
+        if let Some(d) = self.duration(&mut f, "poll_interval") {
+            if (MIN_POLL..=MAX_POLL).contains(&d.value) {
+                poll_interval = d.value;
+            } else {
+                self.diags.push(
+                    Diagnostic::error("`fleet.poll_interval` must be between 100ms and 10s", d.span)
+                        .with_label("out of range")
+                        .with_note("note: a host not heard from for 30 s is taken for gone, so it must report well within that"),
+                );
+            }
+        }
         f.finish(self.diags);
         if matches!(transport, TransportConfig::Embedded(_)) {
             self.diags.push(
