@@ -138,6 +138,18 @@ async fn produce(
     })
 }
 
+/// `switchyard deploy BUILD --plugin tally -p PIPELINE EXTRA…`.
+fn deploy_tally(pipeline: &Path, build: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(["deploy"])
+        .arg(wasm(build))
+        .args(["--plugin", "tally", "-p"])
+        .arg(pipeline)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// Three hosts share a tally route on RabbitMQ while a steady stream of
 /// messages flows: a deploy reaches all three (the CLI waits for them), no
 /// message is lost or handled twice, a host started afterwards starts on
@@ -272,16 +284,7 @@ async fn a_failing_canary_stays_on_one_host_and_is_rolled_back() {
         .await
         .unwrap();
     let hosts = start_hosts(&fleet, &paths, 3).await;
-    let deploy = |build: &str, extra: &[&str]| {
-        Command::new(bin())
-            .args(["deploy"])
-            .arg(wasm(build))
-            .args(["--plugin", "tally", "-p"])
-            .arg(&paths[0])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let deploy = |build: &str, extra: &[&str]| deploy_tally(&paths[0], build, extra);
     // The version the fleet runs, recorded: what a canary is compared
     // with, and returns to.
     let base = deploy("tally", &["--wait", "30s"]);
@@ -500,16 +503,7 @@ async fn a_canary_that_saw_no_traffic_is_not_promoted() {
         .await
         .unwrap();
     let hosts = start_hosts(&fleet, &paths, 2).await;
-    let deploy = |build: &str, extra: &[&str]| {
-        Command::new(bin())
-            .args(["deploy"])
-            .arg(wasm(build))
-            .args(["--plugin", "tally", "-p"])
-            .arg(&paths[0])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let deploy = |build: &str, extra: &[&str]| deploy_tally(&paths[0], build, extra);
     let base = deploy("tally", &["--wait", "30s"]);
     let canary = deploy("tally_v2", &["--canary", "1", "--watch", "2s"]);
     let history = fleet.history(1).await.unwrap();
