@@ -6,7 +6,6 @@
 use anyhow::{Context as _, Result, bail};
 use async_trait::async_trait;
 use bytes::BytesMut;
-use tokio::sync::Mutex;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::{Client, Row};
 
@@ -16,7 +15,7 @@ use super::query::{
 use super::row::{self, StoredRow, Value};
 use super::{DeadLetter, DeadLetterStore, Filter, Group, Status, to_i64};
 use crate::envelope::now_ms;
-use crate::pg::connect;
+use crate::pg::{Reconnecting, connect};
 
 /// Each entry upgrades the schema by one version; `{schema}` is replaced.
 const MIGRATIONS: [&str; 3] = ["
@@ -78,10 +77,9 @@ CREATE TABLE {schema}.crash_counts (
 
 /// Dead letters in PostgreSQL.
 pub struct PostgresStore {
-    url: String,
+    conn: Reconnecting,
     schema: String,
     pipeline: String,
-    client: Mutex<Option<Client>>,
 }
 
 fn ph(i: usize) -> String {
@@ -158,10 +156,9 @@ impl PostgresStore {
             .await
             .with_context(|| format!("dead-letter store {shown}, schema {schema}"))?;
         Ok(PostgresStore {
-            url: url.to_owned(),
+            conn: Reconnecting::new(url, "dead-letter store", client),
             schema: schema.to_owned(),
             pipeline: pipeline.to_owned(),
-            client: Mutex::new(Some(client)),
         })
     }
 
@@ -171,20 +168,7 @@ impl PostgresStore {
 
     /// The connection, re-established if it dropped.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(
-                connect(&self.url, "dead-letter store")
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot reconnect to the dead-letter store {}",
-                            crate::config::redact(&self.url)
-                        )
-                    })?,
-            );
-        }
-        Ok(guard)
+        self.conn.client().await
     }
 
     fn table(&self) -> String {

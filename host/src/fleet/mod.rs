@@ -743,10 +743,8 @@ pub async fn follow(
         if let Some((f, _)) = &fleet {
             let round = async {
                 let problem = converge(f, &control, &host, &mut refused).await;
-                rebase(&control, &mut baselines).await;
-                let running = running_of(&control, &baselines).await;
+                let (running, attempts) = running_of(&control, &mut baselines).await;
                 // Attempts in all: when they grew, the host settled something.
-                let attempts = attempts_of(&control);
                 if attempts > attempts_seen {
                     attempts_seen = attempts;
                     settled_at = Some(now_ms());
@@ -848,9 +846,14 @@ type Baselines = BTreeMap<String, (String, f64, f64)>;
 /// The metrics that count attempts, per plugin.
 const COUNTED: [&str; 2] = ["switchyard.messages.handled", "switchyard.messages.failed"];
 
-/// What the host runs, per plugin, with the attempts made since each
-/// version's baseline in `baselines` (none when it has none).
-async fn running_of(control: &Supervisor, baselines: &Baselines) -> BTreeMap<String, Running> {
+/// What the host runs, per plugin, with the attempts made since it began
+/// running each version (a version not counted from yet starts its count
+/// in `baselines` now), and the attempts the host has made in all: one
+/// reading of the routes and the metrics.
+async fn running_of(
+    control: &Supervisor,
+    baselines: &mut Baselines,
+) -> (BTreeMap<String, Running>, f64) {
     let totals = control
         .services()
         .telemetry
@@ -862,68 +865,24 @@ async fn running_of(control: &Supervisor, baselines: &Baselines) -> BTreeMap<Str
             .copied()
             .unwrap_or(0.0)
     };
-    control
-        .list()
-        .await
-        .into_iter()
-        .map(|r| {
-            let (handled, failed) = match baselines.get(&r.plugin) {
-                Some((digest, ok, failed)) if *digest == r.digest => (
-                    (total(COUNTED[0], &r.plugin) - ok).max(0.0) as u64,
-                    (total(COUNTED[1], &r.plugin) - failed).max(0.0) as u64,
-                ),
-                _ => (0, 0),
-            };
-            (
-                r.plugin,
-                Running {
-                    digest: r.digest,
-                    version: r.version,
-                    handled,
-                    failed,
-                },
-            )
-        })
-        .collect()
-}
-
-/// The attempts the host has made at messages, all routes together.
-fn attempts_of(control: &Supervisor) -> f64 {
-    control
-        .services()
-        .telemetry
-        .metrics
-        .totals(&COUNTED, "plugin")
-        .values()
-        .sum()
-}
-
-/// Starts counting afresh for each plugin whose running digest is not the
-/// one its baseline was taken for.
-async fn rebase(control: &Supervisor, baselines: &mut Baselines) {
-    let totals = control
-        .services()
-        .telemetry
-        .metrics
-        .totals(&COUNTED, "plugin");
+    let mut running = BTreeMap::new();
     for r in control.list().await {
-        if baselines
-            .get(&r.plugin)
-            .is_some_and(|(d, _, _)| *d == r.digest)
-        {
-            continue;
+        let (ok, failed) = (total(COUNTED[0], &r.plugin), total(COUNTED[1], &r.plugin));
+        let base = baselines
+            .entry(r.plugin.clone())
+            .or_insert_with(|| (r.digest.clone(), ok, failed));
+        if base.0 != r.digest {
+            *base = (r.digest.clone(), ok, failed);
         }
-        let total = |metric: &str| {
-            totals
-                .get(&(metric.to_owned(), r.plugin.clone()))
-                .copied()
-                .unwrap_or(0.0)
+        let since = Running {
+            handled: (ok - base.1).max(0.0) as u64,
+            failed: (failed - base.2).max(0.0) as u64,
+            digest: r.digest,
+            version: r.version,
         };
-        baselines.insert(
-            r.plugin.clone(),
-            (r.digest.clone(), total(COUNTED[0]), total(COUNTED[1])),
-        );
+        running.insert(r.plugin, since);
     }
+    (running, totals.values().sum())
 }
 
 /// Swaps every plugin whose desired build this host does not run; what

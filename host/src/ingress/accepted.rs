@@ -59,33 +59,17 @@ enum Ids {
         path: PathBuf,
         conn: Arc<Mutex<Connection>>,
     },
-    Postgres(SharedIds),
+    Postgres(Box<SharedIds>),
 }
 
 /// The ids in PostgreSQL. The connection is made again when it drops.
 struct SharedIds {
-    url: String,
+    conn: crate::pg::Reconnecting,
     schema: String,
     pipeline: String,
-    client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
 }
 
 impl SharedIds {
-    /// The connection, made again if it dropped.
-    async fn client(&self) -> Result<Arc<tokio_postgres::Client>> {
-        let mut held = self.client.lock().await;
-        if let Some(c) = held.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(
-            crate::pg::connect(&self.url, "ingress ids")
-                .await
-                .context("cannot reach the ingress's id store in PostgreSQL")?,
-        );
-        *held = Some(c.clone());
-        Ok(c)
-    }
-
     /// Runs one statement; `sql`'s `{schema}` is replaced and its first
     /// parameter is the pipeline.
     async fn rows(
@@ -93,7 +77,10 @@ impl SharedIds {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>> {
-        let client = self.client().await?;
+        let guard = self.conn.client().await?;
+        let client = guard
+            .as_ref()
+            .context("no connection to the ingress's id store")?;
         let sql = sql.replace("{schema}", &self.schema);
         let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&self.pipeline];
         all.extend_from_slice(params);
@@ -144,22 +131,24 @@ impl Accepted {
     pub async fn open_for(pipeline: &crate::config::Pipeline, window: Duration) -> Result<Self> {
         match &pipeline.state.store {
             crate::config::StoreConfig::Postgres { url, schema } => {
+                let url = url.resolve("state store")?;
+                let client = crate::pg::connect(&url, "ingress ids")
+                    .await
+                    .context("cannot reach the ingress's id store in PostgreSQL")?;
+                crate::pg::create_tables(&client, &PG_SCHEMA.replace("{schema}", schema))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot create the ingress's id table in PostgreSQL (schema {schema})"
+                        )
+                    })?;
                 let ids = SharedIds {
-                    url: url.resolve("state store")?,
+                    conn: crate::pg::Reconnecting::new(&url, "ingress ids", client),
                     schema: schema.clone(),
                     pipeline: pipeline.name.clone(),
-                    client: tokio::sync::Mutex::new(None),
                 };
-                crate::pg::create_tables(
-                    &*ids.client().await?,
-                    &PG_SCHEMA.replace("{schema}", schema),
-                )
-                .await
-                .with_context(|| {
-                    format!("cannot create the ingress's id table in PostgreSQL (schema {schema})")
-                })?;
                 Ok(Accepted {
-                    store: Ids::Postgres(ids),
+                    store: Ids::Postgres(Box::new(ids)),
                     window,
                     in_progress: Mutex::new(HashSet::new()),
                 })

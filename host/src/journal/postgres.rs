@@ -3,11 +3,10 @@
 
 use anyhow::{Context as _, Result};
 use async_trait::async_trait;
-use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use super::{Record, Store};
-use crate::pg::connect;
+use crate::pg::{Reconnecting, connect};
 
 /// The table, created if missing; `{schema}` is replaced.
 const SCHEMA: &str = "
@@ -38,10 +37,9 @@ fn attribute(name: &str, value: &str) -> String {
 
 /// Journal records in PostgreSQL.
 pub struct PostgresJournal {
-    url: String,
+    conn: Reconnecting,
     schema: String,
     pipeline: String,
-    client: Mutex<Option<Client>>,
 }
 
 /// Rows removed per statement when pruning.
@@ -83,25 +81,15 @@ impl PostgresJournal {
             .with_context(|| format!("journal {shown}, schema {schema}"))?;
         tx.commit().await?;
         Ok(PostgresJournal {
-            url: url.to_owned(),
+            conn: Reconnecting::new(url, "journal", client),
             schema: schema.to_owned(),
             pipeline: pipeline.to_owned(),
-            client: Mutex::new(Some(client)),
         })
     }
 
     /// The connection, re-established if it dropped.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.url, "journal").await.with_context(|| {
-                format!(
-                    "cannot reconnect to the journal {}",
-                    crate::config::redact(&self.url)
-                )
-            })?);
-        }
-        Ok(guard)
+        self.conn.client().await
     }
 
     fn table(&self) -> String {
@@ -303,7 +291,7 @@ impl Store for PostgresJournal {
     fn location(&self) -> String {
         format!(
             "journal in PostgreSQL {} (schema {})",
-            crate::config::redact(&self.url),
+            crate::config::redact(self.conn.url()),
             self.schema
         )
     }

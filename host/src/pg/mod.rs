@@ -15,6 +15,47 @@ use tls::TlsMode;
 /// How long to wait for the server before giving up on a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection to one of the host's stores, made again when it dropped.
+/// Callers hold the guard for as long as they use the connection (a
+/// transaction needs it whole).
+pub struct Reconnecting {
+    url: String,
+    what: &'static str,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl Reconnecting {
+    /// Starts from `client`, connected to `url`; `what` names the store in
+    /// errors and logs.
+    pub fn new(url: &str, what: &'static str, client: Client) -> Self {
+        Reconnecting {
+            url: url.to_owned(),
+            what,
+            client: tokio::sync::Mutex::new(Some(client)),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The connection, re-established if it dropped.
+    pub async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let client = connect(&self.url, self.what).await.map_err(|e| {
+                e.context(format!(
+                    "cannot reconnect to the {} {}",
+                    self.what,
+                    crate::config::redact(&self.url)
+                ))
+            })?;
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
+}
+
 /// Connects with the TLS the connection string's `sslmode` asks for (see
 /// [`tls`]). `prefer` falls back to a plain connection when the TLS
 /// one fails, as libpq does.

@@ -5,12 +5,12 @@
 use anyhow::{Context as _, Result, anyhow};
 use async_trait::async_trait;
 use tokio::runtime::Handle;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::MutexGuard;
 use tokio_postgres::Client;
 
 use super::{Changes, Done, Reader, Store};
 use crate::envelope::now_ms;
-use crate::pg::connect;
+use crate::pg::{Reconnecting, connect};
 use crate::saga::{Conflict, Instance, Listed, Pending, Query, Status, Step, Timeout};
 
 /// The table, created if missing; `{schema}` is replaced. Keys compare byte
@@ -121,10 +121,9 @@ fn contention_as_conflict(plugin: &str, e: anyhow::Error) -> anyhow::Error {
 }
 
 pub struct PostgresState {
-    url: String,
+    conn: Reconnecting,
     schema: String,
     pipeline: String,
-    client: Mutex<Option<Client>>,
     /// Plugin calls read from blocking threads; the queries run here.
     runtime: Handle,
 }
@@ -148,26 +147,16 @@ impl PostgresState {
             .with_context(|| format!("state store {shown}, schema {schema}"))?;
         tx.commit().await?;
         Ok(PostgresState {
-            url: url.to_owned(),
+            conn: Reconnecting::new(url, "state store", client),
             schema: schema.to_owned(),
             pipeline: pipeline.to_owned(),
-            client: Mutex::new(Some(client)),
             runtime: Handle::current(),
         })
     }
 
     /// The connection, re-established if it dropped.
     async fn client(&self) -> Result<MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.url, "state store").await.with_context(|| {
-                format!(
-                    "cannot reconnect to the state store {}",
-                    crate::config::redact(&self.url)
-                )
-            })?);
-        }
-        Ok(guard)
+        self.conn.client().await
     }
 
     fn table(&self) -> String {
@@ -217,7 +206,7 @@ impl PostgresState {
     }
 
     fn shown(&self) -> String {
-        crate::config::redact(&self.url)
+        crate::config::redact(self.conn.url())
     }
 
     async fn instance_async(
