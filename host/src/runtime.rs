@@ -363,13 +363,19 @@ pub async fn run_with(
     // says so and /metrics can still be scraped.
     let (admin_stop, admin_stopped) = watch::channel(false);
     let phase = crate::admin::Phase::new();
+    // What the fleet's follower last read, for the console.
+    let (fleet_view, fleet_seen) = watch::channel(None);
+    let fleet_seen = pipeline.fleet.is_some().then_some(fleet_seen);
     let admin_task = match admin {
         Some(addr) => {
             start_admin(
                 addr,
                 &telemetry,
                 &control,
-                journal_reader,
+                ConsoleFeeds {
+                    journal: journal_reader,
+                    fleet: fleet_seen,
+                },
                 admin_token,
                 phase.clone(),
                 admin_stopped,
@@ -397,6 +403,7 @@ pub async fn run_with(
             config,
             control.clone(),
             stop_rx.clone(),
+            fleet_view,
         ))
     });
     tracing::info!(
@@ -681,12 +688,20 @@ fn versions_of(pipeline: &Pipeline, plugins: &Plugins) -> Result<Vec<Arc<Version
         .collect()
 }
 
+/// What the console reads besides the supervisor.
+struct ConsoleFeeds {
+    /// Where message journeys are read.
+    journal: Option<Arc<dyn crate::journal::Store>>,
+    /// What the fleet's follower last read (with `[fleet]`).
+    fleet: Option<watch::Receiver<Option<crate::fleet::FleetView>>>,
+}
+
 /// Starts the admin listener; a host runs without it if it cannot bind.
 async fn start_admin(
     addr: std::net::SocketAddr,
     telemetry: &Telemetry,
     control: &Arc<Supervisor>,
-    journal: Option<Arc<dyn crate::journal::Store>>,
+    feeds: ConsoleFeeds,
     token: Option<String>,
     phase: Arc<crate::admin::Phase>,
     mut stop: watch::Receiver<bool>,
@@ -704,9 +719,10 @@ async fn start_admin(
             );
             let console = crate::console::Console::new(
                 control.clone(),
-                journal,
+                feeds.journal,
                 token.clone(),
                 admin.guesses(),
+                feeds.fleet,
             )
             .await;
             let admin = admin

@@ -121,13 +121,17 @@ a running host picks it up within its poll interval.")]
     #[command(subcommand)]
     Plugins(PluginsCommand),
 
-    /// Deploy a new version of a plugin to a running host, without stopping it.
+    /// Deploy a new version of a plugin to a running host, or a plugin or a
+    /// whole pipeline file to every host of a pipeline, without stopping them.
     #[command(after_help = "Examples:
   export SWITCHYARD_ADMIN_TOKEN=...        # the value of the host's [admin] token_env variable
   switchyard deploy dist/plugins/payments.wasm --plugin payments
   switchyard deploy payments.wasm --plugin payments --host http://127.0.0.1:9464
   switchyard deploy payments.wasm --plugin payments -p pipelines/shop.toml --wait 30s   # every host ([fleet])
   switchyard deploy payments.wasm --plugin payments -p pipelines/shop.toml --canary 1 --watch 5m
+  switchyard deploy -p pipelines/shop.toml --dry-run     # the pipeline file and its plugins: what would change
+  switchyard deploy -p pipelines/shop.toml --wait 30s    # ... deployed to every host
+  switchyard deploy -p pipelines/shop.toml --status      # how the last deploys are rolling out
 
 The host compiles the component, checks its describe() against the pipeline and
 instantiates it before anything changes; a version that fails is refused and the
@@ -138,13 +142,32 @@ With -p, the build is checked against the pipeline here and recorded in the pipe
 [fleet] database; every host of the pipeline takes it within its poll interval, and a
 host that starts later starts on it. See `switchyard fleet status`. With --canary N, N hosts
 run it first while the others keep the version the fleet runs; the command waits for the
-verdict and exits 1 if the fleet rolled it back.")]
+verdict and exits 1 if the fleet rolled it back.
+
+With -p and no component, the pipeline file itself is deployed, with the builds its plugins
+name: it is validated and every plugin loaded and checked as `switchyard validate` does, and
+refused whole if anything is wrong. Running hosts apply it as they would an edit of their own
+file; its plugins, their routes, grants, limits and retries are what changes. The other
+sections ([transport], [state], [admin], [host]...) stay each host's own, and a deploy that
+changes them from the fleet's last pipeline file is refused, naming them.
+Undo a deploy with `switchyard fleet rollback`.")]
+    #[command(group(ArgGroup::new("what").args(["file", "status"])))]
     Deploy {
-        /// The component (.wasm) file.
-        file: PathBuf,
+        /// The component (.wasm) file; without it, -p deploys the pipeline
+        /// file itself.
+        #[arg(requires = "plugin")]
+        file: Option<PathBuf>,
         /// The plugin (as named in the pipeline) it replaces.
-        #[arg(long)]
-        plugin: String,
+        #[arg(long, requires = "file")]
+        plugin: Option<String>,
+        /// With --pipeline: show how the fleet's last deploys are rolling
+        /// out (exit status 1 while a live host has not taken them).
+        #[arg(long, requires = "pipeline", conflicts_with_all = ["wait", "canary", "dry_run"])]
+        status: bool,
+        /// With --pipeline: check and show what the deploy would change,
+        /// and record nothing.
+        #[arg(long, requires = "pipeline")]
+        dry_run: bool,
         /// Deploy to every host of this pipeline (it needs a [fleet]
         /// section) instead of one host.
         #[arg(short, long)]
@@ -454,6 +477,11 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Deploy {
+                pipeline: Some(pipeline),
+                status: true,
+                ..
+            } => fleet::rollout(&pipeline).await,
+            Command::Deploy {
                 file,
                 plugin,
                 pipeline: Some(pipeline),
@@ -462,6 +490,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 watch,
                 margin,
                 min_attempts,
+                dry_run,
                 ..
             } => {
                 let canary = canary.map(|hosts| crate::fleet::Canary {
@@ -470,18 +499,30 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     margin,
                     min_attempts,
                 });
-                fleet::deploy(&file, &plugin, &pipeline, wait, canary).await
+                match (file, plugin) {
+                    (Some(file), Some(plugin)) => {
+                        fleet::deploy(&file, &plugin, &pipeline, wait, canary, dry_run).await
+                    }
+                    _ if canary.is_some() => anyhow::bail!(
+                        "--canary tries one plugin's build: give the component and --plugin"
+                    ),
+                    _ => fleet::deploy_pipeline(&pipeline, wait, dry_run).await,
+                }
             }
             Command::Deploy {
-                file,
-                plugin,
+                file: Some(file),
+                plugin: Some(plugin),
                 pipeline: None,
                 host,
                 token,
+                dry_run: false,
                 ..
             } => remote::deploy(&file, &plugin, &host, &token)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Deploy { .. } => anyhow::bail!(
+                "give a component and --plugin to deploy to one host, or -p PIPELINE to deploy to a fleet ([fleet]); see `switchyard deploy --help`"
+            ),
             Command::Fleet(command) => fleet::run(command).await,
             Command::Plugins(PluginsCommand::List { host, json }) => {
                 remote::list(&host, json).await.map(|()| ExitCode::SUCCESS)
@@ -577,7 +618,7 @@ async fn run(
     trace_stdout: bool,
     log_format: crate::telemetry::logging::Format,
 ) -> Result<()> {
-    let pipeline = load_pipeline(&path)?;
+    let mut pipeline = load_pipeline(&path)?;
     let admin_token = match &pipeline.admin_token_env {
         Some(var) => match std::env::var(var) {
             Ok(t) if !t.is_empty() => Some(t),
@@ -609,8 +650,15 @@ async fn run(
         let prepared = tokio::time::timeout(std::time::Duration::from_secs(30), prepare)
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the database did not answer within 30s")));
-        if let Err(e) = prepared {
-            tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot read the versions deployed to the fleet; starting on the ones this host has");
+        match prepared {
+            Ok(crate::fleet::Prepared {
+                pipeline: Some((_, deployed)),
+                ..
+            }) => pipeline = deployed,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Fleet: cannot read the versions deployed to the fleet; starting on the ones this host has");
+            }
         }
     }
     let deployed = runtime::deployed_versions(&pipeline)?;

@@ -112,6 +112,8 @@ struct Inner {
     started: Instant,
     /// Wrong tokens, counted with the admin API's on the same listener.
     guesses: Arc<Guesses>,
+    /// The fleet as the host's follower last read it, with `[fleet]`.
+    fleet: Option<tokio::sync::watch::Receiver<Option<crate::fleet::FleetView>>>,
 }
 
 #[derive(Clone)]
@@ -136,12 +138,14 @@ type Rates = BTreeMap<(String, String), (f64, f64)>;
 impl Console {
     /// The console of the host `control` runs; `journal` is where message
     /// journeys are read, `token` what a login must give, `guesses` the
-    /// listener's wrong tokens (`admin::Admin::guesses`).
+    /// listener's wrong tokens (`admin::Admin::guesses`), `fleet` what the
+    /// fleet's follower last read (with `[fleet]`).
     pub async fn new(
         control: Arc<Supervisor>,
         journal: Option<Arc<dyn crate::journal::Store>>,
         token: Option<String>,
         guesses: Arc<Guesses>,
+        fleet: Option<tokio::sync::watch::Receiver<Option<crate::fleet::FleetView>>>,
     ) -> Self {
         let name = control.pipeline().await.name;
         let samples = Arc::new(Mutex::new(VecDeque::with_capacity(SAMPLES)));
@@ -154,6 +158,7 @@ impl Console {
             samples: samples.clone(),
             started: Instant::now(),
             guesses,
+            fleet,
         });
         inner.take_sample();
         tokio::spawn(sample_every(Arc::downgrade(&inner)));

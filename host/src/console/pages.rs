@@ -187,12 +187,33 @@ pub(super) async fn plugins(State(inner): State<Shared>, headers: HeaderMap) -> 
     };
     let routes = inner.control.list().await;
     let deployments = inner.control.deployments();
+    let fleet = inner.fleet.as_ref().map(|rx| rx.borrow().clone());
     let body = html! {
         p.lead { "What each route runs, and the versions deployed to it through the admin API (newest last)." }
+        @match &fleet {
+            None => {}
+            Some(None) => p.small { "This host follows a fleet ([fleet]) and has not read it yet." }
+            Some(Some(view)) => {
+                section.fleet data-fleet="pipeline" {
+                    h2 { "Fleet" }
+                    p.small {
+                        "This host is " code { (view.host) } "; "
+                        (view.hosts.iter().filter(|h| h.live()).count()) " live host(s), read " (ago(view.at_ms)) ". "
+                        "See " code { "switchyard deploy --status" } " and " code { "switchyard fleet history" } "."
+                    }
+                    @if view.desired.contains_key(crate::fleet::PIPELINE_FILE) {
+                        (fleet_rollout(view, crate::fleet::PIPELINE_FILE))
+                    }
+                }
+            }
+        }
         @for r in &routes {
             section.plugin id=(r.plugin) data-plugin=(r.plugin) {
                 h2 { (r.plugin) " " span.version { (r.version) } }
                 (route_facts(r))
+                @if let Some(Some(view)) = &fleet {
+                    (fleet_rollout(view, &r.plugin))
+                }
                 @match deployments.history(&r.plugin) {
                     Ok(history) if !history.is_empty() => {
                         table {
@@ -219,6 +240,65 @@ pub(super) async fn plugins(State(inner): State<Shared>, headers: HeaderMap) -> 
         StatusCode::OK,
         layout(&inner, &page, "Plugins", "plugins", body),
     )
+}
+
+/// How the fleet's last deploy of `item` (a plugin, or the pipeline file)
+/// is rolling out: its state, and what each live host runs.
+fn fleet_rollout(view: &crate::fleet::FleetView, item: &str) -> Markup {
+    let shown = if item == crate::fleet::PIPELINE_FILE {
+        "The pipeline file"
+    } else {
+        "Fleet"
+    };
+    let Some(d) = view.desired.get(item) else {
+        return html! { p.small data-rollout=(item) { (shown) ": nothing deployed to the fleet; each host runs its own." } };
+    };
+    let live: Vec<&crate::fleet::HostReport> = view.hosts.iter().filter(|h| h.live()).collect();
+    let runs = |h: &crate::fleet::HostReport| -> Option<String> {
+        if item == crate::fleet::PIPELINE_FILE {
+            h.pipeline.clone()
+        } else {
+            h.running.get(item).map(|r| r.digest.clone())
+        }
+    };
+    let on = live
+        .iter()
+        .filter(|h| {
+            d.digest_for(&h.host)
+                .is_none_or(|w| runs(h).as_deref() == Some(w))
+        })
+        .count();
+    html! {
+        table.rollout data-rollout=(item) data-state=(d.state.as_str()) {
+            caption {
+                (shown) ": deploy #" (d.seq) " of " (d.version) " " span.digest title=(d.digest) { (short_digest(&d.digest)) }
+                ", " (d.state.as_str()) ", " (ago(d.at_ms)) " · "
+                span.converged { (on) " of " (live.len()) " live host(s) run what it wants" }
+            }
+            @if d.state == crate::fleet::RolloutState::Canary {
+                tr { td colspan="3" {
+                    "Canary on " (d.canary.join(", "))
+                    @if let Some(until) = d.watch_until_ms { " until " (super::when(until)) }
+                    "; the other hosts run " (d.previous.as_deref().map_or("-".to_owned(), short_digest)) "."
+                } }
+            }
+            @if let Some(v) = &d.verdict {
+                tr { td colspan="3" { (v) } }
+            }
+            thead { tr { th { "Host" } th { "Runs" } th { "Problem" } } }
+            tbody {
+                @for h in &live {
+                    @let want = d.digest_for(&h.host);
+                    @let has = runs(h);
+                    tr data-host=(h.host) .bad[want.is_some_and(|w| has.as_deref() != Some(w))] {
+                        td { (h.host) }
+                        td { (has.as_deref().map_or("its own".to_owned(), short_digest)) }
+                        td { (h.problem.as_deref().unwrap_or("")) }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn route_facts(r: &RouteInfo) -> Markup {

@@ -14,6 +14,12 @@
 //! it refuses is not tried again and is reported), and it reports what it
 //! runs, when, and any problem, to the `fleet_hosts` table that
 //! `switchyard fleet status` reads.
+//!
+//! A whole pipeline file is deployed the same way: its text is kept like a
+//! build, under its digest, with [`PIPELINE_FILE`] in place of a plugin's
+//! name, together with the builds of the plugins it names. A host applies
+//! it as a local edit of its file ([`Supervisor::apply_pipeline`]), after
+//! putting those builds in its deployments.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +37,10 @@ use crate::supervisor::{Deployed, Deployments, Supervisor};
 
 /// The channel a deploy notifies; the payload is the pipeline's name.
 pub const CHANNEL: &str = "switchyard_fleet";
+
+/// The name a deploy of the pipeline file has in place of a plugin's (no
+/// plugin can be named so: a plugin's name is a lowercase identifier).
+pub const PIPELINE_FILE: &str = "(pipeline file)";
 
 /// The longest one round of a follower (converge, report, judge) may
 /// take; the follower then connects again.
@@ -78,6 +88,7 @@ CREATE TABLE IF NOT EXISTS {schema}.fleet_hosts (
     settled_at_ms BIGINT,
     PRIMARY KEY (pipeline, host)
 );
+ALTER TABLE {schema}.fleet_hosts ADD COLUMN IF NOT EXISTS pipeline_digest TEXT;
 ";
 
 /// The version of a plugin the fleet should run: the last deploy of it.
@@ -142,6 +153,12 @@ impl RolloutState {
 }
 
 impl Desired {
+    /// The digest the fleet runs outside a canary: what every host runs
+    /// once the rollout is decided.
+    pub fn fleet_digest(&self) -> Option<&str> {
+        self.digest_for("")
+    }
+
     /// The digest `host` should run for this deploy, if any.
     pub fn digest_for(&self, host: &str) -> Option<&str> {
         match self.state {
@@ -207,6 +224,10 @@ pub struct HostReport {
     /// When it last finished an attempt at a message, as far as its
     /// reports saw (ms since the epoch).
     pub settled_at_ms: Option<u64>,
+    /// The digest of the pipeline file deployed to the fleet that it runs;
+    /// `None` when it runs its own file.
+    #[serde(default)]
+    pub pipeline: Option<String>,
 }
 
 impl HostReport {
@@ -216,6 +237,15 @@ impl HostReport {
             && now_ms().saturating_sub(self.seen_at_ms)
                 <= u64::try_from(GONE_AFTER.as_millis()).unwrap_or(u64::MAX)
     }
+}
+
+/// One thing a deploy changes: a plugin's build, or the pipeline file
+/// (under [`PIPELINE_FILE`], its text as the bytes).
+#[derive(Clone, Copy, Debug)]
+pub struct Change<'a> {
+    pub plugin: &'a str,
+    pub bytes: &'a [u8],
+    pub version: &'a str,
 }
 
 /// A pipeline's fleet tables.
@@ -330,6 +360,74 @@ impl Fleet {
         by: &str,
         canary: Option<&Canary>,
     ) -> Result<DeployRecord> {
+        let change = Change {
+            plugin,
+            bytes,
+            version,
+        };
+        self.record_all(&[change], by, canary, None)
+            .await?
+            .pop()
+            .ok_or_else(|| anyhow!("the deploy was not recorded"))
+    }
+
+    /// Records every change as one deploy, in one transaction: the hosts
+    /// see all of them or none. `note` is kept as the deploys' verdict (a
+    /// rollback says which deploy it undoes).
+    pub async fn record_all(
+        &self,
+        changes: &[Change<'_>],
+        by: &str,
+        canary: Option<&Canary>,
+        note: Option<&str>,
+    ) -> Result<Vec<DeployRecord>> {
+        if canary.is_some() && changes.len() != 1 {
+            bail!("a canary tries one plugin's build");
+        }
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| anyhow!("the fleet's tables (schema {}): {e}", self.schema))?;
+        let mut records = Vec::new();
+        let mut recorded = Ok(());
+        for change in changes {
+            match self.insert_deploy(change, by, canary, note).await {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    recorded = Err(e);
+                    break;
+                }
+            }
+        }
+        if recorded.is_ok() {
+            recorded = self
+                .query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
+                .await
+                .map(drop);
+        }
+        let end = if recorded.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        let ended = self.client.batch_execute(end).await;
+        recorded?;
+        ended.map_err(|e| anyhow!("the deploy was not recorded: {e}"))?;
+        Ok(records)
+    }
+
+    async fn insert_deploy(
+        &self,
+        change: &Change<'_>,
+        by: &str,
+        canary: Option<&Canary>,
+        note: Option<&str>,
+    ) -> Result<DeployRecord> {
+        let Change {
+            plugin,
+            bytes,
+            version,
+        } = *change;
         let digest = crate::plugin::digest_of(bytes);
         let at = now_ms();
         let before = self.desired().await?.remove(plugin);
@@ -337,7 +435,7 @@ impl Fleet {
             && b.state == RolloutState::Canary
         {
             bail!(
-                "{plugin} {} is being tried on a canary (deploy #{}) until {}; wait for its verdict",
+                "{plugin} {} is being tried on a canary (deploy #{}) until {}; wait for its verdict, or end it with `switchyard fleet rollback`",
                 b.version,
                 b.seq,
                 b.watch_until_ms
@@ -345,10 +443,7 @@ impl Fleet {
             );
         }
         // What the fleet runs now: a rolled-back deploy's predecessor.
-        let previous = before.and_then(|b| match b.state {
-            RolloutState::RolledBack => b.previous,
-            _ => Some(b.digest),
-        });
+        let previous = before.and_then(|b| b.fleet_digest().map(str::to_owned));
         let hosts: Vec<String> = match canary {
             None => Vec::new(),
             Some(c) => {
@@ -395,8 +490,8 @@ impl Fleet {
             .query(
                 "INSERT INTO {schema}.fleet_deploys
                  (pipeline, plugin, digest, version, previous, by_whom, at_ms, state, canary,
-                  watch_until_ms, margin, min_attempts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING seq",
+                  watch_until_ms, margin, min_attempts, verdict)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING seq",
                 &[
                     &self.pipeline,
                     &plugin,
@@ -410,6 +505,7 @@ impl Fleet {
                     &watch_until,
                     &margin,
                     &min_attempts,
+                    &note,
                 ],
             )
             .await?;
@@ -427,8 +523,6 @@ impl Fleet {
             &[&self.pipeline, &plugin, &seq, &ms(at)],
         )
         .await?;
-        self.query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
-            .await?;
         Ok(DeployRecord {
             seq,
             plugin: plugin.to_owned(),
@@ -439,8 +533,35 @@ impl Fleet {
             at_ms: at,
             state,
             canary: hosts,
-            verdict: None,
+            verdict: note.map(str::to_owned),
         })
+    }
+
+    /// Ends the canary deploy `seq` of `plugin` now, rolled back, saying
+    /// who ended it. False when it was no longer a canary.
+    pub async fn end_canary(&self, plugin: &str, seq: i64, by: &str) -> Result<bool> {
+        let verdict = format!("rolled back by {by} before its verdict");
+        let rows = self
+            .query(
+                "UPDATE {schema}.fleet_deploys SET state = 'rolled-back', verdict = $4,
+                     decided_at_ms = $5
+                 WHERE pipeline = $1 AND plugin = $2 AND seq = $3 AND state = 'canary'
+                 RETURNING seq",
+                &[&self.pipeline, &plugin, &seq, &verdict, &ms(now_ms())],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        self.query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
+            .await?;
+        Ok(true)
+    }
+
+    /// The text of the pipeline file deployed as `digest`.
+    pub async fn pipeline_text(&self, digest: &str) -> Result<String> {
+        String::from_utf8(self.component(digest).await?)
+            .map_err(|_| anyhow!("the fleet's pipeline file {digest} is not UTF-8 text"))
     }
 
     /// The deploy history, newest first, at most `limit` rows.
@@ -483,14 +604,16 @@ impl Fleet {
         problem: Option<&str>,
         stopped: bool,
         settled_at_ms: Option<u64>,
+        pipeline_file: Option<&str>,
     ) -> Result<()> {
         let running = serde_json::to_string(running)?;
         self.query(
             "INSERT INTO {schema}.fleet_hosts
-                 (pipeline, host, started_at_ms, seen_at_ms, running, problem, stopped, settled_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 (pipeline, host, started_at_ms, seen_at_ms, running, problem, stopped, settled_at_ms,
+                  pipeline_digest)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (pipeline, host) DO UPDATE SET started_at_ms = $3, seen_at_ms = $4,
-                 running = $5, problem = $6, stopped = $7, settled_at_ms = $8",
+                 running = $5, problem = $6, stopped = $7, settled_at_ms = $8, pipeline_digest = $9",
             &[
                 &self.pipeline,
                 &host,
@@ -500,6 +623,7 @@ impl Fleet {
                 &problem,
                 &stopped,
                 &settled_at_ms.map(ms),
+                &pipeline_file,
             ],
         )
         .await?;
@@ -521,13 +645,16 @@ impl Fleet {
     pub async fn hosts(&self) -> Result<Vec<HostReport>> {
         let rows = self
             .query(
-                "SELECT host, started_at_ms, seen_at_ms, running, problem, stopped, settled_at_ms
+                "SELECT host, started_at_ms, seen_at_ms, running, problem, stopped, settled_at_ms,
+                     pipeline_digest
                  FROM {schema}.fleet_hosts WHERE pipeline = $1 ORDER BY host",
                 &[&self.pipeline],
             )
             .await?;
         rows.iter()
             .map(|r| {
+                // A row no host of ours wrote (or a newer host's) shows as
+                // running nothing rather than failing the whole report.
                 let running: String = r.try_get(3)?;
                 Ok(HostReport {
                     host: r.try_get(0)?,
@@ -537,27 +664,80 @@ impl Fleet {
                     problem: r.try_get(4)?,
                     stopped: r.try_get(5)?,
                     settled_at_ms: r.try_get::<_, Option<i64>>(6)?.map(unms),
+                    pipeline: r.try_get(7)?,
                 })
             })
             .collect()
     }
 
-    /// Puts the desired build of each of `pipeline`'s plugins into the
-    /// host's own deployments, where it is not already the current one, so
-    /// that the host starts on it. Returns the plugins it changed.
-    pub async fn prepare(&self, pipeline: &Pipeline) -> Result<Vec<String>> {
-        let store = Deployments::new(&pipeline.state_dir, &pipeline.name);
+    /// What a host whose own file is `own` should start on: the pipeline
+    /// file deployed to the fleet, if there is one it can use (else its
+    /// own), with the desired build of each of its plugins put into the
+    /// host's deployments where it is not already the current one.
+    pub async fn prepare(&self, own: &Pipeline) -> Result<Prepared> {
+        let desired = self.desired().await?;
         let host = host_id();
+        let mut prepared = Prepared {
+            pipeline: None,
+            installed: Vec::new(),
+        };
+        if let Some((digest, d)) = desired
+            .get(PIPELINE_FILE)
+            .and_then(|d| d.digest_for(&host).map(|g| (g.to_owned(), d)))
+        {
+            match self.pipeline_for(own, &digest, d.seq).await {
+                Ok(p) => {
+                    tracing::info!(digest = %short_digest(&digest), deploy = d.seq, "Fleet: starting on the pipeline file deployed to the fleet");
+                    prepared.pipeline = Some((digest, p));
+                }
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "Fleet: cannot use the pipeline file deployed to the fleet; starting on this host's"
+                ),
+            }
+        }
+        let start = prepared.pipeline.as_ref().map_or(own, |(_, p)| p);
+        prepared.installed = self.install(start, &desired, &host).await?;
+        Ok(prepared)
+    }
+
+    /// What a host whose own file is `own` runs of the pipeline file
+    /// deployed as `digest` (deploy `seq`): read as if it were `own`'s file
+    /// (relative paths are the host's own), with the host's own sections
+    /// ([`with_own_sections`]).
+    pub async fn pipeline_for(&self, own: &Pipeline, digest: &str, seq: i64) -> Result<Pipeline> {
+        let text = self.pipeline_text(digest).await?;
+        let deployed = parse_as(
+            &text,
+            own,
+            &format!("the fleet's pipeline file (deploy #{seq})"),
+        )?;
+        Ok(with_own_sections(own, deployed))
+    }
+
+    /// Puts the build `host` should run of each of `pipeline`'s plugins
+    /// into the host's deployments where it is not the current one already.
+    /// Returns the plugins it changed.
+    async fn install(
+        &self,
+        pipeline: &Pipeline,
+        desired: &BTreeMap<String, Desired>,
+        host: &str,
+    ) -> Result<Vec<String>> {
+        let store = Deployments::new(&pipeline.state_dir, &pipeline.name);
         let mut changed = Vec::new();
-        for (plugin, want) in self.desired().await? {
-            if pipeline.plugin(&plugin).is_none() {
-                tracing::warn!(plugin = %plugin, "Fleet: a version is deployed for a plugin this pipeline does not have; ignored");
+        for (plugin, want) in desired {
+            if plugin == PIPELINE_FILE {
                 continue;
             }
-            let Some(digest) = want.digest_for(&host) else {
+            if pipeline.plugin(plugin).is_none() {
+                tracing::debug!(plugin = %plugin, "Fleet: a version is deployed for a plugin this pipeline does not have; ignored");
+                continue;
+            }
+            let Some(digest) = want.digest_for(host) else {
                 continue;
             };
-            let current = store.current(&plugin)?.map(|(d, _)| d.digest);
+            let current = store.current(plugin)?.map(|(d, _)| d.digest);
             if current.as_deref() == Some(digest) {
                 continue;
             }
@@ -569,15 +749,15 @@ impl Fleet {
                 deployed_at_ms: now_ms(),
                 size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
             };
-            store.push(&plugin, &bytes, entry)?;
-            tracing::info!(plugin = %plugin, version = %version, digest = %crate::plugin::short_digest(digest), "Fleet: starting on the version deployed to the fleet");
-            changed.push(plugin);
+            store.push(plugin, &bytes, entry)?;
+            tracing::info!(plugin = %plugin, version = %version, digest = %short_digest(digest), "Fleet: took the version deployed to the fleet");
+            changed.push(plugin.clone());
         }
         Ok(changed)
     }
 
     /// The version a deploy of `digest` declared.
-    async fn version_of(&self, digest: &str) -> Result<String> {
+    pub async fn version_of(&self, digest: &str) -> Result<String> {
         let rows = self
             .query(
                 "SELECT version FROM {schema}.fleet_deploys WHERE pipeline = $1 AND digest = $2
@@ -700,6 +880,63 @@ impl Fleet {
     }
 }
 
+/// What a starting host runs ([`Fleet::prepare`]).
+pub struct Prepared {
+    /// The pipeline file deployed to the fleet, by digest, when the host
+    /// starts on it instead of its own.
+    pub pipeline: Option<(String, Pipeline)>,
+    /// The plugins whose deployed build it took.
+    pub installed: Vec<String>,
+}
+
+/// `deployed`'s plugins (their builds, routes, grants, limits and retries:
+/// what a running host can change) with every other section of `own`,
+/// the host's file: its transport, stores, listeners, telemetry and
+/// `[host]` settings stay its own, as a restart alone could change them.
+pub fn with_own_sections(own: &Pipeline, deployed: Pipeline) -> Pipeline {
+    // Spelled out so that a new section must be placed on one side.
+    let Pipeline {
+        name: _,
+        source: _,
+        transport: _,
+        cache_dir: _,
+        dead_letters: _,
+        state: _,
+        journal: _,
+        fleet: _,
+        telemetry: _,
+        admin: _,
+        admin_token_env: _,
+        ingress: _,
+        watch: _,
+        watch_interval: _,
+        state_dir: _,
+        max_message_size: _,
+        crash_loop_limit: _,
+        schemas: _,
+        plugins,
+    } = deployed;
+    Pipeline {
+        plugins,
+        ..own.clone()
+    }
+}
+
+/// `text` parsed as a pipeline file in the place of `own`'s (relative
+/// paths are resolved from there); `shown` names it in errors.
+pub fn parse_as(text: &str, own: &Pipeline, shown: &str) -> Result<Pipeline> {
+    let (pipeline, diagnostics) = crate::config::parse(text, &own.source);
+    match pipeline {
+        Some(p) if !diagnostics.has_errors() => Ok(p),
+        _ => Err(crate::config::ConfigError::Invalid {
+            path: std::path::PathBuf::from(shown),
+            text: text.to_owned(),
+            diagnostics,
+        }
+        .into()),
+    }
+}
+
 /// This host's name in the fleet: `SWITCHYARD_HOST_ID`, or the machine's
 /// name and the process id.
 pub fn host_id() -> String {
@@ -716,12 +953,14 @@ pub async fn follow(
     config: FleetConfig,
     control: Arc<Supervisor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    view: tokio::sync::watch::Sender<Option<FleetView>>,
 ) {
     let pipeline = control.pipeline().await.name;
     let host = host_id();
     let started = now_ms();
     // Builds a host refused: not tried again until another is desired.
     let mut refused: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut file = FileFollower::default();
     let mut baselines = Baselines::new();
     let (mut attempts_seen, mut settled_at) = (0.0, None);
     let mut fleet: Option<(
@@ -742,7 +981,19 @@ pub async fn follow(
         }
         if let Some((f, _)) = &fleet {
             let round = async {
-                let problem = converge(f, &control, &host, &mut refused).await;
+                let desired = f
+                    .desired()
+                    .await
+                    .context("cannot read the desired versions")?;
+                let file_problem = file
+                    .converge(f, &control, &host, &desired, &mut refused)
+                    .await;
+                let problem = converge(f, &control, &host, &desired, &mut refused).await;
+                let problem = match (file_problem, problem) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or(b),
+                };
+                let running_file = file.running(&control).await;
                 let (running, attempts) = running_of(&control, &mut baselines).await;
                 // Attempts in all: when they grew, the host settled something.
                 if attempts > attempts_seen {
@@ -756,6 +1007,7 @@ pub async fn follow(
                     problem.as_deref(),
                     false,
                     settled_at,
+                    running_file.as_deref(),
                 )
                 .await
                 .context("cannot report this host")?;
@@ -767,6 +1019,17 @@ pub async fn follow(
                     } else {
                         tracing::info!(plugin = %plugin, "Fleet: canary {verdict}");
                     }
+                }
+                // For the console: read again only when someone looks.
+                if !view.is_closed() {
+                    let desired = f.desired().await?;
+                    let hosts = f.hosts().await?;
+                    view.send_replace(Some(FleetView {
+                        host: host.clone(),
+                        desired,
+                        hosts,
+                        at_ms: now_ms(),
+                    }));
                 }
                 anyhow::Ok(())
             };
@@ -891,12 +1154,9 @@ async fn converge(
     fleet: &Fleet,
     control: &Supervisor,
     host: &str,
+    desired: &BTreeMap<String, Desired>,
     refused: &mut BTreeMap<String, (String, String)>,
 ) -> Option<String> {
-    let desired = match fleet.desired().await {
-        Ok(d) => d,
-        Err(e) => return Some(format!("cannot read the desired versions: {e:#}")),
-    };
     let routes: BTreeMap<String, crate::supervisor::RouteInfo> = control
         .list()
         .await
@@ -906,7 +1166,7 @@ async fn converge(
     let mut problems = Vec::new();
     let mut swapped = false;
     for (plugin, want) in desired {
-        let Some(now) = routes.get(&plugin) else {
+        let Some(now) = routes.get(plugin) else {
             continue;
         };
         let Some(digest) = want.digest_for(host) else {
@@ -916,10 +1176,10 @@ async fn converge(
         // reconnecting route takes it after its batch).
         let pending = now.pending.as_ref().map(|p| p.digest.as_str());
         if now.digest == digest || pending == Some(digest) {
-            refused.remove(&plugin);
+            refused.remove(plugin);
             continue;
         }
-        if let Some((refused_digest, why)) = refused.get(&plugin)
+        if let Some((refused_digest, why)) = refused.get(plugin)
             && refused_digest == digest
         {
             problems.push(format!("{plugin} {}: refused: {why}", short_digest(digest)));
@@ -932,7 +1192,7 @@ async fn converge(
                 continue;
             }
         };
-        match control.deploy(&plugin, bytes).await {
+        match control.deploy(plugin, bytes).await {
             Ok(_) => {
                 tracing::info!(plugin = %plugin, digest = %short_digest(digest), "Fleet: handed the version deployed to the fleet to its route");
                 swapped = true;
@@ -945,7 +1205,7 @@ async fn converge(
                 // another swap changes what it was checked against; a
                 // failure (the disk, say) is tried again at the next poll.
                 if matches!(e, crate::supervisor::ChangeError::Refused(_)) {
-                    refused.insert(plugin, (digest.to_owned(), why));
+                    refused.insert(plugin.clone(), (digest.to_owned(), why));
                 }
             }
         }
@@ -955,4 +1215,108 @@ async fn converge(
         refused.clear();
     }
     (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// What a follower's console sees of the fleet: the desired versions and
+/// the hosts, as the follower last read them.
+#[derive(Clone, Debug)]
+pub struct FleetView {
+    /// This host's name in the fleet.
+    pub host: String,
+    pub desired: BTreeMap<String, Desired>,
+    pub hosts: Vec<HostReport>,
+    /// When it was read (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// A follower's hold on the pipeline file deployed to the fleet: the last
+/// one it read, parsed as if it were the host's own file.
+#[derive(Default)]
+struct FileFollower {
+    /// The digest, and the pipeline or why it cannot be used.
+    read: Option<(String, Result<Pipeline, String>)>,
+}
+
+impl FileFollower {
+    /// Brings the host to the pipeline file the fleet wants of it, if any:
+    /// the builds it names go into the host's deployments first, then the
+    /// whole is applied as an edit of the host's own file would be. What
+    /// went wrong, if anything.
+    async fn converge(
+        &mut self,
+        fleet: &Fleet,
+        control: &Supervisor,
+        host: &str,
+        desired: &BTreeMap<String, Desired>,
+        refused: &mut BTreeMap<String, (String, String)>,
+    ) -> Option<String> {
+        let want = desired.get(PIPELINE_FILE)?;
+        let digest = want.digest_for(host)?.to_owned();
+        let own = control.pipeline().await;
+        if self.read.as_ref().is_none_or(|(d, _)| *d != digest) {
+            let parsed = fleet
+                .pipeline_for(&own, &digest, want.seq)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            if let Err(why) = &parsed {
+                tracing::error!(digest = %short_digest(&digest), "Fleet: cannot use the pipeline file deployed to the fleet; keeps running the one it has:\n{why}");
+            }
+            self.read = Some((digest.clone(), parsed));
+        }
+        let (_, parsed) = self.read.as_ref()?;
+        let new = match parsed {
+            Ok(p) => p,
+            Err(why) => {
+                return Some(format!(
+                    "{PIPELINE_FILE} {}: cannot be used: {why}",
+                    short_digest(&digest)
+                ));
+            }
+        };
+        if *new == own {
+            refused.remove(PIPELINE_FILE);
+            return None;
+        }
+        if let Some((refused_digest, why)) = refused.get(PIPELINE_FILE)
+            && *refused_digest == digest
+        {
+            return Some(format!(
+                "{PIPELINE_FILE} {}: refused: {why}",
+                short_digest(&digest)
+            ));
+        }
+        if let Err(e) = fleet.install(new, desired, host).await {
+            return Some(format!("{PIPELINE_FILE} {}: {e:#}", short_digest(&digest)));
+        }
+        match control.apply_pipeline(new.clone()).await {
+            Ok(report) => {
+                tracing::info!(digest = %short_digest(&digest), deploy = want.seq, added = ?report.added, removed = ?report.removed, swapped = ?report.swapped, "Fleet: runs the pipeline file deployed to the fleet");
+                refused.remove(PIPELINE_FILE);
+                (!report.failed.is_empty()).then(|| {
+                    format!(
+                        "{PIPELINE_FILE} {}: routes that did not start: {}",
+                        short_digest(&digest),
+                        report.failed.join(", ")
+                    )
+                })
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if matches!(e, crate::supervisor::ChangeError::Refused(_)) {
+                    refused.insert(PIPELINE_FILE.to_owned(), (digest.clone(), why.clone()));
+                }
+                Some(format!(
+                    "{PIPELINE_FILE} {}: refused: {why}",
+                    short_digest(&digest)
+                ))
+            }
+        }
+    }
+
+    /// The digest of the fleet's pipeline file when the host runs it.
+    async fn running(&self, control: &Supervisor) -> Option<String> {
+        let (digest, parsed) = self.read.as_ref()?;
+        let p = parsed.as_ref().ok()?;
+        (*p == control.pipeline().await).then(|| digest.clone())
+    }
 }

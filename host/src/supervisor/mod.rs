@@ -461,59 +461,28 @@ impl Supervisor {
     /// Refuses a change only a restart can make: the transport, the
     /// dead-letter store, or a broker's retry layout.
     fn needs_no_restart(&self, state: &State, new: &Pipeline) -> Result<(), ChangeError> {
-        let fixed = fixed_changes(&state.pipeline, new);
-        if !fixed.is_empty() {
-            return Err(ChangeError::Refused(vec![format!(
-                "{} changed: a running host cannot apply {}; restart it (nothing was applied)",
-                fixed.join(", "),
-                if fixed.len() == 1 { "that" } else { "those" }
-            )]));
-        }
-
-        // A route reads whether its plugin is a saga or exactly-once when it
-        // starts, and the host opens its state store (on a broker) only for
-        // plugins that need it at start-up.
-        let remade: Vec<String> = new
-            .plugins
-            .iter()
-            .filter(|p| {
-                state.pipeline.plugin(p.name.as_str()).is_some_and(|old| {
-                    old.saga != p.saga || old.is_exactly_once() != p.is_exactly_once()
-                }) || (p.is_exactly_once() && self.base.state.is_none())
-            })
-            .map(|p| format!("`{}`", p.name))
-            .collect();
-        if !remade.is_empty() {
-            return Err(ChangeError::Refused(vec![format!(
-                "the saga or exactly_once settings of {} changed: a running host applies them only when it starts; restart it (nothing was applied)",
-                remade.join(", ")
-            )]));
-        }
-
-        // A broker's retry queues and topics are laid out per route when it
-        // is subscribed; a changed number of delayed retries needs them
-        // laid out again.
-        if self.transport.kind() != "embedded" {
-            let relaid: Vec<String> = new
+        let mut reasons = restart_needed(&state.pipeline, new, self.transport.kind());
+        // The host opens its state store (on a broker) only for plugins
+        // that need it at start-up.
+        if reasons.is_empty() && self.base.state.is_none() {
+            let needs: Vec<String> = new
                 .plugins
                 .iter()
-                .filter(|p| {
-                    state
-                        .pipeline
-                        .plugin(p.name.as_str())
-                        .is_some_and(|old| old.retry.delayed != p.retry.delayed)
-                })
+                .filter(|p| p.is_exactly_once())
                 .map(|p| format!("`{}`", p.name))
                 .collect();
-            if !relaid.is_empty() {
-                return Err(ChangeError::Refused(vec![format!(
-                    "the delayed retries of {} changed: on the {} transport that changes its retry queues; restart the host to apply it (nothing was applied)",
-                    relaid.join(", "),
-                    self.transport.kind()
-                )]));
+            if !needs.is_empty() {
+                reasons.push(format!(
+                    "{} would be exactly-once, and this host opened no state store when it started; restart it (nothing was applied)",
+                    needs.join(", ")
+                ));
             }
         }
-        Ok(())
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(ChangeError::Refused(reasons))
+        }
     }
 
     /// Loads the plugins of `new` whose spec or component changed (what did
@@ -949,6 +918,61 @@ fn contract_errors(pipeline: &Pipeline, pairs: &[(&PluginSpec, &PluginInfo)]) ->
 }
 
 /// The sections of a pipeline a running host cannot change.
+/// Why a host running `old` on a transport of kind `transport` cannot
+/// become `new` without a restart; empty when it can.
+pub fn restart_needed(old: &Pipeline, new: &Pipeline, transport: &str) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let fixed = fixed_changes(old, new);
+    if !fixed.is_empty() {
+        reasons.push(format!(
+            "{} changed: a running host cannot apply {}; restart it (nothing was applied)",
+            fixed.join(", "),
+            if fixed.len() == 1 { "that" } else { "those" }
+        ));
+    }
+
+    // A route reads whether its plugin is a saga or exactly-once when it
+    // starts.
+    let remade: Vec<String> = new
+        .plugins
+        .iter()
+        .filter(|p| {
+            old.plugin(p.name.as_str()).is_some_and(|was| {
+                was.saga != p.saga || was.is_exactly_once() != p.is_exactly_once()
+            })
+        })
+        .map(|p| format!("`{}`", p.name))
+        .collect();
+    if !remade.is_empty() {
+        reasons.push(format!(
+            "the saga or exactly_once settings of {} changed: a running host applies them only when it starts; restart it (nothing was applied)",
+            remade.join(", ")
+        ));
+    }
+
+    // A broker's retry queues and topics are laid out per route when it is
+    // subscribed; a changed number of delayed retries needs them laid out
+    // again.
+    if transport != "embedded" {
+        let relaid: Vec<String> = new
+            .plugins
+            .iter()
+            .filter(|p| {
+                old.plugin(p.name.as_str())
+                    .is_some_and(|was| was.retry.delayed != p.retry.delayed)
+            })
+            .map(|p| format!("`{}`", p.name))
+            .collect();
+        if !relaid.is_empty() {
+            reasons.push(format!(
+                "the delayed retries of {} changed: on the {transport} transport that changes its retry queues; restart the host to apply it (nothing was applied)",
+                relaid.join(", "),
+            ));
+        }
+    }
+    reasons
+}
+
 fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if old.name != new.name {
@@ -975,10 +999,18 @@ fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
     if old.ingress != new.ingress {
         changed.push("[ingress]");
     }
+    if old.state != new.state {
+        changed.push("[state]");
+    }
+    if old.fleet != new.fleet {
+        changed.push("[fleet]");
+    }
     if old.cache_dir != new.cache_dir
         || old.state_dir != new.state_dir
         || old.watch != new.watch
         || old.watch_interval != new.watch_interval
+        || old.max_message_size != new.max_message_size
+        || old.crash_loop_limit != new.crash_loop_limit
     {
         changed.push("[host]");
     }

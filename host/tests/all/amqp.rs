@@ -139,6 +139,27 @@ pub fn exchange(pipeline: &Pipeline) -> String {
     }
 }
 
+/// Drains beside another host on the same queues: this one may find them
+/// empty and stop just before the other gives messages back (a conflict's
+/// batch, a host's own stop), which a later drain takes; any other error
+/// fails the test.
+pub async fn drain_beside_another(pipeline: &Pipeline) {
+    let plugins = runtime::load_plugins(pipeline).await.unwrap();
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending()),
+    )
+    .await
+    .expect("drained within a minute");
+    if let Err(e) = run {
+        assert!(
+            e.to_string()
+                .contains("stopped before every queue was empty"),
+            "{e:#}"
+        );
+    }
+}
+
 pub async fn drain(pipeline: &Pipeline) {
     let plugins = runtime::load_plugins(pipeline).await.unwrap();
     tokio::time::timeout(

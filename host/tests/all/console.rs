@@ -1099,3 +1099,48 @@ async fn the_sagas_pages_show_instances_stuck_ones_and_each_steps_changes() {
     c.close().await.unwrap();
     host.stop().await;
 }
+
+/// With `[fleet]`, the plugins page shows how the fleet's last deploy of
+/// each plugin rolls out: its number and state, and how many live hosts
+/// run it, as the host's follower last read them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plugins_page_shows_the_fleets_rollout() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let schema = crate::state::schema();
+    let (_dirs, paths, p) = crate::fleet::copies(&crate::amqp::RABBITMQ, 1, &schema, "200ms", "");
+    let (host, base) = start(&p, Some(TOKEN)).await;
+    let http = Http::new(&base);
+    let (session, _) = http.sign_in().await;
+    let before = http.get("/ui/plugins", Some(&session)).await.body;
+    let deployed = crate::fleet::deploy_tally(&paths[0], "tally_v2", &["--wait", "30s"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = http.get("/ui/plugins", Some(&session)).await.body;
+        if page.contains("1 of 1 live host(s) run what it wants")
+            || std::time::Instant::now() > deadline
+        {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    host.stop().await;
+    crate::sagas::drop_schema(&schema).await;
+    crate::amqp::clean_up(&p).await;
+    assert!(
+        deployed.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&deployed.stdout),
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    assert!(
+        before.contains("nothing deployed to the fleet") || before.contains("has not read it yet"),
+        "{before}"
+    );
+    assert!(page.contains(r#"data-rollout="tally""#), "{page}");
+    assert!(page.contains(r#"data-state="deployed""#), "{page}");
+    assert!(page.contains("deploy #1 of 2.0.0"), "{page}");
+    assert!(
+        page.contains("1 of 1 live host(s) run what it wants"),
+        "{page}"
+    );
+}

@@ -56,7 +56,7 @@ fn tally(dir: &Path) -> Vec<(String, String)> {
 /// `n` directories, each with the same pipeline on `broker` (name, broker
 /// names, the fleet in `schema`, a tally route; `extra` is more of it)
 /// beside a state and tally log of its own.
-fn copies(
+pub(crate) fn copies(
     broker: &Broker,
     n: usize,
     schema: &str,
@@ -139,7 +139,7 @@ async fn produce(
 }
 
 /// `switchyard deploy BUILD --plugin tally -p PIPELINE EXTRA…`.
-fn deploy_tally(pipeline: &Path, build: &str, extra: &[&str]) -> std::process::Output {
+pub(crate) fn deploy_tally(pipeline: &Path, build: &str, extra: &[&str]) -> std::process::Output {
     Command::new(bin())
         .args(["deploy"])
         .arg(wasm(build))
@@ -532,4 +532,276 @@ async fn a_canary_that_saw_no_traffic_is_not_promoted() {
         history[0].state,
         switchyard::fleet::RolloutState::RolledBack
     );
+}
+
+/// `switchyard CMD… -p PIPELINE EXTRA…`, its exit code and what it said.
+fn cli(args: &[&str], pipeline: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .arg("-p")
+        .arg(pipeline)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A whole pipeline file is deployed: its new route (tally now also takes
+/// `Published`) and its new build (tally 2.0.0) reach both running hosts
+/// at once; events of the new type are each handled once, by 2.0.0; a host
+/// started afterwards from the old file runs the deployed one. A file the
+/// running hosts cannot take (a changed [fleet]) and a file that does not
+/// parse are refused whole, with nothing recorded; a dry run records
+/// nothing. A rollback returns the earlier file, and the history says who
+/// did what.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wrong() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let schema = crate::state::schema();
+    let (dirs, paths, p) = copies(&crate::amqp::RABBITMQ, 4, &schema, "300ms", "");
+    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+        .await
+        .unwrap();
+    let mut hosts = start_hosts(&fleet, &paths, 2).await;
+    // The deployer edits its copy of the file: a new build and a new type.
+    let old = std::fs::read_to_string(&paths[3]).unwrap();
+    let new = old
+        .replace("tally.wasm\"", "tally_v2.wasm\"")
+        .replace(r#"events = ["Tick"]"#, r#"events = ["Tick", "Published"]"#);
+    assert_ne!(new, old);
+    std::fs::write(&paths[3], &new).unwrap();
+    let digest = switchyard::plugin::digest_of(new.as_bytes());
+
+    let (code, dry) = cli(&["deploy"], &paths[3], &["--dry-run"]);
+    assert_eq!(code, Some(0), "{dry}");
+    assert!(dry.contains("the first pipeline file deployed"), "{dry}");
+    assert!(dry.contains("tally 2.0.0"), "{dry}");
+    assert!(dry.contains("dry run: nothing recorded"), "{dry}");
+    assert!(fleet.history(10).await.unwrap().is_empty());
+
+    let (code, said) = cli(&["deploy"], &paths[3], &["--wait", "30s"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("2 live host(s) run it"), "{said}");
+    let first = fleet.history(10).await.unwrap();
+    assert_eq!(first.len(), 2, "{first:#?}");
+    assert!(
+        first
+            .iter()
+            .any(|d| d.plugin == "(pipeline file)" && d.digest == digest)
+    );
+    // Nothing new: nothing recorded.
+    let (code, again) = cli(&["deploy"], &paths[3], &[]);
+    assert_eq!(code, Some(0), "{again}");
+    assert!(again.contains("nothing to deploy"), "{again}");
+
+    // Events of the type the file added reach the hosts, once each.
+    let transport = switchyard::runtime::open(&p).await.unwrap();
+    let events: Vec<_> = (0..50)
+        .map(|n| message(Kind::Event, "Published", json!({ "n": n })))
+        .collect();
+    let ids: Vec<String> = events.iter().map(|m| m.id.clone()).collect();
+    transport.enqueue(events).await.unwrap();
+    // A host started afterwards from the old file runs the deployed one.
+    hosts.push(host(&paths[2], "h2"));
+    let reports = until_hosts(&fleet, "h2 on the deployed file", |h| {
+        runs(h, "h2", "2.0.0")
+            && h.iter()
+                .any(|r| r.host == "h2" && r.pipeline.as_deref() == Some(&digest))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lines = loop {
+        let lines: Vec<(String, String)> = dirs
+            .iter()
+            .flat_map(|d| tally(d.path()))
+            .filter(|(id, _)| ids.contains(id))
+            .collect();
+        if lines.len() >= ids.len() || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (status_code, status) = cli(&["deploy", "--status"], &paths[0], &[]);
+
+    // Refused whole: a section running hosts cannot change, and a file
+    // that does not parse. Nothing is recorded.
+    std::fs::write(
+        &paths[3],
+        new.replace(r#"poll_interval = "300ms""#, r#"poll_interval = "400ms""#),
+    )
+    .unwrap();
+    let (refused_code, refused) = cli(&["deploy"], &paths[3], &[]);
+    std::fs::write(&paths[3], format!("{new}\n[plugins.broken]\nwasm = 3\n")).unwrap();
+    let (invalid_code, invalid) = cli(&["deploy"], &paths[3], &[]);
+    let after_refusals = fleet.history(10).await.unwrap().len();
+
+    // The first file has nothing before it to roll back to.
+    let (no_earlier_code, no_earlier) =
+        cli(&["fleet", "rollback", "--pipeline-file"], &paths[0], &[]);
+    // A second file takes `Published` away; a rollback brings it back.
+    std::fs::write(&paths[3], new.replace(r#", "Published""#, "")).unwrap();
+    let (second_code, second) = cli(&["deploy"], &paths[3], &["--wait", "30s"]);
+    let (rollback_code, rolled_back) = cli(
+        &["fleet", "rollback", "--pipeline-file"],
+        &paths[0],
+        &["--wait", "30s"],
+    );
+    let history = fleet.history(10).await.unwrap();
+    let after = fleet.hosts().await.unwrap();
+    for h in hosts {
+        tokio::task::spawn_blocking(move || stop(h)).await.unwrap();
+    }
+    crate::sagas::drop_schema(&schema).await;
+    crate::amqp::clean_up(&p).await;
+
+    assert!(
+        reports
+            .iter()
+            .filter(|r| r.live())
+            .all(|r| r.problem.is_none()),
+        "{reports:#?}"
+    );
+    let mut seen: Vec<&String> = lines.iter().map(|(id, _)| id).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), ids.len(), "lost events of the new type");
+    assert_eq!(lines.len(), ids.len(), "events handled twice");
+    assert!(lines.iter().all(|(_, v)| v == "v2"), "{lines:?}");
+    assert_eq!(status_code, Some(0), "{status}");
+    assert!(status.contains("(pipeline file)"), "{status}");
+    assert_eq!(status.matches("3 of 3 live host(s)").count(), 2, "{status}");
+
+    assert_eq!(refused_code, Some(1), "{refused}");
+    assert!(refused.contains("[fleet] changed"), "{refused}");
+    assert_eq!(invalid_code, Some(1), "{invalid}");
+    assert!(invalid.contains("wasm = 3"), "{invalid}");
+    assert_eq!(after_refusals, 2, "a refused deploy was recorded");
+    assert_eq!(no_earlier_code, Some(1), "{no_earlier}");
+    assert!(no_earlier.contains("no earlier version"), "{no_earlier}");
+
+    assert_eq!(second_code, Some(0), "{second}");
+    assert!(second.contains("tally 2.0.0: unchanged"), "{second}");
+    assert_eq!(rollback_code, Some(0), "{rolled_back}");
+    assert!(
+        rolled_back.contains("3 live host(s) run it"),
+        "{rolled_back}"
+    );
+    assert_eq!(history[0].plugin, "(pipeline file)");
+    assert_eq!(history[0].digest, digest);
+    assert_eq!(
+        history[0].verdict.as_deref(),
+        Some(&*format!("rollback of #{}", history[1].seq))
+    );
+    for r in after.iter().filter(|r| !r.stopped) {
+        assert_eq!(r.pipeline.as_deref(), Some(&*digest), "{r:?}");
+    }
+}
+
+/// What is in the fleet's tables is not trusted: a build that does not
+/// match its digest, and a pipeline file that does not parse, are refused
+/// by the host with the reason (it keeps running what it has), and a host
+/// row no host of ours wrote does not break `fleet status`. A good deploy
+/// still goes through afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_fleet_table_is_refused_with_the_reason() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let schema = crate::state::schema();
+    let (_dirs, paths, p) = copies(&crate::amqp::RABBITMQ, 1, &schema, "200ms", "");
+    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+        .await
+        .unwrap();
+    let hosts = start_hosts(&fleet, &paths, 1).await;
+    let client = crate::sagas::pg_client().await;
+    let insert = |plugin: &'static str, digest: String, bytes: Vec<u8>| {
+        let (client, schema, name) = (&client, schema.clone(), p.name.clone());
+        async move {
+            client
+                .execute(
+                    &format!("INSERT INTO {schema}.fleet_builds VALUES ($1, $2, 0)"),
+                    &[&digest, &bytes],
+                )
+                .await
+                .unwrap();
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {schema}.fleet_deploys (pipeline, plugin, digest, version, by_whom, at_ms)
+                         VALUES ($1, $2, $3, '9.9.9', 'mallory', 0)"
+                    ),
+                    &[&name, &plugin, &digest],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    // A build stored under a digest that is not its own.
+    let v2 = std::fs::read(wasm("tally_v2")).unwrap();
+    insert("tally", "sha256:".to_owned() + &"0".repeat(64), v2).await;
+    let swapped = until_hosts(&fleet, "h0 refuses the build", |h| {
+        h.iter().any(|r| {
+            r.host == "h0"
+                && r.problem
+                    .as_deref()
+                    .is_some_and(|p| p.contains("reads back as"))
+        })
+    })
+    .await;
+    // A pipeline file stored under its own digest that is not TOML.
+    let garbage = b"[pipeline\nname = ".to_vec();
+    insert(
+        "(pipeline file)",
+        switchyard::plugin::digest_of(&garbage),
+        garbage,
+    )
+    .await;
+    let unparsed = until_hosts(&fleet, "h0 refuses the file", |h| {
+        h.iter().any(|r| {
+            r.host == "h0"
+                && r.problem
+                    .as_deref()
+                    .is_some_and(|p| p.contains("the fleet's pipeline file (deploy #"))
+        })
+    })
+    .await;
+    // A host row with a garbled report.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.fleet_hosts (pipeline, host, started_at_ms, seen_at_ms, running)
+                 VALUES ($1, 'intruder', 0, $2, '{{not json')"
+            ),
+            &[&p.name, &i64::try_from(switchyard::envelope::now_ms()).unwrap()],
+        )
+        .await
+        .unwrap();
+    let (status_code, status) = cli(&["fleet", "status"], &paths[0], &[]);
+    // A good build is still taken.
+    let good = deploy_tally(&paths[0], "tally_v2", &["--wait", "30s"]);
+    let reports = fleet.hosts().await.unwrap();
+    for h in hosts {
+        tokio::task::spawn_blocking(move || stop(h)).await.unwrap();
+    }
+    crate::sagas::drop_schema(&schema).await;
+    crate::amqp::clean_up(&p).await;
+
+    for r in swapped.iter().chain(&unparsed) {
+        assert_eq!(r.running["tally"].version, "0.1.0", "{r:?}");
+    }
+    assert_eq!(status_code, Some(1), "{status}");
+    assert!(status.contains("host intruder"), "{status}");
+    assert!(status.contains("host h0: NOT CONVERGED"), "{status}");
+    assert!(
+        good.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&good.stdout),
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(runs(&reports, "h0", "2.0.0"), "{reports:#?}");
 }

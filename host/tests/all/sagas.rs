@@ -407,7 +407,8 @@ async fn a_step_on_a_moved_instance_is_a_conflict_in_postgresql() {
     drop_schema(&schema).await;
 }
 
-pub(crate) async fn drop_schema(schema: &str) {
+/// A connection to the tests' PostgreSQL database.
+pub(crate) async fn pg_client() -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(
         "postgres://postgres@127.0.0.1:5432/test",
         tokio_postgres::NoTls,
@@ -416,6 +417,11 @@ pub(crate) async fn drop_schema(schema: &str) {
     .unwrap();
     tokio::spawn(connection);
     client
+}
+
+pub(crate) async fn drop_schema(schema: &str) {
+    pg_client()
+        .await
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
@@ -452,7 +458,10 @@ async fn two_hosts_never_both_win_a_step_on_rabbitmq_with_postgresql() {
         *want.entry(ledgers[(i % 5) as usize].clone()).or_default() += i;
     }
     transport.enqueue(adds).await.unwrap();
-    tokio::join!(crate::amqp::drain(&pipeline), crate::amqp::drain(&pipeline));
+    tokio::join!(
+        crate::amqp::drain_beside_another(&pipeline),
+        crate::amqp::drain_beside_another(&pipeline)
+    );
     // A batch given back by a conflict after one host stopped.
     crate::amqp::drain(&pipeline).await;
 
