@@ -365,7 +365,8 @@ pub async fn run_with(
     let phase = crate::admin::Phase::new();
     // What the fleet's follower last read, for the console.
     let (fleet_view, fleet_seen) = watch::channel(None);
-    let fleet_seen = pipeline.fleet.is_some().then_some(fleet_seen);
+    // Without a console no one reads it, and the follower reads no more.
+    let fleet_seen = (pipeline.fleet.is_some() && admin.is_some()).then_some(fleet_seen);
     let admin_task = match admin {
         Some(addr) => {
             start_admin(

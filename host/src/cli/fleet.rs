@@ -110,14 +110,16 @@ pub async fn deploy(
     }
     let (pipeline, fleet) = open(pipeline_path).await?;
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let info = runtime::check_build(&pipeline, plugin, file)
+    // Checked against the pipeline file the fleet runs, if one was
+    // deployed to it, else the one at hand.
+    let desired = fleet.desired().await?;
+    let (deployed, _) = fleet_pipeline(&fleet, &pipeline, &desired).await;
+    let info = runtime::check_build(deployed.as_ref().unwrap_or(&pipeline), plugin, file)
         .await
         .with_context(|| format!("{} is refused for plugin `{plugin}`", file.display()))?;
     if dry_run {
-        let was = fleet
-            .desired()
-            .await?
-            .remove(plugin)
+        let was = desired
+            .get(plugin)
             .and_then(|d| d.fleet_digest().map(|g| short_digest(g).to_owned()));
         println!(
             "would deploy {plugin} {} ({}) to the fleet of pipeline `{}`{}; dry run: nothing recorded",
@@ -174,6 +176,15 @@ pub async fn deploy(
         },
     )
     .await
+}
+
+/// The kind of transport a pipeline names, as `Transport::kind` says it.
+fn transport_kind(pipeline: &Pipeline) -> &'static str {
+    match &pipeline.transport {
+        crate::config::TransportConfig::Embedded(_) => "embedded",
+        crate::config::TransportConfig::Amqp(_) => "amqp",
+        crate::config::TransportConfig::Kafka(_) => "kafka",
+    }
 }
 
 /// Who deploys: the user's name.
@@ -289,14 +300,15 @@ pub async fn deploy_pipeline(
     wait: Option<Duration>,
     dry_run: bool,
 ) -> Result<ExitCode> {
-    let pipeline = super::load_pipeline(path)?;
+    // The text checked is the text recorded.
+    let (pipeline, text) = super::load_pipeline_and_text(path)?;
+    let text = text.into_bytes();
     let Some(config) = &pipeline.fleet else {
         bail!(
             "{}: the pipeline has no [fleet] section; a host runs its own file (edit it, with [host] watch, or restart the host)",
             path.display()
         );
     };
-    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     // Every plugin loaded and checked against the file, as `validate` does.
     let plugins = runtime::load_plugins(&pipeline)
         .await
@@ -306,11 +318,11 @@ pub async fn deploy_pipeline(
     }
     let fleet = Fleet::connect(config, &pipeline.name).await?;
     let desired = fleet.desired().await?;
+    let planned = Fleet::seqs(&desired);
     let file_was = desired
         .get(PIPELINE_FILE)
         .and_then(|d| d.fleet_digest().map(|g| (g.to_owned(), d.seq)));
-    // What running hosts cannot take is refused here, against the fleet's
-    // last file; hosts check again against what they run.
+    // The fleet's last file, for the plan.
     let before = match &file_was {
         Some((digest, seq)) => {
             let text = fleet.pipeline_text(digest).await?;
@@ -323,18 +335,31 @@ pub async fn deploy_pipeline(
         }
         None => None,
     };
-    if let Some(before) = &before {
-        let transport = match &pipeline.transport {
-            crate::config::TransportConfig::Embedded(_) => "embedded",
-            crate::config::TransportConfig::Amqp(_) => "amqp",
-            crate::config::TransportConfig::Kafka(_) => "kafka",
+    // What running hosts cannot take is refused here, against the files
+    // the live hosts run (or, with none live, the fleet's last); hosts
+    // check again against what they run, their own files included.
+    let hosts = live(fleet.hosts().await?);
+    let mut against: std::collections::BTreeSet<String> =
+        hosts.iter().filter_map(|h| h.pipeline.clone()).collect();
+    if hosts.is_empty()
+        && let Some((digest, _)) = &file_was
+    {
+        against.insert(digest.clone());
+    }
+    for digest in &against {
+        let Ok(text) = fleet.pipeline_text(digest).await else {
+            continue;
         };
-        let reasons = crate::supervisor::restart_needed(before, &pipeline, transport);
+        let Ok(running) = crate::fleet::parse_as(&text, &pipeline, "a running host's file") else {
+            continue;
+        };
+        let reasons =
+            crate::supervisor::restart_needed(&running, &pipeline, transport_kind(&pipeline));
         if !reasons.is_empty() {
             bail!(
-                "{} is refused: the fleet's running hosts cannot take it (compared with the fleet's pipeline file, deploy #{}):\n  {}\nThose sections stay each host's own: change them in each host's file and restart it.",
+                "{} is refused: the fleet's running hosts cannot take it (compared with the pipeline file {} they run):\n  {}\nThose sections stay each host's own: change them in each host's file and restart it.",
                 path.display(),
-                file_was.as_ref().map_or(0, |(_, s)| *s),
+                short_digest(digest),
                 reasons.join("\n  ")
             );
         }
@@ -396,13 +421,13 @@ pub async fn deploy_pipeline(
     for line in &plan {
         println!("{line}");
     }
-    if !file_changes && builds.is_empty() {
-        println!("nothing to deploy: the fleet runs this file and these builds");
-        return Ok(ExitCode::SUCCESS);
-    }
+    let nothing_new = !file_changes && builds.is_empty();
     if dry_run {
         println!("dry run: nothing recorded");
         return Ok(ExitCode::SUCCESS);
+    }
+    if nothing_new {
+        println!("nothing new to record: the fleet was given this file and these builds already");
     }
     let mut changes: Vec<Change<'_>> = builds
         .iter()
@@ -419,13 +444,17 @@ pub async fn deploy_pipeline(
             version: &file_name,
         });
     }
-    let records = fleet.record_all(&changes, &who(), None, None).await?;
-    let seqs: Vec<String> = records.iter().map(|r| format!("#{}", r.seq)).collect();
-    println!(
-        "deployed to the fleet of pipeline `{}` (deploy {})",
-        pipeline.name,
-        seqs.join(", ")
-    );
+    if !nothing_new {
+        let records = fleet
+            .record_all(&changes, &who(), None, None, Some(&planned))
+            .await?;
+        let seqs: Vec<String> = records.iter().map(|r| format!("#{}", r.seq)).collect();
+        println!(
+            "deployed to the fleet of pipeline `{}` (deploy {})",
+            pipeline.name,
+            seqs.join(", ")
+        );
+    }
     let Some(wait) = wait else {
         println!(
             "every host of the pipeline takes it within its poll interval; see `switchyard deploy --status -p {}`",
@@ -530,6 +559,7 @@ fn print_rollout(d: &Desired, indent: &str) {
 async fn rollback(path: &Path, item: &str, wait: Option<Duration>) -> Result<ExitCode> {
     let (pipeline, fleet) = open(path).await?;
     let mut desired = fleet.desired().await?;
+    let planned = Fleet::seqs(&desired);
     let shown = if item == PIPELINE_FILE {
         "the pipeline file"
     } else {
@@ -573,15 +603,27 @@ async fn rollback(path: &Path, item: &str, wait: Option<Duration>) -> Result<Exi
             let bytes = fleet.component(&previous).await?;
             let version = fleet.version_of(&previous).await?;
             if item == PIPELINE_FILE {
-                // The earlier file must still be one the hosts can take.
-                let now = fleet.pipeline_for(&pipeline, &d.digest, d.seq).await?;
-                let then = fleet.pipeline_for(&pipeline, &previous, d.seq).await?;
-                let reasons = crate::supervisor::restart_needed(&now, &then, "amqp");
-                if !reasons.is_empty() {
-                    bail!(
-                        "the earlier pipeline file cannot be returned to by running hosts:\n  {}",
-                        reasons.join("\n  ")
-                    );
+                // The earlier file must still be one the hosts can take:
+                // it must read, and differ from today's (when that reads)
+                // only in what a running host can change.
+                let then = fleet
+                    .pipeline_for(&pipeline, &previous, 0)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "the earlier pipeline file ({}) cannot be returned to",
+                            short_digest(&previous)
+                        )
+                    })?;
+                if let Ok(now) = fleet.pipeline_for(&pipeline, &d.digest, d.seq).await {
+                    let reasons =
+                        crate::supervisor::restart_needed(&now, &then, transport_kind(&pipeline));
+                    if !reasons.is_empty() {
+                        bail!(
+                            "the earlier pipeline file cannot be returned to by running hosts:\n  {}",
+                            reasons.join("\n  ")
+                        );
+                    }
                 }
             }
             let note = format!("rollback of #{}", d.seq);
@@ -595,6 +637,7 @@ async fn rollback(path: &Path, item: &str, wait: Option<Duration>) -> Result<Exi
                     &by,
                     None,
                     Some(&note),
+                    Some(&planned),
                 )
                 .await?
                 .pop()

@@ -149,7 +149,7 @@ name: it is validated and every plugin loaded and checked as `switchyard validat
 refused whole if anything is wrong. Running hosts apply it as they would an edit of their own
 file; its plugins, their routes, grants, limits and retries are what changes. The other
 sections ([transport], [state], [admin], [host]...) stay each host's own, and a deploy that
-changes them from the fleet's last pipeline file is refused, naming them.
+changes them from the deployed file the hosts run is refused, naming them.
 Undo a deploy with `switchyard fleet rollback`.")]
     #[command(group(ArgGroup::new("what").args(["file", "status"])))]
     Deploy {
@@ -603,12 +603,17 @@ fn execute(cli: Cli) -> Result<ExitCode> {
 
 /// Loads a pipeline file, printing its warnings; errors carry every diagnostic.
 pub(crate) fn load_pipeline(path: &std::path::Path) -> Result<config::Pipeline> {
+    load_pipeline_and_text(path).map(|(p, _)| p)
+}
+
+/// [`load_pipeline`], with the text it read.
+pub(crate) fn load_pipeline_and_text(path: &std::path::Path) -> Result<(config::Pipeline, String)> {
     let loaded = config::load(path)?;
     let shown = path.display().to_string();
     for w in &loaded.warnings {
         eprint!("{}", w.render(&shown, &loaded.text));
     }
-    Ok(loaded.pipeline)
+    Ok((loaded.pipeline, loaded.text))
 }
 
 async fn run(
@@ -638,6 +643,7 @@ async fn run(
     if telemetry.tracing() {
         tracing::info!(export = ?settings.traces, service = %settings.service_name, "Tracing on");
     }
+    let own = pipeline.clone();
     if let Some(fleet) = &pipeline.fleet {
         // Start on the versions deployed to the fleet; without the
         // database, on the ones this host last had.
@@ -662,7 +668,18 @@ async fn run(
         }
     }
     let deployed = runtime::deployed_versions(&pipeline)?;
-    let plugins = runtime::load_plugins_from(&pipeline, &deployed).await?;
+    let plugins = match runtime::load_plugins_from(&pipeline, &deployed).await {
+        Ok(p) => p,
+        // What the fleet's file needs does not load here: the host's own
+        // file is better than no host.
+        Err(e) if pipeline != own => {
+            tracing::error!(error = %format!("{e:#}"), "Fleet: cannot start on the pipeline file deployed to the fleet; starting on this host's own");
+            pipeline = own;
+            let deployed = runtime::deployed_versions(&pipeline)?;
+            runtime::load_plugins_from(&pipeline, &deployed).await?
+        }
+        Err(e) => return Err(e),
+    };
     let mode = if drain {
         RunMode::Drain
     } else {

@@ -88,8 +88,14 @@ CREATE TABLE IF NOT EXISTS {schema}.fleet_hosts (
     settled_at_ms BIGINT,
     PRIMARY KEY (pipeline, host)
 );
-ALTER TABLE {schema}.fleet_hosts ADD COLUMN IF NOT EXISTS pipeline_digest TEXT;
 ";
+
+/// Columns added since the tables were first made: added where missing,
+/// after a look that takes no lock on the tables.
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    ("fleet_hosts", "pipeline_digest", "TEXT"),
+    ("fleet_deploys", "baseline", "TEXT"),
+];
 
 /// The version of a plugin the fleet should run: the last deploy of it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -115,6 +121,11 @@ pub struct Desired {
     pub min_attempts: u64,
     /// Why it was promoted or rolled back.
     pub verdict: Option<String>,
+    /// For a canary: the attempts that had succeeded and failed on each
+    /// other host running the previous version when the canary began, so
+    /// that the canary is compared with the same window of theirs.
+    #[serde(default)]
+    pub baseline: BTreeMap<String, (u64, u64)>,
 }
 
 /// Where a deploy stands.
@@ -277,6 +288,28 @@ impl Fleet {
         crate::pg::create_tables(&client, &SCHEMA.replace("{schema}", schema))
             .await
             .with_context(|| format!("cannot create the fleet's tables (schema {schema})"))?;
+        // Unquoted, the schema's name is folded to lower case.
+        let folded = schema.to_lowercase();
+        for (table, column, kind) in ADDED_COLUMNS {
+            let found = client
+                .query_opt(
+                    "SELECT 1 FROM information_schema.columns
+                     WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+                    &[&folded, &table, &column],
+                )
+                .await
+                .with_context(|| format!("cannot read the fleet's tables (schema {schema})"))?;
+            if found.is_none() {
+                client
+                    .batch_execute(&format!(
+                        "ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS {column} {kind}"
+                    ))
+                    .await
+                    .with_context(|| {
+                        format!("cannot add {column} to the fleet's {table} (schema {schema})")
+                    })?;
+            }
+        }
         Ok(Fleet {
             client,
             schema: schema.to_owned(),
@@ -300,7 +333,7 @@ impl Fleet {
         let rows = self
             .query(
                 "SELECT DISTINCT ON (plugin) plugin, digest, version, seq, at_ms, state, previous,
-                     canary, watch_until_ms, margin, min_attempts, verdict
+                     canary, watch_until_ms, margin, min_attempts, verdict, baseline
                  FROM {schema}.fleet_deploys WHERE pipeline = $1 ORDER BY plugin, seq DESC",
                 &[&self.pipeline],
             )
@@ -324,6 +357,10 @@ impl Fleet {
                         margin: r.try_get::<_, Option<f64>>(9)?.unwrap_or(0.0),
                         min_attempts: r.try_get::<_, Option<i64>>(10)?.map_or(0, unms),
                         verdict: r.try_get(11)?,
+                        baseline: r
+                            .try_get::<_, Option<String>>(12)?
+                            .and_then(|b| serde_json::from_str(&b).ok())
+                            .unwrap_or_default(),
                     },
                 ))
             })
@@ -365,7 +402,7 @@ impl Fleet {
             bytes,
             version,
         };
-        self.record_all(&[change], by, canary, None)
+        self.record_all(&[change], by, canary, None, None)
             .await?
             .pop()
             .ok_or_else(|| anyhow!("the deploy was not recorded"))
@@ -373,13 +410,16 @@ impl Fleet {
 
     /// Records every change as one deploy, in one transaction: the hosts
     /// see all of them or none. `note` is kept as the deploys' verdict (a
-    /// rollback says which deploy it undoes).
+    /// rollback says which deploy it undoes). With `planned` (the deploy
+    /// number of each desired version the changes were planned against,
+    /// as [`Fleet::seqs`] gives), a deploy recorded since refuses them.
     pub async fn record_all(
         &self,
         changes: &[Change<'_>],
         by: &str,
         canary: Option<&Canary>,
         note: Option<&str>,
+        planned: Option<&BTreeMap<String, i64>>,
     ) -> Result<Vec<DeployRecord>> {
         if canary.is_some() && changes.len() != 1 {
             bail!("a canary tries one plugin's build");
@@ -389,8 +429,31 @@ impl Fleet {
             .await
             .map_err(|e| anyhow!("the fleet's tables (schema {}): {e}", self.schema))?;
         let mut records = Vec::new();
-        let mut recorded = Ok(());
+        // One deploy of a pipeline at a time: what it was planned against
+        // is what it changes.
+        let mut recorded = self
+            .query(
+                "SELECT pg_advisory_xact_lock(hashtext('switchyard_fleet ' || $1))",
+                &[&self.pipeline],
+            )
+            .await
+            .map(drop);
+        if recorded.is_ok()
+            && let Some(planned) = planned
+        {
+            recorded = match self.desired().await {
+                Ok(now) if Self::seqs(&now) == *planned => Ok(()),
+                Ok(now) => Err(anyhow!(
+                    "the fleet's deploys changed while this one was being checked (now up to deploy #{}): nothing was recorded; run it again",
+                    now.values().map(|d| d.seq).max().unwrap_or(0)
+                )),
+                Err(e) => Err(e),
+            };
+        }
         for change in changes {
+            if recorded.is_err() {
+                break;
+            }
             match self.insert_deploy(change, by, canary, note).await {
                 Ok(r) => records.push(r),
                 Err(e) => {
@@ -414,6 +477,12 @@ impl Fleet {
         recorded?;
         ended.map_err(|e| anyhow!("the deploy was not recorded: {e}"))?;
         Ok(records)
+    }
+
+    /// The deploy number of each desired version: what a deploy is
+    /// planned against.
+    pub fn seqs(desired: &BTreeMap<String, Desired>) -> BTreeMap<String, i64> {
+        desired.iter().map(|(k, d)| (k.clone(), d.seq)).collect()
     }
 
     async fn insert_deploy(
@@ -444,6 +513,9 @@ impl Fleet {
         }
         // What the fleet runs now: a rolled-back deploy's predecessor.
         let previous = before.and_then(|b| b.fleet_digest().map(str::to_owned));
+        // The other hosts' counts on the previous version as the canary
+        // begins: it is judged against what they do from now on.
+        let mut baseline: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let hosts: Vec<String> = match canary {
             None => Vec::new(),
             Some(c) => {
@@ -452,24 +524,36 @@ impl Fleet {
                         "{plugin} has no version deployed to the fleet to compare a canary with (and to return to): deploy the version the fleet runs first, without --canary"
                     );
                 }
-                let live: Vec<String> = self
+                let reports: Vec<HostReport> = self
                     .hosts()
                     .await?
                     .into_iter()
                     .filter(HostReport::live)
-                    .map(|h| h.host)
                     .collect();
-                if live.len() <= c.hosts {
+                if reports.len() <= c.hosts {
+                    let names: Vec<&str> = reports.iter().map(|h| h.host.as_str()).collect();
                     bail!(
                         "a canary of {} host(s) needs more live hosts than that to compare with; {} live: {}",
                         c.hosts,
-                        live.len(),
-                        live.join(", ")
+                        reports.len(),
+                        names.join(", ")
                     );
                 }
-                live.into_iter().take(c.hosts).collect()
+                for h in reports.iter().skip(c.hosts) {
+                    if let Some(r) = h
+                        .running
+                        .get(plugin)
+                        .filter(|r| Some(&r.digest) == previous.as_ref())
+                    {
+                        baseline.insert(h.host.clone(), (r.handled, r.failed));
+                    }
+                }
+                reports.into_iter().take(c.hosts).map(|h| h.host).collect()
             }
         };
+        let baseline_json = canary
+            .map(|_| serde_json::to_string(&baseline))
+            .transpose()?;
         let state = if canary.is_some() {
             RolloutState::Canary
         } else {
@@ -490,8 +574,8 @@ impl Fleet {
             .query(
                 "INSERT INTO {schema}.fleet_deploys
                  (pipeline, plugin, digest, version, previous, by_whom, at_ms, state, canary,
-                  watch_until_ms, margin, min_attempts, verdict)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING seq",
+                  watch_until_ms, margin, min_attempts, verdict, baseline)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING seq",
                 &[
                     &self.pipeline,
                     &plugin,
@@ -506,6 +590,7 @@ impl Fleet {
                     &margin,
                     &min_attempts,
                     &note,
+                    &baseline_json,
                 ],
             )
             .await?;
@@ -790,25 +875,12 @@ impl Fleet {
             if d.state != RolloutState::Canary {
                 continue;
             }
-            let tally = |digest: Option<&str>, on_canary: bool| {
-                let mut t = (0u64, 0u64);
-                for h in &hosts {
-                    if d.canary.contains(&h.host) != on_canary {
-                        continue;
-                    }
-                    if let Some(r) = h
-                        .running
-                        .get(&plugin)
-                        .filter(|r| Some(r.digest.as_str()) == digest)
-                    {
-                        t.0 += r.handled;
-                        t.1 += r.failed;
-                    }
-                }
-                t
-            };
-            let (new_ok, new_failed) = tally(Some(&d.digest), true);
-            let (old_ok, old_failed) = tally(d.previous.as_deref(), false);
+            let Tally {
+                new_ok,
+                new_failed,
+                old_ok,
+                old_failed,
+            } = tally(&plugin, &d, &hosts);
             let rate = |ok: u64, failed: u64| {
                 if ok + failed == 0 {
                     0.0
@@ -822,7 +894,7 @@ impl Fleet {
                 (
                     RolloutState::RolledBack,
                     format!(
-                        "rolled back: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts ({old_failed} of {}), more than the margin of {:.1} points",
+                        "rolled back: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts over the same time ({old_failed} of {}), more than the margin of {:.1} points",
                         new_rate * 100.0,
                         new_ok + new_failed,
                         old_rate * 100.0,
@@ -835,7 +907,7 @@ impl Fleet {
                     (
                         RolloutState::Promoted,
                         format!(
-                            "promoted: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts",
+                            "promoted: {:.1} % of the canary's attempts failed ({new_failed} of {}), against {:.1} % on the other hosts over the same time",
                             new_rate * 100.0,
                             new_ok + new_failed,
                             old_rate * 100.0
@@ -878,6 +950,56 @@ impl Fleet {
         }
         Ok(decided)
     }
+}
+
+/// The attempts a canary is judged on: those of its hosts on the new
+/// version, and those of the other hosts on the previous one since the
+/// canary began.
+#[derive(Debug, PartialEq, Eq)]
+struct Tally {
+    new_ok: u64,
+    new_failed: u64,
+    old_ok: u64,
+    old_failed: u64,
+}
+
+/// Counts canary `d` of `plugin` from the live hosts' reports. A host on
+/// the previous version counts from its baseline (taken as the canary
+/// began); one without a baseline, or that restarted since (its counts
+/// start again with it), counts in full: all of that is in the window.
+fn tally(plugin: &str, d: &Desired, hosts: &[HostReport]) -> Tally {
+    let mut t = Tally {
+        new_ok: 0,
+        new_failed: 0,
+        old_ok: 0,
+        old_failed: 0,
+    };
+    for h in hosts {
+        let Some(r) = h.running.get(plugin) else {
+            continue;
+        };
+        if d.canary.contains(&h.host) {
+            if r.digest == d.digest {
+                t.new_ok += r.handled;
+                t.new_failed += r.failed;
+            }
+            continue;
+        }
+        if Some(&r.digest) != d.previous.as_ref() {
+            continue;
+        }
+        let (ok0, failed0) = match d.baseline.get(&h.host) {
+            Some(&(ok, failed))
+                if h.started_at_ms <= d.at_ms && r.handled >= ok && r.failed >= failed =>
+            {
+                (ok, failed)
+            }
+            _ => (0, 0),
+        };
+        t.old_ok += r.handled - ok0;
+        t.old_failed += r.failed - failed0;
+    }
+    t
 }
 
 /// What a starting host runs ([`Fleet::prepare`]).
@@ -985,15 +1107,14 @@ pub async fn follow(
                     .desired()
                     .await
                     .context("cannot read the desired versions")?;
-                let file_problem = file
-                    .converge(f, &control, &host, &desired, &mut refused)
-                    .await;
+                let file_problem = file.converge(f, &control, &host, &desired).await;
                 let problem = converge(f, &control, &host, &desired, &mut refused).await;
                 let problem = match (file_problem, problem) {
                     (Some(a), Some(b)) => Some(format!("{a}; {b}")),
                     (a, b) => a.or(b),
                 };
                 let running_file = file.running(&control).await;
+                control.set_fleet_file_in_force(running_file.is_some());
                 let (running, attempts) = running_of(&control, &mut baselines).await;
                 // Attempts in all: when they grew, the host settled something.
                 if attempts > attempts_seen {
@@ -1020,9 +1141,8 @@ pub async fn follow(
                         tracing::info!(plugin = %plugin, "Fleet: canary {verdict}");
                     }
                 }
-                // For the console: read again only when someone looks.
+                // For the console, when the host has one.
                 if !view.is_closed() {
-                    let desired = f.desired().await?;
                     let hosts = f.hosts().await?;
                     view.send_replace(Some(FleetView {
                         host: host.clone(),
@@ -1229,94 +1349,210 @@ pub struct FleetView {
     pub at_ms: u64,
 }
 
-/// A follower's hold on the pipeline file deployed to the fleet: the last
-/// one it read, parsed as if it were the host's own file.
+/// A follower's hold on the pipeline file deployed to the fleet.
 #[derive(Default)]
 struct FileFollower {
-    /// The digest, and the pipeline or why it cannot be used.
+    /// The newest file read: its digest, and the pipeline the host would
+    /// run of it or why its text cannot be used (only what the text itself
+    /// decides is kept; a failed read is tried again at the next poll).
     read: Option<(String, Result<Pipeline, String>)>,
+    /// The file the host last ran, as it ran it.
+    applied: Option<(String, Pipeline)>,
+    /// The last refusal: of which file with which builds, why, and when.
+    refused: Option<(String, String, std::time::Instant)>,
 }
+
+/// A file a host refused is tried again after this long, or as soon as it,
+/// or a build it names, changes.
+const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
 impl FileFollower {
     /// Brings the host to the pipeline file the fleet wants of it, if any:
-    /// the builds it names go into the host's deployments first, then the
-    /// whole is applied as an edit of the host's own file would be. What
-    /// went wrong, if anything.
+    /// the builds it names go into the host's deployments, then the whole
+    /// is applied as an edit of the host's own file would be; a file the
+    /// host refuses leaves its deployments as they were. What went wrong,
+    /// if anything.
     async fn converge(
         &mut self,
         fleet: &Fleet,
-        control: &Supervisor,
+        control: &Arc<Supervisor>,
         host: &str,
         desired: &BTreeMap<String, Desired>,
-        refused: &mut BTreeMap<String, (String, String)>,
     ) -> Option<String> {
         let want = desired.get(PIPELINE_FILE)?;
         let digest = want.digest_for(host)?.to_owned();
+        let shown = short_digest(&digest).to_owned();
         let own = control.pipeline().await;
         if self.read.as_ref().is_none_or(|(d, _)| *d != digest) {
-            let parsed = fleet
-                .pipeline_for(&own, &digest, want.seq)
-                .await
+            let text = match fleet.pipeline_text(&digest).await {
+                Ok(t) => t,
+                Err(e) => return Some(format!("{PIPELINE_FILE} {shown}: {e:#}")),
+            };
+            let label = format!("the fleet's pipeline file (deploy #{})", want.seq);
+            let parsed = parse_as(&text, &own, &label)
+                .map(|p| with_own_sections(&own, p))
                 .map_err(|e| format!("{e:#}"));
             if let Err(why) = &parsed {
-                tracing::error!(digest = %short_digest(&digest), "Fleet: cannot use the pipeline file deployed to the fleet; keeps running the one it has:\n{why}");
+                tracing::error!(digest = %shown, "Fleet: cannot use the pipeline file deployed to the fleet; keeps running the one it has:\n{why}");
             }
             self.read = Some((digest.clone(), parsed));
         }
-        let (_, parsed) = self.read.as_ref()?;
-        let new = match parsed {
-            Ok(p) => p,
-            Err(why) => {
-                return Some(format!(
-                    "{PIPELINE_FILE} {}: cannot be used: {why}",
-                    short_digest(&digest)
-                ));
+        let new = match self.read.as_ref().map(|(_, p)| p) {
+            Some(Ok(p)) => p.clone(),
+            Some(Err(why)) => {
+                return Some(format!("{PIPELINE_FILE} {shown}: cannot be used: {why}"));
             }
+            None => return None,
         };
-        if *new == own {
-            refused.remove(PIPELINE_FILE);
+        if new == own {
+            self.applied = Some((digest, new));
+            self.refused = None;
             return None;
         }
-        if let Some((refused_digest, why)) = refused.get(PIPELINE_FILE)
-            && *refused_digest == digest
+        // A refusal stands for this file with these builds, for a while.
+        let key = std::iter::once(digest.as_str())
+            .chain(new.plugins.iter().filter_map(|p| {
+                desired
+                    .get(p.name.as_str())
+                    .and_then(|d| d.digest_for(host))
+            }))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if let Some((k, why, at)) = &self.refused
+            && *k == key
+            && at.elapsed() < RETRY_REFUSED
         {
-            return Some(format!(
-                "{PIPELINE_FILE} {}: refused: {why}",
-                short_digest(&digest)
-            ));
+            return Some(format!("{PIPELINE_FILE} {shown}: refused: {why}"));
         }
-        if let Err(e) = fleet.install(new, desired, host).await {
-            return Some(format!("{PIPELINE_FILE} {}: {e:#}", short_digest(&digest)));
-        }
-        match control.apply_pipeline(new.clone()).await {
+        let installed = match fleet.install(&new, desired, host).await {
+            Ok(i) => i,
+            Err(e) => return Some(format!("{PIPELINE_FILE} {shown}: {e:#}")),
+        };
+        // Its own task: a round that runs out of time must not cut a
+        // change off half applied.
+        let applying = {
+            let (control, new) = (control.clone(), new.clone());
+            tokio::spawn(async move { control.apply_pipeline(new).await })
+        };
+        let result = match applying.await {
+            Ok(r) => r,
+            Err(e) => Err(crate::supervisor::ChangeError::Failed(anyhow!(
+                "applying stopped: {e}"
+            ))),
+        };
+        match result {
             Ok(report) => {
-                tracing::info!(digest = %short_digest(&digest), deploy = want.seq, added = ?report.added, removed = ?report.removed, swapped = ?report.swapped, "Fleet: runs the pipeline file deployed to the fleet");
-                refused.remove(PIPELINE_FILE);
+                tracing::info!(digest = %shown, deploy = want.seq, added = ?report.added, removed = ?report.removed, swapped = ?report.swapped, "Fleet: runs the pipeline file deployed to the fleet");
+                self.applied = Some((digest, new));
+                self.refused = None;
                 (!report.failed.is_empty()).then(|| {
                     format!(
-                        "{PIPELINE_FILE} {}: routes that did not start: {}",
-                        short_digest(&digest),
+                        "{PIPELINE_FILE} {shown}: routes that did not start: {}",
                         report.failed.join(", ")
                     )
                 })
             }
             Err(e) => {
                 let why = e.to_string();
-                if matches!(e, crate::supervisor::ChangeError::Refused(_)) {
-                    refused.insert(PIPELINE_FILE.to_owned(), (digest.clone(), why.clone()));
+                // Its builds leave the host's deployments again.
+                let store = Deployments::new(&new.state_dir, &new.name);
+                for plugin in &installed {
+                    if let Err(e) = store.pop(plugin) {
+                        tracing::warn!(plugin = %plugin, error = %format!("{e:#}"), "Fleet: cannot take back a build of the refused pipeline file");
+                    }
                 }
-                Some(format!(
-                    "{PIPELINE_FILE} {}: refused: {why}",
-                    short_digest(&digest)
-                ))
+                if matches!(e, crate::supervisor::ChangeError::Refused(_)) {
+                    self.refused = Some((key, why.clone(), std::time::Instant::now()));
+                }
+                Some(format!("{PIPELINE_FILE} {shown}: refused: {why}"))
             }
         }
     }
 
-    /// The digest of the fleet's pipeline file when the host runs it.
+    /// The digest of the fleet's pipeline file the host runs: the newest
+    /// it read, or else the one it last ran, if the host runs it still.
     async fn running(&self, control: &Supervisor) -> Option<String> {
-        let (digest, parsed) = self.read.as_ref()?;
-        let p = parsed.as_ref().ok()?;
-        (*p == control.pipeline().await).then(|| digest.clone())
+        let now = control.pipeline().await;
+        if let Some((digest, Ok(p))) = &self.read
+            && *p == now
+        {
+            return Some(digest.clone());
+        }
+        let (digest, p) = self.applied.as_ref()?;
+        (*p == now).then(|| digest.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(host: &str, digest: &str, handled: u64, failed: u64, started: u64) -> HostReport {
+        HostReport {
+            host: host.into(),
+            started_at_ms: started,
+            seen_at_ms: 0,
+            running: BTreeMap::from([(
+                "p".to_owned(),
+                Running {
+                    digest: digest.into(),
+                    version: "1".into(),
+                    handled,
+                    failed,
+                },
+            )]),
+            problem: None,
+            stopped: false,
+            settled_at_ms: None,
+            pipeline: None,
+        }
+    }
+
+    fn canary() -> Desired {
+        Desired {
+            digest: "new".into(),
+            version: "2".into(),
+            seq: 2,
+            at_ms: 1_000,
+            state: RolloutState::Canary,
+            previous: Some("old".into()),
+            canary: vec!["a".into()],
+            watch_until_ms: Some(2_000),
+            margin: 0.05,
+            min_attempts: 10,
+            verdict: None,
+            baseline: BTreeMap::from([("b".to_owned(), (900, 300)), ("c".to_owned(), (50, 0))]),
+        }
+    }
+
+    #[test]
+    fn a_canary_is_compared_with_the_same_window_of_the_other_hosts() {
+        let hosts = [
+            report("a", "new", 90, 10, 0),
+            // 100 attempts since the canary began, none failed: its many
+            // failures before do not excuse the canary's.
+            report("b", "old", 1_000, 300, 0),
+            // Restarted after the canary began: all it counted is new.
+            report("c", "old", 20, 2, 1_500),
+            // On neither version: not counted.
+            report("d", "other", 500, 500, 0),
+        ];
+        assert_eq!(
+            tally("p", &canary(), &hosts),
+            Tally {
+                new_ok: 90,
+                new_failed: 10,
+                old_ok: 100 + 20,
+                old_failed: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn a_host_without_a_baseline_counts_in_full() {
+        let hosts = [report("a", "new", 5, 0, 0), report("e", "old", 40, 4, 0)];
+        let t = tally("p", &canary(), &hosts);
+        assert_eq!((t.old_ok, t.old_failed), (40, 4));
+        assert_eq!((t.new_ok, t.new_failed), (5, 0));
     }
 }

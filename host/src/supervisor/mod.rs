@@ -156,6 +156,9 @@ pub struct Supervisor {
     /// The routing now, read without waiting for a change in progress.
     routing: channel::Receiver<Arc<Topology>>,
     exits: mpsc::UnboundedSender<RouteExit>,
+    /// The pipeline file deployed to the fleet is in force: edits of the
+    /// host's own file are not applied.
+    fleet_file: AtomicBool,
 }
 
 impl Supervisor {
@@ -185,6 +188,7 @@ impl Supervisor {
             view: std::sync::RwLock::new(View::default()),
             routing,
             exits,
+            fleet_file: AtomicBool::new(false),
         });
         {
             let mut state = control.state.lock().await;
@@ -405,9 +409,27 @@ impl Supervisor {
         }
     }
 
+    /// Says whether the pipeline file deployed to the fleet is in force,
+    /// which the host's own file then gives way to.
+    pub fn set_fleet_file_in_force(&self, in_force: bool) {
+        let was = self.fleet_file.swap(in_force, Ordering::Relaxed);
+        if in_force && !was {
+            tracing::info!(
+                "The pipeline file deployed to the fleet is in force: edits of this host's own file are not applied while it is (deploy them with `switchyard deploy -p`)"
+            );
+        }
+    }
+
     /// Reads the pipeline file again and applies what changed in it or in
-    /// the plugin files it names.
+    /// the plugin files it names; nothing while the fleet's file is in
+    /// force.
     pub async fn reload_from_disk(&self) -> Result<ChangeReport, ChangeError> {
+        if self.fleet_file.load(Ordering::Relaxed) {
+            tracing::debug!(
+                "A watched file changed; the fleet's pipeline file is in force, so nothing is applied"
+            );
+            return Ok(ChangeReport::default());
+        }
         let source = self.state.lock().await.pipeline.source.clone();
         let loaded = tokio::task::spawn_blocking(move || crate::config::load(&source))
             .await
@@ -917,7 +939,6 @@ fn contract_errors(pipeline: &Pipeline, pairs: &[(&PluginSpec, &PluginInfo)]) ->
         .collect()
 }
 
-/// The sections of a pipeline a running host cannot change.
 /// Why a host running `old` on a transport of kind `transport` cannot
 /// become `new` without a restart; empty when it can.
 pub fn restart_needed(old: &Pipeline, new: &Pipeline, transport: &str) -> Vec<String> {
@@ -973,6 +994,7 @@ pub fn restart_needed(old: &Pipeline, new: &Pipeline, transport: &str) -> Vec<St
     reasons
 }
 
+/// The sections of a pipeline a running host cannot change.
 fn fixed_changes(old: &Pipeline, new: &Pipeline) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if old.name != new.name {

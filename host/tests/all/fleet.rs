@@ -24,6 +24,30 @@ fn host(path: &Path, id: &str) -> Child {
         .unwrap()
 }
 
+/// [`host`], its log written to `log`.
+fn host_logged(path: &Path, id: &str, log: &Path) -> Child {
+    Command::new(bin())
+        .args(["run"])
+        .arg(path)
+        .env("SWITCHYARD_HOST_ID", id)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The deployer's copy of `file` with tally's build replaced by `build`,
+/// copied beside it and named relatively: the hosts, whose files are
+/// elsewhere, can only have it from the fleet.
+fn deployer_copy(file: &Path, build: &str, edit: impl Fn(String) -> String) -> String {
+    let dir = file.parent().unwrap();
+    std::fs::copy(wasm(build), dir.join("only-here.wasm")).unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    let tally = format!("\"{}\"", wasm("tally").display());
+    assert!(text.contains(&tally), "{text}");
+    edit(text.replace(&tally, "\"only-here.wasm\""))
+}
+
 /// The fleet's report of each host, once `done` holds for them (at most
 /// 60 s).
 async fn until_hosts(
@@ -103,6 +127,27 @@ grants = {{ dirs = [{{ host = "out", guest = "/out", writable = true }}] }}
         })
         .collect();
     (dirs, paths, p)
+}
+
+/// A fresh fleet schema and `n` copies of a RabbitMQ pipeline in it
+/// ([`copies`]), with the fleet's tables open.
+async fn on_rabbitmq(
+    n: usize,
+    poll: &str,
+    extra: &str,
+) -> (
+    String,
+    Vec<tempfile::TempDir>,
+    Vec<PathBuf>,
+    switchyard::config::Pipeline,
+    Fleet,
+) {
+    let schema = crate::state::schema();
+    let (dirs, paths, p) = copies(&crate::amqp::RABBITMQ, n, &schema, poll, extra);
+    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
+        .await
+        .unwrap();
+    (schema, dirs, paths, p, fleet)
 }
 
 /// Starts hosts `h0`.. on the first `n` of `paths`, once each reports
@@ -497,11 +542,7 @@ fn a_deploy_under_a_foreign_clients_steady_traffic_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_canary_that_saw_no_traffic_is_not_promoted() {
     let _shared = crate::amqp::BROKER_IN_USE.read().await;
-    let schema = crate::state::schema();
-    let (_dirs, paths, p) = copies(&crate::amqp::RABBITMQ, 2, &schema, "200ms", "");
-    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
-        .await
-        .unwrap();
+    let (schema, _dirs, paths, p, fleet) = on_rabbitmq(2, "200ms", "").await;
     let hosts = start_hosts(&fleet, &paths, 2).await;
     let deploy = |build: &str, extra: &[&str]| deploy_tally(&paths[0], build, extra);
     let base = deploy("tally", &["--wait", "30s"]);
@@ -564,18 +605,14 @@ fn cli(args: &[&str], pipeline: &Path, extra: &[&str]) -> (Option<i32>, String) 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wrong() {
     let _shared = crate::amqp::BROKER_IN_USE.read().await;
-    let schema = crate::state::schema();
-    let (dirs, paths, p) = copies(&crate::amqp::RABBITMQ, 4, &schema, "300ms", "");
-    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
-        .await
-        .unwrap();
+    let (schema, dirs, paths, p, fleet) = on_rabbitmq(4, "300ms", "").await;
     let mut hosts = start_hosts(&fleet, &paths, 2).await;
-    // The deployer edits its copy of the file: a new build and a new type.
-    let old = std::fs::read_to_string(&paths[3]).unwrap();
-    let new = old
-        .replace("tally.wasm\"", "tally_v2.wasm\"")
-        .replace(r#"events = ["Tick"]"#, r#"events = ["Tick", "Published"]"#);
-    assert_ne!(new, old);
+    // The deployer edits its copy of the file: a new build, which only it
+    // has, and a new type.
+    let new = deployer_copy(&paths[3], "tally_v2", |t| {
+        t.replace(r#"events = ["Tick"]"#, r#"events = ["Tick", "Published"]"#)
+    });
+    assert!(new.contains("Published"));
     std::fs::write(&paths[3], &new).unwrap();
     let digest = switchyard::plugin::digest_of(new.as_bytes());
 
@@ -599,7 +636,7 @@ async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wro
     // Nothing new: nothing recorded.
     let (code, again) = cli(&["deploy"], &paths[3], &[]);
     assert_eq!(code, Some(0), "{again}");
-    assert!(again.contains("nothing to deploy"), "{again}");
+    assert!(again.contains("nothing new to record"), "{again}");
 
     // Events of the type the file added reach the hosts, once each.
     let transport = switchyard::runtime::open(&p).await.unwrap();
@@ -608,8 +645,10 @@ async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wro
         .collect();
     let ids: Vec<String> = events.iter().map(|m| m.id.clone()).collect();
     transport.enqueue(events).await.unwrap();
-    // A host started afterwards from the old file runs the deployed one.
-    hosts.push(host(&paths[2], "h2"));
+    // A host started afterwards from the old file starts on the deployed
+    // one.
+    let h2_log = dirs[2].path().join("h2.log");
+    hosts.push(host_logged(&paths[2], "h2", &h2_log));
     let reports = until_hosts(&fleet, "h2 on the deployed file", |h| {
         runs(h, "h2", "2.0.0")
             && h.iter()
@@ -617,17 +656,18 @@ async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wro
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let lines = loop {
-        let lines: Vec<(String, String)> = dirs
-            .iter()
+    let handled = || -> Vec<(String, String)> {
+        dirs.iter()
             .flat_map(|d| tally(d.path()))
             .filter(|(id, _)| ids.contains(id))
-            .collect();
-        if lines.len() >= ids.len() || Instant::now() > deadline {
-            break lines;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .collect()
     };
+    while handled().len() < ids.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A moment more, for a message handled twice to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = handled();
     let (status_code, status) = cli(&["deploy", "--status"], &paths[0], &[]);
 
     // Refused whole: a section running hosts cannot change, and a file
@@ -674,6 +714,11 @@ async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wro
     assert_eq!(seen.len(), ids.len(), "lost events of the new type");
     assert_eq!(lines.len(), ids.len(), "events handled twice");
     assert!(lines.iter().all(|(_, v)| v == "v2"), "{lines:?}");
+    let h2_log = std::fs::read_to_string(&h2_log).unwrap();
+    assert!(
+        h2_log.contains("starting on the pipeline file deployed to the fleet"),
+        "{h2_log}"
+    );
     assert_eq!(status_code, Some(0), "{status}");
     assert!(status.contains("(pipeline file)"), "{status}");
     assert_eq!(status.matches("3 of 3 live host(s)").count(), 2, "{status}");
@@ -712,11 +757,7 @@ async fn a_pipeline_file_deploy_reaches_every_host_and_is_refused_whole_when_wro
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hostile_fleet_table_is_refused_with_the_reason() {
     let _shared = crate::amqp::BROKER_IN_USE.read().await;
-    let schema = crate::state::schema();
-    let (_dirs, paths, p) = copies(&crate::amqp::RABBITMQ, 1, &schema, "200ms", "");
-    let fleet = Fleet::connect(p.fleet.as_ref().unwrap(), &p.name)
-        .await
-        .unwrap();
+    let (schema, _dirs, paths, p, fleet) = on_rabbitmq(1, "200ms", "").await;
     let hosts = start_hosts(&fleet, &paths, 1).await;
     let client = crate::sagas::pg_client().await;
     let insert = |plugin: &'static str, digest: String, bytes: Vec<u8>| {
@@ -804,4 +845,61 @@ async fn a_hostile_fleet_table_is_refused_with_the_reason() {
         String::from_utf8_lossy(&good.stderr)
     );
     assert!(runs(&reports, "h0", "2.0.0"), "{reports:#?}");
+}
+
+/// A pipeline file a host cannot take while it runs (it changes tally's
+/// delayed retries, which lays out the broker's retry queues anew) is
+/// refused there: the host keeps its own file and says why, `--wait` and
+/// `deploy --status` name it, and the next file, without that change, is
+/// taken at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_file_a_host_cannot_take_is_refused_there_with_the_reason() {
+    let _shared = crate::amqp::BROKER_IN_USE.read().await;
+    let (schema, _dirs, paths, p, fleet) = on_rabbitmq(2, "200ms", "").await;
+    let hosts = start_hosts(&fleet, &paths, 1).await;
+    let good = deployer_copy(&paths[1], "tally_v2", |t| t);
+    let bad = good.replace(
+        "grants = {",
+        "retry = { immediate = 1, delayed = 2 }\ngrants = {",
+    );
+    assert_ne!(bad, good);
+    std::fs::write(&paths[1], &bad).unwrap();
+    let (bad_code, bad_said) = cli(&["deploy"], &paths[1], &["--wait", "5s"]);
+    let (status_code, status) = cli(&["deploy", "--status"], &paths[1], &[]);
+    let refused = fleet.hosts().await.unwrap();
+    std::fs::write(&paths[1], &good).unwrap();
+    let (good_code, good_said) = cli(&["deploy"], &paths[1], &["--wait", "30s"]);
+    let taken = fleet.hosts().await.unwrap();
+    for h in hosts {
+        tokio::task::spawn_blocking(move || stop(h)).await.unwrap();
+    }
+    crate::sagas::drop_schema(&schema).await;
+    crate::amqp::clean_up(&p).await;
+
+    assert_eq!(bad_code, Some(1), "{bad_said}");
+    assert!(
+        bad_said.contains("h0: (pipeline file): runs its own pipeline file"),
+        "{bad_said}"
+    );
+    assert!(
+        bad_said.contains("delayed retries of `tally` changed"),
+        "{bad_said}"
+    );
+    assert_eq!(status_code, Some(1), "{status}");
+    assert!(status.contains("0 of 1 live host(s)"), "{status}");
+    let h0 = refused.iter().find(|h| h.host == "h0").unwrap();
+    assert_eq!(h0.pipeline, None, "{h0:?}");
+    assert!(
+        h0.problem.as_deref().unwrap_or("").contains("refused"),
+        "{h0:?}"
+    );
+    assert_eq!(good_code, Some(0), "{good_said}");
+    let h0 = taken.iter().find(|h| h.host == "h0").unwrap();
+    assert_eq!(
+        h0.pipeline.as_deref(),
+        Some(&*switchyard::plugin::digest_of(good.as_bytes())),
+        "{h0:?}"
+    );
+    assert_eq!(h0.running["tally"].version, "2.0.0", "{h0:?}");
+    assert_eq!(h0.problem, None, "{h0:?}");
 }
