@@ -1123,9 +1123,46 @@ async fn the_plugins_page_shows_the_fleets_rollout() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Then the pipeline file itself: its own rollout, above the routes.
+    let file = std::process::Command::new(crate::common::bin())
+        .args(["deploy", "-p"])
+        .arg(&paths[0])
+        .args(["--wait", "30s"])
+        .output()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let with_file = loop {
+        let page = http.get("/ui/plugins", Some(&session)).await.body;
+        if page
+            .matches("1 of 1 live host(s) run what it wants")
+            .count()
+            == 2
+            || std::time::Instant::now() > deadline
+        {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     host.stop().await;
     crate::sagas::drop_schema(&schema).await;
     crate::amqp::clean_up(&p).await;
+    assert!(
+        file.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&file.stdout),
+        String::from_utf8_lossy(&file.stderr)
+    );
+    assert!(
+        with_file.contains(r#"data-rollout="(pipeline file)""#),
+        "{with_file}"
+    );
+    assert_eq!(
+        with_file
+            .matches("1 of 1 live host(s) run what it wants")
+            .count(),
+        2,
+        "{with_file}"
+    );
     assert!(
         deployed.status.success(),
         "{}{}",
