@@ -507,7 +507,16 @@ async fn two_hosts_never_both_win_a_step_on_rabbitmq_with_postgresql() {
         .enqueue(vec![message(Kind::Event, "Reject", json!({ "id": "L-0" }))])
         .await
         .unwrap();
-    crate::amqp::drain(&pipeline).await;
+    // A step that meets a conflict is retried after a delay, which a drain
+    // does not wait for: drain until the step is dead-lettered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        crate::amqp::drain(&pipeline).await;
+        if !dead_letters(&pipeline).await.is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     assert_eq!(dead_letters(&pipeline).await.len(), 1);
     let l0 = status("L-0").await;
     assert_eq!((l0.status, l0.version), (Status::Failed, 61));
