@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -102,6 +102,11 @@ struct Shared {
     in_flight: AtomicI64,
     /// Deliveries received since start, across routes.
     received: AtomicU64,
+    /// The routes' subscriptions, and how many of them wait for a delivery
+    /// with none in hand: a route that has not asked yet may have
+    /// deliveries prefetched to it, which the broker does not count.
+    subscriptions: AtomicUsize,
+    waiting: AtomicUsize,
     source: String,
     /// Declare `<queue>.dlq` per route and copy dead letters there.
     dead_letter_queues: bool,
@@ -149,6 +154,8 @@ impl AmqpTransport {
                 probe: tokio::sync::Mutex::new(None),
                 in_flight: AtomicI64::new(0),
                 received: AtomicU64::new(0),
+                subscriptions: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
                 dead_letter_queues: pipeline.dead_letters.broker,
             }),
         })
@@ -172,9 +179,13 @@ impl AmqpTransport {
         &self.shared.config.exchange
     }
 
-    /// Nothing in flight and no message ready in any queue of the pipeline.
+    /// Nothing in flight, every route waiting for a delivery, and no
+    /// message ready in any queue of the pipeline.
     async fn looks_idle(&self) -> Result<bool> {
-        if self.shared.in_flight.load(Ordering::SeqCst) > 0 {
+        if self.shared.in_flight.load(Ordering::SeqCst) > 0
+            || self.shared.waiting.load(Ordering::SeqCst)
+                < self.shared.subscriptions.load(Ordering::SeqCst)
+        {
             return Ok(false);
         }
         let routes = self.shared.routing.routes();
@@ -836,9 +847,11 @@ impl Transport for AmqpTransport {
     }
 
     async fn subscribe(&self, route: &str) -> Result<Box<dyn Subscription>> {
+        let queues = self.route(route)?.clone();
+        self.shared.subscriptions.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(AmqpSubscription {
             shared: self.shared.clone(),
-            queues: self.route(route)?.clone(),
+            queues,
             live: None,
             generation: 0,
             ackers: HashMap::new(),
@@ -1050,6 +1063,29 @@ pub struct AmqpSubscription {
     next_receipt: u64,
 }
 
+impl Drop for AmqpSubscription {
+    fn drop(&mut self) {
+        self.shared.subscriptions.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A route waiting for a delivery with none in hand, counted in
+/// `Shared::waiting` while it lives.
+struct Waiting(Arc<Shared>);
+
+impl Waiting {
+    fn start(shared: Arc<Shared>) -> Waiting {
+        shared.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A delivery the route holds: the channel generation it came on, its
 /// delivery tag there, and its acker.
 struct InHand {
@@ -1229,7 +1265,9 @@ impl AmqpSubscription {
 impl Subscription for AmqpSubscription {
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let first = {
+            let shared = self.shared.clone();
             let live = self.ensure_live().await?;
+            let _waiting = Waiting::start(shared);
             loop {
                 match tokio::time::timeout(LIVENESS_CHECK, live.consumer.next()).await {
                     Ok(next) => break Some(next),

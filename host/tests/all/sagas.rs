@@ -507,8 +507,9 @@ async fn two_hosts_never_both_win_a_step_on_rabbitmq_with_postgresql() {
         .enqueue(vec![message(Kind::Event, "Reject", json!({ "id": "L-0" }))])
         .await
         .unwrap();
-    // A step that meets a conflict is retried after a delay, which a drain
-    // does not wait for: drain until the step is dead-lettered.
+    // Drained until its dead letter is there: a drain ends when the
+    // broker's counts and the routes look idle, which a loaded machine can
+    // make look so a moment early.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         crate::amqp::drain(&pipeline).await;
