@@ -205,7 +205,7 @@ async fn wait_for_hosts(
 ) -> Result<ExitCode> {
     let deadline = Instant::now() + wait;
     loop {
-        let hosts = live(fleet.hosts().await?);
+        let hosts = fleet.live_hosts().await?;
         let behind: Vec<&HostReport> = hosts.iter().filter(|h| !runs(h)).collect();
         if behind.is_empty() && !hosts.is_empty() {
             println!("{} live host(s) run it", hosts.len());
@@ -338,7 +338,7 @@ pub async fn deploy_pipeline(
     // What running hosts cannot take is refused here, against the files
     // the live hosts run (or, with none live, the fleet's last); hosts
     // check again against what they run, their own files included.
-    let hosts = live(fleet.hosts().await?);
+    let hosts = fleet.live_hosts().await?;
     let mut against: std::collections::BTreeSet<String> =
         hosts.iter().filter_map(|h| h.pipeline.clone()).collect();
     if hosts.is_empty()
@@ -490,7 +490,7 @@ pub async fn rollout(path: &Path) -> Result<ExitCode> {
     let mut desired = fleet.desired().await?;
     let (_, plugins) = fleet_pipeline(&fleet, &pipeline, &desired).await;
     desired.retain(|item, _| item == PIPELINE_FILE || plugins.contains(item));
-    let hosts = live(fleet.hosts().await?);
+    let hosts = fleet.live_hosts().await?;
     println!(
         "pipeline {}: {} live host(s){}",
         pipeline.name,
@@ -719,7 +719,7 @@ async fn watch_canary(
     let target = decided.digest_for("").map(str::to_owned);
     let until = Instant::now() + wait.unwrap_or(Duration::from_secs(30));
     loop {
-        let hosts = live(fleet.hosts().await?);
+        let hosts = fleet.live_hosts().await?;
         let behind = hosts
             .iter()
             .filter(|h| h.running.get(plugin).map(|r| &r.digest) != target.as_ref())
@@ -747,11 +747,6 @@ async fn watch_canary(
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// The hosts running and heard from within [`GONE_AFTER`].
-fn live(hosts: Vec<HostReport>) -> Vec<HostReport> {
-    hosts.into_iter().filter(HostReport::live).collect()
 }
 
 fn ago(at_ms: u64) -> String {

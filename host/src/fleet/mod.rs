@@ -428,54 +428,52 @@ impl Fleet {
             .batch_execute("BEGIN")
             .await
             .map_err(|e| anyhow!("the fleet's tables (schema {}): {e}", self.schema))?;
-        let mut records = Vec::new();
-        // One deploy of a pipeline at a time: what it was planned against
-        // is what it changes.
-        let mut recorded = self
-            .query(
-                "SELECT pg_advisory_xact_lock(hashtext('switchyard_fleet ' || $1))",
-                &[&self.pipeline],
-            )
-            .await
-            .map(drop);
-        if recorded.is_ok()
-            && let Some(planned) = planned
-        {
-            recorded = match self.desired().await {
-                Ok(now) if Self::seqs(&now) == *planned => Ok(()),
-                Ok(now) => Err(anyhow!(
-                    "the fleet's deploys changed while this one was being checked (now up to deploy #{}): nothing was recorded; run it again",
-                    now.values().map(|d| d.seq).max().unwrap_or(0)
-                )),
-                Err(e) => Err(e),
-            };
-        }
-        for change in changes {
-            if recorded.is_err() {
-                break;
-            }
-            match self.insert_deploy(change, by, canary, note).await {
-                Ok(r) => records.push(r),
-                Err(e) => {
-                    recorded = Err(e);
-                    break;
-                }
-            }
-        }
-        if recorded.is_ok() {
-            recorded = self
-                .query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
-                .await
-                .map(drop);
-        }
+        let recorded = self
+            .record_in_transaction(changes, by, canary, note, planned)
+            .await;
         let end = if recorded.is_ok() {
             "COMMIT"
         } else {
             "ROLLBACK"
         };
         let ended = self.client.batch_execute(end).await;
-        recorded?;
+        let records = recorded?;
         ended.map_err(|e| anyhow!("the deploy was not recorded: {e}"))?;
+        Ok(records)
+    }
+
+    /// [`Fleet::record_all`]'s work, inside its transaction.
+    async fn record_in_transaction(
+        &self,
+        changes: &[Change<'_>],
+        by: &str,
+        canary: Option<&Canary>,
+        note: Option<&str>,
+        planned: Option<&BTreeMap<String, i64>>,
+    ) -> Result<Vec<DeployRecord>> {
+        // One deploy of a pipeline at a time: what it was planned against
+        // is what it changes.
+        self.query(
+            "SELECT pg_advisory_xact_lock(hashtext('switchyard_fleet ' || $1))",
+            &[&self.pipeline],
+        )
+        .await?;
+        let desired = self.desired().await?;
+        if let Some(planned) = planned
+            && Self::seqs(&desired) != *planned
+        {
+            bail!(
+                "the fleet's deploys changed while this one was being checked (now up to deploy #{}): nothing was recorded; run it again",
+                desired.values().map(|d| d.seq).max().unwrap_or(0)
+            );
+        }
+        let mut records = Vec::with_capacity(changes.len());
+        for change in changes {
+            let before = desired.get(change.plugin);
+            records.push(self.insert_deploy(change, before, by, canary, note).await?);
+        }
+        self.query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
+            .await?;
         Ok(records)
     }
 
@@ -485,9 +483,12 @@ impl Fleet {
         desired.iter().map(|(k, d)| (k.clone(), d.seq)).collect()
     }
 
+    /// Records one change; `before` is the deploy of its plugin the fleet
+    /// had.
     async fn insert_deploy(
         &self,
         change: &Change<'_>,
+        before: Option<&Desired>,
         by: &str,
         canary: Option<&Canary>,
         note: Option<&str>,
@@ -499,8 +500,7 @@ impl Fleet {
         } = *change;
         let digest = crate::plugin::digest_of(bytes);
         let at = now_ms();
-        let before = self.desired().await?.remove(plugin);
-        if let Some(b) = &before
+        if let Some(b) = before
             && b.state == RolloutState::Canary
         {
             bail!(
@@ -524,12 +524,7 @@ impl Fleet {
                         "{plugin} has no version deployed to the fleet to compare a canary with (and to return to): deploy the version the fleet runs first, without --canary"
                     );
                 }
-                let reports: Vec<HostReport> = self
-                    .hosts()
-                    .await?
-                    .into_iter()
-                    .filter(HostReport::live)
-                    .collect();
+                let reports = self.live_hosts().await?;
                 if reports.len() <= c.hosts {
                     let names: Vec<&str> = reports.iter().map(|h| h.host.as_str()).collect();
                     bail!(
@@ -726,6 +721,16 @@ impl Fleet {
         Ok(())
     }
 
+    /// The hosts running and heard from within [`GONE_AFTER`], by name.
+    pub async fn live_hosts(&self) -> Result<Vec<HostReport>> {
+        Ok(self
+            .hosts()
+            .await?
+            .into_iter()
+            .filter(HostReport::live)
+            .collect())
+    }
+
     /// Every host that has reported, by name.
     pub async fn hosts(&self) -> Result<Vec<HostReport>> {
         let rows = self
@@ -862,14 +867,11 @@ impl Fleet {
     /// its margin (once it has `min_attempts`), promotes it when its watch
     /// is over. Any host may judge; the first to decide wins. Returns the
     /// decisions it made, as (plugin, state, verdict).
-    pub async fn judge(&self) -> Result<Vec<(String, RolloutState, String)>> {
-        let desired = self.desired().await?;
-        let hosts: Vec<HostReport> = self
-            .hosts()
-            .await?
-            .into_iter()
-            .filter(HostReport::live)
-            .collect();
+    pub async fn judge(
+        &self,
+        desired: &BTreeMap<String, Desired>,
+    ) -> Result<Vec<(String, RolloutState, String)>> {
+        let hosts = self.live_hosts().await?;
         let mut decided = Vec::new();
         for (plugin, d) in desired {
             if d.state != RolloutState::Canary {
@@ -880,7 +882,7 @@ impl Fleet {
                 new_failed,
                 old_ok,
                 old_failed,
-            } = tally(&plugin, &d, &hosts);
+            } = tally(plugin, d, &hosts);
             let rate = |ok: u64, failed: u64| {
                 if ok + failed == 0 {
                     0.0
@@ -945,7 +947,7 @@ impl Fleet {
             if !rows.is_empty() {
                 self.query("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.pipeline])
                     .await?;
-                decided.push((plugin, state, verdict));
+                decided.push((plugin.clone(), state, verdict));
             }
         }
         Ok(decided)
@@ -1132,8 +1134,10 @@ pub async fn follow(
                 )
                 .await
                 .context("cannot report this host")?;
-                for (plugin, state, verdict) in
-                    f.judge().await.context("cannot judge the canaries")?
+                for (plugin, state, verdict) in f
+                    .judge(&desired)
+                    .await
+                    .context("cannot judge the canaries")?
                 {
                     if state == RolloutState::RolledBack {
                         tracing::warn!(plugin = %plugin, "Fleet: canary {verdict}");

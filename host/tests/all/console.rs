@@ -1100,6 +1100,18 @@ async fn the_sagas_pages_show_instances_stuck_ones_and_each_steps_changes() {
     host.stop().await;
 }
 
+/// The plugins page, once `done` holds for it (at most 30 s).
+async fn plugins_page_until(http: &Http, session: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = http.get("/ui/plugins", Some(session)).await.body;
+        if done(&page) || std::time::Instant::now() > deadline {
+            return page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// With `[fleet]`, the plugins page shows how the fleet's last deploy of
 /// each plugin rolls out: its number and state, and how many live hosts
 /// run it, as the host's follower last read them.
@@ -1113,16 +1125,10 @@ async fn the_plugins_page_shows_the_fleets_rollout() {
     let (session, _) = http.sign_in().await;
     let before = http.get("/ui/plugins", Some(&session)).await.body;
     let deployed = crate::fleet::deploy_tally(&paths[0], "tally_v2", &["--wait", "30s"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let page = loop {
-        let page = http.get("/ui/plugins", Some(&session)).await.body;
-        if page.contains("1 of 1 live host(s) run what it wants")
-            || std::time::Instant::now() > deadline
-        {
-            break page;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let page = plugins_page_until(&http, &session, |page| {
+        page.contains("1 of 1 live host(s) run what it wants")
+    })
+    .await;
     // Then the pipeline file itself: its own rollout, above the routes.
     let file = std::process::Command::new(crate::common::bin())
         .args(["deploy", "-p"])
@@ -1130,19 +1136,12 @@ async fn the_plugins_page_shows_the_fleets_rollout() {
         .args(["--wait", "30s"])
         .output()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let with_file = loop {
-        let page = http.get("/ui/plugins", Some(&session)).await.body;
-        if page
-            .matches("1 of 1 live host(s) run what it wants")
+    let with_file = plugins_page_until(&http, &session, |page| {
+        page.matches("1 of 1 live host(s) run what it wants")
             .count()
             == 2
-            || std::time::Instant::now() > deadline
-        {
-            break page;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     host.stop().await;
     crate::sagas::drop_schema(&schema).await;
     crate::amqp::clean_up(&p).await;

@@ -66,6 +66,16 @@ async fn until_hosts(
     }
 }
 
+/// The fleet's report of each host, once host `id` reports a problem
+/// that says `what` (at most 60 s).
+async fn until_problem(fleet: &Fleet, id: &str, what: &str) -> Vec<HostReport> {
+    until_hosts(fleet, &format!("{id} says {what:?}"), |h| {
+        h.iter()
+            .any(|r| r.host == id && r.problem.as_deref().is_some_and(|p| p.contains(what)))
+    })
+    .await
+}
+
 fn runs(hosts: &[HostReport], id: &str, version: &str) -> bool {
     hosts.iter().any(|h| {
         h.host == id && h.live() && h.running.get("tally").is_some_and(|r| r.version == version)
@@ -822,15 +832,7 @@ async fn a_hostile_fleet_table_is_refused_with_the_reason() {
     // A build stored under a digest that is not its own.
     let v2 = std::fs::read(wasm("tally_v2")).unwrap();
     insert("tally", "sha256:".to_owned() + &"0".repeat(64), v2).await;
-    let swapped = until_hosts(&fleet, "h0 refuses the build", |h| {
-        h.iter().any(|r| {
-            r.host == "h0"
-                && r.problem
-                    .as_deref()
-                    .is_some_and(|p| p.contains("reads back as"))
-        })
-    })
-    .await;
+    let swapped = until_problem(&fleet, "h0", "reads back as").await;
     // A pipeline file stored under its own digest that is not TOML.
     let garbage = b"[pipeline\nname = ".to_vec();
     insert(
@@ -839,15 +841,7 @@ async fn a_hostile_fleet_table_is_refused_with_the_reason() {
         garbage,
     )
     .await;
-    let unparsed = until_hosts(&fleet, "h0 refuses the file", |h| {
-        h.iter().any(|r| {
-            r.host == "h0"
-                && r.problem
-                    .as_deref()
-                    .is_some_and(|p| p.contains("the fleet's pipeline file (deploy #"))
-        })
-    })
-    .await;
+    let unparsed = until_problem(&fleet, "h0", "the fleet's pipeline file (deploy #").await;
     // A host row with a garbled report.
     client
         .execute(
