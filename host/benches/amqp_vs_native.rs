@@ -20,7 +20,11 @@
 //!
 //! Prints messages per second and CPU time per message (the consumer's
 //! process: user plus system; the broker's CPU is not counted) for each
-//! round, then the medians and the ratios. Needs RabbitMQ at
+//! round, with how busy the whole machine was, then the medians and the
+//! ratios. Beside the whole round, it prints the rate from the first
+//! message handled to the last (the native consumer's own clock;
+//! Switchyard's journal, to the millisecond): the round without what a run
+//! costs once, which a host that keeps running pays once. Needs RabbitMQ at
 //! 127.0.0.1:5672 and `dist/plugins/echo.wasm`.
 //!
 //! Run: `cargo bench -p switchyard --bench amqp_vs_native`
@@ -75,8 +79,10 @@ async fn native(queue: &str, n: usize, ack_every: usize) -> Round {
         .await
         .unwrap();
     let mut handled = 0;
+    let mut first = None;
     while handled < n {
         let delivery = consumer.next().await.unwrap().unwrap();
+        first.get_or_insert_with(std::time::Instant::now);
         std::hint::black_box(&delivery.data);
         handled += 1;
         if handled % ack_every == 0 || handled == n {
@@ -88,7 +94,8 @@ async fn native(queue: &str, n: usize, ack_every: usize) -> Round {
                 .unwrap();
         }
     }
-    let round = timer.stop();
+    let mut round = timer.stop();
+    round.steady = first.map(|f| f.elapsed());
     let _ = connection.close(200, "done".into()).await;
     round
 }
@@ -130,11 +137,14 @@ fn python_with_faststream() -> Result<PathBuf, String> {
 fn faststream(python: &PathBuf, queue: &str, n: usize) -> Result<Round, String> {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers/faststream_consumer.py");
+    // The machine's share only: the script times itself and its CPU.
+    let timer = Timer::start();
     let out = std::process::Command::new(python)
         .arg(&script)
         .args([BROKER, queue, &n.to_string(), &PREFETCH.to_string()])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let machine_busy = timer.stop().machine_busy;
     let text = String::from_utf8_lossy(&out.stdout);
     let figures: Vec<f64> = text
         .split_whitespace()
@@ -144,6 +154,8 @@ fn faststream(python: &PathBuf, queue: &str, n: usize) -> Result<Round, String> 
         (true, [elapsed, cpu]) => Ok(Round {
             elapsed: std::time::Duration::from_secs_f64(*elapsed),
             cpu: std::time::Duration::from_secs_f64(*cpu),
+            machine_busy,
+            steady: None,
         }),
         _ => Err(format!(
             "FastStream failed: {text}{}",
@@ -154,11 +166,33 @@ fn faststream(python: &PathBuf, queue: &str, n: usize) -> Result<Round, String> 
 
 async fn switchyard(pipeline: &config::Pipeline) -> Round {
     let plugins = runtime::load_plugins(pipeline).await.unwrap();
+    let since = switchyard::envelope::now_ms();
     let timer = Timer::start();
     runtime::run(pipeline, plugins, RunMode::Drain, std::future::pending())
         .await
         .unwrap();
-    timer.stop()
+    let mut round = timer.stop();
+    round.steady = handled_span(pipeline, since);
+    round
+}
+
+/// From the first handling to the last of this round, read from the
+/// host's journal (on by default; its records carry the time each outcome
+/// was decided, to the millisecond).
+fn handled_span(pipeline: &config::Pipeline, since_ms: u64) -> Option<std::time::Duration> {
+    let config::StoreConfig::Embedded { path } = &pipeline.journal.store else {
+        return None;
+    };
+    let conn = rusqlite::Connection::open(path).ok()?;
+    let (first, last): (Option<i64>, Option<i64>) = conn
+        .query_row(
+            "SELECT min(at_ms), max(at_ms) FROM journal WHERE at_ms >= ?1",
+            [i64::try_from(since_ms).ok()?],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok()?;
+    let ms = last?.checked_sub(first?)?;
+    Some(std::time::Duration::from_millis(u64::try_from(ms).ok()?))
 }
 
 fn main() {

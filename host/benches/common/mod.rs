@@ -71,10 +71,34 @@ pub fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// The whole machine's busy and total CPU time so far, in clock ticks,
+/// from `/proc/stat` (zeros where there is none).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
 /// One timed run over `messages` messages.
 pub struct Round {
     pub elapsed: Duration,
     pub cpu: Duration,
+    /// The share of the whole machine's CPU (every core: the broker's, the
+    /// consumer's, anything else's) busy during the round, 0 to 1.
+    pub machine_busy: f64,
+    /// From the first message handled to the last: the round without what
+    /// a run costs once (connecting, declaring, noticing the end, stopping).
+    pub steady: Option<Duration>,
 }
 
 impl Round {
@@ -84,12 +108,19 @@ impl Round {
     pub fn cpu_per_message_us(&self, n: usize) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / n as f64
     }
+    /// Messages per second between the first message handled and the last.
+    pub fn steady_rate(&self, n: usize) -> Option<f64> {
+        self.steady
+            .filter(|d| !d.is_zero())
+            .map(|d| n.saturating_sub(1) as f64 / d.as_secs_f64())
+    }
 }
 
 /// Starts timing a round.
 pub struct Timer {
     started: Instant,
     cpu: Duration,
+    machine: (u64, u64),
 }
 
 impl Timer {
@@ -97,12 +128,21 @@ impl Timer {
         Timer {
             started: Instant::now(),
             cpu: cpu_time(),
+            machine: machine_ticks(),
         }
     }
     pub fn stop(self) -> Round {
+        let (busy, total) = machine_ticks();
+        let total = total.saturating_sub(self.machine.1);
         Round {
             elapsed: self.started.elapsed(),
             cpu: cpu_time() - self.cpu,
+            machine_busy: if total == 0 {
+                0.0
+            } else {
+                busy.saturating_sub(self.machine.0) as f64 / total as f64
+            },
+            steady: None,
         }
     }
 }
@@ -119,19 +159,34 @@ pub struct Comparison {
     switchyard_rates: Vec<f64>,
     native_cpu: Vec<f64>,
     switchyard_cpu: Vec<f64>,
+    /// Switchyard's steady rate over the native one's, per round where both
+    /// have one.
+    steady_ratios: Vec<f64>,
 }
 
 impl Comparison {
     /// Records and prints one round.
     pub fn round(&mut self, number: usize, messages: usize, native: &Round, switchyard: &Round) {
         println!(
-            "round {number}: native {:>9.0} msg/s {:>6.1} µs CPU/msg | switchyard {:>9.0} msg/s {:>6.1} µs CPU/msg | ratio {:.2}",
+            "round {number}: native {:>9.0} msg/s {:>6.1} µs CPU/msg, machine {:>3.0} % busy | switchyard {:>9.0} msg/s {:>6.1} µs CPU/msg, machine {:>3.0} % busy | ratio {:.2}",
             native.rate(messages),
             native.cpu_per_message_us(messages),
+            100.0 * native.machine_busy,
             switchyard.rate(messages),
             switchyard.cpu_per_message_us(messages),
+            100.0 * switchyard.machine_busy,
             switchyard.rate(messages) / native.rate(messages),
         );
+        if let (Some(n), Some(s)) = (
+            native.steady_rate(messages),
+            switchyard.steady_rate(messages),
+        ) {
+            println!(
+                "         first to last message handled: native {n:>9.0} msg/s | switchyard {s:>9.0} msg/s | ratio {:.2}",
+                s / n
+            );
+            self.steady_ratios.push(s / n);
+        }
         self.native_rates.push(native.rate(messages));
         self.switchyard_rates.push(switchyard.rate(messages));
         self.native_cpu.push(native.cpu_per_message_us(messages));
@@ -154,6 +209,12 @@ impl Comparison {
             median(self.switchyard_cpu),
             100.0 * sr / nr
         );
+        if !self.steady_ratios.is_empty() {
+            println!(
+                "        first to last message handled: switchyard/native = {:.0}% (median of the rounds' ratios)",
+                100.0 * median(self.steady_ratios)
+            );
+        }
     }
 }
 
