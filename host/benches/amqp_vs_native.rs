@@ -186,7 +186,7 @@ fn handled_span(pipeline: &config::Pipeline, since_ms: u64) -> Option<std::time:
     let conn = rusqlite::Connection::open(path).ok()?;
     let (first, last): (Option<i64>, Option<i64>) = conn
         .query_row(
-            "SELECT min(at_ms), max(at_ms) FROM journal WHERE at_ms >= ?1",
+            "SELECT min(first_at_ms), max(last_at_ms) FROM journal_batches WHERE last_at_ms >= ?1",
             [i64::try_from(since_ms).ok()?],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

@@ -113,10 +113,15 @@ pub struct Record {
     pub message_type: String,
     /// `command` or `event`.
     pub kind: String,
-    /// The route: the plugin's name.
+    /// The route: the plugin's name. (This, the version, the digest and
+    /// the host are left out of the JSON when empty: the SQLite journal
+    /// says them once for a batch of records and leaves them out of each.)
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plugin: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plugin_version: String,
     /// The SHA-256 of the plugin's component.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plugin_digest: String,
     /// The attempt the handling ended on (1 for the first).
     pub attempt: u32,
@@ -151,6 +156,7 @@ pub struct Record {
     pub causation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Payload>,

@@ -1,32 +1,59 @@
 //! The journal in a SQLite file: the embedded transport's own (written in
 //! its settle transaction), or a file of its own for a broker host.
+//!
+//! Records are stored a batch to a row: the records one settle (or one
+//! write of a broker host's writer) keeps, at most [`BATCH`] to a row, as
+//! lines of JSON under a header line that holds what they share (the
+//! plugin, its version and digest, the host), which their lines leave out.
+//! A record is numbered (`seq`) without gaps across batches; a batch row's
+//! key is its first record's number. The ids that find records (message,
+//! causation, correlation, and the span attributes plugins set) are rows
+//! of tables of their own keyed by id and record number, so a reader finds
+//! the numbers through an index and reads only the lines it needs. One row
+//! and a few index entries per batch, instead of a row and three index
+//! entries per record, is what keeps the journal's cost on the embedded
+//! transport's settle small (`docs/benchmarks.md`).
 
+use std::borrow::Cow;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use async_trait::async_trait;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
 
 use super::{Record, Store};
 
-/// The journal's table. Records are JSON (the fields `why` reads grow
-/// without migrations); the ids that link records are columns of their own,
-/// indexed, and the span attributes plugins set are rows of a table of
-/// their own, indexed by name and value, under their record's `seq`.
+/// The journal's tables. Each index table is keyed by its id and the
+/// record's number, so finding a message's records reads one range of it.
 pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS journal (
-    seq            INTEGER PRIMARY KEY,
-    at_ms          INTEGER NOT NULL,
-    message_id     TEXT NOT NULL,
-    correlation_id TEXT,
-    causation_id   TEXT,
-    record         TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS journal_batches (
+    -- The number of the batch's first record; the others follow it.
+    seq         INTEGER PRIMARY KEY,
+    records     INTEGER NOT NULL,
+    first_at_ms INTEGER NOT NULL,
+    last_at_ms  INTEGER NOT NULL,
+    -- A header line of what the records share, then a line per record.
+    body        TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS journal_by_message ON journal (message_id);
-CREATE INDEX IF NOT EXISTS journal_by_cause ON journal (causation_id) WHERE causation_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_by_flow ON journal (correlation_id) WHERE correlation_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal_messages (
+    message_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    PRIMARY KEY (message_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_causes (
+    causation_id TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    PRIMARY KEY (causation_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal_flows (
+    correlation_id TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    PRIMARY KEY (correlation_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_attributes (
     seq   INTEGER NOT NULL,
     name  TEXT NOT NULL,
@@ -36,53 +63,334 @@ CREATE TABLE IF NOT EXISTS journal_attributes (
 CREATE INDEX IF NOT EXISTS journal_by_attribute ON journal_attributes (name, value, seq);
 ";
 
-/// Rows removed per transaction when pruning, so a settle sharing the file
-/// never waits long.
+/// A file written by an earlier version keeps a row per record in
+/// `journal`: each becomes a batch of one (its header says nothing, its
+/// line is the whole record), under the same number.
+const FROM_ROWS: &str = "
+INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body)
+    SELECT seq, 1, at_ms, at_ms, '{}' || char(10) || record FROM journal;
+INSERT OR IGNORE INTO journal_messages (message_id, seq) SELECT message_id, seq FROM journal;
+INSERT OR IGNORE INTO journal_causes (causation_id, seq)
+    SELECT causation_id, seq FROM journal WHERE causation_id IS NOT NULL;
+INSERT OR IGNORE INTO journal_flows (correlation_id, seq)
+    SELECT correlation_id, seq FROM journal WHERE correlation_id IS NOT NULL;
+DROP TABLE journal;
+";
+
+/// Creates the journal's tables where missing, and moves the records of a
+/// file an earlier version wrote into them.
+pub fn create(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    let has_rows = |c: &Connection| {
+        c.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'journal'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+    };
+    if has_rows(conn)? == 0 {
+        return Ok(());
+    }
+    // Checked again inside the write lock: another process may have moved
+    // them meanwhile.
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    if has_rows(&tx)? > 0 {
+        tx.execute_batch(FROM_ROWS)?;
+    }
+    tx.commit()
+}
+
+/// Records to a batch row, at most: a reader of one record reads its row.
+const BATCH: usize = 256;
+
+/// Records removed per transaction when pruning, so a settle sharing the
+/// file never waits long.
 const PRUNE_CHUNK: i64 = 5000;
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Adds records, in the caller's transaction.
+fn count_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// What the records of a batch share, said once in its header line and
+/// left out of their own lines.
+#[derive(Default, Serialize, Deserialize)]
+struct Header {
+    #[serde(default)]
+    plugin: String,
+    #[serde(default)]
+    plugin_version: String,
+    #[serde(default)]
+    plugin_digest: String,
+    #[serde(default)]
+    host: String,
+}
+
+impl Header {
+    fn of(r: &Record) -> Header {
+        Header {
+            plugin: r.plugin.clone(),
+            plugin_version: r.plugin_version.clone(),
+            plugin_digest: r.plugin_digest.clone(),
+            host: r.host.clone(),
+        }
+    }
+
+    /// Whether a row whose header is made of `head` can hold `r`: its
+    /// lines can leave out no empty field the header has a value for.
+    fn fits(head: &Record, r: &Record) -> bool {
+        [
+            (&head.plugin, &r.plugin),
+            (&head.plugin_version, &r.plugin_version),
+            (&head.plugin_digest, &r.plugin_digest),
+            (&head.host, &r.host),
+        ]
+        .iter()
+        .all(|(shared, own)| !own.is_empty() || shared.is_empty())
+    }
+
+    /// The fields of `r` this header holds, taken out of it (a record's
+    /// line leaves out the empty ones).
+    fn take_shared(&self, r: &mut Record) -> [Option<String>; 4] {
+        let take = |field: &mut String, shared: &str| {
+            (field.as_str() == shared).then(|| std::mem::take(field))
+        };
+        [
+            take(&mut r.plugin, &self.plugin),
+            take(&mut r.plugin_version, &self.plugin_version),
+            take(&mut r.plugin_digest, &self.plugin_digest),
+            take(&mut r.host, &self.host),
+        ]
+    }
+
+    /// Puts back what [`Header::take_shared`] took.
+    fn put_back(r: &mut Record, taken: [Option<String>; 4]) {
+        let [plugin, version, digest, host] = taken;
+        let fields = [
+            (&mut r.plugin, plugin),
+            (&mut r.plugin_version, version),
+            (&mut r.plugin_digest, digest),
+            (&mut r.host, host),
+        ];
+        for (field, value) in fields {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+    }
+
+    /// Fills in what a record's line left out.
+    fn fill(&self, r: &mut Record) {
+        for (field, shared) in [
+            (&mut r.plugin, &self.plugin),
+            (&mut r.plugin_version, &self.plugin_version),
+            (&mut r.plugin_digest, &self.plugin_digest),
+            (&mut r.host, &self.host),
+        ] {
+            if field.is_empty() {
+                field.clone_from(shared);
+            }
+        }
+    }
+}
+
+fn json_error(e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+/// Adds records, in the caller's transaction: a batch row per [`BATCH`]
+/// records, and their ids in the index tables. (A record is lent mutably
+/// only to leave out of its line what the batch's header holds; it is
+/// given back as it came.)
 pub fn insert<'a>(
     conn: &Connection,
-    records: impl IntoIterator<Item = &'a Record>,
+    records: impl IntoIterator<Item = &'a mut Record>,
 ) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO journal (at_ms, message_id, correlation_id, causation_id, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+    let mut records = records.into_iter().peekable();
+    if records.peek().is_none() {
+        return Ok(());
+    }
+    let mut next: i64 = conn.query_row(
+        "SELECT coalesce((SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1), 1)",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut body = Vec::with_capacity(64 * 1024);
+    let mut chunk: Vec<&mut Record> = Vec::with_capacity(BATCH);
+    for r in records {
+        let full = chunk.len() == BATCH;
+        // A line leaves out an empty field too, so a record with one where
+        // the header has a value starts a row of its own.
+        if full || chunk.first().is_some_and(|head| !Header::fits(head, r)) {
+            insert_batch(conn, next, &mut chunk, &mut body)?;
+            next = next.saturating_add(count_i64(chunk.len()));
+            chunk.clear();
+        }
+        chunk.push(r);
+    }
+    insert_batch(conn, next, &mut chunk, &mut body)
+}
+
+fn insert_batch(
+    conn: &Connection,
+    first: i64,
+    records: &mut [&mut Record],
+    body: &mut Vec<u8>,
+) -> rusqlite::Result<()> {
+    let Some(head) = records.first() else {
+        return Ok(());
+    };
+    let header = Header::of(head);
+    body.clear();
+    serde_json::to_writer(&mut *body, &header).map_err(json_error)?;
+    let mut message = conn.prepare_cached(
+        "INSERT OR IGNORE INTO journal_messages (message_id, seq) VALUES (?1, ?2)",
+    )?;
+    let mut cause = conn.prepare_cached(
+        "INSERT OR IGNORE INTO journal_causes (causation_id, seq) VALUES (?1, ?2)",
+    )?;
+    let mut flow = conn.prepare_cached(
+        "INSERT OR IGNORE INTO journal_flows (correlation_id, seq) VALUES (?1, ?2)",
     )?;
     let mut attribute = conn.prepare_cached(
         "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
     )?;
-    for r in records {
-        // Plain data: serializing cannot fail.
-        let json = serde_json::to_string(r).unwrap_or_else(|_| "null".into());
-        stmt.execute(params![
-            to_i64(r.at_ms),
-            r.message_id,
-            r.correlation_id,
-            r.causation_id,
-            json
-        ])?;
-        if !r.attributes.is_empty() {
-            let seq = conn.last_insert_rowid();
-            for (name, value) in &r.attributes {
-                attribute.execute(params![seq, name, value])?;
-            }
+    let (mut first_at, mut last_at) = (u64::MAX, 0);
+    for (seq, r) in (first..).zip(records.iter_mut()) {
+        first_at = first_at.min(r.at_ms);
+        last_at = last_at.max(r.at_ms);
+        body.push(b'\n');
+        let taken = header.take_shared(r);
+        let written = serde_json::to_writer(&mut *body, &**r);
+        Header::put_back(r, taken);
+        written.map_err(json_error)?;
+        message.execute(params![r.message_id, seq])?;
+        if let Some(id) = &r.causation_id {
+            cause.execute(params![id, seq])?;
+        }
+        if let Some(id) = &r.correlation_id {
+            flow.execute(params![id, seq])?;
+        }
+        for (name, value) in &r.attributes {
+            attribute.execute(params![seq, name, value])?;
         }
     }
+    // JSON is UTF-8.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.prepare_cached(
+        "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        first,
+        count_i64(records.len()),
+        to_i64(first_at),
+        to_i64(last_at),
+        text
+    ])?;
     Ok(())
 }
 
-/// How many records the journal holds, and the newest's sequence number,
-/// read from the two ends of the table rather than by a scan: sequence
-/// numbers have no gaps but those pruning left at the start.
+/// A batch row read back: its header, and where each record's line is.
+struct Batch {
+    first: i64,
+    header: Header,
+    body: String,
+    lines: Vec<Range<usize>>,
+}
+
+impl Batch {
+    fn read(first: i64, body: String) -> Batch {
+        let mut lines = Vec::new();
+        let mut start = 0;
+        for (i, b) in body.bytes().enumerate() {
+            if b == b'\n' {
+                lines.push(start..i);
+                start = i + 1;
+            }
+        }
+        lines.push(start..body.len());
+        let head = lines.remove(0);
+        let header = serde_json::from_str(&body[head]).unwrap_or_else(|e| {
+            tracing::warn!(seq = first, error = %e, "A journal batch's header cannot be read; its records lack the plugin and host");
+            Header::default()
+        });
+        Batch {
+            first,
+            header,
+            body,
+            lines,
+        }
+    }
+
+    /// The line of record `seq`, when this batch holds it.
+    fn line(&self, seq: i64) -> Option<&str> {
+        let i = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        self.lines.get(i).map(|r| &self.body[r.clone()])
+    }
+
+    fn record(&self, seq: i64) -> Option<Record> {
+        let line = self.line(seq)?;
+        match serde_json::from_str::<Record>(line) {
+            Ok(mut r) => {
+                self.header.fill(&mut r);
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "A journal record cannot be read; skipped");
+                None
+            }
+        }
+    }
+
+    fn end(&self) -> i64 {
+        self.first.saturating_add(count_i64(self.lines.len()))
+    }
+}
+
+/// The records numbered `seqs`, in that order. A number no batch holds
+/// (pruned meanwhile) and a record this version cannot read are skipped
+/// rather than hide the rest.
+fn records_at(conn: &Connection, seqs: &[i64]) -> Result<Vec<Record>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, body FROM journal_batches WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
+    )?;
+    let mut batch: Option<Batch> = None;
+    let mut records = Vec::with_capacity(seqs.len());
+    for &seq in seqs {
+        let held = batch
+            .as_ref()
+            .is_some_and(|b| b.first <= seq && seq < b.end());
+        if !held {
+            batch = stmt
+                .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .map(|(first, body)| Batch::read(first, body));
+        }
+        if let Some(r) = batch.as_ref().and_then(|b| b.record(seq)) {
+            records.push(r);
+        }
+    }
+    Ok(records)
+}
+
+/// The record numbers a query returns (its one column).
+fn seqs(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<Vec<i64>> {
+    conn.prepare_cached(sql)?
+        .query_map(params, |r| r.get(0))?
+        .collect()
+}
+
+/// How many records the journal holds, and the newest's number, read from
+/// the two ends of the batches rather than by a scan: numbers have no gaps
+/// but those pruning left at the start.
 fn count_and_newest(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
-    // Two subqueries: SQLite reads one end of the table for each (min and
-    // max in one select scan it all).
     let (oldest, newest): (i64, i64) = conn.query_row(
-        "SELECT coalesce((SELECT min(seq) FROM journal), 1), coalesce((SELECT max(seq) FROM journal), 0)",
+        "SELECT coalesce((SELECT min(seq) FROM journal_batches), 1),
+                coalesce((SELECT seq + records - 1 FROM journal_batches ORDER BY seq DESC LIMIT 1), 0)",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -92,24 +400,122 @@ fn count_and_newest(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     ))
 }
 
-/// Reads the records a query returns (its one column: `record`). A record
-/// this version cannot read is skipped with a warning rather than hide the
-/// rest.
-fn read(stmt: &mut rusqlite::Statement<'_>, params: impl rusqlite::Params) -> Result<Vec<Record>> {
-    let rows = stmt.query_map(params, |row| {
-        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
-    })?;
-    let mut records = Vec::new();
-    for row in rows {
-        let (seq, json) = row?;
-        match serde_json::from_str(&json) {
-            Ok(r) => records.push(r),
-            Err(e) => {
-                tracing::warn!(seq, error = %e, "A journal record cannot be read; skipped");
+/// What pruning reads of a record's line: its time and the ids its index
+/// entries are under.
+#[derive(Deserialize)]
+struct Keys<'a> {
+    #[serde(default)]
+    at_ms: u64,
+    #[serde(borrow, default)]
+    message_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    causation_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    correlation_id: Option<Cow<'a, str>>,
+}
+
+/// The number of the first record at or after `before_ms`, or one past
+/// the newest. Records come in time order, near enough: everything before
+/// it is older.
+fn first_since(conn: &Connection, before_ms: i64) -> Result<i64> {
+    let found: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT seq, body FROM journal_batches WHERE last_at_ms >= ?1 ORDER BY seq LIMIT 1",
+            params![before_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((first, body)) = found else {
+        return Ok(count_and_newest(conn)?.1.saturating_add(1));
+    };
+    let batch = Batch::read(first, body);
+    let inside = (first..batch.end()).find(|&seq| {
+        batch
+            .line(seq)
+            .and_then(|l| serde_json::from_str::<Keys<'_>>(l).ok())
+            .is_some_and(|k| to_i64(k.at_ms) >= before_ms)
+    });
+    Ok(inside.unwrap_or(first))
+}
+
+/// Removes the records numbered below `cut` from the oldest batches, about
+/// [`PRUNE_CHUNK`] of them, in the caller's transaction; a batch the cut
+/// falls inside keeps its newer records, under the cut's number. Returns
+/// how many records went, and how many batch rows were read (none when
+/// the pruning is done).
+fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, usize)> {
+    let mut oldest =
+        conn.prepare_cached("SELECT seq, body FROM journal_batches WHERE seq < ?1 ORDER BY seq")?;
+    let mut rows = oldest.query(params![cut])?;
+    let mut batches = Vec::new();
+    let mut records = 0i64;
+    while records < PRUNE_CHUNK
+        && let Some(row) = rows.next()?
+    {
+        let batch = Batch::read(row.get(0)?, row.get(1)?);
+        records = records.saturating_add(count_i64(batch.lines.len()));
+        batches.push(batch);
+    }
+    drop(rows);
+    let mut removed = 0i64;
+    let mut up_to = i64::MIN;
+    for batch in &batches {
+        let mut kept: Vec<&str> = Vec::new();
+        let (mut first_at, mut last_at) = (i64::MAX, 0);
+        for seq in batch.first..batch.end() {
+            let line = batch.line(seq).unwrap_or_default();
+            let keys = serde_json::from_str::<Keys<'_>>(line).ok();
+            if seq >= cut {
+                if let Some(k) = &keys {
+                    first_at = first_at.min(to_i64(k.at_ms));
+                    last_at = last_at.max(to_i64(k.at_ms));
+                }
+                kept.push(line);
+                continue;
+            }
+            removed += 1;
+            // An unreadable line leaves index entries that find nothing.
+            let Some(k) = keys else { continue };
+            conn.prepare_cached("DELETE FROM journal_messages WHERE message_id = ?1 AND seq = ?2")?
+                .execute(params![k.message_id, seq])?;
+            if let Some(id) = &k.causation_id {
+                conn.prepare_cached(
+                    "DELETE FROM journal_causes WHERE causation_id = ?1 AND seq = ?2",
+                )?
+                .execute(params![id, seq])?;
+            }
+            if let Some(id) = &k.correlation_id {
+                conn.prepare_cached(
+                    "DELETE FROM journal_flows WHERE correlation_id = ?1 AND seq = ?2",
+                )?
+                .execute(params![id, seq])?;
             }
         }
+        conn.prepare_cached("DELETE FROM journal_batches WHERE seq = ?1")?
+            .execute(params![batch.first])?;
+        if !kept.is_empty() {
+            let head = serde_json::to_string(&batch.header)?;
+            let body = std::iter::once(head.as_str())
+                .chain(kept.iter().copied())
+                .collect::<Vec<_>>()
+                .join("\n");
+            conn.prepare_cached(
+                "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                cut,
+                count_i64(kept.len()),
+                first_at.min(last_at),
+                last_at,
+                body
+            ])?;
+        }
+        up_to = up_to.max(batch.end().min(cut));
     }
-    Ok(records)
+    // The attributes of what went, in one range.
+    conn.prepare_cached("DELETE FROM journal_attributes WHERE seq < ?1")?
+        .execute(params![up_to])?;
+    Ok((removed, batches.len()))
 }
 
 /// A journal in a SQLite file.
@@ -135,8 +541,8 @@ impl SqliteJournal {
         // Not the at-least-once boundary: a record lost to a power cut
         // costs a line of history, not a message.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("cannot create the journal's table in {}", path.display()))?;
+        create(&conn)
+            .with_context(|| format!("cannot create the journal's tables in {}", path.display()))?;
         Ok(SqliteJournal {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),
@@ -156,10 +562,10 @@ impl SqliteJournal {
 
 #[async_trait]
 impl Store for SqliteJournal {
-    async fn write(&self, records: Vec<Record>) -> Result<()> {
+    async fn write(&self, mut records: Vec<Record>) -> Result<()> {
         self.blocking(move |conn| {
             let tx = conn.transaction()?;
-            insert(&tx, &records)?;
+            insert(&tx, &mut records)?;
             tx.commit()?;
             Ok(())
         })
@@ -169,10 +575,12 @@ impl Store for SqliteJournal {
     async fn of_message(&self, message_id: &str) -> Result<Vec<Record>> {
         let id = message_id.to_owned();
         self.blocking(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, record FROM journal WHERE message_id = ?1 ORDER BY seq",
+            let found = seqs(
+                conn,
+                "SELECT seq FROM journal_messages WHERE message_id = ?1 ORDER BY seq",
+                params![id],
             )?;
-            read(&mut stmt, params![id])
+            records_at(conn, &found)
         })
         .await
     }
@@ -180,19 +588,18 @@ impl Store for SqliteJournal {
     async fn caused_by(&self, message_ids: &[String], limit: usize) -> Result<Vec<Record>> {
         let ids = message_ids.to_vec();
         self.blocking(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, record FROM journal WHERE causation_id = ?1 ORDER BY seq LIMIT ?2",
-            )?;
             let mut all = Vec::new();
             for id in &ids {
                 let left = limit.saturating_sub(all.len());
                 if left == 0 {
                     break;
                 }
-                all.extend(read(
-                    &mut stmt,
-                    params![id, i64::try_from(left).unwrap_or(i64::MAX)],
-                )?);
+                let found = seqs(
+                    conn,
+                    "SELECT seq FROM journal_causes WHERE causation_id = ?1 ORDER BY seq LIMIT ?2",
+                    params![id, count_i64(left)],
+                )?;
+                all.extend(records_at(conn, &found)?);
             }
             all.sort_by_key(|r| r.at_ms);
             Ok(all)
@@ -202,14 +609,16 @@ impl Store for SqliteJournal {
 
     async fn of_flow(&self, correlation_id: &str, limit: usize) -> Result<Vec<Record>> {
         let id = correlation_id.to_owned();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = count_i64(limit);
         self.blocking(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, record FROM journal WHERE correlation_id = ?1
-                 UNION SELECT seq, record FROM journal WHERE message_id = ?1
+            let found = seqs(
+                conn,
+                "SELECT seq FROM journal_flows WHERE correlation_id = ?1
+                 UNION SELECT seq FROM journal_messages WHERE message_id = ?1
                  ORDER BY seq LIMIT ?2",
+                params![id, limit],
             )?;
-            read(&mut stmt, params![id, limit])
+            records_at(conn, &found)
         })
         .await
     }
@@ -219,10 +628,10 @@ impl Store for SqliteJournal {
         // and the index serves a range.
         let low = prefix.to_owned();
         let high = format!("{prefix}\u{10ffff}");
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = count_i64(limit);
         self.blocking(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT DISTINCT message_id FROM journal WHERE message_id >= ?1 AND message_id < ?2 LIMIT ?3",
+                "SELECT DISTINCT message_id FROM journal_messages WHERE message_id >= ?1 AND message_id < ?2 LIMIT ?3",
             )?;
             let ids = stmt
                 .query_map(params![low, high, limit], |r| r.get::<_, String>(0))?
@@ -234,13 +643,14 @@ impl Store for SqliteJournal {
 
     async fn with_attribute(&self, name: &str, value: &str, limit: usize) -> Result<Vec<Record>> {
         let (name, value) = (name.to_owned(), value.to_owned());
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = count_i64(limit);
         self.blocking(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT j.seq, j.record FROM journal_attributes a JOIN journal j ON j.seq = a.seq
-                 WHERE a.name = ?1 AND a.value = ?2 ORDER BY a.seq DESC LIMIT ?3",
+            let found = seqs(
+                conn,
+                "SELECT seq FROM journal_attributes WHERE name = ?1 AND value = ?2 ORDER BY seq DESC LIMIT ?3",
+                params![name, value, limit],
             )?;
-            read(&mut stmt, params![name, value, limit])
+            records_at(conn, &found)
         })
         .await
     }
@@ -250,22 +660,10 @@ impl Store for SqliteJournal {
         let max = to_i64(max_records);
         let cut = self
             .blocking(move |conn| {
-                // Records come in time order, near enough: everything
-                // before the first record inside the retention is older.
-                let keep_from: Option<i64> = conn
-                    .query_row(
-                        "SELECT seq FROM journal WHERE at_ms >= ?1 ORDER BY seq LIMIT 1",
-                        params![before],
-                        |r| r.get(0),
-                    )
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
+                let by_age = first_since(conn, before)?;
                 let (total, newest) = count_and_newest(conn)?;
                 // Every record below the cut goes: the old ones, and the
                 // oldest beyond the size limit.
-                let by_age = keep_from.unwrap_or(newest.saturating_add(1));
                 let by_size = if total > max {
                     newest.saturating_sub(max).saturating_add(1)
                 } else {
@@ -278,25 +676,16 @@ impl Store for SqliteJournal {
         // One chunk per lock and transaction: the writer (and, in the
         // embedded transport's file, the settle) gets its turn between.
         loop {
-            let n = self
+            let (n, batches) = self
                 .blocking(move |conn| {
                     let tx = conn.transaction()?;
-                    let n = tx.execute(
-                        "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE seq < ?1 ORDER BY seq LIMIT ?2)",
-                        params![cut, PRUNE_CHUNK],
-                    )?;
-                    // The attributes of what went: every one below the
-                    // oldest record left, in the same step.
-                    tx.execute(
-                        "DELETE FROM journal_attributes WHERE seq < coalesce((SELECT min(seq) FROM journal), ?1)",
-                        params![cut],
-                    )?;
+                    let done = prune_chunk(&tx, cut)?;
                     tx.commit()?;
-                    Ok(n)
+                    Ok(done)
                 })
                 .await?;
-            removed += n as u64;
-            if i64::try_from(n).unwrap_or(0) < PRUNE_CHUNK {
+            removed += n.unsigned_abs();
+            if batches == 0 {
                 return Ok(removed);
             }
         }

@@ -408,9 +408,10 @@ fn migrate(conn: &Connection) -> Result<()> {
             "the store has schema version {version}, but this switchyard understands up to {SCHEMA_VERSION}; upgrade switchyard"
         );
     }
-    // The journal's table is its own, created where missing (it needs no
-    // schema version: its records are JSON).
-    conn.execute_batch(crate::journal::sqlite::SCHEMA)?;
+    // The journal's tables are its own, created where missing (they need
+    // no schema version: records are JSON; the journal moves a file's
+    // records from the layout of earlier versions itself).
+    crate::journal::sqlite::create(conn)?;
     if version == 0 {
         conn.execute_batch(&format!(
             "BEGIN; {SCHEMA} {STATE} {SAGAS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
@@ -1035,7 +1036,7 @@ impl Subscription for EmbeddedSubscription {
         Ok(())
     }
 
-    async fn settle(&mut self, batch: Vec<Settlement>) -> Result<Vec<Refused>> {
+    async fn settle(&mut self, mut batch: Vec<Settlement>) -> Result<Vec<Refused>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -1147,7 +1148,7 @@ impl Subscription for EmbeddedSubscription {
                 }
                 crate::journal::sqlite::insert(
                     &tx,
-                    batch.iter().filter_map(|s| s.journal.as_deref()),
+                    batch.iter_mut().filter_map(|s| s.journal.as_deref_mut()),
                 )?;
                 tx.commit()?;
                 Ok(touched)

@@ -434,6 +434,159 @@ async fn sqlite_journal_prunes_by_age_then_by_count() {
     prunes_by_age_then_by_count(Arc::new(store)).await;
 }
 
+/// 600 records in one write: batch rows of at most 256, records of two
+/// plugin versions and hosts mixed in them and one without a version,
+/// every one read back whole through each index, then pruned from the
+/// middle of a row.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_journal_reads_back_every_record_of_its_batches_whole() {
+    use switchyard::journal::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = journal::sqlite::SqliteJournal::open(&dir.path().join("j.db")).unwrap();
+    let written: Vec<Record> = (0..600u64)
+        .map(|i| {
+            let mut r = record(1_000 + i, &format!("m{i:03}"));
+            if i % 7 == 0 {
+                // Not what the batch's header says: kept in its own line.
+                r.plugin_version = "2".into();
+                r.plugin_digest = "sha256:11".into();
+                r.host = "other".into();
+            }
+            if i == 400 {
+                // Empty where the header has a value: a row of its own.
+                r.plugin_version = String::new();
+            }
+            r.correlation_id = Some(format!("flow-{}", i % 3));
+            r.causation_id = (i > 0).then(|| format!("m{:03}", i - 1));
+            r.attributes = vec![("order.id".into(), format!("O-{}", i % 10))];
+            r.sent = vec![journal::Sent {
+                id: format!("out-{i}"),
+                message_type: "Out\n\"quoted\"".into(),
+                kind: "event".into(),
+            }];
+            r
+        })
+        .collect();
+    store.write(written.clone()).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 600);
+    for i in [0usize, 7, 255, 256, 300, 399, 400, 401, 511, 512, 599] {
+        let id = format!("m{i:03}");
+        assert_eq!(store.of_message(&id).await.unwrap(), [written[i].clone()]);
+        let caused = store
+            .caused_by(std::slice::from_ref(&id), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            caused,
+            written.get(i + 1).cloned().into_iter().collect::<Vec<_>>()
+        );
+    }
+    let flow = store.of_flow("flow-1", 1000).await.unwrap();
+    assert_eq!(flow.len(), 200);
+    assert!(
+        flow.iter()
+            .zip(written.iter().skip(1).step_by(3))
+            .all(|(a, b)| a == b)
+    );
+    let tagged = store.with_attribute("order.id", "O-3", 1000).await.unwrap();
+    assert_eq!(tagged.len(), 60);
+    assert_eq!(tagged[0], written[593]);
+    // The cut falls inside the second batch row.
+    assert_eq!(store.prune(1_300, 1_000_000).await.unwrap(), 300);
+    assert_eq!(store.count().await.unwrap(), 300);
+    assert!(store.of_message("m299").await.unwrap().is_empty());
+    assert_eq!(
+        store.of_message("m300").await.unwrap(),
+        [written[300].clone()]
+    );
+    assert_eq!(
+        store
+            .with_attribute("order.id", "O-3", 1000)
+            .await
+            .unwrap()
+            .len(),
+        30
+    );
+    assert_eq!(store.of_flow("flow-1", 1000).await.unwrap().len(), 100);
+    assert_eq!(
+        store.ids_like("m29", 100).await.unwrap(),
+        Vec::<String>::new()
+    );
+    // Numbering goes on after the pruned ones.
+    store.write(vec![record(5_000, "late")]).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 301);
+    assert_eq!(
+        store.of_message("late").await.unwrap(),
+        [record(5_000, "late")]
+    );
+}
+
+/// A file an earlier version wrote (a row per record in `journal`) is
+/// moved into batches when opened, and reads the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_journal_reads_the_files_of_earlier_versions() {
+    use switchyard::journal::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let mut old = record(7, "m1");
+    old.causation_id = Some("m0".into());
+    old.attributes = vec![("order.id".into(), "O-1".into())];
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE journal (seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, message_id TEXT NOT NULL,
+                correlation_id TEXT, causation_id TEXT, record TEXT NOT NULL);
+             CREATE INDEX journal_by_message ON journal (message_id);
+             CREATE TABLE journal_attributes (seq INTEGER NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+                PRIMARY KEY (seq, name)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO journal VALUES (41, 7, 'm1', 'flow', 'm0', ?1)",
+            [serde_json::to_string(&old).unwrap()],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO journal_attributes VALUES (41, 'order.id', 'O-1')",
+            [],
+        )
+        .unwrap();
+    }
+    let store = journal::sqlite::SqliteJournal::open(&path).unwrap();
+    assert_eq!(store.count().await.unwrap(), 1);
+    assert_eq!(store.of_message("m1").await.unwrap(), [old.clone()]);
+    assert_eq!(store.of_flow("flow", 10).await.unwrap(), [old.clone()]);
+    assert_eq!(
+        store.caused_by(&["m0".into()], 10).await.unwrap(),
+        [old.clone()]
+    );
+    assert_eq!(
+        store.with_attribute("order.id", "O-1", 10).await.unwrap(),
+        [old.clone()]
+    );
+    // New records are numbered after it.
+    store.write(vec![record(8, "m2")]).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 2);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'journal'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0, "the old table is gone");
+    let numbers: Vec<i64> = conn
+        .prepare("SELECT seq FROM journal_messages ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(numbers, [41, 42]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_journal_prunes_by_age_then_by_count() {
     let scratch = Scratch::new();
