@@ -61,47 +61,106 @@ CREATE TABLE IF NOT EXISTS journal_attributes (
     PRIMARY KEY (seq, name)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_by_attribute ON journal_attributes (name, value, seq);
+CREATE TABLE IF NOT EXISTS journal_floor (
+    -- One row: the number after the newest record pruning removed, so a
+    -- journal pruned empty does not number its next records from 1 again.
+    id   INTEGER PRIMARY KEY CHECK (id = 0),
+    next INTEGER NOT NULL
+);
 ";
+
+/// The number the next record gets.
+const NEXT: &str = "coalesce(
+    (SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1),
+    (SELECT next FROM journal_floor WHERE id = 0),
+    1)";
 
 /// A file written by an earlier version keeps a row per record in
 /// `journal`: each becomes a batch of one (its header says nothing, its
-/// line is the whole record), under the same number.
-const FROM_ROWS: &str = "
-INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body)
-    SELECT seq, 1, at_ms, at_ms, '{}' || char(10) || record FROM journal;
-INSERT OR IGNORE INTO journal_messages (message_id, seq) SELECT message_id, seq FROM journal;
-INSERT OR IGNORE INTO journal_causes (causation_id, seq)
-    SELECT causation_id, seq FROM journal WHERE causation_id IS NOT NULL;
-INSERT OR IGNORE INTO journal_flows (correlation_id, seq)
-    SELECT correlation_id, seq FROM journal WHERE correlation_id IS NOT NULL;
-DROP TABLE journal;
-";
+/// line is the whole record). The table stays, emptied, so that a host of
+/// the earlier version still running on the file goes on settling (its
+/// records are moved the next time this version opens the file; the
+/// embedded store's schema version keeps earlier versions from opening it
+/// anew). Records keep their numbers, unless this layout numbered records
+/// of its own past them meanwhile: then they, and their attributes, move
+/// up by `?1`.
+const FROM_ROWS: [&str; 4] = [
+    "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body)
+        SELECT seq + ?1, 1, at_ms, at_ms, '{}' || char(10) || record FROM journal",
+    "INSERT OR IGNORE INTO journal_messages (message_id, seq)
+        SELECT message_id, seq + ?1 FROM journal",
+    "INSERT OR IGNORE INTO journal_causes (causation_id, seq)
+        SELECT causation_id, seq + ?1 FROM journal WHERE causation_id IS NOT NULL",
+    "INSERT OR IGNORE INTO journal_flows (correlation_id, seq)
+        SELECT correlation_id, seq + ?1 FROM journal WHERE correlation_id IS NOT NULL",
+];
+
+/// Moving attributes up in two steps, through negative numbers, so that
+/// no move lands on an attribute not moved yet.
+const MOVE_ATTRIBUTES: [&str; 2] = [
+    "UPDATE journal_attributes SET seq = -(seq + ?1) WHERE seq IN (SELECT seq FROM journal)",
+    "UPDATE OR REPLACE journal_attributes SET seq = -seq WHERE seq < 0",
+];
+
+/// Whether the table of the earlier layout holds records.
+fn holds_rows(conn: &Connection) -> rusqlite::Result<bool> {
+    let table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !table {
+        return Ok(false);
+    }
+    conn.query_row("SELECT EXISTS (SELECT 1 FROM journal)", [], |r| r.get(0))
+}
 
 /// Creates the journal's tables where missing, and moves the records of a
 /// file an earlier version wrote into them.
 pub fn create(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
-    let has_rows = |c: &Connection| {
-        c.query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'journal'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-    };
-    if has_rows(conn)? == 0 {
+    if !holds_rows(conn)? {
         return Ok(());
     }
     // Checked again inside the write lock: another process may have moved
     // them meanwhile.
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    if has_rows(&tx)? > 0 {
-        tx.execute_batch(FROM_ROWS)?;
+    if holds_rows(&tx)? {
+        let numbered: Option<i64> = tx.query_row(
+            "SELECT coalesce(
+                (SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1),
+                (SELECT next FROM journal_floor WHERE id = 0))",
+            [],
+            |r| r.get(0),
+        )?;
+        let oldest: i64 = tx.query_row("SELECT min(seq) FROM journal", [], |r| r.get(0))?;
+        let offset = numbered.map_or(0, |next| next.saturating_sub(oldest).max(0));
+        for statement in FROM_ROWS {
+            tx.execute(statement, params![offset])?;
+        }
+        if offset > 0 {
+            let [down, up] = MOVE_ATTRIBUTES;
+            tx.execute(down, params![offset])?;
+            tx.execute(up, [])?;
+        }
+        tx.execute("DELETE FROM journal", [])?;
     }
     tx.commit()
 }
 
 /// Records to a batch row, at most: a reader of one record reads its row.
 const BATCH: usize = 256;
+
+/// Payload bytes to a batch row, about: records with large payloads get
+/// rows of fewer records, so that reading one stays cheap.
+const ROW_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// The payload bytes a record's line holds.
+fn payload_bytes(r: &Record) -> usize {
+    r.payload.as_ref().map_or(0, |p| {
+        p.text.as_ref().map_or(0, String::len) + p.hex.as_ref().map_or(0, String::len)
+    })
+}
 
 /// Records removed per transaction when pruning, so a settle sharing the
 /// file never waits long.
@@ -213,22 +272,22 @@ pub fn insert<'a>(
     if records.peek().is_none() {
         return Ok(());
     }
-    let mut next: i64 = conn.query_row(
-        "SELECT coalesce((SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1), 1)",
-        [],
-        |r| r.get(0),
-    )?;
+    let mut next: i64 = conn.query_row(&format!("SELECT {NEXT}"), [], |r| r.get(0))?;
     let mut body = Vec::with_capacity(64 * 1024);
     let mut chunk: Vec<&mut Record> = Vec::with_capacity(BATCH);
+    let mut payloads = 0;
     for r in records {
-        let full = chunk.len() == BATCH;
+        let size = payload_bytes(r);
+        let full = chunk.len() == BATCH || payloads + size > ROW_PAYLOAD_BYTES;
         // A line leaves out an empty field too, so a record with one where
         // the header has a value starts a row of its own.
-        if full || chunk.first().is_some_and(|head| !Header::fits(head, r)) {
+        if !chunk.is_empty() && (full || chunk.first().is_some_and(|head| !Header::fits(head, r))) {
             insert_batch(conn, next, &mut chunk, &mut body)?;
             next = next.saturating_add(count_i64(chunk.len()));
             chunk.clear();
+            payloads = 0;
         }
+        payloads += size;
         chunk.push(r);
     }
     insert_batch(conn, next, &mut chunk, &mut body)
@@ -299,6 +358,9 @@ struct Batch {
     first: i64,
     header: Header,
     body: String,
+    /// The header line, kept as written: a row pruning writes again keeps
+    /// it whole, read or not.
+    head: Range<usize>,
     lines: Vec<Range<usize>>,
 }
 
@@ -314,7 +376,7 @@ impl Batch {
         }
         lines.push(start..body.len());
         let head = lines.remove(0);
-        let header = serde_json::from_str(&body[head]).unwrap_or_else(|e| {
+        let header = serde_json::from_str(&body[head.clone()]).unwrap_or_else(|e| {
             tracing::warn!(seq = first, error = %e, "A journal batch's header cannot be read; its records lack the plugin and host");
             Header::default()
         });
@@ -322,6 +384,7 @@ impl Batch {
             first,
             header,
             body,
+            head,
             lines,
         }
     }
@@ -389,8 +452,7 @@ fn seqs(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite
 /// but those pruning left at the start.
 fn count_and_newest(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     let (oldest, newest): (i64, i64) = conn.query_row(
-        "SELECT coalesce((SELECT min(seq) FROM journal_batches), 1),
-                coalesce((SELECT seq + records - 1 FROM journal_batches ORDER BY seq DESC LIMIT 1), 0)",
+        &format!("SELECT coalesce((SELECT min(seq) FROM journal_batches), {NEXT}), {NEXT} - 1"),
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -441,20 +503,28 @@ fn first_since(conn: &Connection, before_ms: i64) -> Result<i64> {
 /// Removes the records numbered below `cut` from the oldest batches, about
 /// [`PRUNE_CHUNK`] of them, in the caller's transaction; a batch the cut
 /// falls inside keeps its newer records, under the cut's number. Returns
-/// how many records went, and how many batch rows were read (none when
-/// the pruning is done).
-fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, usize)> {
+/// how many records went, and whether rows below the cut are left for
+/// another chunk. (It does not look again once it has seen the last: a
+/// journal pruned empty meanwhile numbers new records from where it left
+/// off, but a second look would take them for old ones.)
+fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, bool)> {
     let mut oldest =
         conn.prepare_cached("SELECT seq, body FROM journal_batches WHERE seq < ?1 ORDER BY seq")?;
     let mut rows = oldest.query(params![cut])?;
     let mut batches = Vec::new();
     let mut records = 0i64;
-    while records < PRUNE_CHUNK
-        && let Some(row) = rows.next()?
-    {
+    let mut more = true;
+    while records < PRUNE_CHUNK {
+        let Some(row) = rows.next()? else {
+            more = false;
+            break;
+        };
         let batch = Batch::read(row.get(0)?, row.get(1)?);
         records = records.saturating_add(count_i64(batch.lines.len()));
         batches.push(batch);
+    }
+    if more {
+        more = rows.next()?.is_some();
     }
     drop(rows);
     let mut removed = 0i64;
@@ -494,8 +564,8 @@ fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, usize)> {
         conn.prepare_cached("DELETE FROM journal_batches WHERE seq = ?1")?
             .execute(params![batch.first])?;
         if !kept.is_empty() {
-            let head = serde_json::to_string(&batch.header)?;
-            let body = std::iter::once(head.as_str())
+            let head = &batch.body[batch.head.clone()];
+            let body = std::iter::once(head)
                 .chain(kept.iter().copied())
                 .collect::<Vec<_>>()
                 .join("\n");
@@ -515,7 +585,14 @@ fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, usize)> {
     // The attributes of what went, in one range.
     conn.prepare_cached("DELETE FROM journal_attributes WHERE seq < ?1")?
         .execute(params![up_to])?;
-    Ok((removed, batches.len()))
+    if let Some(end) = batches.iter().map(Batch::end).max() {
+        conn.prepare_cached(
+            "INSERT INTO journal_floor (id, next) VALUES (0, ?1)
+             ON CONFLICT (id) DO UPDATE SET next = max(next, excluded.next)",
+        )?
+        .execute(params![end])?;
+    }
+    Ok((removed, more))
 }
 
 /// A journal in a SQLite file.
@@ -564,7 +641,10 @@ impl SqliteJournal {
 impl Store for SqliteJournal {
     async fn write(&self, mut records: Vec<Record>) -> Result<()> {
         self.blocking(move |conn| {
-            let tx = conn.transaction()?;
+            // The write lock first: a deferred transaction that reads the
+            // next number and then writes fails at once (the busy handler
+            // does not wait) when another writer came between.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             insert(&tx, &mut records)?;
             tx.commit()?;
             Ok(())
@@ -676,16 +756,16 @@ impl Store for SqliteJournal {
         // One chunk per lock and transaction: the writer (and, in the
         // embedded transport's file, the settle) gets its turn between.
         loop {
-            let (n, batches) = self
+            let (n, more) = self
                 .blocking(move |conn| {
-                    let tx = conn.transaction()?;
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                     let done = prune_chunk(&tx, cut)?;
                     tx.commit()?;
                     Ok(done)
                 })
                 .await?;
             removed += n.unsigned_abs();
-            if batches == 0 {
+            if !more {
                 return Ok(removed);
             }
         }

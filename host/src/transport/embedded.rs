@@ -39,7 +39,10 @@ use crate::envelope::{Envelope, Kind, Reply, now_ms};
 /// 5: saga instances may be `failed`, counted by `(plugin, status)`; a
 ///    switchyard that knows only 4 would take a failed instance for a
 ///    corrupt one.
-const SCHEMA_VERSION: i64 = 5;
+/// 6: the journal keeps a batch of records to a row (`journal_batches`,
+///    see `crate::journal::sqlite`); a switchyard that knows only 5 would
+///    write its records where this one does not look for them.
+const SCHEMA_VERSION: i64 = 6;
 
 /// Upgrades a version-1 store to version 2.
 const MIGRATE_1_TO_2: &str = "
@@ -444,6 +447,11 @@ fn migrate(conn: &Connection) -> Result<()> {
             "BEGIN; {SAGAS} PRAGMA user_version = 5; COMMIT;",
             SAGAS = crate::state::sqlite::SAGA_SCHEMA
         ))?;
+    }
+    if version <= 5 {
+        // The journal's tables, and its records moved into them, are
+        // `journal::sqlite::create`'s work above.
+        conn.execute_batch("BEGIN; PRAGMA user_version = 6; COMMIT;")?;
     }
     Ok(())
 }

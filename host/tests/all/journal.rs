@@ -569,22 +569,124 @@ async fn sqlite_journal_reads_the_files_of_earlier_versions() {
     assert_eq!(store.count().await.unwrap(), 2);
     drop(store);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let tables: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE name = 'journal'",
-            [],
-            |r| r.get(0),
-        )
+    let left: i64 = conn
+        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(tables, 0, "the old table is gone");
-    let numbers: Vec<i64> = conn
-        .prepare("SELECT seq FROM journal_messages ORDER BY seq")
+    assert_eq!(
+        left, 0,
+        "the old table stays for a host of the earlier version, emptied"
+    );
+    assert_eq!(message_numbers(&conn), [41, 42]);
+
+    // A host of the earlier version, still running on the file, goes on
+    // writing there (its rowid numbering starts again at 1): its record is
+    // moved at the next open, numbered after the newest, with its
+    // attribute.
+    let mut late = record(9, "m3");
+    late.attributes = vec![("order.id".into(), "O-3".into())];
+    conn.execute(
+        "INSERT INTO journal (at_ms, message_id, correlation_id, causation_id, record) VALUES (9, 'm3', NULL, NULL, ?1)",
+        [serde_json::to_string(&late).unwrap()],
+    )
+    .unwrap();
+    let old_seq = conn.last_insert_rowid();
+    assert_eq!(old_seq, 1);
+    conn.execute(
+        "INSERT OR REPLACE INTO journal_attributes VALUES (?1, 'order.id', 'O-3')",
+        [old_seq],
+    )
+    .unwrap();
+    drop(conn);
+    let store = journal::sqlite::SqliteJournal::open(&path).unwrap();
+    assert_eq!(store.count().await.unwrap(), 3);
+    assert_eq!(store.of_message("m3").await.unwrap(), [late.clone()]);
+    assert_eq!(
+        store.with_attribute("order.id", "O-3", 10).await.unwrap(),
+        [late]
+    );
+    assert_eq!(
+        store.with_attribute("order.id", "O-1", 10).await.unwrap(),
+        [old]
+    );
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(message_numbers(&conn), [41, 42, 43]);
+}
+
+/// The record numbers the message index holds, in order.
+fn message_numbers(conn: &rusqlite::Connection) -> Vec<i64> {
+    conn.prepare("SELECT seq FROM journal_messages ORDER BY seq")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
         .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_journal_gives_records_with_large_payloads_rows_of_fewer() {
+    use switchyard::journal::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let store = journal::sqlite::SqliteJournal::open(&path).unwrap();
+    let written: Vec<Record> = (0..10u64)
+        .map(|i| {
+            let mut r = record(i, &format!("big{i}"));
+            r.payload = Some(journal::Payload {
+                text: Some("x".repeat(100 * 1024)),
+                hex: None,
+                size: 100 * 1024,
+                truncated: false,
+            });
+            r
+        })
+        .collect();
+    store.write(written.clone()).await.unwrap();
+    for r in &written {
+        assert_eq!(
+            store.of_message(&r.message_id).await.unwrap(),
+            std::slice::from_ref(r)
+        );
+    }
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (rows, widest): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), max(records) FROM journal_batches",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
-    assert_eq!(numbers, [41, 42]);
+    assert_eq!(
+        (rows, widest),
+        (5, 2),
+        "two payloads of 100 KiB to a row of at most 256 KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_journal_pruned_empty_numbers_on_from_where_it_was() {
+    use switchyard::journal::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    let store = journal::sqlite::SqliteJournal::open(&path).unwrap();
+    store
+        .write((0..300).map(|i| record(i, &format!("a{i}"))).collect())
+        .await
+        .unwrap();
+    // Everything is older than the cut.
+    assert_eq!(store.prune(1_000, 1_000_000).await.unwrap(), 300);
+    assert_eq!(store.count().await.unwrap(), 0);
+    store.write(vec![record(2_000, "b0")]).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 1);
+    // Pruning by age again finds nothing to remove: the new record is
+    // not taken for one of the old ones.
+    assert_eq!(store.prune(1_000, 1_000_000).await.unwrap(), 0);
+    assert_eq!(store.of_message("b0").await.unwrap(), [record(2_000, "b0")]);
+    assert!(store.of_message("a0").await.unwrap().is_empty());
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(message_numbers(&conn), [301], "no number is used twice");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -76,9 +76,10 @@ async fn a_store_of_the_first_version_is_upgraded_in_place() {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     // Version 3 keeps plugin state, version 4 saga instances and steps,
-    // version 5 counts them by status.
+    // version 5 counts them by status, version 6 has the journal's batch
+    // rows.
     let index: i64 = db
         .query_row(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'saga_instances_by_status'",
