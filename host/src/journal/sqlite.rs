@@ -62,8 +62,9 @@ CREATE TABLE IF NOT EXISTS journal_attributes (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_by_attribute ON journal_attributes (name, value, seq);
 CREATE TABLE IF NOT EXISTS journal_floor (
-    -- One row: the number after the newest record pruning removed, so a
-    -- journal pruned empty does not number its next records from 1 again.
+    -- One row: the end of the newest batch pruning read (past every
+    -- record it removed), so a journal pruned empty does not number its
+    -- next records from 1 again.
     id   INTEGER PRIMARY KEY CHECK (id = 0),
     next INTEGER NOT NULL
 );
@@ -75,51 +76,78 @@ const NEXT: &str = "coalesce(
     (SELECT next FROM journal_floor WHERE id = 0),
     1)";
 
-/// A file written by an earlier version keeps a row per record in
-/// `journal`: each becomes a batch of one (its header says nothing, its
-/// line is the whole record). The table stays, emptied, so that a host of
-/// the earlier version still running on the file goes on settling (its
-/// records are moved the next time this version opens the file; the
-/// embedded store's schema version keeps earlier versions from opening it
-/// anew). Records keep their numbers, unless this layout numbered records
-/// of its own past them meanwhile: then they, and their attributes, move
-/// up by `?1`.
+/// The table an earlier version kept a row per record in. It stays, so
+/// that a host of that version still running on the file (or, for a
+/// broker host's own file, started on it again) goes on settling; this
+/// version moves what it finds there the next time it opens the file.
+const LEGACY: &str = "
+CREATE TABLE IF NOT EXISTS journal (
+    seq            INTEGER PRIMARY KEY,
+    at_ms          INTEGER NOT NULL,
+    message_id     TEXT NOT NULL,
+    correlation_id TEXT,
+    causation_id   TEXT,
+    record         TEXT NOT NULL
+);
+";
+
+/// A row that holds the earlier version's numbering far below this
+/// version's: SQLite numbers a new row one past the highest, so what an
+/// earlier version writes (its attributes included) lands on negative
+/// numbers, clear of this version's records. Its time keeps an earlier
+/// version's pruning by age from removing it.
+const MARK: i64 = -(1 << 62);
+
+/// Numbers below this are the earlier version's.
+const BELOW: i64 = -(1 << 61);
+
+/// An earlier version's records become batches of one (their header says
+/// nothing, their line is the whole record), numbered after this
+/// version's newest record, or under their own numbers in a file this
+/// version has not numbered anything in yet.
 const FROM_ROWS: [&str; 4] = [
     "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body)
-        SELECT seq + ?1, 1, at_ms, at_ms, '{}' || char(10) || record FROM journal",
+        SELECT seq + ?1, 1, at_ms, at_ms, '{}' || char(10) || record FROM journal WHERE seq <> ?2",
     "INSERT OR IGNORE INTO journal_messages (message_id, seq)
-        SELECT message_id, seq + ?1 FROM journal",
+        SELECT message_id, seq + ?1 FROM journal WHERE seq <> ?2",
     "INSERT OR IGNORE INTO journal_causes (causation_id, seq)
-        SELECT causation_id, seq + ?1 FROM journal WHERE causation_id IS NOT NULL",
+        SELECT causation_id, seq + ?1 FROM journal WHERE seq <> ?2 AND causation_id IS NOT NULL",
     "INSERT OR IGNORE INTO journal_flows (correlation_id, seq)
-        SELECT correlation_id, seq + ?1 FROM journal WHERE correlation_id IS NOT NULL",
+        SELECT correlation_id, seq + ?1 FROM journal WHERE seq <> ?2 AND correlation_id IS NOT NULL",
 ];
 
-/// Moving attributes up in two steps, through negative numbers, so that
-/// no move lands on an attribute not moved yet.
-const MOVE_ATTRIBUTES: [&str; 2] = [
-    "UPDATE journal_attributes SET seq = -(seq + ?1) WHERE seq IN (SELECT seq FROM journal)",
-    "UPDATE OR REPLACE journal_attributes SET seq = -seq WHERE seq < 0",
+/// Their attributes move with them, in two steps through negative
+/// numbers above [`BELOW`], so that no move lands on an attribute not
+/// moved yet; what is left below [`BELOW`] belonged to records the
+/// earlier version pruned itself.
+const MOVE_ATTRIBUTES: [&str; 3] = [
+    "UPDATE journal_attributes SET seq = -(seq + ?1) WHERE seq IN (SELECT seq FROM journal WHERE seq <> ?2)",
+    "UPDATE OR REPLACE journal_attributes SET seq = -seq WHERE seq < 0 AND seq >= ?1",
+    "DELETE FROM journal_attributes WHERE seq < ?1",
 ];
 
-/// Whether the table of the earlier layout holds records.
+/// Whether the earlier version's table holds records.
 fn holds_rows(conn: &Connection) -> rusqlite::Result<bool> {
-    let table: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal')",
-        [],
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE seq <> ?1)",
+        params![MARK],
         |r| r.get(0),
-    )?;
-    if !table {
-        return Ok(false);
-    }
-    conn.query_row("SELECT EXISTS (SELECT 1 FROM journal)", [], |r| r.get(0))
+    )
 }
 
 /// Creates the journal's tables where missing, and moves the records of a
 /// file an earlier version wrote into them.
 pub fn create(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
-    if !holds_rows(conn)? {
+    conn.execute_batch(LEGACY)?;
+    let marked = |c: &Connection| {
+        c.query_row(
+            "SELECT EXISTS (SELECT 1 FROM journal WHERE seq = ?1)",
+            params![MARK],
+            |r| r.get::<_, bool>(0),
+        )
+    };
+    if marked(conn)? && !holds_rows(conn)? {
         return Ok(());
     }
     // Checked again inside the write lock: another process may have moved
@@ -133,17 +161,33 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
             [],
             |r| r.get(0),
         )?;
-        let oldest: i64 = tx.query_row("SELECT min(seq) FROM journal", [], |r| r.get(0))?;
-        let offset = numbered.map_or(0, |next| next.saturating_sub(oldest).max(0));
+        let oldest: i64 = tx.query_row(
+            "SELECT min(seq) FROM journal WHERE seq <> ?1",
+            params![MARK],
+            |r| r.get(0),
+        )?;
+        let offset = match numbered {
+            Some(next) => next.saturating_sub(oldest),
+            // Nothing numbered yet, and the earlier version's own numbers.
+            None if oldest > 0 => 0,
+            None => 1i64.saturating_sub(oldest),
+        };
         for statement in FROM_ROWS {
-            tx.execute(statement, params![offset])?;
+            tx.execute(statement, params![offset, MARK])?;
         }
-        if offset > 0 {
-            let [down, up] = MOVE_ATTRIBUTES;
-            tx.execute(down, params![offset])?;
-            tx.execute(up, [])?;
+        if offset != 0 {
+            let [down, up, left] = MOVE_ATTRIBUTES;
+            tx.execute(down, params![offset, MARK])?;
+            tx.execute(up, params![BELOW])?;
+            tx.execute(left, params![BELOW])?;
         }
-        tx.execute("DELETE FROM journal", [])?;
+        tx.execute("DELETE FROM journal WHERE seq <> ?1", params![MARK])?;
+    }
+    if !marked(&tx)? {
+        tx.execute(
+            "INSERT INTO journal (seq, at_ms, message_id, record) VALUES (?1, ?2, '', 'null')",
+            params![MARK, i64::MAX],
+        )?;
     }
     tx.commit()
 }
@@ -504,9 +548,7 @@ fn first_since(conn: &Connection, before_ms: i64) -> Result<i64> {
 /// [`PRUNE_CHUNK`] of them, in the caller's transaction; a batch the cut
 /// falls inside keeps its newer records, under the cut's number. Returns
 /// how many records went, and whether rows below the cut are left for
-/// another chunk. (It does not look again once it has seen the last: a
-/// journal pruned empty meanwhile numbers new records from where it left
-/// off, but a second look would take them for old ones.)
+/// another chunk.
 fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, bool)> {
     let mut oldest =
         conn.prepare_cached("SELECT seq, body FROM journal_batches WHERE seq < ?1 ORDER BY seq")?;

@@ -530,7 +530,14 @@ async fn sqlite_journal_reads_the_files_of_earlier_versions() {
     let path = dir.path().join("old.db");
     let mut old = record(7, "m1");
     old.causation_id = Some("m0".into());
-    old.attributes = vec![("order.id".into(), "O-1".into())];
+    old.attributes = vec![
+        ("customer".into(), "C-1".into()),
+        ("order.id".into(), "O-1".into()),
+    ];
+    // The earlier version's tables, as it created them; its first record
+    // is number 1.
+    let old_insert = "INSERT INTO journal (at_ms, message_id, correlation_id, causation_id, record) VALUES (?1, ?2, ?3, ?4, ?5)";
+    let old_attribute = "INSERT OR REPLACE INTO journal_attributes VALUES (?1, ?2, ?3)";
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
@@ -542,15 +549,15 @@ async fn sqlite_journal_reads_the_files_of_earlier_versions() {
         )
         .unwrap();
         conn.execute(
-            "INSERT INTO journal VALUES (41, 7, 'm1', 'flow', 'm0', ?1)",
-            [serde_json::to_string(&old).unwrap()],
+            old_insert,
+            rusqlite::params![7, "m1", "flow", "m0", serde_json::to_string(&old).unwrap()],
         )
         .unwrap();
-        conn.execute(
-            "INSERT INTO journal_attributes VALUES (41, 'order.id', 'O-1')",
-            [],
-        )
-        .unwrap();
+        assert_eq!(conn.last_insert_rowid(), 1);
+        for (name, value) in &old.attributes {
+            conn.execute(old_attribute, rusqlite::params![1, name, value])
+                .unwrap();
+        }
     }
     let store = journal::sqlite::SqliteJournal::open(&path).unwrap();
     assert_eq!(store.count().await.unwrap(), 1);
@@ -569,34 +576,30 @@ async fn sqlite_journal_reads_the_files_of_earlier_versions() {
     assert_eq!(store.count().await.unwrap(), 2);
     drop(store);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let left: i64 = conn
-        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(
-        left, 0,
-        "the old table stays for a host of the earlier version, emptied"
-    );
-    assert_eq!(message_numbers(&conn), [41, 42]);
+    assert_eq!(message_numbers(&conn), [1, 2]);
 
     // A host of the earlier version, still running on the file, goes on
-    // writing there (its rowid numbering starts again at 1): its record is
-    // moved at the next open, numbered after the newest, with its
-    // attribute.
+    // writing its table, which stays for it: its numbers now fall far
+    // below this version's, so its attributes overwrite none of theirs.
     let mut late = record(9, "m3");
     late.attributes = vec![("order.id".into(), "O-3".into())];
     conn.execute(
-        "INSERT INTO journal (at_ms, message_id, correlation_id, causation_id, record) VALUES (9, 'm3', NULL, NULL, ?1)",
-        [serde_json::to_string(&late).unwrap()],
+        old_insert,
+        rusqlite::params![
+            9,
+            "m3",
+            "flow",
+            None::<String>,
+            serde_json::to_string(&late).unwrap()
+        ],
     )
     .unwrap();
     let old_seq = conn.last_insert_rowid();
-    assert_eq!(old_seq, 1);
-    conn.execute(
-        "INSERT OR REPLACE INTO journal_attributes VALUES (?1, 'order.id', 'O-3')",
-        [old_seq],
-    )
-    .unwrap();
+    assert!(old_seq < 0, "the earlier version numbers below: {old_seq}");
+    conn.execute(old_attribute, rusqlite::params![old_seq, "order.id", "O-3"])
+        .unwrap();
     drop(conn);
+    // The next open moves its record, and its attribute, after the newest.
     let store = journal::sqlite::SqliteJournal::open(&path).unwrap();
     assert_eq!(store.count().await.unwrap(), 3);
     assert_eq!(store.of_message("m3").await.unwrap(), [late.clone()]);
@@ -606,11 +609,21 @@ async fn sqlite_journal_reads_the_files_of_earlier_versions() {
     );
     assert_eq!(
         store.with_attribute("order.id", "O-1", 10).await.unwrap(),
+        [old.clone()]
+    );
+    assert_eq!(
+        store.with_attribute("customer", "C-1", 10).await.unwrap(),
         [old]
     );
     drop(store);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    assert_eq!(message_numbers(&conn), [41, 42, 43]);
+    assert_eq!(message_numbers(&conn), [1, 2, 3]);
+    let left: i64 = conn
+        .query_row("SELECT count(*) FROM journal WHERE seq > -1000", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(left, 0, "the earlier version's table is emptied");
 }
 
 /// The record numbers the message index holds, in order.
