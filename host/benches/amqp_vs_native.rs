@@ -28,7 +28,8 @@
 //! 127.0.0.1:5672 and `dist/plugins/echo.wasm`.
 //!
 //! Run: `cargo bench -p switchyard --bench amqp_vs_native`
-//! (`AMQP_BENCH_MESSAGES` and `AMQP_BENCH_ROUNDS` override the defaults).
+//! (`AMQP_BENCH_MESSAGES`, `AMQP_BENCH_ROUNDS` and `AMQP_BENCH_PREFETCH`
+//! override the defaults; the prefetch applies to every consumer).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -49,7 +50,12 @@ use switchyard::runtime::{self, RunMode};
 use crate::common::{Comparison, Round, Timer, env_or, fill};
 
 const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
+/// The prefetch every consumer uses, unless `AMQP_BENCH_PREFETCH` says.
 const PREFETCH: u16 = 200;
+
+fn prefetch() -> u16 {
+    u16::try_from(env_or("AMQP_BENCH_PREFETCH", usize::from(PREFETCH))).unwrap_or(PREFETCH)
+}
 /// The reference consumer acknowledges every this many deliveries at once.
 const BATCHED_ACKS: usize = 20;
 
@@ -65,7 +71,7 @@ async fn native(queue: &str, n: usize, ack_every: usize) -> Round {
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .basic_qos(prefetch(), BasicQosOptions::default())
         .await
         .unwrap();
     let timer = Timer::start();
@@ -80,10 +86,17 @@ async fn native(queue: &str, n: usize, ack_every: usize) -> Round {
         .unwrap();
     let mut handled = 0;
     let mut first = None;
+    let burn = std::time::Duration::from_micros(env_or("AMQP_BENCH_NATIVE_BURN_US", 0) as u64);
     while handled < n {
         let delivery = consumer.next().await.unwrap().unwrap();
         first.get_or_insert_with(std::time::Instant::now);
         std::hint::black_box(&delivery.data);
+        if !burn.is_zero() {
+            let started = std::time::Instant::now();
+            while started.elapsed() < burn {
+                std::hint::spin_loop();
+            }
+        }
         handled += 1;
         if handled % ack_every == 0 || handled == n {
             delivery
@@ -141,7 +154,7 @@ fn faststream(python: &PathBuf, queue: &str, n: usize) -> Result<Round, String> 
     let timer = Timer::start();
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args([BROKER, queue, &n.to_string(), &PREFETCH.to_string()])
+        .args([BROKER, queue, &n.to_string(), &prefetch().to_string()])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     let machine_busy = timer.stop().machine_busy;
@@ -209,9 +222,10 @@ fn main() {
     std::fs::write(
         &path,
         format!(
-            "[transport]\nkind = \"amqp\"\nurl = \"{BROKER}\"\nexchange = \"{exchange}\"\nprefetch = {PREFETCH}\n\
+            "[transport]\nkind = \"amqp\"\nurl = \"{BROKER}\"\nexchange = \"{exchange}\"\nprefetch = {}\n\
              [admin]\nlisten = \"off\"\n\
              [plugins.echo]\nwasm = \"{}\"\nevents = [\"Tick\"]\nretry = {{ delayed = 0 }}\n",
+            prefetch(),
             wasm.display()
         ),
     )
@@ -234,7 +248,8 @@ fn main() {
         let mut each = Comparison::default();
         let mut fast_stream = Comparison::default();
         println!(
-            "amqp_vs_native: {messages} messages per round, prefetch {PREFETCH}; native acknowledges every {BATCHED_ACKS}th with multiple (reference), then each on its own"
+            "amqp_vs_native: {messages} messages per round, prefetch {}; native acknowledges every {BATCHED_ACKS}th with multiple (reference), then each on its own",
+            prefetch()
         );
         for round in 1..=rounds {
             fill(transport.as_ref(), messages).await;

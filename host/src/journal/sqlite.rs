@@ -210,6 +210,9 @@ fn payload_bytes(r: &Record) -> usize {
 /// file never waits long.
 const PRUNE_CHUNK: i64 = 5000;
 
+/// One row of records: its first number, how many, their times, the body.
+const INSERT_BATCH: &str = "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)";
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -384,10 +387,7 @@ fn insert_batch(
     // JSON is UTF-8.
     let text = std::str::from_utf8(body)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.prepare_cached(
-        "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
+    conn.prepare_cached(INSERT_BATCH)?.execute(params![
         first,
         count_i64(records.len()),
         to_i64(first_at),
@@ -611,10 +611,7 @@ fn prune_chunk(conn: &Connection, cut: i64) -> Result<(i64, bool)> {
                 .chain(kept.iter().copied())
                 .collect::<Vec<_>>()
                 .join("\n");
-            conn.prepare_cached(
-                "INSERT INTO journal_batches (seq, records, first_at_ms, last_at_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
+            conn.prepare_cached(INSERT_BATCH)?.execute(params![
                 cut,
                 count_i64(kept.len()),
                 first_at.min(last_at),

@@ -497,23 +497,31 @@ pub fn decode(
     data: &[u8],
     kind_of: impl Fn(&str) -> Option<Kind>,
 ) -> Result<Envelope, String> {
-    let table: HashMap<&str, &AMQPValue> = props
-        .headers()
-        .as_ref()
-        .map(|t| t.inner().iter().map(|(k, v)| (k.as_str(), v)).collect())
-        .unwrap_or_default();
+    // The CloudEvents attributes, by name without the prefix, and the
+    // headers: one pass over the table, and no key built per look-up (a
+    // delivery looks up ten attributes).
+    let mut attributes: Vec<(&str, &AMQPValue)> = Vec::new();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    if let Some(table) = props.headers() {
+        for (key, value) in table.inner() {
+            let key = key.as_str();
+            if let Some(name) = key.strip_prefix(CE_PREFIX) {
+                attributes.push((name, value));
+            } else if !cloudevents::is_broker_header(key)
+                && let Some(value) = text(value)
+            {
+                headers.push((key.to_owned(), value));
+            }
+        }
+    }
     let attr = |name: &str| {
-        table
-            .get(format!("{CE_PREFIX}{name}").as_str())
-            .and_then(|v| text(v))
+        attributes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| text(v))
             .map(std::borrow::Cow::Owned)
     };
     let text_of = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
-    let mut headers: Vec<(String, String)> = table
-        .iter()
-        .filter(|(k, _)| !k.starts_with(CE_PREFIX) && !cloudevents::is_broker_header(k))
-        .filter_map(|(k, v)| text(v).map(|v| ((*k).to_owned(), v)))
-        .collect();
     headers.sort();
     let fallbacks = cloudevents::Fallbacks {
         id: text_of(props.message_id()),
