@@ -70,11 +70,20 @@ CREATE TABLE IF NOT EXISTS journal_floor (
 );
 ";
 
+/// Where numbering has reached: past the newest batch, or where pruning
+/// left it (NULL in a journal that never numbered a record).
+macro_rules! numbered {
+    () => {
+        "(SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1),
+    (SELECT next FROM journal_floor WHERE id = 0)"
+    };
+}
+
 /// The number the next record gets.
-const NEXT: &str = "coalesce(
-    (SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1),
-    (SELECT next FROM journal_floor WHERE id = 0),
-    1)";
+const NEXT: &str = concat!("coalesce(", numbered!(), ", 1)");
+
+/// [`NEXT`] as a statement of its own, prepared once per connection.
+const SELECT_NEXT: &str = concat!("SELECT coalesce(", numbered!(), ", 1)");
 
 /// The table an earlier version kept a row per record in. It stays, so
 /// that a host of that version still running on the file (or, for a
@@ -154,13 +163,10 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
     // them meanwhile.
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     if holds_rows(&tx)? {
-        let numbered: Option<i64> = tx.query_row(
-            "SELECT coalesce(
-                (SELECT seq + records FROM journal_batches ORDER BY seq DESC LIMIT 1),
-                (SELECT next FROM journal_floor WHERE id = 0))",
-            [],
-            |r| r.get(0),
-        )?;
+        let numbered: Option<i64> =
+            tx.query_row(concat!("SELECT coalesce(", numbered!(), ")"), [], |r| {
+                r.get(0)
+            })?;
         let oldest: i64 = tx.query_row(
             "SELECT min(seq) FROM journal WHERE seq <> ?1",
             params![MARK],
@@ -319,7 +325,9 @@ pub fn insert<'a>(
     if records.peek().is_none() {
         return Ok(());
     }
-    let mut next: i64 = conn.query_row(&format!("SELECT {NEXT}"), [], |r| r.get(0))?;
+    let mut next: i64 = conn
+        .prepare_cached(SELECT_NEXT)?
+        .query_row([], |r| r.get(0))?;
     let mut body = Vec::with_capacity(64 * 1024);
     let mut chunk: Vec<&mut Record> = Vec::with_capacity(BATCH);
     let mut payloads = 0;
