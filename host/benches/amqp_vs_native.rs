@@ -53,8 +53,11 @@ const BROKER: &str = "amqp://127.0.0.1:5672/%2f";
 /// The prefetch every consumer uses, unless `AMQP_BENCH_PREFETCH` says.
 const PREFETCH: u16 = 200;
 
+/// `AMQP_BENCH_PREFETCH`, kept within 1..=65535: a prefetch of 0 would
+/// leave the native consumer unlimited while the host refuses it.
 fn prefetch() -> u16 {
-    u16::try_from(env_or("AMQP_BENCH_PREFETCH", usize::from(PREFETCH))).unwrap_or(PREFETCH)
+    let asked = env_or("AMQP_BENCH_PREFETCH", usize::from(PREFETCH));
+    u16::try_from(asked.max(1)).unwrap_or(u16::MAX)
 }
 /// The reference consumer acknowledges every this many deliveries at once.
 const BATCHED_ACKS: usize = 20;

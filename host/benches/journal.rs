@@ -12,7 +12,8 @@
 //! Run: `cargo bench -p switchyard --bench journal` (plugins built first
 //! with `cargo xtask build-plugins`). `JOURNAL_BENCH_MESSAGES` (default
 //! 20,000) and `JOURNAL_BENCH_ROUNDS` (3) set the size;
-//! `JOURNAL_BENCH_TRANSPORTS` (default `embedded,rabbitmq`) the transports.
+//! `JOURNAL_BENCH_TRANSPORTS` (default `embedded,rabbitmq`) the transports;
+//! `JOURNAL_BENCH_WHY=0` leaves out part 2 (to profile the settle alone).
 
 // A benchmark fails loudly on any error.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -208,6 +209,8 @@ fn main() {
         } else {
             println!("rabbitmq: left out (not asked for, or nothing on 127.0.0.1:5672)");
         }
-        why_speed(dir.path()).await;
+        if common::env_or("JOURNAL_BENCH_WHY", 1) != 0 {
+            why_speed(dir.path()).await;
+        }
     });
 }

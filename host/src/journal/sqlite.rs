@@ -348,6 +348,66 @@ pub fn insert<'a>(
     insert_batch(conn, next, &mut chunk, &mut body)
 }
 
+/// Id-index entries a statement adds at most: one statement for many
+/// entries spares SQLite opening the index and starting a statement for
+/// each record, the larger part of an entry's cost in the settle.
+const INDEX_ROWS: usize = 64;
+
+/// The statements that add entries to one id index: for a full chunk of
+/// [`INDEX_ROWS`] entries, and for one.
+struct Index {
+    chunk: String,
+    one: String,
+}
+
+impl Index {
+    fn new(table: &str, column: &str) -> Index {
+        let insert = format!("INSERT OR IGNORE INTO {table} ({column}, seq) VALUES ");
+        let rows = vec!["(?, ?)"; INDEX_ROWS].join(", ");
+        Index {
+            chunk: format!("{insert}{rows}"),
+            one: format!("{insert}(?, ?)"),
+        }
+    }
+
+    /// Adds `(id, seq)` entries, in the caller's transaction.
+    fn add<'a>(
+        &self,
+        conn: &Connection,
+        entries: impl Iterator<Item = (&'a str, i64)>,
+    ) -> rusqlite::Result<()> {
+        let mut entries = entries.peekable();
+        let mut pending: Vec<(&str, i64)> = Vec::with_capacity(INDEX_ROWS);
+        while entries.peek().is_some() {
+            pending.clear();
+            pending.extend(entries.by_ref().take(INDEX_ROWS));
+            if pending.len() == INDEX_ROWS {
+                let mut stmt = conn.prepare_cached(&self.chunk)?;
+                for (i, (id, seq)) in pending.iter().enumerate() {
+                    stmt.raw_bind_parameter(2 * i + 1, id)?;
+                    stmt.raw_bind_parameter(2 * i + 2, seq)?;
+                }
+                stmt.raw_execute()?;
+            } else {
+                let mut stmt = conn.prepare_cached(&self.one)?;
+                for (id, seq) in &pending {
+                    stmt.execute(params![id, seq])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The three id indexes: by message, by cause, by flow.
+static INDEXES: std::sync::LazyLock<[Index; 3]> = std::sync::LazyLock::new(|| {
+    [
+        Index::new("journal_messages", "message_id"),
+        Index::new("journal_causes", "causation_id"),
+        Index::new("journal_flows", "correlation_id"),
+    ]
+});
+
 fn insert_batch(
     conn: &Connection,
     first: i64,
@@ -360,15 +420,6 @@ fn insert_batch(
     let header = Header::of(head);
     body.clear();
     serde_json::to_writer(&mut *body, &header).map_err(json_error)?;
-    let mut message = conn.prepare_cached(
-        "INSERT OR IGNORE INTO journal_messages (message_id, seq) VALUES (?1, ?2)",
-    )?;
-    let mut cause = conn.prepare_cached(
-        "INSERT OR IGNORE INTO journal_causes (causation_id, seq) VALUES (?1, ?2)",
-    )?;
-    let mut flow = conn.prepare_cached(
-        "INSERT OR IGNORE INTO journal_flows (correlation_id, seq) VALUES (?1, ?2)",
-    )?;
     let mut attribute = conn.prepare_cached(
         "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
     )?;
@@ -381,17 +432,24 @@ fn insert_batch(
         let written = serde_json::to_writer(&mut *body, &**r);
         Header::put_back(r, taken);
         written.map_err(json_error)?;
-        message.execute(params![r.message_id, seq])?;
-        if let Some(id) = &r.causation_id {
-            cause.execute(params![id, seq])?;
-        }
-        if let Some(id) = &r.correlation_id {
-            flow.execute(params![id, seq])?;
-        }
         for (name, value) in &r.attributes {
             attribute.execute(params![seq, name, value])?;
         }
     }
+    let numbered = || (first..).zip(records.iter());
+    let [messages, causes, flows] = &*INDEXES;
+    messages.add(
+        conn,
+        numbered().map(|(seq, r)| (r.message_id.as_str(), seq)),
+    )?;
+    causes.add(
+        conn,
+        numbered().filter_map(|(seq, r)| Some((r.causation_id.as_deref()?, seq))),
+    )?;
+    flows.add(
+        conn,
+        numbered().filter_map(|(seq, r)| Some((r.correlation_id.as_deref()?, seq))),
+    )?;
     // JSON is UTF-8.
     let text = std::str::from_utf8(body)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
@@ -665,6 +723,7 @@ impl SqliteJournal {
         // Not the at-least-once boundary: a record lost to a power cut
         // costs a line of history, not a message.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.set_prepared_statement_cache_capacity(crate::transport::embedded::STATEMENTS_KEPT);
         create(&conn)
             .with_context(|| format!("cannot create the journal's tables in {}", path.display()))?;
         Ok(SqliteJournal {

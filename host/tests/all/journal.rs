@@ -469,9 +469,20 @@ async fn sqlite_journal_reads_back_every_record_of_its_batches_whole() {
         .collect();
     store.write(written.clone()).await.unwrap();
     assert_eq!(store.count().await.unwrap(), 600);
-    for i in [0usize, 7, 255, 256, 300, 399, 400, 401, 511, 512, 599] {
+    // Every record through the message index: its entries are added many
+    // to a statement, so a slip at a chunk's edge would lose some.
+    for (i, r) in written.iter().enumerate() {
         let id = format!("m{i:03}");
-        assert_eq!(store.of_message(&id).await.unwrap(), [written[i].clone()]);
+        assert_eq!(
+            store.of_message(&id).await.unwrap(),
+            std::slice::from_ref(r),
+            "{id}"
+        );
+    }
+    for i in [
+        0usize, 7, 63, 64, 255, 256, 300, 399, 400, 401, 511, 512, 599,
+    ] {
+        let id = format!("m{i:03}");
         let caused = store
             .caused_by(std::slice::from_ref(&id), 10)
             .await
