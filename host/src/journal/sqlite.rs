@@ -198,6 +198,10 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// Prepared statements a connection to a file the journal is written in
+/// keeps (its own, and the embedded transport's, which settles into it).
+pub const STATEMENTS_KEPT: usize = 64;
+
 /// Records to a batch row, at most: a reader of one record reads its row.
 const BATCH: usize = 256;
 
@@ -723,7 +727,7 @@ impl SqliteJournal {
         // Not the at-least-once boundary: a record lost to a power cut
         // costs a line of history, not a message.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.set_prepared_statement_cache_capacity(crate::transport::embedded::STATEMENTS_KEPT);
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_KEPT);
         create(&conn)
             .with_context(|| format!("cannot create the journal's tables in {}", path.display()))?;
         Ok(SqliteJournal {

@@ -207,9 +207,6 @@ fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Prepared statements a connection keeps.
-pub const STATEMENTS_KEPT: usize = 64;
-
 fn open_connection(path: &Path, fsync: bool) -> Result<Connection> {
     let conn = Connection::open(path)
         .with_context(|| format!("cannot open embedded store {}", path.display()))?;
@@ -218,7 +215,7 @@ fn open_connection(path: &Path, fsync: bool) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
     // A settle uses more statements than rusqlite's default of 16 keeps
     // prepared (the journal's alone are nine).
-    conn.set_prepared_statement_cache_capacity(STATEMENTS_KEPT);
+    conn.set_prepared_statement_cache_capacity(crate::journal::sqlite::STATEMENTS_KEPT);
     Ok(conn)
 }
 
