@@ -12,7 +12,10 @@
 //! the numbers through an index and reads only the lines it needs. One row
 //! and a few index entries per batch, instead of a row and three index
 //! entries per record, is what keeps the journal's cost on the embedded
-//! transport's settle small (`docs/benchmarks.md`).
+//! transport's settle small (`docs/benchmarks.md`). Adding records is two
+//! steps: [`encode`] writes the rows' bodies and needs no connection, so
+//! it can run beside the transaction; [`Encoded::insert`] numbers and adds
+//! them in it.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -268,44 +271,29 @@ impl Header {
         .all(|(shared, own)| !own.is_empty() || shared.is_empty())
     }
 
-    /// The fields of `r` this header holds, taken out of it (a record's
-    /// line leaves out the empty ones).
-    fn take_shared(&self, r: &mut Record) -> [Option<String>; 4] {
-        let take = |field: &mut String, shared: &str| {
-            (field.as_str() == shared).then(|| std::mem::take(field))
-        };
+    /// Each field of `r` the header says, beside the header's value.
+    fn pairs<'a>(&'a self, r: &'a mut Record) -> [(&'a mut String, &'a String); 4] {
         [
-            take(&mut r.plugin, &self.plugin),
-            take(&mut r.plugin_version, &self.plugin_version),
-            take(&mut r.plugin_digest, &self.plugin_digest),
-            take(&mut r.host, &self.host),
+            (&mut r.plugin, &self.plugin),
+            (&mut r.plugin_version, &self.plugin_version),
+            (&mut r.plugin_digest, &self.plugin_digest),
+            (&mut r.host, &self.host),
         ]
     }
 
-    /// Puts back what [`Header::take_shared`] took.
-    fn put_back(r: &mut Record, taken: [Option<String>; 4]) {
-        let [plugin, version, digest, host] = taken;
-        let fields = [
-            (&mut r.plugin, plugin),
-            (&mut r.plugin_version, version),
-            (&mut r.plugin_digest, digest),
-            (&mut r.host, host),
-        ];
-        for (field, value) in fields {
-            if let Some(v) = value {
-                *field = v;
+    /// Takes out of `r` the fields this header holds (a record's line
+    /// leaves out the empty ones).
+    fn take_shared(&self, r: &mut Record) {
+        for (field, shared) in self.pairs(r) {
+            if field == shared {
+                field.clear();
             }
         }
     }
 
     /// Fills in what a record's line left out.
     fn fill(&self, r: &mut Record) {
-        for (field, shared) in [
-            (&mut r.plugin, &self.plugin),
-            (&mut r.plugin_version, &self.plugin_version),
-            (&mut r.plugin_digest, &self.plugin_digest),
-            (&mut r.host, &self.host),
-        ] {
+        for (field, shared) in self.pairs(r) {
             if field.is_empty() {
                 field.clone_from(shared);
             }
@@ -313,43 +301,91 @@ impl Header {
     }
 }
 
-fn json_error(e: serde_json::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+/// Records made ready to be added: their rows' bodies written, which
+/// needs no connection, so that the embedded transport writes them while
+/// its settle transaction does the rest of its work ([`encode`], then
+/// [`Encoded::insert`] in the transaction).
+pub struct Encoded {
+    rows: Vec<Row>,
 }
 
-/// Adds records, in the caller's transaction: a batch row per [`BATCH`]
-/// records, and their ids in the index tables. (A record is lent mutably
-/// only to leave out of its line what the batch's header holds; it is
-/// given back as it came.)
-pub fn insert<'a>(
-    conn: &Connection,
-    records: impl IntoIterator<Item = &'a mut Record>,
-) -> rusqlite::Result<()> {
-    let mut records = records.into_iter().peekable();
-    if records.peek().is_none() {
-        return Ok(());
-    }
-    let mut next: i64 = conn
-        .prepare_cached(SELECT_NEXT)?
-        .query_row([], |r| r.get(0))?;
-    let mut body = Vec::with_capacity(64 * 1024);
-    let mut chunk: Vec<&mut Record> = Vec::with_capacity(BATCH);
+/// One batch row to be: its body, and its records (for their ids; what the
+/// header holds is taken out of them).
+struct Row {
+    body: String,
+    records: Vec<Record>,
+    first_at: u64,
+    last_at: u64,
+}
+
+/// Writes the rows the records go into: a batch row per [`BATCH`] records
+/// at most, fewer when their payloads are large or a record does not fit
+/// the row's header.
+pub fn encode(records: impl IntoIterator<Item = Record>) -> serde_json::Result<Encoded> {
+    let mut rows = Vec::new();
+    let mut chunk: Vec<Record> = Vec::new();
     let mut payloads = 0;
     for r in records {
-        let size = payload_bytes(r);
+        let size = payload_bytes(&r);
         let full = chunk.len() == BATCH || payloads + size > ROW_PAYLOAD_BYTES;
         // A line leaves out an empty field too, so a record with one where
         // the header has a value starts a row of its own.
-        if !chunk.is_empty() && (full || chunk.first().is_some_and(|head| !Header::fits(head, r))) {
-            insert_batch(conn, next, &mut chunk, &mut body)?;
-            next = next.saturating_add(count_i64(chunk.len()));
-            chunk.clear();
+        if !chunk.is_empty() && (full || chunk.first().is_some_and(|head| !Header::fits(head, &r)))
+        {
+            rows.push(Row::of(std::mem::take(&mut chunk))?);
             payloads = 0;
         }
         payloads += size;
         chunk.push(r);
     }
-    insert_batch(conn, next, &mut chunk, &mut body)
+    if !chunk.is_empty() {
+        rows.push(Row::of(chunk)?);
+    }
+    Ok(Encoded { rows })
+}
+
+impl Row {
+    fn of(mut records: Vec<Record>) -> serde_json::Result<Row> {
+        let header = records.first().map(Header::of).unwrap_or_default();
+        let mut body = Vec::with_capacity(records.len() * 320);
+        serde_json::to_writer(&mut body, &header)?;
+        let (mut first_at, mut last_at) = (u64::MAX, 0);
+        for r in &mut records {
+            first_at = first_at.min(r.at_ms);
+            last_at = last_at.max(r.at_ms);
+            body.push(b'\n');
+            header.take_shared(r);
+            serde_json::to_writer(&mut body, &*r)?;
+        }
+        // serde_json writes UTF-8; this only checks it.
+        let body = String::from_utf8(body).map_err(|e| {
+            serde_json::Error::io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })?;
+        Ok(Row {
+            body,
+            records,
+            first_at,
+            last_at,
+        })
+    }
+}
+
+impl Encoded {
+    /// Adds the rows, in the caller's transaction, numbering their records
+    /// after the newest, and their ids to the index tables.
+    pub fn insert(&self, conn: &Connection) -> rusqlite::Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let mut next: i64 = conn
+            .prepare_cached(SELECT_NEXT)?
+            .query_row([], |r| r.get(0))?;
+        for row in &self.rows {
+            row.insert(conn, next)?;
+            next = next.saturating_add(count_i64(row.records.len()));
+        }
+        Ok(())
+    }
 }
 
 /// Id-index entries a statement adds at most: one statement for many
@@ -412,59 +448,40 @@ static INDEXES: std::sync::LazyLock<[Index; 3]> = std::sync::LazyLock::new(|| {
     ]
 });
 
-fn insert_batch(
-    conn: &Connection,
-    first: i64,
-    records: &mut [&mut Record],
-    body: &mut Vec<u8>,
-) -> rusqlite::Result<()> {
-    let Some(head) = records.first() else {
-        return Ok(());
-    };
-    let header = Header::of(head);
-    body.clear();
-    serde_json::to_writer(&mut *body, &header).map_err(json_error)?;
-    let mut attribute = conn.prepare_cached(
-        "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
-    )?;
-    let (mut first_at, mut last_at) = (u64::MAX, 0);
-    for (seq, r) in (first..).zip(records.iter_mut()) {
-        first_at = first_at.min(r.at_ms);
-        last_at = last_at.max(r.at_ms);
-        body.push(b'\n');
-        let taken = header.take_shared(r);
-        let written = serde_json::to_writer(&mut *body, &**r);
-        Header::put_back(r, taken);
-        written.map_err(json_error)?;
-        for (name, value) in &r.attributes {
-            attribute.execute(params![seq, name, value])?;
+impl Row {
+    /// Adds the row, its first record numbered `first`.
+    fn insert(&self, conn: &Connection, first: i64) -> rusqlite::Result<()> {
+        let mut attribute = conn.prepare_cached(
+            "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
+        )?;
+        let numbered = || (first..).zip(self.records.iter());
+        for (seq, r) in numbered() {
+            for (name, value) in &r.attributes {
+                attribute.execute(params![seq, name, value])?;
+            }
         }
+        let [messages, causes, flows] = &*INDEXES;
+        messages.add(
+            conn,
+            numbered().map(|(seq, r)| (r.message_id.as_str(), seq)),
+        )?;
+        causes.add(
+            conn,
+            numbered().filter_map(|(seq, r)| Some((r.causation_id.as_deref()?, seq))),
+        )?;
+        flows.add(
+            conn,
+            numbered().filter_map(|(seq, r)| Some((r.correlation_id.as_deref()?, seq))),
+        )?;
+        conn.prepare_cached(INSERT_BATCH)?.execute(params![
+            first,
+            count_i64(self.records.len()),
+            to_i64(self.first_at),
+            to_i64(self.last_at),
+            self.body
+        ])?;
+        Ok(())
     }
-    let numbered = || (first..).zip(records.iter());
-    let [messages, causes, flows] = &*INDEXES;
-    messages.add(
-        conn,
-        numbered().map(|(seq, r)| (r.message_id.as_str(), seq)),
-    )?;
-    causes.add(
-        conn,
-        numbered().filter_map(|(seq, r)| Some((r.causation_id.as_deref()?, seq))),
-    )?;
-    flows.add(
-        conn,
-        numbered().filter_map(|(seq, r)| Some((r.correlation_id.as_deref()?, seq))),
-    )?;
-    // JSON is UTF-8.
-    let text = std::str::from_utf8(body)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.prepare_cached(INSERT_BATCH)?.execute(params![
-        first,
-        count_i64(records.len()),
-        to_i64(first_at),
-        to_i64(last_at),
-        text
-    ])?;
-    Ok(())
 }
 
 /// A batch row read back: its header, and where each record's line is.
@@ -749,13 +766,14 @@ impl SqliteJournal {
 
 #[async_trait]
 impl Store for SqliteJournal {
-    async fn write(&self, mut records: Vec<Record>) -> Result<()> {
+    async fn write(&self, records: Vec<Record>) -> Result<()> {
+        let encoded = encode(records).context("cannot write journal records as JSON")?;
         self.blocking(move |conn| {
             // The write lock first: a deferred transaction that reads the
             // next number and then writes fails at once (the busy handler
             // does not wait) when another writer came between.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            insert(&tx, &mut records)?;
+            encoded.insert(&tx)?;
             tx.commit()?;
             Ok(())
         })

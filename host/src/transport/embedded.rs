@@ -200,6 +200,12 @@ impl std::fmt::Debug for ConsumerLock {
     }
 }
 
+/// What a task [`EmbeddedTransport::spawn_blocking`] started came to.
+async fn joined<T>(task: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+    task.await
+        .map_err(|e| anyhow!("embedded store task failed: {e}"))?
+}
+
 fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     // A panic while holding the lock cannot leave the connection in a bad
     // state (transactions roll back on drop), so poisoning is ignored.
@@ -296,10 +302,18 @@ impl EmbeddedTransport {
         T: Send + 'static,
         F: FnOnce(&Shared) -> Result<T> + Send + 'static,
     {
+        joined(self.spawn_blocking(f)).await
+    }
+
+    /// Starts `f` on a blocking thread at once, for the caller to do other
+    /// work before it waits for it (with [`joined`]).
+    fn spawn_blocking<T, F>(&self, f: F) -> tokio::task::JoinHandle<Result<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared) -> Result<T> + Send + 'static,
+    {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || f(&shared))
-            .await
-            .map_err(|e| anyhow!("embedded store task failed: {e}"))?
     }
 
     /// Waiting messages per route (queued and scheduled for a retry).
@@ -1067,9 +1081,19 @@ impl Subscription for EmbeddedSubscription {
         let replies = batch
             .iter()
             .any(|s| matches!(&s.outcome, Outcome::Handled { reply: Some(_), .. }));
-        let result = self
+        // The journal's records are written as rows here, on this thread,
+        // while the settle transaction deletes, applies and routes on its
+        // own; it adds the rows last.
+        let records: Vec<crate::journal::Record> = batch
+            .iter_mut()
+            .filter_map(|s| s.journal.take())
+            .map(|r| *r)
+            .collect();
+        let journaled = !records.is_empty();
+        let (rows_in, rows) = std::sync::mpsc::sync_channel(1);
+        let task = self
             .transport
-            .blocking(move |s| {
+            .spawn_blocking(move |s| {
                 let mut conn = lock(&s.writer);
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = now_ms();
@@ -1157,14 +1181,26 @@ impl Subscription for EmbeddedSubscription {
                         crate::state::sqlite::forget_timeout(&tx, &route, id)?;
                     }
                 }
-                crate::journal::sqlite::insert(
-                    &tx,
-                    batch.iter_mut().filter_map(|s| s.journal.as_deref_mut()),
-                )?;
+                if journaled {
+                    let encoded: Result<crate::journal::sqlite::Encoded, String> = rows
+                        .recv()
+                        .map_err(|_| anyhow!("the journal's rows were not written"))?;
+                    encoded
+                        .map_err(|e| anyhow!("cannot write the journal's records: {e}"))?
+                        .insert(&tx)?;
+                }
                 tx.commit()?;
                 Ok(touched)
-            })
-            .await;
+            });
+        if journaled {
+            // The channel holds one: this never waits, and nothing awaits
+            // between the start of the transaction and this.
+            let encoded = crate::journal::sqlite::encode(records).map_err(|e| e.to_string());
+            // It fails only when the transaction failed before it took
+            // them: its error says why.
+            let _ = rows_in.send(encoded);
+        }
+        let result = joined(task).await;
         match result {
             Ok(touched) => {
                 self.transport.wake(touched);
