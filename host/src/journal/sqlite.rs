@@ -309,8 +309,9 @@ pub struct Encoded {
     rows: Vec<Row>,
 }
 
-/// One batch row to be: its body, and its records (for their ids; what the
-/// header holds is taken out of them).
+/// One batch row to be: its body, and its records for their ids and
+/// attributes (without what the header holds, and without their payloads,
+/// which the body has).
 struct Row {
     body: String,
     records: Vec<Record>,
@@ -356,6 +357,8 @@ impl Row {
             body.push(b'\n');
             header.take_shared(r);
             serde_json::to_writer(&mut body, &*r)?;
+            // The line has it; the row keeps the rest for the indexes.
+            r.payload = None;
         }
         // serde_json writes UTF-8; this only checks it.
         let body = String::from_utf8(body).map_err(|e| {
@@ -767,8 +770,13 @@ impl SqliteJournal {
 #[async_trait]
 impl Store for SqliteJournal {
     async fn write(&self, records: Vec<Record>) -> Result<()> {
-        let encoded = encode(records).context("cannot write journal records as JSON")?;
-        self.blocking(move |conn| {
+        let conn = self.conn.clone();
+        // A write holds thousands of records at most: their rows are
+        // written on the blocking thread too, but before it takes the
+        // connection, which readers share.
+        tokio::task::spawn_blocking(move || {
+            let encoded = encode(records).context("cannot write journal records as JSON")?;
+            let mut conn = lock(&conn);
             // The write lock first: a deferred transaction that reads the
             // next number and then writes fails at once (the busy handler
             // does not wait) when another writer came between.
@@ -778,6 +786,7 @@ impl Store for SqliteJournal {
             Ok(())
         })
         .await
+        .context("the journal's task failed")?
     }
 
     async fn of_message(&self, message_id: &str) -> Result<Vec<Record>> {
