@@ -371,6 +371,40 @@ impl Row {
             last_at,
         })
     }
+
+    /// Adds the row, its first record numbered `first`.
+    fn insert(&self, conn: &Connection, first: i64) -> rusqlite::Result<()> {
+        let mut attribute = conn.prepare_cached(
+            "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
+        )?;
+        let numbered = || (first..).zip(self.records.iter());
+        for (seq, r) in numbered() {
+            for (name, value) in &r.attributes {
+                attribute.execute(params![seq, name, value])?;
+            }
+        }
+        let [messages, causes, flows] = &*INDEXES;
+        messages.add(
+            conn,
+            numbered().map(|(seq, r)| (r.message_id.as_str(), seq)),
+        )?;
+        causes.add(
+            conn,
+            numbered().filter_map(|(seq, r)| Some((r.causation_id.as_deref()?, seq))),
+        )?;
+        flows.add(
+            conn,
+            numbered().filter_map(|(seq, r)| Some((r.correlation_id.as_deref()?, seq))),
+        )?;
+        conn.prepare_cached(INSERT_BATCH)?.execute(params![
+            first,
+            count_i64(self.records.len()),
+            to_i64(self.first_at),
+            to_i64(self.last_at),
+            self.body
+        ])?;
+        Ok(())
+    }
 }
 
 impl Encoded {
@@ -450,42 +484,6 @@ static INDEXES: std::sync::LazyLock<[Index; 3]> = std::sync::LazyLock::new(|| {
         Index::new("journal_flows", "correlation_id"),
     ]
 });
-
-impl Row {
-    /// Adds the row, its first record numbered `first`.
-    fn insert(&self, conn: &Connection, first: i64) -> rusqlite::Result<()> {
-        let mut attribute = conn.prepare_cached(
-            "INSERT OR REPLACE INTO journal_attributes (seq, name, value) VALUES (?1, ?2, ?3)",
-        )?;
-        let numbered = || (first..).zip(self.records.iter());
-        for (seq, r) in numbered() {
-            for (name, value) in &r.attributes {
-                attribute.execute(params![seq, name, value])?;
-            }
-        }
-        let [messages, causes, flows] = &*INDEXES;
-        messages.add(
-            conn,
-            numbered().map(|(seq, r)| (r.message_id.as_str(), seq)),
-        )?;
-        causes.add(
-            conn,
-            numbered().filter_map(|(seq, r)| Some((r.causation_id.as_deref()?, seq))),
-        )?;
-        flows.add(
-            conn,
-            numbered().filter_map(|(seq, r)| Some((r.correlation_id.as_deref()?, seq))),
-        )?;
-        conn.prepare_cached(INSERT_BATCH)?.execute(params![
-            first,
-            count_i64(self.records.len()),
-            to_i64(self.first_at),
-            to_i64(self.last_at),
-            self.body
-        ])?;
-        Ok(())
-    }
-}
 
 /// A batch row read back: its header, and where each record's line is.
 struct Batch {

@@ -1182,7 +1182,7 @@ impl Subscription for EmbeddedSubscription {
                     }
                 }
                 if journaled {
-                    let encoded: Result<crate::journal::sqlite::Encoded, String> = rows
+                    let encoded: serde_json::Result<crate::journal::sqlite::Encoded> = rows
                         .recv()
                         .map_err(|_| anyhow!("the journal's rows were not written"))?;
                     encoded
@@ -1195,7 +1195,7 @@ impl Subscription for EmbeddedSubscription {
         if journaled {
             // The channel holds one: this never waits, and nothing awaits
             // between the start of the transaction and this.
-            let encoded = crate::journal::sqlite::encode(records).map_err(|e| e.to_string());
+            let encoded = crate::journal::sqlite::encode(records);
             // It fails only when the transaction failed before it took
             // them: its error says why.
             let _ = rows_in.send(encoded);
